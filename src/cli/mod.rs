@@ -1,0 +1,393 @@
+//! Command-line interface: argument parsing and output formatting only. Each command calls
+//! into the ledger (or, later, the daemon) and prints what it gets back.
+
+mod bench;
+mod demo;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use chrono::{NaiveDate, TimeZone};
+use clap::{Args, Parser, Subcommand};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{self, Config, EXIT_CONFIG};
+use crate::core::journal::Flag;
+use crate::ledger::{
+    AdjustOutcome, AdjustRequest, DateRange, Destinations, IngestContext, Ledger, OutboxFilter, OutboxState,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kopilka",
+    version,
+    about = "Loyalty ledger between 1C:Enterprise and AmoCRM"
+)]
+pub struct Cli {
+    /// Configuration file [default: /etc/kopilka/kopilka.toml if it exists].
+    #[arg(long, global = true, env = "KOPILKA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Ledger database; overrides `[ledger] path`. With --ledger and no --config, ledger
+    /// commands read no configuration file at all.
+    #[arg(long, global = true, env = "KOPILKA_LEDGER")]
+    pub ledger: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Validate the configuration and report every problem at once (exit 78 on error).
+    Check,
+    /// A customer's points: available, pending, expiring soon.
+    Balance(CustomerArgs),
+    /// Every ledger entry of a customer with its source document and explanation.
+    History(CustomerArgs),
+    /// Ledger totals for a period of business dates.
+    Summary(SummaryArgs),
+    /// A manual, audited correction of a customer's points.
+    Adjust(AdjustArgs),
+    /// Ledger maintenance.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+    /// Inspect and act on the outbox (what must still reach 1C or AmoCRM).
+    Outbox(OutboxArgs),
+    /// Documents that could not be applied, with the reason.
+    Quarantine(QuarantineArgs),
+    /// Burn the points whose expiry date has come.
+    Expire,
+    /// Run kopilka on synthetic data in a temporary directory and show what it did.
+    Demo(demo::DemoArgs),
+    /// Measure throughput on synthetic data.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CustomerArgs {
+    /// Card number, phone (any spelling), e-mail, or id:N.
+    pub customer: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SummaryArgs {
+    /// First business date (YYYY-MM-DD, in the configured time zone), inclusive.
+    #[arg(long)]
+    pub from: Option<NaiveDate>,
+    /// Last business date, inclusive.
+    #[arg(long)]
+    pub to: Option<NaiveDate>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct AdjustArgs {
+    pub customer: String,
+    /// Points to add (negative to take away).
+    #[arg(allow_negative_numbers = true)]
+    pub points: i64,
+    /// Why; stored with the entry and shown in history.
+    #[arg(long)]
+    pub reason: String,
+    /// Idempotency key: the same key again changes nothing.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Who made the correction [default: the OS user].
+    #[arg(long)]
+    pub by: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LedgerCommand {
+    /// Re-check every invariant from the stored rows; exit 1 listing violations.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct OutboxArgs {
+    #[command(subcommand)]
+    pub action: Option<OutboxAction>,
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OutboxAction {
+    /// Rows, newest first.
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        destination: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One row with its payload and last error.
+    Show { id: i64 },
+    /// Put a dead row (or all of them) back in the queue.
+    Retry {
+        id: Option<i64>,
+        #[arg(long)]
+        all_dead: bool,
+    },
+    /// Give up on a row, recording why.
+    Drop {
+        id: i64,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct QuarantineArgs {
+    /// Include entries that were later applied.
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Turns a failure into the process exit status, printing it the way people read it.
+pub fn main_with(cli: Cli) -> ExitCode {
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(report) = e.downcast_ref::<config::Report>() {
+                eprint!("kopilka: {report}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+            eprintln!("kopilka: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The configuration a command runs with (see `--ledger` for the ledger-only mode).
+pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut cfg = match (&cli.config, &cli.ledger) {
+        (None, Some(_)) => Config::default(),
+        (path, _) => config::load(path.as_deref(), &config::env_overrides())?,
+    };
+    if let Some(l) = &cli.ledger {
+        cfg.ledger_path = l.clone();
+    }
+    Ok(cfg)
+}
+
+fn open_existing(cfg: &Config) -> anyhow::Result<Ledger> {
+    if !cfg.ledger_path.exists() {
+        bail!(
+            "no ledger at {} (set [ledger] path in the config or pass --ledger)",
+            cfg.ledger_path.display()
+        );
+    }
+    Ledger::open(&cfg.ledger_path, &cfg.ledger)
+        .with_context(|| format!("opening {}", cfg.ledger_path.display()))
+}
+
+fn os_user() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn local_range(cfg: &Config, from: Option<NaiveDate>, to: Option<NaiveDate>) -> anyhow::Result<DateRange> {
+    let start = |d: NaiveDate| {
+        cfg.timezone
+            .from_local_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default())
+            .earliest()
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .with_context(|| format!("{d} has no midnight in {}", cfg.timezone))
+    };
+    Ok(DateRange {
+        from: from.map(start).transpose()?,
+        to: to.map(|d| start(d.succ_opt().unwrap_or(d))).transpose()?,
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let clock = SystemClock;
+    let now = clock.now();
+    match &cli.command {
+        Command::Check => {
+            let cfg = config::load(cli.config.as_deref(), &config::env_overrides())?;
+            println!(
+                "configuration ok ({})",
+                cfg.file
+                    .as_ref()
+                    .map_or("built-in defaults".to_string(), |f| f.display().to_string())
+            );
+            println!("  ledger: {}", cfg.ledger_path.display());
+            println!("  time zone: {}", cfg.timezone);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Balance(a) => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            let b = ledger.balance(&a.customer, now, cfg.warn_before)?;
+            output::balance(&b, a.json, cfg.timezone)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History(a) => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            let (c, entries) = ledger.history(&a.customer)?;
+            output::history(&c, &entries, a.json, cfg.timezone)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Summary(a) => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            let range = local_range(&cfg, a.from, a.to)?;
+            let s = ledger.summary(&range, now)?;
+            output::summary(&s, a.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Adjust(a) => {
+            let cfg = load_config(&cli)?;
+            let mut ledger = open_existing(&cfg)?;
+            if a.reason.trim().is_empty() {
+                bail!("--reason must say why the balance is corrected");
+            }
+            let req = AdjustRequest {
+                customer: a.customer.clone(),
+                points: a.points,
+                reason: a.reason.clone(),
+                key: a.key.clone(),
+                by: a.by.clone().unwrap_or_else(os_user),
+            };
+            let dest = cfg.destinations();
+            let ctx = ingest_context(&cfg, now, &dest);
+            match ledger.adjust(&req, &ctx)? {
+                AdjustOutcome::Applied { tx_id, customer_id } => {
+                    println!(
+                        "adjusted customer id:{customer_id} by {} points (tx {tx_id})",
+                        a.points
+                    )
+                }
+                AdjustOutcome::AlreadyApplied { tx_id, customer_id } => println!(
+                    "already applied: key {:?} is tx {tx_id} for customer id:{customer_id}; nothing changed",
+                    a.key.as_deref().unwrap_or("")
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ledger(LedgerCommand::Verify { json }) => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            let v = ledger.verify()?;
+            output::violations(&v, *json)?;
+            Ok(if v.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Outbox(a) => {
+            let cfg = load_config(&cli)?;
+            let mut ledger = open_existing(&cfg)?;
+            outbox(&mut ledger, a, now)
+        }
+        Command::Quarantine(a) => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            output::quarantine(&ledger.quarantine_list(a.all)?, a.json, cfg.timezone)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Expire => {
+            let cfg = load_config(&cli)?;
+            let mut ledger = open_existing(&cfg)?;
+            let dest = cfg.destinations();
+            let ctx = ingest_context(&cfg, now, &dest);
+            let n = ledger.expire_due(&ctx)?;
+            println!("{n} points expired");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(a) => demo::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+pub(crate) fn ingest_context<'a>(
+    cfg: &'a Config,
+    now: chrono::DateTime<chrono::Utc>,
+    destinations: &'a Destinations,
+) -> IngestContext<'a> {
+    IngestContext {
+        rules: &cfg.program,
+        limits: &cfg.limits,
+        destinations,
+        now,
+        warn_before: cfg.warn_before,
+    }
+}
+
+fn outbox(
+    ledger: &mut Ledger,
+    a: &OutboxArgs,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<ExitCode> {
+    let action = a.action.as_ref().unwrap_or(&OutboxAction::List {
+        state: None,
+        destination: None,
+        limit: 50,
+    });
+    match action {
+        OutboxAction::List {
+            state,
+            destination,
+            limit,
+        } => {
+            let state = match state {
+                Some(s) => Some(OutboxState::parse(s).with_context(|| {
+                    format!("unknown state {s:?}; one of pending, delivered, dead, superseded, dropped")
+                })?),
+                None => None,
+            };
+            let rows = ledger.outbox_list(&OutboxFilter {
+                state,
+                destination: destination.clone(),
+                limit: Some(*limit),
+            })?;
+            output::outbox_rows(&rows, &ledger.outbox_counts()?, a.json)?;
+        }
+        OutboxAction::Show { id } => output::outbox_row(&ledger.outbox_show(*id)?, a.json)?,
+        OutboxAction::Retry { id, all_dead } => match (id, all_dead) {
+            (Some(id), false) => {
+                ledger.outbox_retry(*id, now)?;
+                println!("outbox row {id} is pending again");
+            }
+            (None, true) => println!(
+                "{} dead rows are pending again",
+                ledger.outbox_retry_all_dead(now)?
+            ),
+            _ => bail!("give either an outbox row id or --all-dead"),
+        },
+        OutboxAction::Drop { id, reason } => {
+            if reason.trim().is_empty() {
+                bail!("--reason must say why the row is dropped");
+            }
+            ledger.outbox_drop(*id, &format!("{reason} (by {})", os_user()), now)?;
+            println!("outbox row {id} dropped");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints flags raised while applying documents, one per line.
+pub(crate) fn print_flags(flags: &[(String, Flag)], limit: usize) {
+    for (doc, f) in flags.iter().take(limit) {
+        println!("  flag {} on {doc}: {}", f.code, f.detail);
+    }
+    if flags.len() > limit {
+        println!("  … and {} more flags", flags.len() - limit);
+    }
+}

@@ -1,0 +1,240 @@
+//! How results look: aligned tables for people, JSON (stable keys) for scripts.
+
+use std::io::Write;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use serde::Serialize;
+
+use crate::ledger::{
+    BalanceView, CustomerView, HistoryEntry, OutboxRow, OutboxState, QuarantineEntry, Summary, Violation,
+};
+
+fn json<T: Serialize + ?Sized>(v: &T) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn local(t: DateTime<Utc>, tz: Tz) -> String {
+    t.with_timezone(&tz).format("%Y-%m-%d %H:%M").to_string()
+}
+
+fn who(c: &CustomerView) -> String {
+    let mut parts = vec![format!("id:{}", c.id)];
+    for v in [&c.name, &c.card, &c.phone, &c.email].into_iter().flatten() {
+        parts.push(v.clone());
+    }
+    parts.join("  ")
+}
+
+pub fn balance(b: &BalanceView, as_json: bool, tz: Tz) -> anyhow::Result<()> {
+    if as_json {
+        return json(&serde_json::json!({
+            "customer": b.customer,
+            "available": b.available,
+            "pending": b.pending,
+            "expiring": {
+                "points": b.expiring.points,
+                "within_days": b.expiring.within_days,
+                "date": b.expiring.date.map(|d| d.with_timezone(&tz).date_naive().to_string()),
+                "date_points": b.expiring.date_points,
+            },
+            "debt": b.debt,
+            "tier": b.tier,
+        }));
+    }
+    println!("{}", who(&b.customer));
+    println!("  available  {:>10}", b.available);
+    println!("  pending    {:>10}  (inside the return window)", b.pending);
+    println!(
+        "  expiring   {:>10}  within {} days",
+        b.expiring.points, b.expiring.within_days
+    );
+    if let Some(d) = b.expiring.date {
+        println!(
+            "  next burn  {:>10}  on {}",
+            b.expiring.date_points,
+            d.with_timezone(&tz).date_naive()
+        );
+    }
+    if b.debt > 0 {
+        println!("  debt       {:>10}  (taken back after being spent)", b.debt);
+    }
+    println!("  tier       {:>10}", b.tier.as_deref().unwrap_or("—"));
+    Ok(())
+}
+
+pub fn history(c: &CustomerView, entries: &[HistoryEntry], as_json: bool, tz: Tz) -> anyhow::Result<()> {
+    if as_json {
+        return json(&serde_json::json!({ "customer": c, "entries": entries }));
+    }
+    println!("{}", who(c));
+    println!(
+        "{:>7}  {:<16}  {:<10}  {:>8}  {:<28}  explanation",
+        "tx", "date", "kind", "points", "document"
+    );
+    for e in entries {
+        let doc = match (&e.source, &e.doc_id) {
+            (Some(s), Some(d)) => format!(
+                "{s}:{d}{}",
+                e.number.as_ref().map(|n| format!(" №{n}")).unwrap_or_default()
+            ),
+            _ => e.actor.clone().unwrap_or_default(),
+        };
+        println!(
+            "{:>7}  {:<16}  {:<10}  {:>8}  {:<28}  {}",
+            e.tx_id,
+            local(e.effective_at, tz),
+            e.kind,
+            e.points,
+            doc,
+            e.explanation.summary
+        );
+        for item in &e.explanation.items {
+            let mut detail = format!("{} pts  rule {}", item.points, item.rule);
+            if let Some(p) = &item.product {
+                detail.push_str(&format!("  product {p}"));
+            }
+            if let Some(b) = item.base_kopecks {
+                detail.push_str(&format!("  base {}", crate::core::money::Money(b)));
+            }
+            if let Some(r) = &item.rate {
+                detail.push_str(&format!("  rate {r}"));
+            }
+            if let (Some(cap), Some(by)) = (&item.cap, item.capped_by) {
+                detail.push_str(&format!("  capped by {cap} (−{by})"));
+            }
+            println!("{:>78}{detail}", "");
+        }
+        for f in &e.explanation.flags {
+            println!("{:>78}flag {}: {}", "", f.code, f.detail);
+        }
+    }
+    Ok(())
+}
+
+pub fn summary(s: &Summary, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(s);
+    }
+    let money = |k: i64| crate::core::money::Money(k).to_string();
+    println!("sales                {:>14}", s.sales_count);
+    println!(
+        "sales total, RUB     {:>14}  (net of returns)",
+        money(s.sales_total_kopecks)
+    );
+    println!(
+        "returns              {:>14}  ({} RUB)",
+        s.returns_count,
+        money(s.returns_total_kopecks)
+    );
+    println!("customers            {:>14}", s.customers);
+    println!("points accrued       {:>14}", s.points_accrued);
+    println!("points redeemed      {:>14}", s.points_redeemed);
+    println!("points expired       {:>14}", s.points_expired);
+    println!("points reversed      {:>14}", s.points_reversed);
+    println!("points adjusted      {:>14}", s.points_adjusted);
+    println!("points opening       {:>14}", s.points_opening);
+    println!("points pending       {:>14}", s.points_pending);
+    println!("points available     {:>14}", s.points_available);
+    println!("quarantined          {:>14}", s.quarantined);
+    Ok(())
+}
+
+pub fn violations(v: &[Violation], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(v);
+    }
+    if v.is_empty() {
+        println!("ledger ok: every invariant holds");
+    } else {
+        println!("{} violation(s):", v.len());
+        for x in v {
+            println!("  [{}] {}", x.check, x.detail);
+        }
+    }
+    Ok(())
+}
+
+pub fn outbox_rows(
+    rows: &[OutboxRow],
+    counts: &[(String, OutboxState, i64)],
+    as_json: bool,
+) -> anyhow::Result<()> {
+    if as_json {
+        return json(rows);
+    }
+    for (dest, state, n) in counts {
+        println!("{dest:<16} {:<10} {n}", state.as_str());
+    }
+    if !counts.is_empty() {
+        println!();
+    }
+    println!(
+        "{:>8}  {:<16}  {:<10}  {:>8}  {:<40}  last error",
+        "id", "destination", "state", "attempts", "key"
+    );
+    for r in rows {
+        println!(
+            "{:>8}  {:<16}  {:<10}  {:>8}  {:<40}  {}",
+            r.id,
+            r.destination,
+            r.state.as_str(),
+            r.attempts,
+            r.idem_key,
+            r.last_error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+pub fn outbox_row(r: &OutboxRow, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(r);
+    }
+    println!("id            {}", r.id);
+    println!("destination   {}", r.destination);
+    println!("state         {}", r.state.as_str());
+    println!("key           {}", r.idem_key);
+    println!("coalesce key  {}", r.coalesce_key.as_deref().unwrap_or("—"));
+    println!("attempts      {}", r.attempts);
+    println!("next attempt  {}", r.next_attempt_at);
+    println!("created       {}", r.created_at);
+    if let Some(d) = r.delivered_at {
+        println!("delivered     {d}");
+    }
+    if let Some(s) = r.superseded_by {
+        println!("superseded by {s}");
+    }
+    println!("last error    {}", r.last_error.as_deref().unwrap_or("—"));
+    println!("note          {}", r.note.as_deref().unwrap_or("—"));
+    println!("payload       {}", r.payload);
+    Ok(())
+}
+
+pub fn quarantine(entries: &[QuarantineEntry], as_json: bool, tz: Tz) -> anyhow::Result<()> {
+    if as_json {
+        return json(entries);
+    }
+    if entries.is_empty() {
+        println!("quarantine is empty");
+    }
+    for q in entries {
+        println!(
+            "{:>6}  {}  {}:{}  seen {}×  {}{}",
+            q.id,
+            local(q.last_seen_at, tz),
+            q.source,
+            q.doc_ref,
+            q.seen_count,
+            q.reason,
+            q.location
+                .as_ref()
+                .map(|l| format!("  at {l}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}

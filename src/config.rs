@@ -1,0 +1,550 @@
+//! Configuration: a TOML file plus `KOPILKA_SECTION__KEY` environment overrides.
+//!
+//! Two stages. [`load`] reads the raw values with the `config` crate and deserialises each
+//! section on its own, collecting every unknown key (through `serde_ignored`, so that all of
+//! them are reported at once rather than only the first, which is all `deny_unknown_fields`
+//! could do) and every type error. [`validate`] then checks meanings (ranges, time zones) and
+//! collects every problem too. The result is one report naming each bad key with its path
+//! and the file (or the environment) it came from; `kopilka check` prints exactly that and
+//! exits 78 (EX_CONFIG) so systemd does not restart-loop on a typo.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use chrono::Duration;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use crate::core::document::DocumentLimits;
+use crate::core::money::Money;
+use crate::core::program::FlatPercent;
+use crate::ledger::{DeliveryPolicy, OpenOptions};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kopilka/kopilka.toml";
+pub const DEFAULT_LEDGER_PATH: &str = "/var/lib/kopilka/kopilka.db";
+/// EX_CONFIG from sysexits.h; `RestartPreventExitStatus=78` in the unit.
+pub const EXIT_CONFIG: i32 = 78;
+
+/// One problem with the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issue {
+    /// Dotted key path, e.g. `ledger.no_such_key`.
+    pub key: String,
+    /// The file path, or "the environment".
+    pub origin: String,
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.origin, self.key, self.message)
+    }
+}
+
+/// Every problem found, in the order of the keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report(pub Vec<Issue>);
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "configuration has {} problem(s):", self.0.len())?;
+        for i in &self.0 {
+            writeln!(f, "  {i}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Report {}
+
+/// A decimal written as a string (`"2.5"`) or an integer; floats are refused so that
+/// rates stay exact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecimalText(pub Decimal);
+
+impl<'de> Deserialize<'de> for DecimalText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = DecimalText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a decimal as a string, e.g. \"2.5\", or an integer")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DecimalText, E> {
+                Ok(DecimalText(Decimal::from(v)))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<DecimalText, E> {
+                Ok(DecimalText(Decimal::from(v)))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<DecimalText, E> {
+                Err(E::custom(format!(
+                    "{v} is a float; write it as a string (\"{v}\") so it stays exact"
+                )))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DecimalText, E> {
+                crate::core::money::parse_decimal(v)
+                    .map(DecimalText)
+                    .map_err(|e| E::custom(format!("{e}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawGeneral {
+    timezone: Option<String>,
+    currency: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawLedger {
+    path: Option<PathBuf>,
+    busy_timeout_ms: Option<u64>,
+    synchronous_full: Option<bool>,
+    max_documents_per_transaction: Option<usize>,
+    max_lines_per_document: Option<usize>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawProgram {
+    accrual_percent: Option<DecimalText>,
+    point_value_kopecks: Option<i64>,
+    return_window_days: Option<i64>,
+    expire_after_days: Option<i64>,
+    warn_before_days: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawOutbox {
+    max_attempts: Option<u32>,
+    backoff_initial_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
+    max_rows_per_run: Option<usize>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Raw {
+    general: RawGeneral,
+    ledger: RawLedger,
+    program: RawProgram,
+    outbox: RawOutbox,
+}
+
+/// The validated configuration every part of kopilka reads.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from, if any.
+    pub file: Option<PathBuf>,
+    /// The time zone 1C's naive local times are in.
+    pub timezone: chrono_tz::Tz,
+    pub ledger_path: PathBuf,
+    pub ledger: OpenOptions,
+    pub max_documents_per_transaction: usize,
+    pub limits: DocumentLimits,
+    pub program: FlatPercent,
+    pub warn_before: Duration,
+    pub delivery: DeliveryPolicy,
+}
+
+impl Config {
+    /// The outbox destinations this configuration delivers to. None is configured until
+    /// the connectors add their sections: rows are only queued for a destination that
+    /// will deliver them.
+    pub fn destinations(&self) -> crate::ledger::Destinations {
+        crate::ledger::Destinations::default()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        validate(&Raw::default(), &Origins::default())
+            .unwrap_or_else(|r| panic!("built-in defaults are invalid: {r}"))
+    }
+}
+
+/// Where each key came from, for error messages.
+#[derive(Clone, Debug, Default)]
+struct Origins {
+    file: Option<String>,
+    by_key: BTreeMap<String, String>,
+}
+
+impl Origins {
+    fn of(&self, key: &str) -> String {
+        let mut k = key;
+        loop {
+            if let Some(o) = self.by_key.get(k) {
+                return o.clone();
+            }
+            match k.rfind('.') {
+                Some(i) => k = &k[..i],
+                None => break,
+            }
+        }
+        self.file.clone().unwrap_or_else(|| "defaults".to_string())
+    }
+
+    fn collect(&mut self, prefix: &str, v: &config::Value) {
+        if let Some(o) = v.origin() {
+            self.by_key.insert(prefix.to_string(), o.to_string());
+        }
+        if let config::ValueKind::Table(t) = &v.kind {
+            for (k, child) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                self.collect(&key, child);
+            }
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &["general", "ledger", "program", "outbox"];
+
+/// Environment variables that override the file: `KOPILKA_<SECTION>__<KEY>`. Other
+/// `KOPILKA_*` variables (`KOPILKA_CONFIG`, `KOPILKA_LOG`) are not config keys.
+pub fn env_overrides() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("KOPILKA_") && k.contains("__"))
+        .collect()
+}
+
+/// Reads and validates the configuration. `path = None` reads the default file if it
+/// exists and otherwise runs on defaults (so ledger-only commands need no file).
+pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Report> {
+    let file = match path {
+        Some(p) => {
+            if !p.exists() {
+                return Err(Report(vec![Issue {
+                    key: "(file)".into(),
+                    origin: p.display().to_string(),
+                    message: "configuration file not found".into(),
+                }]));
+            }
+            Some(p.to_path_buf())
+        }
+        None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+    };
+    let mut builder = config::Config::builder();
+    if let Some(f) = &file {
+        builder = builder.add_source(
+            config::File::from(f.as_path())
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
+    }
+    let env_map: config::Map<String, String> = env.iter().cloned().collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("KOPILKA")
+            .prefix_separator("_")
+            .separator("__")
+            .source(Some(env_map)),
+    );
+    let origin_file = file.as_ref().map(|f| f.display().to_string());
+    let built = builder.build().map_err(|e| {
+        Report(vec![Issue {
+            key: "(file)".into(),
+            origin: origin_file.clone().unwrap_or_else(|| "the environment".into()),
+            message: e.to_string(),
+        }])
+    })?;
+    let mut origins = Origins {
+        file: origin_file,
+        ..Default::default()
+    };
+    origins.collect("", &built.cache);
+    let root = match built.cache.kind {
+        config::ValueKind::Table(t) => t,
+        _ => Default::default(),
+    };
+    let mut issues = Vec::new();
+    let mut raw = Raw::default();
+    for (name, value) in root {
+        match name.as_str() {
+            "general" => raw.general = section(&name, value, &origins, &mut issues),
+            "ledger" => raw.ledger = section(&name, value, &origins, &mut issues),
+            "program" => raw.program = section(&name, value, &origins, &mut issues),
+            "outbox" => raw.outbox = section(&name, value, &origins, &mut issues),
+            _ => issues.push(Issue {
+                key: name.clone(),
+                origin: origins.of(&name),
+                message: format!("unknown section; known sections: {}", SECTIONS.join(", ")),
+            }),
+        }
+    }
+    let validated = validate(&raw, &origins);
+    issues.sort_by(|a, b| a.key.cmp(&b.key));
+    match validated {
+        Ok(mut c) if issues.is_empty() => {
+            c.file = file;
+            Ok(c)
+        }
+        Ok(_) => Err(Report(issues)),
+        Err(Report(more)) => {
+            issues.extend(more);
+            Err(Report(issues))
+        }
+    }
+}
+
+fn section<T: serde::de::DeserializeOwned + Default>(
+    name: &str,
+    value: config::Value,
+    origins: &Origins,
+    issues: &mut Vec<Issue>,
+) -> T {
+    let mut unknown = Vec::new();
+    let result = serde_ignored::deserialize(value, |path| unknown.push(path.to_string()));
+    for path in unknown {
+        let key = format!("{name}.{path}");
+        issues.push(Issue {
+            origin: origins.of(&key),
+            key,
+            message: "unknown key".into(),
+        });
+    }
+    match result {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = e.to_string();
+            let key = match msg.rsplit_once(" for key `") {
+                Some((_, k)) => format!("{name}.{}", k.trim_end_matches('`')),
+                None => name.to_string(),
+            };
+            let message = msg.split(" for key `").next().unwrap_or(&msg).to_string();
+            issues.push(Issue {
+                origin: origins.of(&key),
+                key,
+                message,
+            });
+            T::default()
+        }
+    }
+}
+
+fn validate(raw: &Raw, origins: &Origins) -> Result<Config, Report> {
+    let mut issues = Vec::new();
+    let mut bad = |key: &str, message: String| {
+        issues.push(Issue {
+            key: key.to_string(),
+            origin: origins.of(key),
+            message,
+        })
+    };
+    let timezone = match &raw.general.timezone {
+        None => chrono_tz::Europe::Moscow,
+        Some(t) => chrono_tz::Tz::from_str(t).unwrap_or_else(|_| {
+            bad(
+                "general.timezone",
+                format!("{t:?} is not an IANA time zone (e.g. \"Europe/Moscow\")"),
+            );
+            chrono_tz::Europe::Moscow
+        }),
+    };
+    let currency = raw.general.currency.clone().unwrap_or_else(|| "RUB".into());
+    if currency.len() != 3 || !currency.chars().all(|c| c.is_ascii_uppercase()) {
+        bad(
+            "general.currency",
+            format!("{currency:?} is not an ISO 4217 code such as \"RUB\""),
+        );
+    }
+    let l = &raw.ledger;
+    let ledger_path = l
+        .path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_LEDGER_PATH));
+    if ledger_path.as_os_str().is_empty() {
+        bad("ledger.path", "must not be empty".into());
+    }
+    let busy = l.busy_timeout_ms.unwrap_or(5000);
+    if busy > 600_000 {
+        bad(
+            "ledger.busy_timeout_ms",
+            format!("{busy} ms is more than 10 minutes"),
+        );
+    }
+    let per_tx = l.max_documents_per_transaction.unwrap_or(500);
+    if !(1..=100_000).contains(&per_tx) {
+        bad(
+            "ledger.max_documents_per_transaction",
+            format!("{per_tx} is outside 1..=100000"),
+        );
+    }
+    let max_lines = l.max_lines_per_document.unwrap_or(10_000);
+    if !(1..=1_000_000).contains(&max_lines) {
+        bad(
+            "ledger.max_lines_per_document",
+            format!("{max_lines} is outside 1..=1000000"),
+        );
+    }
+    let p = &raw.program;
+    let percent = p.accrual_percent.map_or(Decimal::from(5), |d| d.0);
+    if percent < Decimal::ZERO || percent > Decimal::ONE_HUNDRED {
+        bad("program.accrual_percent", format!("{percent} is outside 0..=100"));
+    }
+    let point_value = p.point_value_kopecks.unwrap_or(100);
+    if point_value <= 0 {
+        bad(
+            "program.point_value_kopecks",
+            format!("{point_value} must be positive"),
+        );
+    }
+    let window = p.return_window_days.unwrap_or(14);
+    if !(0..=365).contains(&window) {
+        bad(
+            "program.return_window_days",
+            format!("{window} is outside 0..=365"),
+        );
+    }
+    let expire = p.expire_after_days.unwrap_or(365);
+    if !(0..=36_500).contains(&expire) {
+        bad(
+            "program.expire_after_days",
+            format!("{expire} is outside 0..=36500 (0 = never)"),
+        );
+    }
+    let warn = p.warn_before_days.unwrap_or(14);
+    if !(0..=365).contains(&warn) {
+        bad("program.warn_before_days", format!("{warn} is outside 0..=365"));
+    }
+    let o = &raw.outbox;
+    let attempts = o.max_attempts.unwrap_or(12);
+    if attempts == 0 {
+        bad("outbox.max_attempts", "must be at least 1".into());
+    }
+    let initial = o.backoff_initial_ms.unwrap_or(5_000);
+    let max = o.backoff_max_ms.unwrap_or(3_600_000);
+    if initial == 0 {
+        bad("outbox.backoff_initial_ms", "must be positive".into());
+    }
+    if max < initial {
+        bad(
+            "outbox.backoff_max_ms",
+            format!("{max} is below outbox.backoff_initial_ms ({initial})"),
+        );
+    }
+    let rows_per_run = o.max_rows_per_run.unwrap_or(10_000);
+    if rows_per_run == 0 {
+        bad("outbox.max_rows_per_run", "must be at least 1".into());
+    }
+    if !issues.is_empty() {
+        return Err(Report(issues));
+    }
+    Ok(Config {
+        file: None,
+        timezone,
+        ledger_path,
+        ledger: OpenOptions {
+            busy_timeout: std::time::Duration::from_millis(busy),
+            synchronous_full: l.synchronous_full.unwrap_or(false),
+            read_only: false,
+        },
+        max_documents_per_transaction: per_tx,
+        limits: DocumentLimits {
+            currency,
+            max_lines,
+            total_tolerance: Money(1),
+        },
+        program: FlatPercent {
+            percent,
+            point_value: Money(point_value),
+            return_window: Duration::days(window),
+            expire_after: (expire > 0).then(|| Duration::days(expire)),
+        },
+        warn_before: Duration::days(warn),
+        delivery: DeliveryPolicy {
+            max_attempts: attempts,
+            backoff_initial: std::time::Duration::from_millis(initial),
+            backoff_max: std::time::Duration::from_millis(max),
+            max_rows_per_run: rows_per_run,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, Report> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kopilka.toml");
+        std::fs::write(&path, toml).unwrap();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        load(Some(&path), &env)
+    }
+
+    fn keys(r: Report) -> Vec<String> {
+        r.0.into_iter().map(|i| i.key).collect()
+    }
+
+    #[test]
+    fn every_section_is_optional() {
+        let c = load_str("", &[]).unwrap();
+        assert_eq!(c.ledger_path, PathBuf::from(DEFAULT_LEDGER_PATH));
+        assert_eq!(c.timezone, chrono_tz::Europe::Moscow);
+        let c = load_str("[ledger]\npath = \"/tmp/x.db\"\n", &[]).unwrap();
+        assert_eq!(c.ledger_path, PathBuf::from("/tmp/x.db"));
+    }
+
+    #[test]
+    fn reports_every_unknown_key_with_its_path_and_file() {
+        let err = load_str(
+            "[ledger]\nno_such_key = 1\npath = \"/tmp/x.db\"\n[program]\nacrual_percent = \"3\"\n[nope]\nx = 1\n",
+            &[],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(
+            keys(err.clone()),
+            ["ledger.no_such_key", "nope", "program.acrual_percent"]
+        );
+        assert!(
+            text.contains("kopilka.toml: ledger.no_such_key: unknown key"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn reports_type_and_range_errors_together() {
+        let err = load_str(
+            "[general]\ntimezone = \"Mars/Olympus\"\n[program]\naccrual_percent = 2.5\nreturn_window_days = 999\n[outbox]\nmax_attempts = \"many\"\n",
+            &[],
+        )
+        .unwrap_err();
+        let k = keys(err.clone());
+        assert!(k.contains(&"general.timezone".to_string()), "{k:?}");
+        assert!(k.iter().any(|k| k.starts_with("program")), "{k:?}");
+        assert!(k.iter().any(|k| k.starts_with("outbox")), "{k:?}");
+        assert!(err.to_string().contains("float"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_is_named_in_errors() {
+        let c = load_str(
+            "[ledger]\npath = \"/tmp/a.db\"\n",
+            &[("KOPILKA_LEDGER__PATH", "/tmp/b.db")],
+        )
+        .unwrap();
+        assert_eq!(c.ledger_path, PathBuf::from("/tmp/b.db"));
+        let c = load_str("", &[("KOPILKA_PROGRAM__ACCRUAL_PERCENT", "2.5")]).unwrap();
+        assert_eq!(c.program.percent, Decimal::from_str("2.5").unwrap());
+        let err = load_str("", &[("KOPILKA_LEDGER__TYPO", "1")]).unwrap_err();
+        assert_eq!(err.0[0].key, "ledger.typo");
+        assert_eq!(err.0[0].origin, "the environment");
+    }
+
+    #[test]
+    fn a_missing_file_named_explicitly_is_an_error() {
+        let err = load(Some(Path::new("/nonexistent/kopilka.toml")), &[]).unwrap_err();
+        assert!(err.to_string().contains("not found"));
+    }
+}

@@ -1,0 +1,345 @@
+//! The one shape every sale and return takes once it has crossed a connector's boundary.
+//!
+//! Connectors (1C CommerceML, OData, AmoCRM deals) convert their wire types into these; the
+//! rules and the ledger never see XML or JSON. Validation lives here so that every source
+//! refuses the same bad data for the same reason.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+
+use super::identity::CustomerIdentity;
+use super::money::{Money, Points, Quantity};
+
+/// Where a document came from: enough to find it again in its source system.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRef {
+    /// Source system, e.g. `onec`, `onec:partner-shop`, `amocrm`, `csv`.
+    pub system: String,
+    /// The document's id in that system (1C `Ref_Key`/`Ид`, AmoCRM lead id).
+    pub doc_id: String,
+    /// The source's version (1C `DataVersion`) or, where the source has none, a content hash.
+    pub version: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DocKind {
+    Sale,
+    Return,
+}
+
+impl DocKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DocKind::Sale => "sale",
+            DocKind::Return => "return",
+        }
+    }
+}
+
+/// A sale or a return, normalised.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Document {
+    pub source: SourceRef,
+    pub kind: DocKind,
+    /// The number people see (`УТ-00001004`); not unique, for display and return links.
+    pub number: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub customer: CustomerIdentity,
+    /// ISO 4217 code after the connector mapped `руб`/`RUB`/`РУБ`; anything but the ledger's
+    /// currency is refused by [`validate`].
+    pub currency: String,
+    pub lines: Vec<Line>,
+    /// The document total as the source states it; checked against the lines.
+    pub total: Money,
+    /// Points the customer paid with at the till (a fact, not a request).
+    pub points_redeemed: Points,
+    /// For a return: the original sale's id (or number) in the same source, when known.
+    pub original: Option<String>,
+    pub store: Option<String>,
+    /// Partner program: the partner whose sale this is (a second 1C base, another shop).
+    pub partner: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Line {
+    pub product_id: String,
+    pub name: String,
+    pub category: Option<String>,
+    pub quantity: Quantity,
+    pub unit_price: Money,
+    /// Discount on the line, already subtracted from `net`.
+    pub discount: Money,
+    /// What the customer paid for the line, after discounts.
+    pub net: Money,
+    /// Cost per unit on the sale's date, when the source knows it.
+    pub unit_cost: Option<Money>,
+    /// A service line (delivery, gift card) rather than goods.
+    pub service: bool,
+}
+
+/// Why a known document stops having an effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VoidReason {
+    /// 1C `Проведен=false` / OData `Posted=false`.
+    Unposted,
+    /// 1C `ПометкаУдаления=true` / OData `DeletionMark=true`.
+    DeletionMarked,
+    /// Gone from the source (404 on re-read).
+    Deleted,
+    /// A won deal left the won status, an order was cancelled.
+    Cancelled,
+}
+
+impl VoidReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VoidReason::Unposted => "unposted",
+            VoidReason::DeletionMarked => "deletion_marked",
+            VoidReason::Deleted => "deleted",
+            VoidReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What a connector hands the ledger for one document version.
+// Voids are rare; boxing every document to shrink them would cost an allocation per sale.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Incoming {
+    Document(Document),
+    Void { source: SourceRef, reason: VoidReason },
+}
+
+impl Incoming {
+    pub fn source(&self) -> &SourceRef {
+        match self {
+            Incoming::Document(d) => &d.source,
+            Incoming::Void { source, .. } => source,
+        }
+    }
+}
+
+/// A document a connector could not even turn into a [`Document`]: it goes to quarantine
+/// with everything a person needs to find it in the source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub system: String,
+    /// The document id if it could be read; otherwise a stable reference (file + offset).
+    pub doc_ref: String,
+    pub reason: String,
+    /// Where: a file name and byte offset, a URL.
+    pub location: Option<String>,
+    /// A short piece of the raw input, for the person fixing it.
+    pub excerpt: Option<String>,
+}
+
+/// Limits every document is held to, whatever its source.
+#[derive(Clone, Debug)]
+pub struct DocumentLimits {
+    pub currency: String,
+    pub max_lines: usize,
+    /// Allowed difference between the stated total and the sum of lines.
+    pub total_tolerance: Money,
+}
+
+impl Default for DocumentLimits {
+    fn default() -> Self {
+        DocumentLimits {
+            currency: "RUB".to_string(),
+            max_lines: 10_000,
+            total_tolerance: Money(1),
+        }
+    }
+}
+
+/// Business data that cannot be applied; the reason is shown to people as is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// Checks a document before it may touch the ledger. Returns the first problem found,
+/// phrased for the person who will fix the document in 1C.
+pub fn validate(doc: &Document, limits: &DocumentLimits) -> Result<(), Invalid> {
+    let bad = |s: String| Err(Invalid(s));
+    if doc.source.doc_id.trim().is_empty() {
+        return bad("missing document id".into());
+    }
+    if doc.source.doc_id.len() > 200 {
+        return bad(format!(
+            "document id longer than 200 characters ({})",
+            doc.source.doc_id.len()
+        ));
+    }
+    if doc.currency != limits.currency {
+        return bad(format!(
+            "unknown currency {:?}: the ledger keeps {}",
+            doc.currency, limits.currency
+        ));
+    }
+    if doc.lines.is_empty() {
+        return bad("document has no lines".into());
+    }
+    if doc.lines.len() > limits.max_lines {
+        return bad(format!(
+            "{} lines, more than the limit of {}",
+            doc.lines.len(),
+            limits.max_lines
+        ));
+    }
+    if doc.points_redeemed.0 < 0 {
+        return bad(format!("negative points redeemed: {}", doc.points_redeemed));
+    }
+    for (i, l) in doc.lines.iter().enumerate() {
+        let n = i + 1;
+        if l.product_id.trim().is_empty() {
+            return bad(format!("line {n}: missing product id"));
+        }
+        if l.quantity <= Decimal::ZERO {
+            return bad(format!(
+                "line {n} ({}): quantity {} is not positive",
+                l.product_id, l.quantity
+            ));
+        }
+        if l.net.is_negative() || l.unit_price.is_negative() {
+            return bad(format!(
+                "line {n} ({}): negative amount (net {}, price {})",
+                l.product_id, l.net, l.unit_price
+            ));
+        }
+        if l.unit_cost.is_some_and(Money::is_negative) {
+            return bad(format!("line {n} ({}): negative cost", l.product_id));
+        }
+    }
+    let sum: Money = doc.lines.iter().map(|l| l.net).sum();
+    let tolerance = limits.total_tolerance.0 * (doc.lines.len() as i64).max(1);
+    if (sum.0 - doc.total.0).abs() > tolerance {
+        return bad(format!(
+            "lines sum to {sum} but the document total is {}",
+            doc.total
+        ));
+    }
+    Ok(())
+}
+
+/// A stable hash of everything that affects the ledger, for sources that carry no version
+/// (CommerceML files): the same content is the same version, any edit is a new one.
+pub fn content_version(doc: &Document) -> String {
+    let mut h = Sha256::new();
+    let mut field = |s: &str| {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    };
+    field(doc.kind.as_str());
+    field(doc.number.as_deref().unwrap_or(""));
+    field(&doc.occurred_at.timestamp().to_string());
+    let c = &doc.customer;
+    field(c.card.as_deref().unwrap_or(""));
+    field(c.phone.as_ref().map(|p| p.as_str()).unwrap_or(""));
+    field(c.email.as_ref().map(|e| e.as_str()).unwrap_or(""));
+    field(c.onec_id.as_deref().unwrap_or(""));
+    field(&c.amocrm_id.map(|v| v.to_string()).unwrap_or_default());
+    field(&doc.currency);
+    field(&doc.total.0.to_string());
+    field(&doc.points_redeemed.0.to_string());
+    field(doc.original.as_deref().unwrap_or(""));
+    field(doc.store.as_deref().unwrap_or(""));
+    field(doc.partner.as_deref().unwrap_or(""));
+    for l in &doc.lines {
+        field(&l.product_id);
+        field(l.category.as_deref().unwrap_or(""));
+        field(&l.quantity.normalize().to_string());
+        field(&l.unit_price.0.to_string());
+        field(&l.discount.0.to_string());
+        field(&l.net.0.to_string());
+        field(&l.unit_cost.map(|m| m.0.to_string()).unwrap_or_default());
+        field(if l.service { "s" } else { "g" });
+    }
+    let digest = h.finalize();
+    let mut out = String::from("sha256:");
+    for b in &digest[..16] {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use std::str::FromStr;
+
+    pub fn sample() -> Document {
+        Document {
+            source: SourceRef {
+                system: "onec".into(),
+                doc_id: "D1".into(),
+                version: "v1".into(),
+            },
+            kind: DocKind::Sale,
+            number: Some("0001".into()),
+            occurred_at: Utc.with_ymd_and_hms(2026, 3, 1, 9, 0, 0).unwrap(),
+            customer: CustomerIdentity {
+                card: Some("C1".into()),
+                ..Default::default()
+            },
+            currency: "RUB".into(),
+            lines: vec![Line {
+                product_id: "P1".into(),
+                name: "Кофе".into(),
+                category: Some("coffee".into()),
+                quantity: Decimal::from_str("2").unwrap(),
+                unit_price: Money(50000),
+                discount: Money(0),
+                net: Money(100000),
+                unit_cost: Some(Money(30000)),
+                service: false,
+            }],
+            total: Money(100000),
+            points_redeemed: Points(0),
+            original: None,
+            store: None,
+            partner: None,
+        }
+    }
+
+    fn check(edit: impl Fn(&mut Document), expected: Result<(), &str>) {
+        let mut d = sample();
+        edit(&mut d);
+        let got = validate(&d, &DocumentLimits::default());
+        match expected {
+            Ok(()) => assert_eq!(got, Ok(())),
+            Err(fragment) => {
+                let err = got.expect_err("expected the document to be refused").0;
+                assert!(err.contains(fragment), "{err:?} should mention {fragment:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_bad_business_data_with_a_reason() {
+        check(|_| {}, Ok(()));
+        check(|d| d.source.doc_id = " ".into(), Err("missing document id"));
+        check(|d| d.currency = "USD".into(), Err("unknown currency \"USD\""));
+        check(
+            |d| d.lines[0].quantity = Decimal::from_str("-1").unwrap(),
+            Err("quantity -1 is not positive"),
+        );
+        check(|d| d.total = Money(100500), Err("lines sum to 1000.00"));
+        check(|d| d.total = Money(100001), Ok(()));
+        check(|d| d.lines.clear(), Err("no lines"));
+        check(|d| d.points_redeemed = Points(-1), Err("negative points"));
+        check(|d| d.lines[0].product_id.clear(), Err("missing product id"));
+    }
+
+    #[test]
+    fn content_version_changes_with_content_only() {
+        let a = sample();
+        let mut b = sample();
+        assert_eq!(content_version(&a), content_version(&b));
+        b.source.version = "other".into();
+        assert_eq!(content_version(&a), content_version(&b));
+        b.lines[0].net = Money(99999);
+        assert_ne!(content_version(&a), content_version(&b));
+    }
+}

@@ -1,0 +1,289 @@
+//! Who a customer is: the keys 1C, AmoCRM and the till know them by.
+//!
+//! Every key is normalised once, here, so that `+7 (912) 345-67-89` typed by a manager in
+//! AmoCRM and `89123456789` typed by a cashier in 1C find the same customer.
+
+use std::fmt;
+
+/// A phone number in E.164 (`+79123456789`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Phone(String);
+
+impl Phone {
+    /// Normalises a phone as people type it. Russian conventions are the default: a number
+    /// written without a country code is Russian (`8 912 …`, `912 …`). Foreign numbers must
+    /// carry `+` or `00`/`810` (the Russian international prefix). Returns `None` for text
+    /// that cannot be a phone number, so a typo never links two customers.
+    pub fn parse(text: &str) -> Option<Phone> {
+        let trimmed = text.trim();
+        let plus = trimmed.starts_with('+');
+        let mut digits = String::with_capacity(16);
+        for c in trimmed.chars() {
+            match c {
+                '0'..='9' => digits.push(c),
+                ' ' | '-' | '(' | ')' | '.' | '+' | '\u{a0}' | '/' => {}
+                _ => return None,
+            }
+        }
+        if trimmed.chars().skip(1).any(|c| c == '+') {
+            return None;
+        }
+        let international = if plus {
+            digits
+        } else if let Some(rest) = digits.strip_prefix("810") {
+            if digits.len() > 11 {
+                rest.to_string()
+            } else {
+                digits
+            }
+        } else if let Some(rest) = digits.strip_prefix("00") {
+            rest.to_string()
+        } else if digits.len() == 11 && (digits.starts_with('8') || digits.starts_with('7')) {
+            format!("7{}", &digits[1..])
+        } else if digits.len() == 10 {
+            format!("7{digits}")
+        } else {
+            return None;
+        };
+        if international.starts_with('0') || !(8..=15).contains(&international.len()) {
+            return None;
+        }
+        if international.starts_with('7') && international.len() != 11 {
+            return None;
+        }
+        Some(Phone(format!("+{international}")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The last ten digits: how AmoCRM's fuzzy search finds a number typed any way.
+    pub fn last_ten(&self) -> &str {
+        let s = self.0.as_str();
+        &s[s.len().saturating_sub(10)..]
+    }
+}
+
+impl fmt::Display for Phone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An e-mail address compared case-insensitively (local parts are case-sensitive in theory,
+/// never in practice, and a case mismatch must not split one customer into two).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(text: &str) -> Option<Email> {
+        let t = text.trim().to_lowercase();
+        let (local, domain) = t.split_once('@')?;
+        if local.is_empty()
+            || domain.len() < 3
+            || !domain.contains('.')
+            || domain.starts_with('.')
+            || domain.ends_with('.')
+            || domain.contains('@')
+            || t.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return None;
+        }
+        Some(Email(t))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Email {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Normalises a loyalty card number: spaces and dashes removed, letters upper-cased.
+pub fn normalize_card(text: &str) -> Option<String> {
+    let card: String = text
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '\u{a0}'))
+        .flat_map(char::to_uppercase)
+        .collect();
+    if card.is_empty() || card.len() > 64 || card.chars().any(char::is_control) {
+        None
+    } else {
+        Some(card)
+    }
+}
+
+/// Every key a document can name its customer by. All optional: a sale without a
+/// customer still counts in the shop's totals, it just earns nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CustomerIdentity {
+    pub card: Option<String>,
+    pub phone: Option<Phone>,
+    pub email: Option<Email>,
+    /// 1C counterparty (Контрагент) id.
+    pub onec_id: Option<String>,
+    /// AmoCRM contact id.
+    pub amocrm_id: Option<i64>,
+    pub name: Option<String>,
+}
+
+/// One key of a customer, as stored in the ledger's `customer_keys`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CustomerKey {
+    Card(String),
+    OneC(String),
+    AmoCrm(i64),
+    Phone(Phone),
+    Email(Email),
+}
+
+impl CustomerKey {
+    /// Stable kind names used in the database and on the command line.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CustomerKey::Card(_) => "card",
+            CustomerKey::OneC(_) => "onec",
+            CustomerKey::AmoCrm(_) => "amocrm",
+            CustomerKey::Phone(_) => "phone",
+            CustomerKey::Email(_) => "email",
+        }
+    }
+
+    pub fn value(&self) -> String {
+        match self {
+            CustomerKey::Card(v) | CustomerKey::OneC(v) => v.clone(),
+            CustomerKey::AmoCrm(v) => v.to_string(),
+            CustomerKey::Phone(p) => p.as_str().to_string(),
+            CustomerKey::Email(e) => e.as_str().to_string(),
+        }
+    }
+}
+
+impl CustomerIdentity {
+    /// Keys in the order they are trusted when they disagree: a card is presented by its
+    /// holder, a counterparty id is chosen by the cashier, a phone or an e-mail is typed.
+    pub fn keys(&self) -> Vec<CustomerKey> {
+        let mut keys = Vec::with_capacity(5);
+        if let Some(c) = &self.card {
+            keys.push(CustomerKey::Card(c.clone()));
+        }
+        if let Some(id) = &self.onec_id {
+            keys.push(CustomerKey::OneC(id.clone()));
+        }
+        if let Some(id) = self.amocrm_id {
+            keys.push(CustomerKey::AmoCrm(id));
+        }
+        if let Some(p) = &self.phone {
+            keys.push(CustomerKey::Phone(p.clone()));
+        }
+        if let Some(e) = &self.email {
+            keys.push(CustomerKey::Email(e.clone()));
+        }
+        keys
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys().is_empty()
+    }
+}
+
+/// How a person names a customer on the command line: `id:42`, an e-mail, a phone in any
+/// spelling, or a card number. Digits alone are tried as a card first, then as a phone.
+pub fn parse_customer_query(text: &str) -> Vec<CustomerQuery> {
+    let t = text.trim();
+    if let Some(id) = t.strip_prefix("id:").and_then(|s| s.trim().parse::<i64>().ok()) {
+        return vec![CustomerQuery::Id(id)];
+    }
+    if let Some(e) = t.contains('@').then(|| Email::parse(t)).flatten() {
+        return vec![CustomerQuery::Key(CustomerKey::Email(e))];
+    }
+    let mut out = Vec::new();
+    if let Some(c) = normalize_card(t) {
+        out.push(CustomerQuery::Key(CustomerKey::Card(c)));
+    }
+    if let Some(p) = Phone::parse(t) {
+        out.push(CustomerQuery::Key(CustomerKey::Phone(p)));
+    }
+    if let Some(v) = t.strip_prefix("onec:") {
+        out.insert(0, CustomerQuery::Key(CustomerKey::OneC(v.to_string())));
+    }
+    if let Some(v) = t.strip_prefix("amocrm:").and_then(|s| s.parse().ok()) {
+        out.insert(0, CustomerQuery::Key(CustomerKey::AmoCrm(v)));
+    }
+    out
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CustomerQuery {
+    Id(i64),
+    Key(CustomerKey),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Option<&str>) {
+        assert_eq!(
+            Phone::parse(input).as_ref().map(Phone::as_str),
+            expected,
+            "phone {input:?}"
+        );
+    }
+
+    #[test]
+    fn phones_normalise_to_e164() {
+        check("+7 (912) 345-67-89", Some("+79123456789"));
+        check("89123456789", Some("+79123456789"));
+        check("8 912 345 67 89", Some("+79123456789"));
+        check("+79123456789", Some("+79123456789"));
+        check("79123456789", Some("+79123456789"));
+        check("9123456789", Some("+79123456789"));
+        check("8-912-345-67-89", Some("+79123456789"));
+        check("+375 29 123-45-67", Some("+375291234567"));
+        check("00 49 30 1234567", Some("+49301234567"));
+        check("810 49 30 1234567", Some("+49301234567"));
+        check("+1 (415) 555-0100", Some("+14155550100"));
+        check("+7 912 345", None);
+        check("12345", None);
+        check("call me", None);
+        check("", None);
+        check("+7912+3456789", None);
+    }
+
+    #[test]
+    fn emails_compare_case_insensitively() {
+        assert_eq!(
+            Email::parse(" Ivan.Petrov@Example.RU ").unwrap().as_str(),
+            "ivan.petrov@example.ru"
+        );
+        assert!(Email::parse("no-at-sign").is_none());
+        assert!(Email::parse("a@b").is_none());
+        assert!(Email::parse("a b@example.ru").is_none());
+    }
+
+    #[test]
+    fn cli_queries_try_card_then_phone() {
+        let q = parse_customer_query("8 912 345 67 89");
+        assert_eq!(
+            q,
+            vec![
+                CustomerQuery::Key(CustomerKey::Card("89123456789".into())),
+                CustomerQuery::Key(CustomerKey::Phone(Phone::parse("+79123456789").unwrap())),
+            ]
+        );
+        assert_eq!(parse_customer_query("id:7"), vec![CustomerQuery::Id(7)]);
+        assert_eq!(
+            parse_customer_query("A@B.ru"),
+            vec![CustomerQuery::Key(CustomerKey::Email(
+                Email::parse("a@b.ru").unwrap()
+            ))]
+        );
+    }
+}

@@ -1,0 +1,1282 @@
+//! Writing to the ledger: documents in, journal transactions, lots and outbox rows out.
+//!
+//! One [`Batch`] is one SQLite transaction: every document in it, its quarantine entries,
+//! the source checkpoint and the outbox rows they cause commit together or not at all.
+//! Each document runs inside a savepoint, so one that fails to apply is quarantined and the
+//! rest of the batch still commits.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::query::holdings;
+use super::{Ledger, LedgerError, Result, from_ts, ts};
+use crate::core::document::{
+    DocKind, Document, DocumentLimits, Incoming, Rejected, SourceRef, VoidReason, content_version, validate,
+};
+use crate::core::identity::CustomerIdentity;
+use crate::core::journal::{Account, Explanation, Flag, TxKind};
+use crate::core::lots::{self, Holdings, Lot, Move, Target};
+use crate::core::money::Money;
+use crate::core::program::{CustomerState, Rules, SoldLine, return_clawback, return_recredit};
+
+/// One unit of work from one source.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The checkpoint key (`onec:odata:Document_ЧекККМ`, `cml:/srv/exchange`, …).
+    pub source: String,
+    pub items: Vec<Item>,
+    /// The source's cursor after these items; stored in the same transaction.
+    pub checkpoint: Option<String>,
+}
+
+// Rejections are rare; see `Incoming`.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Item {
+    Incoming(Incoming),
+    Rejected(Rejected),
+}
+
+/// Which outbox destinations want rows. A destination that is not configured gets none.
+#[derive(Clone, Debug, Default)]
+pub struct Destinations {
+    /// Destination name for "this customer's visible state changed" rows (AmoCRM contacts).
+    pub contact_state: Option<String>,
+}
+
+pub struct IngestContext<'a> {
+    pub rules: &'a dyn Rules,
+    pub limits: &'a DocumentLimits,
+    pub destinations: &'a Destinations,
+    pub now: DateTime<Utc>,
+    /// How far ahead "expiring soon" looks, for the state pushed to the outbox.
+    pub warn_before: chrono::Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// First time this document was seen.
+    Applied,
+    /// A new version replaced the previous effect (reversed, then re-posted).
+    NewVersion,
+    /// Unposted, deletion-marked, deleted or cancelled: its effect was reversed.
+    Voided,
+    /// This exact version was applied before: nothing changed.
+    Unchanged,
+    /// An older version seen again after a newer one: ignored.
+    Stale,
+    Quarantined(String),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct IngestReport {
+    pub applied: usize,
+    pub new_versions: usize,
+    pub voided: usize,
+    pub unchanged: usize,
+    pub stale: usize,
+    pub quarantined: usize,
+    /// (source:doc_id, outcome) for every item, in order.
+    pub outcomes: Vec<(String, Outcome)>,
+    /// Things people should look at (unlinked returns, loss-makers, …).
+    pub flags: Vec<(String, Flag)>,
+    pub outbox_rows: usize,
+}
+
+impl IngestReport {
+    fn count(&mut self, doc_ref: String, outcome: Outcome) {
+        match &outcome {
+            Outcome::Applied => self.applied += 1,
+            Outcome::NewVersion => self.new_versions += 1,
+            Outcome::Voided => self.voided += 1,
+            Outcome::Unchanged => self.unchanged += 1,
+            Outcome::Stale => self.stale += 1,
+            Outcome::Quarantined(_) => self.quarantined += 1,
+        }
+        self.outcomes.push((doc_ref, outcome));
+    }
+}
+
+/// A manual correction, as `kopilka adjust` asks for it.
+#[derive(Clone, Debug)]
+pub struct AdjustRequest {
+    pub customer: String,
+    pub points: i64,
+    pub reason: String,
+    pub key: Option<String>,
+    pub by: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdjustOutcome {
+    Applied { tx_id: i64, customer_id: i64 },
+    AlreadyApplied { tx_id: i64, customer_id: i64 },
+}
+
+/// A document row as the ingest logic needs it.
+#[derive(Clone, Debug)]
+struct DocRow {
+    id: i64,
+    source: String,
+    doc_id: String,
+    version: String,
+    kind: Option<String>,
+    state: String,
+    epoch: i64,
+    number: Option<String>,
+    occurred_at: Option<i64>,
+    customer_id: Option<i64>,
+    total: i64,
+    points_redeemed: i64,
+    original_ref: Option<String>,
+    original_id: Option<i64>,
+}
+
+const DOC_COLS: &str = "id, source, doc_id, version, kind, state, epoch, number, occurred_at, \
+     customer_id, total, points_redeemed, original_ref, original_id";
+
+fn doc_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DocRow> {
+    Ok(DocRow {
+        id: r.get(0)?,
+        source: r.get(1)?,
+        doc_id: r.get(2)?,
+        version: r.get(3)?,
+        kind: r.get(4)?,
+        state: r.get(5)?,
+        epoch: r.get(6)?,
+        number: r.get(7)?,
+        occurred_at: r.get(8)?,
+        customer_id: r.get(9)?,
+        total: r.get(10)?,
+        points_redeemed: r.get(11)?,
+        original_ref: r.get(12)?,
+        original_id: r.get(13)?,
+    })
+}
+
+fn find_doc(conn: &Connection, source: &str, doc_id: &str) -> Result<Option<DocRow>> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {DOC_COLS} FROM documents WHERE source = ?1 AND doc_id = ?2"
+    ))?;
+    Ok(st.query_row(params![source, doc_id], doc_from_row).optional()?)
+}
+
+fn doc_by_id(conn: &Connection, id: i64) -> Result<DocRow> {
+    let mut st = conn.prepare_cached(&format!("SELECT {DOC_COLS} FROM documents WHERE id = ?1"))?;
+    Ok(st.query_row([id], doc_from_row)?)
+}
+
+/// A new transaction to write.
+struct NewTx<'a> {
+    kind: TxKind,
+    role: &'static str,
+    customer_id: i64,
+    document_id: Option<i64>,
+    epoch: Option<i64>,
+    reverses: Option<i64>,
+    effective_at: DateTime<Utc>,
+    explanation: &'a Explanation,
+    actor: Option<&'a str>,
+    idem_key: Option<&'a str>,
+    partner: Option<&'a str>,
+    counter: Account,
+    moves: Vec<Move>,
+    /// Dates of the lot a `Target::NewLot` move fills.
+    new_lot: Option<LotDates>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LotDates {
+    earned: DateTime<Utc>,
+    available: DateTime<Utc>,
+    expires: Option<DateTime<Utc>>,
+}
+
+/// Writes one journal transaction with its postings, and moves lots and debt accordingly.
+/// The customer side is `moves`; the counter-account takes the opposite of their sum, so
+/// the transaction sums to zero by construction.
+fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateTime<Utc>) -> Result<i64> {
+    let amount: i64 = t.moves.iter().map(|m| m.amount).sum();
+    let explanation = serde_json::to_string(t.explanation)
+        .map_err(|e| LedgerError::Corrupt(format!("explanation not serialisable: {e}")))?;
+    conn.prepare_cached(
+        "INSERT INTO journal (kind, role, customer_id, document_id, epoch, reverses, amount, \
+         effective_at, recorded_at, explanation, actor, idem_key, partner) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?
+    .execute(params![
+        t.kind.as_str(),
+        t.role,
+        t.customer_id,
+        t.document_id,
+        t.epoch,
+        t.reverses,
+        amount,
+        ts(t.effective_at),
+        ts(now),
+        explanation,
+        t.actor,
+        t.idem_key,
+        t.partner,
+    ])?;
+    let tx_id = conn.last_insert_rowid();
+    let mut new_lot = None;
+    let mut insert_posting = conn.prepare_cached(
+        "INSERT INTO postings (tx_id, account, customer_id, lot_id, amount) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for m in &t.moves {
+        let lot_id = match m.target {
+            Target::Lot(id) => {
+                conn.prepare_cached("UPDATE lots SET remaining = remaining + ?1 WHERE id = ?2")?
+                    .execute(params![m.amount, id])?;
+                Some(id)
+            }
+            Target::NewLot => {
+                let LotDates {
+                    earned,
+                    available,
+                    expires,
+                } = t
+                    .new_lot
+                    .ok_or_else(|| LedgerError::Corrupt("a new lot was planned without its dates".into()))?;
+                conn.prepare_cached(
+                    "INSERT INTO lots (customer_id, origin_tx, earned_at, available_at, expires_at, amount, remaining) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                )?
+                .execute(params![
+                    t.customer_id,
+                    tx_id,
+                    ts(earned),
+                    ts(available),
+                    expires.map(ts),
+                    m.amount
+                ])?;
+                let id = conn.last_insert_rowid();
+                new_lot = Some(Lot {
+                    id,
+                    available_at: available,
+                    expires_at: expires,
+                    remaining: 0,
+                });
+                Some(id)
+            }
+            Target::Debt => {
+                conn.prepare_cached("UPDATE customers SET debt = debt - ?1 WHERE id = ?2")?
+                    .execute(params![m.amount, t.customer_id])?;
+                None
+            }
+        };
+        insert_posting.execute(params![
+            tx_id,
+            Account::Customer.as_str(),
+            t.customer_id,
+            lot_id,
+            m.amount
+        ])?;
+    }
+    insert_posting.execute(params![
+        tx_id,
+        t.counter.as_str(),
+        Option::<i64>::None,
+        Option::<i64>::None,
+        -amount
+    ])?;
+    h.apply(&t.moves, new_lot);
+    Ok(tx_id)
+}
+
+/// Finds the customer a document names, creating one on first sight. Keys are tried in
+/// trust order (card, 1C id, AmoCRM id, phone, e-mail); the first that is known decides,
+/// and keys not yet known are attached to that customer. A key that already belongs to
+/// someone else is left where it is (never silently moved).
+pub(crate) fn resolve_customer(
+    conn: &Connection,
+    identity: &CustomerIdentity,
+    now: DateTime<Utc>,
+) -> Result<Option<i64>> {
+    let keys = identity.keys();
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    let mut lookup =
+        conn.prepare_cached("SELECT customer_id FROM customer_keys WHERE kind = ?1 AND value = ?2")?;
+    let mut found = Vec::with_capacity(keys.len());
+    for k in &keys {
+        let c: Option<i64> = lookup
+            .query_row(params![k.kind(), k.value()], |r| r.get(0))
+            .optional()?;
+        found.push(c);
+    }
+    let customer = match found.iter().flatten().next() {
+        Some(c) => *c,
+        None => {
+            conn.prepare_cached("INSERT INTO customers (created_at, name) VALUES (?1, ?2)")?
+                .execute(params![ts(now), identity.name])?;
+            conn.last_insert_rowid()
+        }
+    };
+    let mut attach = conn.prepare_cached(
+        "INSERT OR IGNORE INTO customer_keys (kind, value, customer_id) VALUES (?1, ?2, ?3)",
+    )?;
+    for (k, f) in keys.iter().zip(&found) {
+        if f.is_none() {
+            attach.execute(params![k.kind(), k.value(), customer])?;
+        }
+    }
+    if identity.name.is_some() {
+        conn.prepare_cached("UPDATE customers SET name = ?1 WHERE id = ?2 AND name IS NULL")?
+            .execute(params![identity.name, customer])?;
+    }
+    Ok(Some(customer))
+}
+
+/// A document parked in quarantine, with what a person needs to find and fix it.
+struct Parked<'a> {
+    source: &'a str,
+    doc_ref: &'a str,
+    version: Option<&'a str>,
+    reason: &'a str,
+    location: Option<&'a str>,
+    excerpt: Option<&'a str>,
+}
+
+fn quarantine_put(conn: &Connection, q: &Parked<'_>, now: DateTime<Utc>) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO quarantine (source, doc_ref, version, reason, location, excerpt, first_seen_at, last_seen_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7) \
+         ON CONFLICT (source, doc_ref) DO UPDATE SET version = excluded.version, reason = excluded.reason, \
+           location = excluded.location, excerpt = excluded.excerpt, last_seen_at = excluded.last_seen_at, \
+           seen_count = seen_count + 1, resolved_at = NULL",
+    )?
+    .execute(params![q.source, q.doc_ref, q.version, q.reason, q.location, q.excerpt, ts(now)])?;
+    Ok(())
+}
+
+fn quarantine_resolve(conn: &Connection, source: &str, doc_ref: &str, now: DateTime<Utc>) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE quarantine SET resolved_at = ?3 WHERE source = ?1 AND doc_ref = ?2 AND resolved_at IS NULL",
+    )?
+    .execute(params![source, doc_ref, ts(now)])?;
+    Ok(())
+}
+
+fn record_version(
+    conn: &Connection,
+    doc: i64,
+    version: &str,
+    action: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO document_versions (document_id, version, seen_at, action) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![doc, version, ts(now), action])?;
+    Ok(())
+}
+
+fn version_seen(conn: &Connection, doc: i64, version: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM document_versions WHERE document_id = ?1 AND version = ?2")?
+        .query_row(params![doc, version], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+fn write_document(
+    conn: &Connection,
+    existing: Option<i64>,
+    d: &Document,
+    customer: Option<i64>,
+    now: DateTime<Utc>,
+) -> Result<i64> {
+    let id = match existing {
+        Some(id) => {
+            conn.prepare_cached(
+                "UPDATE documents SET version = ?2, kind = ?3, state = 'active', void_reason = NULL, number = ?4, \
+                 occurred_at = ?5, customer_id = ?6, currency = ?7, total = ?8, points_redeemed = ?9, \
+                 original_ref = ?10, original_id = NULL, store = ?11, partner = ?12, updated_at = ?13 WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                d.source.version,
+                d.kind.as_str(),
+                d.number,
+                ts(d.occurred_at),
+                customer,
+                d.currency,
+                d.total.0,
+                d.points_redeemed.0,
+                d.original,
+                d.store,
+                d.partner,
+                ts(now)
+            ])?;
+            conn.prepare_cached("DELETE FROM document_lines WHERE document_id = ?1")?
+                .execute([id])?;
+            id
+        }
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO documents (source, doc_id, version, kind, state, number, occurred_at, customer_id, \
+                 currency, total, points_redeemed, original_ref, store, partner, first_seen_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
+            )?
+            .execute(params![
+                d.source.system,
+                d.source.doc_id,
+                d.source.version,
+                d.kind.as_str(),
+                d.number,
+                ts(d.occurred_at),
+                customer,
+                d.currency,
+                d.total.0,
+                d.points_redeemed.0,
+                d.original,
+                d.store,
+                d.partner,
+                ts(now)
+            ])?;
+            conn.last_insert_rowid()
+        }
+    };
+    let mut ins = conn.prepare_cached(
+        "INSERT INTO document_lines (document_id, line_no, product_id, name, category, quantity, unit_price, \
+         discount, net, unit_cost, service) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
+    for (i, l) in d.lines.iter().enumerate() {
+        ins.execute(params![
+            id,
+            i as i64 + 1,
+            l.product_id,
+            l.name,
+            l.category,
+            l.quantity.normalize().to_string(),
+            l.unit_price.0,
+            l.discount.0,
+            l.net.0,
+            l.unit_cost.map(|c| c.0),
+            l.service
+        ])?;
+    }
+    Ok(id)
+}
+
+fn set_line_points(conn: &Connection, doc: i64, points: &[i64]) -> Result<()> {
+    let mut st =
+        conn.prepare_cached("UPDATE document_lines SET points = ?3 WHERE document_id = ?1 AND line_no = ?2")?;
+    for (i, p) in points.iter().enumerate() {
+        st.execute(params![doc, i as i64 + 1, p])?;
+    }
+    Ok(())
+}
+
+fn set_applied(conn: &Connection, doc: i64, applied: bool) -> Result<()> {
+    conn.prepare_cached("UPDATE documents SET applied = ?2 WHERE id = ?1")?
+        .execute(params![doc, applied])?;
+    Ok(())
+}
+
+fn bump_epoch(conn: &Connection, doc: i64) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("UPDATE documents SET epoch = epoch + 1 WHERE id = ?1 RETURNING epoch")?
+        .query_row([doc], |r| r.get(0))?)
+}
+
+/// The state of one `ingest` call while it runs.
+struct Run<'a, 'b> {
+    ctx: &'a IngestContext<'b>,
+    touched: BTreeSet<i64>,
+    flags: Vec<Flag>,
+}
+
+impl Run<'_, '_> {
+    fn new_lot_now(&self, at: DateTime<Utc>) -> LotDates {
+        let (avail, exp) = self.ctx.rules.lot_times(at);
+        // points given back are usable at once; they keep the program's lifetime
+        let life = exp.map(|e| e - avail);
+        LotDates {
+            earned: at,
+            available: at,
+            expires: life.map(|l| at + l),
+        }
+    }
+
+    /// Undoes every effect of the document's current epoch, newest first. Each cancellation
+    /// names the transaction it reverses and keeps its business date, so per-day figures
+    /// show the corrected day.
+    fn cancel_effects(&mut self, conn: &Connection, doc: &DocRow, why: &str) -> Result<()> {
+        let txs: Vec<(i64, String, i64, i64, i64)> = conn
+            .prepare_cached(
+                "SELECT id, kind, amount, customer_id, effective_at FROM journal \
+                 WHERE document_id = ?1 AND epoch = ?2 AND role = 'effect' ORDER BY id DESC",
+            )?
+            .query_map(params![doc.id, doc.epoch], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let now = self.ctx.now;
+        for (tx_id, kind, amount, customer, effective) in txs {
+            if amount == 0 {
+                continue;
+            }
+            let counter: String = conn
+                .prepare_cached(
+                    "SELECT account FROM postings WHERE tx_id = ?1 AND account != 'customer' LIMIT 1",
+                )?
+                .query_row([tx_id], |r| r.get(0))?;
+            let counter = Account::parse(&counter)
+                .ok_or_else(|| LedgerError::Corrupt(format!("tx {tx_id}: unknown account {counter}")))?;
+            let mut h = holdings(conn, customer)?;
+            let moves = if amount > 0 {
+                let prefer: Vec<i64> = conn
+                    .prepare_cached(
+                        "SELECT lot_id FROM postings WHERE tx_id = ?1 AND lot_id IS NOT NULL AND amount > 0 ORDER BY id",
+                    )?
+                    .query_map([tx_id], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                lots::plan_debit(&h, amount, &prefer, now)
+            } else {
+                let restore = restorable(conn, tx_id)?;
+                lots::plan_credit(&h, -amount, &restore)
+            };
+            let label = TxKind::parse(&kind).map_or(kind.clone(), |k| k.label_ru().to_string());
+            let explanation = Explanation::text(format!(
+                "{label} (tx {tx_id}) cancelled: {} {why}",
+                doc_label(doc)
+            ));
+            post(
+                conn,
+                NewTx {
+                    kind: TxKind::Reversal,
+                    role: "cancel",
+                    customer_id: customer,
+                    document_id: Some(doc.id),
+                    epoch: Some(doc.epoch),
+                    reverses: Some(tx_id),
+                    effective_at: from_ts(effective),
+                    explanation: &explanation,
+                    actor: None,
+                    idem_key: None,
+                    partner: None,
+                    counter,
+                    moves,
+                    new_lot: Some(self.new_lot_now(now)),
+                },
+                &mut h,
+                now,
+            )?;
+            self.touched.insert(customer);
+        }
+        set_applied(conn, doc.id, false)?;
+        Ok(())
+    }
+
+    fn apply_sale(
+        &mut self,
+        conn: &Connection,
+        doc_id: i64,
+        d: &Document,
+        customer: Option<i64>,
+    ) -> Result<()> {
+        let epoch = bump_epoch(conn, doc_id)?;
+        let mut h = match customer {
+            Some(c) => holdings(conn, c)?,
+            None => Holdings::default(),
+        };
+        let state = CustomerState {
+            customer_id: customer,
+            available: lots::figures(&h, d.occurred_at, chrono::Duration::zero()).available,
+        };
+        let decision = self.ctx.rules.evaluate(d, &state, self.ctx.now);
+        set_line_points(conn, doc_id, &decision.line_points)?;
+        self.flags.extend(decision.flags.iter().cloned());
+        if let Some(c) = customer {
+            let now = self.ctx.now;
+            if d.points_redeemed.0 > 0 {
+                let moves = lots::plan_debit(&h, d.points_redeemed.0, &[], d.occurred_at);
+                let explanation = Explanation::text(format!(
+                    "{} points paid at the till on {}",
+                    d.points_redeemed,
+                    document_label(d)
+                ));
+                post(
+                    conn,
+                    NewTx {
+                        kind: TxKind::Redemption,
+                        role: "effect",
+                        customer_id: c,
+                        document_id: Some(doc_id),
+                        epoch: Some(epoch),
+                        reverses: None,
+                        effective_at: d.occurred_at,
+                        explanation: &explanation,
+                        actor: None,
+                        idem_key: None,
+                        partner: d.partner.as_deref(),
+                        counter: Account::Redemption,
+                        moves,
+                        new_lot: None,
+                    },
+                    &mut h,
+                    now,
+                )?;
+            }
+            if decision.accrual > 0 {
+                let moves = lots::plan_credit(&h, decision.accrual, &[]);
+                let available = decision.available_at.unwrap_or(d.occurred_at);
+                let mut explanation = decision.explanation.clone();
+                explanation.flags = decision.flags.clone();
+                post(
+                    conn,
+                    NewTx {
+                        kind: TxKind::Accrual,
+                        role: "effect",
+                        customer_id: c,
+                        document_id: Some(doc_id),
+                        epoch: Some(epoch),
+                        reverses: None,
+                        effective_at: d.occurred_at,
+                        explanation: &explanation,
+                        actor: None,
+                        idem_key: None,
+                        partner: d.partner.as_deref(),
+                        counter: Account::Expense,
+                        moves,
+                        new_lot: Some(LotDates {
+                            earned: d.occurred_at,
+                            available,
+                            expires: decision.expires_at,
+                        }),
+                    },
+                    &mut h,
+                    now,
+                )?;
+            }
+            self.touched.insert(c);
+        }
+        set_applied(conn, doc_id, true)?;
+        Ok(())
+    }
+
+    /// Applies a stored return against its original sale: takes back the points its lines
+    /// earned (in proportion to what is returned) and gives back points paid with (in
+    /// proportion to the money returned). A return whose sale is unknown is kept, flagged,
+    /// and applied when the sale arrives.
+    fn apply_return(&mut self, conn: &Connection, ret_id: i64) -> Result<()> {
+        let epoch = bump_epoch(conn, ret_id)?;
+        let ret = doc_by_id(conn, ret_id)?;
+        let original = match ret.original_id {
+            Some(id) => Some(doc_by_id(conn, id)?),
+            None => match &ret.original_ref {
+                Some(r) => find_original(conn, &ret.source, r)?,
+                None => None,
+            },
+        };
+        let original = original.filter(|o| o.state == "active" && o.kind.as_deref() == Some("sale"));
+        let Some(orig) = original else {
+            conn.prepare_cached("UPDATE documents SET original_id = NULL WHERE id = ?1")?
+                .execute([ret_id])?;
+            set_line_points(conn, ret_id, &vec![0; line_count(conn, ret_id)?])?;
+            self.flags.push(Flag::new(
+                "unlinked_return",
+                format!(
+                    "return {} refers to {} which is not a known posted sale; nothing taken back yet",
+                    doc_label(&ret),
+                    ret.original_ref.as_deref().unwrap_or("no sale")
+                ),
+            ));
+            set_applied(conn, ret_id, true)?;
+            return Ok(());
+        };
+        conn.prepare_cached("UPDATE documents SET original_id = ?2 WHERE id = ?1")?
+            .execute(params![ret_id, orig.id])?;
+        let sold: Vec<SoldLine> = conn
+            .prepare_cached("SELECT product_id, quantity, points FROM document_lines WHERE document_id = ?1")?
+            .query_map([orig.id], |r| {
+                Ok(SoldLine {
+                    product_id: r.get(0)?,
+                    quantity: parse_qty(&r.get::<_, String>(1)?),
+                    points: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let before: Vec<(String, rust_decimal::Decimal)> = conn
+            .prepare_cached(
+                "SELECT l.product_id, l.quantity FROM document_lines l JOIN documents d ON d.id = l.document_id \
+                 WHERE d.original_id = ?1 AND d.applied = 1 AND d.kind = 'return' AND d.id != ?2",
+            )?
+            .query_map(params![orig.id, ret_id], |r| {
+                Ok((r.get(0)?, parse_qty(&r.get::<_, String>(1)?)))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let returning: Vec<(String, rust_decimal::Decimal, i64)> = conn
+            .prepare_cached(
+                "SELECT product_id, quantity, net FROM document_lines WHERE document_id = ?1 ORDER BY line_no",
+            )?
+            .query_map([ret_id], |r| {
+                Ok((r.get(0)?, parse_qty(&r.get::<_, String>(1)?), r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let pairs: Vec<(String, rust_decimal::Decimal)> =
+            returning.iter().map(|(p, q, _)| (p.clone(), *q)).collect();
+        let (claws, flags) = return_clawback(&sold, &before, &pairs);
+        self.flags.extend(flags);
+        set_line_points(conn, ret_id, &claws)?;
+        let Some(customer) = orig.customer_id else {
+            set_applied(conn, ret_id, true)?;
+            return Ok(());
+        };
+        let now = self.ctx.now;
+        let at = ret.occurred_at.map(from_ts).unwrap_or(now);
+        let mut h = holdings(conn, customer)?;
+        let effect_tx = |kind: &str| -> Result<Option<i64>> {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT id FROM journal WHERE document_id = ?1 AND epoch = ?2 AND role = 'effect' AND kind = ?3 \
+                     ORDER BY id LIMIT 1",
+                )?
+                .query_row(params![orig.id, orig.epoch, kind], |r| r.get(0))
+                .optional()?)
+        };
+        let claw: i64 = claws.iter().sum();
+        if claw > 0
+            && let Some(accrual) = effect_tx("accrual")?
+        {
+            let prefer: Vec<i64> = conn
+                .prepare_cached("SELECT id FROM lots WHERE origin_tx = ?1")?
+                .query_map([accrual], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let moves = lots::plan_debit(&h, claw, &prefer, at);
+            let explanation = Explanation::text(format!(
+                "{claw} points taken back for goods returned by {} (sale {})",
+                doc_label(&ret),
+                doc_label(&orig)
+            ));
+            post(
+                conn,
+                NewTx {
+                    kind: TxKind::Reversal,
+                    role: "effect",
+                    customer_id: customer,
+                    document_id: Some(ret_id),
+                    epoch: Some(epoch),
+                    reverses: Some(accrual),
+                    effective_at: at,
+                    explanation: &explanation,
+                    actor: None,
+                    idem_key: None,
+                    partner: None,
+                    counter: Account::Expense,
+                    moves,
+                    new_lot: None,
+                },
+                &mut h,
+                now,
+            )?;
+        }
+        if orig.points_redeemed > 0
+            && let Some(redemption) = effect_tx("redemption")?
+        {
+            let before_total: i64 = conn
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(total), 0) FROM documents WHERE original_id = ?1 AND applied = 1 \
+                     AND kind = 'return' AND id != ?2",
+                )?
+                .query_row(params![orig.id, ret_id], |r| r.get(0))?;
+            let give = return_recredit(
+                orig.points_redeemed,
+                Money(orig.total),
+                Money(before_total),
+                Money(ret.total),
+            );
+            if give > 0 {
+                let restore = restorable(conn, redemption)?;
+                let moves = lots::plan_credit(&h, give, &restore);
+                let explanation = Explanation::text(format!(
+                    "{give} points paid with on sale {} given back for the return {}",
+                    doc_label(&orig),
+                    doc_label(&ret)
+                ));
+                post(
+                    conn,
+                    NewTx {
+                        kind: TxKind::Reversal,
+                        role: "effect",
+                        customer_id: customer,
+                        document_id: Some(ret_id),
+                        epoch: Some(epoch),
+                        reverses: Some(redemption),
+                        effective_at: at,
+                        explanation: &explanation,
+                        actor: None,
+                        idem_key: None,
+                        partner: None,
+                        counter: Account::Redemption,
+                        moves,
+                        new_lot: Some(self.new_lot_now(at)),
+                    },
+                    &mut h,
+                    now,
+                )?;
+            }
+        }
+        self.touched.insert(customer);
+        set_applied(conn, ret_id, true)?;
+        Ok(())
+    }
+
+    /// Cancels the effects of every applied return of `sale`, so they can be re-applied
+    /// against the sale's new state. Returns their ids in application order.
+    fn suspend_returns(&mut self, conn: &Connection, sale: &DocRow) -> Result<Vec<i64>> {
+        let ids: Vec<i64> = conn
+            .prepare_cached(
+                "SELECT id FROM documents WHERE original_id = ?1 AND kind = 'return' AND state = 'active' ORDER BY id",
+            )?
+            .query_map([sale.id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for id in ids.iter().rev() {
+            let r = doc_by_id(conn, *id)?;
+            self.cancel_effects(
+                conn,
+                &r,
+                &format!("re-linked to changed sale {}", doc_label(sale)),
+            )?;
+        }
+        Ok(ids)
+    }
+
+    fn apply_incoming(&mut self, conn: &Connection, inc: &Incoming) -> Result<Outcome> {
+        let src = inc.source();
+        let now = self.ctx.now;
+        let existing = find_doc(conn, &src.system, &src.doc_id)?;
+        if let Some(ex) = &existing {
+            if ex.version == src.version {
+                return Ok(Outcome::Unchanged);
+            }
+            if version_seen(conn, ex.id, &src.version)? {
+                return Ok(Outcome::Stale);
+            }
+        }
+        match inc {
+            Incoming::Void { source, reason } => self.apply_void(conn, source, *reason, existing),
+            Incoming::Document(d) => {
+                let customer = resolve_customer(conn, &d.customer, now)?;
+                let mut dependents = Vec::new();
+                if let Some(ex) = &existing
+                    && ex.state == "active"
+                {
+                    if ex.kind.as_deref() == Some("sale") {
+                        dependents = self.suspend_returns(conn, ex)?;
+                    }
+                    self.cancel_effects(conn, ex, "replaced by a new version")?;
+                }
+                let id = write_document(conn, existing.as_ref().map(|e| e.id), d, customer, now)?;
+                record_version(conn, id, &d.source.version, "applied", now)?;
+                match d.kind {
+                    DocKind::Sale => {
+                        self.apply_sale(conn, id, d, customer)?;
+                        // returns that arrived before their sale, waiting for it
+                        let waiting: Vec<i64> = conn
+                            .prepare_cached(
+                                "SELECT id FROM documents WHERE source = ?1 AND kind = 'return' AND state = 'active' \
+                                 AND original_id IS NULL AND original_ref IN (?2, ?3) ORDER BY id",
+                            )?
+                            .query_map(
+                                params![d.source.system, d.source.doc_id, d.number.as_deref().unwrap_or(&d.source.doc_id)],
+                                |r| r.get(0),
+                            )?
+                            .collect::<rusqlite::Result<_>>()?;
+                        for w in &waiting {
+                            let r = doc_by_id(conn, *w)?;
+                            self.cancel_effects(conn, &r, "linked to its sale")?;
+                            conn.prepare_cached("UPDATE documents SET original_id = ?2 WHERE id = ?1")?
+                                .execute(params![w, id])?;
+                        }
+                        dependents.extend(waiting);
+                        dependents.sort_unstable();
+                    }
+                    DocKind::Return => self.apply_return(conn, id)?,
+                }
+                for dep in dependents {
+                    self.apply_return(conn, dep)?;
+                }
+                Ok(if existing.is_some() {
+                    Outcome::NewVersion
+                } else {
+                    Outcome::Applied
+                })
+            }
+        }
+    }
+
+    fn apply_void(
+        &mut self,
+        conn: &Connection,
+        source: &SourceRef,
+        reason: VoidReason,
+        existing: Option<DocRow>,
+    ) -> Result<Outcome> {
+        let now = self.ctx.now;
+        let id = match existing {
+            None => {
+                conn.prepare_cached(
+                    "INSERT INTO documents (source, doc_id, version, state, void_reason, first_seen_at, updated_at) \
+                     VALUES (?1, ?2, ?3, 'void', ?4, ?5, ?5)",
+                )?
+                .execute(params![source.system, source.doc_id, source.version, reason.as_str(), ts(now)])?;
+                conn.last_insert_rowid()
+            }
+            Some(ex) => {
+                let mut dependents = Vec::new();
+                if ex.state == "active" {
+                    if ex.kind.as_deref() == Some("sale") {
+                        dependents = self.suspend_returns(conn, &ex)?;
+                    }
+                    self.cancel_effects(conn, &ex, reason.as_str())?;
+                }
+                conn.prepare_cached(
+                    "UPDATE documents SET version = ?2, state = 'void', void_reason = ?3, applied = 0, updated_at = ?4 \
+                     WHERE id = ?1",
+                )?
+                .execute(params![ex.id, source.version, reason.as_str(), ts(now)])?;
+                for dep in dependents {
+                    self.apply_return(conn, dep)?;
+                }
+                ex.id
+            }
+        };
+        record_version(conn, id, &source.version, reason.as_str(), now)?;
+        Ok(Outcome::Voided)
+    }
+}
+
+fn find_original(conn: &Connection, source: &str, reference: &str) -> Result<Option<DocRow>> {
+    if let Some(d) = find_doc(conn, source, reference)? {
+        return Ok(Some(d));
+    }
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {DOC_COLS} FROM documents WHERE source = ?1 AND number = ?2 AND kind = 'sale' ORDER BY id DESC LIMIT 1"
+    ))?;
+    Ok(st
+        .query_row(params![source, reference], doc_from_row)
+        .optional()?)
+}
+
+fn line_count(conn: &Connection, doc: i64) -> Result<usize> {
+    let n: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM document_lines WHERE document_id = ?1")?
+        .query_row([doc], |r| r.get(0))?;
+    Ok(n as usize)
+}
+
+/// The lots a debiting transaction took from, with how much each can take back now
+/// (never more than was taken, never above the lot's original size).
+fn restorable(conn: &Connection, tx_id: i64) -> Result<Vec<(i64, i64)>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT p.lot_id, MIN(-SUM(p.amount), l.amount - l.remaining) FROM postings p JOIN lots l ON l.id = p.lot_id \
+             WHERE p.tx_id = ?1 AND p.lot_id IS NOT NULL AND p.amount < 0 GROUP BY p.lot_id ORDER BY MAX(p.id) DESC",
+        )?
+        .query_map([tx_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+fn parse_qty(s: &str) -> rust_decimal::Decimal {
+    s.parse().unwrap_or_default()
+}
+
+fn doc_label(d: &DocRow) -> String {
+    match &d.number {
+        Some(n) => format!("№{n} ({}:{})", d.source, d.doc_id),
+        None => format!("{}:{}", d.source, d.doc_id),
+    }
+}
+
+fn document_label(d: &Document) -> String {
+    match &d.number {
+        Some(n) => format!("№{n} ({}:{})", d.source.system, d.source.doc_id),
+        None => format!("{}:{}", d.source.system, d.source.doc_id),
+    }
+}
+
+/// A database error caused by one document's data (a constraint it broke) rather than by
+/// the database itself: that document is quarantined, the batch goes on.
+fn is_document_error(e: &LedgerError) -> bool {
+    match e {
+        LedgerError::Sql(rusqlite::Error::SqliteFailure(f, _)) => {
+            f.code == rusqlite::ErrorCode::ConstraintViolation
+        }
+        LedgerError::Corrupt(_) => true,
+        _ => false,
+    }
+}
+
+impl Ledger {
+    /// Applies a batch from one source in one transaction. See the module docs.
+    pub fn ingest(&mut self, batch: Batch, ctx: &IngestContext<'_>) -> Result<IngestReport> {
+        let now = ctx.now;
+        let mut tx = self.conn.transaction()?;
+        let mut report = IngestReport::default();
+        let mut touched = BTreeSet::new();
+        for item in batch.items {
+            match item {
+                Item::Rejected(r) => {
+                    let parked = Parked {
+                        source: &r.system,
+                        doc_ref: &r.doc_ref,
+                        version: None,
+                        reason: &r.reason,
+                        location: r.location.as_deref(),
+                        excerpt: r.excerpt.as_deref(),
+                    };
+                    quarantine_put(&tx, &parked, now)?;
+                    report.count(
+                        format!("{}:{}", r.system, r.doc_ref),
+                        Outcome::Quarantined(r.reason),
+                    );
+                }
+                Item::Incoming(inc) => {
+                    let src = inc.source().clone();
+                    let doc_ref = if src.doc_id.trim().is_empty() {
+                        match &inc {
+                            Incoming::Document(d) => format!("no-id:{}", content_version(d)),
+                            Incoming::Void { .. } => format!("no-id:void:{}", src.version),
+                        }
+                    } else {
+                        src.doc_id.clone()
+                    };
+                    let label = format!("{}:{}", src.system, doc_ref);
+                    if let Incoming::Document(d) = &inc
+                        && let Err(invalid) = validate(d, ctx.limits)
+                    {
+                        let parked = Parked {
+                            source: &src.system,
+                            doc_ref: &doc_ref,
+                            version: Some(&src.version),
+                            reason: &invalid.0,
+                            location: None,
+                            excerpt: None,
+                        };
+                        quarantine_put(&tx, &parked, now)?;
+                        report.count(label, Outcome::Quarantined(invalid.0));
+                        continue;
+                    }
+                    let sp = tx.savepoint()?;
+                    let mut run = Run {
+                        ctx,
+                        touched: BTreeSet::new(),
+                        flags: Vec::new(),
+                    };
+                    match run.apply_incoming(&sp, &inc) {
+                        Ok(outcome) => {
+                            if outcome != Outcome::Stale {
+                                quarantine_resolve(&sp, &src.system, &doc_ref, now)?;
+                            }
+                            sp.commit()?;
+                            touched.extend(run.touched);
+                            report
+                                .flags
+                                .extend(run.flags.into_iter().map(|f| (label.clone(), f)));
+                            report.count(label, outcome);
+                        }
+                        Err(e) if is_document_error(&e) => {
+                            drop(sp);
+                            let reason = format!("could not apply: {e}");
+                            let parked = Parked {
+                                source: &src.system,
+                                doc_ref: &doc_ref,
+                                version: Some(&src.version),
+                                reason: &reason,
+                                location: None,
+                                excerpt: None,
+                            };
+                            quarantine_put(&tx, &parked, now)?;
+                            report.count(label, Outcome::Quarantined(reason));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        if let Some(cursor) = &batch.checkpoint {
+            tx.prepare_cached(
+                "INSERT INTO checkpoints (source, cursor, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (source) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
+            )?
+            .execute(params![batch.source, cursor, ts(now)])?;
+        }
+        report.outbox_rows = enqueue_contact_states(&tx, &touched, ctx)?;
+        tx.commit()?;
+        Ok(report)
+    }
+
+    /// A person's correction of a balance; idempotent by key.
+    pub fn adjust(&mut self, req: &AdjustRequest, ctx: &IngestContext<'_>) -> Result<AdjustOutcome> {
+        let now = ctx.now;
+        let tx = self.conn.transaction()?;
+        let customer = super::query::find_customer(&tx, &req.customer)?;
+        let idem = req.key.as_ref().map(|k| format!("adjust:{k}"));
+        if let Some(key) = &idem {
+            let prior: Option<(i64, i64, i64)> = tx
+                .query_row(
+                    "SELECT id, customer_id, amount FROM journal WHERE idem_key = ?1",
+                    [key],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((tx_id, c, amount)) = prior {
+                if c != customer || (amount != req.points) {
+                    return Err(LedgerError::KeyReused {
+                        key: req.key.clone().unwrap_or_default(),
+                        tx: tx_id,
+                    });
+                }
+                return Ok(AdjustOutcome::AlreadyApplied {
+                    tx_id,
+                    customer_id: c,
+                });
+            }
+        }
+        let mut h = holdings(&tx, customer)?;
+        let moves = if req.points >= 0 {
+            lots::plan_credit(&h, req.points, &[])
+        } else {
+            lots::plan_debit(&h, -req.points, &[], now)
+        };
+        let explanation = Explanation::text(format!(
+            "{} by {}: {}",
+            TxKind::Adjustment.label_ru(),
+            req.by,
+            req.reason
+        ));
+        let run = Run {
+            ctx,
+            touched: BTreeSet::new(),
+            flags: Vec::new(),
+        };
+        let tx_id = post(
+            &tx,
+            NewTx {
+                kind: TxKind::Adjustment,
+                role: "effect",
+                customer_id: customer,
+                document_id: None,
+                epoch: None,
+                reverses: None,
+                effective_at: now,
+                explanation: &explanation,
+                actor: Some(&req.by),
+                idem_key: idem.as_deref(),
+                partner: None,
+                counter: Account::Adjustment,
+                moves,
+                new_lot: Some(run.new_lot_now(now)),
+            },
+            &mut h,
+            now,
+        )?;
+        enqueue_contact_states(&tx, &BTreeSet::from([customer]), ctx)?;
+        tx.commit()?;
+        Ok(AdjustOutcome::Applied {
+            tx_id,
+            customer_id: customer,
+        })
+    }
+
+    /// Burns every lot whose expiry has come: one expiry transaction per customer.
+    /// Returns the points expired.
+    pub fn expire_due(&mut self, ctx: &IngestContext<'_>) -> Result<i64> {
+        let now = ctx.now;
+        let tx = self.conn.transaction()?;
+        let customers: Vec<i64> = tx
+            .prepare(
+                "SELECT DISTINCT customer_id FROM lots WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at <= ?1",
+            )?
+            .query_map([ts(now)], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut total = 0;
+        for c in &customers {
+            let mut h = holdings(&tx, *c)?;
+            let due = lots::plan_expiry(&h, now);
+            let points: i64 = due.iter().map(|d| d.1).sum();
+            if points == 0 {
+                continue;
+            }
+            let moves = due
+                .iter()
+                .map(|(lot, n)| Move {
+                    target: Target::Lot(*lot),
+                    amount: -n,
+                })
+                .collect();
+            let explanation = Explanation::text(format!("{points} points reached their expiry date"));
+            post(
+                &tx,
+                NewTx {
+                    kind: TxKind::Expiry,
+                    role: "effect",
+                    customer_id: *c,
+                    document_id: None,
+                    epoch: None,
+                    reverses: None,
+                    effective_at: now,
+                    explanation: &explanation,
+                    actor: None,
+                    idem_key: None,
+                    partner: None,
+                    counter: Account::Breakage,
+                    moves,
+                    new_lot: None,
+                },
+                &mut h,
+                now,
+            )?;
+            total += points;
+        }
+        enqueue_contact_states(&tx, &customers.into_iter().collect(), ctx)?;
+        tx.commit()?;
+        Ok(total)
+    }
+}
+
+/// Queues the visible state of each touched customer for the contact destination, if one
+/// is configured. Rows coalesce per customer: only the newest state is delivered.
+fn enqueue_contact_states(
+    conn: &Connection,
+    touched: &BTreeSet<i64>,
+    ctx: &IngestContext<'_>,
+) -> Result<usize> {
+    let Some(dest) = &ctx.destinations.contact_state else {
+        return Ok(0);
+    };
+    let mut n = 0;
+    for c in touched {
+        let h = holdings(conn, *c)?;
+        let f = lots::figures(&h, ctx.now, ctx.warn_before);
+        let last_tx: i64 = conn
+            .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM journal WHERE customer_id = ?1")?
+            .query_row([c], |r| r.get(0))?;
+        let payload = serde_json::json!({
+            "customer_id": c,
+            "available": f.available,
+            "pending": f.pending,
+            "expiring_soon": f.expiring_soon,
+            "next_expiry": f.next_expiry.map(|(d, _)| d.to_rfc3339()),
+            "next_expiry_points": f.next_expiry.map(|(_, p)| p),
+            "as_of_tx": last_tx,
+        });
+        let inserted = super::outbox::enqueue(
+            conn,
+            dest,
+            &format!("{dest}:contact:{c}:{last_tx}"),
+            Some(&format!("contact:{c}")),
+            &payload.to_string(),
+            ctx.now,
+        )?;
+        n += usize::from(inserted.is_some());
+    }
+    Ok(n)
+}

@@ -1,0 +1,201 @@
+//! The loyalty ledger: an SQLite file holding documents, an append-only double-entry journal,
+//! points lots, checkpoints, quarantine and the outbox.
+//!
+//! Everything that changes the ledger goes through one of a few entry points, each one SQLite
+//! transaction: [`Ledger::ingest`] (documents + their checkpoint + outbox rows),
+//! [`Ledger::adjust`], [`Ledger::expire_due`] and the outbox operations. Reads never write.
+//! [`LedgerStore`] is the narrow interface the rest of the program uses, so that another
+//! backend (PostgreSQL for chains that outgrow one machine) can stand in later.
+
+mod delivery;
+mod ingest;
+mod outbox;
+mod query;
+mod schema;
+mod verify;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use rusqlite::{Connection, OpenFlags};
+
+pub use delivery::{DeliveryError, DeliveryPolicy, DeliveryReport, SharedLedger, Sink, deliver_due};
+pub use ingest::{
+    AdjustOutcome, AdjustRequest, Batch, Destinations, IngestContext, IngestReport, Item, Outcome,
+};
+pub use outbox::{OutboxFilter, OutboxRow, OutboxState};
+pub use query::{BalanceView, CustomerView, DateRange, HistoryEntry, QuarantineEntry, Summary};
+pub use verify::Violation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("cannot open ledger {path}: {source}")]
+    Open { path: PathBuf, source: rusqlite::Error },
+    #[error(
+        "ledger schema version {found} is newer than this kopilka understands ({known}); upgrade kopilka"
+    )]
+    TooNew { found: i64, known: i64 },
+    #[error("ledger migration {0} failed: {1}")]
+    Migration(i64, rusqlite::Error),
+    #[error("ledger database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("no customer matches {0:?}")]
+    UnknownCustomer(String),
+    #[error("{0:?} matches several customers: {1}")]
+    AmbiguousCustomer(String, String),
+    #[error("no outbox row {0}")]
+    UnknownOutboxRow(i64),
+    #[error("outbox row {id} is {state}; {action} needs a {needed} row")]
+    OutboxState {
+        id: i64,
+        state: String,
+        action: &'static str,
+        needed: &'static str,
+    },
+    #[error("adjustment key {key:?} was already used for a different adjustment (tx {tx})")]
+    KeyReused { key: String, tx: i64 },
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = LedgerError> = std::result::Result<T, E>;
+
+/// Connection settings with units in their names.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub busy_timeout: Duration,
+    /// `synchronous=NORMAL` in WAL mode: a power cut may lose the last transactions, never
+    /// corrupt the file or split a transaction; the checkpoint is in the same transaction as
+    /// its documents, so lost work is simply read again. `FULL` trades speed for that window.
+    pub synchronous_full: bool,
+    pub read_only: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            busy_timeout: Duration::from_secs(5),
+            synchronous_full: false,
+            read_only: false,
+        }
+    }
+}
+
+pub struct Ledger {
+    conn: Connection,
+    path: PathBuf,
+}
+
+pub(crate) fn ts(t: DateTime<Utc>) -> i64 {
+    t.timestamp()
+}
+
+pub(crate) fn from_ts(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(secs, 0)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the ledger and migrates it to the current schema.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Ledger> {
+        let open_err = |source| LedgerError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !opts.read_only
+            && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| LedgerError::Open {
+                path: path.to_path_buf(),
+                source: rusqlite::Error::InvalidPath(PathBuf::from(format!("{}: {e}", dir.display()))),
+            })?;
+        }
+        let flags = if opts.read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let mut conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
+        conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let sync = if opts.synchronous_full { "FULL" } else { "NORMAL" };
+        if !opts.read_only {
+            conn.execute_batch(&format!(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON;"
+            ))
+            .map_err(open_err)?;
+            schema::migrate(&mut conn)?;
+        } else {
+            conn.execute_batch("PRAGMA foreign_keys=ON;").map_err(open_err)?;
+        }
+        Ok(Ledger {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// The stored cursor of a source, as written by the last batch that read from it.
+    pub fn checkpoint(&self, source: &str) -> Result<Option<String>> {
+        use rusqlite::OptionalExtension;
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT cursor FROM checkpoints WHERE source = ?1",
+                [source],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+}
+
+/// The interface the rest of kopilka uses. SQLite ([`Ledger`]) is the embedded default.
+pub trait LedgerStore {
+    fn ingest(&mut self, batch: Batch, ctx: &IngestContext<'_>) -> Result<IngestReport>;
+    fn adjust(&mut self, req: &AdjustRequest, ctx: &IngestContext<'_>) -> Result<AdjustOutcome>;
+    fn expire_due(&mut self, ctx: &IngestContext<'_>) -> Result<i64>;
+    fn balance(&self, customer: &str, now: DateTime<Utc>, warn: chrono::Duration) -> Result<BalanceView>;
+    fn history(&self, customer: &str) -> Result<(CustomerView, Vec<HistoryEntry>)>;
+    fn summary(&self, range: &DateRange, now: DateTime<Utc>) -> Result<Summary>;
+    fn verify(&self) -> Result<Vec<Violation>>;
+    fn checkpoint(&self, source: &str) -> Result<Option<String>>;
+}
+
+impl LedgerStore for Ledger {
+    fn ingest(&mut self, batch: Batch, ctx: &IngestContext<'_>) -> Result<IngestReport> {
+        Ledger::ingest(self, batch, ctx)
+    }
+    fn adjust(&mut self, req: &AdjustRequest, ctx: &IngestContext<'_>) -> Result<AdjustOutcome> {
+        Ledger::adjust(self, req, ctx)
+    }
+    fn expire_due(&mut self, ctx: &IngestContext<'_>) -> Result<i64> {
+        Ledger::expire_due(self, ctx)
+    }
+    fn balance(&self, customer: &str, now: DateTime<Utc>, warn: chrono::Duration) -> Result<BalanceView> {
+        Ledger::balance(self, customer, now, warn)
+    }
+    fn history(&self, customer: &str) -> Result<(CustomerView, Vec<HistoryEntry>)> {
+        Ledger::history(self, customer)
+    }
+    fn summary(&self, range: &DateRange, now: DateTime<Utc>) -> Result<Summary> {
+        Ledger::summary(self, range, now)
+    }
+    fn verify(&self) -> Result<Vec<Violation>> {
+        Ledger::verify(self)
+    }
+    fn checkpoint(&self, source: &str) -> Result<Option<String>> {
+        Ledger::checkpoint(self, source)
+    }
+}

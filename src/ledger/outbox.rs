@@ -1,0 +1,287 @@
+//! The outbox: everything that must reach 1C or AmoCRM, written in the same transaction as
+//! the entries that cause it and delivered at least once with its idempotency key.
+//!
+//! Rows are never deleted: a delivered row stays `delivered`, a coalesced one `superseded`
+//! (pointing at the row that replaced it), a hopeless one `dead` with its last error, one a
+//! person gave up on `dropped` with their reason.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use super::{Ledger, LedgerError, Result, from_ts, ts};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxState {
+    Pending,
+    Delivered,
+    Dead,
+    Superseded,
+    Dropped,
+}
+
+impl OutboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxState::Pending => "pending",
+            OutboxState::Delivered => "delivered",
+            OutboxState::Dead => "dead",
+            OutboxState::Superseded => "superseded",
+            OutboxState::Dropped => "dropped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OutboxState> {
+        [
+            OutboxState::Pending,
+            OutboxState::Delivered,
+            OutboxState::Dead,
+            OutboxState::Superseded,
+            OutboxState::Dropped,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub destination: String,
+    pub idem_key: String,
+    pub coalesce_key: Option<String>,
+    pub payload: String,
+    pub state: OutboxState,
+    pub attempts: i64,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub superseded_by: Option<i64>,
+    pub note: Option<String>,
+}
+
+const COLS: &str = "id, destination, idem_key, coalesce_key, payload, state, attempts, next_attempt_at, \
+     last_error, created_at, updated_at, delivered_at, superseded_by, note";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+    let state: String = r.get(5)?;
+    Ok(OutboxRow {
+        id: r.get(0)?,
+        destination: r.get(1)?,
+        idem_key: r.get(2)?,
+        coalesce_key: r.get(3)?,
+        payload: r.get(4)?,
+        state: OutboxState::parse(&state).unwrap_or(OutboxState::Dead),
+        attempts: r.get(6)?,
+        next_attempt_at: from_ts(r.get(7)?),
+        last_error: r.get(8)?,
+        created_at: from_ts(r.get(9)?),
+        updated_at: from_ts(r.get(10)?),
+        delivered_at: r.get::<_, Option<i64>>(11)?.map(from_ts),
+        superseded_by: r.get(12)?,
+        note: r.get(13)?,
+    })
+}
+
+/// Adds a row unless its idempotency key exists already (returns `None` then). With a
+/// coalescing key, older pending rows of the same destination and key are superseded.
+pub(crate) fn enqueue(
+    conn: &Connection,
+    destination: &str,
+    idem_key: &str,
+    coalesce_key: Option<&str>,
+    payload: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<i64>> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO outbox (destination, idem_key, coalesce_key, payload, state, next_attempt_at, \
+             created_at, updated_at) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?5)",
+        )?
+        .execute(params![destination, idem_key, coalesce_key, payload, ts(now)])?;
+    if inserted == 0 {
+        return Ok(None);
+    }
+    let id = conn.last_insert_rowid();
+    if let Some(key) = coalesce_key {
+        conn.prepare_cached(
+            "UPDATE outbox SET state = 'superseded', superseded_by = ?1, updated_at = ?2 \
+             WHERE destination = ?3 AND coalesce_key = ?4 AND state = 'pending' AND id < ?1",
+        )?
+        .execute(params![id, ts(now), destination, key])?;
+    }
+    Ok(Some(id))
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct OutboxFilter {
+    pub state: Option<OutboxState>,
+    pub destination: Option<String>,
+    pub limit: Option<usize>,
+}
+
+impl Ledger {
+    /// Queues a row from outside an ingest (e.g. a connector's own bookkeeping).
+    pub fn outbox_enqueue(
+        &mut self,
+        destination: &str,
+        idem_key: &str,
+        coalesce_key: Option<&str>,
+        payload: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<i64>> {
+        enqueue(&self.conn, destination, idem_key, coalesce_key, payload, now)
+    }
+
+    /// Pending rows of a destination whose time has come, oldest first. A row in back-off
+    /// does not hold up the rows behind it: one bad contact must not stall a shop.
+    pub fn outbox_due(&self, destination: &str, limit: usize, now: DateTime<Utc>) -> Result<Vec<OutboxRow>> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {COLS} FROM outbox WHERE destination = ?1 AND state = 'pending' AND next_attempt_at <= ?2 \
+             ORDER BY id LIMIT ?3"
+        ))?;
+        Ok(st
+            .query_map(params![destination, ts(now), limit as i64], row)?
+            .collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The earliest time a pending row of the destination becomes due.
+    pub fn outbox_next_due(&self, destination: &str) -> Result<Option<DateTime<Utc>>> {
+        let t: Option<i64> = self.conn.query_row(
+            "SELECT MIN(next_attempt_at) FROM outbox WHERE destination = ?1 AND state = 'pending'",
+            [destination],
+            |r| r.get(0),
+        )?;
+        Ok(t.map(from_ts))
+    }
+
+    pub fn outbox_mark_delivered(&mut self, ids: &[i64], now: DateTime<Utc>) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?2, updated_at = ?2, attempts = attempts + 1 \
+                 WHERE id = ?1 AND state = 'pending'",
+            )?;
+            for id in ids {
+                st.execute(params![id, ts(now)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a failed attempt: back to pending with `retry_at`, or dead when `retry_at`
+    /// is `None` (a permanent error, or the attempt limit reached).
+    pub fn outbox_mark_failed(
+        &mut self,
+        id: i64,
+        error: &str,
+        retry_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let error: String = error.chars().take(2000).collect();
+        match retry_at {
+            Some(at) => self.conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3, updated_at = ?4 \
+                 WHERE id = ?1 AND state = 'pending'",
+                params![id, error, ts(at), ts(now)],
+            )?,
+            None => self.conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, state = 'dead', updated_at = ?3 \
+                 WHERE id = ?1 AND state = 'pending'",
+                params![id, error, ts(now)],
+            )?,
+        };
+        Ok(())
+    }
+
+    pub fn outbox_list(&self, filter: &OutboxFilter) -> Result<Vec<OutboxRow>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {COLS} FROM outbox WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR destination = ?2) \
+             ORDER BY id DESC LIMIT ?3"
+        ))?;
+        Ok(st
+            .query_map(
+                params![
+                    filter.state.map(OutboxState::as_str),
+                    filter.destination,
+                    filter.limit.map_or(-1, |l| l as i64)
+                ],
+                row,
+            )?
+            .collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn outbox_show(&self, id: i64) -> Result<OutboxRow> {
+        self.conn
+            .query_row(&format!("SELECT {COLS} FROM outbox WHERE id = ?1"), [id], row)
+            .optional()?
+            .ok_or(LedgerError::UnknownOutboxRow(id))
+    }
+
+    /// Counts per destination and state, for status pages and metrics.
+    pub fn outbox_counts(&self) -> Result<Vec<(String, OutboxState, i64)>> {
+        let mut st = self.conn.prepare(
+            "SELECT destination, state, COUNT(*) FROM outbox GROUP BY destination, state ORDER BY 1, 2",
+        )?;
+        Ok(st
+            .query_map([], |r| {
+                let s: String = r.get(1)?;
+                Ok((
+                    r.get(0)?,
+                    OutboxState::parse(&s).unwrap_or(OutboxState::Dead),
+                    r.get(2)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Puts a dead row back in the queue, due now, keeping its attempt history.
+    pub fn outbox_retry(&mut self, id: i64, now: DateTime<Utc>) -> Result<()> {
+        let r = self.outbox_show(id)?;
+        if r.state != OutboxState::Dead {
+            return Err(LedgerError::OutboxState {
+                id,
+                state: r.state.as_str().into(),
+                action: "retry",
+                needed: "dead",
+            });
+        }
+        self.conn.execute(
+            "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, updated_at = ?2, \
+             note = COALESCE(note || '; ', '') || 'retried by hand after ' || attempts || ' attempts' WHERE id = ?1",
+            params![id, ts(now)],
+        )?;
+        Ok(())
+    }
+
+    pub fn outbox_retry_all_dead(&mut self, now: DateTime<Utc>) -> Result<usize> {
+        Ok(self.conn.execute(
+            "UPDATE outbox SET state = 'pending', next_attempt_at = ?1, updated_at = ?1, \
+             note = COALESCE(note || '; ', '') || 'retried by hand after ' || attempts || ' attempts' WHERE state = 'dead'",
+            params![ts(now)],
+        )?)
+    }
+
+    /// Gives up on a pending or dead row, recording who decided and why.
+    pub fn outbox_drop(&mut self, id: i64, reason: &str, now: DateTime<Utc>) -> Result<()> {
+        let r = self.outbox_show(id)?;
+        if !matches!(r.state, OutboxState::Dead | OutboxState::Pending) {
+            return Err(LedgerError::OutboxState {
+                id,
+                state: r.state.as_str().into(),
+                action: "drop",
+                needed: "pending or dead",
+            });
+        }
+        self.conn.execute(
+            "UPDATE outbox SET state = 'dropped', updated_at = ?2, note = COALESCE(note || '; ', '') || 'dropped: ' || ?3 \
+             WHERE id = ?1",
+            params![id, ts(now), reason],
+        )?;
+        Ok(())
+    }
+}

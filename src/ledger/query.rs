@@ -1,0 +1,352 @@
+//! Reading the ledger: balances, history, summaries. Nothing here writes.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use super::{Ledger, LedgerError, Result, from_ts, ts};
+use crate::core::identity::{CustomerQuery, parse_customer_query};
+use crate::core::journal::Explanation;
+use crate::core::lots::{self, Holdings, Lot};
+
+/// Finds the one customer a person means by `text` (see [`parse_customer_query`]).
+pub(crate) fn find_customer(conn: &Connection, text: &str) -> Result<i64> {
+    let mut hits: Vec<i64> = Vec::new();
+    for q in parse_customer_query(text) {
+        let found: Option<i64> = match &q {
+            CustomerQuery::Id(id) => conn
+                .query_row("SELECT id FROM customers WHERE id = ?1", [id], |r| r.get(0))
+                .optional()?,
+            CustomerQuery::Key(k) => conn
+                .prepare_cached("SELECT customer_id FROM customer_keys WHERE kind = ?1 AND value = ?2")?
+                .query_row(params![k.kind(), k.value()], |r| r.get(0))
+                .optional()?,
+        };
+        if let Some(c) = found
+            && !hits.contains(&c)
+        {
+            hits.push(c);
+        }
+    }
+    match hits.as_slice() {
+        [] => Err(LedgerError::UnknownCustomer(text.to_string())),
+        [one] => Ok(*one),
+        many => Err(LedgerError::AmbiguousCustomer(
+            text.to_string(),
+            many.iter()
+                .map(|c| format!("id:{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+    }
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct CustomerView {
+    pub id: i64,
+    pub name: Option<String>,
+    pub card: Option<String>,
+    pub phone: Option<String>,
+    pub email: Option<String>,
+    pub onec_id: Option<String>,
+    pub amocrm_id: Option<String>,
+}
+
+fn customer_view(conn: &Connection, id: i64) -> Result<CustomerView> {
+    let name: Option<String> =
+        conn.query_row("SELECT name FROM customers WHERE id = ?1", [id], |r| r.get(0))?;
+    let mut v = CustomerView {
+        id,
+        name,
+        card: None,
+        phone: None,
+        email: None,
+        onec_id: None,
+        amocrm_id: None,
+    };
+    let mut st = conn.prepare_cached(
+        "SELECT kind, value FROM customer_keys WHERE customer_id = ?1 ORDER BY kind, value",
+    )?;
+    let keys = st.query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    for k in keys {
+        let (kind, value) = k?;
+        let slot = match kind.as_str() {
+            "card" => &mut v.card,
+            "phone" => &mut v.phone,
+            "email" => &mut v.email,
+            "onec" => &mut v.onec_id,
+            "amocrm" => &mut v.amocrm_id,
+            _ => continue,
+        };
+        slot.get_or_insert(value);
+    }
+    Ok(v)
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Expiring {
+    /// Points that burn within the warning window.
+    pub points: i64,
+    /// Local date (the ledger's time zone is applied by the caller) of the next expiry.
+    pub date: Option<DateTime<Utc>>,
+    /// Points that burn on that date.
+    pub date_points: i64,
+    pub within_days: i64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BalanceView {
+    pub customer: CustomerView,
+    pub available: i64,
+    pub pending: i64,
+    pub expiring: Expiring,
+    /// Points owed by the customer (a return after the points were spent).
+    pub debt: i64,
+    /// Tier name; `None` until the rules engine assigns tiers.
+    pub tier: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HistoryEntry {
+    pub tx_id: i64,
+    pub kind: String,
+    pub role: String,
+    pub points: i64,
+    pub effective_at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
+    pub source: Option<String>,
+    pub doc_id: Option<String>,
+    pub number: Option<String>,
+    pub reverses: Option<i64>,
+    pub actor: Option<String>,
+    pub explanation: Explanation,
+}
+
+/// A period of business dates, `[from, to)` in UTC (the caller turns local dates into it).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DateRange {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+impl DateRange {
+    fn bounds(&self) -> (i64, i64) {
+        (self.from.map_or(i64::MIN, ts), self.to.map_or(i64::MAX, ts))
+    }
+}
+
+/// `kopilka summary --json`: the keys are a stable contract (see README).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Summary {
+    pub sales_count: i64,
+    pub sales_total_kopecks: i64,
+    pub returns_count: i64,
+    pub returns_total_kopecks: i64,
+    pub customers: i64,
+    pub points_accrued: i64,
+    pub points_redeemed: i64,
+    pub points_expired: i64,
+    pub points_reversed: i64,
+    pub points_adjusted: i64,
+    pub points_opening: i64,
+    pub points_bonus: i64,
+    pub points_pending: i64,
+    pub points_available: i64,
+    pub points_debt: i64,
+    pub quarantined: i64,
+    pub voided_documents: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct QuarantineEntry {
+    pub id: i64,
+    pub source: String,
+    pub doc_ref: String,
+    pub version: Option<String>,
+    pub reason: String,
+    pub location: Option<String>,
+    pub excerpt: Option<String>,
+    pub first_seen_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub seen_count: i64,
+}
+
+pub(crate) fn holdings(conn: &Connection, customer: i64) -> Result<Holdings> {
+    let mut st = conn.prepare_cached(
+        "SELECT id, available_at, expires_at, remaining FROM lots WHERE customer_id = ?1 AND remaining > 0",
+    )?;
+    let lots = st
+        .query_map([customer], |r| {
+            Ok(Lot {
+                id: r.get(0)?,
+                available_at: from_ts(r.get(1)?),
+                expires_at: r.get::<_, Option<i64>>(2)?.map(from_ts),
+                remaining: r.get(3)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let debt: i64 = conn.query_row("SELECT debt FROM customers WHERE id = ?1", [customer], |r| {
+        r.get(0)
+    })?;
+    Ok(Holdings { lots, debt })
+}
+
+impl Ledger {
+    pub fn balance(&self, customer: &str, now: DateTime<Utc>, warn: chrono::Duration) -> Result<BalanceView> {
+        let id = find_customer(&self.conn, customer)?;
+        self.balance_of(id, now, warn)
+    }
+
+    pub fn balance_of(&self, id: i64, now: DateTime<Utc>, warn: chrono::Duration) -> Result<BalanceView> {
+        let h = holdings(&self.conn, id)?;
+        let f = lots::figures(&h, now, warn);
+        Ok(BalanceView {
+            customer: customer_view(&self.conn, id)?,
+            available: f.available,
+            pending: f.pending,
+            expiring: Expiring {
+                points: f.expiring_soon,
+                date: f.next_expiry.map(|e| e.0),
+                date_points: f.next_expiry.map_or(0, |e| e.1),
+                within_days: warn.num_days(),
+            },
+            debt: h.debt,
+            tier: None,
+        })
+    }
+
+    pub fn customer_ids(&self) -> Result<Vec<i64>> {
+        let mut st = self.conn.prepare("SELECT id FROM customers ORDER BY id")?;
+        Ok(st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn history(&self, customer: &str) -> Result<(CustomerView, Vec<HistoryEntry>)> {
+        let id = find_customer(&self.conn, customer)?;
+        let mut st = self.conn.prepare(
+            "SELECT j.id, j.kind, j.role, j.amount, j.effective_at, j.recorded_at, d.source, d.doc_id, d.number, \
+             j.reverses, j.actor, j.explanation FROM journal j LEFT JOIN documents d ON d.id = j.document_id \
+             WHERE j.customer_id = ?1 ORDER BY j.id",
+        )?;
+        let entries = st
+            .query_map([id], |r| {
+                let text: String = r.get(11)?;
+                Ok(HistoryEntry {
+                    tx_id: r.get(0)?,
+                    kind: r.get(1)?,
+                    role: r.get(2)?,
+                    points: r.get(3)?,
+                    effective_at: from_ts(r.get(4)?),
+                    recorded_at: from_ts(r.get(5)?),
+                    source: r.get(6)?,
+                    doc_id: r.get(7)?,
+                    number: r.get(8)?,
+                    reverses: r.get(9)?,
+                    actor: r.get(10)?,
+                    explanation: serde_json::from_str(&text).unwrap_or_else(|_| Explanation::text(text)),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok((customer_view(&self.conn, id)?, entries))
+    }
+
+    /// Totals for a period of business dates. Flows (sales, points accrued, …) count what
+    /// happened in the period; `points_pending`/`points_available` are balances at the end
+    /// of the period (`now` when it is open-ended).
+    pub fn summary(&self, range: &DateRange, now: DateTime<Utc>) -> Result<Summary> {
+        let (from, to) = range.bounds();
+        let c = &self.conn;
+        let mut s = Summary::default();
+        c.query_row(
+            "SELECT \
+               COALESCE(SUM(kind = 'sale' AND state = 'active'), 0), \
+               COALESCE(SUM(CASE WHEN kind = 'sale' AND state = 'active' THEN total END), 0), \
+               COALESCE(SUM(kind = 'return' AND state = 'active'), 0), \
+               COALESCE(SUM(CASE WHEN kind = 'return' AND state = 'active' THEN total END), 0), \
+               COALESCE(SUM(state = 'void'), 0) \
+             FROM documents WHERE COALESCE(occurred_at, 0) >= ?1 AND COALESCE(occurred_at, 0) < ?2",
+            params![from, to],
+            |r| {
+                s.sales_count = r.get(0)?;
+                let sales: i64 = r.get(1)?;
+                s.returns_count = r.get(2)?;
+                s.returns_total_kopecks = r.get(3)?;
+                s.sales_total_kopecks = sales - s.returns_total_kopecks;
+                s.voided_documents = r.get(4)?;
+                Ok(())
+            },
+        )?;
+        let mut st = c.prepare(
+            "SELECT kind, COALESCE(SUM(amount), 0) FROM journal WHERE effective_at >= ?1 AND effective_at < ?2 GROUP BY kind",
+        )?;
+        let rows = st.query_map(params![from, to], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        for row in rows {
+            let (kind, sum) = row?;
+            match kind.as_str() {
+                "accrual" => s.points_accrued = sum,
+                "redemption" => s.points_redeemed = -sum,
+                "expiry" => s.points_expired = -sum,
+                "reversal" => s.points_reversed = -sum,
+                "adjustment" => s.points_adjusted = sum,
+                "opening" => s.points_opening = sum,
+                "bonus" => s.points_bonus = sum,
+                other => return Err(LedgerError::Corrupt(format!("unknown journal kind {other}"))),
+            }
+        }
+        s.customers = c.query_row(
+            "SELECT COUNT(*) FROM customers WHERE created_at < ?1",
+            [to],
+            |r| r.get(0),
+        )?;
+        // Balances at the end of the period: the customer postings up to then, split by
+        // whether their lot was usable by then; postings without a lot are debt.
+        let at = range.to.unwrap_or(now);
+        c.query_row(
+            "SELECT \
+               COALESCE(SUM(CASE WHEN p.lot_id IS NOT NULL AND l.available_at <= ?2 THEN p.amount END), 0), \
+               COALESCE(SUM(CASE WHEN p.lot_id IS NOT NULL AND l.available_at > ?2 THEN p.amount END), 0), \
+               COALESCE(SUM(CASE WHEN p.lot_id IS NULL THEN p.amount END), 0) \
+             FROM postings p JOIN journal j ON j.id = p.tx_id LEFT JOIN lots l ON l.id = p.lot_id \
+             WHERE p.account = 'customer' AND j.effective_at < ?1",
+            params![to, ts(at)],
+            |r| {
+                let available: i64 = r.get(0)?;
+                s.points_pending = r.get(1)?;
+                let debt: i64 = r.get(2)?;
+                s.points_debt = -debt;
+                s.points_available = available + debt;
+                Ok(())
+            },
+        )?;
+        s.quarantined = c.query_row(
+            "SELECT COUNT(*) FROM quarantine WHERE resolved_at IS NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(s)
+    }
+
+    pub fn quarantine_list(&self, include_resolved: bool) -> Result<Vec<QuarantineEntry>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, source, doc_ref, version, reason, location, excerpt, first_seen_at, last_seen_at, seen_count \
+             FROM quarantine WHERE ?1 OR resolved_at IS NULL ORDER BY id",
+        )?;
+        Ok(st
+            .query_map([include_resolved], |r| {
+                Ok(QuarantineEntry {
+                    id: r.get(0)?,
+                    source: r.get(1)?,
+                    doc_ref: r.get(2)?,
+                    version: r.get(3)?,
+                    reason: r.get(4)?,
+                    location: r.get(5)?,
+                    excerpt: r.get(6)?,
+                    first_seen_at: from_ts(r.get(7)?),
+                    last_seen_at: from_ts(r.get(8)?),
+                    seen_count: r.get(9)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?)
+    }
+}

@@ -1,0 +1,211 @@
+//! Schema migrations, tracked with `PRAGMA user_version` and applied in one transaction.
+//!
+//! Append a new entry to [`MIGRATIONS`] for every change; never edit a released one.
+
+use rusqlite::Connection;
+
+use super::LedgerError;
+
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the ledger foundation
+    r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE customers (
+    id         INTEGER PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    name       TEXT,
+    -- points owed by the customer that no lot covered (cached; `ledger verify` recomputes)
+    debt       INTEGER NOT NULL DEFAULT 0 CHECK (debt >= 0)
+);
+
+CREATE TABLE customer_keys (
+    kind        TEXT NOT NULL CHECK (kind IN ('card','onec','amocrm','phone','email')),
+    value       TEXT NOT NULL,
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    PRIMARY KEY (kind, value)
+) WITHOUT ROWID;
+CREATE INDEX customer_keys_customer ON customer_keys(customer_id);
+
+-- Current content of every document seen (a projection; the journal is the history).
+CREATE TABLE documents (
+    id              INTEGER PRIMARY KEY,
+    source          TEXT NOT NULL,
+    doc_id          TEXT NOT NULL,
+    version         TEXT NOT NULL,
+    kind            TEXT CHECK (kind IN ('sale','return')),
+    state           TEXT NOT NULL CHECK (state IN ('active','void')),
+    void_reason     TEXT,
+    epoch           INTEGER NOT NULL DEFAULT 0,
+    -- 1 while the current epoch's effects are in the journal; 0 while a dependent return is
+    -- being re-linked inside one transaction, or for a void document
+    applied         INTEGER NOT NULL DEFAULT 0,
+    number          TEXT,
+    occurred_at     INTEGER,
+    customer_id     INTEGER REFERENCES customers(id),
+    currency        TEXT,
+    total           INTEGER NOT NULL DEFAULT 0,
+    points_redeemed INTEGER NOT NULL DEFAULT 0,
+    original_ref    TEXT,
+    original_id     INTEGER REFERENCES documents(id),
+    store           TEXT,
+    partner         TEXT,
+    first_seen_at   INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    UNIQUE (source, doc_id)
+);
+CREATE INDEX documents_number ON documents(source, number) WHERE number IS NOT NULL;
+CREATE INDEX documents_original ON documents(original_id) WHERE original_id IS NOT NULL;
+CREATE INDEX documents_unlinked ON documents(source, original_ref)
+    WHERE kind = 'return' AND original_id IS NULL AND original_ref IS NOT NULL;
+CREATE INDEX documents_occurred ON documents(occurred_at);
+CREATE INDEX documents_customer ON documents(customer_id);
+
+-- Every version of every document ever applied, so a replayed old version is recognised.
+CREATE TABLE document_versions (
+    document_id INTEGER NOT NULL REFERENCES documents(id),
+    version     TEXT NOT NULL,
+    seen_at     INTEGER NOT NULL,
+    action      TEXT NOT NULL,
+    PRIMARY KEY (document_id, version)
+) WITHOUT ROWID;
+
+CREATE TABLE document_lines (
+    document_id INTEGER NOT NULL REFERENCES documents(id),
+    line_no     INTEGER NOT NULL,
+    product_id  TEXT NOT NULL,
+    name        TEXT,
+    category    TEXT,
+    quantity    TEXT NOT NULL,
+    unit_price  INTEGER NOT NULL,
+    discount    INTEGER NOT NULL,
+    net         INTEGER NOT NULL,
+    unit_cost   INTEGER,
+    service     INTEGER NOT NULL,
+    -- points earned (sale) or taken back (return) by this line in the current epoch
+    points      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (document_id, line_no)
+) WITHOUT ROWID;
+
+-- Append-only journal: one row per transaction, postings below sum to zero.
+CREATE TABLE journal (
+    id           INTEGER PRIMARY KEY,
+    kind         TEXT NOT NULL CHECK (kind IN
+                   ('accrual','redemption','reversal','expiry','adjustment','opening','bonus')),
+    -- 'effect': what a document (or person) caused; 'cancel': undoing an effect because its
+    -- document changed, was unposted or deleted
+    role         TEXT NOT NULL CHECK (role IN ('effect','cancel')),
+    customer_id  INTEGER NOT NULL REFERENCES customers(id),
+    document_id  INTEGER REFERENCES documents(id),
+    epoch        INTEGER,
+    reverses     INTEGER REFERENCES journal(id),
+    amount       INTEGER NOT NULL,
+    effective_at INTEGER NOT NULL,
+    recorded_at  INTEGER NOT NULL,
+    explanation  TEXT NOT NULL,
+    actor        TEXT,
+    idem_key     TEXT UNIQUE,
+    partner      TEXT
+);
+CREATE INDEX journal_document ON journal(document_id, epoch) WHERE document_id IS NOT NULL;
+CREATE INDEX journal_customer ON journal(customer_id);
+CREATE INDEX journal_reverses ON journal(reverses) WHERE reverses IS NOT NULL;
+CREATE INDEX journal_effective ON journal(effective_at);
+
+CREATE TABLE lots (
+    id           INTEGER PRIMARY KEY,
+    customer_id  INTEGER NOT NULL REFERENCES customers(id),
+    origin_tx    INTEGER NOT NULL REFERENCES journal(id),
+    earned_at    INTEGER NOT NULL,
+    available_at INTEGER NOT NULL,
+    expires_at   INTEGER,
+    amount       INTEGER NOT NULL CHECK (amount > 0),
+    remaining    INTEGER NOT NULL CHECK (remaining >= 0 AND remaining <= amount)
+);
+CREATE INDEX lots_open ON lots(customer_id) WHERE remaining > 0;
+CREATE INDEX lots_expiring ON lots(expires_at) WHERE remaining > 0 AND expires_at IS NOT NULL;
+CREATE INDEX lots_origin ON lots(origin_tx);
+
+CREATE TABLE postings (
+    id          INTEGER PRIMARY KEY,
+    tx_id       INTEGER NOT NULL REFERENCES journal(id),
+    account     TEXT NOT NULL,
+    customer_id INTEGER REFERENCES customers(id),
+    lot_id      INTEGER REFERENCES lots(id),
+    amount      INTEGER NOT NULL
+);
+CREATE INDEX postings_tx ON postings(tx_id);
+CREATE INDEX postings_lot ON postings(lot_id) WHERE lot_id IS NOT NULL;
+
+CREATE TABLE checkpoints (
+    source     TEXT PRIMARY KEY,
+    cursor     TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE quarantine (
+    id            INTEGER PRIMARY KEY,
+    source        TEXT NOT NULL,
+    doc_ref       TEXT NOT NULL,
+    version       TEXT,
+    reason        TEXT NOT NULL,
+    location      TEXT,
+    excerpt       TEXT,
+    first_seen_at INTEGER NOT NULL,
+    last_seen_at  INTEGER NOT NULL,
+    seen_count    INTEGER NOT NULL DEFAULT 1,
+    resolved_at   INTEGER,
+    UNIQUE (source, doc_ref)
+);
+CREATE INDEX quarantine_open ON quarantine(source) WHERE resolved_at IS NULL;
+
+CREATE TABLE outbox (
+    id              INTEGER PRIMARY KEY,
+    destination     TEXT NOT NULL,
+    idem_key        TEXT NOT NULL UNIQUE,
+    coalesce_key    TEXT,
+    payload         TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN
+                      ('pending','delivered','dead','superseded','dropped')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_error      TEXT,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    delivered_at    INTEGER,
+    superseded_by   INTEGER REFERENCES outbox(id),
+    note            TEXT
+);
+CREATE INDEX outbox_due ON outbox(destination, next_attempt_at, id) WHERE state = 'pending';
+CREATE INDEX outbox_coalesce ON outbox(destination, coalesce_key)
+    WHERE state = 'pending' AND coalesce_key IS NOT NULL;
+CREATE INDEX outbox_state ON outbox(state, id);
+"#,
+];
+
+/// Brings the database to the newest schema. Refuses a database written by a newer kopilka
+/// rather than guessing what its tables mean.
+pub fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let target = MIGRATIONS.len() as i64;
+    if current > target {
+        return Err(LedgerError::TooNew {
+            found: current,
+            known: target,
+        });
+    }
+    if current == target {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.execute_batch(sql)
+            .map_err(|e| LedgerError::Migration(i as i64 + 1, e))?;
+    }
+    tx.execute_batch(&format!("PRAGMA user_version = {target}"))?;
+    tx.commit()?;
+    Ok(())
+}

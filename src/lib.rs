@@ -1,0 +1,8 @@
+//! kopilka: a loyalty ledger between 1C:Enterprise and AmoCRM. See ARCHITECTURE.md.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod core;
+pub mod ledger;
+pub mod sim;
