@@ -20,6 +20,11 @@ pub struct SourceRef {
     pub doc_id: String,
     /// The source's version (1C `DataVersion`) or, where the source has none, a content hash.
     pub version: String,
+    /// When the source says this version was made (CommerceML `ДатаФормирования`, AmoCRM
+    /// `updated_at`), as Unix seconds, if it says so. It orders versions: an older one
+    /// arriving after a newer one is a replay and is ignored. Without it, a version seen
+    /// before is taken for a replay.
+    pub stamp: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -275,6 +280,7 @@ pub(crate) mod tests {
                 system: "onec".into(),
                 doc_id: "D1".into(),
                 version: "v1".into(),
+                stamp: None,
             },
             kind: DocKind::Sale,
             number: Some("0001".into()),

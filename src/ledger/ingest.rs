@@ -122,8 +122,10 @@ struct DocRow {
     source: String,
     doc_id: String,
     version: String,
+    stamp: Option<i64>,
     kind: Option<String>,
     state: String,
+    applied: bool,
     epoch: i64,
     number: Option<String>,
     occurred_at: Option<i64>,
@@ -134,7 +136,7 @@ struct DocRow {
     original_id: Option<i64>,
 }
 
-const DOC_COLS: &str = "id, source, doc_id, version, kind, state, epoch, number, occurred_at, \
+const DOC_COLS: &str = "id, source, doc_id, version, stamp, kind, state, applied, epoch, number, occurred_at, \
      customer_id, total, points_redeemed, original_ref, original_id";
 
 fn doc_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DocRow> {
@@ -143,16 +145,18 @@ fn doc_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DocRow> {
         source: r.get(1)?,
         doc_id: r.get(2)?,
         version: r.get(3)?,
-        kind: r.get(4)?,
-        state: r.get(5)?,
-        epoch: r.get(6)?,
-        number: r.get(7)?,
-        occurred_at: r.get(8)?,
-        customer_id: r.get(9)?,
-        total: r.get(10)?,
-        points_redeemed: r.get(11)?,
-        original_ref: r.get(12)?,
-        original_id: r.get(13)?,
+        stamp: r.get(4)?,
+        kind: r.get(5)?,
+        state: r.get(6)?,
+        applied: r.get(7)?,
+        epoch: r.get(8)?,
+        number: r.get(9)?,
+        occurred_at: r.get(10)?,
+        customer_id: r.get(11)?,
+        total: r.get(12)?,
+        points_redeemed: r.get(13)?,
+        original_ref: r.get(14)?,
+        original_id: r.get(15)?,
     })
 }
 
@@ -396,7 +400,8 @@ fn write_document(
             conn.prepare_cached(
                 "UPDATE documents SET version = ?2, kind = ?3, state = 'active', void_reason = NULL, number = ?4, \
                  occurred_at = ?5, customer_id = ?6, currency = ?7, total = ?8, points_redeemed = ?9, \
-                 original_ref = ?10, original_id = NULL, store = ?11, partner = ?12, updated_at = ?13 WHERE id = ?1",
+                 original_ref = ?10, original_id = NULL, store = ?11, partner = ?12, updated_at = ?13, \
+                 stamp = ?14 WHERE id = ?1",
             )?
             .execute(params![
                 id,
@@ -411,7 +416,8 @@ fn write_document(
                 d.original,
                 d.store,
                 d.partner,
-                ts(now)
+                ts(now),
+                d.source.stamp
             ])?;
             conn.prepare_cached("DELETE FROM document_lines WHERE document_id = ?1")?
                 .execute([id])?;
@@ -420,8 +426,8 @@ fn write_document(
         None => {
             conn.prepare_cached(
                 "INSERT INTO documents (source, doc_id, version, kind, state, number, occurred_at, customer_id, \
-                 currency, total, points_redeemed, original_ref, store, partner, first_seen_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
+                 currency, total, points_redeemed, original_ref, store, partner, first_seen_at, updated_at, stamp) \
+                 VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15)",
             )?
             .execute(params![
                 d.source.system,
@@ -437,7 +443,8 @@ fn write_document(
                 d.original,
                 d.store,
                 d.partner,
-                ts(now)
+                ts(now),
+                d.source.stamp
             ])?;
             conn.last_insert_rowid()
         }
@@ -508,6 +515,9 @@ impl Run<'_, '_> {
     /// names the transaction it reverses and keeps its business date, so per-day figures
     /// show the corrected day.
     fn cancel_effects(&mut self, conn: &Connection, doc: &DocRow, why: &str) -> Result<()> {
+        if !doc.applied {
+            return Ok(());
+        }
         let txs: Vec<(i64, String, i64, i64, i64)> = conn
             .prepare_cached(
                 "SELECT id, kind, amount, customer_id, effective_at FROM journal \
@@ -842,9 +852,25 @@ impl Run<'_, '_> {
             self.cancel_effects(
                 conn,
                 &r,
-                &format!("re-linked to changed sale {}", doc_label(sale)),
+                &format!(
+                    "to be re-applied: sale {} or one of its returns changed",
+                    doc_label(sale)
+                ),
             )?;
         }
+        Ok(ids)
+    }
+
+    /// Before a document changes: the returns whose effect depends on it are cancelled, to
+    /// be re-applied afterwards. For a sale, its returns; for a return, the other returns of
+    /// the same sale (how much a return takes back depends on what the others returned).
+    fn suspend_related(&mut self, conn: &Connection, doc: &DocRow) -> Result<Vec<i64>> {
+        let mut ids = match (doc.kind.as_deref(), doc.original_id) {
+            (Some("sale"), _) => self.suspend_returns(conn, doc)?,
+            (Some("return"), Some(orig)) => self.suspend_returns(conn, &doc_by_id(conn, orig)?)?,
+            _ => Vec::new(),
+        };
+        ids.retain(|id| *id != doc.id);
         Ok(ids)
     }
 
@@ -856,7 +882,11 @@ impl Run<'_, '_> {
             if ex.version == src.version {
                 return Ok(Outcome::Unchanged);
             }
-            if version_seen(conn, ex.id, &src.version)? {
+            let stale = match (src.stamp, ex.stamp) {
+                (Some(new), Some(cur)) if new != cur => new < cur,
+                _ => version_seen(conn, ex.id, &src.version)?,
+            };
+            if stale {
                 return Ok(Outcome::Stale);
             }
         }
@@ -868,10 +898,8 @@ impl Run<'_, '_> {
                 if let Some(ex) = &existing
                     && ex.state == "active"
                 {
-                    if ex.kind.as_deref() == Some("sale") {
-                        dependents = self.suspend_returns(conn, ex)?;
-                    }
-                    self.cancel_effects(conn, ex, "replaced by a new version")?;
+                    dependents = self.suspend_related(conn, ex)?;
+                    self.cancel_effects(conn, &doc_by_id(conn, ex.id)?, "replaced by a new version")?;
                 }
                 let id = write_document(conn, existing.as_ref().map(|e| e.id), d, customer, now)?;
                 record_version(conn, id, &d.source.version, "applied", now)?;
@@ -923,25 +951,30 @@ impl Run<'_, '_> {
         let id = match existing {
             None => {
                 conn.prepare_cached(
-                    "INSERT INTO documents (source, doc_id, version, state, void_reason, first_seen_at, updated_at) \
-                     VALUES (?1, ?2, ?3, 'void', ?4, ?5, ?5)",
+                    "INSERT INTO documents (source, doc_id, version, state, void_reason, first_seen_at, updated_at, stamp) \
+                     VALUES (?1, ?2, ?3, 'void', ?4, ?5, ?5, ?6)",
                 )?
-                .execute(params![source.system, source.doc_id, source.version, reason.as_str(), ts(now)])?;
+                .execute(params![
+                    source.system,
+                    source.doc_id,
+                    source.version,
+                    reason.as_str(),
+                    ts(now),
+                    source.stamp
+                ])?;
                 conn.last_insert_rowid()
             }
             Some(ex) => {
                 let mut dependents = Vec::new();
                 if ex.state == "active" {
-                    if ex.kind.as_deref() == Some("sale") {
-                        dependents = self.suspend_returns(conn, &ex)?;
-                    }
-                    self.cancel_effects(conn, &ex, reason.as_str())?;
+                    dependents = self.suspend_related(conn, &ex)?;
+                    self.cancel_effects(conn, &doc_by_id(conn, ex.id)?, reason.as_str())?;
                 }
                 conn.prepare_cached(
-                    "UPDATE documents SET version = ?2, state = 'void', void_reason = ?3, applied = 0, updated_at = ?4 \
-                     WHERE id = ?1",
+                    "UPDATE documents SET version = ?2, state = 'void', void_reason = ?3, applied = 0, updated_at = ?4, \
+                     stamp = ?5 WHERE id = ?1",
                 )?
-                .execute(params![ex.id, source.version, reason.as_str(), ts(now)])?;
+                .execute(params![ex.id, source.version, reason.as_str(), ts(now), source.stamp])?;
                 for dep in dependents {
                     self.apply_return(conn, dep)?;
                 }
@@ -1116,6 +1149,11 @@ impl Ledger {
     /// A person's correction of a balance; idempotent by key.
     pub fn adjust(&mut self, req: &AdjustRequest, ctx: &IngestContext<'_>) -> Result<AdjustOutcome> {
         let now = ctx.now;
+        if req.points == 0 {
+            return Err(LedgerError::Refused(
+                "an adjustment of 0 points changes nothing".into(),
+            ));
+        }
         let tx = self.conn.transaction()?;
         let customer = super::query::find_customer(&tx, &req.customer)?;
         let idem = req.key.as_ref().map(|k| format!("adjust:{k}"));

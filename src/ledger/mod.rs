@@ -55,6 +55,8 @@ pub enum LedgerError {
     },
     #[error("adjustment key {key:?} was already used for a different adjustment (tx {tx})")]
     KeyReused { key: String, tx: i64 },
+    #[error("{0}")]
+    Refused(String),
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
 }

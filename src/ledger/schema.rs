@@ -36,6 +36,8 @@ CREATE TABLE documents (
     source          TEXT NOT NULL,
     doc_id          TEXT NOT NULL,
     version         TEXT NOT NULL,
+    -- the source's own time of the current version, when it has one (orders versions)
+    stamp           INTEGER,
     kind            TEXT CHECK (kind IN ('sale','return')),
     state           TEXT NOT NULL CHECK (state IN ('active','void')),
     void_reason     TEXT,
