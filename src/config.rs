@@ -181,7 +181,12 @@ impl Origins {
         let mut k = key;
         loop {
             if let Some(o) = self.by_key.get(k) {
-                return o.clone();
+                // the config crate names files relative to the working directory; people
+                // want the path they gave
+                if o == ENVIRONMENT {
+                    return o.clone();
+                }
+                return self.file.clone().unwrap_or_else(|| o.clone());
             }
             match k.rfind('.') {
                 Some(i) => k = &k[..i],
@@ -207,6 +212,9 @@ impl Origins {
         }
     }
 }
+
+/// How the `config` crate names values that came from environment variables.
+const ENVIRONMENT: &str = "the environment";
 
 const SECTIONS: &[&str] = &["general", "ledger", "program", "outbox"];
 
@@ -296,39 +304,63 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Rep
     }
 }
 
+/// Deserialises one section key by key, so that every bad key is reported (serde stops
+/// at the first error of a struct): each key is tried alone, the good ones are then read
+/// together.
 fn section<T: serde::de::DeserializeOwned + Default>(
     name: &str,
     value: config::Value,
     origins: &Origins,
     issues: &mut Vec<Issue>,
 ) -> T {
-    let mut unknown = Vec::new();
-    let result = serde_ignored::deserialize(value, |path| unknown.push(path.to_string()));
-    for path in unknown {
-        let key = format!("{name}.{path}");
-        issues.push(Issue {
-            origin: origins.of(&key),
-            key,
-            message: "unknown key".into(),
-        });
-    }
-    match result {
-        Ok(v) => v,
-        Err(e) => {
-            let msg = e.to_string();
-            let key = match msg.rsplit_once(" for key `") {
-                Some((_, k)) => format!("{name}.{}", k.trim_end_matches('`')),
-                None => name.to_string(),
-            };
-            let message = msg.split(" for key `").next().unwrap_or(&msg).to_string();
+    let origin = value.origin().map(str::to_string);
+    let table = match value.into_table() {
+        Ok(t) => t,
+        Err(_) => {
+            issues.push(Issue {
+                key: name.to_string(),
+                origin: origins.of(name),
+                message: "must be a table ([section] with keys)".into(),
+            });
+            return T::default();
+        }
+    };
+    let mut good = config::Map::new();
+    for (k, v) in table {
+        let key = format!("{name}.{k}");
+        let single: config::Map<String, config::Value> = [(k.clone(), v.clone())].into_iter().collect();
+        let mut unknown = Vec::new();
+        let result: Result<T, _> =
+            serde_ignored::deserialize(config::Value::new(origin.as_ref(), single), |path| {
+                unknown.push(path.to_string())
+            });
+        for path in &unknown {
+            let key = format!("{name}.{path}");
             issues.push(Issue {
                 origin: origins.of(&key),
                 key,
-                message,
+                message: "unknown key".into(),
             });
-            T::default()
+        }
+        match result {
+            Ok(_) if unknown.is_empty() => {
+                good.insert(k, v);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let msg = e.to_string();
+                let message = msg.split(" for key `").next().unwrap_or(&msg).to_string();
+                issues.push(Issue {
+                    origin: origins.of(&key),
+                    key,
+                    message,
+                });
+            }
         }
     }
+    config::Value::new(origin.as_ref(), good)
+        .try_deserialize()
+        .unwrap_or_default()
 }
 
 fn validate(raw: &Raw, origins: &Origins) -> Result<Config, Report> {

@@ -302,3 +302,29 @@ fn the_checkpoint_commits_with_its_documents() {
         1
     );
 }
+
+#[test]
+fn a_document_that_fails_inside_the_database_is_quarantined_and_the_batch_commits() {
+    let mut env = Env::new();
+    // A trigger stands in for a bug: inserting this one document breaks a constraint.
+    let raw = rusqlite::Connection::open(&env.path).unwrap();
+    raw.execute_batch(
+        "CREATE TRIGGER boom BEFORE INSERT ON documents WHEN NEW.doc_id = 'BOOM' \
+         BEGIN SELECT RAISE(ABORT, 'simulated constraint failure'); END;",
+    )
+    .unwrap();
+    let r = env.docs(vec![
+        sale("A", Some("C1"), &[("P1", 1, 1000)]),
+        sale("BOOM", Some("C1"), &[("P1", 1, 1000)]),
+        sale("B", Some("C1"), &[("P1", 1, 1000)]),
+    ]);
+    assert_eq!((r.applied, r.quarantined), (2, 1));
+    let q = env.ledger.quarantine_list(false).unwrap();
+    assert!(
+        q[0].reason.contains("simulated constraint failure"),
+        "{:?}",
+        q[0].reason
+    );
+    assert_eq!(env.available("C1"), 100);
+    env.assert_verified();
+}

@@ -1050,11 +1050,22 @@ fn is_document_error(e: &LedgerError) -> bool {
 impl Ledger {
     /// Applies a batch from one source in one transaction. See the module docs.
     pub fn ingest(&mut self, batch: Batch, ctx: &IngestContext<'_>) -> Result<IngestReport> {
+        // Fast path: the whole batch in one transaction without per-document savepoints.
+        // Should a document fail to apply (a bug, not bad data: validation catches that),
+        // the transaction is rolled back and the batch redone with a savepoint around each
+        // document, so that one is quarantined and the rest still commit.
+        match self.ingest_pass(&batch, ctx, false) {
+            Err(e) if is_document_error(&e) => self.ingest_pass(&batch, ctx, true),
+            other => other,
+        }
+    }
+
+    fn ingest_pass(&mut self, batch: &Batch, ctx: &IngestContext<'_>, careful: bool) -> Result<IngestReport> {
         let now = ctx.now;
         let mut tx = self.conn.transaction()?;
         let mut report = IngestReport::default();
         let mut touched = BTreeSet::new();
-        for item in batch.items {
+        for item in &batch.items {
             match item {
                 Item::Rejected(r) => {
                     let parked = Parked {
@@ -1068,13 +1079,13 @@ impl Ledger {
                     quarantine_put(&tx, &parked, now)?;
                     report.count(
                         format!("{}:{}", r.system, r.doc_ref),
-                        Outcome::Quarantined(r.reason),
+                        Outcome::Quarantined(r.reason.clone()),
                     );
                 }
                 Item::Incoming(inc) => {
-                    let src = inc.source().clone();
+                    let src = inc.source();
                     let doc_ref = if src.doc_id.trim().is_empty() {
-                        match &inc {
+                        match inc {
                             Incoming::Document(d) => format!("no-id:{}", content_version(d)),
                             Incoming::Void { .. } => format!("no-id:void:{}", src.version),
                         }
@@ -1082,50 +1093,53 @@ impl Ledger {
                         src.doc_id.clone()
                     };
                     let label = format!("{}:{}", src.system, doc_ref);
-                    if let Incoming::Document(d) = &inc
+                    let mut parked = Parked {
+                        source: &src.system,
+                        doc_ref: &doc_ref,
+                        version: Some(&src.version),
+                        reason: "",
+                        location: None,
+                        excerpt: None,
+                    };
+                    if let Incoming::Document(d) = inc
                         && let Err(invalid) = validate(d, ctx.limits)
                     {
-                        let parked = Parked {
-                            source: &src.system,
-                            doc_ref: &doc_ref,
-                            version: Some(&src.version),
-                            reason: &invalid.0,
-                            location: None,
-                            excerpt: None,
-                        };
+                        parked.reason = &invalid.0;
                         quarantine_put(&tx, &parked, now)?;
                         report.count(label, Outcome::Quarantined(invalid.0));
                         continue;
                     }
-                    let sp = tx.savepoint()?;
                     let mut run = Run {
                         ctx,
                         touched: BTreeSet::new(),
                         flags: Vec::new(),
                     };
-                    match run.apply_incoming(&sp, &inc) {
+                    let applied = if careful {
+                        let sp = tx.savepoint()?;
+                        match run.apply_incoming(&sp, inc) {
+                            Ok(outcome) => {
+                                sp.commit()?;
+                                Ok(outcome)
+                            }
+                            Err(e) => Err(e),
+                        }
+                    } else {
+                        run.apply_incoming(&tx, inc)
+                    };
+                    match applied {
                         Ok(outcome) => {
                             if outcome != Outcome::Stale {
-                                quarantine_resolve(&sp, &src.system, &doc_ref, now)?;
+                                quarantine_resolve(&tx, &src.system, &doc_ref, now)?;
                             }
-                            sp.commit()?;
                             touched.extend(run.touched);
                             report
                                 .flags
                                 .extend(run.flags.into_iter().map(|f| (label.clone(), f)));
                             report.count(label, outcome);
                         }
-                        Err(e) if is_document_error(&e) => {
-                            drop(sp);
+                        Err(e) if careful && is_document_error(&e) => {
                             let reason = format!("could not apply: {e}");
-                            let parked = Parked {
-                                source: &src.system,
-                                doc_ref: &doc_ref,
-                                version: Some(&src.version),
-                                reason: &reason,
-                                location: None,
-                                excerpt: None,
-                            };
+                            parked.reason = &reason;
                             quarantine_put(&tx, &parked, now)?;
                             report.count(label, Outcome::Quarantined(reason));
                         }

@@ -128,7 +128,7 @@ impl Ledger {
         let sync = if opts.synchronous_full { "FULL" } else { "NORMAL" };
         if !opts.read_only {
             conn.execute_batch(&format!(
-                "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON;"
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-16384;"
             ))
             .map_err(open_err)?;
             schema::migrate(&mut conn)?;

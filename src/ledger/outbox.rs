@@ -108,8 +108,8 @@ pub(crate) fn enqueue(
     let id = conn.last_insert_rowid();
     if let Some(key) = coalesce_key {
         conn.prepare_cached(
-            "UPDATE outbox SET state = 'superseded', superseded_by = ?1, updated_at = ?2 \
-             WHERE destination = ?3 AND coalesce_key = ?4 AND state = 'pending' AND id < ?1",
+            "UPDATE outbox INDEXED BY outbox_coalesce SET state = 'superseded', superseded_by = ?1, updated_at = ?2 \
+             WHERE destination = ?3 AND coalesce_key = ?4 AND state = 'pending' AND id != ?1",
         )?
         .execute(params![id, ts(now), destination, key])?;
     }

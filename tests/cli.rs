@@ -1,0 +1,160 @@
+//! The command line as people and scripts use it: exit codes, messages, JSON contracts.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn kopilka(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kopilka"))
+        .args(args)
+        .env_remove("KOPILKA_CONFIG")
+        .env_remove("KOPILKA_LEDGER")
+        .output()
+        .expect("kopilka runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn a_bad_config_names_every_bad_key_and_its_file_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("kopilka.toml");
+    std::fs::write(
+        &cfg,
+        "[ledger]\nno_such_key = 1\n[program]\naccrual_percent = 2.5\nreturn_window_days = -3\n",
+    )
+    .unwrap();
+    let out = kopilka(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let file = cfg.display().to_string();
+    assert!(
+        err.contains(&format!("{file}: ledger.no_such_key: unknown key")),
+        "{err}"
+    );
+    assert!(err.contains("program.accrual_percent"), "{err}");
+    assert!(err.contains("program.return_window_days"), "{err}");
+
+    std::fs::write(&cfg, "[ledger]\npath = \"/tmp/x.db\"\n").unwrap();
+    let out = kopilka(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("configuration ok"));
+
+    let missing = kopilka(&["check", "--config", "/nonexistent/kopilka.toml"]);
+    assert_eq!(missing.status.code(), Some(78));
+}
+
+fn demo_ledger(dir: &Path) -> String {
+    let out = kopilka(&[
+        "demo",
+        "--sales",
+        "200",
+        "--customers",
+        "20",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    dir.join("kopilka.db").display().to_string()
+}
+
+#[test]
+fn ledger_commands_need_only_the_ledger_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_ledger(dir.path());
+
+    let out = kopilka(&["--ledger", &db, "summary", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "sales_count",
+        "sales_total_kopecks",
+        "returns_count",
+        "customers",
+        "points_accrued",
+        "points_redeemed",
+        "points_expired",
+        "points_reversed",
+        "points_adjusted",
+        "points_pending",
+        "points_available",
+        "quarantined",
+    ] {
+        assert!(
+            s[key].is_i64(),
+            "summary key {key} missing or not an integer: {s}"
+        );
+    }
+    assert!(s["sales_count"].as_i64().unwrap() > 100);
+
+    // the demo's customer 0 has card 200000000000
+    let out = kopilka(&["--ledger", &db, "balance", "200000000000", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["customer", "available", "pending", "expiring", "tier"] {
+        assert!(b.get(key).is_some(), "balance key {key} missing: {b}");
+    }
+    assert!(b["expiring"]["points"].is_i64());
+    let before = b["available"].as_i64().unwrap();
+
+    let adjust = [
+        "--ledger",
+        &db,
+        "adjust",
+        "200000000000",
+        "-15",
+        "--reason",
+        "duplicate bonus",
+        "--key",
+        "T-1",
+        "--by",
+        "ivanova",
+    ];
+    let out = kopilka(&adjust);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = kopilka(&adjust);
+    assert!(
+        text(&out.stdout).contains("already applied"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = kopilka(&["--ledger", &db, "balance", "200000000000", "--json"]);
+    let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(b["available"].as_i64().unwrap(), before - 15);
+
+    let out = kopilka(&["--ledger", &db, "history", "200000000000"]);
+    assert!(text(&out.stdout).contains("duplicate bonus"));
+    let out = kopilka(&["--ledger", &db, "ledger", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let out = kopilka(&["--ledger", &db, "outbox", "list", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(rows.as_array().is_some_and(|r| !r.is_empty()));
+    let out = kopilka(&["--ledger", &db, "quarantine"]);
+    assert!(
+        text(&out.stdout).contains("quantity -1 is not positive"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn a_missing_ledger_is_an_error_not_an_empty_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("nope.db");
+    let out = kopilka(&["--ledger", db.to_str().unwrap(), "summary"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no ledger at"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!db.exists());
+}
