@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::core::document::DocumentLimits;
 use crate::core::money::Money;
-use crate::core::program::FlatPercent;
+use crate::core::rules::RuleSet;
 use crate::ledger::{DeliveryPolicy, OpenOptions};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kopilka/kopilka.toml";
@@ -129,11 +129,19 @@ struct RawOutbox {
     max_rows_per_run: Option<usize>,
 }
 
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawRules {
+    path: Option<PathBuf>,
+}
+
 #[derive(Clone, Debug, Default)]
 struct Raw {
     general: RawGeneral,
     ledger: RawLedger,
     program: RawProgram,
+    program_given: bool,
+    rules: RawRules,
     outbox: RawOutbox,
 }
 
@@ -148,7 +156,10 @@ pub struct Config {
     pub ledger: OpenOptions,
     pub max_documents_per_transaction: usize,
     pub limits: DocumentLimits,
-    pub program: FlatPercent,
+    /// The loyalty program: from the rules file when `[rules] path` is set, otherwise a
+    /// flat percentage from `[program]` with the default cost guard.
+    pub program: RuleSet,
+    pub rules_file: Option<PathBuf>,
     pub warn_before: Duration,
     pub delivery: DeliveryPolicy,
 }
@@ -216,7 +227,7 @@ impl Origins {
 /// How the `config` crate names values that came from environment variables.
 const ENVIRONMENT: &str = "the environment";
 
-const SECTIONS: &[&str] = &["general", "ledger", "program", "outbox"];
+const SECTIONS: &[&str] = &["general", "ledger", "program", "rules", "outbox"];
 
 /// Environment variables that override the file: `KOPILKA_<SECTION>__<KEY>`. Other
 /// `KOPILKA_*` variables (`KOPILKA_CONFIG`, `KOPILKA_LOG`) are not config keys.
@@ -280,7 +291,11 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Rep
         match name.as_str() {
             "general" => raw.general = section(&name, value, &origins, &mut issues),
             "ledger" => raw.ledger = section(&name, value, &origins, &mut issues),
-            "program" => raw.program = section(&name, value, &origins, &mut issues),
+            "program" => {
+                raw.program = section(&name, value, &origins, &mut issues);
+                raw.program_given = true;
+            }
+            "rules" => raw.rules = section(&name, value, &origins, &mut issues),
             "outbox" => raw.outbox = section(&name, value, &origins, &mut issues),
             _ => issues.push(Issue {
                 key: name.clone(),
@@ -448,6 +463,41 @@ fn validate(raw: &Raw, origins: &Origins) -> Result<Config, Report> {
     if !(0..=365).contains(&warn) {
         bad("program.warn_before_days", format!("{warn} is outside 0..=365"));
     }
+    let mut warn_before = Duration::days(warn);
+    let mut rules_issues = Vec::new();
+    let program = match &raw.rules.path {
+        Some(path) => {
+            if raw.program_given {
+                bad(
+                    "program",
+                    "with [rules] path set, the program is defined in the rules file; remove [program]"
+                        .into(),
+                );
+            }
+            match crate::rules_file::load(path) {
+                Ok(mut r) => {
+                    r.timezone = timezone;
+                    warn_before = r.warn_before;
+                    r
+                }
+                Err(report) => {
+                    rules_issues = report.0;
+                    RuleSet::flat(percent, Money(point_value), Duration::days(window), None)
+                }
+            }
+        }
+        None => {
+            let mut r = RuleSet::flat(
+                percent,
+                Money(point_value.max(1)),
+                Duration::days(window),
+                (expire > 0).then(|| Duration::days(expire)),
+            );
+            r.timezone = timezone;
+            r.warn_before = warn_before;
+            r
+        }
+    };
     let o = &raw.outbox;
     let attempts = o.max_attempts.unwrap_or(12);
     if attempts == 0 {
@@ -468,6 +518,7 @@ fn validate(raw: &Raw, origins: &Origins) -> Result<Config, Report> {
     if rows_per_run == 0 {
         bad("outbox.max_rows_per_run", "must be at least 1".into());
     }
+    issues.extend(rules_issues);
     if !issues.is_empty() {
         return Err(Report(issues));
     }
@@ -486,13 +537,9 @@ fn validate(raw: &Raw, origins: &Origins) -> Result<Config, Report> {
             max_lines,
             total_tolerance: Money(1),
         },
-        program: FlatPercent {
-            percent,
-            point_value: Money(point_value),
-            return_window: Duration::days(window),
-            expire_after: (expire > 0).then(|| Duration::days(expire)),
-        },
-        warn_before: Duration::days(warn),
+        program,
+        rules_file: raw.rules.path.clone(),
+        warn_before,
         delivery: DeliveryPolicy {
             max_attempts: attempts,
             backoff_initial: std::time::Duration::from_millis(initial),
@@ -568,7 +615,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.ledger_path, PathBuf::from("/tmp/b.db"));
         let c = load_str("", &[("KOPILKA_PROGRAM__ACCRUAL_PERCENT", "2.5")]).unwrap();
-        assert_eq!(c.program.percent, Decimal::from_str("2.5").unwrap());
+        assert_eq!(
+            c.program.earn[0].kind,
+            crate::core::rules::EarnKind::Percent(Decimal::from_str("2.5").unwrap())
+        );
         let err = load_str("", &[("KOPILKA_LEDGER__TYPO", "1")]).unwrap_err();
         assert_eq!(err.0[0].key, "ledger.typo");
         assert_eq!(err.0[0].origin, "the environment");

@@ -155,7 +155,7 @@ fn rules() -> FlatPercent {
 fn decision_points(d: &Document) -> Vec<i64> {
     let state = CustomerState {
         customer_id: d.customer.card.as_ref().map(|_| 1),
-        available: 0,
+        ..Default::default()
     };
     rules().evaluate(d, &state, d.occurred_at).line_points
 }

@@ -131,6 +131,12 @@ pub struct CustomerIdentity {
     /// AmoCRM contact id.
     pub amocrm_id: Option<i64>,
     pub name: Option<String>,
+    /// For the birthday bonus.
+    pub birthday: Option<chrono::NaiveDate>,
+    /// The card number of the customer who referred this one (referral program).
+    pub referred_by: Option<String>,
+    /// An invite code for a closed program.
+    pub invite_code: Option<String>,
 }
 
 /// One key of a customer, as stored in the ledger's `customer_keys`.

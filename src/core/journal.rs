@@ -23,10 +23,12 @@ pub enum TxKind {
     Opening,
     /// Points granted by an event rather than a sale's lines (welcome, birthday, referral).
     Bonus,
+    /// Points a customer owed, forgiven by the negative-balance policy.
+    WriteOff,
 }
 
 impl TxKind {
-    pub const ALL: [TxKind; 7] = [
+    pub const ALL: [TxKind; 8] = [
         TxKind::Accrual,
         TxKind::Redemption,
         TxKind::Reversal,
@@ -34,6 +36,7 @@ impl TxKind {
         TxKind::Adjustment,
         TxKind::Opening,
         TxKind::Bonus,
+        TxKind::WriteOff,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +48,7 @@ impl TxKind {
             TxKind::Adjustment => "adjustment",
             TxKind::Opening => "opening",
             TxKind::Bonus => "bonus",
+            TxKind::WriteOff => "writeoff",
         }
     }
 
@@ -55,7 +59,7 @@ impl TxKind {
     /// The account on the other side of the customer's.
     pub fn counter_account(self) -> Account {
         match self {
-            TxKind::Accrual | TxKind::Bonus => Account::Expense,
+            TxKind::Accrual | TxKind::Bonus | TxKind::WriteOff => Account::Expense,
             TxKind::Redemption => Account::Redemption,
             TxKind::Expiry => Account::Breakage,
             TxKind::Adjustment => Account::Adjustment,
@@ -75,6 +79,7 @@ impl TxKind {
             TxKind::Adjustment => "Корректировка",
             TxKind::Opening => "Начальный остаток",
             TxKind::Bonus => "Бонус",
+            TxKind::WriteOff => "Списание долга",
         }
     }
 }

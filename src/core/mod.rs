@@ -12,3 +12,4 @@ pub mod journal;
 pub mod lots;
 pub mod money;
 pub mod program;
+pub mod rules;

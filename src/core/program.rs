@@ -19,14 +19,46 @@ use rust_decimal::prelude::ToPrimitive;
 use super::document::Document;
 use super::journal::{Explanation, ExplanationItem, Flag};
 use super::money::{Money, prorate_floor};
+use super::rules::{NegativeBalance, TierChange};
 
-/// What the rules need to know about the customer beyond the sale itself.
+/// What the rules need to know about the customer beyond the sale itself. The ledger
+/// fills it from stored rows; everything is "before this sale".
 #[derive(Clone, Debug, Default)]
 pub struct CustomerState {
     /// Ledger id; `None` for an anonymous sale (no card, phone or counterparty).
     pub customer_id: Option<i64>,
     /// Points usable right now (may be negative while a debt is outstanding).
     pub available: i64,
+    pub tier: Option<String>,
+    /// Spend over the tier window before this sale.
+    pub spend_in_window: Money,
+    /// Stamp counts and threshold spend (see `rules::counter_needs`).
+    pub counters: HashMap<String, Decimal>,
+    /// Threshold rules already rewarded within their window.
+    pub recent_awards: Vec<String>,
+    /// Sales of this customer in force before this one (0 = first purchase).
+    pub prior_sales: u32,
+    /// Sales of this customer on the same local day before this one.
+    pub sales_today: u32,
+    /// Closed programs the customer belongs to.
+    pub memberships: Vec<String>,
+    /// Gross margin and points value issued so far in this sale's budget period.
+    pub budget: Option<BudgetState>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BudgetState {
+    pub margin: Money,
+    pub issued_value: Money,
+}
+
+/// Points granted by an event rather than by a sale's lines (stamp card, spend threshold,
+/// welcome), posted as their own transaction so reports can tell them apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bonus {
+    pub rule: String,
+    pub points: i64,
+    pub explanation: Explanation,
 }
 
 /// The rules' answer for one sale.
@@ -39,6 +71,19 @@ pub struct Decision {
     pub available_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
     pub flags: Vec<Flag>,
+    pub bonuses: Vec<Bonus>,
+    /// This sale's contribution to stamp counters.
+    pub counters: Vec<(String, Decimal)>,
+    /// Vouchers earned: (stamp card, product).
+    pub vouchers: Vec<(String, String)>,
+    /// Closed programs this sale enrols the customer in: (program, how).
+    pub memberships: Vec<(String, String)>,
+    /// Gross margin of the sale's lines with known cost.
+    pub margin: Money,
+    /// Amount below cost caused by points paid at the till.
+    pub loss: Money,
+    /// Partner whose program the sale belongs to.
+    pub partner: Option<String>,
 }
 
 pub trait Rules: Send + Sync {
@@ -50,6 +95,49 @@ pub trait Rules: Send + Sync {
 
     /// What one point is worth in kopecks (redemptions are payments of this value).
     fn point_value(&self) -> Money;
+
+    /// Counters (stamp cards, spend thresholds) the ledger must fill in, with the
+    /// look-back window of each spend counter.
+    fn counter_needs(&self) -> Vec<(String, Option<Duration>)> {
+        Vec::new()
+    }
+
+    /// What a sale adds to each counter, stored with the sale so counters follow edits.
+    fn counter_contributions(&self, _doc: &Document, _decision: &Decision) -> Vec<(String, i64)> {
+        Vec::new()
+    }
+
+    /// The spend window tiers are measured over, when the program has tiers.
+    fn tier_window(&self) -> Option<Duration> {
+        None
+    }
+
+    fn tier_after_sale(&self, _current: Option<&str>, _spend_with_sale: Money) -> Option<TierChange> {
+        None
+    }
+
+    /// The budget period a sale falls in, when the program has a budget.
+    fn budget_period_key(&self, _at: DateTime<Utc>) -> Option<String> {
+        None
+    }
+
+    fn negative_balance(&self) -> NegativeBalance {
+        NegativeBalance::Allow
+    }
+
+    fn membership_for_invite(&self, _code: &str) -> Option<String> {
+        None
+    }
+
+    /// Points for joining the program (given once per customer).
+    fn enrolment_points(&self) -> i64 {
+        0
+    }
+
+    /// The shop's time zone, for "today" and budget periods.
+    fn timezone(&self) -> chrono_tz::Tz {
+        chrono_tz::UTC
+    }
 }
 
 /// A fixed percentage of what the customer paid in money, on goods (not services).
@@ -236,7 +324,7 @@ mod tests {
     fn known() -> CustomerState {
         CustomerState {
             customer_id: Some(1),
-            available: 0,
+            ..Default::default()
         }
     }
 
@@ -248,6 +336,7 @@ mod tests {
             ..Default::default()
         };
         let d = p.evaluate(&doc, &known(), doc.occurred_at);
+
         assert_eq!(d.line_points, expected);
         assert_eq!(d.accrual, expected.iter().sum::<i64>());
         let explained: i64 = d.explanation.items.iter().map(|i| i.points).sum();

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::query::holdings;
+use super::state;
 use super::{Ledger, LedgerError, Result, from_ts, ts};
 use crate::core::document::{
     DocKind, Document, DocumentLimits, Incoming, Rejected, SourceRef, VoidReason, content_version, validate,
@@ -19,7 +20,8 @@ use crate::core::identity::CustomerIdentity;
 use crate::core::journal::{Account, Explanation, Flag, TxKind};
 use crate::core::lots::{self, Holdings, Lot, Move, Target};
 use crate::core::money::Money;
-use crate::core::program::{CustomerState, Rules, SoldLine, return_clawback, return_recredit};
+use crate::core::program::{Rules, SoldLine, return_clawback, return_recredit};
+use crate::core::rules::NegativeBalance;
 
 /// One unit of work from one source.
 #[derive(Debug, Default)]
@@ -185,6 +187,8 @@ struct NewTx<'a> {
     actor: Option<&'a str>,
     idem_key: Option<&'a str>,
     partner: Option<&'a str>,
+    /// The rule behind a bonus.
+    rule: Option<&'a str>,
     counter: Account,
     moves: Vec<Move>,
     /// Dates of the lot a `Target::NewLot` move fills.
@@ -207,8 +211,8 @@ fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateTime<Utc>) -
         .map_err(|e| LedgerError::Corrupt(format!("explanation not serialisable: {e}")))?;
     conn.prepare_cached(
         "INSERT INTO journal (kind, role, customer_id, document_id, epoch, reverses, amount, \
-         effective_at, recorded_at, explanation, actor, idem_key, partner) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+         effective_at, recorded_at, explanation, actor, idem_key, partner, rule) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
         t.kind.as_str(),
@@ -224,6 +228,7 @@ fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateTime<Utc>) -
         t.actor,
         t.idem_key,
         t.partner,
+        t.rule,
     ])?;
     let tx_id = conn.last_insert_rowid();
     let mut new_lot = None;
@@ -299,7 +304,7 @@ pub(crate) fn resolve_customer(
     conn: &Connection,
     identity: &CustomerIdentity,
     now: DateTime<Utc>,
-) -> Result<Option<i64>> {
+) -> Result<Option<(i64, bool)>> {
     let keys = identity.keys();
     if keys.is_empty() {
         return Ok(None);
@@ -313,12 +318,12 @@ pub(crate) fn resolve_customer(
             .optional()?;
         found.push(c);
     }
-    let customer = match found.iter().flatten().next() {
-        Some(c) => *c,
+    let (customer, created) = match found.iter().flatten().next() {
+        Some(c) => (*c, false),
         None => {
             conn.prepare_cached("INSERT INTO customers (created_at, name) VALUES (?1, ?2)")?
                 .execute(params![ts(now), identity.name])?;
-            conn.last_insert_rowid()
+            (conn.last_insert_rowid(), true)
         }
     };
     let mut attach = conn.prepare_cached(
@@ -329,11 +334,19 @@ pub(crate) fn resolve_customer(
             attach.execute(params![k.kind(), k.value(), customer])?;
         }
     }
-    if identity.name.is_some() {
-        conn.prepare_cached("UPDATE customers SET name = ?1 WHERE id = ?2 AND name IS NULL")?
-            .execute(params![identity.name, customer])?;
+    if identity.name.is_some() || identity.birthday.is_some() || identity.referred_by.is_some() {
+        conn.prepare_cached(
+            "UPDATE customers SET name = COALESCE(name, ?2), birthday = COALESCE(birthday, ?3), \
+             referred_by = COALESCE(referred_by, ?4) WHERE id = ?1",
+        )?
+        .execute(params![
+            customer,
+            identity.name,
+            identity.birthday.map(|b| b.to_string()),
+            identity.referred_by
+        ])?;
     }
-    Ok(Some(customer))
+    Ok(Some((customer, created)))
 }
 
 /// A document parked in quarantine, with what a person needs to find and fix it.
@@ -571,6 +584,7 @@ impl Run<'_, '_> {
                     actor: None,
                     idem_key: None,
                     partner: None,
+                    rule: None,
                     counter,
                     moves,
                     new_lot: Some(self.new_lot_now(now)),
@@ -578,7 +592,13 @@ impl Run<'_, '_> {
                 &mut h,
                 now,
             )?;
+            if amount > 0 {
+                self.settle_debt(conn, customer, &mut h, None, now)?;
+            }
             self.touched.insert(customer);
+        }
+        if doc.kind.as_deref() == Some("sale") {
+            state::unrecord_sale(conn, doc.id, doc.epoch)?;
         }
         set_applied(conn, doc.id, false)?;
         Ok(())
@@ -592,19 +612,24 @@ impl Run<'_, '_> {
         customer: Option<i64>,
     ) -> Result<()> {
         let epoch = bump_epoch(conn, doc_id)?;
+        let rules = self.ctx.rules;
         let mut h = match customer {
             Some(c) => holdings(conn, c)?,
             None => Holdings::default(),
         };
-        let state = CustomerState {
-            customer_id: customer,
-            available: lots::figures(&h, d.occurred_at, chrono::Duration::zero()).available,
-        };
-        let decision = self.ctx.rules.evaluate(d, &state, self.ctx.now);
+        let state = state::customer_state(conn, rules, customer, d, doc_id, &h)?;
+        let decision = rules.evaluate(d, &state, self.ctx.now);
         set_line_points(conn, doc_id, &decision.line_points)?;
         self.flags.extend(decision.flags.iter().cloned());
+        let partner = d.partner.as_deref().or(decision.partner.as_deref());
+        let mut issued = 0;
         if let Some(c) = customer {
             let now = self.ctx.now;
+            let lot = LotDates {
+                earned: d.occurred_at,
+                available: decision.available_at.unwrap_or(d.occurred_at),
+                expires: decision.expires_at,
+            };
             if d.points_redeemed.0 > 0 {
                 let moves = lots::plan_debit(&h, d.points_redeemed.0, &[], d.occurred_at);
                 let explanation = Explanation::text(format!(
@@ -625,7 +650,8 @@ impl Run<'_, '_> {
                         explanation: &explanation,
                         actor: None,
                         idem_key: None,
-                        partner: d.partner.as_deref(),
+                        partner,
+                        rule: None,
                         counter: Account::Redemption,
                         moves,
                         new_lot: None,
@@ -633,12 +659,12 @@ impl Run<'_, '_> {
                     &mut h,
                     now,
                 )?;
+                self.settle_debt(conn, c, &mut h, Some((doc_id, epoch)), d.occurred_at)?;
             }
             if decision.accrual > 0 {
-                let moves = lots::plan_credit(&h, decision.accrual, &[]);
-                let available = decision.available_at.unwrap_or(d.occurred_at);
                 let mut explanation = decision.explanation.clone();
                 explanation.flags = decision.flags.clone();
+                let moves = lots::plan_credit(&h, decision.accrual, &[]);
                 post(
                     conn,
                     NewTx {
@@ -652,22 +678,106 @@ impl Run<'_, '_> {
                         explanation: &explanation,
                         actor: None,
                         idem_key: None,
-                        partner: d.partner.as_deref(),
+                        partner,
+                        rule: None,
                         counter: Account::Expense,
                         moves,
-                        new_lot: Some(LotDates {
-                            earned: d.occurred_at,
-                            available,
-                            expires: decision.expires_at,
-                        }),
+                        new_lot: Some(lot),
                     },
                     &mut h,
                     now,
                 )?;
+                issued += decision.accrual;
+            }
+            for bonus in &decision.bonuses {
+                let moves = lots::plan_credit(&h, bonus.points, &[]);
+                post(
+                    conn,
+                    NewTx {
+                        kind: TxKind::Bonus,
+                        role: "effect",
+                        customer_id: c,
+                        document_id: Some(doc_id),
+                        epoch: Some(epoch),
+                        reverses: None,
+                        effective_at: d.occurred_at,
+                        explanation: &bonus.explanation,
+                        actor: None,
+                        idem_key: None,
+                        partner,
+                        rule: Some(&bonus.rule),
+                        counter: Account::Expense,
+                        moves,
+                        new_lot: Some(lot),
+                    },
+                    &mut h,
+                    now,
+                )?;
+                issued += bonus.points;
             }
             self.touched.insert(c);
         }
+        state::record_sale(
+            conn,
+            rules,
+            doc_id,
+            epoch,
+            customer,
+            d,
+            &decision,
+            &state,
+            issued,
+            self.ctx.now,
+        )?;
         set_applied(conn, doc_id, true)?;
+        Ok(())
+    }
+
+    /// Applies the negative-balance policy after points were taken from a customer.
+    fn settle_debt(
+        &mut self,
+        conn: &Connection,
+        customer: i64,
+        h: &mut Holdings,
+        doc: Option<(i64, i64)>,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        let forgive = match self.ctx.rules.negative_balance() {
+            NegativeBalance::Allow => 0,
+            NegativeBalance::Cap(cap) => (h.debt - cap).max(0),
+            NegativeBalance::WriteOff => h.debt,
+        };
+        if forgive <= 0 {
+            return Ok(());
+        }
+        let explanation = Explanation::text(format!(
+            "{forgive} owed points written off by the negative-balance policy"
+        ));
+        post(
+            conn,
+            NewTx {
+                kind: TxKind::WriteOff,
+                role: "effect",
+                customer_id: customer,
+                document_id: doc.map(|d| d.0),
+                epoch: doc.map(|d| d.1),
+                reverses: None,
+                effective_at: at,
+                explanation: &explanation,
+                actor: Some("policy:negative_balance"),
+                idem_key: None,
+                partner: None,
+                rule: None,
+                counter: Account::Expense,
+                moves: vec![Move {
+                    target: Target::Debt,
+                    amount: forgive,
+                }],
+                new_lot: None,
+            },
+            h,
+            self.ctx.now,
+        )?;
         Ok(())
     }
 
@@ -779,6 +889,7 @@ impl Run<'_, '_> {
                     actor: None,
                     idem_key: None,
                     partner: None,
+                    rule: None,
                     counter: Account::Expense,
                     moves,
                     new_lot: None,
@@ -786,6 +897,7 @@ impl Run<'_, '_> {
                 &mut h,
                 now,
             )?;
+            self.settle_debt(conn, customer, &mut h, Some((ret_id, epoch)), at)?;
         }
         if orig.points_redeemed > 0
             && let Some(redemption) = effect_tx("redemption")?
@@ -824,6 +936,7 @@ impl Run<'_, '_> {
                         actor: None,
                         idem_key: None,
                         partner: None,
+                        rule: None,
                         counter: Account::Redemption,
                         moves,
                         new_lot: Some(self.new_lot_now(at)),
@@ -874,6 +987,56 @@ impl Run<'_, '_> {
         Ok(ids)
     }
 
+    /// The document's customer, enrolled on first sight (with the welcome bonus, when the
+    /// program gives one) and joined to a closed program when they bring its invite code.
+    fn customer_for(&mut self, conn: &Connection, d: &Document) -> Result<Option<i64>> {
+        let now = self.ctx.now;
+        let Some((c, created)) = resolve_customer(conn, &d.customer, now)? else {
+            return Ok(None);
+        };
+        if let Some(code) = &d.customer.invite_code
+            && let Some(program) = self.ctx.rules.membership_for_invite(code)
+        {
+            state::join_program(conn, c, &program, &format!("invite code {code}"), d.occurred_at)?;
+        }
+        let points = self.ctx.rules.enrolment_points();
+        if created && points > 0 {
+            let mut h = holdings(conn, c)?;
+            let explanation = Explanation::text(format!("welcome bonus for joining: {points} points"));
+            let key = format!("welcome:{c}");
+            let (_, expires) = self.ctx.rules.lot_times(d.occurred_at);
+            let moves = lots::plan_credit(&h, points, &[]);
+            post(
+                conn,
+                NewTx {
+                    kind: TxKind::Bonus,
+                    role: "effect",
+                    customer_id: c,
+                    document_id: None,
+                    epoch: None,
+                    reverses: None,
+                    effective_at: d.occurred_at,
+                    explanation: &explanation,
+                    actor: None,
+                    idem_key: Some(&key),
+                    partner: None,
+                    rule: Some("welcome:enrolment"),
+                    counter: Account::Expense,
+                    moves,
+                    new_lot: Some(LotDates {
+                        earned: d.occurred_at,
+                        available: d.occurred_at,
+                        expires,
+                    }),
+                },
+                &mut h,
+                now,
+            )?;
+            self.touched.insert(c);
+        }
+        Ok(Some(c))
+    }
+
     fn apply_incoming(&mut self, conn: &Connection, inc: &Incoming) -> Result<Outcome> {
         let src = inc.source();
         let now = self.ctx.now;
@@ -893,7 +1056,7 @@ impl Run<'_, '_> {
         match inc {
             Incoming::Void { source, reason } => self.apply_void(conn, source, *reason, existing),
             Incoming::Document(d) => {
-                let customer = resolve_customer(conn, &d.customer, now)?;
+                let customer = self.customer_for(conn, d)?;
                 let mut dependents = Vec::new();
                 if let Some(ex) = &existing
                     && ex.state == "active"
@@ -1223,6 +1386,7 @@ impl Ledger {
                 actor: Some(&req.by),
                 idem_key: idem.as_deref(),
                 partner: None,
+                rule: None,
                 counter: Account::Adjustment,
                 moves,
                 new_lot: Some(run.new_lot_now(now)),
@@ -1279,6 +1443,7 @@ impl Ledger {
                     actor: None,
                     idem_key: None,
                     partner: None,
+                    rule: None,
                     counter: Account::Breakage,
                     moves,
                     new_lot: None,

@@ -12,6 +12,7 @@ mod ingest;
 mod outbox;
 mod query;
 mod schema;
+mod state;
 mod verify;
 
 use std::path::{Path, PathBuf};

@@ -150,6 +150,7 @@ pub struct Summary {
     pub points_adjusted: i64,
     pub points_opening: i64,
     pub points_bonus: i64,
+    pub points_written_off: i64,
     pub points_pending: i64,
     pub points_available: i64,
     pub points_debt: i64,
@@ -291,6 +292,7 @@ impl Ledger {
                 "adjustment" => s.points_adjusted = sum,
                 "opening" => s.points_opening = sum,
                 "bonus" => s.points_bonus = sum,
+                "writeoff" => s.points_written_off = sum,
                 other => return Err(LedgerError::Corrupt(format!("unknown journal kind {other}"))),
             }
         }

@@ -96,7 +96,7 @@ CREATE TABLE document_lines (
 CREATE TABLE journal (
     id           INTEGER PRIMARY KEY,
     kind         TEXT NOT NULL CHECK (kind IN
-                   ('accrual','redemption','reversal','expiry','adjustment','opening','bonus')),
+                   ('accrual','redemption','reversal','expiry','adjustment','opening','bonus','writeoff')),
     -- 'effect': what a document (or person) caused; 'cancel': undoing an effect because its
     -- document changed, was unposted or deleted
     role         TEXT NOT NULL CHECK (role IN ('effect','cancel')),
@@ -185,6 +185,74 @@ CREATE INDEX outbox_due ON outbox(destination, next_attempt_at, id) WHERE state 
 CREATE INDEX outbox_coalesce ON outbox(destination, coalesce_key)
     WHERE state = 'pending' AND coalesce_key IS NOT NULL;
 CREATE INDEX outbox_state ON outbox(state, id);
+"#,
+    // 2: the rules engine's state
+    r#"
+ALTER TABLE customers ADD COLUMN tier TEXT;
+ALTER TABLE customers ADD COLUMN tier_since INTEGER;
+ALTER TABLE customers ADD COLUMN birthday TEXT;
+ALTER TABLE customers ADD COLUMN referred_by TEXT;
+
+-- the rule that granted a bonus (stamp card, threshold, welcome, birthday, referral)
+ALTER TABLE journal ADD COLUMN rule TEXT;
+CREATE INDEX journal_bonus ON journal(customer_id, rule) WHERE rule IS NOT NULL;
+
+-- what a sale contributed when it was applied (budget bookkeeping, reports)
+ALTER TABLE documents ADD COLUMN margin INTEGER;
+ALTER TABLE documents ADD COLUMN reward_value INTEGER;
+ALTER TABLE documents ADD COLUMN budget_period TEXT;
+ALTER TABLE documents ADD COLUMN loss INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE documents ADD COLUMN flags TEXT;
+CREATE INDEX documents_customer_time ON documents(customer_id, occurred_at) WHERE kind = 'sale';
+CREATE INDEX documents_loss ON documents(occurred_at) WHERE loss > 0;
+
+-- a sale's contribution to stamp cards and spend thresholds (counted while it is applied)
+CREATE TABLE document_counters (
+    document_id INTEGER NOT NULL REFERENCES documents(id),
+    counter     TEXT NOT NULL,
+    amount      INTEGER NOT NULL,
+    PRIMARY KEY (document_id, counter)
+) WITHOUT ROWID;
+
+-- tier changes are events with their reason
+CREATE TABLE tier_events (
+    id          INTEGER PRIMARY KEY,
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    from_tier   TEXT,
+    to_tier     TEXT,
+    at          INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    document_id INTEGER REFERENCES documents(id)
+);
+CREATE INDEX tier_events_customer ON tier_events(customer_id, id);
+
+CREATE TABLE memberships (
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    program     TEXT NOT NULL,
+    since       INTEGER NOT NULL,
+    how         TEXT NOT NULL,
+    PRIMARY KEY (customer_id, program)
+) WITHOUT ROWID;
+
+CREATE TABLE vouchers (
+    id          INTEGER PRIMARY KEY,
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    document_id INTEGER NOT NULL REFERENCES documents(id),
+    epoch       INTEGER NOT NULL,
+    card        TEXT NOT NULL,
+    product     TEXT NOT NULL,
+    issued_at   INTEGER NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('issued','cancelled','used'))
+);
+CREATE INDEX vouchers_customer ON vouchers(customer_id);
+CREATE INDEX vouchers_document ON vouchers(document_id);
+
+-- program budget per period: gross margin of the sales in force and value of points issued
+CREATE TABLE period_totals (
+    period       TEXT PRIMARY KEY,
+    margin       INTEGER NOT NULL,
+    issued_value INTEGER NOT NULL
+) WITHOUT ROWID;
 "#,
 ];
 

@@ -68,7 +68,8 @@ const CHECKS: &[(&str, &str)] = &[
            CASE WHEN kind IN ('accrual','redemption') OR role = 'cancel' OR kind = 'reversal' THEN 'document' ELSE 'actor' END \
          FROM journal WHERE \
            ((kind IN ('accrual','redemption','reversal') OR role = 'cancel') AND document_id IS NULL) \
-           OR (kind = 'adjustment' AND (actor IS NULL OR actor = '')) \
+           OR (kind IN ('adjustment','writeoff') AND (actor IS NULL OR actor = '')) \
+           OR (kind = 'bonus' AND document_id IS NULL AND idem_key IS NULL) \
            OR (kind = 'opening' AND idem_key IS NULL)",
     ),
     (

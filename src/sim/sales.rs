@@ -77,6 +77,13 @@ impl Shop {
                 onec_id: None,
                 amocrm_id: None,
                 name: Some(format!("Покупатель {i}")),
+                birthday: chrono::NaiveDate::from_ymd_opt(
+                    1970 + (i % 40) as i32,
+                    1 + (i % 12) as u32,
+                    1 + (i % 28) as u32,
+                ),
+                referred_by: None,
+                invite_code: None,
             })
             .collect();
         Shop {

@@ -1,0 +1,1099 @@
+//! The cost-aware rules engine: what a sale earns, what a basket may be paid with, and why.
+//!
+//! Everything here is a pure function of the sale, the customer's state, the rule set and
+//! the time. The guarantees this product exists for are enforced here, in one place:
+//!
+//! - a line earns at most `max_reward_share_of_margin × margin`, and nothing at all when its
+//!   margin (net − cost × quantity) is zero or negative;
+//! - a line whose cost is unknown follows a named policy and is always flagged, so reports
+//!   show what was granted blind;
+//! - a quote never lets a redemption take any line below `cost × (1 + min_markup)`; a sale
+//!   that arrives having done so anyway (the till is the authority) is flagged `loss_maker`
+//!   with the amount lost;
+//! - points issued in a budget period never exceed the configured share of that period's
+//!   gross margin: the excess is capped and flagged, never silently issued.
+//!
+//! Rounding: rates apply to kopecks exactly (decimals); each explanation item's value is
+//! converted to points **rounded down**, so the items of a decision sum exactly to what is
+//! posted, and a cap always reduces whole items from the last one back.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Timelike, Utc, Weekday};
+use chrono_tz::Tz;
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+
+use super::document::{Document, Line};
+use super::journal::{Explanation, ExplanationItem, Flag};
+use super::money::Money;
+use super::program::{Bonus, CustomerState, Decision, Rules};
+
+/// Conditions a rule applies under. Empty lists mean "any".
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Filter {
+    /// Local business dates, inclusive.
+    pub from: Option<NaiveDate>,
+    pub to: Option<NaiveDate>,
+    pub weekdays: Vec<Weekday>,
+    /// Local hours `[start, end)`; `start > end` wraps past midnight.
+    pub hours: Option<(u32, u32)>,
+    pub stores: Vec<String>,
+    /// Source systems (`onec`, `amocrm`, a partner's source).
+    pub channels: Vec<String>,
+    pub tiers: Vec<String>,
+    /// Closed programs the customer must be a member of.
+    pub programs: Vec<String>,
+    pub include_products: Vec<String>,
+    pub exclude_products: Vec<String>,
+    pub include_categories: Vec<String>,
+    pub exclude_categories: Vec<String>,
+}
+
+impl Filter {
+    fn document_matches(&self, doc: &Document, customer: &CustomerState, tz: Tz) -> bool {
+        let local = doc.occurred_at.with_timezone(&tz);
+        let date = local.date_naive();
+        if self.from.is_some_and(|f| date < f) || self.to.is_some_and(|t| date > t) {
+            return false;
+        }
+        if !self.weekdays.is_empty() && !self.weekdays.contains(&local.weekday()) {
+            return false;
+        }
+        if let Some((start, end)) = self.hours {
+            let h = local.hour();
+            let inside = if start <= end {
+                h >= start && h < end
+            } else {
+                h >= start || h < end
+            };
+            if !inside {
+                return false;
+            }
+        }
+        if !self.stores.is_empty() && !doc.store.as_ref().is_some_and(|s| self.stores.contains(s)) {
+            return false;
+        }
+        if !self.channels.is_empty() && !self.channels.contains(&doc.source.system) {
+            return false;
+        }
+        if !self.tiers.is_empty() && !customer.tier.as_ref().is_some_and(|t| self.tiers.contains(t)) {
+            return false;
+        }
+        if !self.programs.is_empty() && !self.programs.iter().any(|p| customer.memberships.contains(p)) {
+            return false;
+        }
+        true
+    }
+
+    fn line_matches(&self, line: &Line) -> bool {
+        let category = line.category.as_deref().unwrap_or("");
+        if self.exclude_products.contains(&line.product_id)
+            || self.exclude_categories.iter().any(|c| c == category)
+        {
+            return false;
+        }
+        let product_listed = self.include_products.contains(&line.product_id);
+        let category_listed = self.include_categories.iter().any(|c| c == category);
+        if self.include_products.is_empty() && self.include_categories.is_empty() {
+            return true;
+        }
+        product_listed || category_listed
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum EarnKind {
+    /// Percent of the line's net paid in money. Where several percent rules match a line,
+    /// the highest applies (rates do not stack).
+    Percent(Decimal),
+    /// Multiplies the line's rate; several multipliers multiply.
+    Multiplier(Decimal),
+    /// Points per check meeting the rule (e.g. a visit bonus).
+    FixedPerCheck(i64),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EarnRule {
+    pub id: String,
+    pub kind: EarnKind,
+    pub filter: Filter,
+    /// The check's eligible lines must sum to at least this.
+    pub min_check: Money,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tier {
+    pub id: String,
+    pub name: String,
+    /// Spend over the tier window needed to reach the tier.
+    pub min_spend: Money,
+    pub earn_multiplier: Decimal,
+    /// Discount the till should give (дисконтная программа); published, not applied here.
+    pub discount_pct: Decimal,
+    /// This tier's cap on the share of a check payable with points.
+    pub max_redeem_share: Option<Decimal>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TierPolicy {
+    pub window: Duration,
+    /// A customer below their tier's threshold keeps it this long after reaching it.
+    pub downgrade_grace: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StampCount {
+    /// Every qualifying item (by quantity, whole units).
+    Items,
+    /// Every check with at least one qualifying item.
+    Visits,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum StampReward {
+    Points(i64),
+    /// A voucher for a named product (issued, not paid in points).
+    Product(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StampCard {
+    pub id: String,
+    pub every: u32,
+    pub count: StampCount,
+    pub filter: Filter,
+    pub reward: StampReward,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Threshold {
+    pub id: String,
+    pub spend: Money,
+    pub window: Duration,
+    pub bonus_points: i64,
+    pub filter: Filter,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UnknownCost {
+    /// No reward on a line whose cost is unknown.
+    Skip,
+    /// Treat the line as having this margin (percent of net).
+    AssumeMarginPct(Decimal),
+    /// Ignore the rules for such a line and give this percent of net, uncapped by margin.
+    FixedRate(Decimal),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Guard {
+    pub max_reward_share_of_margin: Decimal,
+    pub min_markup: Decimal,
+    pub max_redeem_share_of_check: Decimal,
+    pub unknown_cost: UnknownCost,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    Day,
+    Month,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Budget {
+    pub period: BudgetPeriod,
+    pub share_of_gross_margin: Decimal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NegativeBalance {
+    /// A customer may owe points; the next accruals repay them.
+    Allow,
+    /// Owed points above this many are written off.
+    Cap(i64),
+    /// Owed points are written off at once.
+    WriteOff,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Welcome {
+    pub enrolment_points: i64,
+    pub first_purchase_points: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Birthday {
+    pub points: i64,
+    pub days_before: i64,
+    pub days_after: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Referral {
+    pub referrer_points: i64,
+    pub referee_points: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClosedProgram {
+    pub id: String,
+    pub invite_codes: Vec<String>,
+    pub membership_products: Vec<String>,
+}
+
+/// A validated rules file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuleSet {
+    pub timezone: Tz,
+    pub point_value: Money,
+    pub return_window: Duration,
+    pub expire_after: Option<Duration>,
+    pub warn_before: Duration,
+    pub earn_on_redeemed: bool,
+    pub guard: Guard,
+    pub budget: Option<Budget>,
+    pub exclusions: Filter,
+    pub exclude_services: bool,
+    pub negative_balance: NegativeBalance,
+    pub max_sales_per_day: Option<u32>,
+    pub earn: Vec<EarnRule>,
+    pub tiers: Vec<Tier>,
+    pub tier_policy: TierPolicy,
+    pub stamps: Vec<StampCard>,
+    pub thresholds: Vec<Threshold>,
+    pub welcome: Welcome,
+    pub birthday: Option<Birthday>,
+    pub referral: Option<Referral>,
+    pub closed_programs: Vec<ClosedProgram>,
+    /// Source system → partner id, for the partner (coalition) program.
+    pub partners: BTreeMap<String, String>,
+}
+
+impl RuleSet {
+    /// The program a shop gets with no rules file: a flat percentage with every guard on.
+    pub fn flat(
+        percent: Decimal,
+        point_value: Money,
+        return_window: Duration,
+        expire_after: Option<Duration>,
+    ) -> RuleSet {
+        RuleSet {
+            timezone: chrono_tz::Europe::Moscow,
+            point_value,
+            return_window,
+            expire_after,
+            warn_before: Duration::days(14),
+            earn_on_redeemed: false,
+            guard: Guard {
+                max_reward_share_of_margin: Decimal::new(3, 1),
+                min_markup: Decimal::ZERO,
+                max_redeem_share_of_check: Decimal::new(5, 1),
+                unknown_cost: UnknownCost::AssumeMarginPct(Decimal::from(25)),
+            },
+            budget: None,
+            exclusions: Filter::default(),
+            exclude_services: true,
+            negative_balance: NegativeBalance::Allow,
+            max_sales_per_day: None,
+            earn: vec![EarnRule {
+                id: "base".into(),
+                kind: EarnKind::Percent(percent),
+                filter: Filter::default(),
+                min_check: Money::ZERO,
+            }],
+            tiers: Vec::new(),
+            tier_policy: TierPolicy {
+                window: Duration::days(365),
+                downgrade_grace: Duration::days(30),
+            },
+            stamps: Vec::new(),
+            thresholds: Vec::new(),
+            welcome: Welcome::default(),
+            birthday: None,
+            referral: None,
+            closed_programs: Vec::new(),
+            partners: BTreeMap::new(),
+        }
+    }
+
+    pub fn tier(&self, id: &str) -> Option<&Tier> {
+        self.tiers.iter().find(|t| t.id == id)
+    }
+
+    /// Whether a line can neither earn nor be paid with points.
+    pub fn excluded(&self, line: &Line) -> bool {
+        (self.exclude_services && line.service)
+            || self.exclusions.exclude_products.contains(&line.product_id)
+            || line
+                .category
+                .as_ref()
+                .is_some_and(|c| self.exclusions.exclude_categories.contains(c))
+    }
+
+    /// The budget period a moment falls in, as a stable key (`2026-03-02`, `2026-03`).
+    pub fn budget_period_key(&self, at: DateTime<Utc>) -> Option<String> {
+        let b = self.budget?;
+        let local = at.with_timezone(&self.timezone).date_naive();
+        Some(match b.period {
+            BudgetPeriod::Day => local.format("%Y-%m-%d").to_string(),
+            BudgetPeriod::Month => local.format("%Y-%m").to_string(),
+        })
+    }
+}
+
+/// Margin of a line in kopecks when its cost is known.
+pub fn line_margin(line: &Line) -> Option<i64> {
+    let cost = line.unit_cost?.mul_decimal(line.quantity).ok()?;
+    Some(line.net.0 - cost.0)
+}
+
+fn dec(v: i64) -> Decimal {
+    Decimal::from(v)
+}
+
+fn floor_i64(d: Decimal) -> i64 {
+    d.floor()
+        .to_i64()
+        .unwrap_or(if d.is_sign_negative() { i64::MIN } else { i64::MAX })
+}
+
+/// Spreads `total` kopecks over `weights` in proportion, rounding up per share (so no line's
+/// base is overstated) but never beyond `total` in sum.
+fn spread_up(total: i64, weights: &[i64]) -> Vec<i64> {
+    let sum: i64 = weights.iter().filter(|w| **w > 0).sum();
+    let mut out = vec![0; weights.len()];
+    if total <= 0 || sum <= 0 {
+        return out;
+    }
+    let mut left = total;
+    for (i, w) in weights.iter().enumerate() {
+        if *w <= 0 {
+            continue;
+        }
+        let share = (dec(total) * dec(*w) / dec(sum))
+            .ceil()
+            .to_i64()
+            .unwrap_or(0)
+            .min(left)
+            .min(*w);
+        out[i] = share;
+        left -= share;
+    }
+    out
+}
+
+/// What one line may earn, before check-level caps.
+struct LineEarn {
+    item: ExplanationItem,
+    /// Reward value in kopecks (exact decimal) before conversion to points.
+    value: Decimal,
+}
+
+impl Rules for RuleSet {
+    fn evaluate(&self, doc: &Document, customer: &CustomerState, _now: DateTime<Utc>) -> Decision {
+        let (available_at, expires_at) = self.lot_times(doc.occurred_at);
+        let mut d = Decision {
+            line_points: vec![0; doc.lines.len()],
+            available_at: Some(available_at),
+            expires_at,
+            ..Default::default()
+        };
+        let point_value = self.point_value.0.max(1);
+        let eligible: Vec<bool> = doc.lines.iter().map(|l| !self.excluded(l)).collect();
+        d.margin = Money(doc.lines.iter().filter_map(line_margin).sum());
+
+        // Redemption at the till is a fact; check it against the guard and flag a loss.
+        let redeemed_value = doc.points_redeemed.0.saturating_mul(point_value);
+        let weights: Vec<i64> = doc
+            .lines
+            .iter()
+            .zip(&eligible)
+            .map(|(l, e)| if *e { l.net.0 } else { 0 })
+            .collect();
+        let redeemed_share = spread_up(redeemed_value, &weights);
+        if redeemed_value > 0 {
+            let mut below_floor = 0i64;
+            let mut lost = 0i64;
+            for (l, share) in doc.lines.iter().zip(&redeemed_share) {
+                let Some(cost) = l.unit_cost.and_then(|c| c.mul_decimal(l.quantity).ok()) else {
+                    continue;
+                };
+                let paid = l.net.0 - share;
+                let floor = floor_i64((dec(cost.0) * (Decimal::ONE + self.guard.min_markup)).ceil());
+                below_floor += (floor - paid).max(0);
+                lost += (cost.0 - paid).max(0);
+            }
+            if below_floor > 0 {
+                d.flags.push(Flag::new(
+                    "loss_maker",
+                    format!(
+                        "points paid at the till took lines {} below cost + markup ({} below cost)",
+                        Money(below_floor),
+                        Money(lost)
+                    ),
+                ));
+                d.loss = Money(lost);
+            }
+            let goods: i64 = weights.iter().sum();
+            let max_share = (dec(goods) * self.guard.max_redeem_share_of_check).floor();
+            if dec(redeemed_value) > max_share {
+                d.flags.push(Flag::new(
+                    "redemption_over_share",
+                    format!(
+                        "{} paid with points is more than {}% of the check",
+                        Money(redeemed_value),
+                        (self.guard.max_redeem_share_of_check * Decimal::ONE_HUNDRED).normalize()
+                    ),
+                ));
+            }
+        }
+        if customer.customer_id.is_none() {
+            if doc.points_redeemed.0 > 0 {
+                d.flags.push(Flag::new(
+                    "redemption_without_customer",
+                    format!(
+                        "{} points paid without a customer to take them from",
+                        doc.points_redeemed
+                    ),
+                ));
+            }
+            d.explanation = Explanation::text("no customer on the document: nothing earned");
+            return d;
+        }
+        if let Some(max) = self.max_sales_per_day
+            && customer.sales_today + 1 > max
+        {
+            d.flags.push(Flag::new(
+                "velocity",
+                format!(
+                    "{} sales by this customer today (limit {max})",
+                    customer.sales_today + 1
+                ),
+            ));
+        }
+
+        let tier = customer.tier.as_deref().and_then(|t| self.tier(t));
+        let tier_multiplier = tier.map_or(Decimal::ONE, |t| t.earn_multiplier);
+        let doc_rules: Vec<&EarnRule> = self
+            .earn
+            .iter()
+            .filter(|r| r.filter.document_matches(doc, customer, self.timezone))
+            .collect();
+        let check_total = |r: &EarnRule| -> i64 {
+            doc.lines
+                .iter()
+                .zip(&eligible)
+                .filter(|(l, e)| **e && r.filter.line_matches(l))
+                .map(|(l, _)| l.net.0)
+                .sum()
+        };
+        let active: Vec<&EarnRule> = doc_rules
+            .into_iter()
+            .filter(|r| check_total(r) >= r.min_check.0)
+            .collect();
+
+        // Per-line accruals.
+        let mut earns: Vec<Option<LineEarn>> = Vec::with_capacity(doc.lines.len());
+        for (i, line) in doc.lines.iter().enumerate() {
+            if !eligible[i] {
+                earns.push(None);
+                continue;
+            }
+            let base = if self.earn_on_redeemed {
+                line.net.0
+            } else {
+                line.net.0 - redeemed_share[i]
+            }
+            .max(0);
+            let matching: Vec<&&EarnRule> = active.iter().filter(|r| r.filter.line_matches(line)).collect();
+            let best = matching
+                .iter()
+                .filter_map(|r| match r.kind {
+                    EarnKind::Percent(p) => Some((p, r.id.as_str())),
+                    _ => None,
+                })
+                .max_by(|a, b| a.0.cmp(&b.0));
+            let mut multiplier = tier_multiplier;
+            let mut mult_ids = Vec::new();
+            for r in &matching {
+                if let EarnKind::Multiplier(m) = r.kind {
+                    multiplier *= m;
+                    mult_ids.push(r.id.clone());
+                }
+            }
+            let mut item = ExplanationItem {
+                line: Some(i as u32 + 1),
+                product: Some(line.product_id.clone()),
+                base_kopecks: Some(base),
+                ..Default::default()
+            };
+            let margin = line_margin(line);
+            let (rule_id, mut value, rate_text) = match (margin, self.guard.unknown_cost) {
+                (None, UnknownCost::FixedRate(pct)) => (
+                    "unknown_cost:fixed_rate".to_string(),
+                    dec(base) * pct / Decimal::ONE_HUNDRED,
+                    format!("{}% (cost unknown)", pct.normalize()),
+                ),
+                _ => match best {
+                    Some((pct, id)) => {
+                        let mut rule = id.to_string();
+                        for m in &mult_ids {
+                            rule.push_str(&format!("+{m}"));
+                        }
+                        let text = if multiplier == Decimal::ONE {
+                            format!("{}%", pct.normalize())
+                        } else {
+                            format!("{}% × {}", pct.normalize(), multiplier.normalize())
+                        };
+                        (rule, dec(base) * pct / Decimal::ONE_HUNDRED * multiplier, text)
+                    }
+                    None => {
+                        earns.push(None);
+                        continue;
+                    }
+                },
+            };
+            item.rule = rule_id;
+            item.rate = Some(rate_text);
+            // The margin guard.
+            let cap_margin = match (margin, self.guard.unknown_cost) {
+                (Some(m), _) => Some(m),
+                (None, UnknownCost::Skip) => Some(0),
+                (None, UnknownCost::AssumeMarginPct(pct)) => {
+                    Some(floor_i64(dec(line.net.0) * pct / Decimal::ONE_HUNDRED))
+                }
+                (None, UnknownCost::FixedRate(_)) => None,
+            };
+            if margin.is_none() {
+                item.note = Some(match self.guard.unknown_cost {
+                    UnknownCost::Skip => "cost unknown: no reward (policy skip)".into(),
+                    UnknownCost::AssumeMarginPct(p) => {
+                        format!("cost unknown: margin assumed {}%", p.normalize())
+                    }
+                    UnknownCost::FixedRate(p) => format!("cost unknown: fixed {}% of net", p.normalize()),
+                });
+            }
+            if let Some(m) = cap_margin {
+                let limit = if m <= 0 {
+                    Decimal::ZERO
+                } else {
+                    dec(m) * self.guard.max_reward_share_of_margin
+                };
+                if value > limit {
+                    let before = floor_i64(value / dec(point_value));
+                    value = limit;
+                    let after = floor_i64(value / dec(point_value));
+                    item.cap = Some(if m <= 0 {
+                        "margin_not_positive".into()
+                    } else {
+                        format!(
+                            "max_reward_share_of_margin {} of margin {}",
+                            self.guard.max_reward_share_of_margin.normalize(),
+                            Money(m)
+                        )
+                    });
+                    item.capped_by = Some(before - after);
+                }
+            }
+            earns.push(Some(LineEarn { item, value }));
+        }
+
+        let mut items: Vec<(Option<usize>, ExplanationItem)> = Vec::new();
+        let mut blind = 0i64;
+        for (i, e) in earns.into_iter().enumerate() {
+            let Some(e) = e else { continue };
+            let points = floor_i64(e.value / dec(point_value)).max(0);
+            let mut item = e.item;
+            item.points = points;
+            if doc.lines[i].unit_cost.is_none() {
+                blind += points;
+            }
+            if points > 0 || item.capped_by.is_some_and(|c| c > 0) {
+                items.push((Some(i), item));
+            }
+        }
+        // Fixed points per check, within the check's remaining margin allowance.
+        let earned_value: i64 = items.iter().map(|(_, it)| it.points * point_value).sum();
+        let check_margin: i64 = doc
+            .lines
+            .iter()
+            .zip(&eligible)
+            .filter(|(_, e)| **e)
+            .filter_map(|(l, _)| line_margin(l))
+            .sum();
+        let mut allowance =
+            floor_i64(dec(check_margin.max(0)) * self.guard.max_reward_share_of_margin) - earned_value;
+        for r in &active {
+            if let EarnKind::FixedPerCheck(points) = r.kind {
+                let fits = (allowance / point_value).clamp(0, points);
+                let mut item = ExplanationItem {
+                    rule: r.id.clone(),
+                    rate: Some(format!("{points} per check")),
+                    points: fits,
+                    ..Default::default()
+                };
+                if fits < points {
+                    item.cap = Some("max_reward_share_of_margin of the check".into());
+                    item.capped_by = Some(points - fits);
+                }
+                allowance -= fits * point_value;
+                items.push((None, item));
+            }
+        }
+        if blind > 0 {
+            d.flags.push(Flag::new(
+                "unknown_cost",
+                format!("{blind} points granted on lines whose cost is unknown"),
+            ));
+        }
+        if items
+            .iter()
+            .any(|(_, it)| it.cap.as_deref() == Some("margin_not_positive"))
+        {
+            d.flags
+                .push(Flag::new("no_margin", "a line with no margin earned nothing"));
+        }
+
+        // Event bonuses tied to this sale: first purchase, stamps, thresholds.
+        let mut bonuses = Vec::new();
+        if customer.prior_sales == 0 && self.welcome.first_purchase_points > 0 {
+            bonuses.push(Bonus {
+                rule: "welcome:first_purchase".into(),
+                points: self.welcome.first_purchase_points,
+                explanation: Explanation::text(format!(
+                    "welcome bonus for the first purchase: {} points",
+                    self.welcome.first_purchase_points
+                )),
+            });
+        }
+        for card in &self.stamps {
+            if !card.filter.document_matches(doc, customer, self.timezone) {
+                continue;
+            }
+            let qualifying: Decimal = doc
+                .lines
+                .iter()
+                .filter(|l| card.filter.line_matches(l) && !(self.exclude_services && l.service))
+                .map(|l| l.quantity.trunc())
+                .sum();
+            let add = match card.count {
+                StampCount::Items => qualifying,
+                StampCount::Visits => {
+                    if qualifying > Decimal::ZERO {
+                        Decimal::ONE
+                    } else {
+                        Decimal::ZERO
+                    }
+                }
+            };
+            if add <= Decimal::ZERO {
+                continue;
+            }
+            let key = format!("stamp:{}", card.id);
+            let before = customer.counters.get(&key).copied().unwrap_or_default();
+            d.counters.push((key, add));
+            let every = dec(card.every.max(1) as i64);
+            let rewards = floor_i64((before + add) / every) - floor_i64(before / every);
+            for _ in 0..rewards.max(0) {
+                match &card.reward {
+                    StampReward::Points(p) => bonuses.push(Bonus {
+                        rule: format!("stamp:{}", card.id),
+                        points: *p,
+                        explanation: Explanation::text(format!(
+                            "stamp card {}: every {} → {p} points",
+                            card.id, card.every
+                        )),
+                    }),
+                    StampReward::Product(product) => d.vouchers.push((card.id.clone(), product.clone())),
+                }
+            }
+        }
+        for t in &self.thresholds {
+            if !t.filter.document_matches(doc, customer, self.timezone) {
+                continue;
+            }
+            let spend: i64 = doc
+                .lines
+                .iter()
+                .zip(&eligible)
+                .filter(|(l, e)| **e && t.filter.line_matches(l))
+                .map(|(l, _)| l.net.0)
+                .sum();
+            let key = format!("threshold:{}", t.id);
+            let before = customer.counters.get(&key).copied().unwrap_or_default();
+            let awarded = customer.recent_awards.contains(&key);
+            if !awarded && before < dec(t.spend.0) && before + dec(spend) >= dec(t.spend.0) {
+                bonuses.push(Bonus {
+                    rule: key,
+                    points: t.bonus_points,
+                    explanation: Explanation::text(format!(
+                        "spend of {} reached within {} days: {} points",
+                        t.spend,
+                        t.window.num_days(),
+                        t.bonus_points
+                    )),
+                });
+            }
+        }
+
+        // The program budget caps everything this sale would issue.
+        if let (Some(b), Some(state)) = (self.budget, customer.budget) {
+            let allowed = floor_i64(dec((state.margin + d.margin).0.max(0)) * b.share_of_gross_margin);
+            let room = ((allowed - state.issued_value.0) / point_value).max(0);
+            let wanted: i64 = items.iter().map(|(_, it)| it.points).sum::<i64>()
+                + bonuses.iter().map(|b| b.points).sum::<i64>();
+            if wanted > room {
+                let mut cut = wanted - room;
+                for b in bonuses.iter_mut().rev() {
+                    let c = cut.min(b.points);
+                    b.points -= c;
+                    cut -= c;
+                }
+                for (_, it) in items.iter_mut().rev() {
+                    let c = cut.min(it.points);
+                    if c > 0 {
+                        it.points -= c;
+                        it.capped_by = Some(it.capped_by.unwrap_or(0) + c);
+                        it.cap = Some(match &it.cap {
+                            Some(prev) => format!("{prev}; program budget"),
+                            None => "program budget".into(),
+                        });
+                    }
+                    cut -= c;
+                }
+                d.flags.push(Flag::new(
+                    "budget_capped",
+                    format!(
+                        "{} points not issued: the program budget for the period is spent",
+                        wanted - room
+                    ),
+                ));
+            }
+        }
+        bonuses.retain(|b| b.points > 0);
+        d.bonuses = bonuses;
+
+        for (line, item) in &items {
+            if let Some(i) = line {
+                d.line_points[*i] += item.points;
+            }
+        }
+        d.accrual = items.iter().map(|(_, it)| it.points).sum();
+        d.explanation.items = items.into_iter().map(|(_, it)| it).collect();
+        d.explanation.summary = match tier {
+            Some(t) if t.earn_multiplier != Decimal::ONE => format!(
+                "{} points on {} (tier {} × {}), 1 point = {}",
+                d.accrual,
+                doc.total,
+                t.name,
+                t.earn_multiplier.normalize(),
+                self.point_value
+            ),
+            _ => format!(
+                "{} points on {}, 1 point = {}",
+                d.accrual, doc.total, self.point_value
+            ),
+        };
+        d.partner = self.partners.get(&doc.source.system).cloned();
+        for p in &self.closed_programs {
+            if customer.memberships.contains(&p.id) {
+                continue;
+            }
+            if doc
+                .lines
+                .iter()
+                .any(|l| p.membership_products.contains(&l.product_id))
+            {
+                d.memberships
+                    .push((p.id.clone(), "membership product bought".into()));
+            }
+        }
+        d
+    }
+
+    fn lot_times(&self, earned_at: DateTime<Utc>) -> (DateTime<Utc>, Option<DateTime<Utc>>) {
+        let available = earned_at + self.return_window;
+        (available, self.expire_after.map(|e| available + e))
+    }
+
+    fn point_value(&self) -> Money {
+        self.point_value
+    }
+
+    fn counter_needs(&self) -> Vec<(String, Option<Duration>)> {
+        counter_needs(self)
+    }
+
+    fn counter_contributions(&self, doc: &Document, decision: &Decision) -> Vec<(String, i64)> {
+        let mut out: Vec<(String, i64)> = decision
+            .counters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.trunc().to_i64().unwrap_or(0)))
+            .collect();
+        out.extend(threshold_spend(self, doc));
+        out
+    }
+
+    fn tier_window(&self) -> Option<Duration> {
+        (!self.tiers.is_empty()).then_some(self.tier_policy.window)
+    }
+
+    fn tier_after_sale(&self, current: Option<&str>, spend_with_sale: Money) -> Option<TierChange> {
+        tier_after_sale(self, current, spend_with_sale)
+    }
+
+    fn budget_period_key(&self, at: DateTime<Utc>) -> Option<String> {
+        RuleSet::budget_period_key(self, at)
+    }
+
+    fn negative_balance(&self) -> NegativeBalance {
+        self.negative_balance
+    }
+
+    fn membership_for_invite(&self, code: &str) -> Option<String> {
+        membership_for_invite(self, code)
+    }
+
+    fn enrolment_points(&self) -> i64 {
+        self.welcome.enrolment_points
+    }
+
+    fn timezone(&self) -> Tz {
+        self.timezone
+    }
+}
+
+/// A basket a till or the site asks about before taking points.
+#[derive(Clone, Debug, Default)]
+pub struct QuoteRequest {
+    pub lines: Vec<Line>,
+    pub points_wanted: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuoteLine {
+    pub line: u32,
+    pub product: String,
+    /// The most this line can take in points without going below cost × (1 + min_markup).
+    pub max_redeem_kopecks: i64,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quote {
+    /// Points the customer may pay with on this basket (never more than they have).
+    pub max_redeemable_points: i64,
+    pub limited_by: String,
+    pub lines: Vec<QuoteLine>,
+}
+
+/// The most a customer may pay with points on a basket: per line down to cost × (1 +
+/// min_markup), in total at most the check share (the tier's, if lower), and no more than
+/// they hold. Lines with unknown cost take points only under `assume_margin_pct`.
+pub fn quote(rules: &RuleSet, req: &QuoteRequest, customer: &CustomerState) -> Quote {
+    let mut lines = Vec::new();
+    let mut by_lines = 0i64;
+    let mut goods = 0i64;
+    for (i, l) in req.lines.iter().enumerate() {
+        let n = i as u32 + 1;
+        if rules.excluded(l) {
+            lines.push(QuoteLine {
+                line: n,
+                product: l.product_id.clone(),
+                max_redeem_kopecks: 0,
+                reason: "excluded from the program".into(),
+            });
+            continue;
+        }
+        goods += l.net.0;
+        let (max, reason) = match l.unit_cost.and_then(|c| c.mul_decimal(l.quantity).ok()) {
+            Some(cost) => {
+                let floor = floor_i64((dec(cost.0) * (Decimal::ONE + rules.guard.min_markup)).ceil());
+                (
+                    (l.net.0 - floor).max(0),
+                    format!("down to cost {} + markup", cost),
+                )
+            }
+            None => match rules.guard.unknown_cost {
+                UnknownCost::AssumeMarginPct(p) => (
+                    floor_i64(dec(l.net.0) * p / Decimal::ONE_HUNDRED),
+                    format!("cost unknown: margin assumed {}%", p.normalize()),
+                ),
+                _ => (0, "cost unknown: no points on this line".into()),
+            },
+        };
+        by_lines += max;
+        lines.push(QuoteLine {
+            line: n,
+            product: l.product_id.clone(),
+            max_redeem_kopecks: max,
+            reason,
+        });
+    }
+    let share = customer
+        .tier
+        .as_deref()
+        .and_then(|t| rules.tier(t))
+        .and_then(|t| t.max_redeem_share)
+        .map_or(rules.guard.max_redeem_share_of_check, |s| {
+            s.min(rules.guard.max_redeem_share_of_check)
+        });
+    let by_share = floor_i64(dec(goods) * share);
+    let pv = rules.point_value.0.max(1);
+    let mut limits = vec![
+        (by_lines / pv, "cost + markup of the lines".to_string()),
+        (
+            by_share / pv,
+            format!("{}% of the check", (share * Decimal::ONE_HUNDRED).normalize()),
+        ),
+        (
+            customer.available.max(0),
+            "the customer's available points".to_string(),
+        ),
+    ];
+    if let Some(w) = req.points_wanted {
+        limits.push((w.max(0), "the points asked for".to_string()));
+    }
+    let (max, why) = limits
+        .into_iter()
+        .min_by_key(|l| l.0)
+        .unwrap_or((0, String::new()));
+    Quote {
+        max_redeemable_points: max,
+        limited_by: why,
+        lines,
+    }
+}
+
+/// Which tier a spend reaches (the highest whose threshold it meets).
+pub fn tier_for_spend(rules: &RuleSet, spend: Money) -> Option<&Tier> {
+    rules
+        .tiers
+        .iter()
+        .filter(|t| spend >= t.min_spend)
+        .max_by_key(|t| t.min_spend)
+}
+
+/// A tier decision: upgrades happen at once, downgrades only at re-evaluation and only once
+/// the grace period since the current tier was reached has passed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TierChange {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub reason: String,
+}
+
+pub fn tier_after_sale(rules: &RuleSet, current: Option<&str>, spend_with_sale: Money) -> Option<TierChange> {
+    let reached = tier_for_spend(rules, spend_with_sale)?;
+    let current_min = current.and_then(|c| rules.tier(c)).map(|t| t.min_spend);
+    if current_min.is_none_or(|m| reached.min_spend > m) && current != Some(reached.id.as_str()) {
+        return Some(TierChange {
+            from: current.map(str::to_string),
+            to: Some(reached.id.clone()),
+            reason: format!(
+                "spend {} over {} days reached {} ({})",
+                spend_with_sale,
+                rules.tier_policy.window.num_days(),
+                reached.name,
+                reached.min_spend
+            ),
+        });
+    }
+    None
+}
+
+pub fn tier_at_reevaluation(
+    rules: &RuleSet,
+    current: Option<&str>,
+    since: Option<DateTime<Utc>>,
+    spend: Money,
+    now: DateTime<Utc>,
+) -> Option<TierChange> {
+    let due = tier_for_spend(rules, spend).map(|t| t.id.clone());
+    if due.as_deref() == current {
+        return None;
+    }
+    let current_min = current.and_then(|c| rules.tier(c)).map(|t| t.min_spend);
+    let due_min = due.as_deref().and_then(|d| rules.tier(d)).map(|t| t.min_spend);
+    let upgrade = match (current_min, due_min) {
+        (None, Some(_)) => true,
+        (Some(c), Some(d)) => d > c,
+        _ => false,
+    };
+    if !upgrade && since.is_some_and(|s| now < s + rules.tier_policy.downgrade_grace) {
+        return None;
+    }
+    Some(TierChange {
+        from: current.map(str::to_string),
+        to: due.clone(),
+        reason: format!(
+            "re-evaluation: spend {} over {} days{}",
+            spend,
+            rules.tier_policy.window.num_days(),
+            if upgrade {
+                ""
+            } else {
+                " is below the tier threshold after the grace period"
+            }
+        ),
+    })
+}
+
+/// Whether a customer's birthday falls within the bonus window around `today` (local date),
+/// and for which year the bonus counts (so it is given once per year).
+pub fn birthday_due(rules: &RuleSet, birthday: NaiveDate, today: NaiveDate) -> Option<i32> {
+    let b = rules.birthday.as_ref()?;
+    for year in [today.year() - 1, today.year(), today.year() + 1] {
+        let this_year = NaiveDate::from_ymd_opt(year, birthday.month(), birthday.day())
+            .or_else(|| NaiveDate::from_ymd_opt(year, 3, 1))?;
+        if today >= this_year - Duration::days(b.days_before)
+            && today <= this_year + Duration::days(b.days_after)
+        {
+            return Some(year);
+        }
+    }
+    None
+}
+
+/// Counters the ledger must supply in [`CustomerState::counters`] for this rule set, with
+/// the look-back window for spend counters.
+pub fn counter_needs(rules: &RuleSet) -> Vec<(String, Option<Duration>)> {
+    let mut out: Vec<(String, Option<Duration>)> = rules
+        .stamps
+        .iter()
+        .map(|s| (format!("stamp:{}", s.id), None))
+        .collect();
+    out.extend(
+        rules
+            .thresholds
+            .iter()
+            .map(|t| (format!("threshold:{}", t.id), Some(t.window))),
+    );
+    out
+}
+
+/// Membership a customer's invite code grants.
+pub fn membership_for_invite(rules: &RuleSet, code: &str) -> Option<String> {
+    rules
+        .closed_programs
+        .iter()
+        .find(|p| p.invite_codes.iter().any(|c| c == code))
+        .map(|p| p.id.clone())
+}
+
+/// Spend per counter key for a sale, as the ledger stores it for later sales' thresholds.
+pub fn threshold_spend(rules: &RuleSet, doc: &Document) -> HashMap<String, i64> {
+    let mut out = HashMap::new();
+    for t in &rules.thresholds {
+        let spend: i64 = doc
+            .lines
+            .iter()
+            .filter(|l| !rules.excluded(l) && t.filter.line_matches(l))
+            .map(|l| l.net.0)
+            .sum();
+        if spend > 0 {
+            out.insert(format!("threshold:{}", t.id), spend);
+        }
+    }
+    out
+}
