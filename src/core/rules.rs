@@ -583,7 +583,9 @@ impl Rules for RuleSet {
                     let before = floor_i64(value / dec(point_value));
                     value = limit;
                     let after = floor_i64(value / dec(point_value));
-                    item.cap = Some(if m <= 0 {
+                    item.cap = Some(if margin.is_none() {
+                        "unknown_cost_skip".into()
+                    } else if m <= 0 {
                         "margin_not_positive".into()
                     } else {
                         format!(
@@ -600,6 +602,12 @@ impl Rules for RuleSet {
 
         let mut items: Vec<(Option<usize>, ExplanationItem)> = Vec::new();
         let mut blind = 0i64;
+        let unknown_lines = doc
+            .lines
+            .iter()
+            .zip(&eligible)
+            .filter(|(l, e)| **e && l.unit_cost.is_none())
+            .count();
         for (i, e) in earns.into_iter().enumerate() {
             let Some(e) = e else { continue };
             let points = floor_i64(e.value / dec(point_value)).max(0);
@@ -640,10 +648,10 @@ impl Rules for RuleSet {
                 items.push((None, item));
             }
         }
-        if blind > 0 {
+        if unknown_lines > 0 {
             d.flags.push(Flag::new(
                 "unknown_cost",
-                format!("{blind} points granted on lines whose cost is unknown"),
+                format!("{blind} points granted blind on {unknown_lines} line(s) whose cost is unknown"),
             ));
         }
         if items
@@ -885,6 +893,9 @@ pub struct Quote {
     pub max_redeemable_points: i64,
     pub limited_by: String,
     pub lines: Vec<QuoteLine>,
+    /// How the till should spread the redeemed value over the lines (kopecks per line, in
+    /// line order) so that no line goes below its floor.
+    pub allocation: Vec<i64>,
 }
 
 /// The most a customer may pay with points on a basket: per line down to cost × (1 +
@@ -958,10 +969,31 @@ pub fn quote(rules: &RuleSet, req: &QuoteRequest, customer: &CustomerState) -> Q
         .into_iter()
         .min_by_key(|l| l.0)
         .unwrap_or((0, String::new()));
+    // Spread the value over the lines in proportion to what each can take, then top up
+    // from the first line with room, so every kopeck lands within a line's limit.
+    let value = max * pv;
+    let caps: Vec<i64> = lines.iter().map(|l| l.max_redeem_kopecks).collect();
+    let mut allocation: Vec<i64> = caps
+        .iter()
+        .map(|c| {
+            if by_lines > 0 {
+                floor_i64(dec(value) * dec(*c) / dec(by_lines))
+            } else {
+                0
+            }
+        })
+        .collect();
+    let mut left = value - allocation.iter().sum::<i64>();
+    for (a, c) in allocation.iter_mut().zip(&caps) {
+        let add = (c - *a).min(left).max(0);
+        *a += add;
+        left -= add;
+    }
     Quote {
         max_redeemable_points: max,
         limited_by: why,
         lines,
+        allocation,
     }
 }
 
