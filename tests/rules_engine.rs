@@ -2,7 +2,6 @@
 //! then a property test of the cost guard over random baskets and rule sets.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 
 use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
 use kopilka::core::document::{DocKind, Document, Line, SourceRef};
@@ -15,10 +14,6 @@ use kopilka::core::rules::{
 use kopilka::rules_file;
 use proptest::prelude::*;
 use rust_decimal::Decimal;
-
-fn dec(s: &str) -> Decimal {
-    Decimal::from_str(s).unwrap()
-}
 
 /// Monday 2026-03-02 10:30 in Moscow.
 fn monday_morning() -> DateTime<Utc> {
