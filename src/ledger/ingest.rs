@@ -175,37 +175,37 @@ fn doc_by_id(conn: &Connection, id: i64) -> Result<DocRow> {
 }
 
 /// A new transaction to write.
-struct NewTx<'a> {
-    kind: TxKind,
-    role: &'static str,
-    customer_id: i64,
-    document_id: Option<i64>,
-    epoch: Option<i64>,
-    reverses: Option<i64>,
-    effective_at: DateTime<Utc>,
-    explanation: &'a Explanation,
-    actor: Option<&'a str>,
-    idem_key: Option<&'a str>,
-    partner: Option<&'a str>,
+pub(super) struct NewTx<'a> {
+    pub(super) kind: TxKind,
+    pub(super) role: &'static str,
+    pub(super) customer_id: i64,
+    pub(super) document_id: Option<i64>,
+    pub(super) epoch: Option<i64>,
+    pub(super) reverses: Option<i64>,
+    pub(super) effective_at: DateTime<Utc>,
+    pub(super) explanation: &'a Explanation,
+    pub(super) actor: Option<&'a str>,
+    pub(super) idem_key: Option<&'a str>,
+    pub(super) partner: Option<&'a str>,
     /// The rule behind a bonus.
-    rule: Option<&'a str>,
-    counter: Account,
-    moves: Vec<Move>,
+    pub(super) rule: Option<&'a str>,
+    pub(super) counter: Account,
+    pub(super) moves: Vec<Move>,
     /// Dates of the lot a `Target::NewLot` move fills.
-    new_lot: Option<LotDates>,
+    pub(super) new_lot: Option<LotDates>,
 }
 
 #[derive(Clone, Copy, Debug)]
-struct LotDates {
-    earned: DateTime<Utc>,
-    available: DateTime<Utc>,
-    expires: Option<DateTime<Utc>>,
+pub(super) struct LotDates {
+    pub(super) earned: DateTime<Utc>,
+    pub(super) available: DateTime<Utc>,
+    pub(super) expires: Option<DateTime<Utc>>,
 }
 
 /// Writes one journal transaction with its postings, and moves lots and debt accordingly.
 /// The customer side is `moves`; the counter-account takes the opposite of their sum, so
 /// the transaction sums to zero by construction.
-fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateTime<Utc>) -> Result<i64> {
+pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateTime<Utc>) -> Result<i64> {
     let amount: i64 = t.moves.iter().map(|m| m.amount).sum();
     let explanation = serde_json::to_string(t.explanation)
         .map_err(|e| LedgerError::Corrupt(format!("explanation not serialisable: {e}")))?;
@@ -531,17 +531,18 @@ impl Run<'_, '_> {
         if !doc.applied {
             return Ok(());
         }
-        let txs: Vec<(i64, String, i64, i64, i64)> = conn
+        type Effect = (i64, String, i64, i64, i64, Option<String>);
+        let txs: Vec<Effect> = conn
             .prepare_cached(
-                "SELECT id, kind, amount, customer_id, effective_at FROM journal \
+                "SELECT id, kind, amount, customer_id, effective_at, partner FROM journal \
                  WHERE document_id = ?1 AND epoch = ?2 AND role = 'effect' ORDER BY id DESC",
             )?
             .query_map(params![doc.id, doc.epoch], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
             })?
             .collect::<rusqlite::Result<_>>()?;
         let now = self.ctx.now;
-        for (tx_id, kind, amount, customer, effective) in txs {
+        for (tx_id, kind, amount, customer, effective, partner) in txs {
             if amount == 0 {
                 continue;
             }
@@ -583,7 +584,7 @@ impl Run<'_, '_> {
                     explanation: &explanation,
                     actor: None,
                     idem_key: None,
-                    partner: None,
+                    partner: partner.as_deref(),
                     rule: None,
                     counter,
                     moves,
@@ -1461,7 +1462,7 @@ impl Ledger {
 
 /// Queues the visible state of each touched customer for the contact destination, if one
 /// is configured. Rows coalesce per customer: only the newest state is delivered.
-fn enqueue_contact_states(
+pub(super) fn enqueue_contact_states(
     conn: &Connection,
     touched: &BTreeSet<i64>,
     ctx: &IngestContext<'_>,

@@ -9,6 +9,7 @@
 
 mod delivery;
 mod ingest;
+mod jobs;
 mod outbox;
 mod query;
 mod schema;
@@ -25,6 +26,7 @@ pub use delivery::{DeliveryError, DeliveryPolicy, DeliveryReport, SharedLedger, 
 pub use ingest::{
     AdjustOutcome, AdjustRequest, Batch, Destinations, IngestContext, IngestReport, Item, Outcome,
 };
+pub use jobs::{NightlyReport, TierEvent};
 pub use outbox::{OutboxFilter, OutboxRow, OutboxState};
 pub use query::{BalanceView, CustomerView, DateRange, HistoryEntry, QuarantineEntry, Summary};
 pub use verify::Violation;

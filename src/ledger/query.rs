@@ -102,7 +102,7 @@ pub struct BalanceView {
     pub expiring: Expiring,
     /// Points owed by the customer (a return after the points were spent).
     pub debt: i64,
-    /// Tier name; `None` until the rules engine assigns tiers.
+    /// Tier id; `None` when the program has no tiers.
     pub tier: Option<String>,
 }
 
@@ -158,6 +158,14 @@ pub struct Summary {
     pub voided_documents: i64,
 }
 
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct PartnerTotals {
+    pub partner: String,
+    pub points_issued: i64,
+    pub points_redeemed: i64,
+    pub documents: i64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct QuarantineEntry {
     pub id: i64,
@@ -201,6 +209,9 @@ impl Ledger {
     pub fn balance_of(&self, id: i64, now: DateTime<Utc>, warn: chrono::Duration) -> Result<BalanceView> {
         let h = holdings(&self.conn, id)?;
         let f = lots::figures(&h, now, warn);
+        let tier: Option<String> =
+            self.conn
+                .query_row("SELECT tier FROM customers WHERE id = ?1", [id], |r| r.get(0))?;
         Ok(BalanceView {
             customer: customer_view(&self.conn, id)?,
             available: f.available,
@@ -212,7 +223,7 @@ impl Ledger {
                 within_days: warn.num_days(),
             },
             debt: h.debt,
-            tier: None,
+            tier,
         })
     }
 
@@ -327,6 +338,31 @@ impl Ledger {
             |r| r.get(0),
         )?;
         Ok(s)
+    }
+
+    /// Points issued and redeemed per partner in a period, for settlement between the
+    /// shops of a coalition program.
+    pub fn partner_totals(&self, range: &DateRange) -> Result<Vec<PartnerTotals>> {
+        let (from, to) = range.bounds();
+        let mut st = self.conn.prepare(
+            "SELECT partner, \
+               COALESCE(SUM(CASE WHEN kind IN ('accrual','bonus') OR (kind = 'reversal' AND amount < 0) \
+                 THEN amount END), 0), \
+               COALESCE(-SUM(CASE WHEN kind = 'redemption' OR (kind = 'reversal' AND amount > 0) THEN amount END), 0), \
+               COUNT(DISTINCT document_id) \
+             FROM journal WHERE partner IS NOT NULL AND effective_at >= ?1 AND effective_at < ?2 \
+             GROUP BY partner ORDER BY partner",
+        )?;
+        Ok(st
+            .query_map(params![from, to], |r| {
+                Ok(PartnerTotals {
+                    partner: r.get(0)?,
+                    points_issued: r.get(1)?,
+                    points_redeemed: r.get(2)?,
+                    documents: r.get(3)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn quarantine_list(&self, include_resolved: bool) -> Result<Vec<QuarantineEntry>> {

@@ -11,7 +11,7 @@ use kopilka::core::document::{
 };
 use kopilka::core::identity::CustomerIdentity;
 use kopilka::core::money::{Money, Points};
-use kopilka::core::program::FlatPercent;
+use kopilka::core::rules::RuleSet;
 use kopilka::ledger::{Batch, Destinations, IngestContext, IngestReport, Item, Ledger, OpenOptions};
 use rust_decimal::Decimal;
 
@@ -19,7 +19,7 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub path: PathBuf,
     pub ledger: Ledger,
-    pub rules: FlatPercent,
+    pub rules: RuleSet,
     pub limits: DocumentLimits,
     pub dest: Destinations,
     pub now: DateTime<Utc>,
@@ -30,6 +30,12 @@ pub fn t0() -> DateTime<Utc> {
 }
 
 impl Env {
+    pub fn with_rules(text: &str) -> Env {
+        let mut env = Env::new();
+        env.rules = kopilka::rules_file::parse(text, "test-rules.toml").unwrap_or_else(|e| panic!("{e}"));
+        env
+    }
+
     pub fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
@@ -38,7 +44,12 @@ impl Env {
             dir,
             path,
             ledger,
-            rules: FlatPercent::default(),
+            rules: RuleSet::flat(
+                Decimal::from(5),
+                Money(100),
+                Duration::days(14),
+                Some(Duration::days(365)),
+            ),
             limits: DocumentLimits::default(),
             dest: Destinations {
                 contact_state: Some("amocrm".into()),
@@ -55,6 +66,18 @@ impl Env {
             now: self.now,
             warn_before: Duration::days(14),
         }
+    }
+
+    /// Runs `f` on the ledger with this environment's context (for the nightly jobs).
+    pub fn run<R>(&mut self, f: impl FnOnce(&mut Ledger, &RuleSet, &IngestContext<'_>) -> R) -> R {
+        let ctx = IngestContext {
+            rules: &self.rules,
+            limits: &self.limits,
+            destinations: &self.dest,
+            now: self.now,
+            warn_before: Duration::days(14),
+        };
+        f(&mut self.ledger, &self.rules, &ctx)
     }
 
     pub fn expire(&mut self) -> i64 {

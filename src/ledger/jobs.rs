@@ -1,0 +1,269 @@
+//! Nightly work over the whole ledger: tier re-evaluation, birthday and referral bonuses.
+//! Each job is one transaction and idempotent: running it twice on the same day changes
+//! nothing the second time (bonuses carry idempotency keys, tier changes only happen when
+//! the tier differs).
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use rusqlite::{OptionalExtension, params};
+
+use super::ingest::{IngestContext, LotDates, NewTx, enqueue_contact_states, post};
+use super::query::holdings;
+use super::{Ledger, Result, from_ts, ts};
+use crate::core::journal::{Account, Explanation, TxKind};
+use crate::core::lots;
+use crate::core::money::Money;
+use crate::core::program::Rules;
+use crate::core::rules::{RuleSet, birthday_due, tier_at_reevaluation};
+
+/// What the nightly jobs did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NightlyReport {
+    pub expired_points: i64,
+    pub tier_changes: usize,
+    pub birthday_bonuses: usize,
+    pub referral_bonuses: usize,
+}
+
+/// An event bonus to grant once.
+struct Grant<'a> {
+    customer: i64,
+    points: i64,
+    rule: &'a str,
+    key: &'a str,
+    text: String,
+}
+
+/// Posts an event bonus once per key; returns whether it was new.
+fn grant(conn: &rusqlite::Connection, rules: &RuleSet, g: Grant<'_>, now: DateTime<Utc>) -> Result<bool> {
+    let Grant {
+        customer,
+        points,
+        rule,
+        key,
+        text,
+    } = g;
+    if points <= 0 {
+        return Ok(false);
+    }
+    let exists: Option<i64> = conn
+        .prepare_cached("SELECT id FROM journal WHERE idem_key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    if exists.is_some() {
+        return Ok(false);
+    }
+    let mut h = holdings(conn, customer)?;
+    let moves = lots::plan_credit(&h, points, &[]);
+    let (avail, exp) = rules.lot_times(now);
+    let explanation = Explanation::text(text);
+    post(
+        conn,
+        NewTx {
+            kind: TxKind::Bonus,
+            role: "effect",
+            customer_id: customer,
+            document_id: None,
+            epoch: None,
+            reverses: None,
+            effective_at: now,
+            explanation: &explanation,
+            actor: None,
+            idem_key: Some(key),
+            partner: None,
+            rule: Some(rule),
+            counter: Account::Expense,
+            moves,
+            // event bonuses are usable at once and live as long as earned points
+            new_lot: Some(LotDates {
+                earned: now,
+                available: now,
+                expires: exp.map(|e| now + (e - avail)),
+            }),
+        },
+        &mut h,
+        now,
+    )?;
+    Ok(true)
+}
+
+impl Ledger {
+    /// Re-evaluates every customer's tier against their spend over the tier window:
+    /// upgrades that sales missed, and downgrades once the grace period has passed.
+    pub fn reevaluate_tiers(&mut self, rules: &RuleSet, ctx: &IngestContext<'_>) -> Result<usize> {
+        if rules.tiers.is_empty() {
+            return Ok(0);
+        }
+        let now = ctx.now;
+        let tx = self.conn.transaction()?;
+        let from = ts(now - rules.tier_policy.window);
+        let rows: Vec<(i64, Option<String>, Option<i64>, i64)> = tx
+            .prepare(
+                "SELECT c.id, c.tier, c.tier_since, COALESCE((SELECT SUM(d.total) FROM documents d \
+                 WHERE d.customer_id = c.id AND d.kind = 'sale' AND d.applied = 1 AND d.occurred_at >= ?1 \
+                 AND d.occurred_at <= ?2), 0) FROM customers c",
+            )?
+            .query_map(params![from, ts(now)], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut changed = BTreeSet::new();
+        for (c, tier, since, spend) in rows {
+            if let Some(change) =
+                tier_at_reevaluation(rules, tier.as_deref(), since.map(from_ts), Money(spend), now)
+            {
+                super::state::record_tier(&tx, c, &change, now, None)?;
+                changed.insert(c);
+            }
+        }
+        enqueue_contact_states(&tx, &changed, ctx)?;
+        tx.commit()?;
+        Ok(changed.len())
+    }
+
+    /// Birthday bonuses for customers whose birthday window includes today (local date),
+    /// once per customer and year.
+    pub fn birthday_bonuses(&mut self, rules: &RuleSet, ctx: &IngestContext<'_>) -> Result<usize> {
+        let Some(b) = &rules.birthday else { return Ok(0) };
+        let now = ctx.now;
+        let today = now.with_timezone(&rules.timezone).date_naive();
+        let tx = self.conn.transaction()?;
+        let rows: Vec<(i64, String)> = tx
+            .prepare("SELECT id, birthday FROM customers WHERE birthday IS NOT NULL")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut granted = BTreeSet::new();
+        for (c, birthday) in rows {
+            let Ok(date) = birthday.parse::<NaiveDate>() else {
+                continue;
+            };
+            let Some(year) = birthday_due(rules, date, today) else {
+                continue;
+            };
+            let key = format!("birthday:{c}:{year}");
+            let text = format!(
+                "birthday bonus {year} ({:02}.{:02}): {} points",
+                date.day(),
+                date.month(),
+                b.points
+            );
+            let g = Grant {
+                customer: c,
+                points: b.points,
+                rule: "birthday",
+                key: &key,
+                text,
+            };
+            if grant(&tx, rules, g, now)? {
+                granted.insert(c);
+            }
+        }
+        enqueue_contact_states(&tx, &granted, ctx)?;
+        tx.commit()?;
+        Ok(granted.len())
+    }
+
+    /// Referral bonuses: when a referred customer's first purchase has passed the return
+    /// window (and is still in force), both sides get their points, once.
+    pub fn referral_bonuses(&mut self, rules: &RuleSet, ctx: &IngestContext<'_>) -> Result<usize> {
+        let Some(r) = &rules.referral else { return Ok(0) };
+        let now = ctx.now;
+        let settled = ts(now - rules.return_window);
+        let tx = self.conn.transaction()?;
+        let rows: Vec<(i64, String, i64)> = tx
+            .prepare(
+                "SELECT c.id, c.referred_by, MIN(d.occurred_at) FROM customers c \
+                 JOIN documents d ON d.customer_id = c.id AND d.kind = 'sale' AND d.applied = 1 \
+                 WHERE c.referred_by IS NOT NULL GROUP BY c.id HAVING MIN(d.occurred_at) <= ?1",
+            )?
+            .query_map([settled], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut touched = BTreeSet::new();
+        let mut pairs = 0;
+        for (referee, code, _first) in rows {
+            let referrer: Option<i64> = tx
+                .prepare_cached("SELECT customer_id FROM customer_keys WHERE kind = 'card' AND value = ?1")?
+                .query_row([&code], |row| row.get(0))
+                .optional()?;
+            let Some(referrer) = referrer.filter(|x| *x != referee) else {
+                continue;
+            };
+            let referee_key = format!("referral:{referee}:referee");
+            let a = grant(
+                &tx,
+                rules,
+                Grant {
+                    customer: referee,
+                    points: r.referee_points,
+                    rule: "referral:referee",
+                    key: &referee_key,
+                    text: format!("referral bonus: joined on card {code}'s invitation"),
+                },
+                now,
+            )?;
+            let referrer_key = format!("referral:{referee}:referrer");
+            let b = grant(
+                &tx,
+                rules,
+                Grant {
+                    customer: referrer,
+                    points: r.referrer_points,
+                    rule: "referral:referrer",
+                    key: &referrer_key,
+                    text: format!("referral bonus: brought customer id:{referee}"),
+                },
+                now,
+            )?;
+            if a || b {
+                pairs += 1;
+                touched.insert(referee);
+                touched.insert(referrer);
+            }
+        }
+        enqueue_contact_states(&tx, &touched, ctx)?;
+        tx.commit()?;
+        Ok(pairs)
+    }
+
+    /// Every nightly job in order: expiry first (so a birthday bonus is not burnt at once).
+    pub fn nightly(&mut self, rules: &RuleSet, ctx: &IngestContext<'_>) -> Result<NightlyReport> {
+        Ok(NightlyReport {
+            expired_points: self.expire_due(ctx)?,
+            tier_changes: self.reevaluate_tiers(rules, ctx)?,
+            birthday_bonuses: self.birthday_bonuses(rules, ctx)?,
+            referral_bonuses: self.referral_bonuses(rules, ctx)?,
+        })
+    }
+
+    /// A customer's tier and the discount it publishes, with the history of changes.
+    pub fn tier_of(&self, customer: i64) -> Result<(Option<String>, Vec<TierEvent>)> {
+        let tier: Option<String> =
+            self.conn
+                .query_row("SELECT tier FROM customers WHERE id = ?1", [customer], |r| {
+                    r.get(0)
+                })?;
+        let mut st = self.conn.prepare(
+            "SELECT from_tier, to_tier, at, reason FROM tier_events WHERE customer_id = ?1 ORDER BY id",
+        )?;
+        let events = st
+            .query_map([customer], |r| {
+                Ok(TierEvent {
+                    from: r.get(0)?,
+                    to: r.get(1)?,
+                    at: from_ts(r.get(2)?),
+                    reason: r.get(3)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok((tier, events))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TierEvent {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub at: DateTime<Utc>,
+    pub reason: String,
+}
