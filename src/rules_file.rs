@@ -717,6 +717,7 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, Report> {
             }
         };
         stamps.push(StampCard {
+            key: format!("stamp:{id}"),
             id,
             every: every.max(1),
             count,
@@ -740,6 +741,7 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, Report> {
             issues.bad(format!("{path}.bonus_points"), "must be positive");
         }
         thresholds.push(Threshold {
+            key: format!("threshold:{id}"),
             id,
             spend: Money(spend),
             window: Duration::days(issues.days(&format!("{path}.window_days"), r.window_days, 30, 1, 3650)),

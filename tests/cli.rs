@@ -158,3 +158,63 @@ fn a_missing_ledger_is_an_error_not_an_empty_database() {
     );
     assert!(!db.exists());
 }
+
+#[test]
+fn simulate_prints_the_table_and_differs_when_a_rule_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_ledger(dir.path());
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/rules.toml");
+    let richer = dir.path().join("richer.toml");
+    let changed = std::fs::read_to_string(shipped)
+        .unwrap()
+        .replace("percent = \"7\"", "percent = \"15\"");
+    std::fs::write(&richer, changed).unwrap();
+    let run = |rules: &str| {
+        let out = kopilka(&["--ledger", &db, "simulate", "--rules", rules, "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let a = run(shipped);
+    let b = run(richer.to_str().unwrap());
+    let issued = |v: &serde_json::Value| v["proposed"]["points_issued"].as_i64().unwrap();
+    assert!(issued(&a) > 0);
+    assert!(
+        issued(&b) > issued(&a),
+        "a richer coffee rate issues more: {} vs {}",
+        issued(&b),
+        issued(&a)
+    );
+    assert_eq!(
+        a["proposed"]["gross_margin_kopecks"],
+        b["proposed"]["gross_margin_kopecks"]
+    );
+    let table = kopilka(&["--ledger", &db, "simulate", "--rules", shipped]);
+    let t = text(&table.stdout);
+    for row in [
+        "points issued",
+        "their cost, RUB",
+        "gross margin after program",
+        "lines capped by the margin guard",
+        "loss-making lines",
+        "per rule",
+    ] {
+        assert!(t.contains(row), "{row} missing from\n{t}");
+    }
+    // the ledger is untouched by a simulation
+    let out = kopilka(&["--ledger", &db, "ledger", "verify"]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn nightly_refreshes_segments_and_offers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_ledger(dir.path());
+    let out = kopilka(&["--ledger", &db, "nightly", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["offers"]["baskets"].as_i64().unwrap() > 100, "{r}");
+    let out = kopilka(&["--ledger", &db, "offers", "200000000000", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let o: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(o["segment"].is_string(), "{o}");
+}

@@ -19,6 +19,15 @@ pub struct BenchArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchWhat {
+    /// Run the rules engine (the shipped example rules) on realistic baskets, one core.
+    Evaluate {
+        #[arg(long, default_value_t = 1_000_000)]
+        evaluations: usize,
+        #[arg(long, default_value_t = 5)]
+        lines: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Ingest N synthetic sales × L lines through the ledger API into a fresh database.
     Ingest {
         #[arg(long, default_value_t = 100_000)]
@@ -46,6 +55,48 @@ pub fn peak_rss_kib() -> Option<u64> {
 
 pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     match &a.what {
+        BenchWhat::Evaluate {
+            evaluations,
+            lines,
+            json,
+        } => {
+            use crate::core::program::{CustomerState, Rules};
+            let rules =
+                crate::rules_file::parse(include_str!("../../config/rules.toml"), "config/rules.toml")?;
+            let shop = Shop::generate(11, 2000, 1000);
+            let mut rng = fastrand::Rng::with_seed(11);
+            let docs: Vec<_> = (0..4096)
+                .map(|i| shop.sale(&mut rng, i, *lines, Some(i % 1000), 0))
+                .collect();
+            let states: Vec<CustomerState> = (0..64)
+                .map(|i| CustomerState {
+                    customer_id: Some(i),
+                    prior_sales: (i % 5) as u32,
+                    tier: Some(["base", "silver", "gold"][i as usize % 3].to_string()),
+                    ..Default::default()
+                })
+                .collect();
+            let start = Instant::now();
+            let mut points = 0i64;
+            for i in 0..*evaluations {
+                let d = &docs[i % docs.len()];
+                let decision = rules.evaluate(d, &states[i % states.len()], d.occurred_at);
+                points += decision.accrual;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let rate = *evaluations as f64 / secs;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::json!({"evaluations": evaluations, "lines_per_sale": lines, "seconds": secs,
+                        "evaluations_per_second": rate, "points_checksum": points})
+                );
+            } else {
+                println!("evaluate: {evaluations} sales × {lines} lines with config/rules.toml on one core");
+                println!("  {secs:.2} s, {rate:.0} evaluations/s (checksum {points} points)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         BenchWhat::Ingest {
             sales,
             lines,

@@ -58,6 +58,18 @@ pub enum Command {
     Quarantine(QuarantineArgs),
     /// Burn the points whose expiry date has come.
     Expire,
+    /// The nightly jobs now: expiry, tier re-evaluation, birthday and referral bonuses.
+    Nightly {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay the stored sales of a period under another rules file, without touching
+    /// the ledger, and compare with the current rules.
+    Simulate(SimulateArgs),
+    /// A customer's RFM segment and next offers ("bought together"), with the evidence.
+    Offers(CustomerArgs),
+    /// Points issued and redeemed per partner (coalition program settlement).
+    Partners(SummaryArgs),
     /// Run kopilka on synthetic data in a temporary directory and show what it did.
     Demo(demo::DemoArgs),
     /// Measure throughput on synthetic data.
@@ -78,6 +90,19 @@ pub struct SummaryArgs {
     #[arg(long)]
     pub from: Option<NaiveDate>,
     /// Last business date, inclusive.
+    #[arg(long)]
+    pub to: Option<NaiveDate>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SimulateArgs {
+    /// The rules file to try.
+    #[arg(long)]
+    pub rules: PathBuf,
+    #[arg(long)]
+    pub from: Option<NaiveDate>,
     #[arg(long)]
     pub to: Option<NaiveDate>,
     #[arg(long)]
@@ -227,13 +252,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             println!("  ledger: {}", cfg.ledger_path.display());
             println!("  time zone: {}", cfg.timezone);
+            let p = &cfg.program;
+            println!(
+                "  rules: {} ({} earning rules, {} tiers, {} stamp cards, {} thresholds)",
+                cfg.rules_file
+                    .as_ref()
+                    .map_or("flat percentage from [program]".to_string(), |f| f
+                        .display()
+                        .to_string()),
+                p.earn.len(),
+                p.tiers.len(),
+                p.stamps.len(),
+                p.thresholds.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Balance(a) => {
             let cfg = load_config(&cli)?;
             let ledger = open_existing(&cfg)?;
             let b = ledger.balance(&a.customer, now, cfg.warn_before)?;
-            output::balance(&b, a.json, cfg.timezone)?;
+            let tier = b.tier.as_deref().and_then(|t| cfg.program.tier(t));
+            output::balance(&b, tier, a.json, cfg.timezone)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::History(a) => {
@@ -309,6 +348,48 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ctx = ingest_context(&cfg, now, &dest);
             let n = ledger.expire_due(&ctx)?;
             println!("{n} points expired");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Nightly { json } => {
+            let cfg = load_config(&cli)?;
+            let mut ledger = open_existing(&cfg)?;
+            let dest = cfg.destinations();
+            let ctx = ingest_context(&cfg, now, &dest);
+            let r = ledger.nightly(&cfg.program, &ctx)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "expired {} points; {} tier changes; {} birthday bonuses; {} referral pairs rewarded",
+                    r.expired_points, r.tier_changes, r.birthday_bonuses, r.referral_bonuses
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate(a) => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            let mut candidate = crate::rules_file::load(&a.rules)?;
+            candidate.timezone = cfg.timezone;
+            let range = local_range(&cfg, a.from, a.to)?;
+            let mut sales = Vec::new();
+            ledger.for_each_sale(&range, |s| sales.push(s))?;
+            let current = crate::core::simulate::simulate(&cfg.program, sales.iter().cloned());
+            let proposed = crate::core::simulate::simulate(&candidate, sales);
+            output::simulation(&current, &proposed, &a.rules, a.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Offers(a) => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            output::offers(&ledger.offers_for(&a.customer, now)?, a.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Partners(a) => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            let range = local_range(&cfg, a.from, a.to)?;
+            output::partners(&ledger.partner_totals(&range)?, a.json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(a) => demo::run(a),

@@ -6,8 +6,11 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
 
+use crate::core::rules::Tier;
+use crate::core::simulate::SimReport;
 use crate::ledger::{
-    BalanceView, CustomerView, HistoryEntry, OutboxRow, OutboxState, QuarantineEntry, Summary, Violation,
+    BalanceView, CustomerOffers, CustomerView, HistoryEntry, OutboxRow, OutboxState, PartnerTotals,
+    QuarantineEntry, Summary, Violation,
 };
 
 fn json<T: Serialize + ?Sized>(v: &T) -> anyhow::Result<()> {
@@ -29,7 +32,7 @@ fn who(c: &CustomerView) -> String {
     parts.join("  ")
 }
 
-pub fn balance(b: &BalanceView, as_json: bool, tz: Tz) -> anyhow::Result<()> {
+pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> anyhow::Result<()> {
     if as_json {
         return json(&serde_json::json!({
             "customer": b.customer,
@@ -43,6 +46,8 @@ pub fn balance(b: &BalanceView, as_json: bool, tz: Tz) -> anyhow::Result<()> {
             },
             "debt": b.debt,
             "tier": b.tier,
+            "tier_name": tier.map(|t| t.name.clone()),
+            "discount_pct": tier.map(|t| t.discount_pct.normalize().to_string()),
         }));
     }
     println!("{}", who(&b.customer));
@@ -62,7 +67,14 @@ pub fn balance(b: &BalanceView, as_json: bool, tz: Tz) -> anyhow::Result<()> {
     if b.debt > 0 {
         println!("  debt       {:>10}  (taken back after being spent)", b.debt);
     }
-    println!("  tier       {:>10}", b.tier.as_deref().unwrap_or("—"));
+    match tier {
+        Some(t) => println!(
+            "  tier       {:>10}  discount {}%",
+            t.name,
+            t.discount_pct.normalize()
+        ),
+        None => println!("  tier       {:>10}", b.tier.as_deref().unwrap_or("—")),
+    }
     Ok(())
 }
 
@@ -234,6 +246,161 @@ pub fn quarantine(entries: &[QuarantineEntry], as_json: bool, tz: Tz) -> anyhow:
                 .as_ref()
                 .map(|l| format!("  at {l}"))
                 .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub fn simulation(
+    current: &SimReport,
+    proposed: &SimReport,
+    file: &std::path::Path,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    if as_json {
+        return json(&serde_json::json!({
+            "current": current,
+            "proposed": proposed,
+            "difference": {
+                "points_issued": proposed.points_issued - current.points_issued,
+                "points_cost_kopecks": proposed.points_cost_kopecks - current.points_cost_kopecks,
+                "margin_after_program_kopecks": proposed.margin_after_program_kopecks - current.margin_after_program_kopecks,
+            }
+        }));
+    }
+    let m = |k: i64| crate::core::money::Money(k).to_string();
+    println!(
+        "{} sales, {} lines replayed; proposed rules: {}",
+        proposed.sales,
+        proposed.lines,
+        file.display()
+    );
+    println!();
+    println!(
+        "{:<34} {:>16} {:>16} {:>16}",
+        "", "current", "proposed", "difference"
+    );
+    let row = |name: &str, a: i64, b: i64, money: bool| {
+        if money {
+            println!("{name:<34} {:>16} {:>16} {:>16}", m(a), m(b), m(b - a));
+        } else {
+            println!("{name:<34} {a:>16} {b:>16} {:>16}", b - a);
+        }
+    };
+    row(
+        "points issued",
+        current.points_issued,
+        proposed.points_issued,
+        false,
+    );
+    row(
+        "their cost, RUB",
+        current.points_cost_kopecks,
+        proposed.points_cost_kopecks,
+        true,
+    );
+    row(
+        "gross margin before program, RUB",
+        current.gross_margin_kopecks,
+        proposed.gross_margin_kopecks,
+        true,
+    );
+    row(
+        "gross margin after program, RUB",
+        current.margin_after_program_kopecks,
+        proposed.margin_after_program_kopecks,
+        true,
+    );
+    row(
+        "lines capped by the margin guard",
+        current.lines_capped_by_margin,
+        proposed.lines_capped_by_margin,
+        false,
+    );
+    row(
+        "loss-making lines",
+        current.loss_making_lines,
+        proposed.loss_making_lines,
+        false,
+    );
+    row(
+        "sales capped by the budget",
+        current.budget_capped_sales,
+        proposed.budget_capped_sales,
+        false,
+    );
+    row(
+        "points granted blind (no cost)",
+        current.blind_points,
+        proposed.blind_points,
+        false,
+    );
+    println!();
+    println!("per rule (proposed):");
+    println!(
+        "  {:<32} {:>12} {:>16} {:>14}",
+        "rule", "points", "cost, RUB", "lines capped"
+    );
+    for r in &proposed.by_rule {
+        println!(
+            "  {:<32} {:>12} {:>16} {:>14}",
+            r.rule,
+            r.points,
+            m(r.cost_kopecks),
+            r.lines_capped
+        );
+    }
+    Ok(())
+}
+
+pub fn partners(rows: &[PartnerTotals], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(rows);
+    }
+    if rows.is_empty() {
+        println!("no partner sales in the period");
+    }
+    println!(
+        "{:<24} {:>14} {:>14} {:>10}",
+        "partner", "issued", "redeemed", "documents"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:>14} {:>14} {:>10}",
+            r.partner, r.points_issued, r.points_redeemed, r.documents
+        );
+    }
+    Ok(())
+}
+
+pub fn offers(o: &CustomerOffers, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(o);
+    }
+    println!(
+        "customer id:{}  segment: {}  last purchase {} days ago, {} purchases and {} RUB in 365 days",
+        o.customer_id,
+        o.segment_ru.unwrap_or("—"),
+        o.days_since_last.map_or("—".to_string(), |d| d.to_string()),
+        o.purchases_365,
+        crate::core::money::Money(o.spend_365_kopecks)
+    );
+    if o.offers.is_empty() {
+        println!("no offer: not enough evidence yet (run `kopilka nightly` to refresh the statistics)");
+    }
+    for (i, f) in o.offers.iter().enumerate() {
+        println!(
+            "{}. {}  because they buy {}: together in {} of {} baskets (confidence {}, lift {}, support {}), \
+             expected margin {} RUB",
+            i + 1,
+            f.item,
+            f.because,
+            f.together,
+            f.baskets_with_because,
+            f.confidence,
+            f.lift,
+            f.support,
+            crate::core::money::Money(f.expected_margin_kopecks)
         );
     }
     Ok(())

@@ -176,8 +176,8 @@ impl CustomerIdentity {
     /// holder, a counterparty id is chosen by the cashier, a phone or an e-mail is typed.
     pub fn keys(&self) -> Vec<CustomerKey> {
         let mut keys = Vec::with_capacity(5);
-        if let Some(c) = &self.card {
-            keys.push(CustomerKey::Card(c.clone()));
+        if let Some(c) = self.card.as_deref().and_then(normalize_card) {
+            keys.push(CustomerKey::Card(c));
         }
         if let Some(id) = &self.onec_id {
             keys.push(CustomerKey::OneC(id.clone()));

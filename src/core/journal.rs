@@ -157,6 +157,9 @@ pub struct ExplanationItem {
     /// By how many points the cap reduced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capped_by: Option<i64>,
+    /// The line's margin (kopecks) the margin cap was measured against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin_kopecks: Option<i64>,
     pub points: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,

@@ -11,5 +11,7 @@ pub mod identity;
 pub mod journal;
 pub mod lots;
 pub mod money;
+pub mod offers;
 pub mod program;
 pub mod rules;
+pub mod simulate;

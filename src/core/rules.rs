@@ -29,6 +29,24 @@ use super::journal::{Explanation, ExplanationItem, Flag};
 use super::money::Money;
 use super::program::{Bonus, CustomerState, Decision, Rules};
 
+/// A sale's local date, weekday and hour, computed once per evaluation.
+struct LocalTime {
+    date: NaiveDate,
+    weekday: Weekday,
+    hour: u32,
+}
+
+impl LocalTime {
+    fn of(at: DateTime<Utc>, tz: Tz) -> LocalTime {
+        let local = at.with_timezone(&tz);
+        LocalTime {
+            date: local.date_naive(),
+            weekday: local.weekday(),
+            hour: local.hour(),
+        }
+    }
+}
+
 /// Conditions a rule applies under. Empty lists mean "any".
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Filter {
@@ -51,17 +69,16 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn document_matches(&self, doc: &Document, customer: &CustomerState, tz: Tz) -> bool {
-        let local = doc.occurred_at.with_timezone(&tz);
-        let date = local.date_naive();
+    fn document_matches(&self, doc: &Document, customer: &CustomerState, local: &LocalTime) -> bool {
+        let date = local.date;
         if self.from.is_some_and(|f| date < f) || self.to.is_some_and(|t| date > t) {
             return false;
         }
-        if !self.weekdays.is_empty() && !self.weekdays.contains(&local.weekday()) {
+        if !self.weekdays.is_empty() && !self.weekdays.contains(&local.weekday) {
             return false;
         }
         if let Some((start, end)) = self.hours {
-            let h = local.hour();
+            let h = local.hour;
             let inside = if start <= end {
                 h >= start && h < end
             } else {
@@ -160,6 +177,8 @@ pub enum StampReward {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StampCard {
     pub id: String,
+    /// `stamp:<id>`: the counter and bonus rule name.
+    pub key: String,
     pub every: u32,
     pub count: StampCount,
     pub filter: Filter,
@@ -169,6 +188,8 @@ pub struct StampCard {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Threshold {
     pub id: String,
+    /// `threshold:<id>`: the counter and bonus rule name.
+    pub key: String,
     pub spend: Money,
     pub window: Duration,
     pub bonus_points: i64,
@@ -343,8 +364,14 @@ impl RuleSet {
 
 /// Margin of a line in kopecks when its cost is known.
 pub fn line_margin(line: &Line) -> Option<i64> {
-    let cost = line.unit_cost?.mul_decimal(line.quantity).ok()?;
-    Some(line.net.0 - cost.0)
+    let unit = line.unit_cost?;
+    // whole quantities (most lines) need no decimal rounding
+    let cost = if line.quantity.fract().is_zero() {
+        unit.0.checked_mul(line.quantity.to_i64()?)?
+    } else {
+        unit.mul_decimal(line.quantity).ok()?.0
+    };
+    Some(line.net.0 - cost)
 }
 
 fn dec(v: i64) -> Decimal {
@@ -399,8 +426,10 @@ impl Rules for RuleSet {
             ..Default::default()
         };
         let point_value = self.point_value.0.max(1);
+        let local = LocalTime::of(doc.occurred_at, self.timezone);
         let eligible: Vec<bool> = doc.lines.iter().map(|l| !self.excluded(l)).collect();
-        d.margin = Money(doc.lines.iter().filter_map(line_margin).sum());
+        let margins: Vec<Option<i64>> = doc.lines.iter().map(line_margin).collect();
+        d.margin = Money(margins.iter().flatten().sum());
 
         // Redemption at the till is a fact; check it against the guard and flag a loss.
         let redeemed_value = doc.points_redeemed.0.saturating_mul(point_value);
@@ -477,7 +506,7 @@ impl Rules for RuleSet {
         let doc_rules: Vec<&EarnRule> = self
             .earn
             .iter()
-            .filter(|r| r.filter.document_matches(doc, customer, self.timezone))
+            .filter(|r| r.filter.document_matches(doc, customer, &local))
             .collect();
         let check_total = |r: &EarnRule| -> i64 {
             doc.lines
@@ -493,6 +522,7 @@ impl Rules for RuleSet {
             .collect();
 
         // Per-line accruals.
+        let mut labels: Vec<(Decimal, Decimal, String)> = Vec::new();
         let mut earns: Vec<Option<LineEarn>> = Vec::with_capacity(doc.lines.len());
         for (i, line) in doc.lines.iter().enumerate() {
             if !eligible[i] {
@@ -527,7 +557,7 @@ impl Rules for RuleSet {
                 base_kopecks: Some(base),
                 ..Default::default()
             };
-            let margin = line_margin(line);
+            let margin = margins[i];
             let (rule_id, mut value, rate_text) = match (margin, self.guard.unknown_cost) {
                 (None, UnknownCost::FixedRate(pct)) => (
                     "unknown_cost:fixed_rate".to_string(),
@@ -538,12 +568,21 @@ impl Rules for RuleSet {
                     Some((pct, id)) => {
                         let mut rule = id.to_string();
                         for m in &mult_ids {
-                            rule.push_str(&format!("+{m}"));
+                            rule.push('+');
+                            rule.push_str(m);
                         }
-                        let text = if multiplier == Decimal::ONE {
-                            format!("{}%", pct.normalize())
-                        } else {
-                            format!("{}% × {}", pct.normalize(), multiplier.normalize())
+                        // lines of a check mostly share a rate: format each one once
+                        let text = match labels.iter().find(|(p, m, _)| *p == pct && *m == multiplier) {
+                            Some((_, _, t)) => t.clone(),
+                            None => {
+                                let t = if multiplier == Decimal::ONE {
+                                    format!("{}%", pct.normalize())
+                                } else {
+                                    format!("{}% × {}", pct.normalize(), multiplier.normalize())
+                                };
+                                labels.push((pct, multiplier, t.clone()));
+                                t
+                            }
                         };
                         (rule, dec(base) * pct / Decimal::ONE_HUNDRED * multiplier, text)
                     }
@@ -588,12 +627,9 @@ impl Rules for RuleSet {
                     } else if m <= 0 {
                         "margin_not_positive".into()
                     } else {
-                        format!(
-                            "max_reward_share_of_margin {} of margin {}",
-                            self.guard.max_reward_share_of_margin.normalize(),
-                            Money(m)
-                        )
+                        "max_reward_share_of_margin".into()
                     });
+                    item.margin_kopecks = Some(m);
                     item.capped_by = Some(before - after);
                 }
             }
@@ -622,12 +658,11 @@ impl Rules for RuleSet {
         }
         // Fixed points per check, within the check's remaining margin allowance.
         let earned_value: i64 = items.iter().map(|(_, it)| it.points * point_value).sum();
-        let check_margin: i64 = doc
-            .lines
+        let check_margin: i64 = margins
             .iter()
             .zip(&eligible)
             .filter(|(_, e)| **e)
-            .filter_map(|(l, _)| line_margin(l))
+            .filter_map(|(m, _)| *m)
             .sum();
         let mut allowance =
             floor_i64(dec(check_margin.max(0)) * self.guard.max_reward_share_of_margin) - earned_value;
@@ -675,7 +710,7 @@ impl Rules for RuleSet {
             });
         }
         for card in &self.stamps {
-            if !card.filter.document_matches(doc, customer, self.timezone) {
+            if !card.filter.document_matches(doc, customer, &local) {
                 continue;
             }
             let qualifying: Decimal = doc
@@ -697,15 +732,14 @@ impl Rules for RuleSet {
             if add <= Decimal::ZERO {
                 continue;
             }
-            let key = format!("stamp:{}", card.id);
-            let before = customer.counters.get(&key).copied().unwrap_or_default();
-            d.counters.push((key, add));
+            let before = customer.counters.get(&card.key).copied().unwrap_or_default();
+            d.counters.push((card.key.clone(), add));
             let every = dec(card.every.max(1) as i64);
             let rewards = floor_i64((before + add) / every) - floor_i64(before / every);
             for _ in 0..rewards.max(0) {
                 match &card.reward {
                     StampReward::Points(p) => bonuses.push(Bonus {
-                        rule: format!("stamp:{}", card.id),
+                        rule: card.key.clone(),
                         points: *p,
                         explanation: Explanation::text(format!(
                             "stamp card {}: every {} → {p} points",
@@ -717,7 +751,7 @@ impl Rules for RuleSet {
             }
         }
         for t in &self.thresholds {
-            if !t.filter.document_matches(doc, customer, self.timezone) {
+            if !t.filter.document_matches(doc, customer, &local) {
                 continue;
             }
             let spend: i64 = doc
@@ -727,12 +761,12 @@ impl Rules for RuleSet {
                 .filter(|(l, e)| **e && t.filter.line_matches(l))
                 .map(|(l, _)| l.net.0)
                 .sum();
-            let key = format!("threshold:{}", t.id);
-            let before = customer.counters.get(&key).copied().unwrap_or_default();
-            let awarded = customer.recent_awards.contains(&key);
+            let key = &t.key;
+            let before = customer.counters.get(key).copied().unwrap_or_default();
+            let awarded = customer.recent_awards.contains(key);
             if !awarded && before < dec(t.spend.0) && before + dec(spend) >= dec(t.spend.0) {
                 bonuses.push(Bonus {
-                    rule: key,
+                    rule: key.clone(),
                     points: t.bonus_points,
                     explanation: Explanation::text(format!(
                         "spend of {} reached within {} days: {} points",
@@ -1090,17 +1124,9 @@ pub fn birthday_due(rules: &RuleSet, birthday: NaiveDate, today: NaiveDate) -> O
 /// Counters the ledger must supply in [`CustomerState::counters`] for this rule set, with
 /// the look-back window for spend counters.
 pub fn counter_needs(rules: &RuleSet) -> Vec<(String, Option<Duration>)> {
-    let mut out: Vec<(String, Option<Duration>)> = rules
-        .stamps
-        .iter()
-        .map(|s| (format!("stamp:{}", s.id), None))
-        .collect();
-    out.extend(
-        rules
-            .thresholds
-            .iter()
-            .map(|t| (format!("threshold:{}", t.id), Some(t.window))),
-    );
+    let mut out: Vec<(String, Option<Duration>)> =
+        rules.stamps.iter().map(|s| (s.key.clone(), None)).collect();
+    out.extend(rules.thresholds.iter().map(|t| (t.key.clone(), Some(t.window))));
     out
 }
 
@@ -1124,7 +1150,7 @@ pub fn threshold_spend(rules: &RuleSet, doc: &Document) -> HashMap<String, i64> 
             .map(|l| l.net.0)
             .sum();
         if spend > 0 {
-            out.insert(format!("threshold:{}", t.id), spend);
+            out.insert(t.key.clone(), spend);
         }
     }
     out

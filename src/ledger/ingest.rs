@@ -1477,6 +1477,9 @@ pub(super) fn enqueue_contact_states(
         let last_tx: i64 = conn
             .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM journal WHERE customer_id = ?1")?
             .query_row([c], |r| r.get(0))?;
+        let (tier, segment, offer): (Option<String>, Option<String>, Option<String>) = conn
+            .prepare_cached("SELECT tier, segment, offer FROM customers WHERE id = ?1")?
+            .query_row([c], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         let payload = serde_json::json!({
             "customer_id": c,
             "available": f.available,
@@ -1484,12 +1487,18 @@ pub(super) fn enqueue_contact_states(
             "expiring_soon": f.expiring_soon,
             "next_expiry": f.next_expiry.map(|(d, _)| d.to_rfc3339()),
             "next_expiry_points": f.next_expiry.map(|(_, p)| p),
+            "tier": tier,
+            "segment": segment,
+            "offer": offer,
             "as_of_tx": last_tx,
         });
         let inserted = super::outbox::enqueue(
             conn,
             dest,
-            &format!("{dest}:contact:{c}:{last_tx}"),
+            &format!(
+                "{dest}:contact:{c}:{last_tx}:{}",
+                short_hash(&payload.to_string())
+            ),
             Some(&format!("contact:{c}")),
             &payload.to_string(),
             ctx.now,
@@ -1497,4 +1506,12 @@ pub(super) fn enqueue_contact_states(
         n += usize::from(inserted.is_some());
     }
     Ok(n)
+}
+
+/// A short stable digest, so a state that changed without a new journal entry (a tier or
+/// an offer) still gets its own idempotency key.
+fn short_hash(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(text.as_bytes());
+    d[..6].iter().map(|b| format!("{b:02x}")).collect()
 }

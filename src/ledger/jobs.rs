@@ -24,6 +24,7 @@ pub struct NightlyReport {
     pub tier_changes: usize,
     pub birthday_bonuses: usize,
     pub referral_bonuses: usize,
+    pub offers: super::OffersRefresh,
 }
 
 /// An event bonus to grant once.
@@ -182,9 +183,12 @@ impl Ledger {
         let mut touched = BTreeSet::new();
         let mut pairs = 0;
         for (referee, code, _first) in rows {
+            let Some(card) = crate::core::identity::normalize_card(&code) else {
+                continue;
+            };
             let referrer: Option<i64> = tx
                 .prepare_cached("SELECT customer_id FROM customer_keys WHERE kind = 'card' AND value = ?1")?
-                .query_row([&code], |row| row.get(0))
+                .query_row([&card], |row| row.get(0))
                 .optional()?;
             let Some(referrer) = referrer.filter(|x| *x != referee) else {
                 continue;
@@ -233,6 +237,7 @@ impl Ledger {
             tier_changes: self.reevaluate_tiers(rules, ctx)?,
             birthday_bonuses: self.birthday_bonuses(rules, ctx)?,
             referral_bonuses: self.referral_bonuses(rules, ctx)?,
+            offers: self.refresh_offers(ctx)?,
         })
     }
 

@@ -10,6 +10,7 @@
 mod delivery;
 mod ingest;
 mod jobs;
+mod offers;
 mod outbox;
 mod query;
 mod schema;
@@ -27,8 +28,11 @@ pub use ingest::{
     AdjustOutcome, AdjustRequest, Batch, Destinations, IngestContext, IngestReport, Item, Outcome,
 };
 pub use jobs::{NightlyReport, TierEvent};
+pub use offers::{CustomerOffers, OffersRefresh};
 pub use outbox::{OutboxFilter, OutboxRow, OutboxState};
-pub use query::{BalanceView, CustomerView, DateRange, HistoryEntry, QuarantineEntry, Summary};
+pub use query::{
+    BalanceView, CustomerView, DateRange, HistoryEntry, PartnerTotals, QuarantineEntry, Summary,
+};
 pub use verify::Violation;
 
 #[derive(Debug, thiserror::Error)]

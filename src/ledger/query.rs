@@ -5,9 +5,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use super::{Ledger, LedgerError, Result, from_ts, ts};
+use crate::core::document::{DocKind, Document, Line, SourceRef};
 use crate::core::identity::{CustomerQuery, parse_customer_query};
 use crate::core::journal::Explanation;
 use crate::core::lots::{self, Holdings, Lot};
+use crate::core::money::{Money, Points};
+use crate::core::simulate::SimSale;
 
 /// Finds the one customer a person means by `text` (see [`parse_customer_query`]).
 pub(crate) fn find_customer(conn: &Connection, text: &str) -> Result<i64> {
@@ -363,6 +366,76 @@ impl Ledger {
                 })
             })?
             .collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Streams the sales in force in a period, in date order, as the rules saw them (lines
+    /// with their stored cost), for `kopilka simulate` and other replays.
+    pub fn for_each_sale(&self, range: &DateRange, mut f: impl FnMut(SimSale)) -> Result<usize> {
+        let (from, to) = range.bounds();
+        let mut st = self.conn.prepare(
+            "SELECT d.id, d.source, d.doc_id, d.version, d.number, d.occurred_at, d.customer_id, d.currency, \
+               d.total, d.points_redeemed, d.store, d.partner, \
+               l.product_id, l.name, l.category, l.quantity, l.unit_price, l.discount, l.net, l.unit_cost, l.service \
+             FROM documents d JOIN document_lines l ON l.document_id = d.id \
+             WHERE d.kind = 'sale' AND d.state = 'active' AND d.occurred_at >= ?1 AND d.occurred_at < ?2 \
+             ORDER BY d.occurred_at, d.id, l.line_no",
+        )?;
+        let mut rows = st.query(params![from, to])?;
+        let mut current: Option<(i64, SimSale)> = None;
+        let mut n = 0;
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            if current.as_ref().is_none_or(|(cur, _)| *cur != id) {
+                if let Some((_, sale)) = current.take() {
+                    f(sale);
+                    n += 1;
+                }
+                let doc = Document {
+                    source: SourceRef {
+                        system: r.get(1)?,
+                        doc_id: r.get(2)?,
+                        version: r.get(3)?,
+                        stamp: None,
+                    },
+                    kind: DocKind::Sale,
+                    number: r.get(4)?,
+                    occurred_at: from_ts(r.get::<_, Option<i64>>(5)?.unwrap_or(0)),
+                    customer: Default::default(),
+                    currency: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                    lines: Vec::new(),
+                    total: Money(r.get(8)?),
+                    points_redeemed: Points(r.get(9)?),
+                    original: None,
+                    store: r.get(10)?,
+                    partner: r.get(11)?,
+                };
+                current = Some((
+                    id,
+                    SimSale {
+                        customer: r.get(6)?,
+                        doc,
+                    },
+                ));
+            }
+            if let Some((_, sale)) = current.as_mut() {
+                sale.doc.lines.push(Line {
+                    product_id: r.get(12)?,
+                    name: r.get::<_, Option<String>>(13)?.unwrap_or_default(),
+                    category: r.get(14)?,
+                    quantity: r.get::<_, String>(15)?.parse().unwrap_or_default(),
+                    unit_price: Money(r.get(16)?),
+                    discount: Money(r.get(17)?),
+                    net: Money(r.get(18)?),
+                    unit_cost: r.get::<_, Option<i64>>(19)?.map(Money),
+                    service: r.get(20)?,
+                });
+            }
+        }
+        if let Some((_, sale)) = current.take() {
+            f(sale);
+            n += 1;
+        }
+        Ok(n)
     }
 
     pub fn quarantine_list(&self, include_resolved: bool) -> Result<Vec<QuarantineEntry>> {

@@ -254,6 +254,36 @@ CREATE TABLE period_totals (
     issued_value INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
+    // 3: offers and segments
+    r#"
+ALTER TABLE customers ADD COLUMN segment TEXT;
+ALTER TABLE customers ADD COLUMN offer TEXT;
+
+-- one basket per sale in force, as counted in the statistics below (so it can be taken out)
+CREATE TABLE offer_baskets (
+    document_id INTEGER PRIMARY KEY REFERENCES documents(id),
+    customer_id INTEGER,
+    occurred_at INTEGER NOT NULL,
+    items       TEXT NOT NULL
+);
+CREATE INDEX offer_baskets_customer ON offer_baskets(customer_id, occurred_at);
+
+CREATE TABLE offer_items (
+    item         TEXT PRIMARY KEY,
+    baskets      INTEGER NOT NULL,
+    margin_units INTEGER NOT NULL,
+    margin       INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE offer_pairs (
+    a        TEXT NOT NULL,
+    b        TEXT NOT NULL,
+    together INTEGER NOT NULL,
+    PRIMARY KEY (a, b)
+) WITHOUT ROWID;
+
+CREATE INDEX documents_updated ON documents(updated_at);
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka
