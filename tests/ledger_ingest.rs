@@ -216,6 +216,16 @@ fn points_are_pending_through_the_return_window_then_expire() {
     env.now = common::t0() + Duration::days(14 + 365 - 10);
     let b = env.ledger.balance("C1", env.now, Duration::days(14)).unwrap();
     assert_eq!(b.expiring.points, 50);
+    assert_eq!(
+        env.run(|l, _, c| l.expiry_warnings(c)).unwrap(),
+        1,
+        "warned ahead of expiry"
+    );
+    assert_eq!(
+        env.run(|l, _, c| l.expiry_warnings(c)).unwrap(),
+        0,
+        "once per lot"
+    );
     assert_eq!(env.expire(), 0);
     env.now = common::t0() + Duration::days(14 + 365);
     assert_eq!(env.expire(), 50);

@@ -24,6 +24,8 @@ pub struct NightlyReport {
     pub tier_changes: usize,
     pub birthday_bonuses: usize,
     pub referral_bonuses: usize,
+    /// Customers warned that points burn soon (once per lot).
+    pub expiry_warnings: usize,
     pub offers: super::OffersRefresh,
 }
 
@@ -230,6 +232,31 @@ impl Ledger {
         Ok(pairs)
     }
 
+    /// Records a warning for every lot that burns within the warning window and was not
+    /// warned about yet, and queues the customers' state (the AmoCRM connector turns it into
+    /// the "burning soon" field and a note). Returns the customers warned.
+    pub fn expiry_warnings(&mut self, ctx: &IngestContext<'_>) -> Result<usize> {
+        let now = ctx.now;
+        let tx = self.conn.transaction()?;
+        let inserted = tx.execute(
+            "INSERT INTO expiry_warnings (lot_id, customer_id, points, expires_at, warned_at) \
+             SELECT id, customer_id, remaining, expires_at, ?1 FROM lots \
+             WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at > ?1 AND expires_at <= ?2 \
+               AND id NOT IN (SELECT lot_id FROM expiry_warnings)",
+            params![ts(now), ts(now + ctx.warn_before)],
+        )?;
+        let customers: BTreeSet<i64> = if inserted > 0 {
+            tx.prepare("SELECT DISTINCT customer_id FROM expiry_warnings WHERE warned_at = ?1")?
+                .query_map([ts(now)], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+        } else {
+            BTreeSet::new()
+        };
+        enqueue_contact_states(&tx, &customers, ctx)?;
+        tx.commit()?;
+        Ok(customers.len())
+    }
+
     /// Every nightly job in order: expiry first (so a birthday bonus is not burnt at once).
     pub fn nightly(&mut self, rules: &RuleSet, ctx: &IngestContext<'_>) -> Result<NightlyReport> {
         Ok(NightlyReport {
@@ -237,6 +264,7 @@ impl Ledger {
             tier_changes: self.reevaluate_tiers(rules, ctx)?,
             birthday_bonuses: self.birthday_bonuses(rules, ctx)?,
             referral_bonuses: self.referral_bonuses(rules, ctx)?,
+            expiry_warnings: self.expiry_warnings(ctx)?,
             offers: self.refresh_offers(ctx)?,
         })
     }

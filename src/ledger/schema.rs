@@ -284,6 +284,17 @@ CREATE TABLE offer_pairs (
 
 CREATE INDEX documents_updated ON documents(updated_at);
 "#,
+    // 4: expiry warnings, produced once per lot ahead of its expiry
+    r#"
+CREATE TABLE expiry_warnings (
+    lot_id      INTEGER PRIMARY KEY REFERENCES lots(id),
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    points      INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    warned_at   INTEGER NOT NULL
+);
+CREATE INDEX expiry_warnings_customer ON expiry_warnings(customer_id, warned_at);
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka
