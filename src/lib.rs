@@ -5,4 +5,5 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod ledger;
+pub mod onec;
 pub mod sim;
