@@ -62,6 +62,8 @@ const MAX_QUANTITY: i64 = 1_000_000_000;
 const MAX_DISCOUNTS_PER_ENTRY: usize = 64;
 /// Prices kept per offer and groups per product: catalog entries are small by nature.
 const MAX_LIST_ITEMS_PER_ENTRY: usize = 1_000;
+/// Most bytes the reader hands quick-xml at once (see `Guard`).
+const GUARD_CHUNK_BYTES: usize = 64 * 1024;
 /// How much of a bad value a quarantine excerpt shows.
 const MAX_EXCERPT_CHARS: usize = 200;
 
@@ -351,7 +353,10 @@ impl<R: Read> Read for Guard<R> {
 impl<R: BufRead> BufRead for Guard<R> {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         self.check()?;
-        self.inner.fill_buf()
+        // Hand over at most a chunk at a time, so that the count is checked between chunks
+        // even when the inner reader holds the whole file (a slice, a memory map).
+        let buf = self.inner.fill_buf()?;
+        Ok(buf.get(..GUARD_CHUNK_BYTES).unwrap_or(buf))
     }
 
     fn consume(&mut self, amt: usize) {
