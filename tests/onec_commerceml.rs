@@ -11,7 +11,7 @@ use rust_decimal::Decimal;
 use kopilka::core::document::{DocKind, Document, DocumentLimits, Incoming, Rejected, VoidReason, validate};
 use kopilka::core::identity::{Email, Phone};
 use kopilka::core::money::{Money, Points};
-use kopilka::onec::commerceml::{FileError, FileInfo, Item, Limits, OrderPolicy, Options, parse};
+use kopilka::onec::commerceml::{FileError, FileInfo, Item, Limits, Options, OrderPolicy, parse};
 use kopilka::sim::commerceml::{
     DocState, DocumentsWriter, GenerateSpec, Generated, Generator, Malformed, WriterOptions, XmlEncoding,
     account, generate,
@@ -155,7 +155,11 @@ fn the_1c_catalog_sample_yields_its_group_and_products() {
     assert_eq!(products[0].name, "Стол обеденный");
     assert_eq!(products[3].name, "Стулья");
     assert!(products.iter().all(|p| p.groups == vec![groups[0].id.clone()]));
-    assert!(products.iter().all(|p| !p.service && !p.deleted && p.article.is_none()));
+    assert!(
+        products
+            .iter()
+            .all(|p| !p.service && !p.deleted && p.article.is_none())
+    );
 }
 
 #[test]
@@ -192,8 +196,15 @@ fn the_1c_offers_sample_yields_four_price_types_including_purchase() {
     assert_eq!(cost.unit_price, Money(400));
     assert_eq!(cost.currency.as_deref(), Some("USD"));
     assert_eq!(cost.coefficient, Some(Decimal::ONE));
-    let retail = first.prices.iter().find(|p| p.price_type_id == types[3].id).unwrap();
-    assert_eq!((retail.unit_price, retail.currency.as_deref()), (Money(700), Some("RUB")));
+    let retail = first
+        .prices
+        .iter()
+        .find(|p| p.price_type_id == types[3].id)
+        .unwrap();
+    assert_eq!(
+        (retail.unit_price, retail.currency.as_deref()),
+        (Money(700), Some("RUB"))
+    );
 }
 
 #[test]
@@ -220,22 +231,36 @@ fn the_bitrix_catalog_with_bom_and_namespace_parses() {
         products[0].name,
         "Портативный коврик Portable 140x200x1 см, Деревянные лошадки"
     );
-    assert_eq!(products[0].groups, vec!["82cfb8dc-18f9-11e7-80c2-0cc47ab29cd1".to_string()]);
+    assert_eq!(
+        products[0].groups,
+        vec!["82cfb8dc-18f9-11e7-80c2-0cc47ab29cd1".to_string()]
+    );
     // `ВидНоменклатуры` here is a category name, not `Услуга`
     assert!(products.iter().all(|p| !p.service));
-    let deleted: Vec<_> = products.iter().filter(|p| p.deleted).map(|p| p.article.as_deref()).collect();
+    let deleted: Vec<_> = products
+        .iter()
+        .filter(|p| p.deleted)
+        .map(|p| p.article.as_deref())
+        .collect();
     assert_eq!(deleted, [Some("KM-245-BC")]);
 }
 
 #[test]
 fn the_bitrix_offers_with_stock_attributes_parse() {
-    let (_, items) = run_ok(&read(&sample_path("bitrix-offers0_1.xml")), "bitrix-offers", &opts());
+    let (_, items) = run_ok(
+        &read(&sample_path("bitrix-offers0_1.xml")),
+        "bitrix-offers",
+        &opts(),
+    );
     let types: Vec<_> = items
         .iter()
         .filter_map(|i| if let Item::PriceType(t) = i { Some(t) } else { None })
         .collect();
     assert_eq!(types.len(), 1);
-    assert_eq!((types[0].name.as_str(), types[0].currency.as_deref()), ("BASE", Some("RUB")));
+    assert_eq!(
+        (types[0].name.as_str(), types[0].currency.as_deref()),
+        ("BASE", Some("RUB"))
+    );
     let offers: Vec<_> = items
         .iter()
         .filter_map(|i| if let Item::Offer(o) = i { Some(o) } else { None })
@@ -244,7 +269,11 @@ fn the_bitrix_offers_with_stock_attributes_parse() {
     assert_eq!(offers[0].id, "bd8c4e15-18f9-11e7-80c2-0cc47ab29cd1");
     assert_eq!(offers[0].product_id, offers[0].id);
     assert_eq!(offers[0].prices[0].unit_price, Money(10000));
-    assert!(offers.iter().all(|o| o.prices.len() == 1 && o.prices[0].price_type_id == types[0].id));
+    assert!(
+        offers
+            .iter()
+            .all(|o| o.prices.len() == 1 && o.prices[0].price_type_id == types[0].id)
+    );
 }
 
 #[test]
@@ -258,9 +287,16 @@ fn the_orders_sample_yields_no_rejections_under_any_policy() {
     // Not paid, not finished: the order waits; the replies say posted and not deleted, which
     // voids nothing and holds no goods, so they are skipped rather than quarantined.
     for policy in [OrderPolicy::WhenPaid, OrderPolicy::WhenShipped] {
-        let o = Options { orders: policy, ..opts() };
+        let o = Options {
+            orders: policy,
+            ..opts()
+        };
         let (info, _) = run_ok(&bytes, "orders", &o);
-        assert_eq!((info.documents, info.skipped, info.rejected), (0, 3, 0), "{policy:?}");
+        assert_eq!(
+            (info.documents, info.skipped, info.rejected),
+            (0, 3, 0),
+            "{policy:?}"
+        );
     }
 
     let o = Options {
@@ -292,7 +328,11 @@ fn handmade() -> (FileInfo, Vec<Item>) {
         points_requisite: Some("Оплачено баллами".into()),
         ..Options::default()
     };
-    run_ok(&read(&fixture_path("sales-2.03-handmade.xml")), "handmade.xml", &o)
+    run_ok(
+        &read(&fixture_path("sales-2.03-handmade.xml")),
+        "handmade.xml",
+        &o,
+    )
 }
 
 #[test]
@@ -390,7 +430,11 @@ fn broken_documents_are_rejected_with_reasons_and_the_rest_continues() {
 
     let r = rejection(&items, "D6");
     assert!(r.reason.contains("line 2 (P-2)"), "{}", r.reason);
-    assert!(r.reason.contains("Количество \"два\" is not a number"), "{}", r.reason);
+    assert!(
+        r.reason.contains("Количество \"два\" is not a number"),
+        "{}",
+        r.reason
+    );
     let excerpt = r.excerpt.as_deref().unwrap();
     assert!(excerpt.contains("D6") && excerpt.contains("два"), "{excerpt}");
 
@@ -402,7 +446,10 @@ fn broken_documents_are_rejected_with_reasons_and_the_rest_continues() {
     assert_eq!(no_id.len(), 1);
     assert!(no_id[0].reason.contains("no Ид"));
     let offset = no_id[0].doc_ref.trim_start_matches("handmade.xml@");
-    assert_eq!(no_id[0].location.as_deref(), Some(format!("handmade.xml byte {offset}").as_str()));
+    assert_eq!(
+        no_id[0].location.as_deref(),
+        Some(format!("handmade.xml byte {offset}").as_str())
+    );
     let bytes = read(&fixture_path("sales-2.03-handmade.xml"));
     let at: usize = offset.parse().unwrap();
     assert!(bytes[at..].starts_with("<Документ>".as_bytes()));
@@ -411,7 +458,11 @@ fn broken_documents_are_rejected_with_reasons_and_the_rest_continues() {
     let r = rejection(&items, "D10");
     assert!(r.reason.contains("whole number of points"), "{}", r.reason);
     let r = rejection(&items, "D11");
-    assert!(r.reason.contains("Дата \"2014-06-31\" is not a date"), "{}", r.reason);
+    assert!(
+        r.reason.contains("Дата \"2014-06-31\" is not a date"),
+        "{}",
+        r.reason
+    );
     assert_eq!(info.rejected, 5);
     assert_eq!(doc(&items, "D9").points_redeemed, Points(15));
 }
@@ -455,7 +506,13 @@ fn unposted_deleted_and_cancelled_documents_are_voids() {
         ..opts()
     };
     let (_, items) = run_ok(&bytes, "replies.xml", &shipped);
-    assert_eq!(documents(&items).iter().map(|d| d.source.doc_id.as_str()).collect::<Vec<_>>(), ["96"]);
+    assert_eq!(
+        documents(&items)
+            .iter()
+            .map(|d| d.source.doc_id.as_str())
+            .collect::<Vec<_>>(),
+        ["96"]
+    );
 }
 
 #[test]
@@ -629,11 +686,19 @@ fn voids_written_by_the_simulator_read_back_as_voids() {
         .collect();
     assert_eq!(
         reasons,
-        [VoidReason::Unposted, VoidReason::DeletionMarked, VoidReason::Cancelled]
+        [
+            VoidReason::Unposted,
+            VoidReason::DeletionMarked,
+            VoidReason::Cancelled
+        ]
     );
     // a whole unposted document's void version is the content version plus the reason
-    let Item::Document(Incoming::Document(posted)) = &items[0] else { panic!() };
-    let Item::Document(Incoming::Void { source, .. }) = &items[1] else { panic!() };
+    let Item::Document(Incoming::Document(posted)) = &items[0] else {
+        panic!()
+    };
+    let Item::Document(Incoming::Void { source, .. }) = &items[1] else {
+        panic!()
+    };
     assert_eq!(source.version, format!("{}:unposted", posted.source.version));
 }
 
@@ -663,10 +728,19 @@ fn files_that_are_not_commerceml_are_errors() {
     };
     assert!(matches!(check(b"", "empty"), FileError::NotXml { .. }));
     assert!(matches!(check(b"{\"a\": 1}", "json"), FileError::NotXml { .. }));
-    assert!(matches!(check(b"\x00\x01\x02\xff", "binary"), FileError::NotXml { .. }));
+    assert!(matches!(
+        check(b"\x00\x01\x02\xff", "binary"),
+        FileError::NotXml { .. }
+    ));
     let err = check(b"<?xml version=\"1.0\"?>\n<html><body>502</body></html>", "html");
-    assert!(matches!(&err, FileError::WrongRoot { found, offset: 22, .. } if found == "html"), "{err}");
-    assert!(matches!(check(b"<a><b></a>", "mismatched"), FileError::WrongRoot { .. }));
+    assert!(
+        matches!(&err, FileError::WrongRoot { found, offset: 22, .. } if found == "html"),
+        "{err}"
+    );
+    assert!(matches!(
+        check(b"<a><b></a>", "mismatched"),
+        FileError::WrongRoot { .. }
+    ));
     assert!(matches!(check(b"<\xD0", "cut"), FileError::NotXml { .. }));
 }
 
@@ -676,10 +750,17 @@ fn a_consumer_error_stops_reading() {
     let mut seen = 0;
     let err = parse(Cursor::new(&bytes), "h.xml", &opts(), &mut |_| {
         seen += 1;
-        if seen == 2 { Err("disk full".into()) } else { Ok(()) }
+        if seen == 2 {
+            Err("disk full".into())
+        } else {
+            Ok(())
+        }
     })
     .unwrap_err();
-    assert!(matches!(&err, FileError::Stopped { message, .. } if message == "disk full"), "{err}");
+    assert!(
+        matches!(&err, FileError::Stopped { message, .. } if message == "disk full"),
+        "{err}"
+    );
     assert_eq!(seen, 2);
 }
 
@@ -692,7 +773,9 @@ fn sale_xml(id: &str, extra: &str) -> String {
 }
 
 fn file_of(docs: &[String]) -> Vec<u8> {
-    let mut s = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<КоммерческаяИнформация ВерсияСхемы=\"2.08\">\n");
+    let mut s = String::from(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<КоммерческаяИнформация ВерсияСхемы=\"2.08\">\n",
+    );
     for d in docs {
         s.push_str(d);
     }
@@ -735,7 +818,12 @@ fn text_longer_than_the_limit_rejects_its_document() {
     assert_eq!(info.truncated, None);
     assert_eq!(documents(&items).len(), 2);
     let r = rejection(&items, "B");
-    assert!(r.reason.contains("text of <Комментарий> is longer than 1024 bytes"), "{}", r.reason);
+    assert!(
+        r.reason
+            .contains("text of <Комментарий> is longer than 1024 bytes"),
+        "{}",
+        r.reason
+    );
 
     // a text run far past the limit is not even buffered: the file stops there
     let huge = format!("<Комментарий>{}</Комментарий>", "a".repeat(300_000));
@@ -813,7 +901,12 @@ fn a_truncated_file_yields_every_whole_document_before_the_cut() {
         assert_eq!(info.documents, whole, "cut at {cut}");
         assert_eq!(items.len(), whole, "cut at {cut}");
         assert_eq!(info.rejected, 0, "cut at {cut}: {items:?}");
-        assert_eq!(info.truncated.is_some(), cut < complete, "cut at {cut}: {:?}", info.truncated);
+        assert_eq!(
+            info.truncated.is_some(),
+            cut < complete,
+            "cut at {cut}: {:?}",
+            info.truncated
+        );
     }
 }
 
@@ -832,9 +925,25 @@ fn mutate(rng: &mut fastrand::Rng, bytes: &mut Vec<u8>) {
         }
         2 => {
             const NASTY: &[&[u8]] = &[
-                b"<", b">", b"&", b"&#0;", b"&#xD800;", b"&bogus;", b"\"", b"/>", b"<!DOCTYPE x>",
-                b"<![CDATA[", b"]]>", b"\xD0", b"\xFF\xFE", b"<!--", b"<?x?>", b"</\xD0\x94>",
-                b"\xEF\xBB\xBF", b"=\"", b"99999999999999999999999999999",
+                b"<",
+                b">",
+                b"&",
+                b"&#0;",
+                b"&#xD800;",
+                b"&bogus;",
+                b"\"",
+                b"/>",
+                b"<!DOCTYPE x>",
+                b"<![CDATA[",
+                b"]]>",
+                b"\xD0",
+                b"\xFF\xFE",
+                b"<!--",
+                b"<?x?>",
+                b"</\xD0\x94>",
+                b"\xEF\xBB\xBF",
+                b"=\"",
+                b"99999999999999999999999999999",
             ];
             let piece = NASTY[rng.usize(0..NASTY.len())];
             bytes.splice(at..at, piece.iter().copied());
@@ -861,11 +970,19 @@ fn random_edits_never_panic() {
         lines: 3,
     };
     let mut inputs: Vec<Vec<u8>> = SAMPLES.iter().map(|s| read(&sample_path(s))).collect();
-    for name in ["sales-2.03-handmade.xml", "orders-replies.xml", "sale-windows-1251.xml"] {
+    for name in [
+        "sales-2.03-handmade.xml",
+        "orders-replies.xml",
+        "sale-windows-1251.xml",
+    ] {
         inputs.push(read(&fixture_path(name)));
     }
     for encoding in [XmlEncoding::Utf8, XmlEncoding::Windows1251] {
-        inputs.push(generate(&shop, spec, writer_opts(encoding), Vec::new()).unwrap().1);
+        inputs.push(
+            generate(&shop, spec, writer_opts(encoding), Vec::new())
+                .unwrap()
+                .1,
+        );
     }
     let tight = Options {
         orders: OrderPolicy::Always,
@@ -919,7 +1036,10 @@ fn peak_rss_kib() -> Option<u64> {
 /// from a buffered file reader, checking the counts and printing speed and peak memory.
 #[test]
 fn throughput_on_a_generated_file() {
-    let mb: u64 = std::env::var("KOPILKA_CML_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let mb: u64 = std::env::var("KOPILKA_CML_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
     let shop = shop();
     // about 4.5 KB per document at up to 4 lines
     let sales = (mb * 1_000_000 / 4_500) as usize;

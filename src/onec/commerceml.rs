@@ -247,16 +247,28 @@ pub enum FileError {
         source: io::Error,
     },
     #[error("{file}: not an XML file: {reason} at byte {offset}")]
-    NotXml { file: String, offset: u64, reason: String },
+    NotXml {
+        file: String,
+        offset: u64,
+        reason: String,
+    },
     #[error("{file}: root element is <{found}> at byte {offset}, expected <КоммерческаяИнформация>")]
-    WrongRoot { file: String, offset: u64, found: String },
+    WrongRoot {
+        file: String,
+        offset: u64,
+        found: String,
+    },
     #[error(
         "{file}: document type declaration (<!DOCTYPE) at byte {offset} refused: exchange files \
          carry none, and entities declared in one can expand without bound"
     )]
     Dtd { file: String, offset: u64 },
     #[error("{file}: stopped at byte {offset}: {message}")]
-    Stopped { file: String, offset: u64, message: String },
+    Stopped {
+        file: String,
+        offset: u64,
+        message: String,
+    },
 }
 
 impl FileError {
@@ -315,7 +327,15 @@ pub fn is_shipped_status(text: &str) -> bool {
         return true;
     }
     let lower = rest.to_lowercase();
-    ["закрыт", "выполнен", "отгружен", "доставлен", "завершен", "завершён"].contains(&lower.as_str())
+    [
+        "закрыт",
+        "выполнен",
+        "отгружен",
+        "доставлен",
+        "завершен",
+        "завершён",
+    ]
+    .contains(&lower.as_str())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -378,9 +398,9 @@ enum Tag {
     OfferPackage,
     OfferPackageChanges,
     PriceTypes,
-    PriceTypeTag,
+    PriceKind,
     Offers,
-    OfferTag,
+    OfferEntry,
     Prices,
     Price,
     PriceTypeId,
@@ -388,7 +408,7 @@ enum Tag {
     Currency,
     Coefficient,
     Container,
-    DocumentTag,
+    Doc,
     Id,
     Number,
     Date,
@@ -430,9 +450,9 @@ impl Tag {
             "ПакетПредложений" => Tag::OfferPackage,
             "ИзмененияПакетаПредложений" => Tag::OfferPackageChanges,
             "ТипыЦен" => Tag::PriceTypes,
-            "ТипЦены" => Tag::PriceTypeTag,
+            "ТипЦены" => Tag::PriceKind,
             "Предложения" => Tag::Offers,
-            "Предложение" => Tag::OfferTag,
+            "Предложение" => Tag::OfferEntry,
             "Цены" => Tag::Prices,
             "Цена" => Tag::Price,
             "ИдТипаЦены" => Tag::PriceTypeId,
@@ -440,7 +460,7 @@ impl Tag {
             "Валюта" => Tag::Currency,
             "Коэффициент" => Tag::Coefficient,
             "Контейнер" => Tag::Container,
-            "Документ" => Tag::DocumentTag,
+            "Документ" => Tag::Doc,
             "Ид" => Tag::Id,
             "Номер" => Tag::Number,
             "Дата" => Tag::Date,
@@ -551,9 +571,7 @@ impl Parser<'_> {
                 Err(err) => {
                     let at = reader.error_position().max(pos);
                     if reader.get_ref().tripped {
-                        let reason = format!(
-                            "an XML token at byte {pos} is longer than {limit_bytes} bytes"
-                        );
+                        let reason = format!("an XML token at byte {pos} is longer than {limit_bytes} bytes");
                         if !self.root_seen {
                             return Err(self.not_xml(pos, reason));
                         }
@@ -738,7 +756,10 @@ impl Parser<'_> {
         let mut key = String::new();
         for (n, attr) in e.attributes().with_checks(false).enumerate() {
             if n >= self.opts.limits.max_attributes {
-                return Err(format!("more than {} attributes", self.opts.limits.max_attributes));
+                return Err(format!(
+                    "more than {} attributes",
+                    self.opts.limits.max_attributes
+                ));
             }
             let attr = attr.map_err(|err| format!("malformed attribute: {err}"))?;
             key.clear();
@@ -759,17 +780,18 @@ impl Parser<'_> {
         let base = self.stack.len() - 1;
         if self.cur.is_none() {
             let entity = match self.stack.as_slice() {
-                [Root, DocumentTag] | [Root, Container, DocumentTag] => {
-                    Some(Entity::Document(Box::default()))
-                }
+                [Root, Doc] | [Root, Container, Doc] => Some(Entity::Document(Box::default())),
                 [Root, Catalog, Goods, Good] => Some(Entity::Product(ProductDraft {
                     deleted,
                     ..ProductDraft::default()
                 })),
-                [Root, OfferPackage | OfferPackageChanges | Classifier, PriceTypes, PriceTypeTag] => {
-                    Some(Entity::PriceType(PriceTypeDraft::default()))
-                }
-                [Root, OfferPackage | OfferPackageChanges, Offers, OfferTag] => {
+                [
+                    Root,
+                    OfferPackage | OfferPackageChanges | Classifier,
+                    PriceTypes,
+                    PriceKind,
+                ] => Some(Entity::PriceType(PriceTypeDraft::default())),
+                [Root, OfferPackage | OfferPackageChanges, Offers, OfferEntry] => {
                     Some(Entity::Offer(OfferDraft::default()))
                 }
                 [Root, Classifier, Groups, Group] => {
@@ -1009,7 +1031,9 @@ impl Parser<'_> {
                     parent: parent_id.clone(),
                 };
                 match self.groups.last_mut() {
-                    Some(parent) if parent_id.is_none() && parent.waiting.len() < MAX_LIST_ITEMS_PER_ENTRY => {
+                    Some(parent)
+                        if parent_id.is_none() && parent.waiting.len() < MAX_LIST_ITEMS_PER_ENTRY =>
+                    {
                         parent.waiting.push(group);
                         for w in waiting {
                             let parent_of_w = w.parent.clone().or_else(|| Some(id.clone()));
@@ -1245,6 +1269,8 @@ struct DocDraft {
     points: Option<String>,
 }
 
+// Made once per document and consumed at once; boxing would cost an allocation per sale.
+#[allow(clippy::large_enum_variant)]
 enum DocOutcome {
     Emit(Incoming),
     Skip,
@@ -1462,7 +1488,12 @@ impl DocDraft {
     }
 
     fn finish(mut self: Box<Self>, problem: Option<Problem>, ctx: &DocContext<'_>) -> DocOutcome {
-        let id = self.id.as_deref().map(str::trim).filter(|i| !i.is_empty()).map(str::to_string);
+        let id = self
+            .id
+            .as_deref()
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .map(str::to_string);
         let reject = |id: &Option<String>, p: Problem| DocOutcome::Reject(id.clone(), p);
         let kind = match self.operation() {
             Some(Operation::Sale) => DocKind::Sale,
@@ -1577,7 +1608,9 @@ impl DocDraft {
                 }
             },
         };
-        let occurred_at = self.occurred_at(ctx.opts.timezone).map_err(|r| fail(self, r, None))?;
+        let occurred_at = self
+            .occurred_at(ctx.opts.timezone)
+            .map_err(|r| fail(self, r, None))?;
 
         let mut lines = std::mem::take(&mut self.lines);
         let mut lines_sum = 0i64;
@@ -1600,7 +1633,8 @@ impl DocDraft {
         }
         let stated = match self.sum.as_deref().filter(|s| !s.is_empty()) {
             Some(s) => Some(
-                money(s).map_err(|e| fail(self, format!("document Сумма {e}"), Some(format!("Сумма {s:?}"))))?,
+                money(s)
+                    .map_err(|e| fail(self, format!("document Сумма {e}"), Some(format!("Сумма {s:?}"))))?,
             ),
             None => None,
         };
@@ -1624,7 +1658,10 @@ impl DocDraft {
                     None => {
                         return Err(fail(
                             self,
-                            format!("requisite {name} is {:?}, expected a whole number of points", clip(p)),
+                            format!(
+                                "requisite {name} is {:?}, expected a whole number of points",
+                                clip(p)
+                            ),
                             Some(format!("{name} {p:?}")),
                         ));
                     }
@@ -1695,7 +1732,12 @@ impl DocDraft {
         let (date_part, time_in_date) = split_date_time(date_text);
         let date = parse_date(date_part)
             .ok_or_else(|| format!("Дата {:?} is not a date (expected yyyy-mm-dd)", clip(date_text)))?;
-        let time_text = self.time.as_deref().map(str::trim).filter(|t| !t.is_empty()).or(time_in_date);
+        let time_text = self
+            .time
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .or(time_in_date);
         let (time, offset) = match time_text {
             None => (NaiveTime::MIN, None),
             Some(t) => parse_time(t)
@@ -1960,7 +2002,11 @@ impl OfferDraft {
             });
         }
         let product_id = id.split('#').next().unwrap_or("").to_string();
-        Ok(Offer { id, product_id, prices })
+        Ok(Offer {
+            id,
+            product_id,
+            prices,
+        })
     }
 }
 
@@ -2026,7 +2072,9 @@ fn parse_bool(text: &str) -> Option<bool> {
 /// `Пометка удаления` is `ПометкаУдаления` and `Заказ Оплачен` is `Заказ оплачен`.
 fn key_eq(a: &str, b: &str) -> bool {
     fn folded(s: &str) -> impl Iterator<Item = char> + '_ {
-        s.chars().filter(|c| !c.is_whitespace()).flat_map(char::to_lowercase)
+        s.chars()
+            .filter(|c| !c.is_whitespace())
+            .flat_map(char::to_lowercase)
     }
     folded(a).eq(folded(b))
 }
@@ -2065,7 +2113,8 @@ pub fn currency_code(text: &str) -> Option<&'static str> {
     let t = text.trim().trim_end_matches('.').trim();
     let lower = t.to_lowercase();
     match lower.as_str() {
-        "руб" | "рубль" | "рублей" | "р" | "₽" | "rur" | "рос. руб" | "российский рубль" => {
+        "руб" | "рубль" | "рублей" | "р" | "₽" | "rur" | "рос. руб" | "российский рубль" =>
+        {
             return Some("RUB");
         }
         "долл" | "доллар" | "$" | "долл. сша" | "доллар сша" => return Some("USD"),
@@ -2162,7 +2211,10 @@ fn parse_time(text: &str) -> Option<(NaiveTime, Option<FixedOffset>)> {
 /// instant; a time that never happened (clocks set forward) the instant an hour later.
 fn to_utc(local: NaiveDateTime, offset: Option<FixedOffset>, tz: Tz) -> Option<DateTime<Utc>> {
     if let Some(off) = offset {
-        return off.from_local_datetime(&local).single().map(|t| t.with_timezone(&Utc));
+        return off
+            .from_local_datetime(&local)
+            .single()
+            .map(|t| t.with_timezone(&Utc));
     }
     tz.from_local_datetime(&local)
         .earliest()

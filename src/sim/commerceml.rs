@@ -354,7 +354,11 @@ fn write_line(b: &mut String, line: &Line, bad: Option<Malformed>) {
         leaf(b, 6, "УчтеноВСумме", "true");
         b.push_str("\t\t\t\t\t</Скидка>\n\t\t\t\t</Скидки>\n");
     }
-    let kind = if line.service { "Услуга" } else { "Товар" };
+    let kind = if line.service {
+        "Услуга"
+    } else {
+        "Товар"
+    };
     b.push_str("\t\t\t\t<ЗначенияРеквизитов>\n");
     requisite(b, 5, "ВидНоменклатуры", kind);
     requisite(b, 5, "ТипНоменклатуры", kind);
@@ -585,7 +589,12 @@ pub fn account(truth: &mut Truth, entry: &Generated) {
 /// Writes a documents file of `spec.sales` sales, `spec.returns` returns and
 /// `spec.malformed` malformed documents from `shop` to `out`, and returns what a reader must
 /// find: the counts and the net total (sales minus returns) in kopecks.
-pub fn generate<W: Write>(shop: &Shop, spec: GenerateSpec, opts: WriterOptions, out: W) -> io::Result<(Truth, W)> {
+pub fn generate<W: Write>(
+    shop: &Shop,
+    spec: GenerateSpec,
+    opts: WriterOptions,
+    out: W,
+) -> io::Result<(Truth, W)> {
     let mut writer = DocumentsWriter::new(out, opts)?;
     let mut truth = Truth::default();
     for entry in Generator::new(shop, spec) {
