@@ -994,8 +994,11 @@ fn random_edits_never_panic() {
         },
         ..opts()
     };
-    let cases = 4_000;
-    let mut rng = fastrand::Rng::with_seed(0xC0FFEE);
+    // KOPILKA_CML_MUTATIONS and KOPILKA_CML_SEED run it longer or elsewhere
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let cases = env("KOPILKA_CML_MUTATIONS").unwrap_or(4_000) as usize;
+    let seed = env("KOPILKA_CML_SEED").unwrap_or(0xC0FFEE);
+    let mut rng = fastrand::Rng::with_seed(seed);
     let (mut ok, mut cut, mut err) = (0, 0, 0);
     for case in 0..cases {
         let input = &inputs[case % inputs.len()];
@@ -1015,7 +1018,7 @@ fn random_edits_never_panic() {
             Err(_) => {
                 let path = std::env::temp_dir().join(format!("kopilka-cml-mutant-{case}.xml"));
                 let _ = std::fs::write(&path, &bytes);
-                panic!("case {case} panicked; input saved to {}", path.display());
+                panic!("seed {seed} case {case} panicked; input saved to {}", path.display());
             }
         }
     }
@@ -1116,4 +1119,61 @@ fn moscow_local_times_become_utc_instants() {
     assert!(text.contains("<Дата>2026-03-29</Дата>") && text.contains("<Время>03:30:00</Время>"));
     let (_, items) = run_ok(&bytes, "msk.xml", &opts());
     assert_eq!(documents(&items)[0].occurred_at, sale.occurred_at);
+}
+
+#[test]
+fn nested_groups_deltas_and_offers() {
+    let bytes = read(&fixture_path("catalog-nested-groups.xml"));
+    let (info, items) = run_ok(&bytes, "catalog.xml", &opts());
+    assert!(info.only_changes);
+    assert_eq!(info.schema_version.as_deref(), Some("2.10"));
+    let groups: Vec<(&str, Option<&str>)> = items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Group(g) => Some((g.id.as_str(), g.parent.as_deref())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            ("g-beans", Some("g-coffee")),
+            ("g-coffee", Some("g-food")),
+            ("g-green", Some("g-tea")), // waited for Чай's Ид
+            ("g-tea", Some("g-food")),
+            ("g-food", None),
+        ]
+    );
+    let no_id = rejected(&items);
+    assert_eq!(no_id.len(), 2, "{no_id:?}");
+    assert!(no_id[0].reason.contains("group without Ид"));
+    assert!(no_id[0].excerpt.as_deref().unwrap().contains("Без Ид"));
+    assert!(no_id[1].reason.contains("ЦенаЗаЕдиницу \"по запросу\" is not a number"), "{}", no_id[1].reason);
+    assert_eq!(no_id[1].doc_ref, "p-2");
+
+    let products: Vec<_> = items
+        .iter()
+        .filter_map(|i| if let Item::Product(p) = i { Some(p) } else { None })
+        .collect();
+    assert_eq!(products.len(), 3);
+    assert_eq!(products[0].groups, ["g-beans"]);
+    assert_eq!(products[0].article.as_deref(), Some("K-1"));
+    assert!(products[1].service && !products[0].service);
+    assert!(products[2].deleted && !products[0].deleted);
+
+    let types: Vec<_> = items
+        .iter()
+        .filter_map(|i| if let Item::PriceType(t) = i { Some(t) } else { None })
+        .collect();
+    assert_eq!(types.len(), 2);
+    assert_eq!(types[1].currency.as_deref(), Some("RUB")); // `руб.`
+    let offers: Vec<_> = items
+        .iter()
+        .filter_map(|i| if let Item::Offer(o) = i { Some(o) } else { None })
+        .collect();
+    assert_eq!(offers.len(), 1);
+    assert_eq!(offers[0].product_id, "p-1");
+    assert_eq!(offers[0].prices[0].unit_price, Money(189000));
+    assert_eq!(offers[0].prices[1].unit_price, Money(104355));
+    assert_eq!(offers[0].prices[1].coefficient, None);
 }

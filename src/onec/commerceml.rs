@@ -575,7 +575,8 @@ impl Parser<'_> {
                         if !self.root_seen {
                             return Err(self.not_xml(pos, reason));
                         }
-                        return self.cut(reason);
+                        let unread = self.unread();
+                        return self.cut(format!("{reason}{unread}"));
                     }
                     if let quick_xml::Error::Io(io_err) = &err {
                         return Err(FileError::Io {
@@ -587,7 +588,7 @@ impl Parser<'_> {
                     if !self.root_seen {
                         return Err(self.not_xml(at, err.to_string()));
                     }
-                    return self.cut(format!("the XML breaks at byte {at}: {err}"));
+                    return self.cut(format!("the XML breaks at byte {at}: {err}{}", self.unread()));
                 }
             };
             let decoder = reader.decoder();
@@ -620,12 +621,10 @@ impl Parser<'_> {
                     if !self.root_seen {
                         return Err(self.not_xml(pos, "no root element".to_string()));
                     }
-                    let inside = self.cur.as_ref().map_or(String::new(), |a| {
-                        format!(" (the entry started at byte {} was not read)", a.offset)
-                    });
                     Flow::Cut(format!(
-                        "the file ends at byte {pos} with {} element(s) still open{inside}",
-                        self.stack.len()
+                        "the file ends at byte {pos} with {} element(s) still open{}",
+                        self.stack.len(),
+                        self.unread()
                     ))
                 }
                 Event::Comment(_) | Event::Decl(_) | Event::PI(_) => Flow::Continue,
@@ -644,6 +643,13 @@ impl Parser<'_> {
             offset,
             reason,
         }
+    }
+
+    /// Names the entry a cut leaves unread, for the reason in `FileInfo::truncated`.
+    fn unread(&self) -> String {
+        self.cur.as_ref().map_or(String::new(), |a| {
+            format!("; the entry at byte {} was not read", a.offset)
+        })
     }
 
     fn cut(&mut self, reason: String) -> Result<FileInfo, FileError> {
@@ -679,8 +685,10 @@ impl Parser<'_> {
         let tag = if decoder.decode_into(local.as_ref(), &mut self.name).is_ok() {
             Tag::of(&self.name)
         } else {
+            // Say so: a file declared UTF-8 but written in windows-1251 lands here.
             self.name.clear();
             self.name.push_str(&String::from_utf8_lossy(local.as_ref()));
+            self.name.push_str(&format!(" (not valid {})", decoder.encoding().name()));
             Tag::Other
         };
         if !self.root_seen {
@@ -896,10 +904,9 @@ impl Parser<'_> {
     }
 
     fn end(&mut self, pos: u64) -> Result<Flow, FileError> {
-        let Some(&tag) = self.stack.last() else {
+        let Some(idx) = self.stack.len().checked_sub(1) else {
             return Ok(Flow::Done);
         };
-        let idx = self.stack.len() - 1;
         if let Some(active) = &mut self.cur {
             if idx > active.base {
                 let rel = self.stack.get(active.base + 1..).unwrap_or(&[]);
@@ -926,7 +933,6 @@ impl Parser<'_> {
                 }
             }
         }
-        let _ = tag;
         self.stack.pop();
         self.text.clear();
         self.text_bytes = 0;
@@ -1000,10 +1006,9 @@ impl Parser<'_> {
 
     /// Closes the innermost open group. Its parent is the enclosing group when that group's
     /// `Ид` is already known; otherwise the group waits for it (children before `Ид` is an
-    /// unusual order, but children come in any order).
+    /// unusual order, but children come in any order). Groups come out children first.
     fn finish_group(&mut self) -> Result<(), FileError> {
         let Some(g) = self.groups.pop() else { return Ok(()) };
-        let pos = g.offset;
         let GroupDraft {
             id,
             name,
@@ -1013,16 +1018,15 @@ impl Parser<'_> {
             ..
         } = g;
         let id = id.filter(|i| !i.is_empty());
-        let item = match (problem, id) {
-            (Some(problem), id) => self.rejected(id.as_deref(), offset, problem),
-            (None, None) => self.rejected(
-                None,
-                offset,
-                Problem {
+        let (item, id) = match (problem, id) {
+            (Some(problem), id) => (self.rejected(id.as_deref(), offset, problem), None),
+            (None, None) => {
+                let problem = Problem {
                     reason: "group without Ид".into(),
-                    excerpt: name.clone().map(|n| format!("Наименование {n:?}")),
-                },
-            ),
+                    excerpt: name.clone().map(|n| format!("Наименование {:?}", clip(&n))),
+                };
+                (self.rejected(None, offset, problem), None)
+            }
             (None, Some(id)) => {
                 let parent_id = self.groups.last().and_then(|p| p.id.clone());
                 let group = Group {
@@ -1030,47 +1034,27 @@ impl Parser<'_> {
                     name: name.unwrap_or_default(),
                     parent: parent_id.clone(),
                 };
-                match self.groups.last_mut() {
-                    Some(parent)
-                        if parent_id.is_none() && parent.waiting.len() < MAX_LIST_ITEMS_PER_ENTRY =>
-                    {
+                if let Some(parent) = self.groups.last_mut() {
+                    let room = parent.waiting.len() + 1 + waiting.len() <= MAX_LIST_ITEMS_PER_ENTRY;
+                    if parent_id.is_none() && room {
                         parent.waiting.push(group);
                         for w in waiting {
                             let parent_of_w = w.parent.clone().or_else(|| Some(id.clone()));
-                            parent.waiting.push(Group {
-                                parent: parent_of_w,
-                                ..w
-                            });
+                            parent.waiting.push(Group { parent: parent_of_w, ..w });
                         }
                         return Ok(());
                     }
-                    _ => {}
                 }
-                for w in waiting {
-                    let parent_of_w = w.parent.clone().or_else(|| Some(id.clone()));
-                    self.emit(
-                        Item::Group(Group {
-                            parent: parent_of_w,
-                            ..w
-                        }),
-                        pos,
-                    )?;
-                }
-                Item::Group(group)
+                (Item::Group(group), Some(id))
             }
         };
-        if self.groups.is_empty()
-            && matches!(
-                self.cur,
-                Some(Active {
-                    entity: Entity::Groups,
-                    ..
-                })
-            )
-        {
-            self.cur = None;
+        // Children waiting for this group's `Ид` get it now; under a group that has none
+        // (refused) they come out without a parent rather than not at all.
+        for w in waiting {
+            let parent_of_w = w.parent.clone().or_else(|| id.clone());
+            self.emit(Item::Group(Group { parent: parent_of_w, ..w }), offset)?;
         }
-        self.emit(item, pos)
+        self.emit(item, offset)
     }
 }
 
