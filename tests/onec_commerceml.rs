@@ -1018,7 +1018,10 @@ fn random_edits_never_panic() {
             Err(_) => {
                 let path = std::env::temp_dir().join(format!("kopilka-cml-mutant-{case}.xml"));
                 let _ = std::fs::write(&path, &bytes);
-                panic!("seed {seed} case {case} panicked; input saved to {}", path.display());
+                panic!(
+                    "seed {seed} case {case} panicked; input saved to {}",
+                    path.display()
+                );
             }
         }
     }
@@ -1148,7 +1151,13 @@ fn nested_groups_deltas_and_offers() {
     assert_eq!(no_id.len(), 2, "{no_id:?}");
     assert!(no_id[0].reason.contains("group without Ид"));
     assert!(no_id[0].excerpt.as_deref().unwrap().contains("Без Ид"));
-    assert!(no_id[1].reason.contains("ЦенаЗаЕдиницу \"по запросу\" is not a number"), "{}", no_id[1].reason);
+    assert!(
+        no_id[1]
+            .reason
+            .contains("ЦенаЗаЕдиницу \"по запросу\" is not a number"),
+        "{}",
+        no_id[1].reason
+    );
     assert_eq!(no_id[1].doc_ref, "p-2");
 
     let products: Vec<_> = items

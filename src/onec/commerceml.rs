@@ -688,7 +688,8 @@ impl Parser<'_> {
             // Say so: a file declared UTF-8 but written in windows-1251 lands here.
             self.name.clear();
             self.name.push_str(&String::from_utf8_lossy(local.as_ref()));
-            self.name.push_str(&format!(" (not valid {})", decoder.encoding().name()));
+            self.name
+                .push_str(&format!(" (not valid {})", decoder.encoding().name()));
             Tag::Other
         };
         if !self.root_seen {
@@ -1040,7 +1041,10 @@ impl Parser<'_> {
                         parent.waiting.push(group);
                         for w in waiting {
                             let parent_of_w = w.parent.clone().or_else(|| Some(id.clone()));
-                            parent.waiting.push(Group { parent: parent_of_w, ..w });
+                            parent.waiting.push(Group {
+                                parent: parent_of_w,
+                                ..w
+                            });
                         }
                         return Ok(());
                     }
@@ -1052,7 +1056,13 @@ impl Parser<'_> {
         // (refused) they come out without a parent rather than not at all.
         for w in waiting {
             let parent_of_w = w.parent.clone().or_else(|| id.clone());
-            self.emit(Item::Group(Group { parent: parent_of_w, ..w }), offset)?;
+            self.emit(
+                Item::Group(Group {
+                    parent: parent_of_w,
+                    ..w
+                }),
+                offset,
+            )?;
         }
         self.emit(item, offset)
     }
