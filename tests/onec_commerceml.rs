@@ -1186,3 +1186,36 @@ fn nested_groups_deltas_and_offers() {
     assert_eq!(offers[0].prices[1].unit_price, Money(104355));
     assert_eq!(offers[0].prices[1].coefficient, None);
 }
+
+#[test]
+fn the_card_comes_from_the_configured_requisite_then_the_usual_names() {
+    let with = |requisites: &[(&str, &str)]| {
+        let mut x = String::from("<ЗначенияРеквизитов>");
+        for (name, value) in requisites {
+            x.push_str(&format!(
+                "<ЗначениеРеквизита><Наименование>{name}</Наименование><Значение>{value}</Значение></ЗначениеРеквизита>"
+            ));
+        }
+        x.push_str("</ЗначенияРеквизитов>");
+        sale_xml("A", &x)
+    };
+    let o = Options {
+        card_requisite: Some("Бонусная карта".into()),
+        ..opts()
+    };
+    let card = |requisites: &[(&str, &str)]| {
+        let (_, items) = run_ok(&file_of(&[with(requisites)]), "card.xml", &o);
+        doc(&items, "A").customer.card.clone()
+    };
+    assert_eq!(card(&[("Бонусная карта", "ab-12 34")]), Some("AB1234".into()));
+    assert_eq!(
+        card(&[("Карта лояльности", "77"), ("БонуснаяКарта", "88")]),
+        Some("88".into())
+    );
+    assert_eq!(card(&[("НомерКарты", "77")]), Some("77".into()));
+    assert_eq!(
+        card(&[("Бонусная карта", " "), ("ДисконтнаяКарта", "99")]),
+        Some("99".into())
+    );
+    assert_eq!(card(&[("Комментарий", "карта 5")]), None);
+}

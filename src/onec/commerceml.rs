@@ -1667,8 +1667,8 @@ impl DocDraft {
         let card = self
             .card
             .as_deref()
-            .or(self.card_fallback.as_deref())
-            .and_then(normalize_card);
+            .and_then(normalize_card)
+            .or_else(|| self.card_fallback.as_deref().and_then(normalize_card));
         let customer = match party {
             Some(p) => CustomerIdentity {
                 card,
