@@ -5,5 +5,6 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod ledger;
+pub mod onec;
 pub mod rules_file;
 pub mod sim;
