@@ -60,12 +60,12 @@ impl Money {
 
     /// Rubles as a decimal → kopecks, half away from zero.
     pub fn from_rubles(value: Decimal) -> Result<Money, AmountError> {
-        let kopecks =
-            (value * Decimal::ONE_HUNDRED).round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero);
-        kopecks
-            .to_i64()
-            .map(Money)
-            .ok_or_else(|| AmountError::OutOfRange(value.to_string()))
+        let out_of_range = || AmountError::OutOfRange(value.to_string());
+        let kopecks = value
+            .checked_mul(Decimal::ONE_HUNDRED)
+            .ok_or_else(out_of_range)?
+            .round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero);
+        kopecks.to_i64().map(Money).ok_or_else(out_of_range)
     }
 
     /// Parses rubles written as text (see [`parse_decimal`]).
@@ -83,7 +83,11 @@ impl Money {
 
     /// `self × factor` rounded to the kopeck half away from zero (price × quantity).
     pub fn mul_decimal(self, factor: Decimal) -> Result<Money, AmountError> {
-        Money::from_rubles(self.as_decimal() * factor)
+        let product = self
+            .as_decimal()
+            .checked_mul(factor)
+            .ok_or_else(|| AmountError::OutOfRange(format!("{self} × {factor}")))?;
+        Money::from_rubles(product)
     }
 
     pub fn is_negative(self) -> bool {
@@ -196,6 +200,7 @@ mod tests {
         check("1e5", Err(()));
         check("-", Err(()));
         check("99999999999999999999999999", Err(()));
+        check("79228162514264337593543950335", Err(()));
     }
 
     #[test]
