@@ -4,6 +4,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod core;
+pub mod daemon;
 pub mod ledger;
 pub mod onec;
 pub mod rules_file;

@@ -70,6 +70,13 @@ pub enum Command {
     Offers(CustomerArgs),
     /// Points issued and redeemed per partner (coalition program settlement).
     Partners(SummaryArgs),
+    /// Run every enabled job once (poll each configured source, then deliver the outbox)
+    /// and exit: 0 when all succeeded, 1 naming the jobs that did not.
+    Once {
+        /// Run only this job.
+        #[arg(long)]
+        job: Option<String>,
+    },
     /// Run kopilka on synthetic data in a temporary directory and show what it did.
     Demo(demo::DemoArgs),
     /// Measure throughput on synthetic data.
@@ -179,8 +186,25 @@ pub struct QuarantineArgs {
     pub json: bool,
 }
 
+/// Logs go to stderr: human-readable on a terminal, JSON lines otherwise (journald).
+/// `KOPILKA_LOG` sets the filter (`info`, `kopilka=debug`); commands default to warnings.
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KOPILKA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        let _ = builder.try_init();
+    } else {
+        let _ = builder.json().try_init();
+    }
+}
+
 /// Turns a failure into the process exit status, printing it the way people read it.
 pub fn main_with(cli: Cli) -> ExitCode {
+    init_logging();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -391,6 +415,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let range = local_range(&cfg, a.from, a.to)?;
             output::partners(&ledger.partner_totals(&range)?, a.json)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Once { job } => {
+            let cfg = load_config(&cli)?;
+            let ledger = Ledger::open(&cfg.ledger_path, &cfg.ledger)
+                .with_context(|| format!("opening {}", cfg.ledger_path.display()))?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let ctx = crate::daemon::JobContext {
+                cfg: std::sync::Arc::new(cfg),
+                ledger: crate::ledger::SharedLedger::new(ledger),
+                clock: std::sync::Arc::new(SystemClock),
+                cancel: tokio_util::sync::CancellationToken::new(),
+            };
+            let results = rt.block_on(crate::daemon::run_once(&ctx, job.as_deref()));
+            if results.is_empty() {
+                bail!(
+                    "no job {:?} is enabled by this configuration",
+                    job.as_deref().unwrap_or("")
+                );
+            }
+            let mut failed = Vec::new();
+            for (name, r) in &results {
+                match r {
+                    Ok(o) => println!("{name}: ok — {}", o.summary),
+                    Err(e) => {
+                        println!("{name}: FAILED — {e:#}");
+                        failed.push(name.clone());
+                    }
+                }
+            }
+            if failed.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("kopilka: jobs failed: {}", failed.join(", "));
+                Ok(ExitCode::from(1))
+            }
         }
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),

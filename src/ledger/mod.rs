@@ -7,6 +7,7 @@
 //! [`LedgerStore`] is the narrow interface the rest of the program uses, so that another
 //! backend (PostgreSQL for chains that outgrow one machine) can stand in later.
 
+mod catalog;
 mod delivery;
 mod ingest;
 mod jobs;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OpenFlags};
 
+pub use catalog::{CatalogItem, CatalogReport, CostPolicy};
 pub use delivery::{DeliveryError, DeliveryPolicy, DeliveryReport, SharedLedger, Sink, deliver_due};
 pub use ingest::{
     AdjustOutcome, AdjustRequest, Batch, Destinations, IngestContext, IngestReport, Item, Outcome,

@@ -295,6 +295,72 @@ CREATE TABLE expiry_warnings (
 );
 CREATE INDEX expiry_warnings_customer ON expiry_warnings(customer_id, warned_at);
 "#,
+    // 5: the product catalog with cost history, and the AmoCRM connector's state
+    r#"
+CREATE TABLE catalog_groups (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    parent     TEXT,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE catalog_products (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    article    TEXT,
+    group_id   TEXT,
+    service    INTEGER NOT NULL DEFAULT 0,
+    deleted    INTEGER NOT NULL DEFAULT 0,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE catalog_price_types (
+    id       TEXT PRIMARY KEY,
+    name     TEXT NOT NULL,
+    currency TEXT
+) WITHOUT ROWID;
+
+-- prices by date: a sale uses the price valid on its date
+CREATE TABLE catalog_prices (
+    product_id TEXT NOT NULL,
+    price_type TEXT NOT NULL,
+    valid_from INTEGER NOT NULL,
+    unit_price INTEGER NOT NULL,
+    PRIMARY KEY (product_id, price_type, valid_from)
+) WITHOUT ROWID;
+
+-- the OAuth token pair, sealed with a key derived from the client secret (never stored)
+CREATE TABLE amocrm_tokens (
+    account            TEXT PRIMARY KEY,
+    sealed             BLOB NOT NULL,
+    access_expires_at  INTEGER NOT NULL,
+    refresh_expires_at INTEGER NOT NULL,
+    updated_at         INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- customers that matched several contacts (nothing is written for them) or none
+CREATE TABLE amocrm_unmatched (
+    customer_id INTEGER PRIMARY KEY REFERENCES customers(id),
+    reason      TEXT NOT NULL,
+    candidates  TEXT,
+    seen_at     INTEGER NOT NULL
+);
+
+-- what was last written to each contact, so an unchanged contact is not sent again
+CREATE TABLE amocrm_pushed (
+    customer_id INTEGER PRIMARY KEY REFERENCES customers(id),
+    contact_id  INTEGER NOT NULL,
+    values_hash TEXT NOT NULL,
+    pushed_at   INTEGER NOT NULL
+);
+
+-- events already applied (the events API is polled with an overlap)
+CREATE TABLE amocrm_seen_events (
+    event_id   TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX amocrm_seen_events_time ON amocrm_seen_events(created_at);
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

@@ -8,6 +8,8 @@
 //! and the file (or the environment) it came from; `kopilka check` prints exactly that and
 //! exits 78 (EX_CONFIG) so systemd does not restart-loop on a typo.
 
+mod connectors;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,10 @@ use crate::core::document::DocumentLimits;
 use crate::core::money::Money;
 use crate::core::rules::RuleSet;
 use crate::ledger::{DeliveryPolicy, OpenOptions};
+
+pub use connectors::{
+    AmocrmAuth, AmocrmConfig, OdataConfig, OnecConfig, Orders, Secret, SiteExchangeConfig, read_secret,
+};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kopilka/kopilka.toml";
 pub const DEFAULT_LEDGER_PATH: &str = "/var/lib/kopilka/kopilka.db";
@@ -143,6 +149,8 @@ struct Raw {
     program_given: bool,
     rules: RawRules,
     outbox: RawOutbox,
+    onec: Option<connectors::RawOnec>,
+    amocrm: Option<connectors::RawAmocrm>,
 }
 
 /// The validated configuration every part of kopilka reads.
@@ -162,20 +170,25 @@ pub struct Config {
     pub rules_file: Option<PathBuf>,
     pub warn_before: Duration,
     pub delivery: DeliveryPolicy,
+    /// The 1C connector, when `[onec]` is present.
+    pub onec: Option<OnecConfig>,
+    /// The AmoCRM connector, when `[amocrm]` is present.
+    pub amocrm: Option<AmocrmConfig>,
 }
 
 impl Config {
-    /// The outbox destinations this configuration delivers to. None is configured until
-    /// the connectors add their sections: rows are only queued for a destination that
-    /// will deliver them.
+    /// The outbox destinations this configuration delivers to: rows are only queued for a
+    /// destination that will deliver them.
     pub fn destinations(&self) -> crate::ledger::Destinations {
-        crate::ledger::Destinations::default()
+        crate::ledger::Destinations {
+            contact_state: self.amocrm.as_ref().map(|_| "amocrm".to_string()),
+        }
     }
 }
 
 impl Default for Config {
     fn default() -> Self {
-        validate(&Raw::default(), &Origins::default())
+        validate(&Raw::default(), &Origins::default(), None)
             .unwrap_or_else(|r| panic!("built-in defaults are invalid: {r}"))
     }
 }
@@ -227,7 +240,9 @@ impl Origins {
 /// How the `config` crate names values that came from environment variables.
 const ENVIRONMENT: &str = "the environment";
 
-const SECTIONS: &[&str] = &["general", "ledger", "program", "rules", "outbox"];
+const SECTIONS: &[&str] = &[
+    "general", "ledger", "program", "rules", "outbox", "onec", "amocrm",
+];
 
 /// Environment variables that override the file: `KOPILKA_<SECTION>__<KEY>`. Other
 /// `KOPILKA_*` variables (`KOPILKA_CONFIG`, `KOPILKA_LOG`) are not config keys.
@@ -297,6 +312,8 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Rep
             }
             "rules" => raw.rules = section(&name, value, &origins, &mut issues),
             "outbox" => raw.outbox = section(&name, value, &origins, &mut issues),
+            "onec" => raw.onec = Some(section(&name, value, &origins, &mut issues)),
+            "amocrm" => raw.amocrm = Some(section(&name, value, &origins, &mut issues)),
             _ => issues.push(Issue {
                 key: name.clone(),
                 origin: origins.of(&name),
@@ -304,7 +321,7 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Rep
             }),
         }
     }
-    let validated = validate(&raw, &origins);
+    let validated = validate(&raw, &origins, file.as_deref().and_then(Path::parent));
     issues.sort_by(|a, b| a.key.cmp(&b.key));
     match validated {
         Ok(mut c) if issues.is_empty() => {
@@ -378,7 +395,7 @@ fn section<T: serde::de::DeserializeOwned + Default>(
         .unwrap_or_default()
 }
 
-fn validate(raw: &Raw, origins: &Origins) -> Result<Config, Report> {
+fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config, Report> {
     let mut issues = Vec::new();
     let mut bad = |key: &str, message: String| {
         issues.push(Issue {
@@ -519,6 +536,19 @@ fn validate(raw: &Raw, origins: &Origins) -> Result<Config, Report> {
         bad("outbox.max_rows_per_run", "must be at least 1".into());
     }
     issues.extend(rules_issues);
+    let mut check = connectors::Check {
+        issues: Vec::new(),
+        base,
+    };
+    let onec = raw.onec.as_ref().map(|o| connectors::onec(o, &mut check));
+    let amocrm = raw.amocrm.as_ref().map(|a| connectors::amocrm(a, &mut check));
+    for (key, message) in check.issues {
+        issues.push(Issue {
+            origin: origins.of(&key),
+            key,
+            message,
+        });
+    }
     if !issues.is_empty() {
         return Err(Report(issues));
     }
@@ -546,6 +576,8 @@ fn validate(raw: &Raw, origins: &Origins) -> Result<Config, Report> {
             backoff_max: std::time::Duration::from_millis(max),
             max_rows_per_run: rows_per_run,
         },
+        onec,
+        amocrm,
     })
 }
 

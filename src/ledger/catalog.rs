@@ -1,0 +1,205 @@
+//! The product catalog: groups (categories), products and prices by date. Cost reaches
+//! kopilka as one more price type ("Закупочная"), so the cost of a line is the price of the
+//! configured price type valid on the sale's date.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, params};
+
+use super::{Ledger, Result, ts};
+use crate::core::document::Document;
+use crate::core::money::Money;
+
+/// A catalog change from a connector.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CatalogItem {
+    Group {
+        id: String,
+        name: String,
+        parent: Option<String>,
+    },
+    Product {
+        id: String,
+        name: String,
+        article: Option<String>,
+        group: Option<String>,
+        service: bool,
+        deleted: bool,
+    },
+    PriceType {
+        id: String,
+        name: String,
+        currency: Option<String>,
+    },
+    /// A unit price of a product for a price type, valid from `valid_from`.
+    Price {
+        product_id: String,
+        price_type: String,
+        valid_from: DateTime<Utc>,
+        unit_price: Money,
+    },
+}
+
+/// Which price is the cost, and what to do for sales older than every price list.
+#[derive(Clone, Debug)]
+pub struct CostPolicy {
+    /// Price type id or name.
+    pub price_type: String,
+    /// Take the earliest known price for sales dated before it (backfills of old sales
+    /// against a catalog loaded today); otherwise such a line's cost stays unknown.
+    pub backfill: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CatalogReport {
+    pub groups: usize,
+    pub products: usize,
+    pub price_types: usize,
+    pub prices: usize,
+}
+
+impl Ledger {
+    /// Stores catalog items in one transaction.
+    pub fn upsert_catalog(&mut self, items: &[CatalogItem], now: DateTime<Utc>) -> Result<CatalogReport> {
+        let tx = self.conn.transaction()?;
+        let mut r = CatalogReport::default();
+        for item in items {
+            match item {
+                CatalogItem::Group { id, name, parent } => {
+                    tx.prepare_cached(
+                        "INSERT INTO catalog_groups (id, name, parent, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (id) DO UPDATE SET name = excluded.name, parent = excluded.parent, \
+                         updated_at = excluded.updated_at",
+                    )?
+                    .execute(params![id, name, parent, ts(now)])?;
+                    r.groups += 1;
+                }
+                CatalogItem::Product {
+                    id,
+                    name,
+                    article,
+                    group,
+                    service,
+                    deleted,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT INTO catalog_products (id, name, article, group_id, service, deleted, updated_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
+                         article = excluded.article, group_id = COALESCE(excluded.group_id, group_id), \
+                         service = excluded.service, deleted = excluded.deleted, updated_at = excluded.updated_at",
+                    )?
+                    .execute(params![id, name, article, group, service, deleted, ts(now)])?;
+                    r.products += 1;
+                }
+                CatalogItem::PriceType { id, name, currency } => {
+                    tx.prepare_cached(
+                        "INSERT INTO catalog_price_types (id, name, currency) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (id) DO UPDATE SET name = excluded.name, currency = excluded.currency",
+                    )?
+                    .execute(params![id, name, currency])?;
+                    r.price_types += 1;
+                }
+                CatalogItem::Price {
+                    product_id,
+                    price_type,
+                    valid_from,
+                    unit_price,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT INTO catalog_prices (product_id, price_type, valid_from, unit_price) \
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (product_id, price_type, valid_from) \
+                         DO UPDATE SET unit_price = excluded.unit_price",
+                    )?
+                    .execute(params![
+                        product_id,
+                        price_type,
+                        ts(*valid_from),
+                        unit_price.0
+                    ])?;
+                    r.prices += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(r)
+    }
+
+    /// The price type id a policy names (by id or by name).
+    fn price_type_id(&self, name_or_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT id FROM catalog_price_types WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1",
+            )?
+            .query_row([name_or_id], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// The cost of one unit of a product on a date, if the catalog knows it.
+    pub fn cost_at(&self, product: &str, policy: &CostPolicy, at: DateTime<Utc>) -> Result<Option<Money>> {
+        let Some(pt) = self.price_type_id(&policy.price_type)? else {
+            return Ok(None);
+        };
+        let base = product.split('#').next().unwrap_or(product);
+        for id in [product, base] {
+            let valid: Option<i64> = self
+                .conn
+                .prepare_cached(
+                    "SELECT unit_price FROM catalog_prices WHERE product_id = ?1 AND price_type = ?2 \
+                     AND valid_from <= ?3 ORDER BY valid_from DESC LIMIT 1",
+                )?
+                .query_row(params![id, pt, ts(at)], |r| r.get(0))
+                .optional()?;
+            if let Some(v) = valid {
+                return Ok(Some(Money(v)));
+            }
+            if policy.backfill {
+                let earliest: Option<i64> = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT unit_price FROM catalog_prices WHERE product_id = ?1 AND price_type = ?2 \
+                         ORDER BY valid_from ASC LIMIT 1",
+                    )?
+                    .query_row(params![id, pt], |r| r.get(0))
+                    .optional()?;
+                if let Some(v) = earliest {
+                    return Ok(Some(Money(v)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Fills what a document's lines do not say from the catalog: the category (the
+    /// product's group name), whether it is a service, and the cost on the sale's date.
+    /// What the source stated is never overwritten.
+    pub fn complete_from_catalog(&self, doc: &mut Document, policy: Option<&CostPolicy>) -> Result<()> {
+        for line in &mut doc.lines {
+            let base = line
+                .product_id
+                .split('#')
+                .next()
+                .unwrap_or(&line.product_id)
+                .to_string();
+            let row: Option<(Option<String>, bool)> = self
+                .conn
+                .prepare_cached(
+                    "SELECT g.name, p.service FROM catalog_products p LEFT JOIN catalog_groups g ON g.id = p.group_id \
+                     WHERE p.id = ?1",
+                )?
+                .query_row([&base], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((group, service)) = row {
+                if line.category.is_none() {
+                    line.category = group;
+                }
+                line.service |= service;
+            }
+            if line.unit_cost.is_none()
+                && let Some(p) = policy
+            {
+                line.unit_cost = self.cost_at(&line.product_id, p, doc.occurred_at)?;
+            }
+        }
+        Ok(())
+    }
+}
