@@ -300,7 +300,7 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
 /// trust order (card, 1C id, AmoCRM id, phone, e-mail); the first that is known decides,
 /// and keys not yet known are attached to that customer. A key that already belongs to
 /// someone else is left where it is (never silently moved).
-pub(crate) fn resolve_customer(
+pub(super) fn resolve_customer(
     conn: &Connection,
     identity: &CustomerIdentity,
     now: DateTime<Utc>,

@@ -12,6 +12,7 @@ mod delivery;
 mod ingest;
 mod jobs;
 mod offers;
+mod opening;
 mod outbox;
 mod query;
 mod schema;
@@ -31,6 +32,7 @@ pub use ingest::{
 };
 pub use jobs::{NightlyReport, TierEvent};
 pub use offers::{CustomerOffers, OffersRefresh};
+pub use opening::{OpeningReport, OpeningRow};
 pub use outbox::{OutboxFilter, OutboxRow, OutboxState};
 pub use query::{
     BalanceView, CustomerView, DateRange, HistoryEntry, PartnerTotals, QuarantineEntry, Summary,

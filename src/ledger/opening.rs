@@ -1,0 +1,134 @@
+//! Opening balances: the points a shop's customers already had in its previous program
+//! (1C's own bonus register, a spreadsheet), migrated once as opening lots.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use super::ingest::{IngestContext, LotDates, NewTx, enqueue_contact_states, post, resolve_customer};
+use super::query::holdings;
+use super::{Ledger, Result};
+use crate::core::identity::CustomerIdentity;
+use crate::core::journal::{Account, Explanation, TxKind};
+use crate::core::lots;
+
+/// One customer's balance from the previous program.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpeningRow {
+    /// Where it came from (a line number, a register key), for messages.
+    pub line: usize,
+    pub identity: CustomerIdentity,
+    pub points: i64,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub tier: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OpeningReport {
+    pub applied: usize,
+    /// Already imported from this source for this customer: nothing changed.
+    pub unchanged: usize,
+    pub points_imported: i64,
+    /// (line, reason) of every row not applied.
+    pub problems: Vec<(usize, String)>,
+}
+
+impl Ledger {
+    /// Imports opening balances from `source` in one transaction, idempotent by (source,
+    /// customer): running the same file twice changes nothing. Rows that cannot be parsed
+    /// arrive as `Err((line, reason))` and are listed; the rest apply.
+    pub fn import_opening_balances(
+        &mut self,
+        source: &str,
+        rows: Vec<std::result::Result<OpeningRow, (usize, String)>>,
+        ctx: &IngestContext<'_>,
+    ) -> Result<OpeningReport> {
+        let now = ctx.now;
+        let tx = self.conn.transaction()?;
+        let mut report = OpeningReport::default();
+        let mut touched = std::collections::BTreeSet::new();
+        for row in rows {
+            let row = match row {
+                Ok(r) => r,
+                Err(problem) => {
+                    report.problems.push(problem);
+                    continue;
+                }
+            };
+            if row.points < 0 {
+                report.problems.push((row.line, format!("negative balance {}", row.points)));
+                continue;
+            }
+            let Some((customer, _)) = resolve_customer(&tx, &row.identity, now)? else {
+                report.problems.push((row.line, "no card, phone, e-mail or 1C id to know the customer by".into()));
+                continue;
+            };
+            let key = format!("opening:{source}:{customer}");
+            let prior: Option<i64> = tx
+                .prepare_cached("SELECT amount FROM journal WHERE idem_key = ?1")?
+                .query_row([&key], |r| r.get(0))
+                .optional()?;
+            if let Some(amount) = prior {
+                if amount == row.points {
+                    report.unchanged += 1;
+                } else {
+                    report.problems.push((
+                        row.line,
+                        format!(
+                            "customer id:{customer} already has an opening balance of {amount} from {source}; \
+                             correct it with `kopilka adjust`"
+                        ),
+                    ));
+                }
+                continue;
+            }
+            if let Some(tier) = &row.tier {
+                tx.prepare_cached("UPDATE customers SET tier = ?2, tier_since = ?3 WHERE id = ?1")?
+                    .execute(params![customer, tier, super::ts(now)])?;
+            }
+            if row.points == 0 {
+                report.applied += 1;
+                continue;
+            }
+            let mut h = holdings(&tx, customer)?;
+            let moves = lots::plan_credit(&h, row.points, &[]);
+            let (_, default_expiry) = ctx.rules.lot_times(now);
+            let explanation = Explanation::text(format!(
+                "opening balance of {} points from {source} (line {})",
+                row.points, row.line
+            ));
+            post(
+                &tx,
+                NewTx {
+                    kind: TxKind::Opening,
+                    role: "effect",
+                    customer_id: customer,
+                    document_id: None,
+                    epoch: None,
+                    reverses: None,
+                    effective_at: now,
+                    explanation: &explanation,
+                    actor: Some(source),
+                    idem_key: Some(&key),
+                    partner: None,
+                    rule: None,
+                    counter: Account::Opening,
+                    moves,
+                    new_lot: Some(LotDates {
+                        earned: now,
+                        available: now,
+                        expires: row.expires_at.or(default_expiry),
+                    }),
+                },
+                &mut h,
+                now,
+            )?;
+            report.applied += 1;
+            report.points_imported += row.points;
+            touched.insert(customer);
+        }
+        enqueue_contact_states(&tx, &touched, ctx)?;
+        tx.commit()?;
+        Ok(report)
+    }
+}
