@@ -6,6 +6,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod ledger;
+pub mod migrate;
 pub mod onec;
 pub mod rules_file;
 pub mod sim;

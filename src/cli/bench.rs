@@ -135,7 +135,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                         items,
                         checkpoint: Some(n.to_string()),
                     },
-                    &super::ingest_context(&cfg, now, &dest),
+                    &cfg.ingest_context(now, &dest),
                 )?;
                 n += size;
             }

@@ -62,7 +62,7 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<ExitCode> {
             items: chunk.iter().cloned().map(Item::Incoming).collect(),
             checkpoint: Some(format!("{}", (i + 1) * cfg.max_documents_per_transaction)),
         };
-        let r = ledger.ingest(batch, &super::ingest_context(&cfg, clock.now(), &dest))?;
+        let r = ledger.ingest(batch, &cfg.ingest_context(clock.now(), &dest))?;
         quarantined += r.quarantined;
         flags.extend(r.flags);
     }

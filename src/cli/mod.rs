@@ -15,9 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{self, Config, EXIT_CONFIG};
 use crate::core::journal::Flag;
-use crate::ledger::{
-    AdjustOutcome, AdjustRequest, DateRange, Destinations, IngestContext, Ledger, OutboxFilter, OutboxState,
-};
+use crate::ledger::{AdjustOutcome, AdjustRequest, DateRange, Ledger, OutboxFilter, OutboxState};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,6 +39,21 @@ pub struct Cli {
 pub enum Command {
     /// Validate the configuration and report every problem at once (exit 78 on error).
     Check,
+    /// Import CommerceML files (documents, catalog, offers; .xml or .zip) into the ledger.
+    /// Needs only --ledger: for backfills and accountants.
+    Import {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Migrate opening balances from a CSV file (card/phone/e-mail/1C id, points, optional
+    /// expiry and tier; UTF-8 or windows-1251), idempotent per file name and customer.
+    ImportBalances {
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// A customer's points: available, pending, expiring soon.
     Balance(CustomerArgs),
     /// Every ledger entry of a customer with its source document and explanation.
@@ -291,6 +304,60 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Import { files, json } => {
+            let cfg = load_config(&cli)?;
+            let mut ledger = Ledger::open(&cfg.ledger_path, &cfg.ledger)
+                .with_context(|| format!("opening {}", cfg.ledger_path.display()))?;
+            let settings = crate::onec::import::ImportSettings::from_config(&cfg);
+            let mut failed = false;
+            let mut reports = Vec::new();
+            for f in files {
+                match crate::onec::import::import_path(&mut ledger, f, &settings, &cfg, SystemClock.now()) {
+                    Ok(r) => {
+                        failed |= r.truncated.is_some();
+                        reports.push(r);
+                    }
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("kopilka: {}: {e}", f.display());
+                    }
+                }
+            }
+            output::import_reports(&reports, *json)?;
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::ImportBalances { files, json } => {
+            let cfg = load_config(&cli)?;
+            let mut ledger = Ledger::open(&cfg.ledger_path, &cfg.ledger)
+                .with_context(|| format!("opening {}", cfg.ledger_path.display()))?;
+            if files.is_empty() {
+                bail!("name the CSV file(s) to import");
+            }
+            let dest = cfg.destinations();
+            let mut any_problem = false;
+            for f in files {
+                let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+                let rows = crate::migrate::read_balances_csv(&bytes, cfg.timezone)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                let source = format!(
+                    "csv:{}",
+                    f.file_name()
+                        .map_or_else(|| f.display().to_string(), |n| n.to_string_lossy().into_owned())
+                );
+                let r = ledger.import_opening_balances(&source, rows, &cfg.ingest_context(now, &dest))?;
+                any_problem |= !r.problems.is_empty();
+                output::opening_report(&f.display().to_string(), &r, *json)?;
+            }
+            Ok(if any_problem {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Balance(a) => {
             let cfg = load_config(&cli)?;
             let ledger = open_existing(&cfg)?;
@@ -328,7 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 by: a.by.clone().unwrap_or_else(os_user),
             };
             let dest = cfg.destinations();
-            let ctx = ingest_context(&cfg, now, &dest);
+            let ctx = cfg.ingest_context(now, &dest);
             match ledger.adjust(&req, &ctx)? {
                 AdjustOutcome::Applied { tx_id, customer_id } => {
                     println!(
@@ -369,7 +436,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load_config(&cli)?;
             let mut ledger = open_existing(&cfg)?;
             let dest = cfg.destinations();
-            let ctx = ingest_context(&cfg, now, &dest);
+            let ctx = cfg.ingest_context(now, &dest);
             let n = ledger.expire_due(&ctx)?;
             println!("{n} points expired");
             Ok(ExitCode::SUCCESS)
@@ -378,7 +445,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load_config(&cli)?;
             let mut ledger = open_existing(&cfg)?;
             let dest = cfg.destinations();
-            let ctx = ingest_context(&cfg, now, &dest);
+            let ctx = cfg.ingest_context(now, &dest);
             let r = ledger.nightly(&cfg.program, &ctx)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
@@ -453,20 +520,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
-    }
-}
-
-pub(crate) fn ingest_context<'a>(
-    cfg: &'a Config,
-    now: chrono::DateTime<chrono::Utc>,
-    destinations: &'a Destinations,
-) -> IngestContext<'a> {
-    IngestContext {
-        rules: &cfg.program,
-        limits: &cfg.limits,
-        destinations,
-        now,
-        warn_before: cfg.warn_before,
     }
 }
 

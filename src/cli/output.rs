@@ -405,3 +405,47 @@ pub fn offers(o: &CustomerOffers, as_json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+pub fn import_reports(reports: &[crate::onec::import::FileReport], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(reports);
+    }
+    for r in reports {
+        println!(
+            "{}: {} documents — {} applied, {} new versions, {} voided, {} unchanged, {} stale, {} quarantined; \
+             {} skipped; {} catalog entries{}",
+            r.file,
+            r.documents,
+            r.applied,
+            r.new_versions,
+            r.voided,
+            r.unchanged,
+            r.stale,
+            r.quarantined,
+            r.skipped,
+            r.catalog_items,
+            r.truncated
+                .as_ref()
+                .map(|t| format!("; INCOMPLETE: {t}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub fn opening_report(file: &str, r: &crate::ledger::OpeningReport, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&serde_json::json!({ "file": file, "report": r }));
+    }
+    println!(
+        "{file}: {} customers imported ({} points), {} already imported, {} rows not applied",
+        r.applied,
+        r.points_imported,
+        r.unchanged,
+        r.problems.len()
+    );
+    for (line, why) in &r.problems {
+        println!("  line {line}: {why}");
+    }
+    Ok(())
+}

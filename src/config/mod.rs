@@ -177,6 +177,21 @@ pub struct Config {
 }
 
 impl Config {
+    /// What the ledger needs to apply documents under this configuration.
+    pub fn ingest_context<'a>(
+        &'a self,
+        now: chrono::DateTime<chrono::Utc>,
+        destinations: &'a crate::ledger::Destinations,
+    ) -> crate::ledger::IngestContext<'a> {
+        crate::ledger::IngestContext {
+            rules: &self.program,
+            limits: &self.limits,
+            destinations,
+            now,
+            warn_before: self.warn_before,
+        }
+    }
+
     /// The outbox destinations this configuration delivers to: rows are only queued for a
     /// destination that will deliver them.
     pub fn destinations(&self) -> crate::ledger::Destinations {

@@ -26,14 +26,7 @@ impl Job for Nightly {
                 .ledger
                 .run(move |l| {
                     let dest = cfg.destinations();
-                    let ictx = crate::ledger::IngestContext {
-                        rules: &cfg.program,
-                        limits: &cfg.limits,
-                        destinations: &dest,
-                        now,
-                        warn_before: cfg.warn_before,
-                    };
-                    l.nightly(&cfg.program, &ictx)
+                    l.nightly(&cfg.program, &cfg.ingest_context(now, &dest))
                 })
                 .await?;
             Ok(JobOutcome::done(format!(
@@ -47,7 +40,9 @@ impl Job for Nightly {
 /// Every job the configuration enables.
 pub fn jobs(cfg: &Config) -> Vec<Arc<dyn Job>> {
     let mut jobs: Vec<Arc<dyn Job>> = vec![Arc::new(Nightly)];
-    let _ = cfg;
+    if cfg.onec.as_ref().is_some_and(|o| o.exchange_dir.is_some()) {
+        jobs.push(Arc::new(crate::onec::exchange::FolderJob));
+    }
     jobs.sort_by_key(|j| j.stage());
     jobs
 }

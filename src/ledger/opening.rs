@@ -56,11 +56,16 @@ impl Ledger {
                 }
             };
             if row.points < 0 {
-                report.problems.push((row.line, format!("negative balance {}", row.points)));
+                report
+                    .problems
+                    .push((row.line, format!("negative balance {}", row.points)));
                 continue;
             }
             let Some((customer, _)) = resolve_customer(&tx, &row.identity, now)? else {
-                report.problems.push((row.line, "no card, phone, e-mail or 1C id to know the customer by".into()));
+                report.problems.push((
+                    row.line,
+                    "no card, phone, e-mail or 1C id to know the customer by".into(),
+                ));
                 continue;
             };
             let key = format!("opening:{source}:{customer}");

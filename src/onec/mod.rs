@@ -5,3 +5,5 @@
 //! cannot be converted, into a `Rejected` a person can act on.
 
 pub mod commerceml;
+pub mod exchange;
+pub mod import;
