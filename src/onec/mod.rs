@@ -7,3 +7,4 @@
 pub mod commerceml;
 pub mod exchange;
 pub mod import;
+pub mod site_exchange;
