@@ -443,7 +443,7 @@ async fn handle(
     }
     let session = match ex.session(&headers, &params) {
         Ok(s) => s,
-        Err(reply) => return reply,
+        Err(reason) => return failure(reason),
     };
     match mode {
         "init" => ex.init(),
