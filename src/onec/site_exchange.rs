@@ -216,26 +216,22 @@ impl SiteExchange {
         text(format!("success\n{COOKIE_NAME}\n{value}\nsessid={sessid}\n"))
     }
 
-    /// The session of a call, checked; `Err` is the reply to send.
-    fn session(&self, headers: &HeaderMap, params: &Params) -> Result<String, Response> {
+    /// The session of a call, checked; `Err` is the reason for the `failure` reply.
+    fn session(&self, headers: &HeaderMap, params: &Params) -> Result<String, &'static str> {
         let Some(c) = cookie(headers) else {
-            return Err(failure(
-                "нет сессии: сначала mode=checkauth (no session: call mode=checkauth first)",
-            ));
+            return Err("нет сессии: сначала mode=checkauth (no session: call mode=checkauth first)");
         };
         let now = self.clock.now();
         let mut sessions = self.sessions();
         let Some(s) = sessions.get_mut(&c) else {
-            return Err(failure(
-                "сессия неизвестна или истекла: mode=checkauth (unknown or expired session)",
-            ));
+            return Err("сессия неизвестна или истекла: mode=checkauth (unknown or expired session)");
         };
         match &params.sessid {
             Some(given) if *given != s.sessid => {
-                return Err(failure("неверный sessid (wrong sessid)"));
+                return Err("неверный sessid (wrong sessid)");
             }
             Some(_) => s.sessid_required = true,
-            None if s.sessid_required => return Err(failure("нужен sessid (sessid required)")),
+            None if s.sessid_required => return Err("нужен sessid (sessid required)"),
             None => {}
         }
         s.last_seen = now;
