@@ -83,6 +83,9 @@ pub enum Command {
     Offers(CustomerArgs),
     /// Points issued and redeemed per partner (coalition program settlement).
     Partners(SummaryArgs),
+    /// Run the daemon: every enabled job on its schedule, the HTTP endpoint, the 1C site
+    /// exchange; stops cleanly on SIGTERM or Ctrl-C.
+    Run,
     /// Run every enabled job once (poll each configured source, then deliver the outbox)
     /// and exit: 0 when all succeeded, 1 naming the jobs that did not.
     Once {
@@ -199,25 +202,33 @@ pub struct QuarantineArgs {
     pub json: bool,
 }
 
-/// Logs go to stderr: human-readable on a terminal, JSON lines otherwise (journald).
-/// `KOPILKA_LOG` sets the filter (`info`, `kopilka=debug`); commands default to warnings.
-fn init_logging() {
+/// Logs go to stderr: human-readable on a terminal, JSON lines otherwise (journald), or as
+/// `[daemon] log_format` says. `KOPILKA_LOG` sets the filter (`info`, `kopilka=debug`).
+/// Secrets never reach the log: configuration holds them as `Secret`, which prints `***`.
+fn init_logging(default: &str, format: crate::config::LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("KOPILKA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        let _ = builder.try_init();
-    } else {
+    let json = match format {
+        crate::config::LogFormat::Json => true,
+        crate::config::LogFormat::Human => false,
+        crate::config::LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    if json {
         let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
     }
 }
 
 /// Turns a failure into the process exit status, printing it the way people read it.
 pub fn main_with(cli: Cli) -> ExitCode {
-    init_logging();
+    if !matches!(cli.command, Command::Run) {
+        init_logging("warn", crate::config::LogFormat::Auto);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -483,6 +494,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output::partners(&ledger.partner_totals(&range)?, a.json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run => {
+            let cfg = load_config(&cli)?;
+            init_logging("info", cfg.daemon.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let trigger = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("Stop requested");
+                    trigger.cancel();
+                });
+                let runtime = std::sync::Arc::new(crate::daemon::runtime::Runtime::new(SystemClock.now()));
+                crate::daemon::runtime::run(
+                    std::sync::Arc::new(cfg),
+                    std::sync::Arc::new(SystemClock),
+                    shutdown,
+                    runtime,
+                )
+                .await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Once { job } => {
             let cfg = load_config(&cli)?;
             let ledger = Ledger::open(&cfg.ledger_path, &cfg.ledger)
@@ -573,6 +607,29 @@ fn outbox(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM (systemd) or SIGINT (Ctrl-C).
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Prints flags raised while applying documents, one per line.

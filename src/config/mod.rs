@@ -141,8 +141,19 @@ struct RawRules {
     path: Option<PathBuf>,
 }
 
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawDaemon {
+    http_listen: Option<String>,
+    api_token_file: Option<PathBuf>,
+    shutdown_deadline_seconds: Option<u64>,
+    log_format: Option<String>,
+    schedule: Option<BTreeMap<String, String>>,
+}
+
 #[derive(Clone, Debug, Default)]
 struct Raw {
+    daemon: RawDaemon,
     general: RawGeneral,
     ledger: RawLedger,
     program: RawProgram,
@@ -174,6 +185,29 @@ pub struct Config {
     pub onec: Option<OnecConfig>,
     /// The AmoCRM connector, when `[amocrm]` is present.
     pub amocrm: Option<AmocrmConfig>,
+    pub daemon: DaemonConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// JSON lines when stderr is not a terminal (journald), human otherwise.
+    Auto,
+    Json,
+    Human,
+}
+
+/// `kopilka run`: schedules, the HTTP endpoint, shutdown.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// Status page, health, metrics and the till API; loopback unless said otherwise.
+    pub http_listen: std::net::SocketAddr,
+    /// Bearer token of the `/v1` API (tills, the site). Without it `/v1` answers 503.
+    pub api_token: Option<Secret>,
+    pub shutdown_deadline: std::time::Duration,
+    pub log_format: LogFormat,
+    /// Job name → cron expression (seconds first: `sec min hour day month weekday`), in
+    /// the shop's time zone. Jobs not named run on their stage's default.
+    pub schedule: BTreeMap<String, cron::Schedule>,
 }
 
 impl Config {
@@ -328,6 +362,7 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Rep
             "rules" => raw.rules = section(&name, value, &origins, &mut issues),
             "outbox" => raw.outbox = section(&name, value, &origins, &mut issues),
             "onec" => raw.onec = Some(section(&name, value, &origins, &mut issues)),
+            "daemon" => raw.daemon = section(&name, value, &origins, &mut issues),
             "amocrm" => raw.amocrm = Some(section(&name, value, &origins, &mut issues)),
             _ => issues.push(Issue {
                 key: name.clone(),
@@ -555,6 +590,60 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
         issues: Vec::new(),
         base,
     };
+    let d = &raw.daemon;
+    let listen_text = d.http_listen.clone().unwrap_or_else(|| "127.0.0.1:8090".into());
+    let http_listen = listen_text.parse().unwrap_or_else(|_| {
+        check.issues.push((
+            "daemon.http_listen".into(),
+            format!("{listen_text:?} is not an address like 127.0.0.1:8090"),
+        ));
+        std::net::SocketAddr::from(([127, 0, 0, 1], 8090))
+    });
+    let api_token = match connectors::read_secret(d.api_token_file.as_deref(), "KOPILKA_API_TOKEN", base) {
+        Ok(t) => t,
+        Err(e) => {
+            check.issues.push(("daemon.api_token_file".into(), e));
+            None
+        }
+    };
+    let log_format = match d.log_format.as_deref().unwrap_or("auto") {
+        "auto" => LogFormat::Auto,
+        "json" => LogFormat::Json,
+        "human" => LogFormat::Human,
+        other => {
+            check.issues.push((
+                "daemon.log_format".into(),
+                format!("{other:?} is not auto, json or human"),
+            ));
+            LogFormat::Auto
+        }
+    };
+    let mut schedule = BTreeMap::new();
+    for (job, expr) in d.schedule.clone().unwrap_or_default() {
+        match cron::Schedule::from_str(&expr) {
+            Ok(s) => {
+                schedule.insert(job, s);
+            }
+            Err(e) => check.issues.push((
+                format!("daemon.schedule.{job}"),
+                format!("{expr:?} is not a cron expression (sec min hour day month weekday): {e}"),
+            )),
+        }
+    }
+    let deadline = d.shutdown_deadline_seconds.unwrap_or(20);
+    if !(1..=600).contains(&deadline) {
+        check.issues.push((
+            "daemon.shutdown_deadline_seconds".into(),
+            format!("{deadline} is outside 1..=600"),
+        ));
+    }
+    let daemon = DaemonConfig {
+        http_listen,
+        api_token,
+        shutdown_deadline: std::time::Duration::from_secs(deadline),
+        log_format,
+        schedule,
+    };
     let onec = raw.onec.as_ref().map(|o| connectors::onec(o, &mut check));
     let amocrm = raw.amocrm.as_ref().map(|a| connectors::amocrm(a, &mut check));
     for (key, message) in check.issues {
@@ -593,6 +682,7 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
         },
         onec,
         amocrm,
+        daemon,
     })
 }
 

@@ -5,7 +5,9 @@
 //! run the nightly jobs). Connectors contribute jobs through [`registry::jobs`]; `once`
 //! runs each enabled job one time, the daemon on its schedule.
 
+pub mod http;
 pub mod registry;
+pub mod runtime;
 
 use std::future::Future;
 use std::pin::Pin;

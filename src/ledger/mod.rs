@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
+
 use rusqlite::{Connection, OpenFlags};
 
 pub use catalog::{CatalogItem, CatalogReport, CostPolicy};
@@ -158,6 +159,33 @@ impl Ledger {
 
     pub fn schema_version(&self) -> Result<i64> {
         Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// A value of the ledger's `meta` table (job bookkeeping, watermarks).
+    pub fn meta_get(&self, key: &str) -> Result<Option<String>> {
+        use rusqlite::OptionalExtension;
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Every source's checkpoint with the time it last moved (sync lag per source).
+    pub fn checkpoints(&self) -> Result<Vec<(String, String, DateTime<Utc>)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT source, cursor, updated_at FROM checkpoints ORDER BY source")?;
+        Ok(st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, from_ts(r.get(2)?))))?
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     /// The stored cursor of a source, as written by the last batch that read from it.

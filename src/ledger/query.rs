@@ -162,6 +162,16 @@ pub struct Summary {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct LossMaker {
+    pub source: String,
+    pub doc_id: String,
+    pub number: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub loss_kopecks: i64,
+    pub customer_id: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct PartnerTotals {
     pub partner: String,
     pub points_issued: i64,
@@ -436,6 +446,44 @@ impl Ledger {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Points moved per hour and kind in `[from, to)`; the caller buckets hours into local
+    /// days (an hour never straddles two days in any zone with whole-hour offsets).
+    pub fn points_by_hour(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<(DateTime<Utc>, String, i64)>> {
+        let mut st = self.conn.prepare(
+            "SELECT (effective_at / 3600) * 3600 AS h, kind, SUM(amount) FROM journal \
+             WHERE effective_at >= ?1 AND effective_at < ?2 GROUP BY h, kind ORDER BY h",
+        )?;
+        Ok(st
+            .query_map(params![ts(from), ts(to)], |r| {
+                Ok((from_ts(r.get(0)?), r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Sales in force where points paid at the till took lines below cost, newest first.
+    pub fn loss_makers(&self, limit: usize) -> Result<Vec<LossMaker>> {
+        let mut st = self.conn.prepare(
+            "SELECT source, doc_id, number, occurred_at, loss, customer_id FROM documents \
+             WHERE loss > 0 AND state = 'active' ORDER BY occurred_at DESC LIMIT ?1",
+        )?;
+        Ok(st
+            .query_map([limit as i64], |r| {
+                Ok(LossMaker {
+                    source: r.get(0)?,
+                    doc_id: r.get(1)?,
+                    number: r.get(2)?,
+                    occurred_at: from_ts(r.get::<_, Option<i64>>(3)?.unwrap_or(0)),
+                    loss_kopecks: r.get(4)?,
+                    customer_id: r.get(5)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn quarantine_list(&self, include_resolved: bool) -> Result<Vec<QuarantineEntry>> {

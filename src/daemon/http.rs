@@ -1,0 +1,644 @@
+//! The daemon's HTTP endpoint (loopback by default): `/healthz` and `/metrics` for IT,
+//! `/status` for people, and `/v1` for tills and the site (balance, quote) behind a bearer
+//! token.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Duration, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use super::JobContext;
+use super::runtime::Runtime;
+use crate::core::document::{DocKind, Document, Line, SourceRef};
+use crate::core::money::{Money, Points};
+use crate::core::program::{CustomerState, Rules};
+use crate::core::rules::{QuoteRequest, quote};
+use crate::ledger::{CostPolicy, DateRange, OutboxState};
+
+#[derive(Clone)]
+struct AppState {
+    ctx: JobContext,
+    rt: Arc<Runtime>,
+}
+
+pub fn router(ctx: JobContext, rt: Arc<Runtime>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/", get(status))
+        .route("/v1/customers/{id}/balance", get(balance))
+        .route("/v1/quote", post(quote_handler))
+        .with_state(AppState { ctx, rt })
+}
+
+fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    (
+        status,
+        Json(serde_json::json!({ "status": status.as_u16(), "detail": detail.into() })),
+    )
+        .into_response()
+}
+
+async fn healthz(State(s): State<AppState>) -> Response {
+    let now = s.ctx.clock.now();
+    let ready = s.rt.ready.load(std::sync::atomic::Ordering::SeqCst);
+    let mut reasons = Vec::new();
+    let live = s.rt.healthy(now);
+    if let Err(e) = &live {
+        reasons.push(e.clone());
+    }
+    if !ready {
+        reasons.push("starting".to_string());
+    }
+    for (name, j) in s.rt.jobs() {
+        if let Some(e) = j.last_error {
+            reasons.push(format!("job {name} failed its last run: {e}"));
+        }
+    }
+    let dead = s
+        .ctx
+        .ledger
+        .run(|l| l.outbox_counts())
+        .await
+        .map(|c| {
+            c.iter()
+                .filter(|(_, st, _)| *st == OutboxState::Dead)
+                .map(|(_, _, n)| n)
+                .sum::<i64>()
+        })
+        .unwrap_or(0);
+    if dead > 0 {
+        reasons.push(format!(
+            "{dead} outbox rows are dead letters (kopilka outbox list --state dead)"
+        ));
+    }
+    let (code, status) = match (&live, ready, reasons.is_empty()) {
+        (Err(_), _, _) | (_, false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        (Ok(()), true, true) => (StatusCode::OK, "ok"),
+        (Ok(()), true, false) => (StatusCode::OK, "degraded"),
+    };
+    (
+        code,
+        Json(serde_json::json!({ "status": status, "ready": ready, "reasons": reasons })),
+    )
+        .into_response()
+}
+
+fn metric(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let now = s.ctx.clock.now();
+    let data = s
+        .ctx
+        .ledger
+        .run(move |l| -> crate::ledger::Result<_> {
+            Ok((
+                l.summary(&DateRange::default(), now)?,
+                l.outbox_counts()?,
+                l.checkpoints()?,
+            ))
+        })
+        .await;
+    let (summary, outbox, checkpoints) = match data {
+        Ok(d) => d,
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, format!("ledger: {e}")),
+    };
+    let mut out = String::new();
+    metric(
+        &mut out,
+        "kopilka_documents_total",
+        "Documents in the ledger by state.",
+        "gauge",
+    );
+    let _ = writeln!(
+        out,
+        "kopilka_documents_total{{kind=\"sale\"}} {}",
+        summary.sales_count
+    );
+    let _ = writeln!(
+        out,
+        "kopilka_documents_total{{kind=\"return\"}} {}",
+        summary.returns_count
+    );
+    let _ = writeln!(
+        out,
+        "kopilka_documents_total{{kind=\"void\"}} {}",
+        summary.voided_documents
+    );
+    metric(
+        &mut out,
+        "kopilka_documents_quarantined",
+        "Documents waiting in quarantine.",
+        "gauge",
+    );
+    let _ = writeln!(out, "kopilka_documents_quarantined {}", summary.quarantined);
+    metric(
+        &mut out,
+        "kopilka_outbox_rows",
+        "Outbox rows by destination and state.",
+        "gauge",
+    );
+    for (dest, state, n) in outbox {
+        let _ = writeln!(
+            out,
+            "kopilka_outbox_rows{{destination=\"{dest}\",state=\"{}\"}} {n}",
+            state.as_str()
+        );
+    }
+    metric(
+        &mut out,
+        "kopilka_points_liability_points",
+        "Points customers hold (pending and available).",
+        "gauge",
+    );
+    let _ = writeln!(
+        out,
+        "kopilka_points_liability_points{{state=\"available\"}} {}",
+        summary.points_available
+    );
+    let _ = writeln!(
+        out,
+        "kopilka_points_liability_points{{state=\"pending\"}} {}",
+        summary.points_pending
+    );
+    metric(
+        &mut out,
+        "kopilka_sync_lag_seconds",
+        "Seconds since a source's checkpoint last moved.",
+        "gauge",
+    );
+    for (source, _, at) in checkpoints {
+        let _ = writeln!(
+            out,
+            "kopilka_sync_lag_seconds{{source=\"{source}\"}} {}",
+            (now - at).num_seconds().max(0)
+        );
+    }
+    let jobs = s.rt.jobs();
+    metric(
+        &mut out,
+        "kopilka_job_runs_total",
+        "Job runs by result.",
+        "counter",
+    );
+    for (name, j) in &jobs {
+        let _ = writeln!(
+            out,
+            "kopilka_job_runs_total{{job=\"{name}\",result=\"ok\"}} {}",
+            j.runs - j.failures
+        );
+        let _ = writeln!(
+            out,
+            "kopilka_job_runs_total{{job=\"{name}\",result=\"failed\"}} {}",
+            j.failures
+        );
+    }
+    metric(
+        &mut out,
+        "kopilka_job_duration_seconds_total",
+        "Time spent in job runs.",
+        "counter",
+    );
+    for (name, j) in &jobs {
+        let _ = writeln!(
+            out,
+            "kopilka_job_duration_seconds_total{{job=\"{name}\"}} {:.3}",
+            j.total_duration_ms as f64 / 1000.0
+        );
+    }
+    let mut r = out.into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+/// `Err` holds the reply to send (boxed: a response is large).
+fn authorized(s: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let Some(token) = &s.ctx.cfg.daemon.api_token else {
+        return Err(Box::new(problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the /v1 API is off: set daemon.api_token_file to enable it",
+        )));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = token.expose().as_bytes();
+    let same =
+        given.len() == expected.len() && given.bytes().zip(expected).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(Box::new(problem(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required",
+        )))
+    }
+}
+
+fn ledger_error(e: crate::ledger::LedgerError) -> Response {
+    match e {
+        crate::ledger::LedgerError::UnknownCustomer(_) => problem(StatusCode::NOT_FOUND, e.to_string()),
+        crate::ledger::LedgerError::AmbiguousCustomer(..) => problem(StatusCode::CONFLICT, e.to_string()),
+        other => problem(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    }
+}
+
+async fn balance(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return *r;
+    }
+    let now = s.ctx.clock.now();
+    let warn = s.ctx.cfg.warn_before;
+    match s.ctx.ledger.run(move |l| l.balance(&id, now, warn)).await {
+        Ok(b) => {
+            let tier = b.tier.as_deref().and_then(|t| s.ctx.cfg.program.tier(t));
+            Json(serde_json::json!({
+                "customer": b.customer,
+                "available": b.available,
+                "pending": b.pending,
+                "expiring": b.expiring,
+                "debt": b.debt,
+                "tier": b.tier,
+                "discount_pct": tier.map(|t| t.discount_pct.normalize().to_string()),
+                "point_value_kopecks": s.ctx.cfg.program.point_value.0,
+            }))
+            .into_response()
+        }
+        Err(e) => ledger_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuoteLineBody {
+    product_id: String,
+    #[serde(default)]
+    category: Option<String>,
+    /// A decimal as a string ("1.5") or an integer.
+    quantity: serde_json::Value,
+    net_kopecks: i64,
+    #[serde(default)]
+    unit_cost_kopecks: Option<i64>,
+    #[serde(default)]
+    service: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuoteBody {
+    customer: String,
+    lines: Vec<QuoteLineBody>,
+    #[serde(default)]
+    points_wanted: Option<i64>,
+}
+
+/// Most lines one quote may carry.
+const MAX_QUOTE_LINES: usize = 1_000;
+
+fn quantity(v: &serde_json::Value) -> Option<Decimal> {
+    match v {
+        serde_json::Value::String(s) => crate::core::money::parse_decimal(s).ok(),
+        serde_json::Value::Number(n) if n.is_i64() => n.as_i64().map(Decimal::from),
+        _ => None,
+    }
+}
+
+async fn quote_handler(State(s): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return *r;
+    }
+    let req: QuoteBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, format!("invalid quote request: {e}")),
+    };
+    if req.lines.is_empty() || req.lines.len() > MAX_QUOTE_LINES {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            format!("a quote needs 1..={MAX_QUOTE_LINES} lines"),
+        );
+    }
+    let mut lines = Vec::with_capacity(req.lines.len());
+    for (i, l) in req.lines.iter().enumerate() {
+        let Some(q) = quantity(&l.quantity).filter(|q| *q > Decimal::ZERO) else {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "line {}: quantity must be a positive decimal (\"1.5\") or integer",
+                    i + 1
+                ),
+            );
+        };
+        if l.net_kopecks < 0 {
+            return problem(StatusCode::BAD_REQUEST, format!("line {}: negative net", i + 1));
+        }
+        lines.push(Line {
+            product_id: l.product_id.clone(),
+            name: l.product_id.clone(),
+            category: l.category.clone(),
+            quantity: q,
+            unit_price: Money(0),
+            discount: Money(0),
+            net: Money(l.net_kopecks),
+            unit_cost: l.unit_cost_kopecks.map(Money),
+            service: l.service,
+        });
+    }
+    let now = s.ctx.clock.now();
+    let cfg = s.ctx.cfg.clone();
+    let customer = req.customer.clone();
+    let points_wanted = req.points_wanted;
+    let result = s
+        .ctx
+        .ledger
+        .run(move |l| -> crate::ledger::Result<serde_json::Value> {
+            let b = l.balance(&customer, now, cfg.warn_before)?;
+            let policy = cfg.onec.as_ref().and_then(|o| {
+                o.cost_price_type.clone().map(|price_type| CostPolicy {
+                    price_type,
+                    backfill: o.cost_backfill,
+                })
+            });
+            let mut doc = Document {
+                source: SourceRef {
+                    system: "quote".into(),
+                    doc_id: "quote".into(),
+                    version: String::new(),
+                    stamp: None,
+                },
+                kind: DocKind::Sale,
+                number: None,
+                occurred_at: now,
+                customer: Default::default(),
+                currency: cfg.limits.currency.clone(),
+                total: Money(lines.iter().map(|l| l.net.0).sum()),
+                lines,
+                points_redeemed: Points(0),
+                original: None,
+                store: None,
+                partner: None,
+            };
+            l.complete_from_catalog(&mut doc, policy.as_ref())?;
+            let state = CustomerState {
+                customer_id: Some(b.customer.id),
+                available: b.available,
+                tier: b.tier.clone(),
+                prior_sales: 1,
+                ..Default::default()
+            };
+            let q = quote(
+                &cfg.program,
+                &QuoteRequest {
+                    lines: doc.lines.clone(),
+                    points_wanted,
+                },
+                &state,
+            );
+            // what the basket would earn if paid with the quoted points
+            doc.points_redeemed = Points(q.max_redeemable_points);
+            let preview = cfg.program.evaluate(&doc, &state, now);
+            Ok(serde_json::json!({
+                "customer_id": b.customer.id,
+                "available": b.available,
+                "tier": b.tier,
+                "max_redeemable_points": q.max_redeemable_points,
+                "max_redeemable_kopecks": q.max_redeemable_points * cfg.program.point_value.0,
+                "limited_by": q.limited_by,
+                "allocation_kopecks": q.allocation,
+                "lines": q.lines.iter().map(|l| serde_json::json!({
+                    "line": l.line, "product_id": l.product, "max_redeem_kopecks": l.max_redeem_kopecks, "reason": l.reason,
+                })).collect::<Vec<_>>(),
+                "accrual_preview": {
+                    "points": preview.accrual,
+                    "explanation": preview.explanation,
+                    "flags": preview.flags,
+                },
+            }))
+        })
+        .await;
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => ledger_error(e),
+    }
+}
+
+fn esc(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Bars of points per day (accrued up, redeemed and expired down) as inline SVG.
+fn chart(days: &[(chrono::NaiveDate, i64, i64, i64)]) -> String {
+    let w = 720.0;
+    let h = 220.0;
+    let max = days.iter().map(|d| d.1.max(d.2 + d.3)).max().unwrap_or(0).max(1) as f64;
+    let n = days.len().max(1) as f64;
+    let bar = w / n;
+    let mid = h / 2.0;
+    let mut svg = format!(
+        "<svg viewBox=\"0 0 {w} {h}\" width=\"100%\" role=\"img\" aria-label=\"points per day\">\
+         <line x1=\"0\" y1=\"{mid}\" x2=\"{w}\" y2=\"{mid}\" stroke=\"#999\"/>"
+    );
+    for (i, (day, accrued, redeemed, expired)) in days.iter().enumerate() {
+        let x = i as f64 * bar + 1.0;
+        let up = *accrued as f64 / max * (mid - 10.0);
+        let down_r = *redeemed as f64 / max * (mid - 10.0);
+        let down_e = *expired as f64 / max * (mid - 10.0);
+        let _ = write!(
+            svg,
+            "<g><title>{day}: +{accrued} accrued, −{redeemed} redeemed, −{expired} expired</title>\
+             <rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{up:.1}\" fill=\"#2e7d32\"/>\
+             <rect x=\"{x:.1}\" y=\"{mid}\" width=\"{:.1}\" height=\"{down_r:.1}\" fill=\"#1565c0\"/>\
+             <rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{down_e:.1}\" fill=\"#c62828\"/></g>",
+            mid - up,
+            bar - 2.0,
+            bar - 2.0,
+            mid + down_r,
+            bar - 2.0,
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+async fn status(State(s): State<AppState>) -> Response {
+    let now = s.ctx.clock.now();
+    let tz = s.ctx.cfg.timezone;
+    let today = now.with_timezone(&tz).date_naive();
+    let from = now - Duration::days(30);
+    let data = s
+        .ctx
+        .ledger
+        .run(move |l| -> crate::ledger::Result<_> {
+            Ok((
+                l.summary(&DateRange::default(), now)?,
+                l.outbox_counts()?,
+                l.checkpoints()?,
+                l.points_by_hour(from, now)?,
+                l.loss_makers(15)?,
+                l.outbox_list(&crate::ledger::OutboxFilter {
+                    state: Some(OutboxState::Dead),
+                    destination: None,
+                    limit: Some(15),
+                })?,
+                l.quarantine_list(false)?,
+            ))
+        })
+        .await;
+    let (summary, outbox, checkpoints, hours, losses, dead, quarantine) = match data {
+        Ok(d) => d,
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, format!("ledger: {e}")),
+    };
+    let mut days: BTreeMap<chrono::NaiveDate, (i64, i64, i64)> = BTreeMap::new();
+    for i in 0..30 {
+        days.insert(today - Duration::days(29 - i), (0, 0, 0));
+    }
+    for (hour, kind, sum) in hours {
+        let day = hour.with_timezone(&tz).date_naive();
+        if let Some(e) = days.get_mut(&day) {
+            match kind.as_str() {
+                "accrual" | "bonus" => e.0 += sum,
+                "redemption" => e.1 -= sum,
+                "expiry" => e.2 -= sum,
+                _ => {}
+            }
+        }
+    }
+    let series: Vec<_> = days.into_iter().map(|(d, (a, r, x))| (d, a, r, x)).collect();
+    let local = |t: DateTime<Utc>| t.with_timezone(&tz).format("%d.%m.%Y %H:%M").to_string();
+    let mut html = String::with_capacity(16 << 10);
+    let _ = write!(
+        html,
+        "<!doctype html><html lang=\"ru\"><head><meta charset=\"utf-8\"><title>kopilka — статус</title>\
+         <meta http-equiv=\"refresh\" content=\"60\"><style>\
+         body{{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}}\
+         table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left}}\
+         th{{background:#f4f4f4}}.num{{text-align:right}}.bad{{color:#c62828;font-weight:600}}.ok{{color:#2e7d32}}\
+         .cards{{display:flex;gap:1em;flex-wrap:wrap}}.card{{border:1px solid #ddd;border-radius:8px;padding:.8em 1.2em;min-width:10em}}\
+         .card b{{font-size:1.5em;display:block}}</style></head><body>\
+         <h1>kopilka</h1><p>{} · работает с {}</p>",
+        esc(&local(now)),
+        esc(&local(s.rt.started_at))
+    );
+    let money = |k: i64| Money(k).to_string();
+    let _ = write!(
+        html,
+        "<div class=\"cards\"><div class=\"card\">Продажи<b>{}</b>{} ₽</div><div class=\"card\">Возвраты<b>{}</b></div>\
+         <div class=\"card\">Баллы у покупателей<b>{}</b>ещё {} в ожидании</div>\
+         <div class=\"card\">Карантин<b class=\"{}\">{}</b></div></div>",
+        summary.sales_count,
+        money(summary.sales_total_kopecks),
+        summary.returns_count,
+        summary.points_available,
+        summary.points_pending,
+        if summary.quarantined > 0 { "bad" } else { "ok" },
+        summary.quarantined
+    );
+    html.push_str("<h2>Баллы по дням (30 дней)</h2>");
+    html.push_str(&chart(&series));
+    html.push_str("<p><span style=\"color:#2e7d32\">■</span> начислено <span style=\"color:#1565c0\">■</span> списано <span style=\"color:#c62828\">■</span> сгорело</p>");
+    html.push_str("<h2>Синхронизация</h2><table><tr><th>Источник</th><th>Отметка</th><th>Обновлена</th><th class=\"num\">Отставание</th></tr>");
+    for (source, cursor, at) in &checkpoints {
+        let lag = (now - *at).num_minutes();
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num {}\">{lag} мин</td></tr>",
+            esc(source),
+            esc(cursor),
+            esc(&local(*at)),
+            if lag > 60 { "bad" } else { "" }
+        );
+    }
+    html.push_str("</table><h2>Задания</h2><table><tr><th>Задание</th><th>Последний запуск</th><th>Итог</th><th>Следующий</th></tr>");
+    for (name, j) in s.rt.jobs() {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td></tr>",
+            esc(&name),
+            j.last_finished.map(local).unwrap_or_else(|| "—".into()),
+            if j.last_error.is_some() { "bad" } else { "ok" },
+            esc(j
+                .last_error
+                .as_deref()
+                .or(j.last_summary.as_deref())
+                .unwrap_or("—")),
+            j.next_run.map(local).unwrap_or_else(|| "—".into())
+        );
+    }
+    html.push_str("</table><h2>Очередь доставки</h2><table><tr><th>Куда</th><th>Состояние</th><th class=\"num\">Строк</th></tr>");
+    for (dest, state, n) in &outbox {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td class=\"{}\">{}</td><td class=\"num\">{n}</td></tr>",
+            esc(dest),
+            if *state == OutboxState::Dead { "bad" } else { "" },
+            state.as_str()
+        );
+    }
+    html.push_str("</table>");
+    if !dead.is_empty() {
+        html.push_str("<h3>Не доставлено (нужно вмешательство)</h3><table><tr><th>id</th><th>Куда</th><th>Ключ</th><th>Ошибка</th></tr>");
+        for r in &dead {
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"bad\">{}</td></tr>",
+                r.id,
+                esc(&r.destination),
+                esc(&r.idem_key),
+                esc(r.last_error.as_deref().unwrap_or(""))
+            );
+        }
+        html.push_str("</table>");
+    }
+    html.push_str("<h2>Убыточные продажи (оплата баллами ниже себестоимости)</h2>");
+    if losses.is_empty() {
+        html.push_str("<p class=\"ok\">Нет.</p>");
+    } else {
+        html.push_str("<table><tr><th>Документ</th><th>Дата</th><th class=\"num\">Убыток, ₽</th></tr>");
+        for l in &losses {
+            let _ = write!(
+                html,
+                "<tr><td>{} {}</td><td>{}</td><td class=\"num bad\">{}</td></tr>",
+                esc(&l.source),
+                esc(l.number.as_deref().unwrap_or(&l.doc_id)),
+                esc(&local(l.occurred_at)),
+                money(l.loss_kopecks)
+            );
+        }
+        html.push_str("</table>");
+    }
+    if !quarantine.is_empty() {
+        html.push_str("<h2>Карантин</h2><table><tr><th>Документ</th><th>Причина</th><th>Где</th></tr>");
+        for q in quarantine.iter().take(20) {
+            let _ = write!(
+                html,
+                "<tr><td>{}:{}</td><td class=\"bad\">{}</td><td>{}</td></tr>",
+                esc(&q.source),
+                esc(&q.doc_ref),
+                esc(&q.reason),
+                esc(q.location.as_deref().unwrap_or(""))
+            );
+        }
+        html.push_str("</table>");
+    }
+    html.push_str("</body></html>");
+    Html(html).into_response()
+}
