@@ -300,6 +300,7 @@ fn run(ops: Vec<Op>, stamped: bool) {
     let limits = DocumentLimits::default();
     let dest = Destinations {
         contact_state: Some("amocrm".into()),
+        ..Default::default()
     };
     let now = t0() + Duration::days(3);
     let ctx = IngestContext {

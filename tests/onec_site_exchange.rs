@@ -20,6 +20,10 @@ struct Server {
 }
 
 async fn server(zip: bool) -> Server {
+    server_with(zip, "").await
+}
+
+async fn server_with(zip: bool, extra: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("site-password"), "s3cret\n").unwrap();
     let cfg_path = dir.path().join("kopilka.toml");
@@ -27,7 +31,7 @@ async fn server(zip: bool) -> Server {
         &cfg_path,
         format!(
             "[ledger]\npath = \"{}\"\n[onec]\nexchange_dir = \"{}\"\n[onec.site_exchange]\nuser = \"1c\"\n\
-             password_file = \"site-password\"\nfile_limit_bytes = 65536\nzip = {zip}\n",
+             password_file = \"site-password\"\nfile_limit_bytes = 65536\nzip = {zip}\n{extra}\n",
             dir.path().join("k.db").display(),
             dir.path().join("exchange").display()
         ),
@@ -222,5 +226,60 @@ async fn a_path_in_the_file_name_never_writes_outside_the_session_folder() {
         onec.upload("catalog", "..", b"x").await,
         Err(SiteError::Failure { .. })
     ));
+    s.cancel.cancel();
+}
+
+#[tokio::test]
+async fn bonus_documents_go_back_to_1c_on_query_and_are_delivered_on_success() {
+    let s = server_with(false, "[accounting]\npostback = \"commerceml\"").await;
+    let (_, bytes) = documents_file(30);
+    let mut onec = SiteClient::new(&s.url, "1c", "s3cret");
+    onec.exchange("sale", &[("orders.xml", bytes)]).await.unwrap();
+    let pending = |l: &mut Ledger| {
+        l.outbox_list(&kopilka::ledger::OutboxFilter {
+            state: Some(kopilka::ledger::OutboxState::Pending),
+            destination: Some("onec:bonus".into()),
+            limit: None,
+        })
+        .map(|r| r.len())
+    };
+    let waiting = s.ledger.run(pending).await.unwrap();
+    assert!(
+        waiting > 20,
+        "one bonus document per accrual and redemption: {waiting}"
+    );
+
+    let ids = |xml: &[u8]| -> Vec<String> {
+        String::from_utf8_lossy(xml)
+            .split("<Документ><Ид>")
+            .skip(1)
+            .map(|p| p.split("</Ид>").next().unwrap_or("").to_string())
+            .collect()
+    };
+    // a query without success: the same documents, same ids, next time
+    let mut first = SiteClient::new(&s.url, "1c", "s3cret");
+    first.checkauth("sale").await.unwrap();
+    first.init("sale").await.unwrap();
+    let a = first.query().await.unwrap();
+    let mut second = SiteClient::new(&s.url, "1c", "s3cret");
+    second.checkauth("sale").await.unwrap();
+    second.init("sale").await.unwrap();
+    let b = second.query().await.unwrap();
+    assert_eq!(ids(&a).len(), waiting);
+    assert_eq!(ids(&a), ids(&b));
+    assert!(String::from_utf8_lossy(&a).contains("НачислениеИСписаниеБонусныхБаллов"));
+    let parsed =
+        kopilka::onec::commerceml::parse(a.as_slice(), "query", &Default::default(), &mut |_| Ok(()));
+    assert!(
+        parsed.is_ok_and(|i| i.truncated.is_none()),
+        "a well-formed CommerceML file"
+    );
+    // 1C confirms: delivered, nothing left
+    second.success().await.unwrap();
+    assert_eq!(s.ledger.run(pending).await.unwrap(), 0);
+    let mut third = SiteClient::new(&s.url, "1c", "s3cret");
+    third.checkauth("sale").await.unwrap();
+    third.init("sale").await.unwrap();
+    assert!(ids(&third.query().await.unwrap()).is_empty());
     s.cancel.cancel();
 }

@@ -114,6 +114,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             let mut rng = fastrand::Rng::with_seed(7);
             let dest = Destinations {
                 contact_state: Some("amocrm".into()),
+                ..Default::default()
             };
             let now = shop.start + chrono::Duration::days(400);
             let start = Instant::now();

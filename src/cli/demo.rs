@@ -51,6 +51,7 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let clock = SystemClock;
     let dest = Destinations {
         contact_state: Some("amocrm".into()),
+        ..Default::default()
     };
     let started = std::time::Instant::now();
     let mut flags = Vec::new();

@@ -81,6 +81,18 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// A customer's RFM segment and next offers ("bought together"), with the evidence.
     Offers(CustomerArgs),
+    /// Accounting postings per legal entity and day (make the due ones with --post).
+    Postings {
+        #[arg(long)]
+        from: Option<NaiveDate>,
+        #[arg(long)]
+        to: Option<NaiveDate>,
+        /// Make the postings that are due now (what the nightly `accounting` job does).
+        #[arg(long)]
+        post: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Points issued and redeemed per partner (coalition program settlement).
     Partners(SummaryArgs),
     /// Run the daemon: every enabled job on its schedule, the HTTP endpoint, the 1C site
@@ -485,6 +497,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load_config(&cli)?;
             let ledger = open_existing(&cfg)?;
             output::offers(&ledger.offers_for(&a.customer, now)?, a.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Postings { from, to, post, json } => {
+            let cfg = load_config(&cli)?;
+            let mut ledger = open_existing(&cfg)?;
+            if *post {
+                let dest = cfg.destinations();
+                let made = ledger.post_accounting(
+                    &cfg.books(),
+                    cfg.accounting.lookback_days,
+                    &cfg.ingest_context(now, &dest),
+                )?;
+                eprintln!("{} postings made", made.len());
+            }
+            let today = now.with_timezone(&cfg.timezone).date_naive();
+            let from = from.unwrap_or(today - chrono::Duration::days(31));
+            let to = to.unwrap_or(today);
+            output::postings(&ledger.postings(from, to)?, &cfg, *json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Partners(a) => {

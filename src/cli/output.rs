@@ -449,3 +449,50 @@ pub fn opening_report(file: &str, r: &crate::ledger::OpeningReport, as_json: boo
     }
     Ok(())
 }
+
+pub fn postings(
+    rows: &[crate::ledger::PostingRecord],
+    cfg: &crate::config::Config,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let pv = cfg.program.point_value.0;
+    if as_json {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let (p, outbox, created) = (&r.posting, r.outbox_id, r.created_at);
+                serde_json::json!({
+                    "entity": p.entity, "day": p.day.to_string(), "seq": p.seq, "adjusting": p.seq > 1,
+                    "points": p.points,
+                    "amounts_kopecks": p.points.iter().map(|(k, v)| (k.clone(), v * pv)).collect::<std::collections::BTreeMap<_, _>>(),
+                    "outbox_id": outbox, "created_at": created,
+                })
+            })
+            .collect();
+        return json(&out);
+    }
+    if rows.is_empty() {
+        println!("no postings in the period");
+    }
+    println!(
+        "{:<10}  {:<24} {:>3}  {:<12} {:>8} {:>8} {:>14}",
+        "day", "entity", "seq", "movement", "Дт", "Кт", "amount, RUB"
+    );
+    for r in rows {
+        let p = &r.posting;
+        for (movement, points) in &p.points {
+            let (dt, kt) = cfg.accounting.accounts.get(movement).cloned().unwrap_or_default();
+            println!(
+                "{:<10}  {:<24} {:>3}  {:<12} {:>8} {:>8} {:>14}",
+                p.day,
+                p.entity,
+                p.seq,
+                movement,
+                dt,
+                kt,
+                crate::core::money::Money(points * pv)
+            );
+        }
+    }
+    Ok(())
+}

@@ -151,9 +151,20 @@ struct RawDaemon {
     schedule: Option<BTreeMap<String, String>>,
 }
 
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawAccounting {
+    entity: Option<String>,
+    entities: Option<BTreeMap<String, String>>,
+    accounts: Option<BTreeMap<String, String>>,
+    lookback_days: Option<i64>,
+    postback: Option<String>,
+}
+
 #[derive(Clone, Debug, Default)]
 struct Raw {
     daemon: RawDaemon,
+    accounting: RawAccounting,
     general: RawGeneral,
     ledger: RawLedger,
     program: RawProgram,
@@ -186,7 +197,45 @@ pub struct Config {
     /// The AmoCRM connector, when `[amocrm]` is present.
     pub amocrm: Option<AmocrmConfig>,
     pub daemon: DaemonConfig,
+    pub accounting: AccountingConfig,
 }
+
+/// How points become accounting postings (see README, "Accountants").
+#[derive(Clone, Debug)]
+pub struct AccountingConfig {
+    /// Legal entity (Организация) of every source not named in `entities`.
+    pub entity: String,
+    /// Source system → legal entity.
+    pub entities: BTreeMap<String, String>,
+    /// Movement → (debit, credit) account codes.
+    pub accounts: BTreeMap<String, (String, String)>,
+    /// Days back a late correction is still turned into an adjusting posting.
+    pub lookback_days: i64,
+    /// Where bonus documents and postings go in 1C: `none`, `commerceml` (served to 1C's
+    /// site exchange on `mode=query`) or `odata` (created and posted through OData).
+    pub postback: Postback,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Postback {
+    None,
+    CommerceMl,
+    Odata,
+}
+
+/// Movements of points and their default accounts in the Russian chart of accounts:
+/// accruals are a selling expense reserved as a liability (Дт 44 Кт 96), redemptions use the
+/// reserve against the customer's payment (Дт 96 Кт 62), expired points release it to other
+/// income (Дт 96 Кт 91.01); reversals, write-offs and corrections mirror them.
+pub const MOVEMENTS: &[(&str, &str, &str)] = &[
+    ("accrued", "44.01", "96"),
+    ("redeemed", "96", "62.01"),
+    ("expired", "96", "91.01"),
+    ("reversed", "96", "44.01"),
+    ("written_off", "44.01", "96"),
+    ("adjusted", "44.01", "96"),
+    ("opening", "91.02", "96"),
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
@@ -226,11 +275,23 @@ impl Config {
         }
     }
 
+    /// The books accounting postings are made in.
+    pub fn books(&self) -> crate::ledger::Books<'_> {
+        crate::ledger::Books {
+            default_entity: &self.accounting.entity,
+            entities: &self.accounting.entities,
+            tz: self.timezone,
+            point_value_kopecks: self.program.point_value.0,
+            destination: (self.accounting.postback != Postback::None).then_some(ONEC_ACCOUNTING),
+        }
+    }
+
     /// The outbox destinations this configuration delivers to: rows are only queued for a
     /// destination that will deliver them.
     pub fn destinations(&self) -> crate::ledger::Destinations {
         crate::ledger::Destinations {
             contact_state: self.amocrm.as_ref().map(|_| "amocrm".to_string()),
+            onec_bonus: (self.accounting.postback != Postback::None).then(|| ONEC_BONUS.to_string()),
         }
     }
 }
@@ -285,6 +346,11 @@ impl Origins {
         }
     }
 }
+
+/// Outbox destination of bonus documents for 1C.
+pub const ONEC_BONUS: &str = "onec:bonus";
+/// Outbox destination of daily accounting postings for 1C.
+pub const ONEC_ACCOUNTING: &str = "onec:accounting";
 
 /// How the `config` crate names values that came from environment variables.
 const ENVIRONMENT: &str = "the environment";
@@ -363,6 +429,7 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Rep
             "outbox" => raw.outbox = section(&name, value, &origins, &mut issues),
             "onec" => raw.onec = Some(section(&name, value, &origins, &mut issues)),
             "daemon" => raw.daemon = section(&name, value, &origins, &mut issues),
+            "accounting" => raw.accounting = section(&name, value, &origins, &mut issues),
             "amocrm" => raw.amocrm = Some(section(&name, value, &origins, &mut issues)),
             _ => issues.push(Issue {
                 key: name.clone(),
@@ -644,6 +711,51 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
         log_format,
         schedule,
     };
+    let a = &raw.accounting;
+    let mut accounts: BTreeMap<String, (String, String)> = MOVEMENTS
+        .iter()
+        .map(|(m, d, c)| (m.to_string(), (d.to_string(), c.to_string())))
+        .collect();
+    for (key, value) in a.accounts.clone().unwrap_or_default() {
+        let (movement, side) = match key.rsplit_once('_') {
+            Some((m, side @ ("debit" | "credit"))) if accounts.contains_key(m) => (m.to_string(), side),
+            _ => {
+                check.issues.push((
+                    format!("accounting.accounts.{key}"),
+                    "expected <movement>_debit or <movement>_credit, movements: accrued, redeemed, expired, \
+                     reversed, written_off, adjusted, opening"
+                        .into(),
+                ));
+                continue;
+            }
+        };
+        if let Some(e) = accounts.get_mut(&movement) {
+            if side == "debit" {
+                e.0 = value;
+            } else {
+                e.1 = value;
+            }
+        }
+    }
+    let postback = match a.postback.as_deref().unwrap_or("none") {
+        "none" => Postback::None,
+        "commerceml" => Postback::CommerceMl,
+        "odata" => Postback::Odata,
+        other => {
+            check.issues.push((
+                "accounting.postback".into(),
+                format!("{other:?} is not none, commerceml or odata"),
+            ));
+            Postback::None
+        }
+    };
+    let accounting = AccountingConfig {
+        entity: a.entity.clone().unwrap_or_else(|| "Организация".into()),
+        entities: a.entities.clone().unwrap_or_default(),
+        accounts,
+        lookback_days: a.lookback_days.unwrap_or(35).clamp(1, 366),
+        postback,
+    };
     let onec = raw.onec.as_ref().map(|o| connectors::onec(o, &mut check));
     let amocrm = raw.amocrm.as_ref().map(|a| connectors::amocrm(a, &mut check));
     for (key, message) in check.issues {
@@ -683,6 +795,7 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
         onec,
         amocrm,
         daemon,
+        accounting,
     })
 }
 

@@ -37,9 +37,46 @@ impl Job for Nightly {
     }
 }
 
+/// Daily accounting postings per legal entity, with adjusting postings for late
+/// corrections.
+struct Accounting;
+
+impl Job for Accounting {
+    fn name(&self) -> &str {
+        "accounting"
+    }
+
+    fn stage(&self) -> Stage {
+        Stage::Nightly
+    }
+
+    fn run<'a>(&'a self, ctx: &'a JobContext) -> JobFuture<'a> {
+        Box::pin(async move {
+            let cfg = ctx.cfg.clone();
+            let now = ctx.clock.now();
+            let made = ctx
+                .ledger
+                .run(move |l| {
+                    let dest = cfg.destinations();
+                    l.post_accounting(
+                        &cfg.books(),
+                        cfg.accounting.lookback_days,
+                        &cfg.ingest_context(now, &dest),
+                    )
+                })
+                .await?;
+            let adjusting = made.iter().filter(|p| p.seq > 1).count();
+            Ok(JobOutcome::done(format!(
+                "{} postings made ({adjusting} adjusting earlier days)",
+                made.len()
+            )))
+        })
+    }
+}
+
 /// Every job the configuration enables.
 pub fn jobs(cfg: &Config) -> Vec<Arc<dyn Job>> {
-    let mut jobs: Vec<Arc<dyn Job>> = vec![Arc::new(Nightly)];
+    let mut jobs: Vec<Arc<dyn Job>> = vec![Arc::new(Nightly), Arc::new(Accounting)];
     if cfg.onec.as_ref().is_some_and(|o| o.exchange_dir.is_some()) {
         jobs.push(Arc::new(crate::onec::exchange::FolderJob));
     }

@@ -46,6 +46,8 @@ pub enum Item {
 pub struct Destinations {
     /// Destination name for "this customer's visible state changed" rows (AmoCRM contacts).
     pub contact_state: Option<String>,
+    /// Destination of bonus documents for 1C (accruals and redemptions of a sale).
+    pub onec_bonus: Option<String>,
 }
 
 pub struct IngestContext<'a> {
@@ -1227,6 +1229,7 @@ impl Ledger {
     fn ingest_pass(&mut self, batch: &Batch, ctx: &IngestContext<'_>, careful: bool) -> Result<IngestReport> {
         let now = ctx.now;
         let mut tx = self.conn.transaction()?;
+        let since = super::accounting::journal_head(&tx)?;
         let mut report = IngestReport::default();
         let mut touched = BTreeSet::new();
         for item in &batch.items {
@@ -1319,7 +1322,7 @@ impl Ledger {
             )?
             .execute(params![batch.source, cursor, ts(now)])?;
         }
-        report.outbox_rows = enqueue_contact_states(&tx, &touched, ctx)?;
+        report.outbox_rows = finish_write(&tx, since, &touched, ctx)?;
         tx.commit()?;
         Ok(report)
     }
@@ -1333,6 +1336,7 @@ impl Ledger {
             ));
         }
         let tx = self.conn.transaction()?;
+        let since = super::accounting::journal_head(&tx)?;
         let customer = super::query::find_customer(&tx, &req.customer)?;
         let idem = req.key.as_ref().map(|k| format!("adjust:{k}"));
         if let Some(key) = &idem {
@@ -1395,7 +1399,7 @@ impl Ledger {
             &mut h,
             now,
         )?;
-        enqueue_contact_states(&tx, &BTreeSet::from([customer]), ctx)?;
+        finish_write(&tx, since, &BTreeSet::from([customer]), ctx)?;
         tx.commit()?;
         Ok(AdjustOutcome::Applied {
             tx_id,
@@ -1408,6 +1412,7 @@ impl Ledger {
     pub fn expire_due(&mut self, ctx: &IngestContext<'_>) -> Result<i64> {
         let now = ctx.now;
         let tx = self.conn.transaction()?;
+        let since = super::accounting::journal_head(&tx)?;
         let customers: Vec<i64> = tx
             .prepare(
                 "SELECT DISTINCT customer_id FROM lots WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at <= ?1",
@@ -1454,15 +1459,28 @@ impl Ledger {
             )?;
             total += points;
         }
-        enqueue_contact_states(&tx, &customers.into_iter().collect(), ctx)?;
+        finish_write(&tx, since, &customers.into_iter().collect(), ctx)?;
         tx.commit()?;
         Ok(total)
     }
 }
 
+/// What every write does before it commits: a bonus document for 1C per new journal
+/// transaction (after `since`), and the visible state of each touched customer for AmoCRM —
+/// each only when its destination is configured. Returns the contact rows queued.
+pub(super) fn finish_write(
+    conn: &Connection,
+    since: i64,
+    touched: &BTreeSet<i64>,
+    ctx: &IngestContext<'_>,
+) -> Result<usize> {
+    super::accounting::enqueue_bonus_documents(conn, since, ctx)?;
+    enqueue_contact_states(conn, touched, ctx)
+}
+
 /// Queues the visible state of each touched customer for the contact destination, if one
 /// is configured. Rows coalesce per customer: only the newest state is delivered.
-pub(super) fn enqueue_contact_states(
+fn enqueue_contact_states(
     conn: &Connection,
     touched: &BTreeSet<i64>,
     ctx: &IngestContext<'_>,

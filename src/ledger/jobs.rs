@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use rusqlite::{OptionalExtension, params};
 
-use super::ingest::{IngestContext, LotDates, NewTx, enqueue_contact_states, post};
+use super::ingest::{IngestContext, LotDates, NewTx, finish_write, post};
 use super::query::holdings;
 use super::{Ledger, Result, from_ts, ts};
 use crate::core::journal::{Account, Explanation, TxKind};
@@ -100,6 +100,7 @@ impl Ledger {
         }
         let now = ctx.now;
         let tx = self.conn.transaction()?;
+        let since = super::accounting::journal_head(&tx)?;
         let from = ts(now - rules.tier_policy.window);
         let rows: Vec<(i64, Option<String>, Option<i64>, i64)> = tx
             .prepare(
@@ -120,7 +121,7 @@ impl Ledger {
                 changed.insert(c);
             }
         }
-        enqueue_contact_states(&tx, &changed, ctx)?;
+        finish_write(&tx, since, &changed, ctx)?;
         tx.commit()?;
         Ok(changed.len())
     }
@@ -132,6 +133,7 @@ impl Ledger {
         let now = ctx.now;
         let today = now.with_timezone(&rules.timezone).date_naive();
         let tx = self.conn.transaction()?;
+        let since = super::accounting::journal_head(&tx)?;
         let rows: Vec<(i64, String)> = tx
             .prepare("SELECT id, birthday FROM customers WHERE birthday IS NOT NULL")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -162,7 +164,7 @@ impl Ledger {
                 granted.insert(c);
             }
         }
-        enqueue_contact_states(&tx, &granted, ctx)?;
+        finish_write(&tx, since, &granted, ctx)?;
         tx.commit()?;
         Ok(granted.len())
     }
@@ -174,6 +176,7 @@ impl Ledger {
         let now = ctx.now;
         let settled = ts(now - rules.return_window);
         let tx = self.conn.transaction()?;
+        let since = super::accounting::journal_head(&tx)?;
         let rows: Vec<(i64, String, i64)> = tx
             .prepare(
                 "SELECT c.id, c.referred_by, MIN(d.occurred_at) FROM customers c \
@@ -227,7 +230,7 @@ impl Ledger {
                 touched.insert(referrer);
             }
         }
-        enqueue_contact_states(&tx, &touched, ctx)?;
+        finish_write(&tx, since, &touched, ctx)?;
         tx.commit()?;
         Ok(pairs)
     }
@@ -238,6 +241,7 @@ impl Ledger {
     pub fn expiry_warnings(&mut self, ctx: &IngestContext<'_>) -> Result<usize> {
         let now = ctx.now;
         let tx = self.conn.transaction()?;
+        let since = super::accounting::journal_head(&tx)?;
         let inserted = tx.execute(
             "INSERT INTO expiry_warnings (lot_id, customer_id, points, expires_at, warned_at) \
              SELECT id, customer_id, remaining, expires_at, ?1 FROM lots \
@@ -252,7 +256,7 @@ impl Ledger {
         } else {
             BTreeSet::new()
         };
-        enqueue_contact_states(&tx, &customers, ctx)?;
+        finish_write(&tx, since, &customers, ctx)?;
         tx.commit()?;
         Ok(customers.len())
     }

@@ -7,6 +7,7 @@
 //! [`LedgerStore`] is the narrow interface the rest of the program uses, so that another
 //! backend (PostgreSQL for chains that outgrow one machine) can stand in later.
 
+mod accounting;
 mod catalog;
 mod delivery;
 mod ingest;
@@ -26,6 +27,7 @@ use chrono::{DateTime, TimeZone, Utc};
 
 use rusqlite::{Connection, OpenFlags};
 
+pub use accounting::{Books, Posting, PostingRecord, movement_of};
 pub use catalog::{CatalogItem, CatalogReport, CostPolicy};
 pub use delivery::{DeliveryError, DeliveryPolicy, DeliveryReport, SharedLedger, Sink, deliver_due};
 pub use ingest::{

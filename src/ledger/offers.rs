@@ -13,7 +13,7 @@ use chrono::{DateTime, Duration, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::ingest::{IngestContext, enqueue_contact_states};
+use super::ingest::{IngestContext, finish_write};
 use super::{Ledger, Result, from_ts, ts};
 use crate::core::money::Money;
 use crate::core::offers::{ItemStat, Offer, OfferParams, PairStat, Rfm, Segment, recommend, segment};
@@ -75,6 +75,7 @@ impl Ledger {
     pub fn refresh_offers(&mut self, ctx: &IngestContext<'_>) -> Result<OffersRefresh> {
         let now = ctx.now;
         let tx = self.conn.transaction()?;
+        let since = super::accounting::journal_head(&tx)?;
         let watermark: i64 = tx
             .query_row("SELECT value FROM meta WHERE key = 'offers_watermark'", [], |r| {
                 r.get::<_, String>(0)
@@ -182,7 +183,7 @@ impl Ledger {
                 touched.insert(c);
             }
         }
-        enqueue_contact_states(&tx, &touched, ctx)?;
+        finish_write(&tx, since, &touched, ctx)?;
         tx.commit()?;
         Ok(report)
     }

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
-use super::ingest::{IngestContext, LotDates, NewTx, enqueue_contact_states, post, resolve_customer};
+use super::ingest::{IngestContext, LotDates, NewTx, finish_write, post, resolve_customer};
 use super::query::holdings;
 use super::{Ledger, Result};
 use crate::core::identity::CustomerIdentity;
@@ -45,6 +45,7 @@ impl Ledger {
     ) -> Result<OpeningReport> {
         let now = ctx.now;
         let tx = self.conn.transaction()?;
+        let since = super::accounting::journal_head(&tx)?;
         let mut report = OpeningReport::default();
         let mut touched = std::collections::BTreeSet::new();
         for row in rows {
@@ -132,7 +133,7 @@ impl Ledger {
             report.points_imported += row.points;
             touched.insert(customer);
         }
-        enqueue_contact_states(&tx, &touched, ctx)?;
+        finish_write(&tx, since, &touched, ctx)?;
         tx.commit()?;
         Ok(report)
     }

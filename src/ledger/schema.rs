@@ -361,6 +361,20 @@ CREATE TABLE amocrm_seen_events (
 ) WITHOUT ROWID;
 CREATE INDEX amocrm_seen_events_time ON amocrm_seen_events(created_at);
 "#,
+    // 6: accounting postings per legal entity and business day (first posting, then
+    // adjusting ones for late corrections; a delivered posting is never edited)
+    r#"
+CREATE TABLE accounting_postings (
+    id         INTEGER PRIMARY KEY,
+    entity     TEXT NOT NULL,
+    day        TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    movements  TEXT NOT NULL,
+    outbox_id  INTEGER REFERENCES outbox(id),
+    created_at INTEGER NOT NULL,
+    UNIQUE (entity, day, seq)
+);
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

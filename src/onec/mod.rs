@@ -7,4 +7,5 @@
 pub mod commerceml;
 pub mod exchange;
 pub mod import;
+pub mod postback;
 pub mod site_exchange;

@@ -63,6 +63,8 @@ struct Session {
     last_seen: DateTime<Utc>,
     uploaded_bytes: u64,
     imports: HashMap<String, ImportState>,
+    /// Outbox rows the last `query` sent, delivered on `success`.
+    sent: Vec<i64>,
 }
 
 /// The exchange endpoint's state.
@@ -211,6 +213,7 @@ impl SiteExchange {
                 last_seen: now,
                 uploaded_bytes: 0,
                 imports: HashMap::new(),
+                sent: Vec::new(),
             },
         );
         text(format!("success\n{COOKIE_NAME}\n{value}\nsessid={sessid}\n"))
@@ -397,31 +400,72 @@ impl SiteExchange {
         }
     }
 
-    /// `type=sale&mode=query`: the documents kopilka sends back to 1C. Bonus documents
-    /// come with the accountants' issue; until then the reply is a valid file with none.
-    fn query(&self) -> Response {
-        let now = self.clock.now().with_timezone(&self.cfg.timezone);
-        let xml = format!(
-            "<?xml version=\"1.0\" encoding=\"{}\"?>\n<КоммерческаяИнформация ВерсияСхемы=\"2.08\" ДатаФормирования=\"{}\">\n</КоммерческаяИнформация>\n",
-            if self.se.reply_windows_1251 {
-                "windows-1251"
-            } else {
-                "UTF-8"
-            },
-            now.format("%Y-%m-%dT%H:%M:%S")
-        );
-        let (body, content_type) = if self.se.reply_windows_1251 {
-            let (bytes, _, _) = encoding_rs::WINDOWS_1251.encode(&xml);
-            (bytes.into_owned(), "application/xml; charset=windows-1251")
+    /// `type=sale&mode=query`: the bonus documents and accounting postings waiting for 1C
+    /// (when `[accounting] postback = "commerceml"`). The rows sent are remembered for the
+    /// session and marked delivered when 1C confirms with `mode=success`; without the
+    /// confirmation they are sent again next time, with the same `Ид`.
+    async fn query(self: &Arc<Self>, session: &str) -> Response {
+        let now = self.clock.now();
+        let rows = if self.cfg.accounting.postback == crate::config::Postback::CommerceMl {
+            let far = now + chrono::Duration::days(36_500);
+            self.ledger
+                .run(move |l| -> crate::ledger::Result<Vec<crate::ledger::OutboxRow>> {
+                    let mut rows = l.outbox_due(crate::config::ONEC_ACCOUNTING, QUERY_ROWS, far)?;
+                    let room = QUERY_ROWS.saturating_sub(rows.len());
+                    rows.extend(l.outbox_due(crate::config::ONEC_BONUS, room, far)?);
+                    Ok(rows)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "Cannot read the outbox for 1C");
+                    Vec::new()
+                })
         } else {
-            (xml.into_bytes(), "application/xml; charset=utf-8")
+            Vec::new()
+        };
+        if let Some(s) = self.sessions().get_mut(session) {
+            s.sent = rows.iter().map(|r| r.id).collect();
+        }
+        let body = super::postback::documents_file(&rows, &self.cfg, now, self.se.reply_windows_1251);
+        let content_type = if self.se.reply_windows_1251 {
+            "application/xml; charset=windows-1251"
+        } else {
+            "application/xml; charset=utf-8"
         };
         let mut r = body.into_response();
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         r
     }
+
+    /// `type=sale&mode=success`: 1C took what the last `query` sent.
+    async fn success(self: &Arc<Self>, session: &str) -> Response {
+        let sent = self
+            .sessions()
+            .get_mut(session)
+            .map(|s| std::mem::take(&mut s.sent))
+            .unwrap_or_default();
+        if sent.is_empty() {
+            return text("success\n");
+        }
+        let now = self.clock.now();
+        let n = sent.len();
+        match self
+            .ledger
+            .run(move |l| l.outbox_mark_delivered(&sent, now))
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(documents = n, "1C confirmed the documents sent");
+                text("success\n")
+            }
+            Err(e) => failure(&format!("не удалось отметить доставку: {e}")),
+        }
+    }
 }
+
+/// Outbox rows one `query` reply carries at most.
+const QUERY_ROWS: usize = 1_000;
 
 async fn handle(
     State(ex): State<Arc<SiteExchange>>,
@@ -452,8 +496,8 @@ async fn handle(
             r
         }
         "import" => ex.import(&session, &params).await,
-        "query" if kind == "sale" => ex.query(),
-        "success" if kind == "sale" => text("success\n"),
+        "query" if kind == "sale" => ex.query(&session).await,
+        "success" if kind == "sale" => ex.success(&session).await,
         "complete" | "deactivate" => text("success\n"),
         other => failure(&format!("неизвестный режим {other:?} (unknown mode)")),
     }

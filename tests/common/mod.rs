@@ -53,6 +53,7 @@ impl Env {
             limits: DocumentLimits::default(),
             dest: Destinations {
                 contact_state: Some("amocrm".into()),
+                ..Default::default()
             },
             now: t0() + Duration::days(30),
         }
