@@ -81,6 +81,16 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// A customer's RFM segment and next offers ("bought together"), with the evidence.
     Offers(CustomerArgs),
+    /// Day by day: documents at the source and in the ledger, points, deliveries to 1C, and
+    /// every difference with the document causing it. Exit 1 when there is any.
+    Reconcile {
+        #[arg(long)]
+        from: Option<NaiveDate>,
+        #[arg(long)]
+        to: Option<NaiveDate>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Accounting postings per legal entity and day (make the due ones with --post).
     Postings {
         #[arg(long)]
@@ -109,6 +119,14 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Measure throughput on synthetic data.
     Bench(bench::BenchArgs),
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+    Html,
 }
 
 #[derive(Args, Debug)]
@@ -498,6 +516,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ledger = open_existing(&cfg)?;
             output::offers(&ledger.offers_for(&a.customer, now)?, a.json)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Reconcile { from, to, format } => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            let today = now.with_timezone(&cfg.timezone).date_naive();
+            let to = to.unwrap_or(today);
+            let from = from.unwrap_or(to - chrono::Duration::days(6));
+            let r = ledger.reconcile(from, to, cfg.timezone, None)?;
+            output::reconciliation(&r, *format)?;
+            Ok(if r.clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Postings { from, to, post, json } => {
             let cfg = load_config(&cli)?;

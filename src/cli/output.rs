@@ -496,3 +496,108 @@ pub fn postings(
     }
     Ok(())
 }
+
+pub fn reconciliation(r: &crate::ledger::Reconciliation, format: super::Format) -> anyhow::Result<()> {
+    use super::Format;
+    let m = |k: i64| crate::core::money::Money(k).to_string();
+    match format {
+        Format::Json => return json(r),
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(std::io::stdout().lock());
+            w.write_record([
+                "day",
+                "source_documents",
+                "source_total",
+                "ledger_sales",
+                "ledger_returns",
+                "ledger_total",
+                "points_accrued",
+                "points_redeemed",
+                "points_expired",
+                "points_reversed",
+                "postings_delivered",
+                "postings_pending",
+                "postings_dead",
+            ])?;
+            for d in &r.days {
+                w.write_record([
+                    d.day.to_string(),
+                    d.source_documents.to_string(),
+                    m(d.source_total_kopecks),
+                    d.ledger_sales.to_string(),
+                    d.ledger_returns.to_string(),
+                    m(d.ledger_total_kopecks),
+                    d.points_accrued.to_string(),
+                    d.points_redeemed.to_string(),
+                    d.points_expired.to_string(),
+                    d.points_reversed.to_string(),
+                    d.postings_delivered.to_string(),
+                    d.postings_pending.to_string(),
+                    d.postings_dead.to_string(),
+                ])?;
+            }
+            for x in &r.differences {
+                w.write_record([
+                    x.day.map(|d| d.to_string()).unwrap_or_default(),
+                    x.kind.label().to_string(),
+                    x.source.clone(),
+                    x.document.clone(),
+                    x.detail.clone(),
+                ])?;
+            }
+            w.flush()?;
+            return Ok(());
+        }
+        Format::Table | Format::Html => {}
+    }
+    println!("source side: {}", r.truth);
+    println!(
+        "{:<10} {:>6} {:>14} {:>6} {:>6} {:>14} {:>9} {:>9} {:>8} {:>9} {:>17}",
+        "day",
+        "1C",
+        "1C RUB",
+        "sales",
+        "ret.",
+        "ledger RUB",
+        "accrued",
+        "redeemed",
+        "expired",
+        "reversed",
+        "to 1C ok/wait/dead"
+    );
+    for d in &r.days {
+        println!(
+            "{:<10} {:>6} {:>14} {:>6} {:>6} {:>14} {:>9} {:>9} {:>8} {:>9} {:>17}",
+            d.day,
+            d.source_documents,
+            m(d.source_total_kopecks),
+            d.ledger_sales,
+            d.ledger_returns,
+            m(d.ledger_total_kopecks),
+            d.points_accrued,
+            d.points_redeemed,
+            d.points_expired,
+            d.points_reversed,
+            format!(
+                "{}/{}/{}",
+                d.postings_delivered, d.postings_pending, d.postings_dead
+            )
+        );
+    }
+    if r.differences.is_empty() {
+        println!("no differences: the ledger holds exactly what the source holds");
+    } else {
+        println!("{} difference(s):", r.differences.len());
+        for x in &r.differences {
+            println!(
+                "  {} {:<22} {}:{}  {}",
+                x.day.map(|d| d.to_string()).unwrap_or_else(|| "—".into()),
+                x.kind.label(),
+                x.source,
+                x.document,
+                x.detail
+            );
+        }
+    }
+    Ok(())
+}

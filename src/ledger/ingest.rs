@@ -1271,6 +1271,9 @@ impl Ledger {
                     if let Incoming::Document(d) = inc
                         && let Err(invalid) = validate(d, ctx.limits)
                     {
+                        if !src.doc_id.trim().is_empty() {
+                            log_source(&tx, inc, now)?;
+                        }
                         parked.reason = &invalid.0;
                         quarantine_put(&tx, &parked, now)?;
                         report.count(label, Outcome::Quarantined(invalid.0));
@@ -1297,6 +1300,7 @@ impl Ledger {
                         Ok(outcome) => {
                             if outcome != Outcome::Stale {
                                 quarantine_resolve(&tx, &src.system, &doc_ref, now)?;
+                                log_source(&tx, inc, now)?;
                             }
                             touched.extend(run.touched);
                             report
@@ -1463,6 +1467,40 @@ impl Ledger {
         tx.commit()?;
         Ok(total)
     }
+}
+
+/// Records what the source said about a document (for reconciliation): every version the
+/// ledger applied or quarantined, never a replayed older one.
+fn log_source(conn: &Connection, inc: &Incoming, now: DateTime<Utc>) -> Result<()> {
+    let src = inc.source();
+    match inc {
+        Incoming::Document(d) => {
+            conn.prepare_cached(
+                "INSERT INTO source_log (source, doc_id, version, kind, occurred_at, total, in_force, seen_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7) ON CONFLICT (source, doc_id) DO UPDATE SET \
+                 version = excluded.version, kind = excluded.kind, occurred_at = excluded.occurred_at, \
+                 total = excluded.total, in_force = 1, seen_at = excluded.seen_at",
+            )?
+            .execute(params![
+                src.system,
+                src.doc_id,
+                src.version,
+                d.kind.as_str(),
+                ts(d.occurred_at),
+                d.total.0,
+                ts(now)
+            ])?;
+        }
+        Incoming::Void { .. } => {
+            conn.prepare_cached(
+                "INSERT INTO source_log (source, doc_id, version, in_force, seen_at) VALUES (?1, ?2, ?3, 0, ?4) \
+                 ON CONFLICT (source, doc_id) DO UPDATE SET version = excluded.version, in_force = 0, \
+                 seen_at = excluded.seen_at",
+            )?
+            .execute(params![src.system, src.doc_id, src.version, ts(now)])?;
+        }
+    }
+    Ok(())
 }
 
 /// What every write does before it commits: a bonus document for 1C per new journal

@@ -16,6 +16,7 @@ mod offers;
 mod opening;
 mod outbox;
 mod query;
+mod reconcile;
 mod schema;
 mod state;
 mod verify;
@@ -40,6 +41,7 @@ pub use outbox::{OutboxFilter, OutboxRow, OutboxState};
 pub use query::{
     BalanceView, CustomerView, DateRange, HistoryEntry, PartnerTotals, QuarantineEntry, Summary,
 };
+pub use reconcile::{DayRow, DiffKind, Difference, Reconciliation, SourceDoc};
 pub use verify::Violation;
 
 #[derive(Debug, thiserror::Error)]

@@ -375,6 +375,22 @@ CREATE TABLE accounting_postings (
     UNIQUE (entity, day, seq)
 );
 "#,
+    // 7: what each source said about each document, as last seen (reconciliation compares
+    // it with what the ledger holds)
+    r#"
+CREATE TABLE source_log (
+    source      TEXT NOT NULL,
+    doc_id      TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    kind        TEXT,
+    occurred_at INTEGER,
+    total       INTEGER,
+    in_force    INTEGER NOT NULL,
+    seen_at     INTEGER NOT NULL,
+    PRIMARY KEY (source, doc_id)
+) WITHOUT ROWID;
+CREATE INDEX source_log_day ON source_log(occurred_at);
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

@@ -1,0 +1,124 @@
+//! Reconciliation on a generated period: clean when the ledger holds what the source holds;
+//! with planted faults (a missing document, a changed one, a quarantined one, a dead
+//! letter) each is listed with the document causing it.
+
+mod common;
+
+use chrono::{NaiveDate, TimeZone, Utc};
+use common::{Env, reversion, sale};
+use kopilka::ledger::{DiffKind, SourceDoc};
+
+fn day(d: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(2026, 3, d).unwrap()
+}
+
+fn at(d: u32, h: u32) -> chrono::DateTime<Utc> {
+    chrono_tz::Europe::Moscow
+        .with_ymd_and_hms(2026, 3, d, h, 0, 0)
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+fn period(env: &mut Env) -> Vec<kopilka::core::document::Document> {
+    let mut docs = Vec::new();
+    for i in 0..30u32 {
+        let mut s = sale(
+            &format!("S{i}"),
+            Some(&format!("C{}", i % 4)),
+            &[("P1", 1 + i as i64 % 3, 500), ("P2", 1, 120)],
+        );
+        s.occurred_at = at(2 + i % 5, 10 + i % 8);
+        docs.push(reversion(s));
+    }
+    env.docs(docs.clone());
+    docs
+}
+
+fn truth_of(docs: &[kopilka::core::document::Document]) -> Vec<SourceDoc> {
+    docs.iter()
+        .map(|d| SourceDoc {
+            source: d.source.system.clone(),
+            doc_id: d.source.doc_id.clone(),
+            version: d.source.version.clone(),
+            kind: Some(d.kind.as_str().to_string()),
+            occurred_at: Some(d.occurred_at),
+            total: d.total.0,
+            in_force: true,
+        })
+        .collect()
+}
+
+#[test]
+fn a_clean_period_reconciles_with_equal_sums() {
+    let mut env = Env::new();
+    let docs = period(&mut env);
+    let tz = chrono_tz::Europe::Moscow;
+    for truth in [None, Some(truth_of(&docs))] {
+        let r = env
+            .ledger
+            .reconcile(day(1), day(8), tz, truth.as_deref())
+            .unwrap();
+        assert!(r.clean(), "{:#?}", r.differences);
+        for d in &r.days {
+            assert_eq!(d.source_total_kopecks, d.ledger_total_kopecks, "{d:?}");
+            assert_eq!(d.source_documents, d.ledger_sales + d.ledger_returns, "{d:?}");
+        }
+        assert_eq!(r.days.iter().map(|d| d.ledger_sales).sum::<i64>(), 30);
+    }
+}
+
+#[test]
+fn planted_faults_are_each_listed_with_their_document() {
+    let mut env = Env::new();
+    let docs = period(&mut env);
+    let tz = chrono_tz::Europe::Moscow;
+    let mut truth = truth_of(&docs);
+    // 1. a sale 1C has that never reached the ledger (entered back-dated, say)
+    let mut missing = sale("LATE", Some("C1"), &[("P1", 1, 999)]);
+    missing.occurred_at = at(4, 12);
+    truth.extend(truth_of(&[reversion(missing)]));
+    // 2. a sale edited in 1C after it was posted
+    truth[3].version = "edited-in-1c".into();
+    // 3. a sale that arrived malformed
+    let mut bad = sale("BAD", Some("C2"), &[("P1", 1, 100)]);
+    bad.occurred_at = at(5, 9);
+    bad.currency = "USD".into();
+    let bad = reversion(bad);
+    env.docs(vec![bad.clone()]);
+    truth.extend(truth_of(&[bad]));
+    // 4. a bonus document 1C refused for good
+    let id = env
+        .ledger
+        .outbox_enqueue("onec:bonus", "onec:bonus:tx999", None, "{}", at(3, 12))
+        .unwrap()
+        .unwrap();
+    env.ledger
+        .outbox_mark_failed(id, "500 -1 Не удалось провести документ", None, at(3, 12))
+        .unwrap();
+    let r = env.ledger.reconcile(day(1), day(8), tz, Some(&truth)).unwrap();
+    let found: Vec<(DiffKind, &str)> = r
+        .differences
+        .iter()
+        .map(|d| (d.kind, d.document.as_str()))
+        .collect();
+    assert!(found.contains(&(DiffKind::MissingInLedger, "LATE")), "{found:?}");
+    assert!(
+        found.contains(&(DiffKind::ChangedAfterPosting, docs[3].source.doc_id.as_str())),
+        "{found:?}"
+    );
+    assert!(found.contains(&(DiffKind::Quarantined, "BAD")), "{found:?}");
+    assert!(
+        found.contains(&(DiffKind::DeadLettered, "onec:bonus:tx999")),
+        "{found:?}"
+    );
+    assert_eq!(r.differences.len(), 4, "{:#?}", r.differences);
+    assert!(!r.clean());
+    // a sale deleted in 1C but still in force in the ledger
+    let gone: Vec<SourceDoc> = truth_of(&docs).into_iter().skip(1).collect();
+    let r = env.ledger.reconcile(day(1), day(8), tz, Some(&gone)).unwrap();
+    assert!(
+        r.differences
+            .iter()
+            .any(|d| d.kind == DiffKind::NotInSource && d.document == docs[0].source.doc_id)
+    );
+}
