@@ -218,3 +218,38 @@ fn nightly_refreshes_segments_and_offers() {
     let o: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(o["segment"].is_string(), "{o}");
 }
+
+#[test]
+fn report_and_reconcile_answer_for_the_demo_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_ledger(dir.path());
+    let out = kopilka(&["--ledger", &db, "report", "--format", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["members"].as_i64(), Some(20));
+    assert!(r["member_sales"].as_i64().unwrap() > 100, "{r}");
+    assert!(r["program_cost_kopecks"].as_i64().unwrap() > 0);
+    assert!(r["gross_margin_kopecks"].as_i64().unwrap() > r["program_cost_kopecks"].as_i64().unwrap());
+    let html = kopilka(&["--ledger", &db, "report", "--format", "html"]);
+    let page = text(&html.stdout);
+    assert!(page.contains("<svg") && page.contains("Программа лояльности"));
+    // the demo plants malformed documents: reconciliation lists them and exits 1
+    let out = kopilka(&[
+        "--ledger",
+        &db,
+        "reconcile",
+        "--from",
+        "2026-01-01",
+        "--to",
+        "2026-02-28",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let diffs = r["differences"].as_array().unwrap();
+    assert!(
+        !diffs.is_empty() && diffs.iter().all(|d| d["kind"] == "quarantined"),
+        "{r}"
+    );
+}

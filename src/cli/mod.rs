@@ -91,6 +91,16 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Program metrics: members and activity, frequency, average checks, LTV, churn,
+    /// liability, program cost against gross margin, loss-making lines.
+    Report {
+        #[arg(long)]
+        from: Option<NaiveDate>,
+        #[arg(long)]
+        to: Option<NaiveDate>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Accounting postings per legal entity and day (make the due ones with --post).
     Postings {
         #[arg(long)]
@@ -530,6 +540,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Report { from, to, format } => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            let range = local_range(&cfg, *from, *to)?;
+            let r = ledger.program_report(&range, now, cfg.program.point_value.0)?;
+            match format {
+                Format::Html => println!("{}", crate::daemon::report_html::render(&r, cfg.timezone)),
+                Format::Json | Format::Csv => println!("{}", serde_json::to_string_pretty(&r)?),
+                Format::Table => output::report(&r),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Postings { from, to, post, json } => {
             let cfg = load_config(&cli)?;

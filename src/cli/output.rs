@@ -601,3 +601,59 @@ pub fn reconciliation(r: &crate::ledger::Reconciliation, format: super::Format) 
     }
     Ok(())
 }
+
+pub fn report(r: &crate::ledger::ProgramReport) {
+    let m = |k: i64| crate::core::money::Money(k).to_string();
+    println!("members                      {:>14}", r.members);
+    println!(
+        "active in 90 days            {:>14}  ({:.1}% inactive; the literature cites 54%)",
+        r.active_members_90d, r.inactive_share_pct
+    );
+    println!(
+        "member sales / average check {:>14}  {} RUB",
+        r.member_sales,
+        m(r.member_average_check_kopecks)
+    );
+    println!(
+        "anonymous sales / avg check  {:>14}  {} RUB",
+        r.anonymous_sales,
+        m(r.anonymous_average_check_kopecks)
+    );
+    println!(
+        "purchase frequency           {:>14.2}  per buying member",
+        r.purchase_frequency
+    );
+    println!("LTV, RUB                     {:>14}", m(r.ltv_kopecks));
+    println!(
+        "churned / returned           {:>14}",
+        format!("{} / {}", r.churned_members, r.returned_members)
+    );
+    println!(
+        "liability                    {:>14}  points = {} RUB",
+        r.liability_points,
+        m(r.liability_kopecks)
+    );
+    println!(
+        "program cost, RUB            {:>14}  ({:.1}% of gross margin {} RUB)",
+        m(r.program_cost_kopecks),
+        r.cost_share_of_margin_pct,
+        m(r.gross_margin_kopecks)
+    );
+    println!(
+        "loss-maker sales             {:>14}  ({} RUB below cost)",
+        r.loss_maker_sales,
+        m(r.loss_maker_kopecks)
+    );
+    for (seg, n) in &r.segments {
+        println!("segment {:<20} {:>14}", seg, n);
+    }
+    for l in &r.loss_lines {
+        println!(
+            "loss line {}:{} {} {} RUB",
+            l.source,
+            l.doc_id,
+            l.product_id,
+            m(l.loss_kopecks)
+        );
+    }
+}

@@ -36,6 +36,7 @@ pub fn router(ctx: JobContext, rt: Arc<Runtime>) -> Router {
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/", get(status))
+        .route("/report", get(report))
         .route("/v1/customers/{id}/balance", get(balance))
         .route("/v1/quote", post(quote_handler))
         .with_state(AppState { ctx, rt })
@@ -438,6 +439,19 @@ async fn quote_handler(State(s): State<AppState>, headers: HeaderMap, body: axum
     }
 }
 
+async fn report(State(s): State<AppState>) -> Response {
+    let now = s.ctx.clock.now();
+    let pv = s.ctx.cfg.program.point_value.0;
+    let range = DateRange {
+        from: Some(now - Duration::days(30)),
+        to: None,
+    };
+    match s.ctx.ledger.run(move |l| l.program_report(&range, now, pv)).await {
+        Ok(r) => Html(super::report_html::render(&r, s.ctx.cfg.timezone)).into_response(),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, format!("ledger: {e}")),
+    }
+}
+
 fn esc(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -534,7 +548,7 @@ async fn status(State(s): State<AppState>) -> Response {
          th{{background:#f4f4f4}}.num{{text-align:right}}.bad{{color:#c62828;font-weight:600}}.ok{{color:#2e7d32}}\
          .cards{{display:flex;gap:1em;flex-wrap:wrap}}.card{{border:1px solid #ddd;border-radius:8px;padding:.8em 1.2em;min-width:10em}}\
          .card b{{font-size:1.5em;display:block}}</style></head><body>\
-         <h1>kopilka</h1><p>{} · работает с {}</p>",
+         <h1>kopilka</h1><p>{} · работает с {} · <a href=\"/report\">отчёт по программе</a></p>",
         esc(&local(now)),
         esc(&local(s.rt.started_at))
     );

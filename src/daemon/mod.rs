@@ -7,6 +7,7 @@
 
 pub mod http;
 pub mod registry;
+pub mod report_html;
 pub mod runtime;
 
 use std::future::Future;

@@ -17,6 +17,7 @@ mod opening;
 mod outbox;
 mod query;
 mod reconcile;
+mod report;
 mod schema;
 mod state;
 mod verify;
@@ -42,6 +43,7 @@ pub use query::{
     BalanceView, CustomerView, DateRange, HistoryEntry, PartnerTotals, QuarantineEntry, Summary,
 };
 pub use reconcile::{DayRow, DiffKind, Difference, Reconciliation, SourceDoc};
+pub use report::{LossLine, ProgramReport};
 pub use verify::Violation;
 
 #[derive(Debug, thiserror::Error)]

@@ -252,7 +252,8 @@ pub fn history(shop: &Shop, seed: u64, sales: usize, lines: usize) -> (Vec<Incom
                 });
             }
             5 => {
-                let mut bad = shop.sale(&mut rng, 900_000_000 + n, 1, None, 0);
+                let mut bad = shop.sale(&mut rng, n, 1, None, 0);
+                bad.source.doc_id = format!("X{n:08}");
                 bad.lines[0].quantity = Decimal::from(-1);
                 bad.source.version = content_version(&bad);
                 truth.malformed += 1;

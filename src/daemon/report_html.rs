@@ -1,0 +1,163 @@
+//! The program report as an HTML page with charts drawn as inline SVG (no script, no
+//! external assets): `kopilka report --format html` and the daemon's `/report`.
+
+use std::fmt::Write as _;
+
+use chrono_tz::Tz;
+
+use crate::core::money::Money;
+use crate::core::offers::Segment;
+use crate::ledger::ProgramReport;
+
+fn esc(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Horizontal bars for labelled values.
+fn bars(rows: &[(String, i64)], color: &str) -> String {
+    let max = rows.iter().map(|r| r.1).max().unwrap_or(0).max(1) as f64;
+    let h = 26.0 * rows.len() as f64 + 4.0;
+    let mut svg = format!("<svg viewBox=\"0 0 600 {h}\" width=\"100%\" role=\"img\">");
+    for (i, (label, v)) in rows.iter().enumerate() {
+        let y = 4.0 + 26.0 * i as f64;
+        let w = *v as f64 / max * 380.0;
+        let _ = write!(
+            svg,
+            "<text x=\"0\" y=\"{:.0}\" font-size=\"13\">{}</text>\
+             <rect x=\"170\" y=\"{y:.0}\" width=\"{w:.1}\" height=\"18\" fill=\"{color}\"/>\
+             <text x=\"{:.1}\" y=\"{:.0}\" font-size=\"13\">{v}</text>",
+            y + 14.0,
+            esc(label),
+            175.0 + w,
+            y + 14.0
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// Two-part bar: a share of a whole.
+fn share(part: i64, whole: i64, part_label: &str, rest_label: &str) -> String {
+    let p = if whole > 0 {
+        part as f64 / whole as f64
+    } else {
+        0.0
+    };
+    format!(
+        "<svg viewBox=\"0 0 600 40\" width=\"100%\" role=\"img\">\
+         <rect x=\"0\" y=\"0\" width=\"{:.1}\" height=\"24\" fill=\"#2e7d32\"/>\
+         <rect x=\"{:.1}\" y=\"0\" width=\"{:.1}\" height=\"24\" fill=\"#bdbdbd\"/>\
+         <text x=\"0\" y=\"38\" font-size=\"12\">{} {part} · {} {}</text></svg>",
+        600.0 * p,
+        600.0 * p,
+        600.0 * (1.0 - p),
+        esc(part_label),
+        esc(rest_label),
+        whole - part
+    )
+}
+
+pub fn render(r: &ProgramReport, tz: Tz) -> String {
+    let m = |k: i64| Money(k).to_string();
+    let mut h = String::with_capacity(16 << 10);
+    let period = match r.from {
+        Some(f) => format!(
+            "{} — {}",
+            f.with_timezone(&tz).date_naive(),
+            r.to.with_timezone(&tz).date_naive()
+        ),
+        None => format!("по {}", r.to.with_timezone(&tz).date_naive()),
+    };
+    let _ = write!(
+        h,
+        "<!doctype html><html lang=\"ru\"><head><meta charset=\"utf-8\"><title>kopilka — отчёт по программе</title>\
+         <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1000px}}\
+         table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left}}\
+         .num{{text-align:right}}.cards{{display:flex;gap:1em;flex-wrap:wrap}}\
+         .card{{border:1px solid #ddd;border-radius:8px;padding:.8em 1.2em;min-width:11em}}.card b{{font-size:1.4em;display:block}}</style>\
+         </head><body><h1>Программа лояльности</h1><p>{}</p>",
+        esc(&period)
+    );
+    let _ = write!(
+        h,
+        "<div class=\"cards\">\
+         <div class=\"card\">Участники<b>{}</b>активны за 90 дней: {}</div>\
+         <div class=\"card\">Неактивны<b>{:.1}%</b>в исследованиях — 54%</div>\
+         <div class=\"card\">Средний чек участника<b>{} ₽</b>без карты: {} ₽</div>\
+         <div class=\"card\">Частота покупок<b>{:.2}</b>на покупателя за период</div>\
+         <div class=\"card\">LTV<b>{} ₽</b></div>\
+         <div class=\"card\">Обязательства по баллам<b>{} ₽</b>{} баллов</div>\
+         <div class=\"card\">Стоимость программы<b>{} ₽</b>{:.1}% валовой маржи {} ₽</div>\
+         <div class=\"card\">Ушли / вернулись<b>{} / {}</b></div></div>",
+        r.members,
+        r.active_members_90d,
+        r.inactive_share_pct,
+        m(r.member_average_check_kopecks),
+        m(r.anonymous_average_check_kopecks),
+        r.purchase_frequency,
+        m(r.ltv_kopecks),
+        m(r.liability_kopecks),
+        r.liability_points,
+        m(r.program_cost_kopecks),
+        r.cost_share_of_margin_pct,
+        m(r.gross_margin_kopecks),
+        r.churned_members,
+        r.returned_members
+    );
+    h.push_str("<h2>Активность участников</h2>");
+    h.push_str(&share(r.active_members_90d, r.members, "активны", "неактивны"));
+    h.push_str("<h2>Сегменты RFM</h2>");
+    let segs: Vec<(String, i64)> = r
+        .segments
+        .iter()
+        .map(|(code, n)| {
+            (
+                Segment::parse(code).map_or(code.clone(), |s| s.label_ru().to_string()),
+                *n,
+            )
+        })
+        .collect();
+    h.push_str(&bars(&segs, "#1565c0"));
+    h.push_str("<h2>Выручка: участники и покупатели без карты</h2>");
+    h.push_str(&bars(
+        &[
+            (
+                format!("участники ({} чеков)", r.member_sales),
+                r.member_sales_kopecks / 100,
+            ),
+            (
+                format!("без карты ({} чеков)", r.anonymous_sales),
+                r.anonymous_sales_kopecks / 100,
+            ),
+        ],
+        "#6a1b9a",
+    ));
+    let _ = write!(
+        h,
+        "<h2>Убыточные строки</h2><p>Продаж с оплатой баллами ниже себестоимости: {} на {} ₽.</p>",
+        r.loss_maker_sales,
+        m(r.loss_maker_kopecks)
+    );
+    if !r.loss_lines.is_empty() {
+        h.push_str(
+            "<table><tr><th>Документ</th><th>Дата</th><th>Товар</th><th class=\"num\">Убыток, ₽</th></tr>",
+        );
+        for l in &r.loss_lines {
+            let _ = write!(
+                h,
+                "<tr><td>{} {}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td></tr>",
+                esc(&l.source),
+                esc(l.number.as_deref().unwrap_or(&l.doc_id)),
+                l.occurred_at.with_timezone(&tz).date_naive(),
+                esc(l.name.as_deref().unwrap_or(&l.product_id)),
+                m(l.loss_kopecks)
+            );
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("</body></html>");
+    h
+}

@@ -1,0 +1,209 @@
+//! `kopilka report`: how the program is doing — members and how many are active, how often
+//! they buy and how much, what the program costs against the margin it earns, what the
+//! shop owes in points, and where points were paid below cost.
+
+use chrono::{DateTime, Duration, Utc};
+use rusqlite::params;
+use serde::Serialize;
+
+use super::{DateRange, Ledger, Result, from_ts, ts};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LossLine {
+    pub source: String,
+    pub doc_id: String,
+    pub number: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub product_id: String,
+    pub name: Option<String>,
+    /// Cost × quantity − net: what the line lost.
+    pub loss_kopecks: i64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProgramReport {
+    pub from: Option<DateTime<Utc>>,
+    pub to: DateTime<Utc>,
+    pub members: i64,
+    /// Members who bought in the 90 days before `to`.
+    pub active_members_90d: i64,
+    /// Share of members who did not (the documents this product is built from cite 54%).
+    pub inactive_share_pct: f64,
+    pub member_sales: i64,
+    pub member_sales_kopecks: i64,
+    pub anonymous_sales: i64,
+    pub anonymous_sales_kopecks: i64,
+    pub member_average_check_kopecks: i64,
+    pub anonymous_average_check_kopecks: i64,
+    /// Purchases per buying member in the period.
+    pub purchase_frequency: f64,
+    /// Average lifetime spend of members who bought at least once.
+    pub ltv_kopecks: i64,
+    /// Members whose last purchase is more than 180 days old.
+    pub churned_members: i64,
+    /// Members who came back in the last 90 days after a gap of more than 180 days.
+    pub returned_members: i64,
+    pub liability_points: i64,
+    pub liability_kopecks: i64,
+    pub points_issued: i64,
+    pub program_cost_kopecks: i64,
+    pub gross_margin_kopecks: i64,
+    /// Program cost as a share of gross margin, percent.
+    pub cost_share_of_margin_pct: f64,
+    pub segments: Vec<(String, i64)>,
+    pub loss_lines: Vec<LossLine>,
+    /// Sales where points paid at the till went below cost (flag `loss_maker`).
+    pub loss_maker_sales: i64,
+    pub loss_maker_kopecks: i64,
+}
+
+fn pct(a: i64, b: i64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        (a as f64 * 1000.0 / b as f64).round() / 10.0
+    }
+}
+
+impl Ledger {
+    pub fn program_report(
+        &self,
+        range: &DateRange,
+        now: DateTime<Utc>,
+        point_value: i64,
+    ) -> Result<ProgramReport> {
+        let c = &self.conn;
+        let to = range.to.unwrap_or(now);
+        let from = range.from.map_or(i64::MIN, ts);
+        let mut r = ProgramReport {
+            from: range.from,
+            to,
+            ..Default::default()
+        };
+        r.members = c.query_row(
+            "SELECT COUNT(*) FROM customers WHERE created_at <= ?1",
+            [ts(to)],
+            |x| x.get(0),
+        )?;
+        r.active_members_90d = c.query_row(
+            "SELECT COUNT(DISTINCT customer_id) FROM documents WHERE kind = 'sale' AND state = 'active' \
+             AND customer_id IS NOT NULL AND occurred_at >= ?1 AND occurred_at < ?2",
+            params![ts(to - Duration::days(90)), ts(to)],
+            |x| x.get(0),
+        )?;
+        r.inactive_share_pct = pct(r.members - r.active_members_90d, r.members);
+        c.query_row(
+            "SELECT COALESCE(SUM(customer_id IS NOT NULL), 0), \
+                    COALESCE(SUM(CASE WHEN customer_id IS NOT NULL THEN total END), 0), \
+                    COALESCE(SUM(customer_id IS NULL), 0), \
+                    COALESCE(SUM(CASE WHEN customer_id IS NULL THEN total END), 0), \
+                    COUNT(DISTINCT customer_id), COALESCE(SUM(margin), 0) \
+             FROM documents WHERE kind = 'sale' AND state = 'active' AND occurred_at >= ?1 AND occurred_at < ?2",
+            params![from, ts(to)],
+            |x| {
+                r.member_sales = x.get(0)?;
+                r.member_sales_kopecks = x.get(1)?;
+                r.anonymous_sales = x.get(2)?;
+                r.anonymous_sales_kopecks = x.get(3)?;
+                let buyers: i64 = x.get(4)?;
+                r.purchase_frequency = if buyers == 0 {
+                    0.0
+                } else {
+                    (r.member_sales as f64 / buyers as f64 * 100.0).round() / 100.0
+                };
+                r.gross_margin_kopecks = x.get(5)?;
+                Ok(())
+            },
+        )?;
+        r.member_average_check_kopecks = r.member_sales_kopecks.checked_div(r.member_sales).unwrap_or(0);
+        r.anonymous_average_check_kopecks = r
+            .anonymous_sales_kopecks
+            .checked_div(r.anonymous_sales)
+            .unwrap_or(0);
+        r.ltv_kopecks = c.query_row(
+            "SELECT COALESCE(AVG(spend), 0) FROM (SELECT SUM(total) AS spend FROM documents \
+             WHERE kind = 'sale' AND state = 'active' AND customer_id IS NOT NULL AND occurred_at < ?1 GROUP BY customer_id)",
+            [ts(to)],
+            |x| x.get::<_, f64>(0),
+        )? as i64;
+        r.churned_members = c.query_row(
+            "SELECT COUNT(*) FROM (SELECT customer_id, MAX(occurred_at) AS last FROM documents \
+             WHERE kind = 'sale' AND state = 'active' AND customer_id IS NOT NULL AND occurred_at < ?1 \
+             GROUP BY customer_id) WHERE last < ?2",
+            params![ts(to), ts(to - Duration::days(180))],
+            |x| x.get(0),
+        )?;
+        r.returned_members = c.query_row(
+            "SELECT COUNT(DISTINCT customer_id) FROM (SELECT customer_id, occurred_at, \
+               LAG(occurred_at) OVER (PARTITION BY customer_id ORDER BY occurred_at) AS prev FROM documents \
+               WHERE kind = 'sale' AND state = 'active' AND customer_id IS NOT NULL AND occurred_at < ?1) \
+             WHERE occurred_at >= ?2 AND prev IS NOT NULL AND occurred_at - prev > ?3",
+            params![ts(to), ts(to - Duration::days(90)), 180 * 86_400],
+            |x| x.get(0),
+        )?;
+        let s = self.summary(range, now)?;
+        r.liability_points = s.points_available + s.points_pending;
+        r.liability_kopecks = r.liability_points * point_value;
+        r.points_issued = s.points_accrued + s.points_bonus;
+        r.program_cost_kopecks = r.points_issued * point_value;
+        r.cost_share_of_margin_pct = pct(r.program_cost_kopecks, r.gross_margin_kopecks);
+        let mut st = c.prepare(
+            "SELECT COALESCE(segment, 'none'), COUNT(*) FROM customers GROUP BY 1 ORDER BY 2 DESC",
+        )?;
+        r.segments = st
+            .query_map([], |x| Ok((x.get(0)?, x.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        c.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(loss), 0) FROM documents WHERE loss > 0 AND state = 'active' \
+             AND occurred_at >= ?1 AND occurred_at < ?2",
+            params![from, ts(to)],
+            |x| {
+                r.loss_maker_sales = x.get(0)?;
+                r.loss_maker_kopecks = x.get(1)?;
+                Ok(())
+            },
+        )?;
+        // candidates by a loose filter; the loss itself is computed exactly
+        let mut st = c.prepare(
+            "SELECT d.source, d.doc_id, d.number, d.occurred_at, l.product_id, l.name, l.quantity, l.net, l.unit_cost \
+             FROM document_lines l JOIN documents d ON d.id = l.document_id \
+             WHERE d.kind = 'sale' AND d.state = 'active' AND d.occurred_at >= ?1 AND d.occurred_at < ?2 \
+               AND l.unit_cost IS NOT NULL AND l.unit_cost * CAST(l.quantity AS REAL) >= l.net - 1",
+        )?;
+        let rows = st.query_map(params![from, ts(to)], |x| {
+            Ok((
+                x.get::<_, String>(0)?,
+                x.get::<_, String>(1)?,
+                x.get::<_, Option<String>>(2)?,
+                x.get::<_, Option<i64>>(3)?,
+                x.get::<_, String>(4)?,
+                x.get::<_, Option<String>>(5)?,
+                x.get::<_, String>(6)?,
+                x.get::<_, i64>(7)?,
+                x.get::<_, i64>(8)?,
+            ))
+        })?;
+        for row in rows {
+            let (source, doc_id, number, at, product_id, name, qty, net, cost) = row?;
+            let quantity: rust_decimal::Decimal = qty.parse().unwrap_or_default();
+            let Ok(cost_total) = crate::core::money::Money(cost).mul_decimal(quantity) else {
+                continue;
+            };
+            let loss = cost_total.0 - net;
+            if loss > 0 {
+                r.loss_lines.push(LossLine {
+                    source,
+                    doc_id,
+                    number,
+                    occurred_at: from_ts(at.unwrap_or(0)),
+                    product_id,
+                    name,
+                    loss_kopecks: loss,
+                });
+            }
+        }
+        r.loss_lines.sort_by_key(|l| std::cmp::Reverse(l.loss_kopecks));
+        r.loss_lines.truncate(10);
+        Ok(r)
+    }
+}
