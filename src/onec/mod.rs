@@ -5,3 +5,4 @@
 //! cannot be converted, into a `Rejected` a person can act on.
 
 pub mod commerceml;
+pub mod mapping;
