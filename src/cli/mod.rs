@@ -40,7 +40,12 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Validate the configuration and report every problem at once (exit 78 on error).
-    Check,
+    Check {
+        /// Also connect to 1C's OData and name every mapped set and field the base does not
+        /// publish (exit 1 if any is missing or 1C cannot be reached).
+        #[arg(long)]
+        probe: bool,
+    },
     /// A customer's points: available, pending, expiring soon.
     Balance(CustomerArgs),
     /// Every ledger entry of a customer with its source document and explanation.
@@ -266,7 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let clock = SystemClock;
     let now = clock.now();
     match &cli.command {
-        Command::Check => {
+        Command::Check { probe } => {
             let cfg = config::load(cli.config.as_deref(), &config::env_overrides())?;
             println!(
                 "configuration ok ({})",
@@ -289,6 +294,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 p.stamps.len(),
                 p.thresholds.len()
             );
+            if *probe && cfg.onec.as_ref().is_some_and(|o| o.odata.is_some()) {
+                let report = crate::onec::odata::probe_blocking(&cfg).context("odata probe")?;
+                print!("{report}");
+                if !report.ok() {
+                    return Ok(ExitCode::from(1));
+                }
+            } else if *probe {
+                println!("  probe: [onec.odata] is not configured; nothing to probe");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Balance(a) => {

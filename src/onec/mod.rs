@@ -6,3 +6,4 @@
 
 pub mod commerceml;
 pub mod mapping;
+pub mod odata;
