@@ -2,4 +2,5 @@
 //! (with the connector issues) simulators of 1C and AmoCRM that speak the real protocols.
 
 pub mod commerceml;
+pub mod onec_odata;
 pub mod sales;
