@@ -429,10 +429,11 @@ pub fn parse(text: &str, origin: &str) -> Result<Mapping, MappingError> {
     }
 }
 
-/// `documents.0.row.nett` (serde's path) → `documents[0].row.nett`, as the other messages say it.
+/// `documents.0.row.?.nett` (serde's path; `?` is an `Option`) → `documents[0].row.nett`,
+/// as the other messages say it.
 fn bracket_indices(path: &str) -> String {
     let mut out = String::with_capacity(path.len() + 2);
-    for seg in path.split('.') {
+    for seg in path.split('.').filter(|s| *s != "?") {
         if !out.is_empty() && !seg.is_empty() && seg.chars().all(|c| c.is_ascii_digit()) {
             out.push_str(&format!("[{seg}]"));
         } else {
