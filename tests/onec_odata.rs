@@ -698,3 +698,74 @@ async fn the_job_is_registered_and_runs_once() {
     assert!(outcome.summary.contains("applied"), "{outcome:?}");
     r.assert_matches("after kopilka once");
 }
+
+#[test]
+fn the_probe_reads_1c_shaped_metadata() {
+    let xml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/onec_odata/metadata-roznica-partial.xml"),
+    )
+    .expect("fixture");
+    let schema = kopilka::onec::odata::probe::parse_metadata(&xml).expect("parses");
+    assert_eq!(schema.sets.len(), 6);
+    assert_eq!(
+        schema.types["Document_ЧекККМ"]["Товары"],
+        "Collection(StandardODATA.Document_ЧекККМ_Товары_RowType)"
+    );
+    let mapping = kopilka::onec::mapping::load("roznica", None).expect("built in");
+    let (checked, missing) = kopilka::onec::odata::probe::check(&mapping, &schema);
+    let got: Vec<(&str, &str)> = missing
+        .iter()
+        .map(|m| (m.what.as_str(), m.needed_by.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "field Document_ЧекККМ.Товары.СуммаСкидкиОплатыБонусом",
+                "documents[0].row.points_paid"
+            ),
+            ("entity set Document_ЧекККМВозврат", "documents[1].set"),
+            ("entity set InformationRegister_ЦеныНоменклатуры", "prices.set"),
+            ("entity set AccumulationRegister_БонусныеБаллы", "bonus.set"),
+            ("entity set Catalog_БонусныеПрограммыЛояльности", "bonus.programs"),
+        ]
+    );
+    assert!(checked > 30, "{checked}");
+    assert!(kopilka::onec::odata::probe::parse_metadata("<html><body>IIS</body></html>").is_err());
+    assert!(kopilka::onec::odata::probe::parse_metadata("<edmx:Edmx><broken").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kopilka_check_probe_exits_1_naming_what_is_missing() {
+    let sim = small_sim(31).start().await.expect("sim");
+    let r = rig(sim, paged()).await;
+    let file = r.cfg.file.clone().expect("a config file");
+    let run = |file: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_kopilka"))
+                .args(["check", "--probe", "--config"])
+                .arg(file)
+                .output()
+                .expect("kopilka runs")
+        })
+    };
+    let ok = run(file.clone()).await.expect("joined");
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(out.contains("every mapped set and field is published"), "{out}");
+
+    r.sim.hide_property(RECEIPTS, "КартаЛояльности_Key");
+    let bad = run(file).await.expect("joined");
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("missing field Document_ЧекККМ.КартаЛояльности_Key (needed by documents[0].card)"),
+        "{out}"
+    );
+}
