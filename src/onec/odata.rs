@@ -51,6 +51,9 @@ use crate::onec::mapping::MappingError;
 
 /// Longest piece of an unexpected answer quoted in an error.
 const MAX_EXCERPT_CHARS: usize = 200;
+/// Largest answer read: a page of documents is far smaller; more means a request without
+/// `$top` or a server sending something else.
+const MAX_BODY_BYTES: usize = 256 << 20;
 /// The connect phase gets at most this long, even with a long request timeout: a base that
 /// does not accept connections will not start to.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -376,11 +379,25 @@ impl OdataClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
-        let body = match resp.bytes().await {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(e) if e.is_timeout() => return Err(Failure::Timeout(self.timeout)),
-            Err(e) => return Err(Failure::Body(error_chain(&e))),
-        };
+        let mut resp = resp;
+        let mut bytes: Vec<u8> = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if bytes.len() + chunk.len() > MAX_BODY_BYTES {
+                        return Ok(Answer::Failed(Failure::BadJson(format!(
+                            "the answer is larger than {} MiB; lower [onec.odata] page_size",
+                            MAX_BODY_BYTES >> 20
+                        ))));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => return Err(Failure::Timeout(self.timeout)),
+                Err(e) => return Err(Failure::Body(error_chain(&e))),
+            }
+        }
+        let body = String::from_utf8_lossy(&bytes).into_owned();
         if !(200..300).contains(&status) {
             let (code, message) = odata_error(&body);
             let message = message.or_else(|| (!body.trim().is_empty()).then(|| excerpt(&body)));

@@ -531,7 +531,9 @@ impl OdataPoller {
                 for f in fields {
                     let field = format!("{f}Balance");
                     value = match (value, decimal(r, &field)) {
-                        (Ok(v), Ok(x)) => Ok(v + sign * x.unwrap_or_default()),
+                        (Ok(v), Ok(x)) => v
+                            .checked_add(sign * x.unwrap_or_default())
+                            .ok_or_else(|| format!("{field} is out of range")),
                         (Err(e), _) | (_, Err(e)) => Err(e),
                     };
                 }
@@ -541,7 +543,9 @@ impl OdataPoller {
             }
             let entry = totals.entry(holder.to_string()).or_insert(Ok(Decimal::ZERO));
             *entry = match (entry.clone(), value) {
-                (Ok(a), Ok(b)) => Ok(a + b),
+                (Ok(a), Ok(b)) => a
+                    .checked_add(b)
+                    .ok_or_else(|| "the balance is out of range".to_string()),
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
         }

@@ -248,8 +248,8 @@ pub(crate) fn to_utc(t: NaiveDateTime, tz: Tz) -> DateTime<Utc> {
     tz.from_local_datetime(&t)
         .earliest()
         .or_else(|| {
-            tz.from_local_datetime(&(t + chrono::Duration::hours(1)))
-                .earliest()
+            t.checked_add_signed(chrono::Duration::hours(1))
+                .and_then(|later| tz.from_local_datetime(&later).earliest())
         })
         .map_or_else(|| t.and_utc(), |x| x.with_timezone(&Utc))
 }
@@ -904,6 +904,14 @@ impl OdataPoller {
             Some(Value::Array(rows)) => rows,
             _ => return Err(format!("no tabular section {} in the answer", map.rows)),
         };
+        if rows.len() > self.cfg.limits.max_lines {
+            return Err(format!(
+                "{} lines in {}, more than the limit of {}",
+                rows.len(),
+                map.rows,
+                self.cfg.limits.max_lines
+            ));
+        }
         let rm = &map.row;
         let mut lines = Vec::with_capacity(rows.len());
         let mut points_kopecks = 0i64;
@@ -934,7 +942,10 @@ impl OdataPoller {
                 .ok_or_else(|| at(format!("no {}", rm.net)))?;
             let mut discount = Decimal::ZERO;
             for d in &rm.discounts {
-                discount += decimal(row, d).map_err(at)?.unwrap_or_default();
+                let v = decimal(row, d).map_err(at)?.unwrap_or_default();
+                discount = discount
+                    .checked_add(v)
+                    .ok_or_else(|| at(format!("{d}: {v} is beyond any real amount")))?;
             }
             let paid = match &rm.points_paid {
                 Some(f) => money(decimal(row, f).map_err(at)?.unwrap_or_default(), f).map_err(at)?,
