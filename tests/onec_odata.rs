@@ -769,3 +769,120 @@ async fn kopilka_check_probe_exits_1_naming_what_is_missing() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalog_sync_stores_only_what_changed_and_new_prices_by_period() {
+    let sim = small_sim(32).start().await.expect("sim");
+    let r = rig(sim, paged()).await;
+    let first = r.poller.sync_catalog(&r.ledger, r.now).await.expect("sync");
+    assert_eq!(
+        (first.products, first.groups, first.price_types),
+        (61, 5, 2),
+        "{first:?}"
+    );
+    assert_eq!(first.prices, 61, "only the cost price type: {first:?}");
+    let again = r.poller.sync_catalog(&r.ledger, r.now).await.expect("sync");
+    assert_eq!(
+        (again.products, again.groups, again.unchanged),
+        (0, 0, 66),
+        "{again:?}"
+    );
+
+    // a new purchase price from today
+    let shop = r.sim.shop();
+    let product = guid("product", &shop.products[0].id);
+    let today = r.sim.last_date();
+    r.sim.insert(
+        kopilka::sim::onec_odata::PRICES,
+        Entity::new("price:new")
+            .with("Period", Val::str(today.format("%Y-%m-%dT%H:%M:%S").to_string()))
+            .with("Номенклатура_Key", Val::str(&product))
+            .with(
+                "Характеристика_Key",
+                Val::str("00000000-0000-0000-0000-000000000000"),
+            )
+            .with("ВидЦены_Key", Val::str(guid("price-type", "Закупочная")))
+            .with("Цена", Val::Num("12.34".into())),
+    );
+    r.sim.clear_log();
+    let third = r.poller.sync_catalog(&r.ledger, r.now).await.expect("sync");
+    // the last period read before comes again (the overlap), then the new one
+    assert_eq!(third.prices, 62, "{third:?}");
+    let fourth = r.poller.sync_catalog(&r.ledger, r.now).await.expect("sync");
+    assert_eq!(
+        fourth.prices, 1,
+        "only prices from the latest period on: {fourth:?}"
+    );
+    let prices_query = r
+        .sim
+        .requests()
+        .into_iter()
+        .find(|q| q.resource == kopilka::sim::onec_odata::PRICES)
+        .expect("prices read");
+    assert!(
+        prices_query.query.contains("$filter=Period ge datetime'"),
+        "{prices_query:?}"
+    );
+    let policy = kopilka::ledger::CostPolicy {
+        price_type: "Закупочная".into(),
+        backfill: false,
+    };
+    let cost = r.ledger.lock().cost_at(&product, &policy, r.now).expect("cost");
+    assert_eq!(cost.map(|m| m.0), Some(1234));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_answers_as_1c_does() {
+    let sim = small_sim(33).sales(30).start().await.expect("sim");
+    let http = reqwest::Client::new();
+    let base = sim.base_url();
+    let get = |url: String, auth: bool| {
+        let req = http.get(url);
+        let req = if auth {
+            req.basic_auth(sim.user(), Some(sim.password()))
+        } else {
+            req
+        };
+        async move {
+            let resp = req.send().await.expect("answer");
+            let status = resp.status().as_u16();
+            let ctype = resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            (status, ctype, resp.text().await.expect("body"))
+        }
+    };
+    let receipts = format!("{base}/Document_%D0%A7%D0%B5%D0%BA%D0%9A%D0%9A%D0%9C");
+    let (status, _, _) = get(format!("{receipts}?$format=json"), false).await;
+    assert_eq!(status, 401, "no credentials");
+    let (status, ctype, _) = get(receipts.clone(), true).await;
+    assert_eq!(status, 200);
+    assert!(ctype.contains("atom"), "Atom without $format=json: {ctype}");
+    let (status, _, body) = get(format!("{base}/Document_Nothing?$format=json"), true).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("\"code\":\"9\""), "{body}");
+    let (status, _, body) = get(format!("{receipts}?$format=json&$select=Ref_Key,Нет"), true).await;
+    assert_eq!(status, 400, "{body}");
+    // $inlinecount makes 1C ignore $top and $skip
+    let (_, _, body) = get(
+        format!("{receipts}?$format=json&$top=2&$inlinecount=allpages&$select=Ref_Key"),
+        true,
+    )
+    .await;
+    assert!(body.contains("\"odata.count\":\"30\""), "{body}");
+    assert_eq!(body.matches("Ref_Key").count(), 30, "{body}");
+    // numbers are literals, Int64 is a string, dates are naive
+    let (_, _, body) = get(format!("{receipts}?$format=json&$top=1&$orderby=Date"), true).await;
+    assert!(body.contains("\"LineNumber\":\"1\""), "{body}");
+    assert!(body.contains("\"Date\":\"2026-01-10T10:"), "{body}");
+    assert!(body.contains("\"DataVersion\":\"AAAA"), "{body}");
+    let (status, ctype, body) = get(format!("{base}/$metadata"), true).await;
+    assert_eq!(status, 200);
+    assert!(
+        ctype.contains("xml") && body.contains("<EntitySet Name=\"Document_ЧекККМ\""),
+        "{body}"
+    );
+}
