@@ -193,6 +193,23 @@ mod tests {
     }
 
     #[test]
+    fn quoting_never_panics_and_keeps_valid_json_valid() {
+        let alphabet: Vec<char> = "{}[]\":,-+.eE0123456789 \\nrtuфЖ€😀ab".chars().collect();
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..40);
+            let s: String = (0..len).map(|_| alphabet[rng.usize(0..alphabet.len())]).collect();
+            let quoted = quote_numbers(&s);
+            if serde_json::from_str::<Value>(&s).is_ok() {
+                assert!(
+                    serde_json::from_str::<Value>(&quoted).is_ok(),
+                    "{s:?} → {quoted:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn dates_are_naive_and_the_empty_date_is_none() {
         let t = local_time("2016-12-26T17:08:57")
             .expect("a date")
