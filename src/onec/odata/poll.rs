@@ -28,7 +28,9 @@
 //!
 //! A document that cannot be converted (no product on a line, an amount that is no number,
 //! a card that does not exist) becomes a `Rejected` item with the reason and its URL, and the
-//! rest of the poll goes on. Transport failures stop the poll; what was committed stays.
+//! rest of the poll goes on. A retriable failure (network, timeout, 5xx) ends the poll at once;
+//! a permanent one (an unpublished set, a misnamed field) ends only its document type's part
+//! and the poll reports it after reading the others. What was committed stays either way.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -42,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::catalog::{CatalogSync, Customers};
 use super::json::{Obj, decimal, flag, local_time, reference, text};
-use super::{OdataClient, OdataError, RetryPolicy, by_key, datetime_literal};
+use super::{ErrorClass, OdataClient, OdataError, RetryPolicy, by_key, datetime_literal};
 use crate::config::{Config, OdataConfig};
 use crate::core::document::{DocKind, Document, Incoming, Line, Rejected, SourceRef, VoidReason};
 use crate::core::money::{Money, Points};
@@ -387,6 +389,7 @@ impl OdataPoller {
             }
         }
         let mut full_load = true;
+        let mut broken = None;
         for doc in 0..self.mapping.documents.len() {
             if cancel.is_cancelled() {
                 run.report.pending = true;
@@ -403,8 +406,23 @@ impl OdataPoller {
             if let Some(f) = from {
                 self.seed(&mut st, ledger, f).await?;
             }
-            self.scan(&mut st, &mut run, doc, from, Mode::Incremental { key, cursor })
-                .await?;
+            match self
+                .scan(&mut st, &mut run, doc, from, Mode::Incremental { key, cursor })
+                .await
+            {
+                Ok(()) => {}
+                // one broken document type (unpublished, misnamed) must not stop the others;
+                // a retriable failure would only repeat on them, so it ends the poll
+                Err(e) if e.class() == ErrorClass::Permanent => {
+                    tracing::error!(set = %self.mapping.documents[doc].set, error = %e, "1C document type cannot be read");
+                    broken.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(e) = broken {
+            tracing::warn!(report = %run.report.summary(), "1C OData poll done in part");
+            return Err(e);
         }
         if !run.report.pending {
             let last = self
