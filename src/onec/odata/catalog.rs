@@ -163,7 +163,7 @@ impl Customers {
     }
 
     /// Reads a whole catalog of cards or customers into the cache, page by page.
-    async fn preload(
+    pub(crate) async fn preload(
         &mut self,
         client: &OdataClient,
         mapping: &Mapping,

@@ -388,20 +388,29 @@ impl OdataPoller {
                 }
             }
         }
-        let mut full_load = true;
-        let mut broken = None;
-        for doc in 0..self.mapping.documents.len() {
-            if cancel.is_cancelled() {
-                run.report.pending = true;
-                break;
-            }
-            let key = self.checkpoint_key(&self.mapping.documents[doc].set);
+        let mut cursors = Vec::with_capacity(self.mapping.documents.len());
+        for d in &self.mapping.documents {
+            let key = self.checkpoint_key(&d.set);
             let cursor = self
                 .checkpoint(ledger, &key)
                 .await?
                 .as_deref()
                 .and_then(parse_cursor);
-            full_load &= cursor.is_none();
+            cursors.push((key, cursor));
+        }
+        let full_load = cursors.iter().all(|(_, c)| c.is_none());
+        if cursors.iter().any(|(_, c)| c.is_none()) {
+            // a whole history is about to be read: cards and customers page by page, not one
+            // request each
+            let page = self.odata.page_size.max(1) as usize;
+            run.customers.preload(&self.client, &self.mapping, page).await?;
+        }
+        let mut broken = None;
+        for (doc, (key, cursor)) in cursors.into_iter().enumerate() {
+            if cancel.is_cancelled() {
+                run.report.pending = true;
+                break;
+            }
             let from = cursor.map(|c| c - self.odata.overlap);
             if let Some(f) = from {
                 self.seed(&mut st, ledger, f).await?;
