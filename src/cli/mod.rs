@@ -38,7 +38,12 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Validate the configuration and report every problem at once (exit 78 on error).
-    Check,
+    Check {
+        /// Also connect to 1C's OData and name every mapped set and field the base does not
+        /// publish (exit 1 if any is missing or 1C cannot be reached).
+        #[arg(long)]
+        probe: bool,
+    },
     /// Import CommerceML files (documents, catalog, offers; .xml or .zip) into the ledger.
     /// Needs only --ledger: for backfills and accountants.
     Import {
@@ -51,6 +56,9 @@ pub enum Command {
     /// expiry and tier; UTF-8 or windows-1251), idempotent per file name and customer.
     ImportBalances {
         files: Vec<PathBuf>,
+        /// Read the balances from 1C's own bonus register over OData instead.
+        #[arg(long = "from-1c")]
+        from_1c: bool,
         #[arg(long)]
         json: bool,
     },
@@ -330,7 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let clock = SystemClock;
     let now = clock.now();
     match &cli.command {
-        Command::Check => {
+        Command::Check { probe } => {
             let cfg = config::load(cli.config.as_deref(), &config::env_overrides())?;
             println!(
                 "configuration ok ({})",
@@ -353,6 +361,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 p.stamps.len(),
                 p.thresholds.len()
             );
+            if *probe && cfg.onec.as_ref().is_some_and(|o| o.odata.is_some()) {
+                let report = crate::onec::odata::probe_blocking(&cfg).context("odata probe")?;
+                print!("{report}");
+                if !report.ok() {
+                    return Ok(ExitCode::from(1));
+                }
+            } else if *probe {
+                println!("  probe: [onec.odata] is not configured; nothing to probe");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Import { files, json } => {
@@ -381,12 +398,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::ImportBalances { files, json } => {
+        Command::ImportBalances { files, from_1c, json } => {
             let cfg = load_config(&cli)?;
             let mut ledger = Ledger::open(&cfg.ledger_path, &cfg.ledger)
                 .with_context(|| format!("opening {}", cfg.ledger_path.display()))?;
+            if *from_1c {
+                let shared = crate::ledger::SharedLedger::new(ledger);
+                let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+                let r = rt.block_on(crate::onec::odata::import_balances_from_1c(&cfg, &shared))?;
+                output::opening_report("1C bonus register", &r, *json)?;
+                return Ok(if r.problems.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
+            }
             if files.is_empty() {
-                bail!("name the CSV file(s) to import");
+                bail!("name the CSV file(s) to import, or --from-1c");
             }
             let dest = cfg.destinations();
             let mut any_problem = false;

@@ -80,6 +80,7 @@ pub fn jobs(cfg: &Config) -> Vec<Arc<dyn Job>> {
     if cfg.onec.as_ref().is_some_and(|o| o.exchange_dir.is_some()) {
         jobs.push(Arc::new(crate::onec::exchange::FolderJob));
     }
+    jobs.extend(crate::onec::odata::OdataJob::enabled_by(cfg));
     jobs.sort_by_key(|j| j.stage());
     jobs
 }

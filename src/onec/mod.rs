@@ -7,5 +7,7 @@
 pub mod commerceml;
 pub mod exchange;
 pub mod import;
+pub mod mapping;
+pub mod odata;
 pub mod postback;
 pub mod site_exchange;

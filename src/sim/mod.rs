@@ -2,5 +2,6 @@
 //! (with the connector issues) simulators of 1C and AmoCRM that speak the real protocols.
 
 pub mod commerceml;
+pub mod onec_odata;
 pub mod onec_site;
 pub mod sales;

@@ -1,0 +1,798 @@
+//! Which OData entity sets and fields a 1C configuration keeps its sales, returns, catalog,
+//! cards and bonus points in.
+//!
+//! Every 1C configuration names its objects its own way (`Товары` in Розница, `Запасы` in УНФ),
+//! and shops modify their configurations, so the names live in mapping files
+//! (`mappings/1c/*.toml`), not in code. Three are built in (`roznica`, `ut11`, `unf`, embedded
+//! with `include_str!` so the binary needs no files beside it); `[onec.odata] mapping` may
+//! instead name a file an integrator wrote for a modified configuration.
+//!
+//! A mapping is checked as strictly as the configuration: every unknown key is an error (a
+//! misspelt key would otherwise silently fall back to a default and read the wrong field),
+//! every name must be one OData can carry in `$select`, and every problem is reported at once.
+//! Whether the names exist in a given base is a separate question, answered by
+//! `kopilka check --probe` against `$metadata`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::core::document::DocKind;
+
+/// The mappings compiled into kopilka, by the name `[onec.odata] mapping` uses.
+pub const BUILT_IN: &[(&str, &str)] = &[
+    ("roznica", include_str!("../../mappings/1c/roznica.toml")),
+    ("ut11", include_str!("../../mappings/1c/ut11.toml")),
+    ("unf", include_str!("../../mappings/1c/unf.toml")),
+];
+
+/// A validated mapping.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mapping {
+    /// The built-in name or the file it was read from, for messages.
+    pub origin: String,
+    /// The configuration it describes, as people name it (`1С:Розница 2.3`).
+    pub configuration: String,
+    /// Document types to read, in the order they are polled (sales before their returns, so
+    /// a return usually finds its sale already in the ledger).
+    pub documents: Vec<DocumentMap>,
+    pub products: ProductMap,
+    pub prices: Option<PriceMap>,
+    pub cards: Option<CardMap>,
+    pub people: Option<PeopleMap>,
+    pub bonus: Option<BonusMap>,
+}
+
+/// One document type: a till receipt, a return, a sale invoice.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocumentMap {
+    /// Entity set, e.g. `Document_ЧекККМ`.
+    pub set: String,
+    /// What a document of this set is, unless `operation` says it is a return.
+    pub kind: DocKind,
+    /// The tabular section holding the goods lines (`Товары`, `Запасы`).
+    pub rows: String,
+    pub row: RowMap,
+    /// Header field with the document total as 1C states it; without it the total is the
+    /// sum of the lines.
+    pub total: Option<String>,
+    /// Header reference to the store or till (`Магазин_Key`, `КассаККМ_Key`).
+    pub store: Option<String>,
+    /// Header reference to the loyalty card (a key into [`CardMap::set`]).
+    pub card: Option<String>,
+    /// Header reference to the customer (a key into [`PeopleMap::set`]).
+    pub customer: Option<String>,
+    /// Header field (an enum) whose value can make a document of a sales set a return
+    /// (Розница's `ВидОперации` = `Возврат`).
+    pub operation: Option<String>,
+    /// Values of `operation` that mean "return", compared without regard to case.
+    pub return_operations: Vec<String>,
+    /// Header reference to the sale a return takes back (`ЧекККМ_Key`).
+    pub return_link: Option<String>,
+}
+
+/// The fields of one goods line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowMap {
+    /// Reference to the product (`Номенклатура_Key`).
+    pub product: String,
+    /// Reference to the variant (`Характеристика_Key`); a non-empty one makes the line's
+    /// product id `product#variant`, as CommerceML writes it.
+    pub variant: Option<String>,
+    pub quantity: String,
+    /// Unit price before discounts.
+    pub price: String,
+    /// What the line costs after every discount (`Сумма`, УНФ `Всего`).
+    pub net: String,
+    /// Discount amounts, already taken off `net`, summed into the line's discount.
+    pub discounts: Vec<String>,
+    /// The part of the line paid with bonus points, in rubles.
+    pub points_paid: Option<String>,
+    /// Whether `net` already has `points_paid` taken off (1C books a payment with points as a
+    /// discount). kopilka counts a sale at its value before points, so it adds them back.
+    pub net_excludes_points_paid: bool,
+}
+
+/// The product catalog: groups (folders) and products.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProductMap {
+    /// `Catalog_Номенклатура`; hierarchical, so `Parent_Key` and `IsFolder` exist.
+    pub set: String,
+    pub article: Option<String>,
+    /// An enum field telling goods from services, and the values that mean a service.
+    pub service: Option<String>,
+    pub service_values: Vec<String>,
+}
+
+/// Where the cost price comes from: a price register and its price types.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PriceMap {
+    /// The price register records (`InformationRegister_ЦеныНоменклатуры`), filtered by
+    /// `Period`. A register written by documents is read through its `_RecordType` set.
+    pub set: String,
+    pub product: String,
+    pub variant: Option<String>,
+    pub price_type: String,
+    pub price: String,
+    /// The price type catalog (`Catalog_ВидыЦен`), so `[onec] cost_price_type` may name
+    /// a price type by its description.
+    pub price_types: String,
+}
+
+/// Loyalty cards: how a card reference becomes a card number and an owner.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CardMap {
+    pub set: String,
+    /// Fields holding the number, tried in order; the first non-empty one is the card number.
+    pub number: Vec<String>,
+    /// Reference to the card's owner (a key into [`PeopleMap::set`]).
+    pub owner: Option<String>,
+}
+
+/// Customers (partners or counterparties): name, phones, e-mails.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeopleMap {
+    pub set: String,
+    /// Field with the customer's name; `Description` in every configuration.
+    pub name: String,
+    /// The contact information tabular section, its kind and value fields, and the kinds
+    /// (enum values) that are phones and e-mails.
+    pub contacts: Option<String>,
+    pub contact_kind: String,
+    pub contact_value: String,
+    pub phone_kinds: Vec<String>,
+    pub email_kinds: Vec<String>,
+}
+
+/// What a bonus register dimension refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BonusHolder {
+    /// A customer in [`PeopleMap::set`] (Розница, УТ 11: `Партнер`).
+    People,
+    /// A card in [`CardMap::set`] (УНФ: `БонуснаяКарта`).
+    Card,
+}
+
+/// 1C's own bonus register, read once to migrate opening balances.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BonusMap {
+    /// `AccumulationRegister_БонусныеБаллы`; its balance is read through `/Balance()`.
+    pub set: String,
+    /// The dimension naming whose points a balance row holds.
+    pub holder: String,
+    pub holder_is: BonusHolder,
+    /// The program dimension, used with `[onec.odata] bonus_program`.
+    pub program: Option<String>,
+    /// The program catalog, to find `bonus_program` by its description.
+    pub programs: Option<String>,
+    /// Resources whose balances make up the points (`Начислено` → `НачисленоBalance`).
+    pub add: Vec<String>,
+    /// Resources whose balances are taken off.
+    pub subtract: Vec<String>,
+}
+
+/// Everything wrong with a mapping, each problem with its key path.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct MappingError {
+    pub origin: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for MappingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "mapping {} has {} problem(s): ",
+            self.origin,
+            self.problems.len()
+        )?;
+        f.write_str(&self.problems.join("; "))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawMapping {
+    configuration: Option<String>,
+    documents: Vec<RawDocument>,
+    products: Option<RawProducts>,
+    prices: Option<RawPrices>,
+    cards: Option<RawCards>,
+    people: Option<RawPeople>,
+    bonus: Option<RawBonus>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawDocument {
+    set: Option<String>,
+    kind: Option<String>,
+    rows: Option<String>,
+    row: Option<RawRow>,
+    total: Option<String>,
+    store: Option<String>,
+    card: Option<String>,
+    customer: Option<String>,
+    operation: Option<String>,
+    return_operations: Vec<String>,
+    return_link: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawRow {
+    product: Option<String>,
+    variant: Option<String>,
+    quantity: Option<String>,
+    price: Option<String>,
+    net: Option<String>,
+    discounts: Vec<String>,
+    points_paid: Option<String>,
+    net_excludes_points_paid: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawProducts {
+    set: Option<String>,
+    article: Option<String>,
+    service: Option<String>,
+    service_values: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawPrices {
+    set: Option<String>,
+    product: Option<String>,
+    variant: Option<String>,
+    price_type: Option<String>,
+    price: Option<String>,
+    price_types: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawCards {
+    set: Option<String>,
+    number: Vec<String>,
+    owner: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawPeople {
+    set: Option<String>,
+    name: Option<String>,
+    contacts: Option<String>,
+    contact_kind: Option<String>,
+    contact_value: Option<String>,
+    phone_kinds: Vec<String>,
+    email_kinds: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawBonus {
+    set: Option<String>,
+    holder: Option<String>,
+    holder_is: Option<String>,
+    program: Option<String>,
+    programs: Option<String>,
+    add: Vec<String>,
+    subtract: Vec<String>,
+}
+
+/// Entity set prefixes 1C's standard OData interface uses.
+const SET_PREFIXES: &[&str] = &[
+    "Catalog_",
+    "Document_",
+    "DocumentJournal_",
+    "InformationRegister_",
+    "AccumulationRegister_",
+    "AccountingRegister_",
+    "CalculationRegister_",
+    "ExchangePlan_",
+    "ChartOfCharacteristicTypes_",
+    "ChartOfAccounts_",
+    "ChartOfCalculationTypes_",
+    "BusinessProcess_",
+    "Task_",
+    "Constant_",
+];
+
+/// Collects problems with their key paths.
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn bad(&mut self, key: &str, message: impl fmt::Display) {
+        self.0.push(format!("{key}: {message}"));
+    }
+
+    /// A field or section name as OData carries it in `$select` and `$filter`: letters
+    /// (Cyrillic included), digits and underscores, not starting with a digit.
+    fn name(&mut self, key: &str, value: &str) -> String {
+        let ok = !value.is_empty()
+            && value.chars().count() <= 128
+            && value.chars().all(|c| c.is_alphanumeric() || c == '_')
+            && !value.starts_with(|c: char| c.is_ascii_digit());
+        if !ok {
+            self.bad(
+                key,
+                format!("{value:?} is not a 1C name (letters, digits and _ only)"),
+            );
+        }
+        value.to_string()
+    }
+
+    fn required(&mut self, key: &str, value: Option<&String>) -> String {
+        match value {
+            Some(v) => self.name(key, v),
+            None => {
+                self.bad(key, "is required");
+                String::new()
+            }
+        }
+    }
+
+    fn optional(&mut self, key: &str, value: Option<&String>) -> Option<String> {
+        value.map(|v| self.name(key, v))
+    }
+
+    fn names(&mut self, key: &str, values: &[String]) -> Vec<String> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| self.name(&format!("{key}[{i}]"), v))
+            .collect()
+    }
+
+    fn set(&mut self, key: &str, value: Option<&String>) -> String {
+        let v = self.required(key, value);
+        if !v.is_empty() && !SET_PREFIXES.iter().any(|p| v.starts_with(p) && v.len() > p.len()) {
+            self.bad(
+                key,
+                format!("{v:?} is not an entity set name (Catalog_…, Document_…, InformationRegister_…, …)"),
+            );
+        }
+        v
+    }
+
+    /// Enum values are compared as text; they only need to be non-empty.
+    fn values(&mut self, key: &str, values: &[String]) -> Vec<String> {
+        for (i, v) in values.iter().enumerate() {
+            if v.trim().is_empty() {
+                self.bad(&format!("{key}[{i}]"), "is empty");
+            }
+        }
+        values.to_vec()
+    }
+}
+
+/// Reads a built-in mapping by name, or a mapping file by path (a relative path is taken
+/// from `base`, the configuration file's folder, when given).
+pub fn load(name_or_path: &str, base: Option<&Path>) -> Result<Mapping, MappingError> {
+    if let Some((name, text)) = BUILT_IN.iter().find(|(n, _)| *n == name_or_path) {
+        return parse(text, &format!("built-in {name}"));
+    }
+    let path = PathBuf::from(name_or_path);
+    let path = match base {
+        Some(b) if path.is_relative() => b.join(path),
+        _ => path,
+    };
+    let origin = path.display().to_string();
+    if !name_or_path.contains(['/', '\\', '.']) {
+        let known: Vec<&str> = BUILT_IN.iter().map(|(n, _)| *n).collect();
+        return Err(MappingError {
+            origin: name_or_path.to_string(),
+            problems: vec![format!(
+                "no built-in mapping {name_or_path:?} (built in: {}); a mapping file is named by its path",
+                known.join(", ")
+            )],
+        });
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| MappingError {
+        origin: origin.clone(),
+        problems: vec![format!("cannot read the file: {e}")],
+    })?;
+    parse(&text, &origin)
+}
+
+/// Parses and validates mapping text; `origin` names it in messages.
+pub fn parse(text: &str, origin: &str) -> Result<Mapping, MappingError> {
+    let fail = |problems: Vec<String>| MappingError {
+        origin: origin.to_string(),
+        problems,
+    };
+    let value: toml::Value = toml::from_str(text).map_err(|e| fail(vec![format!("not valid TOML: {e}")]))?;
+    let mut unknown = Vec::new();
+    let raw: Result<RawMapping, _> = serde_ignored::deserialize(value, |path| unknown.push(path.to_string()));
+    let mut p = Problems(
+        unknown
+            .into_iter()
+            .map(|k| format!("{}: unknown key", bracket_indices(&k)))
+            .collect(),
+    );
+    let raw = match raw {
+        Ok(r) => r,
+        Err(e) => {
+            p.0.push(e.to_string().trim_end_matches('\n').to_string());
+            return Err(fail(p.0));
+        }
+    };
+    let mapping = convert(&raw, origin, &mut p);
+    if p.0.is_empty() {
+        Ok(mapping)
+    } else {
+        Err(fail(p.0))
+    }
+}
+
+/// `documents.0.row.?.nett` (serde's path; `?` is an `Option`) → `documents[0].row.nett`,
+/// as the other messages say it.
+fn bracket_indices(path: &str) -> String {
+    let mut out = String::with_capacity(path.len() + 2);
+    for seg in path.split('.').filter(|s| *s != "?") {
+        if !out.is_empty() && !seg.is_empty() && seg.chars().all(|c| c.is_ascii_digit()) {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
+}
+
+fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
+    if raw.documents.is_empty() {
+        p.bad("documents", "at least one [[documents]] table is required");
+    }
+    let mut documents = Vec::with_capacity(raw.documents.len());
+    for (i, d) in raw.documents.iter().enumerate() {
+        let k = |field: &str| format!("documents[{i}].{field}");
+        let set = p.set(&k("set"), d.set.as_ref());
+        if documents.iter().any(|x: &DocumentMap| x.set == set) {
+            p.bad(&k("set"), format!("{set:?} is mapped twice"));
+        }
+        let kind = match d.kind.as_deref() {
+            Some("sale") => DocKind::Sale,
+            Some("return") => DocKind::Return,
+            Some(other) => {
+                p.bad(&k("kind"), format!("{other:?} is not sale or return"));
+                DocKind::Sale
+            }
+            None => {
+                p.bad(&k("kind"), "is required (sale or return)");
+                DocKind::Sale
+            }
+        };
+        let rows = p.required(&k("rows"), d.rows.as_ref());
+        let r = d.row.as_ref();
+        if r.is_none() {
+            p.bad(&k("row"), "is required: the fields of a goods line");
+        }
+        let empty = RawRow::default();
+        let r = r.unwrap_or(&empty);
+        let row = RowMap {
+            product: p.required(&k("row.product"), r.product.as_ref()),
+            variant: p.optional(&k("row.variant"), r.variant.as_ref()),
+            quantity: p.required(&k("row.quantity"), r.quantity.as_ref()),
+            price: p.required(&k("row.price"), r.price.as_ref()),
+            net: p.required(&k("row.net"), r.net.as_ref()),
+            discounts: p.names(&k("row.discounts"), &r.discounts),
+            points_paid: p.optional(&k("row.points_paid"), r.points_paid.as_ref()),
+            net_excludes_points_paid: r.net_excludes_points_paid.unwrap_or(true),
+        };
+        let operation = p.optional(&k("operation"), d.operation.as_ref());
+        let return_operations = p.values(&k("return_operations"), &d.return_operations);
+        if operation.is_some() == return_operations.is_empty() {
+            p.bad(
+                &k("operation"),
+                "operation and return_operations go together: the field, and its values that mean a return",
+            );
+        }
+        if operation.is_some() && kind == DocKind::Return {
+            p.bad(
+                &k("operation"),
+                "only a sales set needs an operation telling returns apart",
+            );
+        }
+        let card = p.optional(&k("card"), d.card.as_ref());
+        if card.is_some() && raw.cards.is_none() {
+            p.bad(
+                &k("card"),
+                "needs a [cards] table to turn a card reference into a number",
+            );
+        }
+        let customer = p.optional(&k("customer"), d.customer.as_ref());
+        if customer.is_some() && raw.people.is_none() {
+            p.bad(&k("customer"), "needs a [people] table to read the customer");
+        }
+        documents.push(DocumentMap {
+            set,
+            kind,
+            rows,
+            row,
+            total: p.optional(&k("total"), d.total.as_ref()),
+            store: p.optional(&k("store"), d.store.as_ref()),
+            card,
+            customer,
+            operation,
+            return_operations,
+            return_link: p.optional(&k("return_link"), d.return_link.as_ref()),
+        });
+    }
+    let products = match &raw.products {
+        None => {
+            p.bad(
+                "products",
+                "a [products] table naming the product catalog is required",
+            );
+            ProductMap {
+                set: String::new(),
+                article: None,
+                service: None,
+                service_values: Vec::new(),
+            }
+        }
+        Some(pr) => {
+            let service = p.optional("products.service", pr.service.as_ref());
+            let service_values = p.values("products.service_values", &pr.service_values);
+            if service.is_some() == service_values.is_empty() {
+                p.bad(
+                    "products.service",
+                    "service and service_values go together: the field, and its values that mean a service",
+                );
+            }
+            ProductMap {
+                set: p.set("products.set", pr.set.as_ref()),
+                article: p.optional("products.article", pr.article.as_ref()),
+                service,
+                service_values,
+            }
+        }
+    };
+    let prices = raw.prices.as_ref().map(|pr| PriceMap {
+        set: p.set("prices.set", pr.set.as_ref()),
+        product: p.required("prices.product", pr.product.as_ref()),
+        variant: p.optional("prices.variant", pr.variant.as_ref()),
+        price_type: p.required("prices.price_type", pr.price_type.as_ref()),
+        price: p.required("prices.price", pr.price.as_ref()),
+        price_types: p.set("prices.price_types", pr.price_types.as_ref()),
+    });
+    let cards = raw.cards.as_ref().map(|c| {
+        if c.number.is_empty() {
+            p.bad("cards.number", "name at least one field holding the card number");
+        }
+        let owner = p.optional("cards.owner", c.owner.as_ref());
+        if owner.is_some() && raw.people.is_none() {
+            p.bad("cards.owner", "needs a [people] table to read the card's owner");
+        }
+        CardMap {
+            set: p.set("cards.set", c.set.as_ref()),
+            number: p.names("cards.number", &c.number),
+            owner,
+        }
+    });
+    let people = raw.people.as_ref().map(|c| {
+        let contacts = p.optional("people.contacts", c.contacts.as_ref());
+        let default_kind = "Тип".to_string();
+        let default_value = "Представление".to_string();
+        PeopleMap {
+            set: p.set("people.set", c.set.as_ref()),
+            name: p.name("people.name", c.name.as_deref().unwrap_or("Description")),
+            contact_kind: p.name(
+                "people.contact_kind",
+                c.contact_kind.as_ref().unwrap_or(&default_kind),
+            ),
+            contact_value: p.name(
+                "people.contact_value",
+                c.contact_value.as_ref().unwrap_or(&default_value),
+            ),
+            phone_kinds: p.values("people.phone_kinds", &c.phone_kinds),
+            email_kinds: p.values("people.email_kinds", &c.email_kinds),
+            contacts,
+        }
+    });
+    let bonus = raw.bonus.as_ref().map(|b| {
+        let holder_is = match b.holder_is.as_deref().unwrap_or("people") {
+            "people" => BonusHolder::People,
+            "card" => BonusHolder::Card,
+            other => {
+                p.bad("bonus.holder_is", format!("{other:?} is not people or card"));
+                BonusHolder::People
+            }
+        };
+        match holder_is {
+            BonusHolder::People if raw.people.is_none() => {
+                p.bad("bonus.holder_is", "people needs a [people] table")
+            }
+            BonusHolder::Card if raw.cards.is_none() => {
+                p.bad("bonus.holder_is", "card needs a [cards] table")
+            }
+            _ => {}
+        }
+        if b.add.is_empty() {
+            p.bad(
+                "bonus.add",
+                "name at least one resource whose balance is the points",
+            );
+        }
+        let program = p.optional("bonus.program", b.program.as_ref());
+        let programs = b.programs.as_ref().map(|s| p.set("bonus.programs", Some(s)));
+        if programs.is_some() && program.is_none() {
+            p.bad(
+                "bonus.programs",
+                "needs bonus.program, the dimension naming the program",
+            );
+        }
+        BonusMap {
+            set: p.set("bonus.set", b.set.as_ref()),
+            holder: p.required("bonus.holder", b.holder.as_ref()),
+            holder_is,
+            program,
+            programs,
+            add: p.names("bonus.add", &b.add),
+            subtract: p.names("bonus.subtract", &b.subtract),
+        }
+    });
+    Mapping {
+        origin: origin.to_string(),
+        configuration: raw.configuration.clone().unwrap_or_else(|| origin.to_string()),
+        documents,
+        products,
+        prices,
+        cards,
+        people,
+        bonus,
+    }
+}
+
+impl DocumentMap {
+    /// Header fields read besides the standard ones, each once.
+    pub fn header_fields(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for f in [
+            &self.total,
+            &self.store,
+            &self.card,
+            &self.customer,
+            &self.operation,
+            &self.return_link,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !out.contains(&f.as_str()) {
+                out.push(f);
+            }
+        }
+        out
+    }
+}
+
+impl RowMap {
+    /// Row fields read, each once (`LineNumber` first).
+    pub fn fields(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = vec!["LineNumber"];
+        let all = [&self.product, &self.quantity, &self.price, &self.net]
+            .into_iter()
+            .chain(self.variant.iter())
+            .chain(self.discounts.iter())
+            .chain(self.points_paid.iter());
+        for f in all {
+            if !out.contains(&f.as_str()) {
+                out.push(f);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_mappings_are_valid() {
+        for (name, _) in BUILT_IN {
+            let m = load(name, None).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!m.documents.is_empty(), "{name}");
+            assert!(m.bonus.is_some(), "{name} maps the bonus register");
+        }
+        let r = load("roznica", None).unwrap_or_else(|e| panic!("{e}"));
+        let receipts = &r.documents[0];
+        assert_eq!(receipts.set, "Document_ЧекККМ");
+        assert_eq!(receipts.operation.as_deref(), Some("ВидОперации"));
+        assert_eq!(
+            receipts.row.points_paid.as_deref(),
+            Some("СуммаСкидкиОплатыБонусом")
+        );
+        assert!(
+            r.documents
+                .iter()
+                .any(|d| d.return_link.as_deref() == Some("ЧекККМ_Key"))
+        );
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        parse(text, "test.toml")
+            .expect_err("the mapping should be refused")
+            .problems
+    }
+
+    const MINIMAL: &str = r#"
+        [[documents]]
+        set = "Document_ЧекККМ"
+        kind = "sale"
+        rows = "Товары"
+        [documents.row]
+        product = "Номенклатура_Key"
+        quantity = "Количество"
+        price = "Цена"
+        net = "Сумма"
+        [products]
+        set = "Catalog_Номенклатура"
+    "#;
+
+    #[test]
+    fn a_minimal_mapping_reads() {
+        let m = parse(MINIMAL, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            m.documents[0].row.fields(),
+            ["LineNumber", "Номенклатура_Key", "Количество", "Цена", "Сумма"]
+        );
+        assert!(m.documents[0].row.net_excludes_points_paid);
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_with_its_path() {
+        let text = MINIMAL.replace("net = \"Сумма\"", "net = \"Сумма\"\nnett = \"x\"")
+            + "\n[cards]\nset = \"Catalog_КартыЛояльности\"\nnumber = [\"Штрихкод\"]\nowner_field = \"x\"\n";
+        let p = problems(&text);
+        assert!(
+            p.iter().any(|m| m.contains("documents[0].row.nett: unknown key")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.contains("cards.owner_field: unknown key")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn names_kinds_and_dependencies_are_checked_together() {
+        let text = MINIMAL
+            .replace("kind = \"sale\"", "kind = \"refund\"\ncard = \"Карта_Key\"")
+            .replace("Товары", "Товары, Услуги")
+            .replace("Catalog_Номенклатура", "Номенклатура");
+        let p = problems(&text);
+        let has = |s: &str| p.iter().any(|m| m.contains(s));
+        assert!(
+            has("documents[0].kind: \"refund\" is not sale or return"),
+            "{p:?}"
+        );
+        assert!(has("documents[0].card: needs a [cards] table"), "{p:?}");
+        assert!(
+            has("documents[0].rows: \"Товары, Услуги\" is not a 1C name"),
+            "{p:?}"
+        );
+        assert!(
+            has("products.set: \"Номенклатура\" is not an entity set name"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_names_and_unreadable_files_say_what_exists() {
+        let e = load("retail", None).expect_err("no such built-in");
+        assert!(e.to_string().contains("built in: roznica, ut11, unf"), "{e}");
+        let e = load("./no/such/mapping.toml", None).expect_err("no such file");
+        assert!(e.to_string().contains("cannot read the file"), "{e}");
+        let e = parse("documents = 3", "x").expect_err("wrong type");
+        assert!(!e.problems.is_empty());
+    }
+}

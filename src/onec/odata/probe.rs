@@ -1,0 +1,413 @@
+//! `kopilka check --probe`: the mapping against the base's own `$metadata`.
+//!
+//! 1C answers 404 for a set not added to the OData content and silently ignores unknown
+//! property names in places, so a wrong name in a mapping shows up late and quietly. The
+//! probe reads `$metadata` (EDMX, XML only) once and names every mapped set, field, tabular
+//! section and row field the base does not publish, with the mapping key that needs it.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use quick_xml::Reader;
+use quick_xml::events::{BytesStart, Event};
+
+use super::{OdataClient, OdataError, RetryPolicy};
+use crate::config::Config;
+use crate::onec::mapping::{self, Mapping};
+
+/// Entity sets and the properties of every entity and complex type, by local name.
+#[derive(Clone, Debug, Default)]
+pub struct Schema {
+    /// Entity set → its entity type's local name.
+    pub sets: HashMap<String, String>,
+    /// Type → property name → property type (`Edm.Double`, `Collection(StandardODATA.X_RowType)`).
+    pub types: HashMap<String, HashMap<String, String>>,
+}
+
+/// One name the base does not publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Missing {
+    /// `entity set Document_ЧекККМВозврат`, `field Document_ЧекККМ.КартаЛояльности_Key`, …
+    pub what: String,
+    /// The mapping key that names it.
+    pub needed_by: String,
+}
+
+/// What the probe found.
+#[derive(Clone, Debug)]
+pub struct ProbeReport {
+    pub url: String,
+    pub mapping: String,
+    /// Entity sets the base publishes.
+    pub sets_published: usize,
+    /// Names checked.
+    pub checked: usize,
+    pub missing: Vec<Missing>,
+}
+
+impl ProbeReport {
+    pub fn ok(&self) -> bool {
+        self.missing.is_empty()
+    }
+}
+
+impl fmt::Display for ProbeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "odata probe: {}/$metadata publishes {} entity sets; {} names of mapping {} checked",
+            self.url, self.sets_published, self.checked, self.mapping
+        )?;
+        if self.missing.is_empty() {
+            return writeln!(f, "  every mapped set and field is published");
+        }
+        writeln!(f, "  {} mapped name(s) missing in this base:", self.missing.len())?;
+        for m in &self.missing {
+            writeln!(f, "  missing {} (needed by {})", m.what, m.needed_by)?;
+        }
+        writeln!(
+            f,
+            "  publish them (УстановитьСоставСтандартногоИнтерфейсаOData) or correct the mapping"
+        )
+    }
+}
+
+fn local(name: &[u8]) -> String {
+    let s = String::from_utf8_lossy(name);
+    match s.rsplit_once(':') {
+        Some((_, l)) => l.to_string(),
+        None => s.into_owned(),
+    }
+}
+
+fn attrs(e: &BytesStart<'_>, decoder: quick_xml::encoding::Decoder) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for attr in e.attributes().with_checks(false).flatten() {
+        let key = local(attr.key.local_name().as_ref());
+        if let Ok(v) = attr.decode_and_unescape_value(decoder) {
+            out.insert(key, v.into_owned());
+        }
+    }
+    out
+}
+
+/// The part after the namespace: `StandardODATA.Document_ЧекККМ` → `Document_ЧекККМ`.
+fn unqualified(t: &str) -> &str {
+    let inner = t
+        .strip_prefix("Collection(")
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or(t);
+    inner.rsplit_once('.').map_or(inner, |(_, n)| n)
+}
+
+/// Reads an EDMX `$metadata` document.
+pub fn parse_metadata(xml: &str) -> Result<Schema, String> {
+    let mut reader = Reader::from_str(xml);
+    reader.config_mut().trim_text(true);
+    let mut schema = Schema::default();
+    let mut current: Option<String> = None;
+    loop {
+        let event = reader
+            .read_event()
+            .map_err(|e| format!("$metadata is not XML at byte {}: {e}", reader.error_position()))?;
+        let (e, empty) = match event {
+            Event::Start(e) => (e, false),
+            Event::Empty(e) => (e, true),
+            Event::End(e) => {
+                let name = local(e.local_name().as_ref());
+                if name == "EntityType" || name == "ComplexType" {
+                    current = None;
+                }
+                continue;
+            }
+            Event::Eof => break,
+            _ => continue,
+        };
+        let name = local(e.local_name().as_ref());
+        let a = attrs(&e, reader.decoder());
+        match name.as_str() {
+            "EntityType" | "ComplexType" => {
+                if let Some(n) = a.get("Name") {
+                    schema.types.entry(n.clone()).or_default();
+                    // an empty element has no end event: nothing belongs to it
+                    current = (!empty).then(|| n.clone());
+                }
+            }
+            "Property" | "NavigationProperty" => {
+                if let (Some(t), Some(n)) = (&current, a.get("Name")) {
+                    let ty = a.get("Type").cloned().unwrap_or_default();
+                    schema.types.entry(t.clone()).or_default().insert(n.clone(), ty);
+                }
+            }
+            "EntitySet" => {
+                if let Some(n) = a.get("Name") {
+                    let ty = a.get("EntityType").map(|t| unqualified(t).to_string());
+                    schema.sets.insert(n.clone(), ty.unwrap_or_else(|| n.clone()));
+                }
+            }
+            _ => {}
+        }
+    }
+    if schema.sets.is_empty() && schema.types.is_empty() {
+        return Err("$metadata lists no entity sets or types".into());
+    }
+    Ok(schema)
+}
+
+struct Checker<'a> {
+    schema: &'a Schema,
+    checked: usize,
+    missing: Vec<Missing>,
+}
+
+impl Checker<'_> {
+    fn miss(&mut self, what: String, needed_by: &str) {
+        self.missing.push(Missing {
+            what,
+            needed_by: needed_by.to_string(),
+        });
+    }
+
+    /// The properties of a set's type, or `None` (reported) when the set is not published.
+    fn set(&mut self, set: &str, needed_by: &str) -> Option<&HashMap<String, String>> {
+        self.checked += 1;
+        let ty = self.schema.sets.get(set);
+        match ty.and_then(|t| self.schema.types.get(t)) {
+            Some(props) => Some(props),
+            None => {
+                self.miss(format!("entity set {set}"), needed_by);
+                None
+            }
+        }
+    }
+
+    fn fields(&mut self, set: &str, props: &HashMap<String, String>, fields: &[(&str, String)]) {
+        for (field, key) in fields {
+            self.checked += 1;
+            if !props.contains_key(*field) {
+                self.missing.push(Missing {
+                    what: format!("field {set}.{field}"),
+                    needed_by: key.clone(),
+                });
+            }
+        }
+    }
+
+    /// The row type of a tabular section: the type of its collection property, or the set of
+    /// its own (`Document_X_Товары`).
+    fn section(
+        &self,
+        set: &str,
+        props: &HashMap<String, String>,
+        rows: &str,
+    ) -> Option<&HashMap<String, String>> {
+        let by_property = props
+            .get(rows)
+            .filter(|t| t.starts_with("Collection("))
+            .and_then(|t| self.schema.types.get(unqualified(t)));
+        by_property
+            .or_else(|| self.schema.types.get(&format!("{set}_{rows}_RowType")))
+            .or_else(|| {
+                let own = format!("{set}_{rows}");
+                self.schema.sets.get(&own).and_then(|t| self.schema.types.get(t))
+            })
+    }
+}
+
+/// Names every mapped set and field that `schema` does not publish.
+pub fn check(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
+    let mut c = Checker {
+        schema,
+        checked: 0,
+        missing: Vec::new(),
+    };
+    for (i, d) in mapping.documents.iter().enumerate() {
+        let key = |f: &str| format!("documents[{i}].{f}");
+        let Some(props) = c.set(&d.set, &key("set")).cloned() else {
+            continue;
+        };
+        let mut fields: Vec<(&str, String)> = [
+            "Ref_Key",
+            "DataVersion",
+            "Number",
+            "Date",
+            "Posted",
+            "DeletionMark",
+        ]
+        .iter()
+        .map(|f| (*f, format!("the standard fields of {}", d.set)))
+        .collect();
+        for (f, k) in [
+            (&d.total, "total"),
+            (&d.store, "store"),
+            (&d.card, "card"),
+            (&d.customer, "customer"),
+            (&d.operation, "operation"),
+            (&d.return_link, "return_link"),
+        ] {
+            if let Some(f) = f {
+                fields.push((f.as_str(), key(k)));
+            }
+        }
+        c.fields(&d.set, &props, &fields);
+        c.checked += 1;
+        let Some(row_props) = c.section(&d.set, &props, &d.rows).cloned() else {
+            c.miss(format!("tabular section {}.{}", d.set, d.rows), &key("rows"));
+            continue;
+        };
+        let r = &d.row;
+        let mut row_fields = vec![
+            (r.product.as_str(), key("row.product")),
+            (r.quantity.as_str(), key("row.quantity")),
+            (r.price.as_str(), key("row.price")),
+            (r.net.as_str(), key("row.net")),
+        ];
+        row_fields.extend(r.variant.as_deref().map(|v| (v, key("row.variant"))));
+        row_fields.extend(r.points_paid.as_deref().map(|v| (v, key("row.points_paid"))));
+        for (n, f) in r.discounts.iter().enumerate() {
+            row_fields.push((f.as_str(), key(&format!("row.discounts[{n}]"))));
+        }
+        c.fields(&format!("{}.{}", d.set, d.rows), &row_props, &row_fields);
+    }
+    let p = &mapping.products;
+    if let Some(props) = c.set(&p.set, "products.set").cloned() {
+        let mut f: Vec<(&str, String)> = [
+            "Ref_Key",
+            "DataVersion",
+            "DeletionMark",
+            "Description",
+            "Parent_Key",
+            "IsFolder",
+        ]
+        .iter()
+        .map(|s| (*s, "the standard fields of a hierarchical catalog".to_string()))
+        .collect();
+        f.extend(p.article.as_deref().map(|a| (a, "products.article".to_string())));
+        f.extend(p.service.as_deref().map(|a| (a, "products.service".to_string())));
+        c.fields(&p.set, &props, &f);
+    }
+    if let Some(pr) = &mapping.prices {
+        if let Some(props) = c.set(&pr.set, "prices.set").cloned() {
+            let mut f = vec![
+                ("Period", "prices.set (a periodic register)".to_string()),
+                (pr.product.as_str(), "prices.product".to_string()),
+                (pr.price_type.as_str(), "prices.price_type".to_string()),
+                (pr.price.as_str(), "prices.price".to_string()),
+            ];
+            f.extend(pr.variant.as_deref().map(|v| (v, "prices.variant".to_string())));
+            c.fields(&pr.set, &props, &f);
+        }
+        if let Some(props) = c.set(&pr.price_types, "prices.price_types").cloned() {
+            c.fields(
+                &pr.price_types,
+                &props,
+                &[("Description", "prices.price_types".to_string())],
+            );
+        }
+    }
+    if let Some(cm) = &mapping.cards
+        && let Some(props) = c.set(&cm.set, "cards.set").cloned()
+    {
+        let mut f: Vec<(&str, String)> = cm
+            .number
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), format!("cards.number[{i}]")))
+            .collect();
+        f.extend(cm.owner.as_deref().map(|o| (o, "cards.owner".to_string())));
+        c.fields(&cm.set, &props, &f);
+    }
+    if let Some(pm) = &mapping.people
+        && let Some(props) = c.set(&pm.set, "people.set").cloned()
+    {
+        c.fields(&pm.set, &props, &[(pm.name.as_str(), "people.name".to_string())]);
+        if let Some(section) = &pm.contacts {
+            c.checked += 1;
+            match c.section(&pm.set, &props, section).cloned() {
+                Some(rows) => c.fields(
+                    &format!("{}.{section}", pm.set),
+                    &rows,
+                    &[
+                        (pm.contact_kind.as_str(), "people.contact_kind".to_string()),
+                        (pm.contact_value.as_str(), "people.contact_value".to_string()),
+                    ],
+                ),
+                None => c.miss(format!("tabular section {}.{section}", pm.set), "people.contacts"),
+            }
+        }
+    }
+    if let Some(b) = &mapping.bonus {
+        c.checked += 1;
+        let record = format!("{}_RecordType", b.set);
+        if !schema.sets.contains_key(&b.set) && !schema.sets.contains_key(&record) {
+            c.miss(format!("entity set {}", b.set), "bonus.set");
+        } else {
+            // dimensions and resources live on the register's record (or row) type
+            let mut props: HashMap<String, String> = HashMap::new();
+            let candidates = [
+                schema.sets.get(&b.set).cloned(),
+                schema.sets.get(&record).cloned(),
+                Some(record.clone()),
+                Some(format!("{}_RowType", b.set)),
+            ];
+            let mut seen = HashSet::new();
+            for t in candidates.into_iter().flatten() {
+                if seen.insert(t.clone())
+                    && let Some(p) = schema.types.get(&t)
+                {
+                    props.extend(p.clone());
+                }
+            }
+            let mut f = vec![(b.holder.as_str(), "bonus.holder".to_string())];
+            f.extend(b.program.as_deref().map(|p| (p, "bonus.program".to_string())));
+            for (i, r) in b.add.iter().enumerate() {
+                f.push((r.as_str(), format!("bonus.add[{i}]")));
+            }
+            for (i, r) in b.subtract.iter().enumerate() {
+                f.push((r.as_str(), format!("bonus.subtract[{i}]")));
+            }
+            c.fields(&b.set, &props, &f);
+        }
+        if let Some(programs) = &b.programs {
+            c.set(programs, "bonus.programs");
+        }
+    }
+    (c.checked, c.missing)
+}
+
+/// Reads `$metadata` and checks the configured mapping against it.
+pub async fn probe(cfg: &Config) -> Result<ProbeReport, OdataError> {
+    let odata = cfg
+        .onec
+        .as_ref()
+        .and_then(|o| o.odata.as_ref())
+        .ok_or(OdataError::NotConfigured)?;
+    let base = cfg.file.as_deref().and_then(std::path::Path::parent);
+    let mapping = mapping::load(&odata.mapping, base)?;
+    let client = OdataClient::new(odata, RetryPolicy::default())?;
+    let xml = client.metadata().await?;
+    let schema = parse_metadata(&xml).map_err(|e| OdataError::Request {
+        entity: "$metadata".into(),
+        url: client.readable_url("$metadata", &[]),
+        failure: super::Failure::BadJson(e),
+        class: super::ErrorClass::Permanent,
+        attempts: 1,
+    })?;
+    let (checked, missing) = check(&mapping, &schema);
+    Ok(ProbeReport {
+        url: client.base().to_string(),
+        mapping: mapping.origin.clone(),
+        sets_published: schema.sets.len(),
+        checked,
+        missing,
+    })
+}
+
+/// [`probe`] for synchronous callers (`kopilka check`).
+pub fn probe_blocking(cfg: &Config) -> Result<ProbeReport, OdataError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| OdataError::Client(e.to_string()))?;
+    rt.block_on(probe(cfg))
+}

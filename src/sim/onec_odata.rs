@@ -1,0 +1,2080 @@
+//! A 1C:Розница base seen through its standard OData interface, for `kopilka demo`, tests
+//! and benchmarks.
+//!
+//! Written from the protocol description (`shared/specs/onec.md` C), not from kopilka's
+//! client: it serves `/<publication>/odata/standard.odata/` on `127.0.0.1:0` with HTTP Basic
+//! auth (401 without it), JSON only on `$format=json` or `Accept: application/json` (Atom
+//! otherwise), `$metadata` as EDMX, entity sets with tabular sections inline, one entity by
+//! `Set(guid'…')`, the bonus register's `/Balance()` virtual table, and the query options
+//! 1C honours: `$filter` (`eq ne gt ge lt le and or not`, `datetime'…'`, `guid'…'`, strings,
+//! numbers, booleans, parentheses), `$orderby` (with `desc`), `$skip` before `$top`,
+//! `$select` (`Товары/Цена` picks row fields) and `$inlinecount=allpages`, which — as in
+//! 1C — makes `$skip` and `$top` ignored. Errors are `odata.error` bodies with 1C's codes
+//! (9 not found → 404, 10 no such property → 400, 14 bad option → 400).
+//!
+//! Numbers are written as the literal text they were given (`231.74`, `1.2345`), `Int64` as
+//! strings, dates as naive local wall-clock times, `DataVersion` as opaque base64 that
+//! changes on every write. Tests script faults ([`Fault`]), mutate documents the way people
+//! do in 1C (edit, unpost, mark for deletion, delete, add, back-date) and count requests in
+//! the log.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::Response;
+use chrono::{Duration as ChronoDuration, NaiveDateTime};
+use chrono_tz::Tz;
+use rust_decimal::Decimal;
+
+use crate::core::document::{DocKind, Document};
+use crate::core::money::Money;
+use crate::sim::sales::Shop;
+
+/// A field value as the simulator stores and writes it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Val {
+    Str(String),
+    /// A JSON number literal, written exactly as given.
+    Num(String),
+    Bool(bool),
+    Null,
+    /// A tabular section: rows of fields.
+    Rows(Vec<Vec<(String, Val)>>),
+}
+
+impl Val {
+    pub fn str(s: impl Into<String>) -> Val {
+        Val::Str(s.into())
+    }
+
+    /// Money as 1C writes it: rubles with up to two decimals, trailing zeros dropped.
+    pub fn money(m: Money) -> Val {
+        Val::Num(m.as_decimal().normalize().to_string())
+    }
+
+    fn as_text(&self) -> Option<&str> {
+        match self {
+            Val::Str(s) | Val::Num(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One entity: its key (`Ref_Key`, or a synthetic one for register records) and fields.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entity {
+    pub key: String,
+    pub fields: Vec<(String, Val)>,
+}
+
+impl Entity {
+    pub fn new(key: impl Into<String>) -> Entity {
+        Entity {
+            key: key.into(),
+            fields: Vec::new(),
+        }
+    }
+
+    /// Sets a field (replacing it if present); builder style.
+    pub fn with(mut self, name: &str, v: Val) -> Entity {
+        self.set(name, v);
+        self
+    }
+
+    pub fn set(&mut self, name: &str, v: Val) {
+        match self.fields.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = v,
+            None => self.fields.push((name.to_string(), v)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Val> {
+        self.fields.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+}
+
+/// What a scripted fault does to a matching request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FaultKind {
+    /// 500 with `odata.error` code `-1`: an exception in the configuration's code.
+    Exception,
+    /// 500 «Произошла внутренняя ошибка OData сервиса» (code 0).
+    InternalError,
+    /// 503 from the web server, an HTML page.
+    Unavailable,
+    /// Any status with an `odata.error` code.
+    Status(u16, String),
+    /// Answers correctly, but only after this long.
+    Delay(Duration),
+    /// 200 with the JSON cut in half.
+    Truncated,
+    /// 200 with the web server's HTML page (a broken publication).
+    Html200,
+}
+
+/// A scripted fault: fires on requests whose path contains `path_contains` (and whose query
+/// contains `query_contains`), after letting `skip` of them through, `times` times.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fault {
+    pub kind: FaultKind,
+    pub path_contains: String,
+    pub query_contains: Option<String>,
+    pub skip: usize,
+    pub times: usize,
+}
+
+impl Fault {
+    /// Fires once on any request.
+    pub fn new(kind: FaultKind) -> Fault {
+        Fault {
+            kind,
+            path_contains: String::new(),
+            query_contains: None,
+            skip: 0,
+            times: 1,
+        }
+    }
+
+    pub fn on(mut self, path_contains: &str) -> Fault {
+        self.path_contains = path_contains.to_string();
+        self
+    }
+
+    pub fn query(mut self, query_contains: &str) -> Fault {
+        self.query_contains = Some(query_contains.to_string());
+        self
+    }
+
+    pub fn after(mut self, skip: usize) -> Fault {
+        self.skip = skip;
+        self
+    }
+
+    pub fn times(mut self, times: usize) -> Fault {
+        self.times = times;
+        self
+    }
+}
+
+/// One request as the simulator saw it (path and query percent-decoded).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedRequest {
+    pub method: String,
+    /// The part after `standard.odata/`.
+    pub resource: String,
+    pub query: String,
+    pub status: u16,
+}
+
+/// What the base holds, in the loyalty sense: documents in force and their value before
+/// points (rows' `Сумма` + `СуммаСкидкиОплатыБонусом`), returns taken off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SimTruth {
+    pub sales: i64,
+    pub returns: i64,
+    pub net_total_kopecks: i64,
+}
+
+/// One holder's points in the bonus register.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BonusTruth {
+    pub partner_key: String,
+    pub card: Option<String>,
+    pub points: i64,
+}
+
+pub const RECEIPTS: &str = "Document_ЧекККМ";
+pub const RETURNS: &str = "Document_ЧекККМВозврат";
+pub const PRODUCTS: &str = "Catalog_Номенклатура";
+pub const PRICE_TYPES: &str = "Catalog_ВидыЦен";
+pub const PRICES: &str = "InformationRegister_ЦеныНоменклатуры";
+pub const CARDS: &str = "Catalog_КартыЛояльности";
+pub const PARTNERS: &str = "Catalog_Партнеры";
+pub const PROGRAMS: &str = "Catalog_БонусныеПрограммыЛояльности";
+pub const BONUS: &str = "AccumulationRegister_БонусныеБаллы";
+const EMPTY: &str = "00000000-0000-0000-0000-000000000000";
+
+/// A set's shape for `$metadata`: properties (name, EDM type) and tabular sections.
+struct SetSchema {
+    set: &'static str,
+    props: Vec<(&'static str, &'static str)>,
+    sections: Vec<(&'static str, Vec<(&'static str, &'static str)>)>,
+}
+
+const G: &str = "Edm.Guid";
+const S: &str = "Edm.String";
+const B: &str = "Edm.Boolean";
+const D: &str = "Edm.Double";
+const T: &str = "Edm.DateTime";
+const I: &str = "Edm.Int64";
+
+/// The Розница objects the simulator publishes, with the names the spec gives.
+fn schema() -> Vec<SetSchema> {
+    let doc_head = |extra: &[(&'static str, &'static str)]| {
+        let mut p = vec![
+            ("Ref_Key", G),
+            ("DataVersion", S),
+            ("DeletionMark", B),
+            ("Number", S),
+            ("Date", T),
+            ("Posted", B),
+            ("ВидОперации", S),
+            ("Магазин_Key", G),
+            ("КартаЛояльности_Key", G),
+            ("СуммаДокумента", D),
+        ];
+        p.extend_from_slice(extra);
+        p
+    };
+    let goods = vec![
+        ("LineNumber", I),
+        ("Номенклатура_Key", G),
+        ("Характеристика_Key", G),
+        ("Количество", D),
+        ("Цена", D),
+        ("Сумма", D),
+        ("СуммаРучнойСкидки", D),
+        ("СуммаАвтоматическойСкидки", D),
+        ("СуммаСкидкиОплатыБонусом", D),
+        ("Продавец_Key", G),
+    ];
+    let catalog = |extra: &[(&'static str, &'static str)]| {
+        let mut p = vec![
+            ("Ref_Key", G),
+            ("DataVersion", S),
+            ("DeletionMark", B),
+            ("Code", S),
+            ("Description", S),
+            ("Predefined", B),
+        ];
+        p.extend_from_slice(extra);
+        p
+    };
+    vec![
+        SetSchema {
+            set: RECEIPTS,
+            props: doc_head(&[]),
+            sections: vec![("Товары", goods.clone())],
+        },
+        SetSchema {
+            set: RETURNS,
+            props: doc_head(&[("ЧекККМ_Key", G)]),
+            sections: vec![("Товары", goods)],
+        },
+        SetSchema {
+            set: PRODUCTS,
+            props: catalog(&[
+                ("Parent_Key", G),
+                ("IsFolder", B),
+                ("Артикул", S),
+                ("ВидНоменклатуры_Key", G),
+            ]),
+            sections: vec![],
+        },
+        SetSchema {
+            set: PRICE_TYPES,
+            props: catalog(&[]),
+            sections: vec![],
+        },
+        SetSchema {
+            set: PRICES,
+            props: vec![
+                ("Period", T),
+                ("Номенклатура_Key", G),
+                ("Характеристика_Key", G),
+                ("ВидЦены_Key", G),
+                ("Цена", D),
+            ],
+            sections: vec![],
+        },
+        SetSchema {
+            set: CARDS,
+            props: catalog(&[
+                ("Owner_Key", G),
+                ("Штрихкод", S),
+                ("МагнитныйКод", S),
+                ("Партнер_Key", G),
+            ]),
+            sections: vec![],
+        },
+        SetSchema {
+            set: PARTNERS,
+            props: catalog(&[]),
+            sections: vec![(
+                "КонтактнаяИнформация",
+                vec![("LineNumber", I), ("Тип", S), ("Представление", S)],
+            )],
+        },
+        SetSchema {
+            set: PROGRAMS,
+            props: catalog(&[]),
+            sections: vec![],
+        },
+        SetSchema {
+            set: BONUS,
+            props: vec![
+                ("Period", T),
+                ("Recorder", S),
+                ("RecordType", S),
+                ("Active", B),
+                ("Партнер_Key", G),
+                ("БонуснаяПрограммаЛояльности_Key", G),
+                ("Начислено", D),
+                ("КСписанию", D),
+            ],
+            sections: vec![],
+        },
+    ]
+}
+
+/// A stable GUID for a simulated object.
+pub fn guid(kind: &str, id: &str) -> String {
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("kopilka-sim:{kind}:{id}").as_bytes(),
+    )
+    .to_string()
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(B64[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn unbase64(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in text.trim().bytes() {
+        if c == b'=' {
+            break;
+        }
+        let v = B64.iter().position(|x| *x == c)? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+fn percent_decode(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Naive local wall-clock time → an instant (the earlier one when ambiguous).
+fn instant(t: NaiveDateTime, tz: Tz) -> chrono::DateTime<chrono::Utc> {
+    use chrono::TimeZone;
+    tz.from_local_datetime(&t)
+        .earliest()
+        .or_else(|| tz.from_local_datetime(&(t + ChronoDuration::hours(1))).earliest())
+        .map_or_else(|| t.and_utc(), |x| x.with_timezone(&chrono::Utc))
+}
+
+fn local_text(t: NaiveDateTime) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S").to_string()
+}
+
+/// Builds a simulator: a seeded synthetic shop's history as a Розница base.
+#[derive(Clone, Debug)]
+pub struct OdataSimBuilder {
+    seed: u64,
+    products: usize,
+    customers: usize,
+    sales: usize,
+    lines: usize,
+    /// Out of 100 sales, how many get a return.
+    returns_percent: u8,
+    user: String,
+    password: String,
+    publication: String,
+    timezone: Tz,
+    point_value: Money,
+}
+
+impl OdataSimBuilder {
+    pub fn new(seed: u64) -> OdataSimBuilder {
+        OdataSimBuilder {
+            seed,
+            products: 200,
+            customers: 100,
+            sales: 1_000,
+            lines: 3,
+            returns_percent: 3,
+            user: "kopilka".into(),
+            password: "секрет-1".into(),
+            publication: "shop".into(),
+            timezone: chrono_tz::Europe::Moscow,
+            point_value: Money(100),
+        }
+    }
+
+    pub fn sales(mut self, n: usize) -> Self {
+        self.sales = n;
+        self
+    }
+
+    pub fn products(mut self, n: usize) -> Self {
+        self.products = n.max(1);
+        self
+    }
+
+    pub fn customers(mut self, n: usize) -> Self {
+        self.customers = n.max(1);
+        self
+    }
+
+    pub fn lines(mut self, n: usize) -> Self {
+        self.lines = n.max(1);
+        self
+    }
+
+    pub fn returns_percent(mut self, p: u8) -> Self {
+        self.returns_percent = p.min(100);
+        self
+    }
+
+    pub fn credentials(mut self, user: &str, password: &str) -> Self {
+        self.user = user.into();
+        self.password = password.into();
+        self
+    }
+
+    /// What one point is worth when a customer pays with points (the 1C program's rate).
+    pub fn point_value(mut self, m: Money) -> Self {
+        self.point_value = m;
+        self
+    }
+
+    /// Generates the data and serves it on `127.0.0.1:0` from the current tokio runtime.
+    pub async fn start(self) -> std::io::Result<OdataSim> {
+        let state = Arc::new(Mutex::new(Base::generate(&self)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = axum::Router::new().fallback(handle).with_state(Served {
+            base: state.clone(),
+            publication: self.publication.clone(),
+            addr,
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                tracing::warn!(error = %e, "1C OData simulator stopped");
+            }
+        });
+        Ok(OdataSim {
+            base: state,
+            addr,
+            publication: self.publication,
+            user: self.user,
+            password: self.password,
+            _shutdown: tx,
+        })
+    }
+}
+
+/// The simulated base's state.
+struct Base {
+    sets: BTreeMap<String, BTreeMap<String, Entity>>,
+    /// (partner, program, Начислено, КСписанию) balances.
+    bonus: Vec<(String, String, Decimal, Decimal)>,
+    hidden_sets: HashSet<String>,
+    hidden_props: HashSet<(String, String)>,
+    faults: Vec<Fault>,
+    log: Vec<LoggedRequest>,
+    versions: u64,
+    rng: fastrand::Rng,
+    shop: Shop,
+    next_doc: usize,
+    last_date: NaiveDateTime,
+    tz: Tz,
+    user: String,
+    password: String,
+    point_value: Money,
+    lines: usize,
+}
+
+impl Base {
+    fn data_version(&mut self) -> Val {
+        self.versions += 1;
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(&(self.versions as u32).to_be_bytes());
+        Val::Str(base64(&bytes))
+    }
+
+    fn put(&mut self, set: &str, e: Entity) {
+        self.sets
+            .entry(set.to_string())
+            .or_default()
+            .insert(e.key.clone(), e);
+    }
+
+    fn generate(b: &OdataSimBuilder) -> Base {
+        let shop = Shop::generate(b.seed, b.products, b.customers);
+        let start_local = shop.start.with_timezone(&b.timezone).naive_local();
+        let mut base = Base {
+            sets: BTreeMap::new(),
+            bonus: Vec::new(),
+            hidden_sets: HashSet::new(),
+            hidden_props: HashSet::new(),
+            faults: Vec::new(),
+            log: Vec::new(),
+            versions: 0,
+            rng: fastrand::Rng::with_seed(b.seed ^ 0x0da7a),
+            shop: shop.clone(),
+            next_doc: 0,
+            last_date: start_local,
+            tz: b.timezone,
+            user: b.user.clone(),
+            password: b.password.clone(),
+            point_value: b.point_value,
+            lines: b.lines,
+        };
+        for s in schema() {
+            base.sets.entry(s.set.to_string()).or_default();
+        }
+        // catalog: a folder per category, products under them, two price types and prices
+        let mut groups: BTreeMap<String, String> = BTreeMap::new();
+        for p in &shop.products {
+            let group = groups
+                .entry(p.category.clone())
+                .or_insert_with(|| guid("group", &p.category))
+                .clone();
+            let dv = base.data_version();
+            let e = Entity::new(guid("product", &p.id))
+                .with("Ref_Key", Val::str(guid("product", &p.id)))
+                .with("DataVersion", dv)
+                .with("DeletionMark", Val::Bool(false))
+                .with("Code", Val::str(&p.id))
+                .with("Description", Val::str(&p.name))
+                .with("Predefined", Val::Bool(false))
+                .with("Parent_Key", Val::str(group))
+                .with("IsFolder", Val::Bool(false))
+                .with("Артикул", Val::str(&p.id))
+                .with("ВидНоменклатуры_Key", Val::str(EMPTY));
+            base.put(PRODUCTS, e);
+        }
+        for (name, key) in &groups {
+            let dv = base.data_version();
+            let e = Entity::new(key.clone())
+                .with("Ref_Key", Val::str(key))
+                .with("DataVersion", dv)
+                .with("DeletionMark", Val::Bool(false))
+                .with("Code", Val::str(name))
+                .with("Description", Val::str(name))
+                .with("Predefined", Val::Bool(false))
+                .with("Parent_Key", Val::str(EMPTY))
+                .with("IsFolder", Val::Bool(true))
+                .with("Артикул", Val::str(""))
+                .with("ВидНоменклатуры_Key", Val::str(EMPTY));
+            base.put(PRODUCTS, e);
+        }
+        for name in ["Розничная", "Закупочная"] {
+            let key = guid("price-type", name);
+            let dv = base.data_version();
+            let e = Entity::new(key.clone())
+                .with("Ref_Key", Val::str(&key))
+                .with("DataVersion", dv)
+                .with("DeletionMark", Val::Bool(false))
+                .with("Code", Val::str(name))
+                .with("Description", Val::str(name))
+                .with("Predefined", Val::Bool(false));
+            base.put(PRICE_TYPES, e);
+        }
+        let period = local_text(start_local - ChronoDuration::days(30));
+        for (n, p) in shop.products.iter().enumerate() {
+            for (ty, price) in [("Розничная", p.price), ("Закупочная", p.cost)] {
+                let e = Entity::new(format!("price:{n:06}:{ty}"))
+                    .with("Period", Val::str(&period))
+                    .with("Номенклатура_Key", Val::str(guid("product", &p.id)))
+                    .with("Характеристика_Key", Val::str(EMPTY))
+                    .with("ВидЦены_Key", Val::str(guid("price-type", ty)))
+                    .with("Цена", Val::money(price));
+                base.put(PRICES, e);
+            }
+        }
+        // customers: a partner with contact information and a loyalty card each
+        let program = guid("program", "Бонусы");
+        let dv = base.data_version();
+        base.put(
+            PROGRAMS,
+            Entity::new(program.clone())
+                .with("Ref_Key", Val::str(&program))
+                .with("DataVersion", dv)
+                .with("DeletionMark", Val::Bool(false))
+                .with("Code", Val::str("000000001"))
+                .with("Description", Val::str("Бонусы"))
+                .with("Predefined", Val::Bool(false)),
+        );
+        for (i, c) in shop.customers.iter().enumerate() {
+            let partner = guid("partner", &i.to_string());
+            let mut contacts = Vec::new();
+            if let Some(p) = &c.phone {
+                // as a person types it
+                let d = p.as_str().trim_start_matches("+7");
+                let shown = if d.len() == 10 {
+                    format!("8 ({}) {}-{}-{}", &d[..3], &d[3..6], &d[6..8], &d[8..])
+                } else {
+                    p.as_str().to_string()
+                };
+                contacts.push(vec![
+                    ("LineNumber".to_string(), Val::str("1")),
+                    ("Тип".to_string(), Val::str("Телефон")),
+                    ("Представление".to_string(), Val::str(shown)),
+                ]);
+            }
+            if let Some(e) = &c.email {
+                contacts.push(vec![
+                    (
+                        "LineNumber".to_string(),
+                        Val::str((contacts.len() + 1).to_string()),
+                    ),
+                    ("Тип".to_string(), Val::str("АдресЭлектроннойПочты")),
+                    ("Представление".to_string(), Val::str(e.as_str().to_uppercase())),
+                ]);
+            }
+            let dv = base.data_version();
+            base.put(
+                PARTNERS,
+                Entity::new(partner.clone())
+                    .with("Ref_Key", Val::str(&partner))
+                    .with("DataVersion", dv)
+                    .with("DeletionMark", Val::Bool(false))
+                    .with("Code", Val::str(format!("{i:09}")))
+                    .with("Description", Val::str(c.name.clone().unwrap_or_default()))
+                    .with("Predefined", Val::Bool(false))
+                    .with("КонтактнаяИнформация", Val::Rows(contacts)),
+            );
+            let card = guid("card", &i.to_string());
+            let dv = base.data_version();
+            base.put(
+                CARDS,
+                Entity::new(card.clone())
+                    .with("Ref_Key", Val::str(&card))
+                    .with("DataVersion", dv)
+                    .with("DeletionMark", Val::Bool(false))
+                    .with("Code", Val::str(format!("{i:09}")))
+                    .with("Description", Val::str(c.card.clone().unwrap_or_default()))
+                    .with("Predefined", Val::Bool(false))
+                    .with("Owner_Key", Val::str(guid("card-kind", "Бонусная")))
+                    .with("Штрихкод", Val::str(c.card.clone().unwrap_or_default()))
+                    .with("МагнитныйКод", Val::str(""))
+                    .with("Партнер_Key", Val::str(&partner)),
+            );
+            let accrued = Decimal::from(base.rng.i64(0..5_000));
+            let to_burn = (accrued / Decimal::from(10)).floor();
+            base.bonus.push((partner, program.clone(), accrued, to_burn));
+        }
+        // the history
+        let mut sales: Vec<Document> = Vec::new();
+        for _ in 0..b.sales {
+            let d = base.new_sale(None);
+            let make_return = base.rng.u8(0..100) < b.returns_percent && sales.len() > 3;
+            let earlier = make_return.then(|| sales[base.rng.usize(0..sales.len())].clone());
+            sales.push(d);
+            if let Some(s) = earlier {
+                let by_operation = base.rng.u8(0..3) == 0;
+                base.new_return(&s, by_operation);
+            }
+        }
+        base
+    }
+
+    fn customer_index(&self, d: &Document) -> Option<usize> {
+        let card = d.customer.card.as_ref()?;
+        self.shop
+            .customers
+            .iter()
+            .position(|c| c.card.as_ref() == Some(card))
+    }
+
+    /// A new posted sale dated `at` (local) or 7 minutes after the latest document.
+    fn new_sale(&mut self, at: Option<NaiveDateTime>) -> Document {
+        let n = self.next_doc;
+        self.next_doc += 1;
+        let customer = (self.rng.u8(0..10) != 0).then(|| self.rng.usize(0..self.shop.customers.len()));
+        let redeem = if customer.is_some() && self.rng.u8(0..8) == 0 {
+            self.rng.i64(1..30)
+        } else {
+            0
+        };
+        let mut rng = fastrand::Rng::with_seed(self.rng.u64(..));
+        let mut d = self.shop.sale(&mut rng, n, self.lines, customer, redeem);
+        let date = at.unwrap_or(self.last_date + ChronoDuration::minutes(7));
+        if at.is_none() {
+            self.last_date = date;
+        }
+        d.occurred_at = instant(date, self.tz);
+        self.put_document(RECEIPTS, &d, date, "Продажа", None);
+        d
+    }
+
+    /// A return of the sale's first line, one unit, right after the latest document.
+    fn new_return(&mut self, sale: &Document, by_operation: bool) -> String {
+        let n = self.next_doc;
+        self.next_doc += 1;
+        let mut r = self.shop.return_of(sale, n, 1, 1);
+        let date = self.last_date + ChronoDuration::minutes(1);
+        self.last_date = date;
+        r.occurred_at = instant(date, self.tz);
+        if by_operation {
+            self.put_document(RECEIPTS, &r, date, "Возврат", None);
+        } else {
+            self.put_document(
+                RETURNS,
+                &r,
+                date,
+                "Возврат",
+                Some(guid("doc", &sale.source.doc_id)),
+            );
+        }
+        guid("doc", &r.source.doc_id)
+    }
+
+    fn put_document(
+        &mut self,
+        set: &str,
+        d: &Document,
+        date: NaiveDateTime,
+        operation: &str,
+        sale: Option<String>,
+    ) {
+        let key = guid("doc", &d.source.doc_id);
+        // points paid: spread over the lines in order, as a discount on each
+        let mut left = if d.kind == DocKind::Sale {
+            d.points_redeemed.0 * self.point_value.0
+        } else {
+            0
+        };
+        let mut rows = Vec::with_capacity(d.lines.len());
+        let mut total = 0i64;
+        for (i, l) in d.lines.iter().enumerate() {
+            let bonus = left.min(l.net.0);
+            left -= bonus;
+            let product = guid("product", &l.product_id);
+            let sum = l.net.0 - bonus;
+            total += sum;
+            rows.push(vec![
+                ("LineNumber".to_string(), Val::str((i + 1).to_string())),
+                ("Номенклатура_Key".to_string(), Val::str(product)),
+                ("Характеристика_Key".to_string(), Val::str(EMPTY)),
+                (
+                    "Количество".to_string(),
+                    Val::Num(l.quantity.normalize().to_string()),
+                ),
+                ("Цена".to_string(), Val::money(l.unit_price)),
+                ("Сумма".to_string(), Val::money(Money(sum))),
+                ("СуммаРучнойСкидки".to_string(), Val::money(l.discount)),
+                ("СуммаАвтоматическойСкидки".to_string(), Val::Num("0".into())),
+                ("СуммаСкидкиОплатыБонусом".to_string(), Val::money(Money(bonus))),
+                ("Продавец_Key".to_string(), Val::str(EMPTY)),
+            ]);
+        }
+        let card = self
+            .customer_index(d)
+            .map_or_else(|| EMPTY.to_string(), |i| guid("card", &i.to_string()));
+        let dv = self.data_version();
+        let mut e = Entity::new(key.clone())
+            .with("Ref_Key", Val::str(&key))
+            .with("DataVersion", dv)
+            .with("DeletionMark", Val::Bool(false))
+            .with("Number", Val::str(d.number.clone().unwrap_or_default()))
+            .with("Date", Val::str(local_text(date)))
+            .with("Posted", Val::Bool(true))
+            .with("ВидОперации", Val::str(operation))
+            .with("Магазин_Key", Val::str(guid("store", "Тверская")))
+            .with("КартаЛояльности_Key", Val::str(card))
+            .with("СуммаДокумента", Val::money(Money(total)))
+            .with("Товары", Val::Rows(rows));
+        if set == RETURNS {
+            e.set("ЧекККМ_Key", Val::str(sale.unwrap_or_else(|| EMPTY.to_string())));
+        }
+        self.put(set, e);
+    }
+
+    fn find_doc(&mut self, key: &str) -> Option<(&'static str, &mut Entity)> {
+        for set in [RECEIPTS, RETURNS] {
+            if self.sets.get(set).is_some_and(|s| s.contains_key(key)) {
+                return self
+                    .sets
+                    .get_mut(set)
+                    .and_then(|s| s.get_mut(key))
+                    .map(|e| (set, e));
+            }
+        }
+        None
+    }
+
+    fn bump(&mut self, key: &str) {
+        let dv = self.data_version();
+        if let Some((_, e)) = self.find_doc(key) {
+            e.set("DataVersion", dv);
+        }
+    }
+
+    fn truth(&self, before: Option<NaiveDateTime>) -> SimTruth {
+        let mut t = SimTruth::default();
+        for set in [RECEIPTS, RETURNS] {
+            for e in self.sets.get(set).into_iter().flat_map(|s| s.values()) {
+                let posted = e.get("Posted") == Some(&Val::Bool(true));
+                let marked = e.get("DeletionMark") == Some(&Val::Bool(true));
+                if !posted || marked {
+                    continue;
+                }
+                let date = e
+                    .get("Date")
+                    .and_then(Val::as_text)
+                    .and_then(|t| NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S").ok());
+                if let (Some(b), Some(d)) = (before, date)
+                    && d >= b
+                {
+                    continue;
+                }
+                let mut value = Decimal::ZERO;
+                if let Some(Val::Rows(rows)) = e.get("Товары") {
+                    for r in rows {
+                        for f in ["Сумма", "СуммаСкидкиОплатыБонусом"] {
+                            let v = r.iter().find(|(n, _)| n == f).and_then(|(_, v)| v.as_text());
+                            value += v.and_then(|t| Decimal::from_str(t).ok()).unwrap_or_default();
+                        }
+                    }
+                }
+                let kopecks = Money::from_rubles(value).map_or(0, |m| m.0);
+                let is_return = set == RETURNS || e.get("ВидОперации") == Some(&Val::str("Возврат"));
+                if is_return {
+                    t.returns += 1;
+                    t.net_total_kopecks -= kopecks;
+                } else {
+                    t.sales += 1;
+                    t.net_total_kopecks += kopecks;
+                }
+            }
+        }
+        t
+    }
+}
+
+/// A running simulator. Dropping it stops the server.
+pub struct OdataSim {
+    base: Arc<Mutex<Base>>,
+    addr: SocketAddr,
+    publication: String,
+    user: String,
+    password: String,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+impl OdataSim {
+    fn lock(&self) -> MutexGuard<'_, Base> {
+        self.base.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `http://127.0.0.1:<port>/<publication>/odata/standard.odata`: what `[onec.odata] url` takes.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/{}/odata/standard.odata", self.addr, self.publication)
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// The synthetic shop behind the data (its products, customers and start date).
+    pub fn shop(&self) -> Shop {
+        self.lock().shop.clone()
+    }
+
+    pub fn timezone(&self) -> Tz {
+        self.lock().tz
+    }
+
+    /// The latest document date (naive local), where new sales follow.
+    pub fn last_date(&self) -> NaiveDateTime {
+        self.lock().last_date
+    }
+
+    /// Keys of the documents in a set, in date order.
+    pub fn keys(&self, set: &str) -> Vec<String> {
+        let b = self.lock();
+        let mut v: Vec<(String, String)> = b
+            .sets
+            .get(set)
+            .into_iter()
+            .flat_map(|s| s.values())
+            .map(|e| {
+                let d = e.get("Date").and_then(Val::as_text).unwrap_or("").to_string();
+                (d, e.key.clone())
+            })
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// Keys of posted sales (not returns by operation), in date order.
+    pub fn sale_keys(&self) -> Vec<String> {
+        let keys = self.keys(RECEIPTS);
+        let b = self.lock();
+        keys.into_iter()
+            .filter(|k| {
+                b.sets.get(RECEIPTS).and_then(|s| s.get(k)).is_some_and(|e| {
+                    e.get("ВидОперации") == Some(&Val::str("Продажа"))
+                        && e.get("Posted") == Some(&Val::Bool(true))
+                })
+            })
+            .collect()
+    }
+
+    /// A copy of an entity.
+    pub fn entity(&self, set: &str, key: &str) -> Option<Entity> {
+        self.lock().sets.get(set).and_then(|s| s.get(key)).cloned()
+    }
+
+    /// Adds or replaces an entity as given (raw: malformed or hand-made documents).
+    pub fn insert(&self, set: &str, e: Entity) {
+        self.lock().put(set, e);
+    }
+
+    /// A fresh `DataVersion` value.
+    pub fn next_data_version(&self) -> Val {
+        self.lock().data_version()
+    }
+
+    /// The cashier corrects a receipt: the last line is removed, or with one line left its
+    /// quantity grows by one. A new `DataVersion`.
+    pub fn edit(&self, key: &str) -> bool {
+        let mut b = self.lock();
+        let Some((_, e)) = b.find_doc(key) else {
+            return false;
+        };
+        let Some(Val::Rows(rows)) = e.get("Товары").cloned() else {
+            return false;
+        };
+        let mut rows = rows;
+        let num = |r: &Vec<(String, Val)>, f: &str| {
+            r.iter()
+                .find(|(n, _)| n == f)
+                .and_then(|(_, v)| v.as_text())
+                .and_then(|t| Decimal::from_str(t).ok())
+                .unwrap_or_default()
+        };
+        if rows.len() > 1 {
+            rows.pop();
+        } else if let Some(r) = rows.first_mut() {
+            let qty = num(r, "Количество") + Decimal::ONE;
+            let sum = num(r, "Сумма") + num(r, "Цена");
+            for (n, v) in r.iter_mut() {
+                match n.as_str() {
+                    "Количество" => *v = Val::Num(qty.normalize().to_string()),
+                    "Сумма" => *v = Val::Num(sum.normalize().to_string()),
+                    _ => {}
+                }
+            }
+        }
+        let total: Decimal = rows.iter().map(|r| num(r, "Сумма")).sum();
+        e.set("Товары", Val::Rows(rows));
+        e.set("СуммаДокумента", Val::Num(total.normalize().to_string()));
+        b.bump(key);
+        true
+    }
+
+    /// Posts or unposts a document. A new `DataVersion`.
+    pub fn set_posted(&self, key: &str, posted: bool) -> bool {
+        let mut b = self.lock();
+        let Some((_, e)) = b.find_doc(key) else {
+            return false;
+        };
+        e.set("Posted", Val::Bool(posted));
+        b.bump(key);
+        true
+    }
+
+    /// Marks a document for deletion (1C unposts it too) or clears the mark.
+    pub fn set_deletion_mark(&self, key: &str, marked: bool) -> bool {
+        let mut b = self.lock();
+        let Some((_, e)) = b.find_doc(key) else {
+            return false;
+        };
+        e.set("DeletionMark", Val::Bool(marked));
+        if marked {
+            e.set("Posted", Val::Bool(false));
+        }
+        b.bump(key);
+        true
+    }
+
+    /// Deletes a document outright (what `DELETE` does in 1C: no mark, gone).
+    pub fn delete(&self, key: &str) -> bool {
+        let mut b = self.lock();
+        [RECEIPTS, RETURNS]
+            .iter()
+            .any(|s| b.sets.get_mut(*s).is_some_and(|m| m.remove(key).is_some()))
+    }
+
+    /// Moves a document to another date (a back-dated correction). A new `DataVersion`.
+    pub fn set_date(&self, key: &str, date: NaiveDateTime) -> bool {
+        let mut b = self.lock();
+        let Some((_, e)) = b.find_doc(key) else {
+            return false;
+        };
+        e.set("Date", Val::str(local_text(date)));
+        b.bump(key);
+        true
+    }
+
+    /// New posted sales after the latest document, or all dated `at` (local) if given
+    /// (back-dated entry). Returns their keys.
+    pub fn add_sales(&self, n: usize, at: Option<NaiveDateTime>) -> Vec<String> {
+        let mut b = self.lock();
+        (0..n)
+            .map(|_| {
+                let d = b.new_sale(at);
+                guid("doc", &d.source.doc_id)
+            })
+            .collect()
+    }
+
+    /// A return of one unit of a sale's first line, on its own document (`ЧекККМ_Key` set).
+    pub fn add_return(&self, sale_key: &str) -> Option<String> {
+        let mut b = self.lock();
+        let e = b.sets.get(RECEIPTS)?.get(sale_key)?.clone();
+        let Some(Val::Rows(rows)) = e.get("Товары") else {
+            return None;
+        };
+        let first = rows.first()?;
+        let text = |f: &str| {
+            first
+                .iter()
+                .find(|(n, _)| n == f)
+                .and_then(|(_, v)| v.as_text())
+                .unwrap_or("")
+        };
+        let price = Decimal::from_str(text("Цена")).ok()?;
+        let n = b.next_doc;
+        b.next_doc += 1;
+        let key = guid("doc", &format!("R{n:08}"));
+        let date = b.last_date + ChronoDuration::minutes(1);
+        b.last_date = date;
+        let row = vec![
+            ("LineNumber".to_string(), Val::str("1")),
+            ("Номенклатура_Key".to_string(), Val::str(text("Номенклатура_Key"))),
+            ("Характеристика_Key".to_string(), Val::str(EMPTY)),
+            ("Количество".to_string(), Val::Num("1".into())),
+            ("Цена".to_string(), Val::Num(price.normalize().to_string())),
+            ("Сумма".to_string(), Val::Num(price.normalize().to_string())),
+            ("СуммаРучнойСкидки".to_string(), Val::Num("0".into())),
+            ("СуммаАвтоматическойСкидки".to_string(), Val::Num("0".into())),
+            ("СуммаСкидкиОплатыБонусом".to_string(), Val::Num("0".into())),
+            ("Продавец_Key".to_string(), Val::str(EMPTY)),
+        ];
+        let dv = b.data_version();
+        let r = Entity::new(key.clone())
+            .with("Ref_Key", Val::str(&key))
+            .with("DataVersion", dv)
+            .with("DeletionMark", Val::Bool(false))
+            .with("Number", Val::str(format!("ВК-{n:08}")))
+            .with("Date", Val::str(local_text(date)))
+            .with("Posted", Val::Bool(true))
+            .with("ВидОперации", Val::str("Возврат"))
+            .with(
+                "Магазин_Key",
+                e.get("Магазин_Key").cloned().unwrap_or(Val::str(EMPTY)),
+            )
+            .with(
+                "КартаЛояльности_Key",
+                e.get("КартаЛояльности_Key").cloned().unwrap_or(Val::str(EMPTY)),
+            )
+            .with("СуммаДокумента", Val::Num(price.normalize().to_string()))
+            .with("Товары", Val::Rows(vec![row]))
+            .with("ЧекККМ_Key", Val::str(sale_key));
+        b.put(RETURNS, r);
+        Some(key)
+    }
+
+    /// Sales, returns and net value in force.
+    pub fn truth(&self) -> SimTruth {
+        self.lock().truth(None)
+    }
+
+    /// The same, of documents dated before `before` (naive local).
+    pub fn truth_before(&self, before: NaiveDateTime) -> SimTruth {
+        self.lock().truth(Some(before))
+    }
+
+    /// Every holder's points in the bonus register (`Начислено`), with the card number.
+    pub fn bonus_truth(&self) -> Vec<BonusTruth> {
+        let b = self.lock();
+        let mut sums: BTreeMap<String, Decimal> = BTreeMap::new();
+        for (partner, _, accrued, _) in &b.bonus {
+            *sums.entry(partner.clone()).or_default() += *accrued;
+        }
+        sums.into_iter()
+            .map(|(partner_key, points)| {
+                let card = b
+                    .sets
+                    .get(CARDS)
+                    .into_iter()
+                    .flat_map(|s| s.values())
+                    .find(|c| c.get("Партнер_Key") == Some(&Val::str(&partner_key)))
+                    .and_then(|c| c.get("Штрихкод").and_then(Val::as_text).map(str::to_string));
+                BonusTruth {
+                    partner_key,
+                    card,
+                    points: points.floor().to_string().parse().unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    pub fn inject(&self, f: Fault) {
+        self.lock().faults.push(f);
+    }
+
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    /// Unpublishes a set: gone from `$metadata`, 404 on every request.
+    pub fn hide_set(&self, set: &str) {
+        self.lock().hidden_sets.insert(set.to_string());
+    }
+
+    /// Removes a property from `$metadata` and from answers; `scope` is a set or
+    /// `Set.Section` for a row field. Naming it in `$select` or `$filter` is then a 400.
+    pub fn hide_property(&self, scope: &str, property: &str) {
+        self.lock()
+            .hidden_props
+            .insert((scope.to_string(), property.to_string()));
+    }
+
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        self.lock().log.clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.lock().log.len()
+    }
+
+    pub fn clear_log(&self) {
+        self.lock().log.clear();
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// Serving
+// ----------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Served {
+    base: Arc<Mutex<Base>>,
+    publication: String,
+    addr: SocketAddr,
+}
+
+/// An answer, built under the lock and turned into a response outside it.
+struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+    challenge: bool,
+}
+
+impl Reply {
+    fn into_response(self) -> Response {
+        let mut r = Response::builder()
+            .status(StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+        if !self.content_type.is_empty() {
+            r = r.header(header::CONTENT_TYPE, self.content_type);
+        }
+        if self.challenge {
+            r = r.header(header::WWW_AUTHENTICATE, "Basic realm=\"1C:Enterprise\"");
+        }
+        r.body(Body::from(self.body)).unwrap_or_default()
+    }
+}
+
+const JSON: &str = "application/json;odata=minimalmetadata;streaming=true;charset=utf-8";
+
+fn json_response(status: u16, body: String) -> Reply {
+    Reply {
+        status,
+        content_type: JSON,
+        body,
+        challenge: false,
+    }
+}
+
+fn error_body(code: &str, message: &str) -> String {
+    let mut s = String::from("{\"odata.error\":{\"code\":");
+    write_json_str(&mut s, code);
+    s.push_str(",\"message\":{\"lang\":\"ru\",\"value\":");
+    write_json_str(&mut s, message);
+    s.push_str("}}}");
+    s
+}
+
+fn odata_error(status: u16, code: &str, message: &str) -> Reply {
+    json_response(status, error_body(code, message))
+}
+
+fn html(status: u16, title: &str) -> Reply {
+    Reply {
+        status,
+        content_type: "text/html; charset=utf-8",
+        body: format!(
+            "<!DOCTYPE html><html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>"
+        ),
+        challenge: false,
+    }
+}
+
+fn write_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn write_val(out: &mut String, v: &Val, sub: Option<&[String]>) {
+    match v {
+        Val::Str(s) => write_json_str(out, s),
+        Val::Num(n) => out.push_str(n),
+        Val::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Val::Null => out.push_str("null"),
+        Val::Rows(rows) => {
+            out.push('[');
+            for (i, r) in rows.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_fields(out, r.iter().map(|(n, v)| (n.as_str(), v)), sub, &[]);
+            }
+            out.push(']');
+        }
+    }
+}
+
+/// Writes an object of fields, keeping only `select` (when given) and leaving out hidden ones.
+fn write_fields<'a>(
+    out: &mut String,
+    fields: impl Iterator<Item = (&'a str, &'a Val)>,
+    select: Option<&[String]>,
+    hidden: &[&str],
+) {
+    out.push('{');
+    let mut first = true;
+    for (name, v) in fields {
+        if hidden.contains(&name) {
+            continue;
+        }
+        let sub: Option<Vec<String>> = match (select, v) {
+            (None, _) => None,
+            (Some(sel), Val::Rows(_)) => {
+                let prefix = format!("{name}/");
+                let inner: Vec<String> = sel
+                    .iter()
+                    .filter_map(|s| s.strip_prefix(&prefix).map(str::to_string))
+                    .collect();
+                if !sel.iter().any(|s| s == name) && inner.is_empty() {
+                    continue;
+                }
+                (!inner.is_empty()).then_some(inner)
+            }
+            (Some(sel), _) => {
+                if !sel.iter().any(|s| s == name || s == "*") {
+                    continue;
+                }
+                None
+            }
+        };
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        write_json_str(out, name);
+        out.push(':');
+        write_val(out, v, sub.as_deref());
+    }
+    out.push('}');
+}
+
+/// Splits `a,b` at top-level commas.
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+// --- $filter ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+enum Tok {
+    Ident(String),
+    Str(String),
+    Typed(String, String),
+    Num(String),
+    Open,
+    Close,
+}
+
+fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let read_quoted = |i: &mut usize| -> Result<String, String> {
+        // at the opening quote
+        *i += 1;
+        let mut v = String::new();
+        loop {
+            match chars.get(*i) {
+                None => return Err("unterminated string literal".into()),
+                Some('\'') if chars.get(*i + 1) == Some(&'\'') => {
+                    v.push('\'');
+                    *i += 2;
+                }
+                Some('\'') => {
+                    *i += 1;
+                    return Ok(v);
+                }
+                Some(c) => {
+                    v.push(*c);
+                    *i += 1;
+                }
+            }
+        }
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c == '(' {
+            out.push(Tok::Open);
+            i += 1;
+        } else if c == ')' {
+            out.push(Tok::Close);
+            i += 1;
+        } else if c == '\'' {
+            out.push(Tok::Str(read_quoted(&mut i)?));
+        } else if c.is_ascii_digit() || c == '-' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_digit() || matches!(chars[i], '.' | '-' | 'e' | 'E'))
+            {
+                i += 1;
+            }
+            out.push(Tok::Num(chars[start..i].iter().collect()));
+        } else if c.is_alphanumeric() || c == '_' || c == '$' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_alphanumeric() || matches!(chars[i], '_' | '/' | '$')) {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            if chars.get(i) == Some(&'\'') {
+                let v = read_quoted(&mut i)?;
+                out.push(Tok::Typed(word, v));
+            } else {
+                out.push(Tok::Ident(word));
+            }
+        } else {
+            return Err(format!("unexpected character {c:?}"));
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Debug)]
+enum Lit {
+    Time(NaiveDateTime),
+    Guid(String),
+    Str(String),
+    Num(Decimal),
+    Bool(bool),
+}
+
+#[derive(Clone, Debug)]
+enum Expr {
+    And(Box<Expr>, Box<Expr>),
+    Or(Box<Expr>, Box<Expr>),
+    Not(Box<Expr>),
+    Cmp(String, String, Lit),
+}
+
+struct Parser {
+    toks: Vec<Tok>,
+    pos: usize,
+}
+
+impl Parser {
+    fn peek_word(&self, w: &str) -> bool {
+        matches!(self.toks.get(self.pos), Some(Tok::Ident(x)) if x == w)
+    }
+
+    fn or(&mut self) -> Result<Expr, String> {
+        let mut left = self.and()?;
+        while self.peek_word("or") {
+            self.pos += 1;
+            left = Expr::Or(Box::new(left), Box::new(self.and()?));
+        }
+        Ok(left)
+    }
+
+    fn and(&mut self) -> Result<Expr, String> {
+        let mut left = self.unary()?;
+        while self.peek_word("and") {
+            self.pos += 1;
+            left = Expr::And(Box::new(left), Box::new(self.unary()?));
+        }
+        Ok(left)
+    }
+
+    fn unary(&mut self) -> Result<Expr, String> {
+        if self.peek_word("not") {
+            self.pos += 1;
+            return Ok(Expr::Not(Box::new(self.unary()?)));
+        }
+        if self.toks.get(self.pos) == Some(&Tok::Open) {
+            self.pos += 1;
+            let e = self.or()?;
+            if self.toks.get(self.pos) != Some(&Tok::Close) {
+                return Err("missing )".into());
+            }
+            self.pos += 1;
+            return Ok(e);
+        }
+        let field = match self.toks.get(self.pos) {
+            Some(Tok::Ident(f)) => f.clone(),
+            other => return Err(format!("expected a property, found {other:?}")),
+        };
+        let op = match self.toks.get(self.pos + 1) {
+            Some(Tok::Ident(o)) if ["eq", "ne", "gt", "ge", "lt", "le"].contains(&o.as_str()) => o.clone(),
+            other => return Err(format!("expected a comparison after {field}, found {other:?}")),
+        };
+        let lit = match self.toks.get(self.pos + 2) {
+            Some(Tok::Typed(t, v)) if t == "datetime" => Lit::Time(
+                NaiveDateTime::parse_from_str(v, "%Y-%m-%dT%H:%M:%S")
+                    .map_err(|_| format!("bad datetime literal {v:?}"))?,
+            ),
+            Some(Tok::Typed(t, v)) if t == "guid" => Lit::Guid(v.to_lowercase()),
+            Some(Tok::Str(v)) => Lit::Str(v.clone()),
+            Some(Tok::Num(v)) => Lit::Num(Decimal::from_str(v).map_err(|_| format!("bad number {v:?}"))?),
+            Some(Tok::Ident(b)) if b == "true" || b == "false" => Lit::Bool(b == "true"),
+            other => return Err(format!("expected a literal, found {other:?}")),
+        };
+        self.pos += 3;
+        Ok(Expr::Cmp(field, op, lit))
+    }
+}
+
+fn parse_filter(s: &str) -> Result<Expr, String> {
+    let mut p = Parser {
+        toks: tokenize(s)?,
+        pos: 0,
+    };
+    let e = p.or()?;
+    if p.pos != p.toks.len() {
+        return Err(format!("unexpected {:?}", p.toks.get(p.pos)));
+    }
+    Ok(e)
+}
+
+fn filter_fields(e: &Expr, out: &mut Vec<String>) {
+    match e {
+        Expr::And(a, b) | Expr::Or(a, b) => {
+            filter_fields(a, out);
+            filter_fields(b, out);
+        }
+        Expr::Not(a) => filter_fields(a, out),
+        Expr::Cmp(f, _, _) => out.push(f.clone()),
+    }
+}
+
+fn eval(e: &Expr, ent: &Entity) -> bool {
+    match e {
+        Expr::And(a, b) => eval(a, ent) && eval(b, ent),
+        Expr::Or(a, b) => eval(a, ent) || eval(b, ent),
+        Expr::Not(a) => !eval(a, ent),
+        Expr::Cmp(f, op, lit) => {
+            let v = ent.get(f);
+            let ord = match (v, lit) {
+                (Some(v), Lit::Time(t)) => v
+                    .as_text()
+                    .and_then(|s| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S").ok())
+                    .map(|x| x.cmp(t)),
+                (Some(v), Lit::Guid(g)) => v.as_text().map(|s| s.to_lowercase().cmp(g)),
+                (Some(v), Lit::Str(s)) => v.as_text().map(|x| x.cmp(s.as_str())),
+                (Some(v), Lit::Num(n)) => v
+                    .as_text()
+                    .and_then(|s| Decimal::from_str(s).ok())
+                    .map(|x| x.cmp(n)),
+                (Some(Val::Bool(b)), Lit::Bool(l)) => Some(b.cmp(l)),
+                _ => None,
+            };
+            let Some(ord) = ord else { return false };
+            use std::cmp::Ordering::*;
+            match op.as_str() {
+                "eq" => ord == Equal,
+                "ne" => ord != Equal,
+                "gt" => ord == Greater,
+                "ge" => ord != Less,
+                "lt" => ord == Less,
+                "le" => ord != Greater,
+                _ => false,
+            }
+        }
+    }
+}
+
+fn cmp_val(a: Option<&Val>, b: Option<&Val>) -> std::cmp::Ordering {
+    match (a, b) {
+        (Some(Val::Num(x)), Some(Val::Num(y))) => {
+            let dx = Decimal::from_str(x).unwrap_or_default();
+            let dy = Decimal::from_str(y).unwrap_or_default();
+            dx.cmp(&dy)
+        }
+        (Some(Val::Bool(x)), Some(Val::Bool(y))) => x.cmp(y),
+        (Some(x), Some(y)) => x.as_text().unwrap_or("").cmp(y.as_text().unwrap_or("")),
+        (None, Some(_)) => std::cmp::Ordering::Less,
+        (Some(_), None) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    }
+}
+
+// --- $metadata ---------------------------------------------------------------------------
+
+fn metadata(b: &Base) -> String {
+    let mut types = String::new();
+    let mut sets = String::new();
+    let hidden = |scope: &str, p: &str| b.hidden_props.contains(&(scope.to_string(), p.to_string()));
+    for s in schema() {
+        if b.hidden_sets.contains(s.set) {
+            continue;
+        }
+        let is_register =
+            s.set.starts_with("AccumulationRegister_") || s.set.starts_with("InformationRegister_");
+        let ty = if s.set.starts_with("AccumulationRegister_") {
+            format!("{}_RecordType", s.set)
+        } else {
+            s.set.to_string()
+        };
+        let _ = write!(types, "<EntityType Name=\"{ty}\">");
+        if !is_register {
+            types.push_str("<Key><PropertyRef Name=\"Ref_Key\"/></Key>");
+        }
+        for (p, t) in &s.props {
+            if !hidden(s.set, p) {
+                let _ = write!(types, "<Property Name=\"{p}\" Type=\"{t}\" Nullable=\"true\"/>");
+            }
+        }
+        for (section, _) in &s.sections {
+            let scope = format!("{}.{section}", s.set);
+            if !hidden(s.set, section) && !b.hidden_sets.contains(&scope) {
+                let _ = write!(
+                    types,
+                    "<Property Name=\"{section}\" Type=\"Collection(StandardODATA.{}_{section}_RowType)\" Nullable=\"false\"/>",
+                    s.set
+                );
+            }
+        }
+        types.push_str("</EntityType>");
+        for (section, props) in &s.sections {
+            let scope = format!("{}.{section}", s.set);
+            let _ = write!(types, "<ComplexType Name=\"{}_{section}_RowType\">", s.set);
+            for (p, t) in props {
+                if !hidden(&scope, p) {
+                    let _ = write!(types, "<Property Name=\"{p}\" Type=\"{t}\" Nullable=\"true\"/>");
+                }
+            }
+            types.push_str("</ComplexType>");
+            let _ = write!(
+                sets,
+                "<EntitySet Name=\"{}_{section}\" EntityType=\"StandardODATA.{}_{section}\"/>",
+                s.set, s.set
+            );
+            let _ = write!(
+                types,
+                "<EntityType Name=\"{}_{section}\"><Key><PropertyRef Name=\"Ref_Key\"/><PropertyRef Name=\"LineNumber\"/></Key><Property Name=\"Ref_Key\" Type=\"Edm.Guid\"/></EntityType>",
+                s.set
+            );
+        }
+        let _ = write!(
+            sets,
+            "<EntitySet Name=\"{ty}\" EntityType=\"StandardODATA.{ty}\"/>"
+        );
+        if s.set.starts_with("AccumulationRegister_") {
+            let _ = write!(
+                sets,
+                "<EntitySet Name=\"{}\" EntityType=\"StandardODATA.{ty}\"/>",
+                s.set
+            );
+        }
+    }
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+         <edmx:Edmx xmlns:edmx=\"http://schemas.microsoft.com/ado/2007/06/edmx\" Version=\"1.0\">\
+         <edmx:DataServices xmlns:m=\"http://schemas.microsoft.com/ado/2007/08/dataservices/metadata\" m:DataServiceVersion=\"3.0\">\
+         <Schema xmlns=\"http://schemas.microsoft.com/ado/2009/11/edm\" Namespace=\"StandardODATA\">{types}\
+         <EntityContainer Name=\"EnterpriseV8\" m:IsDefaultEntityContainer=\"true\">{sets}</EntityContainer>\
+         </Schema></edmx:DataServices></edmx:Edmx>"
+    )
+}
+
+// --- the handler -------------------------------------------------------------------------
+
+/// What the handler decided, computed under the lock; the response is sent outside it.
+enum Outcome {
+    Now(Reply),
+    Later(Duration, Reply),
+}
+
+async fn handle(State(s): State<Served>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    let outcome = {
+        let mut b = s.base.lock().unwrap_or_else(|e| e.into_inner());
+        decide(&mut b, &s, &method, &uri, &headers)
+    };
+    match outcome {
+        Outcome::Now(r) => r.into_response(),
+        Outcome::Later(d, r) => {
+            tokio::time::sleep(d).await;
+            r.into_response()
+        }
+    }
+}
+
+fn decide(b: &mut Base, s: &Served, method: &Method, uri: &Uri, headers: &HeaderMap) -> Outcome {
+    let raw_path = uri.path();
+    let raw_query = uri.query().unwrap_or("");
+    let path = percent_decode(raw_path);
+    let query: Vec<(String, String)> = raw_query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (percent_decode(k), percent_decode(v)),
+            None => (percent_decode(p), String::new()),
+        })
+        .collect();
+    let root = format!("/{}/odata/standard.odata", s.publication);
+    let resource = path
+        .strip_prefix(&root)
+        .map(|r| r.trim_start_matches('/').to_string());
+    let decoded_query = query
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let mut log = LoggedRequest {
+        method: method.to_string(),
+        resource: resource.clone().unwrap_or_else(|| path.clone()),
+        query: decoded_query.clone(),
+        status: 0,
+    };
+    let outcome = route(b, s, method, resource, &query, &decoded_query, headers);
+    let response = match &outcome {
+        Outcome::Now(r) | Outcome::Later(_, r) => r,
+    };
+    log.status = response.status;
+    b.log.push(log);
+    outcome
+}
+
+fn route(
+    b: &mut Base,
+    s: &Served,
+    method: &Method,
+    resource: Option<String>,
+    query: &[(String, String)],
+    decoded_query: &str,
+    headers: &HeaderMap,
+) -> Outcome {
+    let Some(resource) = resource else {
+        return Outcome::Now(html(404, "404 - Not Found"));
+    };
+    // Basic auth as the publication's 1C user
+    let authorized = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(unbase64)
+        .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+        .is_some_and(|cred| cred == format!("{}:{}", b.user, b.password));
+    if !authorized {
+        return Outcome::Now(Reply {
+            status: 401,
+            content_type: "",
+            body: String::new(),
+            challenge: true,
+        });
+    }
+    // scripted faults
+    let mut fired = None;
+    for f in b.faults.iter_mut() {
+        if f.times == 0
+            || !resource.contains(&f.path_contains)
+            || f.query_contains
+                .as_ref()
+                .is_some_and(|q| !decoded_query.contains(q.as_str()))
+        {
+            continue;
+        }
+        if f.skip > 0 {
+            f.skip -= 1;
+            continue;
+        }
+        f.times -= 1;
+        fired = Some(f.kind.clone());
+        break;
+    }
+    b.faults.retain(|f| f.times > 0);
+    let mut delay = None;
+    match fired {
+        Some(FaultKind::Exception) => {
+            return Outcome::Now(odata_error(
+                500,
+                "-1",
+                "Ошибка при вызове метода контекста: деление на 0",
+            ));
+        }
+        Some(FaultKind::InternalError) => {
+            return Outcome::Now(odata_error(500, "0", "Произошла внутренняя ошибка OData сервиса"));
+        }
+        Some(FaultKind::Unavailable) => return Outcome::Now(html(503, "503 Service Unavailable")),
+        Some(FaultKind::Status(st, code)) => {
+            return Outcome::Now(odata_error(st, &code, "Ошибка"));
+        }
+        Some(FaultKind::Html200) => return Outcome::Now(html(200, "Веб-сервер: публикация не найдена")),
+        Some(FaultKind::Delay(d)) => delay = Some(d),
+        Some(FaultKind::Truncated) | None => {}
+    }
+    if method != Method::GET {
+        return Outcome::Now(odata_error(405, "6", "Метод не поддерживается симулятором"));
+    }
+    let response = answer(b, s, &resource, query, headers);
+    let response = if fired == Some(FaultKind::Truncated) {
+        truncate(response)
+    } else {
+        response
+    };
+    match delay {
+        Some(d) => Outcome::Later(d, response),
+        None => Outcome::Now(response),
+    }
+}
+
+/// The first half of the body (at a character boundary): a transfer cut off.
+fn truncate(mut r: Reply) -> Reply {
+    let mut cut = r.body.len() / 2;
+    while !r.body.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    r.body.truncate(cut);
+    r
+}
+
+fn wants_json(query: &[(String, String)], headers: &HeaderMap) -> bool {
+    query
+        .iter()
+        .any(|(k, v)| k == "$format" && (v == "json" || v.starts_with("application/json")))
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/json"))
+}
+
+fn answer(
+    b: &mut Base,
+    s: &Served,
+    resource: &str,
+    query: &[(String, String)],
+    headers: &HeaderMap,
+) -> Reply {
+    let root = format!("http://{}/{}/odata/standard.odata", s.addr, s.publication);
+    if resource == "$metadata" {
+        return Reply {
+            status: 200,
+            content_type: "application/xml;charset=utf-8",
+            body: metadata(b),
+            challenge: false,
+        };
+    }
+    if !wants_json(query, headers) {
+        return Reply {
+            status: 200,
+            content_type: "application/atom+xml;type=feed;charset=utf-8",
+            body: format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><feed xmlns=\"http://www.w3.org/2005/Atom\" xml:base=\"{root}/\"><title type=\"text\">{resource}</title></feed>"
+            ),
+            challenge: false,
+        };
+    }
+    if resource.is_empty() {
+        let mut out = format!("{{\"odata.metadata\":\"{root}/$metadata\",\"value\":[");
+        let names: Vec<&String> = b.sets.keys().filter(|k| !b.hidden_sets.contains(*k)).collect();
+        for (i, n) in names.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str("{\"name\":");
+            write_json_str(&mut out, n);
+            out.push_str(",\"url\":");
+            write_json_str(&mut out, n);
+            out.push('}');
+        }
+        out.push_str("]}");
+        return json_response(200, out);
+    }
+    // Set, Set(guid'…'), Set/Balance(…)
+    let (set, rest) = match resource.find(['(', '/']) {
+        Some(i) => (&resource[..i], &resource[i..]),
+        None => (resource, ""),
+    };
+    if b.hidden_sets.contains(set) || !b.sets.contains_key(set) {
+        return odata_error(404, "9", &format!("Не найден ресурс {set}"));
+    }
+    let opt = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let select = opt("$select").map(split_list);
+    let hidden: Vec<String> = b
+        .hidden_props
+        .iter()
+        .filter(|(scope, _)| scope == set)
+        .map(|(_, p)| p.clone())
+        .collect();
+    let hidden_refs: Vec<&str> = hidden.iter().map(String::as_str).collect();
+    // every selected name must exist (a row field as Section/Field)
+    if let Some(sel) = &select
+        && let Some(bad) = sel.iter().find(|f| !property_exists(b, set, f))
+    {
+        return odata_error(400, "10", &format!("Неверное имя свойства: {bad}"));
+    }
+    if let Some(key) = rest.strip_prefix("(guid'").and_then(|r| r.strip_suffix("')")) {
+        let key = key.to_lowercase();
+        let Some(e) = b.sets.get(set).and_then(|m| m.get(&key)) else {
+            return odata_error(404, "9", &format!("Не найден объект {set}(guid'{key}')"));
+        };
+        let mut out = format!("{{\"odata.metadata\":\"{root}/$metadata#{set}/@Element\",");
+        let mut body = String::new();
+        write_fields(
+            &mut body,
+            e.fields.iter().map(|(n, v)| (n.as_str(), v)),
+            select.as_deref(),
+            &hidden_refs,
+        );
+        out.push_str(body.trim_start_matches('{'));
+        return json_response(200, out);
+    }
+    let balance: Vec<Entity>;
+    let rows: Vec<&Entity> = if rest.starts_with("/Balance(") && set == BONUS {
+        balance = b
+            .bonus
+            .iter()
+            .enumerate()
+            .map(|(i, (partner, program, accrued, to_burn))| {
+                Entity::new(format!("balance:{i:08}"))
+                    .with("Партнер_Key", Val::str(partner))
+                    .with("БонуснаяПрограммаЛояльности_Key", Val::str(program))
+                    .with("НачисленоBalance", Val::Num(accrued.normalize().to_string()))
+                    .with("КСписаниюBalance", Val::Num(to_burn.normalize().to_string()))
+            })
+            .collect();
+        balance.iter().collect()
+    } else if rest.is_empty() {
+        b.sets.get(set).map(|m| m.values().collect()).unwrap_or_default()
+    } else {
+        return odata_error(400, "6", &format!("Неверный адрес ресурса: {resource}"));
+    };
+    let filter = match opt("$filter").map(parse_filter).transpose() {
+        Ok(f) => f,
+        Err(e) => return odata_error(400, "14", &format!("Неверный параметр $filter: {e}")),
+    };
+    if let Some(f) = &filter {
+        let mut fields = Vec::new();
+        filter_fields(f, &mut fields);
+        if let Some(bad) = fields
+            .iter()
+            .find(|f| !property_exists(b, set, f) && !rest.starts_with("/Balance("))
+        {
+            return odata_error(400, "10", &format!("Сегмент пути \"{bad}\" не найден"));
+        }
+    }
+    let mut rows: Vec<&Entity> = match &filter {
+        Some(f) => rows.into_iter().filter(|e| eval(f, e)).collect(),
+        None => rows,
+    };
+    if let Some(order) = opt("$orderby") {
+        let keys: Vec<(String, bool)> = split_list(order)
+            .into_iter()
+            .map(|k| match k.split_once(' ') {
+                Some((f, dir)) => (f.to_string(), dir.trim().eq_ignore_ascii_case("desc")),
+                None => (k, false),
+            })
+            .collect();
+        rows.sort_by(|a, c| {
+            for (f, desc) in &keys {
+                let o = cmp_val(a.get(f), c.get(f));
+                let o = if *desc { o.reverse() } else { o };
+                if o != std::cmp::Ordering::Equal {
+                    return o;
+                }
+            }
+            std::cmp::Ordering::Equal
+        });
+    }
+    let count = rows.len();
+    let inline = opt("$inlinecount") == Some("allpages");
+    if !inline {
+        let skip = opt("$skip").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+        let top = opt("$top")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        rows = rows.into_iter().skip(skip).take(top).collect();
+    }
+    let mut out = format!("{{\"odata.metadata\":\"{root}/$metadata#{set}\",");
+    if inline {
+        let _ = write!(out, "\"odata.count\":\"{count}\",");
+    }
+    out.push_str("\"value\":[");
+    for (i, e) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_fields(
+            &mut out,
+            e.fields.iter().map(|(n, v)| (n.as_str(), v)),
+            select.as_deref(),
+            &hidden_refs,
+        );
+    }
+    out.push_str("]}");
+    json_response(200, out)
+}
+
+/// Whether `name` (`Field` or `Section/Field`) is a published property of `set`.
+fn property_exists(b: &Base, set: &str, name: &str) -> bool {
+    if name == "*" || name == "**" {
+        return true;
+    }
+    let hidden = |scope: &str, p: &str| b.hidden_props.contains(&(scope.to_string(), p.to_string()));
+    let Some(sch) = schema().into_iter().find(|s| s.set == set) else {
+        return false;
+    };
+    match name.split_once('/') {
+        None => {
+            (sch.props.iter().any(|(p, _)| *p == name) || sch.sections.iter().any(|(p, _)| *p == name))
+                && !hidden(set, name)
+        }
+        Some((section, field)) => sch.sections.iter().any(|(s, props)| {
+            *s == section
+                && !hidden(set, section)
+                && props.iter().any(|(p, _)| *p == field)
+                && !hidden(&format!("{set}.{section}"), field)
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips() {
+        for s in ["", "a", "ab", "abc", "kopilka:секрет-1"] {
+            assert_eq!(unbase64(&base64(s.as_bytes())).as_deref(), Some(s.as_bytes()));
+        }
+        assert_eq!(base64(b"\0\0\0\x07\0\0\0\0"), "AAAABwAAAAA=");
+    }
+
+    #[test]
+    fn filters_parse_and_evaluate_like_1c() {
+        let e = Entity::new("k")
+            .with("Date", Val::str("2026-01-10T10:00:00"))
+            .with("Posted", Val::Bool(true))
+            .with("Ref_Key", Val::str("AB"))
+            .with("Сумма", Val::Num("10.5".into()))
+            .with("Комментарий", Val::str("it's"));
+        let t = |f: &str| eval(&parse_filter(f).unwrap_or_else(|e| panic!("{f}: {e}")), &e);
+        assert!(t("Date ge datetime'2026-01-10T10:00:00'"));
+        assert!(!t("Date gt datetime'2026-01-10T10:00:00'"));
+        assert!(t("Date lt datetime'2026-01-11T00:00:00' and Posted eq true"));
+        assert!(t("not (Posted eq false) or Сумма gt 100"));
+        assert!(t("Ref_Key eq guid'ab'"));
+        assert!(t("Сумма gt 10.25"));
+        assert!(t("Комментарий eq 'it''s'"));
+        assert!(parse_filter("Date ge").is_err());
+        assert!(parse_filter("(Date ge datetime'x')").is_err());
+    }
+
+    #[test]
+    fn percent_decoding_takes_utf8_and_plus() {
+        assert_eq!(percent_decode("Document_%D0%A7%D0%B5%D0%BA"), "Document_Чек");
+        assert_eq!(percent_decode("a+b%20c%"), "a b c%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}
