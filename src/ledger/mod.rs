@@ -7,6 +7,7 @@
 //! [`LedgerStore`] is the narrow interface the rest of the program uses, so that another
 //! backend (PostgreSQL for chains that outgrow one machine) can stand in later.
 
+mod amocrm_state;
 mod catalog;
 mod delivery;
 mod ingest;
@@ -25,6 +26,9 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OpenFlags};
 
+pub use amocrm_state::{
+    CardFigures, CustomerKeys, EVENTS_CHECKPOINT, NOTES_DESTINATION, NoteFacts, StoredTokens, Unmatched,
+};
 pub use catalog::{CatalogItem, CatalogReport, CostPolicy};
 pub use delivery::{DeliveryError, DeliveryPolicy, DeliveryReport, SharedLedger, Sink, deliver_due};
 pub use ingest::{
