@@ -47,7 +47,7 @@ impl Job for Nightly {
 /// Every job the configuration enables.
 pub fn jobs(cfg: &Config) -> Vec<Arc<dyn Job>> {
     let mut jobs: Vec<Arc<dyn Job>> = vec![Arc::new(Nightly)];
-    let _ = cfg;
+    jobs.extend(super::amocrm::jobs(cfg));
     jobs.sort_by_key(|j| j.stage());
     jobs
 }
