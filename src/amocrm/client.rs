@@ -663,6 +663,8 @@ impl Client {
             ));
         };
         let _one = o.refresh_lock.lock().await;
+        // a person is re-authorising: the halt a refused refresh raised is theirs to lift
+        self.throttle().halted = None;
         let body = json!({
             "client_id": o.client_id,
             "client_secret": o.client_secret.expose(),
@@ -672,7 +674,6 @@ impl Client {
         });
         let reply = self.token_call(&body).await?;
         self.store_reply(o, reply).await?;
-        self.throttle().halted = None;
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use super::contacts::{ContactKeys, relink_changed};
 use super::fields::CardValue;
 use super::wire::{Contact, Event, Lead};
 use crate::core::document::{DocKind, Document, Incoming, Line, SourceRef, VoidReason, content_version};
-use crate::core::identity::{CustomerIdentity, Email, Phone};
+use crate::core::identity::{CustomerIdentity, Email, Phone, normalize_card};
 use crate::core::money::{Money, Points};
 use crate::ledger::{Batch, EVENTS_CHECKPOINT, Item};
 
@@ -194,7 +194,7 @@ pub async fn poll(conn: &Connector) -> Result<PollReport, AmoError> {
     fresh.retain(|e| uniq.insert(e.id.clone()));
     report.new_events = fresh.len();
     let mut leads: BTreeMap<i64, i64> = BTreeMap::new();
-    let mut contacts: BTreeSet<i64> = BTreeSet::new();
+    let mut contact_events: BTreeMap<i64, Vec<&Event>> = BTreeMap::new();
     for e in &fresh {
         let Some(entity) = e.entity_id else { continue };
         let kind = e.kind.as_deref().unwrap_or("");
@@ -202,9 +202,11 @@ pub async fn poll(conn: &Connector) -> Result<PollReport, AmoError> {
         if on == "lead" && (kind == "lead_status_changed" || kind == "sale_field_changed") {
             leads.insert(entity, e.created_at.unwrap_or(cursor));
         } else if on == "contact" {
-            contacts.insert(entity);
+            contact_events.entry(entity).or_default().push(e);
         }
     }
+    let card_event = fields.id(CardValue::Card).map(|id| format!("custom_field_{id}_value_changed"));
+    let contacts = contacts_to_read(conn, contact_events, card_event).await?;
     // contacts first: a card typed into a contact decides whose sale a won deal is
     for id in &contacts {
         if let Some(v) = conn.client.get(&format!("/api/v4/contacts/{id}")).await?
@@ -298,6 +300,59 @@ pub async fn poll(conn: &Connector) -> Result<PollReport, AmoError> {
     report.applied = r.applied + r.new_versions + r.voided;
     report.unchanged = r.unchanged + r.stale;
     Ok(report)
+}
+
+/// The contacts whose events may change a link. A contact already linked is skipped
+/// (kopilka's own writes come back as events too) unless a card number was typed into it
+/// that belongs to another customer: reading every contact behind every event would crawl
+/// the account, which AmoCRM penalises.
+async fn contacts_to_read(
+    conn: &Connector,
+    events: BTreeMap<i64, Vec<&Event>>,
+    card_event: Option<String>,
+) -> Result<BTreeSet<i64>, AmoError> {
+    let mut plan: Vec<(i64, Vec<String>)> = Vec::new();
+    for (contact, list) in events {
+        let cards: Vec<String> = list
+            .iter()
+            .filter(|e| card_event.is_some() && e.kind == card_event)
+            .flat_map(|e| {
+                let mut out = Vec::new();
+                strings_in(e.value_after.as_ref(), &mut out);
+                out
+            })
+            .filter_map(|v| normalize_card(&v))
+            .collect();
+        plan.push((contact, cards));
+    }
+    let out = conn
+        .ledger()
+        .run(move |l| -> crate::ledger::Result<BTreeSet<i64>> {
+            let mut read = BTreeSet::new();
+            for (contact, cards) in plan {
+                let Some(owner) = l.amocrm_customer_of(contact)? else {
+                    read.insert(contact);
+                    continue;
+                };
+                let mine = l.customer_keys_of(owner)?.cards;
+                if cards.iter().any(|c| !mine.contains(c)) {
+                    read.insert(contact);
+                }
+            }
+            Ok(read)
+        })
+        .await?;
+    Ok(out)
+}
+
+/// Every string inside a JSON value (event values carry the typed text somewhere inside).
+fn strings_in(v: Option<&serde_json::Value>, out: &mut Vec<String>) {
+    match v {
+        Some(serde_json::Value::String(s)) => out.push(s.clone()),
+        Some(serde_json::Value::Array(a)) => a.iter().for_each(|x| strings_in(Some(x), out)),
+        Some(serde_json::Value::Object(o)) => o.values().for_each(|x| strings_in(Some(x), out)),
+        _ => {}
+    }
 }
 
 fn void(lead: i64, stamp: i64, reason: VoidReason) -> Item {

@@ -615,6 +615,11 @@ impl AmoSim {
         }
     }
 
+    /// A contact deleted in the CRM (a later PATCH of it fails validation).
+    pub fn delete_contact(&self, contact: i64) {
+        self.st().contacts.remove(&contact);
+    }
+
     pub fn contact_tags(&self, contact: i64) -> Vec<String> {
         self.st()
             .contacts
