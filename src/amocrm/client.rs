@@ -34,6 +34,9 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// Attempts per request on retriable failures before the caller gets the error.
     pub max_attempts: u32,
+    /// Attempts per request answered 429 (each after the shared cool-down): a storm of
+    /// other integrations' traffic is waited out rather than failed.
+    pub max_attempts_on_429: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     /// A 403 within this long after a 429 is taken for an account block.
@@ -50,6 +53,7 @@ impl ClientOptions {
             requests_per_second: cfg.requests_per_second,
             timeout: cfg.timeout,
             max_attempts: 6,
+            max_attempts_on_429: 20,
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             block_suspect_window: Duration::from_secs(120),
@@ -448,6 +452,7 @@ impl Client {
     /// refresh and one repeat on 401, a halt on a block. `None` is a 204 (nothing found).
     pub async fn send(&self, method: Method, path: &str, s: Send<'_>) -> Result<Option<Value>, AmoError> {
         let mut attempt = 0;
+        let mut limited = 0;
         let mut refreshed = false;
         loop {
             let token = self.bearer().await?;
@@ -485,8 +490,14 @@ impl Client {
                     }
                     Class::Permanent => return Err(e),
                     Class::Retriable => {
-                        attempt += 1;
-                        if (s.halve_on_504 && e.status() == Some(504)) || attempt >= self.opts.max_attempts {
+                        let limit = if e.status() == Some(429) {
+                            limited += 1;
+                            limited >= self.opts.max_attempts_on_429
+                        } else {
+                            attempt += 1;
+                            attempt >= self.opts.max_attempts
+                        };
+                        if (s.halve_on_504 && e.status() == Some(504)) || limit {
                             return Err(e);
                         }
                         if e.status() != Some(429) {

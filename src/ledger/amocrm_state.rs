@@ -96,6 +96,22 @@ pub struct NoteFacts {
     pub at: Option<i64>,
 }
 
+/// Queues a customer's card for delivery: the usual contact-state row, or, when that exact
+/// state was queued before (and may have died while the customer had no contact), a row
+/// of its own. The sink reads the card's figures from the ledger, so the payload only needs
+/// the customer.
+fn queue_card(conn: &rusqlite::Connection, customer: i64, why: &str, ctx: &IngestContext<'_>) -> Result<bool> {
+    let Some(dest) = &ctx.destinations.contact_state else {
+        return Ok(false);
+    };
+    if enqueue_contact_states(conn, &BTreeSet::from([customer]), ctx)? > 0 {
+        return Ok(true);
+    }
+    let payload = serde_json::json!({"customer_id": customer, "reason": why}).to_string();
+    let key = format!("{dest}:contact:{customer}:{why}:{}", ts(ctx.now));
+    Ok(super::outbox::enqueue(conn, dest, &key, Some(&format!("contact:{customer}")), &payload, ctx.now)?.is_some())
+}
+
 fn split_keys(rows: Vec<(String, String)>, k: &mut CustomerKeys) {
     for (kind, value) in rows {
         match kind.as_str() {
@@ -209,7 +225,7 @@ impl Ledger {
         // a new contact has none of the values: whatever was pushed before was elsewhere
         tx.prepare_cached("DELETE FROM amocrm_pushed WHERE customer_id = ?1 AND contact_id != ?2")?
             .execute(params![customer_id, contact_id])?;
-        enqueue_contact_states(&tx, &BTreeSet::from([customer_id]), ctx)?;
+        queue_card(&tx, customer_id, "link", ctx)?;
         tx.commit()?;
         Ok(true)
     }
@@ -272,13 +288,16 @@ impl Ledger {
                  WHERE k.kind = 'amocrm' \
                    AND (p.customer_id IS NULL OR EXISTS (SELECT 1 FROM lots l WHERE l.customer_id = k.customer_id \
                         AND l.remaining > 0 AND l.available_at > p.pushed_at AND l.available_at <= ?1)) \
-                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.destination = ?2 AND o.state = 'pending' \
-                        AND o.coalesce_key = 'contact:' || k.customer_id) \
+                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.destination = ?2 AND o.coalesce_key = 'contact:' || k.customer_id \
+                        AND (o.state = 'pending' OR (o.state = 'dead' AND o.updated_at > ?1 - 86400))) \
                  ORDER BY k.customer_id LIMIT ?3",
             )?
             .query_map(params![ts(ctx.now), dest, limit as i64], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        let n = enqueue_contact_states(&tx, &ids, ctx)?;
+        let mut n = 0;
+        for c in &ids {
+            n += usize::from(queue_card(&tx, *c, "stale", ctx)?);
+        }
         tx.commit()?;
         Ok(n)
     }
