@@ -307,17 +307,14 @@ pub async fn match_unlinked(conn: &Connector) -> Result<MatchReport, AmoError> {
     };
     let create = conn.amo().create_missing;
     let mut to_create = Vec::new();
+    let mut links: Vec<(CustomerKeys, i64, &'static str)> = Vec::new();
     for customer in todo {
         let candidates = match &index {
             Some(ix) => ix.candidates(&customer),
             None => candidates_by_search(conn, &customer, card_field).await?,
         };
         match decide(&customer, &candidates, create) {
-            Decision::Link { contact, by } => {
-                if link(conn, &customer, contact, by, &mut report).await? {
-                    report.linked += 1;
-                }
-            }
+            Decision::Link { contact, by } => links.push((customer, contact, by)),
             Decision::Ambiguous { by, candidates } => {
                 report.ambiguous += 1;
                 tracing::warn!(customer = customer.customer_id, by, candidates = ?candidates,
@@ -370,42 +367,54 @@ pub async fn match_unlinked(conn: &Connector) -> Result<MatchReport, AmoError> {
                 .and_then(|r| r.as_str().map(str::to_string).or_else(|| r.as_i64().map(|n| n.to_string())))
                 .and_then(|r| r.parse::<usize>().ok())
                 .unwrap_or(pos);
-            if let (Some(id), Some(customer)) = (id, chunk.get(rid))
-                && link(conn, customer, id, "created", &mut report).await?
-            {
-                report.created += 1;
+            if let (Some(id), Some(customer)) = (id, chunk.get(rid)) {
+                links.push((customer.clone(), id, "created"));
             }
         }
     }
+    apply_links(conn, links, &mut report).await?;
     Ok(report)
 }
 
-async fn link(
+/// Links per ledger transaction.
+const LINKS_PER_TRANSACTION: usize = 1000;
+
+async fn apply_links(
     conn: &Connector,
-    customer: &CustomerKeys,
-    contact: i64,
-    by: &'static str,
+    links: Vec<(CustomerKeys, i64, &'static str)>,
     report: &mut MatchReport,
-) -> Result<bool, AmoError> {
-    let id = customer.customer_id;
-    let linked = conn
-        .with_ledger(move |l, ctx| l.amocrm_link(id, contact, false, ctx))
-        .await?;
-    if linked {
-        tracing::info!(customer = id, contact, by, "customer linked to an AmoCRM contact");
-    } else {
-        report.conflicts += 1;
-        let now = conn.client.now();
-        let owner = conn.ledger().run(move |l| l.amocrm_customer_of(contact)).await?;
-        let reason = format!(
-            "the matching contact {contact} (by {by}) is linked to customer id:{}",
-            owner.unwrap_or_default()
-        );
-        conn.ledger()
-            .run(move |l| l.amocrm_record_unmatched(id, &reason, &[contact], now))
-            .await?;
+) -> Result<(), AmoError> {
+    for chunk in links.chunks(LINKS_PER_TRANSACTION) {
+        let pairs: Vec<(i64, i64)> = chunk.iter().map(|(c, contact, _)| (c.customer_id, *contact)).collect();
+        let done = conn.with_ledger(move |l, ctx| l.amocrm_link_many(&pairs, ctx)).await?;
+        for ((customer, contact, by), linked) in chunk.iter().zip(done) {
+            if linked {
+                if *by == "created" {
+                    report.created += 1;
+                } else {
+                    report.linked += 1;
+                }
+                tracing::debug!(customer = customer.customer_id, contact, by, "customer linked to an AmoCRM contact");
+            } else {
+                conflict(conn, customer.customer_id, *contact, by).await?;
+                report.conflicts += 1;
+            }
+        }
     }
-    Ok(linked)
+    Ok(())
+}
+
+async fn conflict(conn: &Connector, customer: i64, contact: i64, by: &str) -> Result<(), AmoError> {
+    let now = conn.client.now();
+    let owner = conn.ledger().run(move |l| l.amocrm_customer_of(contact)).await?;
+    let reason = format!(
+        "the matching contact {contact} (by {by}) is linked to customer id:{}",
+        owner.unwrap_or_default()
+    );
+    conn.ledger()
+        .run(move |l| l.amocrm_record_unmatched(customer, &reason, &[contact], now))
+        .await?;
+    Ok(())
 }
 
 /// A contact changed in AmoCRM (a manager typed a card number, a phone or an e-mail):

@@ -96,6 +96,36 @@ pub struct NoteFacts {
     pub at: Option<i64>,
 }
 
+fn link_in(
+    tx: &rusqlite::Connection,
+    customer: i64,
+    contact: i64,
+    replace: bool,
+    ctx: &IngestContext<'_>,
+) -> Result<bool> {
+        let owner: Option<i64> = tx
+            .prepare_cached("SELECT customer_id FROM customer_keys WHERE kind = 'amocrm' AND value = ?1")?
+            .query_row([contact.to_string()], |r| r.get(0))
+            .optional()?;
+        if owner.is_some_and(|o| o != customer) {
+            return Ok(false);
+        }
+        if replace {
+            tx.prepare_cached(
+                "DELETE FROM customer_keys WHERE kind = 'amocrm' AND customer_id = ?1 AND value != ?2",
+            )?
+            .execute(params![customer, contact.to_string()])?;
+        }
+        tx.prepare_cached("INSERT OR IGNORE INTO customer_keys (kind, value, customer_id) VALUES ('amocrm', ?1, ?2)")?
+            .execute(params![contact.to_string(), customer])?;
+        tx.prepare_cached("DELETE FROM amocrm_unmatched WHERE customer_id = ?1")?
+            .execute([customer])?;
+        // a new contact has none of the values: whatever was pushed before was elsewhere
+        tx.prepare_cached("DELETE FROM amocrm_pushed WHERE customer_id = ?1 AND contact_id != ?2")?
+            .execute(params![customer, contact])?;
+        queue_card(tx, customer, "link", ctx)?;
+        Ok(true)
+    }
 /// Queues a customer's card for delivery: the usual contact-state row, or, when that exact
 /// state was queued before (and may have died while the customer had no contact), a row
 /// of its own. The sink reads the card's figures from the ledger, so the payload only needs
@@ -193,6 +223,18 @@ impl Ledger {
         ids.into_iter().map(|id| self.customer_keys_of(id)).collect()
     }
 
+    /// [`Ledger::amocrm_link`] for many pairs `(customer, contact)` in one transaction;
+    /// returns, for each, whether it was linked.
+    pub fn amocrm_link_many(&mut self, pairs: &[(i64, i64)], ctx: &IngestContext<'_>) -> Result<Vec<bool>> {
+        let tx = self.conn.transaction()?;
+        let mut out = Vec::with_capacity(pairs.len());
+        for (customer, contact) in pairs {
+            out.push(link_in(&tx, *customer, *contact, false, ctx)?);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// Links a customer to a contact and queues the customer's state for it, in one
     /// transaction. With `replace`, the customer's other contact links are dropped (a
     /// manager typed the card number into another contact). A contact already linked to
@@ -205,29 +247,9 @@ impl Ledger {
         ctx: &IngestContext<'_>,
     ) -> Result<bool> {
         let tx = self.conn.transaction()?;
-        let owner: Option<i64> = tx
-            .prepare_cached("SELECT customer_id FROM customer_keys WHERE kind = 'amocrm' AND value = ?1")?
-            .query_row([contact_id.to_string()], |r| r.get(0))
-            .optional()?;
-        if owner.is_some_and(|o| o != customer_id) {
-            return Ok(false);
-        }
-        if replace {
-            tx.prepare_cached(
-                "DELETE FROM customer_keys WHERE kind = 'amocrm' AND customer_id = ?1 AND value != ?2",
-            )?
-            .execute(params![customer_id, contact_id.to_string()])?;
-        }
-        tx.prepare_cached("INSERT OR IGNORE INTO customer_keys (kind, value, customer_id) VALUES ('amocrm', ?1, ?2)")?
-            .execute(params![contact_id.to_string(), customer_id])?;
-        tx.prepare_cached("DELETE FROM amocrm_unmatched WHERE customer_id = ?1")?
-            .execute([customer_id])?;
-        // a new contact has none of the values: whatever was pushed before was elsewhere
-        tx.prepare_cached("DELETE FROM amocrm_pushed WHERE customer_id = ?1 AND contact_id != ?2")?
-            .execute(params![customer_id, contact_id])?;
-        queue_card(&tx, customer_id, "link", ctx)?;
+        let linked = link_in(&tx, customer_id, contact_id, replace, ctx)?;
         tx.commit()?;
-        Ok(true)
+        Ok(linked)
     }
 
     /// Records why a customer has no contact (ambiguous, none found), with the candidates.
@@ -288,8 +310,11 @@ impl Ledger {
                  WHERE k.kind = 'amocrm' \
                    AND (p.customer_id IS NULL OR EXISTS (SELECT 1 FROM lots l WHERE l.customer_id = k.customer_id \
                         AND l.remaining > 0 AND l.available_at > p.pushed_at AND l.available_at <= ?1)) \
-                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.destination = ?2 AND o.coalesce_key = 'contact:' || k.customer_id \
-                        AND (o.state = 'pending' OR (o.state = 'dead' AND o.updated_at > ?1 - 86400))) \
+                   AND NOT EXISTS (SELECT 1 FROM outbox o INDEXED BY outbox_coalesce WHERE o.destination = ?2 \
+                        AND o.state = 'pending' AND o.coalesce_key = 'contact:' || k.customer_id) \
+                   AND NOT EXISTS (SELECT 1 FROM outbox o INDEXED BY outbox_state WHERE o.state = 'dead' \
+                        AND o.destination = ?2 AND o.coalesce_key = 'contact:' || k.customer_id \
+                        AND o.updated_at > ?1 - 86400) \
                  ORDER BY k.customer_id LIMIT ?3",
             )?
             .query_map(params![ts(ctx.now), dest, limit as i64], |r| r.get(0))?
