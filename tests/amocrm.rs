@@ -127,7 +127,14 @@ async fn world(setup: Setup) -> World {
 }
 
 /// A till sale of `rub` rubles to a customer known by these keys.
-fn sale(id: &str, card: Option<&str>, phone: Option<&str>, email: Option<&str>, rub: i64, at: DateTime<Utc>) -> Document {
+fn sale(
+    id: &str,
+    card: Option<&str>,
+    phone: Option<&str>,
+    email: Option<&str>,
+    rub: i64,
+    at: DateTime<Utc>,
+) -> Document {
     let net = Money(rub * 100);
     let mut d = Document {
         source: SourceRef {
@@ -181,7 +188,10 @@ impl World {
             now: self.now(),
             warn_before: self.cfg.warn_before,
         };
-        let items = docs.into_iter().map(|d| Item::Incoming(Incoming::Document(d))).collect();
+        let items = docs
+            .into_iter()
+            .map(|d| Item::Incoming(Incoming::Document(d)))
+            .collect();
         self.ctx
             .ledger
             .lock()
@@ -272,7 +282,9 @@ fn print_figures(label: &str, w: &World, conn: &Connector, contacts: usize) {
         p.iter().map(|r| r.items()).sum::<usize>() as f64 / p.len() as f64
     };
     let patch_rate = match (p.first(), p.last()) {
-        (Some(a), Some(b)) if p.len() > 1 && b.at > a.at => (p.len() - 1) as f64 / (b.at - a.at).as_secs_f64(),
+        (Some(a), Some(b)) if p.len() > 1 && b.at > a.at => {
+            (p.len() - 1) as f64 / (b.at - a.at).as_secs_f64()
+        }
         _ => 0.0,
     };
     println!(
@@ -304,17 +316,32 @@ async fn two_tasks_needing_a_refresh_make_one_call_and_the_pair_survives_a_resta
     assert_eq!(w.sim.code_calls(), 1);
     // the access token is now past its 24 hours
     w.clock.advance(Duration::hours(25));
-    let (a, b) = tokio::join!(conn.client.get("/api/v4/account"), conn.client.get("/api/v4/account"));
+    let (a, b) = tokio::join!(
+        conn.client.get("/api/v4/account"),
+        conn.client.get("/api/v4/account")
+    );
     assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
     assert_eq!(w.sim.refresh_calls(), 1, "exactly one refresh for two tasks");
     // the database never holds tokens in clear text
-    let stored = w.ctx.ledger.lock().amocrm_tokens_load(&w.sim.base_url).unwrap().unwrap();
+    let stored = w
+        .ctx
+        .ledger
+        .lock()
+        .amocrm_tokens_load(&w.sim.base_url)
+        .unwrap()
+        .unwrap();
     assert!(!String::from_utf8_lossy(&stored.sealed).contains("access-"));
     assert!(!String::from_utf8_lossy(&stored.sealed).contains("refresh-"));
     // a restart: a new process reads the new pair from the ledger and needs no refresh
     drop(conn);
     let ledger = Ledger::open(&w.cfg.ledger_path, &w.cfg.ledger).unwrap();
-    let restarted = Connector::new(w.cfg.clone(), SharedLedger::new(ledger), w.clock.clone(), Some(options(&w.cfg))).unwrap();
+    let restarted = Connector::new(
+        w.cfg.clone(),
+        SharedLedger::new(ledger),
+        w.clock.clone(),
+        Some(options(&w.cfg)),
+    )
+    .unwrap();
     restarted.client.get("/api/v4/account").await.unwrap();
     assert_eq!(w.sim.refresh_calls(), 1, "the stored pair works after a restart");
     // and its refresh token is the live one: a proactive refresh a month later succeeds
@@ -361,12 +388,34 @@ async fn a_401_mid_run_refreshes_once_and_succeeds() {
         ..Setup::default()
     })
     .await;
-    w.conn().await.client.exchange_code(&w.sim.issue_code()).await.unwrap();
-    w.ingest((0..120).map(|i| sale(&format!("S{i}"), Some(&format!("C{i}")), None, None, 100 + i, w.now())).collect());
+    w.conn()
+        .await
+        .client
+        .exchange_code(&w.sim.issue_code())
+        .await
+        .unwrap();
+    w.ingest(
+        (0..120)
+            .map(|i| {
+                sale(
+                    &format!("S{i}"),
+                    Some(&format!("C{i}")),
+                    None,
+                    None,
+                    100 + i,
+                    w.now(),
+                )
+            })
+            .collect(),
+    );
     w.deliver().await.unwrap();
     // an admin revoked the access token: the client still believes it valid
     w.sim.expire_access_tokens();
-    w.ingest((0..120).map(|i| sale(&format!("T{i}"), Some(&format!("C{i}")), None, None, 50, w.now())).collect());
+    w.ingest(
+        (0..120)
+            .map(|i| sale(&format!("T{i}"), Some(&format!("C{i}")), None, None, 50, w.now()))
+            .collect(),
+    );
     let before = w.sim.refresh_calls();
     w.deliver().await.unwrap();
     assert_eq!(w.sim.refresh_calls(), before + 1);
@@ -381,12 +430,20 @@ async fn a_long_lived_token_warns_ahead_and_halts_once_expired() {
     let conn = w.conn().await;
     assert!(conn.client.alerts().is_empty());
     w.clock.advance(Duration::days(365 - 10));
-    assert!(conn.client.alerts().iter().any(|a| a.contains("expires")), "{:?}", conn.client.alerts());
+    assert!(
+        conn.client.alerts().iter().any(|a| a.contains("expires")),
+        "{:?}",
+        conn.client.alerts()
+    );
     w.clock.advance(Duration::days(11));
     let before = w.sim.requests().len();
     assert!(w.events().await.is_err());
     assert!(conn.client.halted().unwrap().contains("expired"));
-    assert_eq!(w.sim.requests().len(), before, "an expired token is not even sent");
+    assert_eq!(
+        w.sim.requests().len(),
+        before,
+        "an expired token is not even sent"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -405,7 +462,16 @@ async fn push_many(sim_rps: usize, client_rps: u32, customers: usize, changed: u
     let phone = |i: usize| format!("+7901{i:07}");
     w.ingest(
         (0..customers)
-            .map(|i| sale(&format!("S{i}"), None, Some(&phone(i)), None, 100 + (i as i64 % 900), at))
+            .map(|i| {
+                sale(
+                    &format!("S{i}"),
+                    None,
+                    Some(&phone(i)),
+                    None,
+                    100 + (i as i64 % 900),
+                    at,
+                )
+            })
             .collect(),
     );
     // the CRM already knows every customer, phones typed the way managers type them
@@ -417,13 +483,22 @@ async fn push_many(sim_rps: usize, client_rps: u32, customers: usize, changed: u
     let conn = w.conn().await;
     let started = std::time::Instant::now();
     let out = w.deliver().await.unwrap();
-    println!("first delivery run: {:.1} s: {}", started.elapsed().as_secs_f64(), out.summary);
+    println!(
+        "first delivery run: {:.1} s: {}",
+        started.elapsed().as_secs_f64(),
+        out.summary
+    );
     assert!(!out.pending, "{}", out.summary);
     w.assert_cards_equal_ledger();
     let first = patches(&w.sim);
     assert!(first.iter().all(|r| r.items() <= 50), "≤ 50 contacts per PATCH");
     assert_eq!(patched_ids(&w.sim).len(), customers, "each contact once");
-    print_figures(&format!("{customers} contacts at {client_rps}/s"), &w, &conn, customers);
+    print_figures(
+        &format!("{customers} contacts at {client_rps}/s"),
+        &w,
+        &conn,
+        customers,
+    );
     // a second wave: only the changed balances are sent; an unchanged state queued again
     // (a retried row, a re-queue) is not
     w.sim.clear_requests();
@@ -437,13 +512,23 @@ async fn push_many(sim_rps: usize, client_rps: u32, customers: usize, changed: u
         let mut l = w.ctx.ledger.lock();
         for c in last {
             let payload = format!(r#"{{"customer_id":{c}}}"#);
-            l.outbox_enqueue("amocrm", &format!("test-requeue:{c}"), Some(&format!("contact:{c}")), &payload, w.now())
-                .unwrap();
+            l.outbox_enqueue(
+                "amocrm",
+                &format!("test-requeue:{c}"),
+                Some(&format!("contact:{c}")),
+                &payload,
+                w.now(),
+            )
+            .unwrap();
         }
     }
     let started = std::time::Instant::now();
     let out = w.deliver().await.unwrap();
-    println!("second delivery run: {:.1} s: {}", started.elapsed().as_secs_f64(), out.summary);
+    println!(
+        "second delivery run: {:.1} s: {}",
+        started.elapsed().as_secs_f64(),
+        out.summary
+    );
     let links = w.links();
     let expected: BTreeSet<i64> = (0..changed)
         .map(|i| {
@@ -477,13 +562,23 @@ async fn a_429_storm_backs_off_and_converges() {
         ..Setup::default()
     })
     .await;
-    w.ingest((0..150).map(|i| sale(&format!("S{i}"), Some(&format!("C{i}")), None, None, 200, w.now())).collect());
+    w.ingest(
+        (0..150)
+            .map(|i| sale(&format!("S{i}"), Some(&format!("C{i}")), None, None, 200, w.now()))
+            .collect(),
+    );
     w.sim.inject(Fault::Status(429), 4);
     w.sim.inject(Fault::Html(429), 3);
     w.deliver().await.unwrap();
     w.assert_cards_equal_ledger();
     let conn = w.conn().await;
-    assert_eq!(conn.client.stats.status_429.load(std::sync::atomic::Ordering::Relaxed), 7);
+    assert_eq!(
+        conn.client
+            .stats
+            .status_429
+            .load(std::sync::atomic::Ordering::Relaxed),
+        7
+    );
     assert!(conn.client.halted().is_none());
     assert!(!w.sim.is_blocked());
 }
@@ -495,7 +590,11 @@ async fn faults_5xx_timeouts_and_truncated_bodies_are_retried() {
         ..Setup::default()
     })
     .await;
-    w.ingest((0..60).map(|i| sale(&format!("S{i}"), Some(&format!("C{i}")), None, None, 200, w.now())).collect());
+    w.ingest(
+        (0..60)
+            .map(|i| sale(&format!("S{i}"), Some(&format!("C{i}")), None, None, 200, w.now()))
+            .collect(),
+    );
     w.sim.inject(Fault::Status(500), 1);
     w.sim.inject(Fault::Truncated, 1);
     w.sim.inject(Fault::Html(502), 1);
@@ -504,16 +603,30 @@ async fn faults_5xx_timeouts_and_truncated_bodies_are_retried() {
     w.deliver().await.unwrap();
     w.assert_cards_equal_ledger();
     let conn = w.conn().await;
-    assert_eq!(conn.client.stats.timeouts.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        conn.client
+            .stats
+            .timeouts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_504_halves_the_batch() {
     let w = world(Setup::default()).await;
-    w.ingest((0..50).map(|i| sale(&format!("S{i}"), Some(&format!("C{i}")), None, None, 200, w.now())).collect());
+    w.ingest(
+        (0..50)
+            .map(|i| sale(&format!("S{i}"), Some(&format!("C{i}")), None, None, 200, w.now()))
+            .collect(),
+    );
     w.deliver().await.unwrap();
     w.sim.clear_requests();
-    w.ingest((0..50).map(|i| sale(&format!("T{i}"), Some(&format!("C{i}")), None, None, 100, w.now())).collect());
+    w.ingest(
+        (0..50)
+            .map(|i| sale(&format!("T{i}"), Some(&format!("C{i}")), None, None, 100, w.now()))
+            .collect(),
+    );
     w.sim.inject(Fault::Status(504), 1);
     w.deliver().await.unwrap();
     let sizes: Vec<(u16, usize)> = patches(&w.sim).iter().map(|r| (r.status, r.items())).collect();
@@ -524,9 +637,17 @@ async fn a_504_halves_the_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_stops_all_traffic_within_one_request() {
     let w = world(Setup::default()).await;
-    w.ingest((0..10).map(|i| sale(&format!("S{i}"), Some(&format!("C{i}")), None, None, 200, w.now())).collect());
+    w.ingest(
+        (0..10)
+            .map(|i| sale(&format!("S{i}"), Some(&format!("C{i}")), None, None, 200, w.now()))
+            .collect(),
+    );
     w.deliver().await.unwrap();
-    w.ingest((0..10).map(|i| sale(&format!("T{i}"), Some(&format!("C{i}")), None, None, 100, w.now())).collect());
+    w.ingest(
+        (0..10)
+            .map(|i| sale(&format!("T{i}"), Some(&format!("C{i}")), None, None, 100, w.now()))
+            .collect(),
+    );
     w.sim.inject(Fault::Block, 1);
     let before = w.sim.requests().len();
     let err = w.deliver().await.unwrap_err();
@@ -580,14 +701,26 @@ async fn exceeding_the_limit_gets_429s_then_a_block_403() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_validation_error_dead_letters_one_contact_and_delivers_the_rest() {
     let w = world(Setup::default()).await;
-    w.ingest((0..5).map(|i| sale(&format!("S{i}"), Some(&format!("C{i}")), None, None, 200, w.now())).collect());
+    w.ingest(
+        (0..5)
+            .map(|i| sale(&format!("S{i}"), Some(&format!("C{i}")), None, None, 200, w.now()))
+            .collect(),
+    );
     w.deliver().await.unwrap();
     let links = w.links();
     let victim = *links.values().min().unwrap();
     w.sim.delete_contact(victim);
-    w.ingest((0..5).map(|i| sale(&format!("T{i}"), Some(&format!("C{i}")), None, None, 100, w.now())).collect());
+    w.ingest(
+        (0..5)
+            .map(|i| sale(&format!("T{i}"), Some(&format!("C{i}")), None, None, 100, w.now()))
+            .collect(),
+    );
     let out = w.deliver().await.unwrap();
-    assert!(out.summary.contains("4 delivered, 0 retried, 1 dead"), "{}", out.summary);
+    assert!(
+        out.summary.contains("4 delivered, 0 retried, 1 dead"),
+        "{}",
+        out.summary
+    );
     let dead = w
         .ctx
         .ledger
@@ -599,9 +732,16 @@ async fn a_validation_error_dead_letters_one_contact_and_delivers_the_rest() {
         })
         .unwrap();
     assert_eq!(dead.len(), 1);
-    assert!(dead[0].last_error.as_deref().unwrap().contains("NotFound"), "{:?}", dead[0].last_error);
+    assert!(
+        dead[0].last_error.as_deref().unwrap().contains("NotFound"),
+        "{:?}",
+        dead[0].last_error
+    );
     for (customer, contact) in links.into_iter().filter(|(_, c)| *c != victim) {
-        assert_eq!(w.sim.field_value(contact, "KOPILKA_POINTS"), Some(w.available(customer).to_string()));
+        assert_eq!(
+            w.sim.field_value(contact, "KOPILKA_POINTS"),
+            Some(w.available(customer).to_string())
+        );
     }
 }
 
@@ -628,10 +768,20 @@ async fn phones_and_emails_match_however_they_were_typed() {
     let mut expect = Vec::new();
     for (i, (typed, till_phone, _, should)) in table.iter().enumerate() {
         let contact = w.sim.add_contact(&format!("Row {i}"), &[typed], &[]);
-        w.ingest(vec![sale(&format!("S{i}"), None, *till_phone, None, 100, w.now())]);
+        w.ingest(vec![sale(
+            &format!("S{i}"),
+            None,
+            *till_phone,
+            None,
+            100,
+            w.now(),
+        )]);
         expect.push((till_phone.unwrap(), contact, *should));
     }
-    let emails = [("Ivan.Petrov@Example.RU", "ivan.petrov@example.ru", true), ("anna@example.ru", "anna@example.com", false)];
+    let emails = [
+        ("Ivan.Petrov@Example.RU", "ivan.petrov@example.ru", true),
+        ("anna@example.ru", "anna@example.com", false),
+    ];
     for (i, (typed, till, should)) in emails.iter().enumerate() {
         let contact = w.sim.add_contact(&format!("Mail {i}"), &[], &[typed]);
         w.ingest(vec![sale(&format!("E{i}"), None, None, Some(till), 100, w.now())]);
@@ -647,11 +797,21 @@ async fn phones_and_emails_match_however_they_were_typed() {
             by_phone.or(by_mail).unwrap()[0]
         };
         let linked = links[&customer];
-        assert_eq!(linked == contact, should, "{key}: linked to {linked}, typed contact {contact}");
+        assert_eq!(
+            linked == contact,
+            should,
+            "{key}: linked to {linked}, typed contact {contact}"
+        );
         if !should {
             // a new contact was created with the customer's phone or e-mail
             let phones = w.sim.phones(linked);
-            assert!(phones.iter().any(|p| Phone::parse(p).map(|p| p.to_string()) == Phone::parse(key).map(|p| p.to_string())) || Email::parse(key).is_some());
+            assert!(
+                phones
+                    .iter()
+                    .any(|p| Phone::parse(p).map(|p| p.to_string())
+                        == Phone::parse(key).map(|p| p.to_string()))
+                    || Email::parse(key).is_some()
+            );
         }
     }
     w.assert_cards_equal_ledger();
@@ -666,7 +826,12 @@ async fn an_ambiguous_phone_writes_nothing_and_is_listed() {
     w.deliver().await.unwrap();
     assert!(w.links().is_empty());
     assert!(patched_ids(&w.sim).is_empty(), "nothing written");
-    assert!(!w.sim.requests().iter().any(|r| r.method == "POST" && r.path == "/api/v4/contacts"));
+    assert!(
+        !w.sim
+            .requests()
+            .iter()
+            .any(|r| r.method == "POST" && r.path == "/api/v4/contacts")
+    );
     assert_eq!(w.sim.field_value(a, "KOPILKA_POINTS"), None);
     assert_eq!(w.sim.field_value(b, "KOPILKA_POINTS"), None);
     let list = w.ctx.ledger.lock().amocrm_unmatched().unwrap();
@@ -700,11 +865,24 @@ async fn a_card_typed_by_a_manager_links_through_the_events() {
     let contact = w.sim.add_contact("Мария", &["+7 999 000 00 01"], &[]);
     assert!(w.sim.set_contact_field(contact, "KOPILKA_CARD", "card 77"));
     w.clock.advance(Duration::seconds(5));
-    let before = w.sim.requests().iter().filter(|r| r.method == "GET" && r.path == "/api/v4/contacts").count();
+    let before = w
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/api/v4/contacts")
+        .count();
     let out = w.events().await.unwrap();
     assert!(out.summary.contains("1 contacts relinked"), "{}", out.summary);
-    let after = w.sim.requests().iter().filter(|r| r.method == "GET" && r.path == "/api/v4/contacts").count();
-    assert_eq!(before, after, "links come from the events, not from re-reading all contacts");
+    let after = w
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/api/v4/contacts")
+        .count();
+    assert_eq!(
+        before, after,
+        "links come from the events, not from re-reading all contacts"
+    );
     w.deliver().await.unwrap();
     w.assert_cards_equal_ledger();
 }
@@ -719,20 +897,30 @@ async fn a_won_deal_earns_points_a_reopened_one_is_reversed_and_replays_change_n
     w.events().await.unwrap();
     // the first delivery run starts the notes cursor: history is not replayed as notes
     w.deliver().await.unwrap();
-    let contact = w.sim.add_contact("Ольга", &["+7 (916) 111-22-33"], &["olga@example.ru"]);
+    let contact = w
+        .sim
+        .add_contact("Ольга", &["+7 (916) 111-22-33"], &["olga@example.ru"]);
     let lead = w.sim.add_lead("Ремонт", 1000, PIPELINE, 10, Some(contact));
     w.clock.advance(Duration::seconds(10));
     w.sim.set_lead_status(lead, 142);
     w.clock.advance(Duration::seconds(10));
     let out = w.events().await.unwrap();
     assert!(out.summary.contains("1 won deals"), "{}", out.summary);
-    let customer = w.ctx.ledger.lock().amocrm_customer_of(contact).unwrap().expect("the main contact is the customer");
+    let customer = w
+        .ctx
+        .ledger
+        .lock()
+        .amocrm_customer_of(contact)
+        .unwrap()
+        .expect("the main contact is the customer");
     assert_eq!(w.available(customer), 50, "5% of 1000 rubles");
     w.deliver().await.unwrap();
     assert_eq!(w.sim.field_value(contact, "KOPILKA_POINTS"), Some("50".into()));
     assert_eq!(w.sim.field_value(contact, "KOPILKA_LTV"), Some("1000.00".into()));
     assert!(
-        w.sim.notes().iter().any(|n| n.entity_id == contact && n.note_type == "service_message" && n.text.contains("Начислено 50")),
+        w.sim.notes().iter().any(|n| n.entity_id == contact
+            && n.note_type == "service_message"
+            && n.text.contains("Начислено 50")),
         "{:?}",
         w.sim.notes()
     );
@@ -750,7 +938,14 @@ async fn a_won_deal_earns_points_a_reopened_one_is_reversed_and_replays_change_n
     w.deliver().await.unwrap();
     assert_eq!(w.sim.field_value(contact, "KOPILKA_POINTS"), Some("0".into()));
     // replays: the overlap window re-reads the same events; they are skipped by id
-    let journal = w.ctx.ledger.lock().history(&format!("id:{customer}")).unwrap().1.len();
+    let journal = w
+        .ctx
+        .ledger
+        .lock()
+        .history(&format!("id:{customer}"))
+        .unwrap()
+        .1
+        .len();
     let out = w.events().await.unwrap();
     assert!(out.summary.contains("(0 new)"), "{}", out.summary);
     // even with the seen ids lost, re-reading the leads yields the same versions
@@ -760,7 +955,16 @@ async fn a_won_deal_earns_points_a_reopened_one_is_reversed_and_replays_change_n
         .unwrap();
     let out = w.events().await.unwrap();
     assert!(out.summary.contains("0 applied"), "{}", out.summary);
-    assert_eq!(w.ctx.ledger.lock().history(&format!("id:{customer}")).unwrap().1.len(), journal);
+    assert_eq!(
+        w.ctx
+            .ledger
+            .lock()
+            .history(&format!("id:{customer}"))
+            .unwrap()
+            .1
+            .len(),
+        journal
+    );
     assert_eq!(w.available(customer), 0);
     assert!(w.ctx.ledger.lock().verify().unwrap().is_empty());
 }
@@ -783,7 +987,11 @@ async fn catalog_items_become_lines_and_other_pipelines_are_ignored() {
     let customer = w.ctx.ledger.lock().amocrm_customer_of(contact).unwrap().unwrap();
     assert_eq!(w.available(customer), 150);
     let history = w.ctx.ledger.lock().history(&format!("id:{customer}")).unwrap().1;
-    assert!(history.iter().all(|h| h.doc_id.as_deref() == Some(lead.to_string().as_str())));
+    assert!(
+        history
+            .iter()
+            .all(|h| h.doc_id.as_deref() == Some(lead.to_string().as_str()))
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -800,7 +1008,14 @@ async fn once_with_only_base_url_and_token_file_matches_creates_and_pushes() {
     let known = w.sim.add_contact("Known", &[], &["known@example.ru"]);
     w.ingest(vec![
         sale("S1", Some("A1"), None, Some("Known@Example.ru"), 400, w.now()),
-        sale("S2", Some("A2"), Some("+7 903 123 45 67"), Some("new@example.ru"), 600, w.now()),
+        sale(
+            "S2",
+            Some("A2"),
+            Some("+7 903 123 45 67"),
+            Some("new@example.ru"),
+            600,
+            w.now(),
+        ),
         sale("S3", Some("A3"), None, None, 800, w.now()),
     ]);
     let minimal = w.dir.path().join("minimal.toml");
@@ -827,18 +1042,133 @@ async fn once_with_only_base_url_and_token_file_matches_creates_and_pushes() {
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("amocrm:deliver: ok"), "{stdout}");
     let links = w.links();
     assert_eq!(links.len(), 3, "{stdout}");
     let customer_of_known = w.ctx.ledger.lock().amocrm_customer_of(known).unwrap();
     assert!(customer_of_known.is_some(), "matched by e-mail");
     for (customer, contact) in &links {
-        assert_eq!(w.sim.field_value(*contact, "KOPILKA_POINTS"), Some(w.available(*customer).to_string()));
+        assert_eq!(
+            w.sim.field_value(*contact, "KOPILKA_POINTS"),
+            Some(w.available(*customer).to_string())
+        );
         assert!(w.sim.field_value(*contact, "KOPILKA_CARD").is_some());
     }
-    let created = links.values().find(|c| w.sim.phones(**c).iter().any(|p| p.contains("9031234567"))).copied();
+    let created = links
+        .values()
+        .find(|c| w.sim.phones(**c).iter().any(|p| p.contains("9031234567")))
+        .copied();
     let created = created.expect("the created contact carries the phone");
     assert_eq!(w.sim.field_value(created, "EMAIL"), Some("new@example.ru".into()));
-    assert!(w.sim.field_codes().iter().any(|c| c == "KOPILKA_BURN_DATE"), "fields were created");
+    assert!(
+        w.sim.field_codes().iter().any(|c| c == "KOPILKA_BURN_DATE"),
+        "fields were created"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Pure parts: the decision table, the shipped field map, the webhook receiver
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn matching_decides_by_card_then_phone_then_email() {
+    use kopilka::amocrm::contacts::{ContactKeys, Decision, decide};
+    use kopilka::ledger::CustomerKeys;
+    let customer = CustomerKeys {
+        customer_id: 1,
+        name: None,
+        cards: vec!["C-1".into()],
+        phones: vec!["+79123456789".into()],
+        emails: vec!["a@b.ru".into()],
+    };
+    let contact = |id: i64, card: &str, phone: &str, email: &str| ContactKeys {
+        id,
+        cards: [card]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.to_string())
+            .collect(),
+        phones: [phone]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.to_string())
+            .collect(),
+        emails: [email]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    let check = |contacts: Vec<ContactKeys>, create: bool, expected: Decision| {
+        assert_eq!(decide(&customer, &contacts, create), expected, "{contacts:?}");
+    };
+    // the card wins over two phone matches
+    check(
+        vec![
+            contact(10, "C1", "", ""),
+            contact(11, "", "+79123456789", ""),
+            contact(12, "", "+79123456789", ""),
+        ],
+        true,
+        Decision::Link {
+            contact: 10,
+            by: "card",
+        },
+    );
+    check(
+        vec![
+            contact(11, "", "+79123456789", ""),
+            contact(12, "", "+79123456789", ""),
+        ],
+        true,
+        Decision::Ambiguous {
+            by: "phone",
+            candidates: vec![11, 12],
+        },
+    );
+    check(
+        vec![contact(13, "", "", "a@b.ru")],
+        true,
+        Decision::Link {
+            contact: 13,
+            by: "email",
+        },
+    );
+    check(
+        vec![contact(14, "", "+19123456789", "x@b.ru")],
+        true,
+        Decision::Create,
+    );
+    check(vec![], false, Decision::Nothing);
+}
+
+#[test]
+fn the_shipped_field_map_is_the_default() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("mappings/amocrm.toml");
+    let map = kopilka::amocrm::fields::FieldMap::load(Some(&path)).unwrap();
+    assert_eq!(map, kopilka::amocrm::fields::FieldMap::default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_answers_at_once_and_wakes_the_poller() {
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let app = kopilka::amocrm::webhook::webhook_router(wake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let woken = wake.notified();
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/amocrm/webhook"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("leads%5Bstatus%5D%5B0%5D%5Bid%5D=1&account%5Bsubdomain%5D=shop")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    woken.await;
 }

@@ -54,7 +54,10 @@ struct SealedText {
 /// The sealing key for an account: HKDF-SHA256 over the client secret, bound to the
 /// account so a pair cannot be moved between accounts.
 pub fn seal_key(client_secret: &Secret, account: &str) -> [u8; 32] {
-    let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"kopilka/amocrm/tokens/v1"), client_secret.expose().as_bytes());
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(
+        Some(b"kopilka/amocrm/tokens/v1"),
+        client_secret.expose().as_bytes(),
+    );
     let mut key = [0u8; 32];
     // 32 bytes is far below HKDF-SHA256's 8160-byte limit: expand cannot fail here
     let _ = hk.expand(account.as_bytes(), &mut key);
@@ -72,7 +75,13 @@ pub fn seal(key: &[u8; 32], account: &str, access: &Secret, refresh: &Secret) ->
     })
     .map_err(|e| format!("cannot serialise the token pair: {e}"))?;
     let sealed = cipher
-        .encrypt(&nonce, Payload { msg: &text, aad: account.as_bytes() })
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: &text,
+                aad: account.as_bytes(),
+            },
+        )
         .map_err(|_| "cannot seal the token pair".to_string())?;
     let mut out = nonce.to_vec();
     out.extend_from_slice(&sealed);
@@ -154,7 +163,7 @@ pub enum Auth {
         token: Secret,
         expires_at: Option<DateTime<Utc>>,
     },
-    OAuth(OAuth),
+    OAuth(Box<OAuth>),
 }
 
 pub struct OAuth {
@@ -202,7 +211,13 @@ mod tests {
     #[test]
     fn sealed_pairs_open_only_with_the_same_secret_and_account() {
         let k = seal_key(&Secret::new("client-secret"), "https://shop.amocrm.ru");
-        let sealed = seal(&k, "https://shop.amocrm.ru", &Secret::new("acc"), &Secret::new("ref")).unwrap();
+        let sealed = seal(
+            &k,
+            "https://shop.amocrm.ru",
+            &Secret::new("acc"),
+            &Secret::new("ref"),
+        )
+        .unwrap();
         assert!(!sealed.windows(3).any(|w| w == b"acc" || w == b"ref"));
         let (a, r) = unseal(&k, "https://shop.amocrm.ru", &sealed).unwrap();
         assert_eq!((a.expose(), r.expose()), ("acc", "ref"));

@@ -156,12 +156,12 @@ impl Client {
                 client_id,
                 client_secret,
                 redirect_uri,
-            } => Auth::OAuth(OAuth::new(
+            } => Auth::OAuth(Box::new(OAuth::new(
                 client_id.clone(),
                 client_secret.clone(),
                 redirect_uri.clone(),
                 cfg.base_url.clone(),
-            )),
+            ))),
         };
         let http = reqwest::Client::builder()
             .timeout(opts.timeout)
@@ -221,7 +221,8 @@ impl Client {
             out.push(format!("amocrm sync halted: {h}"));
         }
         if let Auth::LongLived {
-            expires_at: Some(exp), ..
+            expires_at: Some(exp),
+            ..
         } = &self.auth
         {
             let left = *exp - self.clock.now();
@@ -376,7 +377,9 @@ impl Client {
         if status == 401 {
             self.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
         }
-        let problem: Option<Problem> = parsed.as_ref().and_then(|v| serde_json::from_value(v.clone()).ok());
+        let problem: Option<Problem> = parsed
+            .as_ref()
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
         let items = problem
             .as_ref()
             .and_then(|p| p.validation_errors.as_ref())
@@ -403,15 +406,13 @@ impl Client {
             })
             .unwrap_or_default();
         let shown = match &problem {
-            Some(p) if p.title.is_some() || p.hint.is_some() || p.detail.is_some() => [
-                p.title.as_deref(),
-                p.detail.as_deref(),
-                p.hint.as_deref(),
-            ]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(": "),
+            Some(p) if p.title.is_some() || p.hint.is_some() || p.detail.is_some() => {
+                [p.title.as_deref(), p.detail.as_deref(), p.hint.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(": ")
+            }
             _ => truncate(&text, LOG_BODY_CHARS),
         };
         tracing::warn!(status, request_id = %request_id, method = %m, path, body = %truncate(&text, LOG_BODY_CHARS),
@@ -701,7 +702,8 @@ impl Client {
         let pair = Pair {
             access: Secret::new(access),
             refresh: Secret::new(refresh),
-            access_expires_at: now + chrono::Duration::seconds(reply.expires_in.unwrap_or(86_400).clamp(60, 86_400 * 366)),
+            access_expires_at: now
+                + chrono::Duration::seconds(reply.expires_in.unwrap_or(86_400).clamp(60, 86_400 * 366)),
             refresh_expires_at: now + chrono::Duration::days(auth::REFRESH_TOKEN_LIFETIME_DAYS),
             updated_at: now,
         };

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
+use super::AmoError;
 use super::client::{Client, ClientOptions};
 use super::fields::{self, FieldMap, Resolved};
-use super::AmoError;
 use crate::clock::Clock;
 use crate::config::{AmocrmConfig, Config};
 use crate::ledger::{IngestContext, Ledger, SharedLedger};
@@ -43,7 +43,10 @@ impl Connector {
 
     pub fn amo(&self) -> &AmocrmConfig {
         // `new` refused a configuration without the section
-        self.cfg.amocrm.as_ref().unwrap_or_else(|| unreachable!("checked in Connector::new"))
+        self.cfg
+            .amocrm
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("checked in Connector::new"))
     }
 
     pub fn ledger(&self) -> &SharedLedger {
@@ -84,7 +87,10 @@ impl Connector {
         let mut r = fields::resolve(&self.map, &list);
         if !r.missing.is_empty() {
             let created = fields::create_missing(&self.client, &r.missing).await?;
-            tracing::info!(created = created.len(), "created the missing kopilka fields in AmoCRM");
+            tracing::info!(
+                created = created.len(),
+                "created the missing kopilka fields in AmoCRM"
+            );
             let list = fields::list(&self.client).await?;
             r = fields::resolve(&self.map, &list);
             for (v, t) in &r.missing {

@@ -12,11 +12,11 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde_json::{Value, json};
 
+use super::AmoError;
 use super::client::Send;
 use super::connector::Connector;
 use super::fields::{CardValue, Resolved};
 use super::wire::{Contact, Page};
-use super::AmoError;
 use crate::core::identity::{Email, Phone, normalize_card};
 use crate::ledger::CustomerKeys;
 
@@ -72,10 +72,13 @@ pub enum Decision {
     Nothing,
 }
 
+/// A matching step: its name and whether a contact matches the customer at it.
+type Step<'a> = (&'static str, Box<dyn Fn(&ContactKeys) -> bool + 'a>);
+
 /// Which step matched how many contacts: the pure heart of matching, so it can be tested
 /// on tables without a network. `contacts` are the candidates the searches returned.
 pub fn decide(customer: &CustomerKeys, contacts: &[ContactKeys], create_missing: bool) -> Decision {
-    let steps: [(&'static str, Box<dyn Fn(&ContactKeys) -> bool>); 3] = [
+    let steps: [Step<'_>; 3] = [
         (
             "card",
             Box::new(|c: &ContactKeys| {
@@ -153,10 +156,17 @@ pub fn enc(v: &str) -> String {
     out
 }
 
-async fn search(conn: &Connector, query: &str, card_field: Option<i64>) -> Result<Vec<ContactKeys>, AmoError> {
+async fn search(
+    conn: &Connector,
+    query: &str,
+    card_field: Option<i64>,
+) -> Result<Vec<ContactKeys>, AmoError> {
     let list: Vec<Contact> = conn
         .client
-        .get_all(&format!("/api/v4/contacts?query={}&limit=250", enc(query)), "contacts")
+        .get_all(
+            &format!("/api/v4/contacts?query={}&limit=250", enc(query)),
+            "contacts",
+        )
         .await?;
     Ok(list.iter().map(|c| ContactKeys::of(c, card_field)).collect())
 }
@@ -205,7 +215,10 @@ struct Index {
 
 impl Index {
     async fn read(conn: &Connector, card_field: Option<i64>) -> Result<Index, AmoError> {
-        let list: Vec<Contact> = conn.client.get_all("/api/v4/contacts?limit=250", "contacts").await?;
+        let list: Vec<Contact> = conn
+            .client
+            .get_all("/api/v4/contacts?limit=250", "contacts")
+            .await?;
         let contacts: Vec<ContactKeys> = list.iter().map(|c| ContactKeys::of(c, card_field)).collect();
         let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, c) in contacts.iter().enumerate() {
@@ -330,7 +343,9 @@ pub async fn match_unlinked(conn: &Connector) -> Result<MatchReport, AmoError> {
                 report.not_found += 1;
                 let id = customer.customer_id;
                 conn.ledger()
-                    .run(move |l| l.amocrm_record_unmatched(id, "no matching contact (create_missing is off)", &[], now))
+                    .run(move |l| {
+                        l.amocrm_record_unmatched(id, "no matching contact (create_missing is off)", &[], now)
+                    })
                     .await?;
             }
         }
@@ -364,7 +379,11 @@ pub async fn match_unlinked(conn: &Connector) -> Result<MatchReport, AmoError> {
             // the reply echoes request_id; fall back to the position when it does not
             let rid = item
                 .get("request_id")
-                .and_then(|r| r.as_str().map(str::to_string).or_else(|| r.as_i64().map(|n| n.to_string())))
+                .and_then(|r| {
+                    r.as_str()
+                        .map(str::to_string)
+                        .or_else(|| r.as_i64().map(|n| n.to_string()))
+                })
                 .and_then(|r| r.parse::<usize>().ok())
                 .unwrap_or(pos);
             if let (Some(id), Some(customer)) = (id, chunk.get(rid)) {
@@ -385,8 +404,13 @@ async fn apply_links(
     report: &mut MatchReport,
 ) -> Result<(), AmoError> {
     for chunk in links.chunks(LINKS_PER_TRANSACTION) {
-        let pairs: Vec<(i64, i64)> = chunk.iter().map(|(c, contact, _)| (c.customer_id, *contact)).collect();
-        let done = conn.with_ledger(move |l, ctx| l.amocrm_link_many(&pairs, ctx)).await?;
+        let pairs: Vec<(i64, i64)> = chunk
+            .iter()
+            .map(|(c, contact, _)| (c.customer_id, *contact))
+            .collect();
+        let done = conn
+            .with_ledger(move |l, ctx| l.amocrm_link_many(&pairs, ctx))
+            .await?;
         for ((customer, contact, by), linked) in chunk.iter().zip(done) {
             if linked {
                 if *by == "created" {
@@ -394,7 +418,12 @@ async fn apply_links(
                 } else {
                     report.linked += 1;
                 }
-                tracing::debug!(customer = customer.customer_id, contact, by, "customer linked to an AmoCRM contact");
+                tracing::debug!(
+                    customer = customer.customer_id,
+                    contact,
+                    by,
+                    "customer linked to an AmoCRM contact"
+                );
             } else {
                 conflict(conn, customer.customer_id, *contact, by).await?;
                 report.conflicts += 1;
@@ -427,25 +456,28 @@ pub async fn relink_changed(conn: &Connector, contact: &Contact) -> Result<bool,
     let id = contact.id;
     let plan = conn
         .ledger()
-        .run(move |l| -> Result<Option<(i64, bool)>, crate::ledger::LedgerError> {
-            let one = |kind: &str, values: &[String]| -> Result<Option<i64>, crate::ledger::LedgerError> {
-                let mut found = BTreeSet::new();
-                for v in values {
-                    found.extend(l.customers_by_key(kind, v)?);
+        .run(
+            move |l| -> Result<Option<(i64, bool)>, crate::ledger::LedgerError> {
+                let one =
+                    |kind: &str, values: &[String]| -> Result<Option<i64>, crate::ledger::LedgerError> {
+                        let mut found = BTreeSet::new();
+                        for v in values {
+                            found.extend(l.customers_by_key(kind, v)?);
+                        }
+                        Ok((found.len() == 1).then(|| found.into_iter().next()).flatten())
+                    };
+                if let Some(c) = one("card", &keys.cards)? {
+                    return Ok(Some((c, true)));
                 }
-                Ok((found.len() == 1).then(|| found.into_iter().next()).flatten())
-            };
-            if let Some(c) = one("card", &keys.cards)? {
-                return Ok(Some((c, true)));
-            }
-            for (kind, values) in [("phone", &keys.phones), ("email", &keys.emails)] {
-                if let Some(c) = one(kind, values)? {
-                    let linked = l.amocrm_links(&[c])?;
-                    return Ok((!linked.contains_key(&c)).then_some((c, false)));
+                for (kind, values) in [("phone", &keys.phones), ("email", &keys.emails)] {
+                    if let Some(c) = one(kind, values)? {
+                        let linked = l.amocrm_links(&[c])?;
+                        return Ok((!linked.contains_key(&c)).then_some((c, false)));
+                    }
                 }
-            }
-            Ok(None)
-        })
+                Ok(None)
+            },
+        )
         .await?;
     let Some((customer, replace)) = plan else {
         return Ok(false);
@@ -454,7 +486,11 @@ pub async fn relink_changed(conn: &Connector, contact: &Contact) -> Result<bool,
         .with_ledger(move |l, ctx| l.amocrm_link(customer, id, replace, ctx))
         .await?;
     if linked {
-        tracing::info!(customer, contact = id, "a contact edited in AmoCRM is now linked to its customer");
+        tracing::info!(
+            customer,
+            contact = id,
+            "a contact edited in AmoCRM is now linked to its customer"
+        );
     }
     Ok(linked)
 }

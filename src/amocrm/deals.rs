@@ -111,7 +111,11 @@ pub fn lead_document(
             let net = if i + 1 == elements.len() {
                 left
             } else {
-                (Decimal::from(total) * q / all).floor().try_into().unwrap_or(0i64).min(left)
+                (Decimal::from(total) * q / all)
+                    .floor()
+                    .try_into()
+                    .unwrap_or(0i64)
+                    .min(left)
             };
             left -= net;
             let catalog = e.metadata.as_ref().and_then(|m| m.catalog_id).unwrap_or(0);
@@ -205,7 +209,9 @@ pub async fn poll(conn: &Connector) -> Result<PollReport, AmoError> {
             contact_events.entry(entity).or_default().push(e);
         }
     }
-    let card_event = fields.id(CardValue::Card).map(|id| format!("custom_field_{id}_value_changed"));
+    let card_event = fields
+        .id(CardValue::Card)
+        .map(|id| format!("custom_field_{id}_value_changed"));
     let contacts = contacts_to_read(conn, contact_events, card_event).await?;
     // contacts first: a card typed into a contact decides whose sale a won deal is
     for id in &contacts {
@@ -221,10 +227,7 @@ pub async fn poll(conn: &Connector) -> Result<PollReport, AmoError> {
     let deals_on = !amo.pipelines.is_empty();
     let lead_ids: Vec<(i64, i64)> = leads.into_iter().take(LEADS_PER_POLL).collect();
     let known: Vec<String> = lead_ids.iter().map(|(id, _)| id.to_string()).collect();
-    let active = conn
-        .ledger()
-        .run(move |l| l.active_sales(SOURCE, &known))
-        .await?;
+    let active = conn.ledger().run(move |l| l.active_sales(SOURCE, &known)).await?;
     for (id, at) in lead_ids.iter().copied().filter(|_| deals_on) {
         let lead = conn
             .client
@@ -243,17 +246,18 @@ pub async fn poll(conn: &Connector) -> Result<PollReport, AmoError> {
             && lead.pipeline_id.is_some_and(|p| amo.pipelines.contains(&p));
         if won {
             let contact = match lead.main_contact() {
-                Some(cid) => {
-                    if !cache.contains_key(&cid) {
+                Some(cid) => match cache.get(&cid) {
+                    Some(c) => c.clone(),
+                    None => {
                         let c = conn
                             .client
                             .get(&format!("/api/v4/contacts/{cid}"))
                             .await?
                             .and_then(|v| serde_json::from_value::<Contact>(v).ok());
-                        cache.insert(cid, c);
+                        cache.insert(cid, c.clone());
+                        c
                     }
-                    cache.get(&cid).cloned().flatten()
-                }
+                },
                 None => None,
             };
             match lead_document(

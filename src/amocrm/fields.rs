@@ -9,9 +9,9 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
+use super::AmoError;
 use super::client::{Client, Send};
 use super::wire::CustomField;
-use super::AmoError;
 
 /// A value kopilka writes on a contact card.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -135,7 +135,9 @@ impl FieldMap {
     /// Reads `[fields]` from a mapping file; absent keys keep their default code. Every
     /// problem is reported at once.
     pub fn load(path: Option<&Path>) -> Result<FieldMap, String> {
-        let Some(path) = path else { return Ok(FieldMap::default()) };
+        let Some(path) = path else {
+            return Ok(FieldMap::default());
+        };
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read the amocrm field map {}: {e}", path.display()))?;
         FieldMap::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
@@ -164,7 +166,9 @@ impl FieldMap {
                 };
                 let target = match v {
                     toml::Value::Integer(i) if *i > 0 => Some(Target::Id(*i)),
-                    toml::Value::String(s) if !s.trim().is_empty() => Some(Target::Code(s.trim().to_string())),
+                    toml::Value::String(s) if !s.trim().is_empty() => {
+                        Some(Target::Code(s.trim().to_string()))
+                    }
                     toml::Value::Boolean(false) => None,
                     other => {
                         problems.push(format!(
@@ -237,7 +241,10 @@ pub fn resolve(map: &FieldMap, fields: &[CustomField]) -> Resolved {
 
 /// Creates the missing fields that are named by code (a missing field id cannot be
 /// created: it names a field that was deleted). Returns the values created.
-pub async fn create_missing(client: &Client, missing: &[(CardValue, Target)]) -> Result<Vec<CardValue>, AmoError> {
+pub async fn create_missing(
+    client: &Client,
+    missing: &[(CardValue, Target)],
+) -> Result<Vec<CardValue>, AmoError> {
     let mut body = Vec::new();
     let mut created = Vec::new();
     for (i, (value, target)) in missing.iter().enumerate() {
@@ -281,6 +288,9 @@ mod tests {
         assert!(m.0.contains(&(CardValue::Tier, Some(Target::Code("MY_TIER".into())))));
         assert!(m.0.contains(&(CardValue::Ltv, Some(Target::Code("KOPILKA_LTV".into())))));
         let e = FieldMap::parse("[fields]\nbalance = 1\npoints = -2\n[other]\n").unwrap_err();
-        assert!(e.contains("fields.balance") && e.contains("fields.points") && e.contains("\"other\""), "{e}");
+        assert!(
+            e.contains("fields.balance") && e.contains("fields.points") && e.contains("\"other\""),
+            "{e}"
+        );
     }
 }

@@ -85,9 +85,17 @@ pub enum AmoError {
         items: Vec<ItemError>,
     },
     #[error("amocrm did not answer {method} {path} within {timeout_ms} ms")]
-    Timeout { method: String, path: String, timeout_ms: u128 },
+    Timeout {
+        method: String,
+        path: String,
+        timeout_ms: u128,
+    },
     #[error("cannot reach amocrm for {method} {path}: {detail}")]
-    Transport { method: String, path: String, detail: String },
+    Transport {
+        method: String,
+        path: String,
+        detail: String,
+    },
     #[error("amocrm answered {method} {path} with a body that is not the expected JSON ({detail}): {body}")]
     Body {
         method: String,

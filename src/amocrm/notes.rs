@@ -26,7 +26,11 @@ fn tier_name(rules: &RuleSet, id: Option<&str>) -> String {
 
 /// The note's text, in Russian for the managers who read it.
 pub fn note_text(f: &NoteFacts, rules: &RuleSet, tz: Tz) -> String {
-    let doc = f.document.as_deref().map(|d| format!(" (документ {d})")).unwrap_or_default();
+    let doc = f
+        .document
+        .as_deref()
+        .map(|d| format!(" (документ {d})"))
+        .unwrap_or_default();
     match f.kind.as_str() {
         "accrual" => format!(
             "Начислено {} баллов{doc}. {}",
@@ -45,11 +49,10 @@ pub fn note_text(f: &NoteFacts, rules: &RuleSet, tz: Tz) -> String {
         .trim_end()
         .to_string(),
         "expiry" => {
-            let date = f
-                .at
-                .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
-                .map(|d| d.with_timezone(&tz).format("%d.%m.%Y").to_string())
-                .unwrap_or_else(|| "скоро".into());
+            let date =
+                f.at.and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+                    .map(|d| d.with_timezone(&tz).format("%d.%m.%Y").to_string())
+                    .unwrap_or_else(|| "скоро".into());
             format!("{} баллов сгорят {date}, если их не потратить.", f.points)
         }
         other => format!("kopilka: {other}"),
@@ -81,7 +84,9 @@ impl Sink for NotesSink<'_> {
         let ids: Vec<i64> = facts.iter().map(|(_, f)| f.customer_id).collect();
         let links: HashMap<i64, i64> = match self.conn.ledger().run(move |l| l.amocrm_links(&ids)).await {
             Ok(l) => l,
-            Err(e) => return vec![Err(DeliveryError::Retriable(format!("reading the ledger: {e}"))); rows.len()],
+            Err(e) => {
+                return vec![Err(DeliveryError::Retriable(format!("reading the ledger: {e}"))); rows.len()];
+            }
         };
         let mut body = Vec::new();
         let mut sent = Vec::new();

@@ -185,7 +185,10 @@ impl ContactSink<'_> {
             };
             if e.status() == Some(504) && todo.len() > 1 {
                 let second = todo.split_off(todo.len() / 2);
-                tracing::warn!(contacts = todo.len() + second.len(), "AmoCRM timed out on a batch (504); halving it");
+                tracing::warn!(
+                    contacts = todo.len() + second.len(),
+                    "AmoCRM timed out on a batch (504); halving it"
+                );
                 stack.push(second);
                 continue;
             }
@@ -205,7 +208,9 @@ impl ContactSink<'_> {
                     for (row, detail) in &bad {
                         failed.insert(
                             *row,
-                            DeliveryError::Permanent(format!("amocrm refused this contact's values: {detail}")),
+                            DeliveryError::Permanent(format!(
+                                "amocrm refused this contact's values: {detail}"
+                            )),
                         );
                     }
                     todo.retain(|p| !bad.contains_key(&p.row));
@@ -254,7 +259,8 @@ impl Sink for ContactSink<'_> {
                 Some(c) => customers.push((i, c)),
                 None => {
                     results[i] = Err(DeliveryError::Permanent(
-                        "the outbox payload has no customer_id; it was not written by kopilka's ledger".into(),
+                        "the outbox payload has no customer_id; it was not written by kopilka's ledger"
+                            .into(),
                     ))
                 }
             }
@@ -275,7 +281,9 @@ impl Sink for ContactSink<'_> {
             .await;
         let (figures, links, pushed) = match read {
             Ok(x) => x,
-            Err(e) => return vec![Err(DeliveryError::Retriable(format!("reading the ledger: {e}"))); rows.len()],
+            Err(e) => {
+                return vec![Err(DeliveryError::Retriable(format!("reading the ledger: {e}"))); rows.len()];
+            }
         };
         let figures: HashMap<i64, CardFigures> = figures.into_iter().map(|f| (f.customer_id, f)).collect();
         let mut pending = Vec::new();
@@ -289,7 +297,10 @@ impl Sink for ContactSink<'_> {
             };
             let item = card_item(f, &fields, &self.conn.cfg.program, self.conn.amo().tags);
             let hash = values_hash(*contact, &item);
-            if pushed.get(&c).is_some_and(|(pc, ph)| pc == contact && *ph == hash) {
+            if pushed
+                .get(&c)
+                .is_some_and(|(pc, ph)| pc == contact && *ph == hash)
+            {
                 continue;
             }
             pending.push(Pending {

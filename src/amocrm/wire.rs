@@ -122,7 +122,9 @@ impl Contact {
             .iter()
             .flatten()
             .filter(|f| {
-                f.field_code.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(code))
+                f.field_code
+                    .as_deref()
+                    .is_some_and(|c| c.eq_ignore_ascii_case(code))
                     || (id.is_some() && f.field_id == id)
             })
             .flat_map(|f| f.values.iter().flatten().filter_map(FieldValueItem::text))
@@ -229,7 +231,9 @@ fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D:
     match Value::deserialize(d)? {
         Value::String(s) => Ok(s),
         Value::Number(n) => Ok(n.to_string()),
-        other => Err(serde::de::Error::custom(format!("event id {other} is neither a string nor a number"))),
+        other => Err(serde::de::Error::custom(format!(
+            "event id {other} is neither a string nor a number"
+        ))),
     }
 }
 

@@ -48,7 +48,12 @@ fn connector(cli: &Cli) -> anyhow::Result<(tokio::runtime::Runtime, Connector)> 
     let ledger = Ledger::open(&cfg.ledger_path, &cfg.ledger)
         .with_context(|| format!("opening {}", cfg.ledger_path.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let conn = Connector::new(Arc::new(cfg), SharedLedger::new(ledger), Arc::new(SystemClock), None)?;
+    let conn = Connector::new(
+        Arc::new(cfg),
+        SharedLedger::new(ledger),
+        Arc::new(SystemClock),
+        None,
+    )?;
     Ok((rt, conn))
 }
 
@@ -116,7 +121,11 @@ pub fn run(cli: &Cli, a: &AmocrmArgs) -> anyhow::Result<ExitCode> {
                         format!("id:{}", u.customer_id),
                         u.name.as_deref().unwrap_or("-"),
                         u.reason,
-                        u.candidates.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+                        u.candidates
+                            .iter()
+                            .map(i64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     );
                 }
             }

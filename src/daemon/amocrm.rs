@@ -37,7 +37,13 @@ impl Shared {
         let c = self
             .cell
             .get_or_try_init(|| async {
-                Connector::new(ctx.cfg.clone(), ctx.ledger.clone(), ctx.clock.clone(), self.opts.clone()).map(Arc::new)
+                Connector::new(
+                    ctx.cfg.clone(),
+                    ctx.ledger.clone(),
+                    ctx.clock.clone(),
+                    self.opts.clone(),
+                )
+                .map(Arc::new)
             })
             .await?;
         Ok(c.clone())
@@ -94,7 +100,9 @@ impl Job for Deliver {
         Box::pin(async move {
             let conn = self.0.get(ctx).await?;
             halted(&conn)?;
-            let m = match_unlinked(&conn).await.context("matching customers to amocrm contacts")?;
+            let m = match_unlinked(&conn)
+                .await
+                .context("matching customers to amocrm contacts")?;
             let requeued = conn
                 .with_ledger(|l, ictx| l.amocrm_enqueue_stale(ictx, REQUEUE_PER_RUN_CUSTOMERS))
                 .await?;
@@ -106,9 +114,21 @@ impl Job for Deliver {
                 .run(move |l| l.amocrm_queue_notes(&notes, min, now))
                 .await?;
             let policy = &ctx.cfg.delivery;
-            let cards = deliver_due(&ctx.ledger, &ContactSink { conn: &conn }, policy, ctx.clock.as_ref()).await?;
+            let cards = deliver_due(
+                &ctx.ledger,
+                &ContactSink { conn: &conn },
+                policy,
+                ctx.clock.as_ref(),
+            )
+            .await?;
             let noted = if cards.halted.is_none() {
-                deliver_due(&ctx.ledger, &NotesSink { conn: &conn }, policy, ctx.clock.as_ref()).await?
+                deliver_due(
+                    &ctx.ledger,
+                    &NotesSink { conn: &conn },
+                    policy,
+                    ctx.clock.as_ref(),
+                )
+                .await?
             } else {
                 Default::default()
             };

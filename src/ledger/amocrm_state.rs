@@ -103,34 +103,41 @@ fn link_in(
     replace: bool,
     ctx: &IngestContext<'_>,
 ) -> Result<bool> {
-        let owner: Option<i64> = tx
-            .prepare_cached("SELECT customer_id FROM customer_keys WHERE kind = 'amocrm' AND value = ?1")?
-            .query_row([contact.to_string()], |r| r.get(0))
-            .optional()?;
-        if owner.is_some_and(|o| o != customer) {
-            return Ok(false);
-        }
-        if replace {
-            tx.prepare_cached(
-                "DELETE FROM customer_keys WHERE kind = 'amocrm' AND customer_id = ?1 AND value != ?2",
-            )?
-            .execute(params![customer, contact.to_string()])?;
-        }
-        tx.prepare_cached("INSERT OR IGNORE INTO customer_keys (kind, value, customer_id) VALUES ('amocrm', ?1, ?2)")?
-            .execute(params![contact.to_string(), customer])?;
-        tx.prepare_cached("DELETE FROM amocrm_unmatched WHERE customer_id = ?1")?
-            .execute([customer])?;
-        // a new contact has none of the values: whatever was pushed before was elsewhere
-        tx.prepare_cached("DELETE FROM amocrm_pushed WHERE customer_id = ?1 AND contact_id != ?2")?
-            .execute(params![customer, contact])?;
-        queue_card(tx, customer, "link", ctx)?;
-        Ok(true)
+    let owner: Option<i64> = tx
+        .prepare_cached("SELECT customer_id FROM customer_keys WHERE kind = 'amocrm' AND value = ?1")?
+        .query_row([contact.to_string()], |r| r.get(0))
+        .optional()?;
+    if owner.is_some_and(|o| o != customer) {
+        return Ok(false);
     }
+    if replace {
+        tx.prepare_cached(
+            "DELETE FROM customer_keys WHERE kind = 'amocrm' AND customer_id = ?1 AND value != ?2",
+        )?
+        .execute(params![customer, contact.to_string()])?;
+    }
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO customer_keys (kind, value, customer_id) VALUES ('amocrm', ?1, ?2)",
+    )?
+    .execute(params![contact.to_string(), customer])?;
+    tx.prepare_cached("DELETE FROM amocrm_unmatched WHERE customer_id = ?1")?
+        .execute([customer])?;
+    // a new contact has none of the values: whatever was pushed before was elsewhere
+    tx.prepare_cached("DELETE FROM amocrm_pushed WHERE customer_id = ?1 AND contact_id != ?2")?
+        .execute(params![customer, contact])?;
+    queue_card(tx, customer, "link", ctx)?;
+    Ok(true)
+}
 /// Queues a customer's card for delivery: the usual contact-state row, or, when that exact
 /// state was queued before (and may have died while the customer had no contact), a row
 /// of its own. The sink reads the card's figures from the ledger, so the payload only needs
 /// the customer.
-fn queue_card(conn: &rusqlite::Connection, customer: i64, why: &str, ctx: &IngestContext<'_>) -> Result<bool> {
+fn queue_card(
+    conn: &rusqlite::Connection,
+    customer: i64,
+    why: &str,
+    ctx: &IngestContext<'_>,
+) -> Result<bool> {
     let Some(dest) = &ctx.destinations.contact_state else {
         return Ok(false);
     };
@@ -139,7 +146,15 @@ fn queue_card(conn: &rusqlite::Connection, customer: i64, why: &str, ctx: &Inges
     }
     let payload = serde_json::json!({"customer_id": customer, "reason": why}).to_string();
     let key = format!("{dest}:contact:{customer}:{why}:{}", ts(ctx.now));
-    Ok(super::outbox::enqueue(conn, dest, &key, Some(&format!("contact:{customer}")), &payload, ctx.now)?.is_some())
+    Ok(super::outbox::enqueue(
+        conn,
+        dest,
+        &key,
+        Some(&format!("contact:{customer}")),
+        &payload,
+        ctx.now,
+    )?
+    .is_some())
 }
 
 fn split_keys(rows: Vec<(String, String)>, k: &mut CustomerKeys) {
@@ -156,12 +171,14 @@ fn split_keys(rows: Vec<(String, String)>, k: &mut CustomerKeys) {
 impl Ledger {
     /// The contact each customer is linked to (the newest link when a customer has several).
     pub fn amocrm_links(&self, customers: &[i64]) -> Result<HashMap<i64, i64>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT value FROM customer_keys WHERE kind = 'amocrm' AND customer_id = ?1",
-        )?;
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT value FROM customer_keys WHERE kind = 'amocrm' AND customer_id = ?1")?;
         let mut out = HashMap::new();
         for c in customers {
-            let ids: Vec<String> = st.query_map([c], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            let ids: Vec<String> = st
+                .query_map([c], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
             if let Some(id) = ids.iter().filter_map(|v| v.parse::<i64>().ok()).max() {
                 out.insert(*c, id);
             }
@@ -190,7 +207,9 @@ impl Ledger {
     pub fn customer_keys_of(&self, customer_id: i64) -> Result<CustomerKeys> {
         let name: Option<String> = self
             .conn
-            .query_row("SELECT name FROM customers WHERE id = ?1", [customer_id], |r| r.get(0))
+            .query_row("SELECT name FROM customers WHERE id = ?1", [customer_id], |r| {
+                r.get(0)
+            })
             .optional()?
             .flatten();
         let mut k = CustomerKeys {
@@ -200,7 +219,9 @@ impl Ledger {
         };
         let rows: Vec<(String, String)> = self
             .conn
-            .prepare_cached("SELECT kind, value FROM customer_keys WHERE customer_id = ?1 ORDER BY kind, value")?
+            .prepare_cached(
+                "SELECT kind, value FROM customer_keys WHERE customer_id = ?1 ORDER BY kind, value",
+            )?
             .query_map([customer_id], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
         split_keys(rows, &mut k);
@@ -209,7 +230,11 @@ impl Ledger {
 
     /// Customers with no contact yet that should be matched now: never tried, or last tried
     /// before `retry_before` (an ambiguous phone may have been cleaned up in the CRM since).
-    pub fn amocrm_customers_to_match(&self, retry_before: DateTime<Utc>, limit: usize) -> Result<Vec<CustomerKeys>> {
+    pub fn amocrm_customers_to_match(
+        &self,
+        retry_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<CustomerKeys>> {
         let ids: Vec<i64> = self
             .conn
             .prepare(
@@ -260,7 +285,11 @@ impl Ledger {
         candidates: &[i64],
         now: DateTime<Utc>,
     ) -> Result<()> {
-        let list = candidates.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let list = candidates
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         self.conn
             .prepare_cached(
                 "INSERT INTO amocrm_unmatched (customer_id, reason, candidates, seen_at) VALUES (?1, ?2, ?3, ?4) \
@@ -478,7 +507,11 @@ impl Ledger {
         )?;
         let mut out = HashSet::new();
         for id in doc_ids {
-            if st.query_row(params![source, id], |_| Ok(())).optional()?.is_some() {
+            if st
+                .query_row(params![source, id], |_| Ok(()))
+                .optional()?
+                .is_some()
+            {
                 out.insert(id.clone());
             }
         }
@@ -521,9 +554,9 @@ impl Ledger {
                END;",
         )?;
         {
-            let mut st = self
-                .conn
-                .prepare_cached("INSERT OR IGNORE INTO temp.amocrm_events_staged (event_id, created_at) VALUES (?1, ?2)")?;
+            let mut st = self.conn.prepare_cached(
+                "INSERT OR IGNORE INTO temp.amocrm_events_staged (event_id, created_at) VALUES (?1, ?2)",
+            )?;
             for (id, at) in events {
                 st.execute(params![id, at])?;
             }
@@ -543,7 +576,12 @@ impl Ledger {
     /// its kind is in `kinds`). Cursors live in `checkpoints` and move in the same
     /// transaction as the rows they cover. The first call only sets the cursors: a ledger
     /// that gains an AmoCRM connection does not flood every contact with its history.
-    pub fn amocrm_queue_notes(&mut self, kinds: &[String], accrual_min_points: i64, now: DateTime<Utc>) -> Result<usize> {
+    pub fn amocrm_queue_notes(
+        &mut self,
+        kinds: &[String],
+        accrual_min_points: i64,
+        now: DateTime<Utc>,
+    ) -> Result<usize> {
         let tx = self.conn.transaction()?;
         let cursor = |key: &str| -> Result<Option<i64>> {
             Ok(tx
@@ -554,7 +592,11 @@ impl Ledger {
         };
         let journal_max: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM journal", [], |r| r.get(0))?;
         let tier_max: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM tier_events", [], |r| r.get(0))?;
-        let warn_max: i64 = tx.query_row("SELECT COALESCE(MAX(warned_at), 0) FROM expiry_warnings", [], |r| r.get(0))?;
+        let warn_max: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(warned_at), 0) FROM expiry_warnings",
+            [],
+            |r| r.get(0),
+        )?;
         let (j0, t0, w0) = (
             cursor("amocrm:notes:journal")?,
             cursor("amocrm:notes:tier")?,
@@ -671,7 +713,9 @@ impl Ledger {
         for (key, facts) in &notes {
             let payload = serde_json::to_string(facts)
                 .map_err(|e| super::LedgerError::Corrupt(format!("note not serialisable: {e}")))?;
-            n += usize::from(super::outbox::enqueue(&tx, NOTES_DESTINATION, key, None, &payload, now)?.is_some());
+            n += usize::from(
+                super::outbox::enqueue(&tx, NOTES_DESTINATION, key, None, &payload, now)?.is_some(),
+            );
         }
         for (key, value) in [
             ("amocrm:notes:journal", journal_max),

@@ -163,7 +163,14 @@ impl State {
         self.next_id
     }
 
-    fn event(&mut self, kind: String, entity_id: i64, entity_type: &'static str, before: Value, after: Value) {
+    fn event(
+        &mut self,
+        kind: String,
+        entity_id: i64,
+        entity_type: &'static str,
+        before: Value,
+        after: Value,
+    ) {
         self.next_event += 1;
         let id = format!("01SIM{:021}", self.next_event);
         let created_at = self.now();
@@ -408,7 +415,11 @@ impl AmoSim {
             block_after_violations: 10,
             events_limit: 100,
             clock: None,
-            client: ("kopilka-client".into(), "kopilka-secret".into(), "https://shop.example/oauth".into()),
+            client: (
+                "kopilka-client".into(),
+                "kopilka-secret".into(),
+                "https://shop.example/oauth".into(),
+            ),
             long_lived: Vec::new(),
         }
     }
@@ -507,15 +518,31 @@ impl AmoSim {
             ..Default::default()
         };
         if !phones.is_empty() {
-            c.fields
-                .insert(1001, phones.iter().map(|p| json!({"value": p, "enum_code": "WORK"})).collect());
+            c.fields.insert(
+                1001,
+                phones
+                    .iter()
+                    .map(|p| json!({"value": p, "enum_code": "WORK"}))
+                    .collect(),
+            );
         }
         if !emails.is_empty() {
-            c.fields
-                .insert(1002, emails.iter().map(|e| json!({"value": e, "enum_code": "WORK"})).collect());
+            c.fields.insert(
+                1002,
+                emails
+                    .iter()
+                    .map(|e| json!({"value": e, "enum_code": "WORK"}))
+                    .collect(),
+            );
         }
         s.contacts.insert(id, c);
-        s.event("contact_added".into(), id, "contact", json!([]), json!([{"contact": {"id": id}}]));
+        s.event(
+            "contact_added".into(),
+            id,
+            "contact",
+            json!([]),
+            json!([{"contact": {"id": id}}]),
+        );
         id
     }
 
@@ -562,7 +589,13 @@ impl AmoSim {
                 updated_at: now,
             },
         );
-        s.event("lead_added".into(), id, "lead", json!([]), json!([{"lead": {"id": id}}]));
+        s.event(
+            "lead_added".into(),
+            id,
+            "lead",
+            json!([]),
+            json!([{"lead": {"id": id}}]),
+        );
         id
     }
 
@@ -607,7 +640,14 @@ impl AmoSim {
     pub fn field_value(&self, contact: i64, code: &str) -> Option<String> {
         let s = self.st();
         let f = s.field_by_code(code)?.id;
-        let v = s.contacts.get(&contact)?.fields.get(&f)?.first()?.get("value")?.clone();
+        let v = s
+            .contacts
+            .get(&contact)?
+            .fields
+            .get(&f)?
+            .first()?
+            .get("value")?
+            .clone();
         match v {
             Value::String(t) => Some(t),
             Value::Number(n) => Some(n.to_string()),
@@ -677,7 +717,9 @@ fn html(status: u16) -> (u16, String, String) {
     (
         status,
         "text/html; charset=utf-8".into(),
-        format!("<html><head><title>{status}</title></head><body><h1>{status}</h1><p>nginx</p></body></html>"),
+        format!(
+            "<html><head><title>{status}</title></head><body><h1>{status}</h1><p>nginx</p></body></html>"
+        ),
     )
 }
 
@@ -703,7 +745,13 @@ fn validation(errors: Vec<(String, String, String)>) -> (u16, String, String) {
     )
 }
 
-async fn handle(shared: Arc<Mutex<State>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    shared: Arc<Mutex<State>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let arrived = Instant::now();
     let path = uri.path().to_string();
     let query = uri.query().unwrap_or("").to_string();
@@ -817,12 +865,22 @@ fn param<'a>(p: &'a [(String, String)], key: &str) -> Option<&'a str> {
 }
 
 /// One page of `items` under `_embedded.<key>`, with `_links.next` when the page is full.
-fn page(s: &State, path: &str, p: &[(String, String)], key: &str, items: Vec<Value>, max_limit: usize) -> (u16, String, String) {
+fn page(
+    s: &State,
+    path: &str,
+    p: &[(String, String)],
+    key: &str,
+    items: Vec<Value>,
+    max_limit: usize,
+) -> (u16, String, String) {
     let limit = param(p, "limit")
         .and_then(|l| l.parse::<usize>().ok())
         .unwrap_or(50)
         .clamp(1, max_limit);
-    let page_no = param(p, "page").and_then(|l| l.parse::<usize>().ok()).unwrap_or(1).max(1);
+    let page_no = param(p, "page")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
     let start = (page_no - 1).saturating_mul(limit);
     let slice: Vec<Value> = items.into_iter().skip(start).take(limit).collect();
     if slice.is_empty() {
@@ -854,7 +912,14 @@ fn encode(p: &[(String, String)], page_no: usize) -> String {
     parts.join("&")
 }
 
-fn route(s: &mut State, method: &Method, path: &str, query: &str, headers: &HeaderMap, body: &[u8]) -> (u16, String, String) {
+fn route(
+    s: &mut State,
+    method: &Method,
+    path: &str,
+    query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> (u16, String, String) {
     let p = params(query);
     if path == "/oauth2/access_token" && method == Method::POST {
         return token_endpoint(s, body);
@@ -909,7 +974,8 @@ fn route(s: &mut State, method: &Method, path: &str, query: &str, headers: &Head
                     Some(q) => {
                         let qd = digits(q);
                         s.searchable(c).iter().any(|v| {
-                            v.contains(q.as_str()) || (qd.len() >= 5 && qd.len() * 2 >= q.len() && digits(v).contains(&qd))
+                            v.contains(q.as_str())
+                                || (qd.len() >= 5 && qd.len() * 2 >= q.len() && digits(v).contains(&qd))
                         })
                     }
                 })
@@ -1053,11 +1119,19 @@ fn check_fields(s: &State, item: &Value, rid: &str, errors: &mut Vec<(String, St
         };
         for (j, cf) in list.iter().enumerate() {
             if field_of(s, cf).is_none() {
-                errors.push((rid.into(), "NotSupportedChoice".into(), format!("custom_fields_values.{j}.field_id")));
+                errors.push((
+                    rid.into(),
+                    "NotSupportedChoice".into(),
+                    format!("custom_fields_values.{j}.field_id"),
+                ));
             }
             match cf.get("values") {
                 Some(Value::Null) | Some(Value::Array(_)) => {}
-                _ => errors.push((rid.into(), "InvalidType".into(), format!("custom_fields_values.{j}.values"))),
+                _ => errors.push((
+                    rid.into(),
+                    "InvalidType".into(),
+                    format!("custom_fields_values.{j}.values"),
+                )),
             }
         }
     }
@@ -1160,10 +1234,18 @@ fn create_contacts(s: &mut State, body: &Value) -> (u16, String, String) {
         if let Some(c) = s.contacts.get_mut(&id) {
             c.fields = fields;
         }
-        s.event("contact_added".into(), id, "contact", json!([]), json!([{"contact": {"id": id}}]));
+        s.event(
+            "contact_added".into(),
+            id,
+            "contact",
+            json!([]),
+            json!([{"contact": {"id": id}}]),
+        );
         out.push(json!({"id": id, "request_id": request_id(item, i), "_links": {"self": {"href": format!("{}/api/v4/contacts/{id}", s.base)}}}));
     }
-    ok(json!({"_links": {"self": {"href": format!("{}/api/v4/contacts", s.base)}}, "_embedded": {"contacts": out}}))
+    ok(
+        json!({"_links": {"self": {"href": format!("{}/api/v4/contacts", s.base)}}, "_embedded": {"contacts": out}}),
+    )
 }
 
 fn patch_contacts(s: &mut State, body: &Value) -> (u16, String, String) {
@@ -1187,7 +1269,9 @@ fn patch_contacts(s: &mut State, body: &Value) -> (u16, String, String) {
     }
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let Some(id) = item.get("id").and_then(Value::as_i64) else { continue };
+        let Some(id) = item.get("id").and_then(Value::as_i64) else {
+            continue;
+        };
         apply_fields(s, id, item);
         let names = |k: &str| -> Vec<String> {
             item.get(k)
@@ -1219,7 +1303,18 @@ fn create_fields(s: &mut State, body: &Value) -> (u16, String, String) {
     for (i, item) in items.iter().enumerate() {
         let rid = request_id(item, i);
         let kind = item.get("type").and_then(Value::as_str).unwrap_or("");
-        if !["numeric", "text", "select", "date", "checkbox", "url", "textarea", "multitext"].contains(&kind) {
+        if ![
+            "numeric",
+            "text",
+            "select",
+            "date",
+            "checkbox",
+            "url",
+            "textarea",
+            "multitext",
+        ]
+        .contains(&kind)
+        {
             errors.push((rid.clone(), "NotSupportedChoice".into(), "type".into()));
         }
         if item.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
@@ -1264,7 +1359,10 @@ fn add_notes(s: &mut State, body: &Value) -> (u16, String, String) {
         {
             errors.push((rid.clone(), "NotFound".into(), "entity_id".into()));
         }
-        if !matches!(item.get("note_type").and_then(Value::as_str), Some("common" | "service_message")) {
+        if !matches!(
+            item.get("note_type").and_then(Value::as_str),
+            Some("common" | "service_message")
+        ) {
             errors.push((rid, "NotSupportedChoice".into(), "note_type".into()));
         }
     }
