@@ -1071,6 +1071,67 @@ async fn once_with_only_base_url_and_token_file_matches_creates_and_pushes() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_amocrm_commands_authorise_and_create_the_fields() {
+    let w = world(Setup {
+        oauth: true,
+        ..Setup::default()
+    })
+    .await;
+    let kopilka = |args: Vec<String>| {
+        let config = w.dir.path().join("kopilka.toml");
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_kopilka"))
+                    .arg("--config")
+                    .arg(config)
+                    .args(args)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let code = w.sim.issue_code();
+    let out = kopilka(vec!["amocrm".into(), "auth".into(), "--code".into(), code]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("authorised"));
+    assert!(
+        w.ctx
+            .ledger
+            .lock()
+            .amocrm_tokens_load(&w.sim.base_url)
+            .unwrap()
+            .is_some()
+    );
+    // the system clock of the command is not the test's: the stored pair is used as is
+    let out = kopilka(vec!["amocrm".into(), "fields".into()]).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("missing (kopilka amocrm fields --create)"),
+        "{text}"
+    );
+    let out = kopilka(vec!["amocrm".into(), "fields".into(), "--create".into()]).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("created 10 fields"), "{text}");
+    assert!(!text.contains("missing"), "{text}");
+    for code in ["KOPILKA_POINTS", "KOPILKA_OFFER", "KOPILKA_CARD"] {
+        assert!(w.sim.field_codes().iter().any(|c| c == code));
+    }
+    // a used code is refused with the vendor's hint
+    let out = kopilka(vec![
+        "amocrm".into(),
+        "auth".into(),
+        "--code".into(),
+        "nonsense".into(),
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Authorization code is invalid"));
+}
+
 // ---------------------------------------------------------------------------------------
 // Pure parts: the decision table, the shipped field map, the webhook receiver
 // ---------------------------------------------------------------------------------------

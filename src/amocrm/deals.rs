@@ -40,12 +40,14 @@ pub struct PollReport {
 
 /// Event types polled: status changes and price edits of leads, contacts added, and edits
 /// of the contact fields that identify a customer (`custom_field_<id>_value_changed`).
-pub fn event_types(phone: Option<i64>, email: Option<i64>, card: Option<i64>) -> Vec<String> {
-    let mut t = vec![
-        "lead_status_changed".to_string(),
-        "sale_field_changed".to_string(),
-        "contact_added".to_string(),
-    ];
+/// Lead events only when deals are read (`pipelines` configured).
+pub fn event_types(deals: bool, phone: Option<i64>, email: Option<i64>, card: Option<i64>) -> Vec<String> {
+    let mut t = Vec::new();
+    if deals {
+        t.push("lead_status_changed".to_string());
+        t.push("sale_field_changed".to_string());
+    }
+    t.push("contact_added".to_string());
     for id in [phone, email, card].into_iter().flatten() {
         t.push(format!("custom_field_{id}_value_changed"));
     }
@@ -179,7 +181,12 @@ pub async fn poll(conn: &Connector) -> Result<PollReport, AmoError> {
         .unwrap_or_else(|| now.timestamp());
     let from = cursor - amo.overlap.num_seconds();
     let fields = conn.fields().await?;
-    let types = event_types(fields.phone, fields.email, fields.id(CardValue::Card));
+    let types = event_types(
+        !amo.pipelines.is_empty(),
+        fields.phone,
+        fields.email,
+        fields.id(CardValue::Card),
+    );
     let path = format!(
         "/api/v4/events?filter[type]={}&filter[created_at][from]={from}&limit={}",
         types.join(","),
