@@ -197,6 +197,11 @@ impl ContactSink<'_> {
                 && e.class() == Class::Permanent
                 && resends < RESEND_WITHOUT_INVALID_TIMES
             {
+                if errs.iter().any(|x| x.detail.contains("custom_fields_values")) {
+                    // a field may have been deleted in the account: resolve the map again
+                    // on the next run (and re-create kopilka's own fields)
+                    self.conn.forget_fields().await;
+                }
                 let mut bad = HashMap::new();
                 for err in errs {
                     if let Some(p) = err.request_id.parse::<usize>().ok().and_then(|i| todo.get(i)) {
