@@ -1,5 +1,6 @@
 //! kopilka: a loyalty ledger between 1C:Enterprise and AmoCRM. See ARCHITECTURE.md.
 
+pub mod amocrm;
 pub mod cli;
 pub mod clock;
 pub mod config;

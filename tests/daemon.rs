@@ -54,6 +54,7 @@ fn prepare(dir: &std::path::Path, extra: &str) -> config::Config {
                 source: "test".into(),
                 items,
                 checkpoint: Some("20".into()),
+                ..Default::default()
             },
             &cfg.ingest_context(now, &dest),
         )

@@ -292,6 +292,7 @@ fn the_checkpoint_commits_with_its_documents() {
             &[("P1", 1, 100)],
         )))],
         checkpoint: Some("2026-03-02T10:00:00".into()),
+        ..Default::default()
     };
     env.ingest_batch(batch);
     assert_eq!(

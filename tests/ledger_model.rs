@@ -410,6 +410,7 @@ fn run(ops: Vec<Op>, stamped: bool) {
                         source: "model".into(),
                         items: vec![Item::Incoming(inc.clone())],
                         checkpoint: Some(n.to_string()),
+                        ..Default::default()
                     },
                     &ctx,
                 )
@@ -438,6 +439,7 @@ fn run(ops: Vec<Op>, stamped: bool) {
                 source: "model".into(),
                 items: ingested.iter().cloned().map(Item::Incoming).collect(),
                 checkpoint: None,
+                ..Default::default()
             },
             &ctx,
         )

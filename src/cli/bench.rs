@@ -135,6 +135,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                         source: "bench".into(),
                         items,
                         checkpoint: Some(n.to_string()),
+                        ..Default::default()
                     },
                     &cfg.ingest_context(now, &dest),
                 )?;

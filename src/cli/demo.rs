@@ -62,6 +62,7 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<ExitCode> {
             source: "demo".into(),
             items: chunk.iter().cloned().map(Item::Incoming).collect(),
             checkpoint: Some(format!("{}", (i + 1) * cfg.max_documents_per_transaction)),
+            ..Default::default()
         };
         let r = ledger.ingest(batch, &cfg.ingest_context(clock.now(), &dest))?;
         quarantined += r.quarantined;

@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and output formatting only. Each command calls
 //! into the ledger (or, later, the daemon) and prints what it gets back.
 
+mod amocrm;
 mod bench;
 mod demo;
 mod output;
@@ -137,6 +138,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Measure throughput on synthetic data.
     Bench(bench::BenchArgs),
+    /// AmoCRM: authorise, card fields, customers not linked to a contact.
+    Amocrm(amocrm::AmocrmArgs),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -666,6 +669,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Amocrm(a) => amocrm::run(&cli, a),
     }
 }
 

@@ -5,6 +5,7 @@
 //! run the nightly jobs). Connectors contribute jobs through [`registry::jobs`]; `once`
 //! runs each enabled job one time, the daemon on its schedule.
 
+pub mod amocrm;
 pub mod http;
 pub mod registry;
 pub mod report_html;

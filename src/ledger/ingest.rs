@@ -31,6 +31,10 @@ pub struct Batch {
     pub items: Vec<Item>,
     /// The source's cursor after these items; stored in the same transaction.
     pub checkpoint: Option<String>,
+    /// Event ids (with their creation time) the source consumed to produce these items —
+    /// AmoCRM's events are polled with an overlap and de-duplicated by id — stored in the
+    /// same transaction as the checkpoint.
+    pub consumed_events: Vec<(String, i64)>,
 }
 
 // Rejections are rare; see `Incoming`.
@@ -1319,6 +1323,14 @@ impl Ledger {
                 }
             }
         }
+        if !batch.consumed_events.is_empty() {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO amocrm_seen_events (event_id, created_at) VALUES (?1, ?2)",
+            )?;
+            for (id, at) in &batch.consumed_events {
+                st.execute(params![id, at])?;
+            }
+        }
         if let Some(cursor) = &batch.checkpoint {
             tx.prepare_cached(
                 "INSERT INTO checkpoints (source, cursor, updated_at) VALUES (?1, ?2, ?3) \
@@ -1518,7 +1530,7 @@ pub(super) fn finish_write(
 
 /// Queues the visible state of each touched customer for the contact destination, if one
 /// is configured. Rows coalesce per customer: only the newest state is delivered.
-fn enqueue_contact_states(
+pub(super) fn enqueue_contact_states(
     conn: &Connection,
     touched: &BTreeSet<i64>,
     ctx: &IngestContext<'_>,

@@ -8,6 +8,7 @@
 //! backend (PostgreSQL for chains that outgrow one machine) can stand in later.
 
 mod accounting;
+mod amocrm_state;
 mod catalog;
 mod delivery;
 mod ingest;
@@ -30,6 +31,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OpenFlags};
 
 pub use accounting::{Books, Posting, PostingRecord, movement_of};
+pub use amocrm_state::{
+    CardFigures, CustomerKeys, EVENTS_CHECKPOINT, NOTES_DESTINATION, NoteFacts, StoredTokens, Unmatched,
+};
 pub use catalog::{CatalogItem, CatalogReport, CostPolicy};
 pub use delivery::{DeliveryError, DeliveryPolicy, DeliveryReport, SharedLedger, Sink, deliver_due};
 pub use ingest::{

@@ -264,6 +264,7 @@ pub fn import_reader<R: std::io::BufRead>(
                     source: settings.checkpoint_source.clone(),
                     items: std::mem::take(batch),
                     checkpoint: Some(format!("{label}#{seen}")),
+                    ..Default::default()
                 },
                 &ctx,
             )?;

@@ -111,6 +111,7 @@ impl Env {
             source: "test".into(),
             items,
             checkpoint: None,
+            ..Default::default()
         })
     }
 

@@ -451,6 +451,7 @@ impl OdataPoller {
                             source: prices_key,
                             items: Vec::new(),
                             checkpoint: Some(c),
+                            ..Default::default()
                         },
                         &ctx,
                     )?;
@@ -460,6 +461,7 @@ impl OdataPoller {
                         source: catalog_key,
                         items: Vec::new(),
                         checkpoint: Some(now.to_rfc3339()),
+                        ..Default::default()
                     },
                     &ctx,
                 )?;

@@ -1103,6 +1103,7 @@ impl OdataPoller {
                         source,
                         items,
                         checkpoint,
+                        ..Default::default()
                     },
                     &ctx,
                 )

@@ -1,0 +1,296 @@
+//! The contact-card fields kopilka fills, where they live in the account, and creating the
+//! missing ones (`kopilka amocrm fields --create`).
+//!
+//! Each value has a stable default code (`KOPILKA_POINTS`, …) so integrators can build on
+//! them; `mappings/amocrm.toml` may point a value at an existing field by id or code, or
+//! switch it off with `false`.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use super::AmoError;
+use super::client::{Client, Send};
+use super::wire::CustomField;
+
+/// A value kopilka writes on a contact card.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CardValue {
+    Points,
+    Pending,
+    Tier,
+    Discount,
+    BurnPoints,
+    BurnDate,
+    Ltv,
+    LastPurchase,
+    Card,
+    Offer,
+}
+
+impl CardValue {
+    pub const ALL: [CardValue; 10] = [
+        CardValue::Points,
+        CardValue::Pending,
+        CardValue::Tier,
+        CardValue::Discount,
+        CardValue::BurnPoints,
+        CardValue::BurnDate,
+        CardValue::Ltv,
+        CardValue::LastPurchase,
+        CardValue::Card,
+        CardValue::Offer,
+    ];
+
+    /// The key in `mappings/amocrm.toml`.
+    pub fn key(self) -> &'static str {
+        match self {
+            CardValue::Points => "points",
+            CardValue::Pending => "pending",
+            CardValue::Tier => "tier",
+            CardValue::Discount => "discount",
+            CardValue::BurnPoints => "burn_points",
+            CardValue::BurnDate => "burn_date",
+            CardValue::Ltv => "ltv",
+            CardValue::LastPurchase => "last_purchase",
+            CardValue::Card => "card",
+            CardValue::Offer => "offer",
+        }
+    }
+
+    pub fn default_code(self) -> &'static str {
+        match self {
+            CardValue::Points => "KOPILKA_POINTS",
+            CardValue::Pending => "KOPILKA_PENDING",
+            CardValue::Tier => "KOPILKA_TIER",
+            CardValue::Discount => "KOPILKA_DISCOUNT",
+            CardValue::BurnPoints => "KOPILKA_BURN_POINTS",
+            CardValue::BurnDate => "KOPILKA_BURN_DATE",
+            CardValue::Ltv => "KOPILKA_LTV",
+            CardValue::LastPurchase => "KOPILKA_LAST_PURCHASE",
+            CardValue::Card => "KOPILKA_CARD",
+            CardValue::Offer => "KOPILKA_OFFER",
+        }
+    }
+
+    /// The name managers see on the card.
+    pub fn name_ru(self) -> &'static str {
+        match self {
+            CardValue::Points => "Бонусные баллы",
+            CardValue::Pending => "Баллы в ожидании",
+            CardValue::Tier => "Уровень",
+            CardValue::Discount => "Скидка уровня, %",
+            CardValue::BurnPoints => "Баллы сгорают скоро",
+            CardValue::BurnDate => "Дата сгорания баллов",
+            CardValue::Ltv => "LTV, руб.",
+            CardValue::LastPurchase => "Последняя покупка",
+            CardValue::Card => "Карта лояльности",
+            CardValue::Offer => "Следующее предложение",
+        }
+    }
+
+    /// The AmoCRM field type.
+    pub fn field_type(self) -> &'static str {
+        match self {
+            CardValue::Points
+            | CardValue::Pending
+            | CardValue::Discount
+            | CardValue::BurnPoints
+            | CardValue::Ltv => "numeric",
+            CardValue::BurnDate | CardValue::LastPurchase => "date",
+            CardValue::Tier | CardValue::Card | CardValue::Offer => "text",
+        }
+    }
+
+    /// Read-only for people: figures the ledger owns. The card number stays editable, so
+    /// a manager can type it and link the contact.
+    pub fn api_only(self) -> bool {
+        !matches!(self, CardValue::Card)
+    }
+}
+
+/// Where a value is written: a field id, or a field code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Id(i64),
+    Code(String),
+}
+
+/// The field map: each value's target, or `None` when switched off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldMap(pub Vec<(CardValue, Option<Target>)>);
+
+impl Default for FieldMap {
+    fn default() -> Self {
+        FieldMap(
+            CardValue::ALL
+                .iter()
+                .map(|v| (*v, Some(Target::Code(v.default_code().to_string()))))
+                .collect(),
+        )
+    }
+}
+
+impl FieldMap {
+    /// Reads `[fields]` from a mapping file; absent keys keep their default code. Every
+    /// problem is reported at once.
+    pub fn load(path: Option<&Path>) -> Result<FieldMap, String> {
+        let Some(path) = path else {
+            return Ok(FieldMap::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the amocrm field map {}: {e}", path.display()))?;
+        FieldMap::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<FieldMap, String> {
+        let table: toml::Table = text.parse().map_err(|e| format!("not valid TOML: {e}"))?;
+        let mut map = FieldMap::default();
+        let mut problems = Vec::new();
+        for k in table.keys() {
+            if k != "fields" {
+                problems.push(format!("unknown section {k:?} (expected [fields])"));
+            }
+        }
+        if let Some(fields) = table.get("fields") {
+            let Some(fields) = fields.as_table() else {
+                return Err("fields must be a table".into());
+            };
+            for (k, v) in fields {
+                let Some(value) = CardValue::ALL.iter().find(|c| c.key() == k) else {
+                    problems.push(format!(
+                        "fields.{k}: unknown value; one of {}",
+                        CardValue::ALL.map(CardValue::key).join(", ")
+                    ));
+                    continue;
+                };
+                let target = match v {
+                    toml::Value::Integer(i) if *i > 0 => Some(Target::Id(*i)),
+                    toml::Value::String(s) if !s.trim().is_empty() => {
+                        Some(Target::Code(s.trim().to_string()))
+                    }
+                    toml::Value::Boolean(false) => None,
+                    other => {
+                        problems.push(format!(
+                            "fields.{k}: {other} is not a field id (a positive number), a field code (text) or false"
+                        ));
+                        continue;
+                    }
+                };
+                if let Some(slot) = map.0.iter_mut().find(|(c, _)| c == value) {
+                    slot.1 = target;
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(map)
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// The map resolved against the account: field ids to write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub ids: Vec<(CardValue, i64)>,
+    /// Values whose field does not exist in the account (with the target sought).
+    pub missing: Vec<(CardValue, Target)>,
+    pub phone: Option<i64>,
+    pub email: Option<i64>,
+}
+
+impl Resolved {
+    pub fn id(&self, v: CardValue) -> Option<i64> {
+        self.ids.iter().find(|(c, _)| *c == v).map(|(_, id)| *id)
+    }
+}
+
+/// Every contact field of the account.
+pub async fn list(client: &Client) -> Result<Vec<CustomField>, AmoError> {
+    client
+        .get_all("/api/v4/contacts/custom_fields?limit=250", "custom_fields")
+        .await
+}
+
+pub fn resolve(map: &FieldMap, fields: &[CustomField]) -> Resolved {
+    let by_code = |code: &str| {
+        fields
+            .iter()
+            .find(|f| f.code.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(code)))
+            .map(|f| f.id)
+    };
+    let mut r = Resolved {
+        phone: by_code("PHONE"),
+        email: by_code("EMAIL"),
+        ..Default::default()
+    };
+    for (value, target) in &map.0 {
+        let Some(target) = target else { continue };
+        let found = match target {
+            Target::Id(id) => fields.iter().find(|f| f.id == *id).map(|f| f.id),
+            Target::Code(c) => by_code(c),
+        };
+        match found {
+            Some(id) => r.ids.push((*value, id)),
+            None => r.missing.push((*value, target.clone())),
+        }
+    }
+    r
+}
+
+/// Creates the missing fields that are named by code (a missing field id cannot be
+/// created: it names a field that was deleted). Returns the values created.
+pub async fn create_missing(
+    client: &Client,
+    missing: &[(CardValue, Target)],
+) -> Result<Vec<CardValue>, AmoError> {
+    let mut body = Vec::new();
+    let mut created = Vec::new();
+    for (i, (value, target)) in missing.iter().enumerate() {
+        let Target::Code(code) = target else { continue };
+        body.push(json!({
+            "name": value.name_ru(),
+            "type": value.field_type(),
+            "code": code,
+            "sort": 500 + i,
+            "is_api_only": value.api_only(),
+            "request_id": i.to_string(),
+        }));
+        created.push(*value);
+    }
+    if body.is_empty() {
+        return Ok(created);
+    }
+    let body = Value::Array(body);
+    client
+        .send(
+            reqwest::Method::POST,
+            "/api/v4/contacts/custom_fields",
+            Send {
+                body: Some(&body),
+                halve_on_504: false,
+            },
+        )
+        .await?;
+    Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_files_override_defaults_and_report_every_problem() {
+        let m = FieldMap::parse("[fields]\npoints = 123\noffer = false\ntier = \"MY_TIER\"\n").unwrap();
+        assert!(m.0.contains(&(CardValue::Points, Some(Target::Id(123)))));
+        assert!(m.0.contains(&(CardValue::Offer, None)));
+        assert!(m.0.contains(&(CardValue::Tier, Some(Target::Code("MY_TIER".into())))));
+        assert!(m.0.contains(&(CardValue::Ltv, Some(Target::Code("KOPILKA_LTV".into())))));
+        let e = FieldMap::parse("[fields]\nbalance = 1\npoints = -2\n[other]\n").unwrap_err();
+        assert!(
+            e.contains("fields.balance") && e.contains("fields.points") && e.contains("\"other\""),
+            "{e}"
+        );
+    }
+}
