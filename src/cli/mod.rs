@@ -15,7 +15,6 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{self, Config, EXIT_CONFIG};
-use crate::core::journal::Flag;
 use crate::ledger::{AdjustOutcome, AdjustRequest, DateRange, Ledger, OutboxFilter, OutboxState};
 
 #[derive(Parser, Debug)]
@@ -745,15 +744,5 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// Prints flags raised while applying documents, one per line.
-pub(crate) fn print_flags(flags: &[(String, Flag)], limit: usize) {
-    for (doc, f) in flags.iter().take(limit) {
-        println!("  flag {} on {doc}: {}", f.code, f.detail);
-    }
-    if flags.len() > limit {
-        println!("  … and {} more flags", flags.len() - limit);
     }
 }

@@ -565,7 +565,18 @@ pub fn reconciliation(r: &crate::ledger::Reconciliation, format: super::Format) 
         "reversed",
         "to 1C ok/wait/dead"
     );
-    for d in &r.days {
+    let quiet = |d: &crate::ledger::DayRow| {
+        d.source_documents == 0
+            && d.ledger_sales == 0
+            && d.ledger_returns == 0
+            && d.points_accrued == 0
+            && d.points_redeemed == 0
+            && d.points_expired == 0
+            && d.points_reversed == 0
+            && d.postings_delivered + d.postings_pending + d.postings_dead == 0
+    };
+    let omitted = r.days.iter().filter(|d| quiet(d)).count();
+    for d in r.days.iter().filter(|d| !quiet(d)) {
         println!(
             "{:<10} {:>6} {:>14} {:>6} {:>6} {:>14} {:>9} {:>9} {:>8} {:>9} {:>17}",
             d.day,
@@ -583,6 +594,9 @@ pub fn reconciliation(r: &crate::ledger::Reconciliation, format: super::Format) 
                 d.postings_delivered, d.postings_pending, d.postings_dead
             )
         );
+    }
+    if omitted > 0 {
+        println!("({omitted} days without any activity omitted)");
     }
     if r.differences.is_empty() {
         println!("no differences: the ledger holds exactly what the source holds");

@@ -608,7 +608,12 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
                         .into(),
                 );
             }
-            match crate::rules_file::load(path) {
+            // a relative path is taken from the configuration file's folder
+            let path = match base {
+                Some(b) if path.is_relative() => b.join(path),
+                _ => path.clone(),
+            };
+            match crate::rules_file::load(&path) {
                 Ok(mut r) => {
                     r.timezone = timezone;
                     warn_before = r.warn_before;
@@ -784,7 +789,10 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
             total_tolerance: Money(1),
         },
         program,
-        rules_file: raw.rules.path.clone(),
+        rules_file: raw.rules.path.as_ref().map(|p| match base {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p.clone(),
+        }),
         warn_before,
         delivery: DeliveryPolicy {
             max_attempts: attempts,
