@@ -60,7 +60,11 @@ shutdown_deadline_seconds = 5
 
 fn kopilka(config: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kopilka"));
-    c.arg("--config").arg(config).args(args).stdout(Stdio::null()).stderr(Stdio::null());
+    c.arg("--config")
+        .arg(config)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     c.env("KOPILKA_LOG", "warn");
     c
 }
@@ -77,7 +81,14 @@ async fn killed_at_random_the_daemon_loses_and_doubles_nothing() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20261123);
     let mut rng = fastrand::Rng::with_seed(seed);
-    let onec = OdataSimBuilder::new(seed).sales(1500).customers(120).products(80).lines(3).start().await.unwrap();
+    let onec = OdataSimBuilder::new(seed)
+        .sales(1500)
+        .customers(120)
+        .products(80)
+        .lines(3)
+        .start()
+        .await
+        .unwrap();
     let amo = AmoSim::builder()
         .requests_per_second(50)
         .long_lived_token("crash-token", chrono::Utc::now() + chrono::Duration::days(30))
@@ -114,23 +125,35 @@ async fn killed_at_random_the_daemon_loses_and_doubles_nothing() {
     // (here due now rather than tomorrow)
     {
         let cfg = std::sync::Arc::new(config::load(Some(&cfg_path), &[]).unwrap());
-        let shared = kopilka::ledger::SharedLedger::new(Ledger::open(&cfg.ledger_path, &OpenOptions::default()).unwrap());
+        let shared = kopilka::ledger::SharedLedger::new(
+            Ledger::open(&cfg.ledger_path, &OpenOptions::default()).unwrap(),
+        );
         let poller = kopilka::onec::odata::OdataPoller::new(cfg).unwrap();
         poller
-            .rescan(&shared, chrono::Utc::now(), &tokio_util::sync::CancellationToken::new())
+            .rescan(
+                &shared,
+                chrono::Utc::now(),
+                &tokio_util::sync::CancellationToken::new(),
+            )
             .await
             .unwrap_or_else(|e| panic!("seed {seed}: re-scan: {e}"));
     }
     // converge: run every job until nothing is left to do
     for _ in 0..5 {
         let status = kopilka(&cfg_path, &["once"]).status().expect("kopilka once");
-        assert!(status.success(), "seed {seed}: `kopilka once` failed after the crashes");
+        assert!(
+            status.success(),
+            "seed {seed}: `kopilka once` failed after the crashes"
+        );
     }
 
     let cfg = config::load(Some(&cfg_path), &[]).unwrap();
     let ledger = Ledger::open(&cfg.ledger_path, &OpenOptions::default()).unwrap();
     let v = ledger.verify().unwrap();
-    assert!(v.is_empty(), "seed {seed}: ledger verify after {KILLS} kills: {v:#?}");
+    assert!(
+        v.is_empty(),
+        "seed {seed}: ledger verify after {KILLS} kills: {v:#?}"
+    );
     // re-scan everything the overlap window missed, as the periodic re-scan would
     let s = ledger.summary(&DateRange::default(), chrono::Utc::now()).unwrap();
     let t = onec.truth();
@@ -144,7 +167,9 @@ async fn killed_at_random_the_daemon_loses_and_doubles_nothing() {
     for contact in amo.contact_ids() {
         for phone in amo.phones(contact) {
             if let Some(other) = phones_seen.insert(phone.clone(), contact) {
-                panic!("seed {seed}: contacts {other} and {contact} both carry {phone}: a contact was doubled");
+                panic!(
+                    "seed {seed}: contacts {other} and {contact} both carry {phone}: a contact was doubled"
+                );
             }
         }
     }
@@ -158,8 +183,14 @@ async fn killed_at_random_the_daemon_loses_and_doubles_nothing() {
             .as_deref()
             .and_then(|c| c.parse().ok())
             .unwrap_or_else(|| panic!("seed {seed}: customer id:{id} has no AmoCRM contact"));
-        let shown = amo.field_value(contact, "KOPILKA_POINTS").and_then(|v| v.parse::<i64>().ok());
-        assert_eq!(shown, Some(b.available), "seed {seed}: contact {contact} of customer id:{id}");
+        let shown = amo
+            .field_value(contact, "KOPILKA_POINTS")
+            .and_then(|v| v.parse::<i64>().ok());
+        assert_eq!(
+            shown,
+            Some(b.available),
+            "seed {seed}: contact {contact} of customer id:{id}"
+        );
         checked += 1;
     }
     assert!(checked >= 100, "seed {seed}: only {checked} customers");

@@ -120,6 +120,8 @@ pub(super) struct RawAmocrm {
     pub events_page_size: Option<u32>,
     pub overlap_seconds: Option<i64>,
     pub timeout_seconds: Option<u64>,
+    pub backoff_initial_ms: Option<u64>,
+    pub backoff_max_ms: Option<u64>,
     pub mapping: Option<PathBuf>,
     pub notes: Option<Vec<String>>,
     pub note_accrual_min_points: Option<i64>,
@@ -211,6 +213,9 @@ pub struct AmocrmConfig {
     pub events_page_size: u32,
     pub overlap: chrono::Duration,
     pub timeout: std::time::Duration,
+    /// Back-off after 429s and failures: doubles from the initial delay up to the maximum.
+    pub backoff_initial: std::time::Duration,
+    pub backoff_max: std::time::Duration,
     /// Field map (`mappings/amocrm.toml`); built-in codes when absent.
     pub mapping: Option<PathBuf>,
     /// Which notes to write on contacts: accrual, redemption, tier, expiry.
@@ -471,6 +476,12 @@ pub(super) fn amocrm(raw: &RawAmocrm, c: &mut Check<'_>) -> AmocrmConfig {
         events_page_size: events,
         overlap: chrono::Duration::seconds(raw.overlap_seconds.unwrap_or(300).clamp(0, 86_400)),
         timeout: std::time::Duration::from_secs(raw.timeout_seconds.unwrap_or(30).clamp(1, 600)),
+        backoff_initial: std::time::Duration::from_millis(
+            raw.backoff_initial_ms.unwrap_or(1000).clamp(1, 60_000),
+        ),
+        backoff_max: std::time::Duration::from_millis(
+            raw.backoff_max_ms.unwrap_or(60_000).clamp(1, 3_600_000),
+        ),
         mapping: raw.mapping.clone(),
         notes,
         note_accrual_min_points: raw.note_accrual_min_points.unwrap_or(100),
