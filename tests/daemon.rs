@@ -33,7 +33,9 @@ fn prepare(dir: &std::path::Path, extra: &str) -> config::Config {
     let cfg = config::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{e}"));
     // a few sales so balances and quotes have something to show
     let mut ledger = Ledger::open(&cfg.ledger_path, &OpenOptions::default()).unwrap();
-    let shop = Shop::generate(1, 50, 5);
+    // three weeks old: past the return window (so usable at the till) and on the status chart
+    let mut shop = Shop::generate(1, 50, 5);
+    shop.start = chrono::Utc::now() - chrono::Duration::days(21);
     let mut rng = fastrand::Rng::with_seed(1);
     let items = (0..20)
         .map(|i| {
@@ -47,7 +49,7 @@ fn prepare(dir: &std::path::Path, extra: &str) -> config::Config {
         })
         .collect();
     let dest = cfg.destinations();
-    let now = shop.start + chrono::Duration::days(60);
+    let now = chrono::Utc::now();
     ledger
         .ingest(
             Batch {
@@ -143,6 +145,25 @@ async fn jobs_run_on_schedule_and_the_endpoint_answers() {
         page.contains("<svg") && page.contains("Синхронизация") && page.contains("nightly"),
         "{page}"
     );
+
+    // the accountants' report: a period in days or all time; anything else is refused
+    for q in ["", "?days=90", "?days=all"] {
+        let r = http.get(format!("{}/report{q}", d.base)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "/report{q}");
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains("Программа лояльности") && body.contains("/report?days=all"),
+            "/report{q}: {body}"
+        );
+    }
+    let bad = http
+        .get(format!("{}/report?days=-3", d.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let problem = bad.text().await.unwrap();
+    assert!(problem.contains("days"), "{problem}");
 
     // the till API needs the bearer token
     let card = "200000000000";

@@ -7,6 +7,7 @@
 //! is delivered: contact fields to AmoCRM, bonus documents back to 1C. At the end the
 //! ledger is compared with both simulators' truth, reconciled and verified.
 
+use chrono::DurationRound;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -63,6 +64,21 @@ impl Progress {
     }
 }
 
+/// The demo's history covers the last three months (or more, for many sales at one every
+/// 7 minutes) and ends yesterday, so the pages for "today" and "the last 30 days" show it and
+/// most points have passed the return window. Whole hours, so runs on one day agree.
+fn demo_history(sales: usize) -> (chrono::DateTime<chrono::Utc>, i64) {
+    let spacing = (90 * 24 * 60 / sales.max(1) as i64).max(7);
+    // the base later gets sales/20 (at least 5) more, and a few returns a minute apart
+    let generated = sales + (sales / 20).max(5) + 50;
+    let span = chrono::Duration::minutes(spacing * generated as i64) + chrono::Duration::days(1);
+    let at = chrono::Utc::now() - span;
+    (
+        at.duration_trunc(chrono::Duration::hours(1)).unwrap_or(at),
+        spacing,
+    )
+}
+
 pub fn run(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(demo(a))
@@ -84,12 +100,15 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     );
 
     p.show("starting the 1C (OData) and AmoCRM simulators on loopback");
+    let (history_start, spacing) = demo_history(a.sales);
     let onec = OdataSimBuilder::new(a.seed)
         .sales(a.sales)
         .customers(a.customers.max(1))
         .products(300)
         .lines(3)
         .returns_percent(3)
+        .starting_at(history_start)
+        .spacing_minutes(spacing)
         .start()
         .await
         .context("starting the 1C simulator")?;
@@ -122,7 +141,7 @@ url = "{odata}"
 user = "{user}"
 password_file = "odata-password"
 mapping = "roznica"
-overlap_minutes = 1440
+overlap_minutes = {overlap}
 [onec.site_exchange]
 listen = "127.0.0.1:0"
 user = "1c"
@@ -138,6 +157,9 @@ postback = "commerceml"
 http_listen = "127.0.0.1:0"
 "#,
         ledger = dir.join("kopilka.db").display(),
+        // the demo edits its latest ~20 documents; the window reaches them, as a shop's
+        // overlap reaches the days its staff still correct
+        overlap = (spacing * 30).max(1440),
         exchange = dir.join("exchange").display(),
         odata = onec.base_url(),
         user = onec.user(),

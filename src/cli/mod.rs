@@ -577,7 +577,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let range = local_range(&cfg, *from, *to)?;
             let r = ledger.program_report(&range, now, cfg.program.point_value.0)?;
             match format {
-                Format::Html => println!("{}", crate::daemon::report_html::render(&r, cfg.timezone)),
+                Format::Html => println!("{}", crate::daemon::report_html::render(&r, cfg.timezone, false)),
                 Format::Json | Format::Csv => println!("{}", serde_json::to_string_pretty(&r)?),
                 Format::Table => output::report(&r),
             }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -439,15 +439,31 @@ async fn quote_handler(State(s): State<AppState>, headers: HeaderMap, body: axum
     }
 }
 
-async fn report(State(s): State<AppState>) -> Response {
+/// `?days=N` (default 30) or `?days=all` picks the period ending now.
+#[derive(Deserialize)]
+struct ReportQuery {
+    days: Option<String>,
+}
+
+async fn report(State(s): State<AppState>, Query(q): Query<ReportQuery>) -> Response {
     let now = s.ctx.clock.now();
     let pv = s.ctx.cfg.program.point_value.0;
-    let range = DateRange {
-        from: Some(now - Duration::days(30)),
-        to: None,
+    let from = match q.days.as_deref().map(str::trim) {
+        None | Some("") => Some(now - Duration::days(30)),
+        Some("all") => None,
+        Some(d) => match d.parse::<u16>() {
+            Ok(n) if n > 0 => Some(now - Duration::days(i64::from(n))),
+            _ => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    format!("days: expected a number of days from 1 to 65535 or \"all\", got {d:?}"),
+                );
+            }
+        },
     };
+    let range = DateRange { from, to: None };
     match s.ctx.ledger.run(move |l| l.program_report(&range, now, pv)).await {
-        Ok(r) => Html(super::report_html::render(&r, s.ctx.cfg.timezone)).into_response(),
+        Ok(r) => Html(super::report_html::render(&r, s.ctx.cfg.timezone, true)).into_response(),
         Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, format!("ledger: {e}")),
     }
 }
@@ -463,24 +479,30 @@ fn esc(text: &str) -> String {
 fn chart(days: &[(chrono::NaiveDate, i64, i64, i64)]) -> String {
     let w = 720.0;
     let h = 220.0;
-    let max = days.iter().map(|d| d.1.max(d.2 + d.3)).max().unwrap_or(0).max(1) as f64;
+    // the axis sits where the larger side needs it, so a month with no redemptions
+    // does not leave half the chart empty
+    let up_max = days.iter().map(|d| d.1).max().unwrap_or(0).max(0) as f64;
+    let down_max = days.iter().map(|d| d.2 + d.3).max().unwrap_or(0).max(0) as f64;
+    let scale = (up_max + down_max).max(1.0);
+    let usable = h - 20.0;
+    let mid = 10.0 + usable * up_max / scale;
+    let per_point = usable / scale;
     let n = days.len().max(1) as f64;
     let bar = w / n;
-    let mid = h / 2.0;
     let mut svg = format!(
         "<svg viewBox=\"0 0 {w} {h}\" width=\"100%\" role=\"img\" aria-label=\"points per day\">\
-         <line x1=\"0\" y1=\"{mid}\" x2=\"{w}\" y2=\"{mid}\" stroke=\"#999\"/>"
+         <line x1=\"0\" y1=\"{mid:.1}\" x2=\"{w}\" y2=\"{mid:.1}\" stroke=\"#999\"/>"
     );
     for (i, (day, accrued, redeemed, expired)) in days.iter().enumerate() {
         let x = i as f64 * bar + 1.0;
-        let up = *accrued as f64 / max * (mid - 10.0);
-        let down_r = *redeemed as f64 / max * (mid - 10.0);
-        let down_e = *expired as f64 / max * (mid - 10.0);
+        let up = *accrued as f64 * per_point;
+        let down_r = *redeemed as f64 * per_point;
+        let down_e = *expired as f64 * per_point;
         let _ = write!(
             svg,
             "<g><title>{day}: +{accrued} accrued, −{redeemed} redeemed, −{expired} expired</title>\
              <rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{up:.1}\" fill=\"#2e7d32\"/>\
-             <rect x=\"{x:.1}\" y=\"{mid}\" width=\"{:.1}\" height=\"{down_r:.1}\" fill=\"#1565c0\"/>\
+             <rect x=\"{x:.1}\" y=\"{mid:.1}\" width=\"{:.1}\" height=\"{down_r:.1}\" fill=\"#1565c0\"/>\
              <rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{down_e:.1}\" fill=\"#c62828\"/></g>",
             mid - up,
             bar - 2.0,
@@ -552,23 +574,27 @@ async fn status(State(s): State<AppState>) -> Response {
         esc(&local(now)),
         esc(&local(s.rt.started_at))
     );
-    let money = |k: i64| Money(k).to_string();
+    let money = super::report_html::rub;
     let _ = write!(
         html,
         "<div class=\"cards\"><div class=\"card\">Продажи<b>{}</b>{} ₽</div><div class=\"card\">Возвраты<b>{}</b></div>\
          <div class=\"card\">Баллы у покупателей<b>{}</b>ещё {} в ожидании</div>\
          <div class=\"card\">Карантин<b class=\"{}\">{}</b></div></div>",
-        summary.sales_count,
+        super::report_html::group(summary.sales_count),
         money(summary.sales_total_kopecks),
-        summary.returns_count,
-        summary.points_available,
-        summary.points_pending,
+        super::report_html::group(summary.returns_count),
+        super::report_html::group(summary.points_available),
+        super::report_html::group(summary.points_pending),
         if summary.quarantined > 0 { "bad" } else { "ok" },
         summary.quarantined
     );
     html.push_str("<h2>Баллы по дням (30 дней)</h2>");
-    html.push_str(&chart(&series));
-    html.push_str("<p><span style=\"color:#2e7d32\">■</span> начислено <span style=\"color:#1565c0\">■</span> списано <span style=\"color:#c62828\">■</span> сгорело</p>");
+    if series.iter().all(|d| d.1 == 0 && d.2 == 0 && d.3 == 0) {
+        html.push_str("<p>За последние 30 дней баллы не начислялись, не списывались и не сгорали.</p>");
+    } else {
+        html.push_str(&chart(&series));
+        html.push_str("<p><span style=\"color:#2e7d32\">■</span> начислено <span style=\"color:#1565c0\">■</span> списано <span style=\"color:#c62828\">■</span> сгорело</p>");
+    }
     html.push_str("<h2>Синхронизация</h2><table><tr><th>Источник</th><th>Отметка</th><th>Обновлена</th><th class=\"num\">Отставание</th></tr>");
     for (source, cursor, at) in &checkpoints {
         let lag = (now - *at).num_minutes();

@@ -5,9 +5,31 @@ use std::fmt::Write as _;
 
 use chrono_tz::Tz;
 
-use crate::core::money::Money;
 use crate::core::offers::Segment;
 use crate::ledger::ProgramReport;
+
+/// Digits grouped by thousands with a narrow no-break space, as Russian documents print them.
+pub(crate) fn group(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3 * 3 + 1);
+    if n < 0 {
+        out.push('−');
+    }
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push('\u{202f}');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Kopecks as roubles the way 1C prints them: `24 562 394,96`.
+pub(crate) fn rub(kopecks: i64) -> String {
+    let sign = if kopecks < 0 { "−" } else { "" };
+    let abs = kopecks.unsigned_abs();
+    format!("{sign}{},{:02}", group((abs / 100) as i64), abs % 100)
+}
 
 fn esc(text: &str) -> String {
     text.replace('&', "&amp;")
@@ -16,23 +38,24 @@ fn esc(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// Horizontal bars for labelled values.
-fn bars(rows: &[(String, i64)], color: &str) -> String {
+/// Horizontal bars for labelled values; `show` formats the number printed after a bar.
+fn bars(rows: &[(String, i64)], color: &str, show: fn(i64) -> String) -> String {
     let max = rows.iter().map(|r| r.1).max().unwrap_or(0).max(1) as f64;
     let h = 26.0 * rows.len() as f64 + 4.0;
     let mut svg = format!("<svg viewBox=\"0 0 600 {h}\" width=\"100%\" role=\"img\">");
     for (i, (label, v)) in rows.iter().enumerate() {
         let y = 4.0 + 26.0 * i as f64;
-        let w = *v as f64 / max * 380.0;
+        let w = *v as f64 / max * 300.0;
         let _ = write!(
             svg,
             "<text x=\"0\" y=\"{:.0}\" font-size=\"13\">{}</text>\
              <rect x=\"170\" y=\"{y:.0}\" width=\"{w:.1}\" height=\"18\" fill=\"{color}\"/>\
-             <text x=\"{:.1}\" y=\"{:.0}\" font-size=\"13\">{v}</text>",
+             <text x=\"{:.1}\" y=\"{:.0}\" font-size=\"13\">{}</text>",
             y + 14.0,
             esc(label),
             175.0 + w,
-            y + 14.0
+            y + 14.0,
+            show(*v)
         );
     }
     svg.push_str("</svg>");
@@ -60,8 +83,9 @@ fn share(part: i64, whole: i64, part_label: &str, rest_label: &str) -> String {
     )
 }
 
-pub fn render(r: &ProgramReport, tz: Tz) -> String {
-    let m = |k: i64| Money(k).to_string();
+/// `nav` adds links to other periods; the daemon's `/report` reads them back as `?days=`.
+pub fn render(r: &ProgramReport, tz: Tz, nav: bool) -> String {
+    let m = rub;
     let mut h = String::with_capacity(16 << 10);
     let period = match r.from {
         Some(f) => format!(
@@ -78,8 +102,14 @@ pub fn render(r: &ProgramReport, tz: Tz) -> String {
          table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left}}\
          .num{{text-align:right}}.cards{{display:flex;gap:1em;flex-wrap:wrap}}\
          .card{{border:1px solid #ddd;border-radius:8px;padding:.8em 1.2em;min-width:11em}}.card b{{font-size:1.4em;display:block}}</style>\
-         </head><body><h1>Программа лояльности</h1><p>{}</p>",
-        esc(&period)
+         </head><body><h1>Программа лояльности</h1><p>{}{}</p>",
+        esc(&period),
+        if nav {
+            " · <a href=\"/report?days=30\">30 дней</a> · <a href=\"/report?days=90\">90 дней</a> · \
+             <a href=\"/report?days=365\">год</a> · <a href=\"/report?days=all\">всё время</a> · <a href=\"/status\">статус</a>"
+        } else {
+            ""
+        }
     );
     let _ = write!(
         h,
@@ -92,15 +122,15 @@ pub fn render(r: &ProgramReport, tz: Tz) -> String {
          <div class=\"card\">Обязательства по баллам<b>{} ₽</b>{} баллов</div>\
          <div class=\"card\">Стоимость программы<b>{} ₽</b>{:.1}% валовой маржи {} ₽</div>\
          <div class=\"card\">Ушли / вернулись<b>{} / {}</b></div></div>",
-        r.members,
-        r.active_members_90d,
+        group(r.members),
+        group(r.active_members_90d),
         r.inactive_share_pct,
         m(r.member_average_check_kopecks),
         m(r.anonymous_average_check_kopecks),
         r.purchase_frequency,
         m(r.ltv_kopecks),
         m(r.liability_kopecks),
-        r.liability_points,
+        group(r.liability_points),
         m(r.program_cost_kopecks),
         r.cost_share_of_margin_pct,
         m(r.gross_margin_kopecks),
@@ -120,20 +150,21 @@ pub fn render(r: &ProgramReport, tz: Tz) -> String {
             )
         })
         .collect();
-    h.push_str(&bars(&segs, "#1565c0"));
+    h.push_str(&bars(&segs, "#1565c0", group));
     h.push_str("<h2>Выручка: участники и покупатели без карты</h2>");
     h.push_str(&bars(
         &[
             (
                 format!("участники ({} чеков)", r.member_sales),
-                r.member_sales_kopecks / 100,
+                r.member_sales_kopecks,
             ),
             (
                 format!("без карты ({} чеков)", r.anonymous_sales),
-                r.anonymous_sales_kopecks / 100,
+                r.anonymous_sales_kopecks,
             ),
         ],
         "#6a1b9a",
+        |k| format!("{} ₽", rub(k)),
     ));
     let _ = write!(
         h,

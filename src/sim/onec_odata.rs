@@ -444,6 +444,8 @@ pub struct OdataSimBuilder {
     publication: String,
     timezone: Tz,
     point_value: Money,
+    start: Option<chrono::DateTime<chrono::Utc>>,
+    spacing_minutes: i64,
 }
 
 impl OdataSimBuilder {
@@ -460,7 +462,22 @@ impl OdataSimBuilder {
             publication: "shop".into(),
             timezone: chrono_tz::Europe::Moscow,
             point_value: Money(100),
+            start: None,
+            spacing_minutes: 7,
         }
+    }
+
+    /// Minutes between consecutive generated sales (default 7).
+    pub fn spacing_minutes(mut self, m: i64) -> Self {
+        self.spacing_minutes = m.max(1);
+        self
+    }
+
+    /// When the shop's history begins; the default is a fixed date so that seeded runs
+    /// repeat exactly. The demo starts it a few weeks back so the pages show recent sales.
+    pub fn starting_at(mut self, at: chrono::DateTime<chrono::Utc>) -> Self {
+        self.start = Some(at);
+        self
     }
 
     pub fn sales(mut self, n: usize) -> Self {
@@ -549,6 +566,7 @@ struct Base {
     password: String,
     point_value: Money,
     lines: usize,
+    spacing: ChronoDuration,
 }
 
 impl Base {
@@ -567,7 +585,10 @@ impl Base {
     }
 
     fn generate(b: &OdataSimBuilder) -> Base {
-        let shop = Shop::generate(b.seed, b.products, b.customers);
+        let mut shop = Shop::generate(b.seed, b.products, b.customers);
+        if let Some(at) = b.start {
+            shop.start = at;
+        }
         let start_local = shop.start.with_timezone(&b.timezone).naive_local();
         let mut base = Base {
             sets: BTreeMap::new(),
@@ -586,6 +607,7 @@ impl Base {
             password: b.password.clone(),
             point_value: b.point_value,
             lines: b.lines,
+            spacing: ChronoDuration::minutes(b.spacing_minutes),
         };
         for s in schema() {
             base.sets.entry(s.set.to_string()).or_default();
@@ -745,7 +767,7 @@ impl Base {
             .position(|c| c.card.as_ref() == Some(card))
     }
 
-    /// A new posted sale dated `at` (local) or 7 minutes after the latest document.
+    /// A new posted sale dated `at` (local) or one spacing after the latest document.
     fn new_sale(&mut self, at: Option<NaiveDateTime>) -> Document {
         let n = self.next_doc;
         self.next_doc += 1;
@@ -757,7 +779,7 @@ impl Base {
         };
         let mut rng = fastrand::Rng::with_seed(self.rng.u64(..));
         let mut d = self.shop.sale(&mut rng, n, self.lines, customer, redeem);
-        let date = at.unwrap_or(self.last_date + ChronoDuration::minutes(7));
+        let date = at.unwrap_or(self.last_date + self.spacing);
         if at.is_none() {
             self.last_date = date;
         }
