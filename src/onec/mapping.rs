@@ -765,7 +765,10 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
         .bonus_document
         .as_ref()
         .map(|d| bonus_document(d, raw, bonus.as_ref(), p));
-    let accounting_document = raw.accounting_document.as_ref().map(|d| accounting_document(d, p));
+    let accounting_document = raw
+        .accounting_document
+        .as_ref()
+        .map(|d| accounting_document(d, p));
     Mapping {
         origin: origin.to_string(),
         configuration: raw.configuration.clone().unwrap_or_else(|| origin.to_string()),
@@ -998,15 +1001,22 @@ mod tests {
             ("unf", "Document_НачислениеСписаниеБонусныхБаллов"),
         ] {
             let m = load(name, None).unwrap_or_else(|e| panic!("{e}"));
-            let b = m.bonus_document.unwrap_or_else(|| panic!("{name} maps the bonus document"));
+            let b = m
+                .bonus_document
+                .unwrap_or_else(|| panic!("{name} maps the bonus document"));
             assert_eq!(b.set, set);
             assert_eq!(b.program.as_deref(), Some("БонуснаяПрограмма_Key"));
             assert_eq!(
                 (b.accruals.rows.as_str(), b.writeoffs.rows.as_str()),
                 ("НачисленияБонусов", "СписанияБонусов")
             );
-            assert_eq!(b.writeoffs.burn_correction.as_deref(), Some("КорректировкаКСписанию"));
-            let a = m.accounting_document.unwrap_or_else(|| panic!("{name} maps postings"));
+            assert_eq!(
+                b.writeoffs.burn_correction.as_deref(),
+                Some("КорректировкаКСписанию")
+            );
+            let a = m
+                .accounting_document
+                .unwrap_or_else(|| panic!("{name} maps postings"));
             assert_eq!(a.set, "Document_ОперацияБух");
         }
     }
@@ -1020,10 +1030,22 @@ mod tests {
                [accounting_document.row]\ndebit = \"СчетДт_Key\"\ncredit = \"СчетКт\"\namount = \"Сумма\"\n";
         let p = problems(&text);
         let has = |s: &str| p.iter().any(|m| m.contains(s));
-        assert!(has("bonus_document.set: \"Бонусы\" is not an entity set name"), "{p:?}");
-        assert!(has("bonus_document.holder_is: card needs a [cards] table"), "{p:?}");
-        assert!(has("bonus_document.programs: needs bonus_document.program"), "{p:?}");
-        assert!(has("bonus_document.accruals.burn_correction: does not belong"), "{p:?}");
+        assert!(
+            has("bonus_document.set: \"Бонусы\" is not an entity set name"),
+            "{p:?}"
+        );
+        assert!(
+            has("bonus_document.holder_is: card needs a [cards] table"),
+            "{p:?}"
+        );
+        assert!(
+            has("bonus_document.programs: needs bonus_document.program"),
+            "{p:?}"
+        );
+        assert!(
+            has("bonus_document.accruals.burn_correction: does not belong"),
+            "{p:?}"
+        );
         assert!(has("bonus_document.writeoffs: is required"), "{p:?}");
         assert!(has("accounting_document.organization: a reference"), "{p:?}");
         assert!(has("accounting_document.accounts: account references"), "{p:?}");

@@ -653,6 +653,9 @@ struct Base {
     refuse_posting: Option<String>,
     /// Documents created by POST, for their numbers.
     created: u64,
+    /// POST ignores the client's `Ref_Key` and assigns its own (a configuration that does
+    /// not keep client keys: open in the spec).
+    own_keys: bool,
 }
 
 impl Base {
@@ -692,6 +695,7 @@ impl Base {
             lines: b.lines,
             refuse_posting: None,
             created: 0,
+            own_keys: false,
         };
         for s in schema() {
             base.sets.entry(s.set.to_string()).or_default();
@@ -1334,6 +1338,11 @@ impl OdataSim {
         self.lock().refuse_posting = reason.map(str::to_string);
     }
 
+    /// From now on POST ignores the client's `Ref_Key` and gives a key of its own.
+    pub fn assign_own_keys(&self, on: bool) {
+        self.lock().own_keys = on;
+    }
+
     pub fn inject(&self, f: Fault) {
         self.lock().faults.push(f);
     }
@@ -1871,14 +1880,7 @@ async fn handle(
     }
 }
 
-fn decide(
-    b: &mut Base,
-    s: &Served,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Outcome {
+fn decide(b: &mut Base, s: &Served, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Outcome {
     let raw_path = uri.path();
     let raw_query = uri.query().unwrap_or("");
     let path = percent_decode(raw_path);
@@ -2287,7 +2289,8 @@ fn create(b: &mut Base, root: &str, set: &str, body: &[u8]) -> Reply {
         Ok(serde_json::Value::Object(o)) => o,
         _ => return odata_error(400, "14", "Тело запроса не является объектом JSON"),
     };
-    let key = match fields.get("Ref_Key") {
+    let given_key = fields.get("Ref_Key").filter(|_| !b.own_keys);
+    let key = match given_key {
         None => uuid::Uuid::from_u128(b.rng.u128(..)).to_string(),
         Some(serde_json::Value::String(k)) => match valid_guid(k) {
             Some(k) => k,
@@ -2404,7 +2407,10 @@ fn posting_refusal(b: &Base, set: &str, e: &Entity) -> Option<String> {
             }
             let qty = Decimal::from_str(row_text(r, "Количество")).unwrap_or_default();
             if qty <= Decimal::ZERO {
-                return Some(format!("Строка {}: количество баллов должно быть больше нуля", row_text(r, "LineNumber")));
+                return Some(format!(
+                    "Строка {}: количество баллов должно быть больше нуля",
+                    row_text(r, "LineNumber")
+                ));
             }
         }
     }
@@ -2416,7 +2422,10 @@ fn posting_refusal(b: &Base, set: &str, e: &Entity) -> Option<String> {
         for r in rows("Проводки") {
             for f in ["СчетДт_Key", "СчетКт_Key"] {
                 if !known(ACCOUNTS, row_text(&r, f)) {
-                    return Some(format!("Строка {}: не указан счет {f}", row_text(&r, "LineNumber")));
+                    return Some(format!(
+                        "Строка {}: не указан счет {f}",
+                        row_text(&r, "LineNumber")
+                    ));
                 }
             }
         }

@@ -383,12 +383,19 @@ pub fn check_writing(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>
         checked: 0,
         missing: Vec::new(),
     };
-    let standard = ["Ref_Key", "DataVersion", "Number", "Date", "Posted", "DeletionMark"];
+    let standard = [
+        "Ref_Key",
+        "DataVersion",
+        "Number",
+        "Date",
+        "Posted",
+        "DeletionMark",
+    ];
     let document = |c: &mut Checker<'_>,
-                        key: &str,
-                        set: &str,
-                        header: Vec<(&str, String)>,
-                        sections: Vec<(&str, Vec<(&str, String)>)>| {
+                    key: &str,
+                    set: &str,
+                    header: Vec<(&str, String)>,
+                    sections: Vec<(&str, Vec<(&str, String)>)>| {
         let Some(props) = c.set(set, &format!("{key}.set")).cloned() else {
             return;
         };
@@ -441,7 +448,11 @@ pub fn check_writing(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>
     if let Some(a) = &mapping.accounting_document {
         let k = |f: &str| format!("accounting_document.{f}");
         let mut header = vec![(a.comment.as_str(), k("comment"))];
-        for (v, n) in [(&a.organization, "organization"), (&a.amount, "amount"), (&a.content, "content")] {
+        for (v, n) in [
+            (&a.organization, "organization"),
+            (&a.amount, "amount"),
+            (&a.content, "content"),
+        ] {
             header.extend(v.as_deref().map(|v| (v, k(n))));
         }
         let mut rows = vec![
@@ -450,7 +461,13 @@ pub fn check_writing(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>
             (a.row.amount.as_str(), k("row.amount")),
         ];
         rows.extend(a.row.content.as_deref().map(|v| (v, k("row.content"))));
-        document(&mut c, "accounting_document", &a.set, header, vec![(a.rows.as_str(), rows)]);
+        document(
+            &mut c,
+            "accounting_document",
+            &a.set,
+            header,
+            vec![(a.rows.as_str(), rows)],
+        );
         for (set, field, key) in [
             (&a.organizations, "Description", "organizations"),
             (&a.accounts, "Code", "accounts"),

@@ -65,7 +65,9 @@ use crate::core::identity::normalize_card;
 use crate::core::money::Money;
 use crate::daemon::{Job, JobContext, JobFuture, JobOutcome, Stage};
 use crate::ledger::{DeliveryError, DeliveryReport, OutboxRow, Sink, deliver_due};
-use crate::onec::mapping::{self, AccountingDocumentMap, BonusDocumentMap, BonusHolder, Mapping, is_reference};
+use crate::onec::mapping::{
+    self, AccountingDocumentMap, BonusDocumentMap, BonusHolder, Mapping, is_reference,
+};
 use crate::onec::postback::document_id;
 
 /// The empty date 1C writes for "no date" (points that never burn).
@@ -555,7 +557,11 @@ impl OdataWriter {
             return Ok(Some(Found::from(&o, &plan.key)));
         }
         let from = plan.day.and_time(chrono::NaiveTime::MIN);
-        let to = plan.day.succ_opt().unwrap_or(plan.day).and_time(chrono::NaiveTime::MIN);
+        let to = plan
+            .day
+            .succ_opt()
+            .unwrap_or(plan.day)
+            .and_time(chrono::NaiveTime::MIN);
         let filter = format!(
             "Date ge {} and Date lt {}",
             datetime_literal(from),
@@ -573,11 +579,12 @@ impl OdataWriter {
                 q.push(("$skip", (n * page).to_string()));
             }
             q.push(("$top", page.to_string()));
-            let items = self
-                .client
-                .list(&plan.set, &plan.set, &q)
-                .await
-                .map_err(|e| from_odata(e, &format!("{}: scanning {} for its comment", plan.what, plan.day)))?;
+            let items = self.client.list(&plan.set, &plan.set, &q).await.map_err(|e| {
+                from_odata(
+                    e,
+                    &format!("{}: scanning {} for its comment", plan.what, plan.day),
+                )
+            })?;
             if let Some(o) = items
                 .iter()
                 .find(|o| text(o, &plan.comment_field).is_some_and(|c| has_marker(c, &plan.marker)))
@@ -749,7 +756,11 @@ impl OdataWriter {
             row_fields[1].0 = r.holder.clone();
             row_fields[2].0 = r.points.clone();
             if let Some(f) = &r.burn_correction {
-                let burn = if kind == "expiry" { points.unsigned_abs() } else { 0 };
+                let burn = if kind == "expiry" {
+                    points.unsigned_abs()
+                } else {
+                    0
+                };
                 row_fields.push((f.clone(), W::Num(burn.to_string())));
             }
             (r.rows.clone(), m.accruals.rows.clone())
@@ -889,7 +900,11 @@ impl OdataWriter {
                 plan.what,
                 m.set,
                 m.number.join(", "),
-                if owner.is_some() { " and among the customer's cards" } else { "" }
+                if owner.is_some() {
+                    " and among the customer's cards"
+                } else {
+                    ""
+                }
             ),
             (None, Some(o)) => format!(
                 "{}: the customer {o} has no single card in {} and the ledger knows no card number",
@@ -931,7 +946,10 @@ impl OdataWriter {
             .list(set, set, &q)
             .await
             .map_err(|e| from_odata(e, "looking up the bonus program"))?;
-        let live: Vec<&Obj> = all.iter().filter(|o| flag(o, "DeletionMark") != Some(true)).collect();
+        let live: Vec<&Obj> = all
+            .iter()
+            .filter(|o| flag(o, "DeletionMark") != Some(true))
+            .collect();
         let names: Vec<&str> = live.iter().filter_map(|o| text(o, "Description")).collect();
         let found = match wanted {
             Some(w) => live.iter().find(|o| {
@@ -971,7 +989,10 @@ impl OdataWriter {
             .as_i64()
             .filter(|v| *v > 0)
             .ok_or_else(|| bad("the posting has no point value".into()))?;
-        let entity = p["entity"].as_str().unwrap_or(&self.cfg.accounting.entity).to_string();
+        let entity = p["entity"]
+            .as_str()
+            .unwrap_or(&self.cfg.accounting.entity)
+            .to_string();
         let seq = p["seq"].as_i64().unwrap_or(1);
         let points = p["points"]
             .as_object()
@@ -991,18 +1012,21 @@ impl OdataWriter {
             total = total
                 .checked_add(kopecks)
                 .ok_or_else(|| bad("the total overflows".into()))?;
-            let (dt, kt) = self.cfg.accounting.accounts.get(movement).cloned().ok_or_else(|| {
-                bad(format!(
-                    "movement {movement} has no accounts in [accounting] accounts"
-                ))
-            })?;
+            let (dt, kt) = self
+                .cfg
+                .accounting
+                .accounts
+                .get(movement)
+                .cloned()
+                .ok_or_else(|| {
+                    bad(format!(
+                        "movement {movement} has no accounts in [accounting] accounts"
+                    ))
+                })?;
             let debit = self.account(&m, &m.row.debit, &dt).await?;
             let credit = self.account(&m, &m.row.credit, &kt).await?;
             let mut r = vec![
-                (
-                    "LineNumber".to_string(),
-                    W::Str((rows.len() + 1).to_string()),
-                ),
+                ("LineNumber".to_string(), W::Str((rows.len() + 1).to_string())),
                 (m.row.debit.clone(), W::Str(debit)),
                 (m.row.credit.clone(), W::Str(credit)),
                 (m.row.amount.clone(), W::Num(rubles(Money(kopecks)))),
@@ -1020,7 +1044,10 @@ impl OdataWriter {
             .and_hms_opt(23, 59, 59)
             .map_or_else(|| format!("{day}T23:59:59"), local_text);
         let content = if seq > 1 {
-            format!("Бонусные баллы: корректировка за {} (№{seq})", day.format("%d.%m.%Y"))
+            format!(
+                "Бонусные баллы: корректировка за {} (№{seq})",
+                day.format("%d.%m.%Y")
+            )
         } else {
             format!("Бонусные баллы за {}", day.format("%d.%m.%Y"))
         };
@@ -1065,23 +1092,23 @@ impl OdataWriter {
                 self.mapping.origin
             )));
         };
-        let key = self
-            .lookup(set, "Description", entity)
-            .await?
-            .ok_or_else(|| {
-                DeliveryError::Halt(format!(
-                    "legal entity {entity:?} ([accounting] entity or entities) is not in {set}; \
+        let key = self.lookup(set, "Description", entity).await?.ok_or_else(|| {
+            DeliveryError::Halt(format!(
+                "legal entity {entity:?} ([accounting] entity or entities) is not in {set}; \
                      write it as 1C's Description names it"
-                ))
-            })?;
-        self.cache()
-            .organizations
-            .insert(entity.to_string(), key.clone());
+            ))
+        })?;
+        self.cache().organizations.insert(entity.to_string(), key.clone());
         Ok(key)
     }
 
     /// An account as the row field takes it: a reference found by `Code`, or the code.
-    async fn account(&self, m: &AccountingDocumentMap, field: &str, code: &str) -> Result<String, DeliveryError> {
+    async fn account(
+        &self,
+        m: &AccountingDocumentMap,
+        field: &str,
+        code: &str,
+    ) -> Result<String, DeliveryError> {
         if !is_reference(field) {
             return Ok(code.to_string());
         }
@@ -1159,7 +1186,11 @@ impl Sink for OdataSink<'_> {
                 // the rest stay pending, untouched
                 let why = why.clone();
                 out.push(r);
-                out.extend(rows[i + 1..].iter().map(|_| Err(DeliveryError::Halt(why.clone()))));
+                out.extend(
+                    rows[i + 1..]
+                        .iter()
+                        .map(|_| Err(DeliveryError::Halt(why.clone()))),
+                );
                 break;
             }
             out.push(r);
@@ -1234,7 +1265,12 @@ impl Job for OdataDeliverJob {
             let bonus = deliver_due(&ctx.ledger, &writer.bonus_sink(), policy, clock).await?;
             let postings = deliver_due(&ctx.ledger, &writer.accounting_sink(), policy, clock).await?;
             let s = writer.stats();
-            let part = |r: &DeliveryReport| format!("{} delivered, {} retried, {} dead", r.delivered, r.retried, r.dead);
+            let part = |r: &DeliveryReport| {
+                format!(
+                    "{} delivered, {} retried, {} dead",
+                    r.delivered, r.retried, r.dead
+                )
+            };
             let summary = format!(
                 "bonus documents: {}; postings: {}; {} created, {} found already, {} posted; {} requests",
                 part(&bonus),
@@ -1289,9 +1325,18 @@ mod tests {
     #[test]
     fn markers_match_whole_keys_only() {
         assert!(has_marker("kopilka:onec:bonus:tx1", "kopilka:onec:bonus:tx1"));
-        assert!(has_marker("  kopilka:onec:bonus:tx1 accrual 5", "kopilka:onec:bonus:tx1"));
-        assert!(!has_marker("kopilka:onec:bonus:tx12 accrual", "kopilka:onec:bonus:tx1"));
-        assert!(!has_marker("вручную kopilka:onec:bonus:tx1", "kopilka:onec:bonus:tx1"));
+        assert!(has_marker(
+            "  kopilka:onec:bonus:tx1 accrual 5",
+            "kopilka:onec:bonus:tx1"
+        ));
+        assert!(!has_marker(
+            "kopilka:onec:bonus:tx12 accrual",
+            "kopilka:onec:bonus:tx1"
+        ));
+        assert!(!has_marker(
+            "вручную kopilka:onec:bonus:tx1",
+            "kopilka:onec:bonus:tx1"
+        ));
     }
 
     #[test]
