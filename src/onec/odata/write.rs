@@ -76,8 +76,10 @@ const EMPTY_DATE: &str = "0001-01-01T00:00:00";
 const MAX_COMMENT_CHARS: usize = 1000;
 /// Pages read at most when scanning a day's documents for a comment.
 const MAX_SCAN_PAGES: usize = 10_000;
-/// Candidates read per lookup by a field value.
-const LOOKUP_TOP: usize = 20;
+/// Candidates read per lookup by a field value (a card number, an owner, a code).
+const MAX_LOOKUP_ROWS: usize = 20;
+/// Bonus programs read at most when `bonus_program` is looked up by description.
+const MAX_PROGRAM_ROWS: usize = 1000;
 
 /// A JSON value as kopilka writes it to 1C: numbers are the literal text of integers and
 /// exact decimals, never floats.
@@ -253,8 +255,9 @@ fn from_odata(e: OdataError, what: &str) -> DeliveryError {
         | OdataError::Mapping(_)
         | OdataError::NotConfigured
         | OdataError::Client(_) => DeliveryError::Halt(text),
+        // a web-server page, or a set 1C does not publish: every row would fail the same way
         OdataError::Request {
-            failure: Failure::NotJson { .. },
+            failure: Failure::NotJson { .. } | Failure::Status { status: 404, .. },
             ..
         } => DeliveryError::Halt(text),
         OdataError::Ledger(_) => DeliveryError::Retriable(text),
@@ -705,7 +708,9 @@ impl OdataWriter {
     ) -> Result<Option<Vec<(String, W)>>, DeliveryError> {
         let m = self.bonus_map()?.clone();
         let tz = self.cfg.timezone;
-        let points = p["points"].as_i64().unwrap_or(0);
+        let points = p["points"].as_i64().ok_or_else(|| {
+            DeliveryError::Permanent(format!("{}: the payload has no whole points", plan.what))
+        })?;
         if points == 0 {
             return Ok(None);
         }
@@ -852,7 +857,7 @@ impl OdataWriter {
                 let q = [
                     ("$select", select.clone()),
                     ("$filter", format!("{field} eq {}", string_literal(n))),
-                    ("$top", LOOKUP_TOP.to_string()),
+                    ("$top", MAX_LOOKUP_ROWS.to_string()),
                 ];
                 let items = self
                     .client
@@ -871,7 +876,7 @@ impl OdataWriter {
             let q = [
                 ("$select", select.clone()),
                 ("$filter", format!("{owner_field} eq guid'{o}'")),
-                ("$top", LOOKUP_TOP.to_string()),
+                ("$top", MAX_LOOKUP_ROWS.to_string()),
             ];
             let items = self
                 .client
@@ -939,7 +944,7 @@ impl OdataWriter {
         };
         let q = [
             ("$select", "Ref_Key,Description,DeletionMark".to_string()),
-            ("$top", "1000".to_string()),
+            ("$top", MAX_PROGRAM_ROWS.to_string()),
         ];
         let all = self
             .client
@@ -1135,7 +1140,7 @@ impl OdataWriter {
         let q = [
             ("$select", format!("Ref_Key,DeletionMark,{field}")),
             ("$filter", format!("{field} eq {}", string_literal(value.trim()))),
-            ("$top", LOOKUP_TOP.to_string()),
+            ("$top", MAX_LOOKUP_ROWS.to_string()),
         ];
         let items = self
             .client
