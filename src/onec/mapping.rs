@@ -42,6 +42,10 @@ pub struct Mapping {
     pub cards: Option<CardMap>,
     pub people: Option<PeopleMap>,
     pub bonus: Option<BonusMap>,
+    /// The bonus document kopilka writes when `[accounting] postback = "odata"`.
+    pub bonus_document: Option<BonusDocumentMap>,
+    /// The document the daily accounting postings become over OData.
+    pub accounting_document: Option<AccountingDocumentMap>,
 }
 
 /// One document type: a till receipt, a return, a sale invoice.
@@ -172,6 +176,76 @@ pub struct BonusMap {
     pub subtract: Vec<String>,
 }
 
+/// The bonus document kopilka creates and posts in 1C, one per journal transaction
+/// (`Document_НачислениеИСписаниеБонусныхБаллов`; УНФ without «И»).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BonusDocumentMap {
+    pub set: String,
+    /// Header reference to the bonus program (`БонуснаяПрограмма_Key`).
+    pub program: Option<String>,
+    /// The program catalog `[onec.odata] bonus_program` is looked up in; `bonus.programs`
+    /// when not given.
+    pub programs: Option<String>,
+    /// Header text field carrying `kopilka:<outbox key>` (`Комментарий`).
+    pub comment: String,
+    /// What a row's holder refers to: a card ([`CardMap::set`]) or a customer
+    /// ([`PeopleMap::set`]).
+    pub holder_is: BonusHolder,
+    /// Points added (accruals, a reversed redemption).
+    pub accruals: BonusRowsMap,
+    /// Points taken (redemptions, expiry, a reversed accrual).
+    pub writeoffs: BonusRowsMap,
+}
+
+/// One tabular section of the bonus document.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BonusRowsMap {
+    pub rows: String,
+    /// Reference to the card or customer (`БонуснаяКарта_Key`).
+    pub holder: String,
+    /// The points, a whole number (`Количество`).
+    pub points: String,
+    /// Accruals: the date the points were given (`ДатаНачисления`).
+    pub accrued_on: Option<String>,
+    /// Accruals: the date they burn (`ДатаСгорания`; empty date when they never do).
+    pub expires_on: Option<String>,
+    /// Write-offs: the correction of the points scheduled to burn
+    /// (`КорректировкаКСписанию`): the points for an expiry, 0 otherwise.
+    pub burn_correction: Option<String>,
+}
+
+/// The document a day's accounting posting becomes: a header with the legal entity and
+/// the total, one row per movement with its debit and credit accounts and amount.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccountingDocumentMap {
+    pub set: String,
+    /// Header field for the legal entity; a `…_Key` reference is looked up by
+    /// `Description` in `organizations`, any other field takes the name as text.
+    pub organization: Option<String>,
+    pub organizations: Option<String>,
+    /// Header field with the signed total of the rows, in rubles.
+    pub amount: Option<String>,
+    /// Header text describing the operation (`Содержание`).
+    pub content: Option<String>,
+    /// Header text field carrying `kopilka:<outbox key>`.
+    pub comment: String,
+    /// The tabular section of postings.
+    pub rows: String,
+    pub row: PostingRowMap,
+    /// The chart of accounts: `…_Key` account fields are looked up by `Code` in it.
+    pub accounts: Option<String>,
+}
+
+/// The fields of one posting row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PostingRowMap {
+    pub debit: String,
+    pub credit: String,
+    /// Rubles with kopecks; negative for a reversing adjustment.
+    pub amount: String,
+    pub content: Option<String>,
+}
+
 /// Everything wrong with a mapping, each problem with its key path.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct MappingError {
@@ -201,6 +275,8 @@ struct RawMapping {
     cards: Option<RawCards>,
     people: Option<RawPeople>,
     bonus: Option<RawBonus>,
+    bonus_document: Option<RawBonusDocument>,
+    accounting_document: Option<RawAccountingDocument>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -282,6 +358,52 @@ struct RawBonus {
     programs: Option<String>,
     add: Vec<String>,
     subtract: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawBonusDocument {
+    set: Option<String>,
+    program: Option<String>,
+    programs: Option<String>,
+    comment: Option<String>,
+    holder_is: Option<String>,
+    accruals: Option<RawBonusRows>,
+    writeoffs: Option<RawBonusRows>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawBonusRows {
+    rows: Option<String>,
+    holder: Option<String>,
+    points: Option<String>,
+    accrued_on: Option<String>,
+    expires_on: Option<String>,
+    burn_correction: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawAccountingDocument {
+    set: Option<String>,
+    organization: Option<String>,
+    organizations: Option<String>,
+    amount: Option<String>,
+    content: Option<String>,
+    comment: Option<String>,
+    rows: Option<String>,
+    row: Option<RawPostingRow>,
+    accounts: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawPostingRow {
+    debit: Option<String>,
+    credit: Option<String>,
+    amount: Option<String>,
+    content: Option<String>,
 }
 
 /// Entity set prefixes 1C's standard OData interface uses.
@@ -639,6 +761,14 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
             subtract: p.names("bonus.subtract", &b.subtract),
         }
     });
+    let bonus_document = raw
+        .bonus_document
+        .as_ref()
+        .map(|d| bonus_document(d, raw, bonus.as_ref(), p));
+    let accounting_document = raw
+        .accounting_document
+        .as_ref()
+        .map(|d| accounting_document(d, p));
     Mapping {
         origin: origin.to_string(),
         configuration: raw.configuration.clone().unwrap_or_else(|| origin.to_string()),
@@ -648,7 +778,152 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
         cards,
         people,
         bonus,
+        bonus_document,
+        accounting_document,
     }
+}
+
+fn bonus_document(
+    d: &RawBonusDocument,
+    raw: &RawMapping,
+    bonus: Option<&BonusMap>,
+    p: &mut Problems,
+) -> BonusDocumentMap {
+    let holder_is = match d.holder_is.as_deref().unwrap_or("card") {
+        "card" => BonusHolder::Card,
+        "people" => BonusHolder::People,
+        other => {
+            p.bad(
+                "bonus_document.holder_is",
+                format!("{other:?} is not card or people"),
+            );
+            BonusHolder::Card
+        }
+    };
+    match holder_is {
+        BonusHolder::Card if raw.cards.is_none() => p.bad(
+            "bonus_document.holder_is",
+            "card needs a [cards] table to find a card by its number",
+        ),
+        BonusHolder::People if raw.people.is_none() => {
+            p.bad("bonus_document.holder_is", "people needs a [people] table")
+        }
+        _ => {}
+    }
+    let program = p.optional("bonus_document.program", d.program.as_ref());
+    let programs = d
+        .programs
+        .as_ref()
+        .map(|s| p.set("bonus_document.programs", Some(s)))
+        .or_else(|| bonus.and_then(|b| b.programs.clone()));
+    if d.programs.is_some() && program.is_none() {
+        p.bad(
+            "bonus_document.programs",
+            "needs bonus_document.program, the header field naming the program",
+        );
+    }
+    let mut rows = |key: &str, r: Option<&RawBonusRows>, accruals: bool| {
+        let empty = RawBonusRows::default();
+        if r.is_none() {
+            p.bad(key, "is required: the tabular section and its fields");
+        }
+        let r = r.unwrap_or(&empty);
+        let k = |f: &str| format!("{key}.{f}");
+        let only = |p: &mut Problems, f: &str, v: &Option<String>, yes: bool| {
+            if v.is_some() && !yes {
+                p.bad(&k(f), "does not belong to this section");
+            }
+        };
+        only(p, "accrued_on", &r.accrued_on, accruals);
+        only(p, "expires_on", &r.expires_on, accruals);
+        only(p, "burn_correction", &r.burn_correction, !accruals);
+        BonusRowsMap {
+            rows: p.required(&k("rows"), r.rows.as_ref()),
+            holder: p.required(&k("holder"), r.holder.as_ref()),
+            points: p.required(&k("points"), r.points.as_ref()),
+            accrued_on: p.optional(&k("accrued_on"), r.accrued_on.as_ref()),
+            expires_on: p.optional(&k("expires_on"), r.expires_on.as_ref()),
+            burn_correction: p.optional(&k("burn_correction"), r.burn_correction.as_ref()),
+        }
+    };
+    let accruals = rows("bonus_document.accruals", d.accruals.as_ref(), true);
+    let writeoffs = rows("bonus_document.writeoffs", d.writeoffs.as_ref(), false);
+    if accruals.rows == writeoffs.rows && !accruals.rows.is_empty() {
+        p.bad(
+            "bonus_document.writeoffs.rows",
+            "must differ from bonus_document.accruals.rows",
+        );
+    }
+    BonusDocumentMap {
+        set: p.set("bonus_document.set", d.set.as_ref()),
+        program,
+        programs,
+        comment: p.name(
+            "bonus_document.comment",
+            d.comment.as_deref().unwrap_or("Комментарий"),
+        ),
+        holder_is,
+        accruals,
+        writeoffs,
+    }
+}
+
+fn accounting_document(d: &RawAccountingDocument, p: &mut Problems) -> AccountingDocumentMap {
+    let organization = p.optional("accounting_document.organization", d.organization.as_ref());
+    let organizations = d
+        .organizations
+        .as_ref()
+        .map(|s| p.set("accounting_document.organizations", Some(s)));
+    if organization.as_deref().is_some_and(is_reference) && organizations.is_none() {
+        p.bad(
+            "accounting_document.organization",
+            "a reference (…_Key) needs accounting_document.organizations, the catalog to find the entity in",
+        );
+    }
+    let r = d.row.as_ref();
+    if r.is_none() {
+        p.bad(
+            "accounting_document.row",
+            "is required: the fields of a posting row",
+        );
+    }
+    let empty = RawPostingRow::default();
+    let r = r.unwrap_or(&empty);
+    let row = PostingRowMap {
+        debit: p.required("accounting_document.row.debit", r.debit.as_ref()),
+        credit: p.required("accounting_document.row.credit", r.credit.as_ref()),
+        amount: p.required("accounting_document.row.amount", r.amount.as_ref()),
+        content: p.optional("accounting_document.row.content", r.content.as_ref()),
+    };
+    let accounts = d
+        .accounts
+        .as_ref()
+        .map(|s| p.set("accounting_document.accounts", Some(s)));
+    if (is_reference(&row.debit) || is_reference(&row.credit)) && accounts.is_none() {
+        p.bad(
+            "accounting_document.accounts",
+            "account references (…_Key) need the chart of accounts to find the codes in",
+        );
+    }
+    AccountingDocumentMap {
+        set: p.set("accounting_document.set", d.set.as_ref()),
+        organization,
+        organizations,
+        amount: p.optional("accounting_document.amount", d.amount.as_ref()),
+        content: p.optional("accounting_document.content", d.content.as_ref()),
+        comment: p.name(
+            "accounting_document.comment",
+            d.comment.as_deref().unwrap_or("Комментарий"),
+        ),
+        rows: p.required("accounting_document.rows", d.rows.as_ref()),
+        row,
+        accounts,
+    }
+}
+
+/// Whether a field is a reference (`X_Key`), written as a GUID found by lookup.
+pub fn is_reference(field: &str) -> bool {
+    field.ends_with("_Key") && field.len() > 4
 }
 
 impl DocumentMap {
@@ -716,6 +991,64 @@ mod tests {
                 .iter()
                 .any(|d| d.return_link.as_deref() == Some("ЧекККМ_Key"))
         );
+    }
+
+    #[test]
+    fn built_in_mappings_name_the_documents_kopilka_writes() {
+        for (name, set) in [
+            ("roznica", "Document_НачислениеИСписаниеБонусныхБаллов"),
+            ("ut11", "Document_НачислениеИСписаниеБонусныхБаллов"),
+            ("unf", "Document_НачислениеСписаниеБонусныхБаллов"),
+        ] {
+            let m = load(name, None).unwrap_or_else(|e| panic!("{e}"));
+            let b = m
+                .bonus_document
+                .unwrap_or_else(|| panic!("{name} maps the bonus document"));
+            assert_eq!(b.set, set);
+            assert_eq!(b.program.as_deref(), Some("БонуснаяПрограмма_Key"));
+            assert_eq!(
+                (b.accruals.rows.as_str(), b.writeoffs.rows.as_str()),
+                ("НачисленияБонусов", "СписанияБонусов")
+            );
+            assert_eq!(
+                b.writeoffs.burn_correction.as_deref(),
+                Some("КорректировкаКСписанию")
+            );
+            let a = m
+                .accounting_document
+                .unwrap_or_else(|| panic!("{name} maps postings"));
+            assert_eq!(a.set, "Document_ОперацияБух");
+        }
+    }
+
+    #[test]
+    fn a_bonus_document_is_checked_like_the_rest() {
+        let text = MINIMAL.to_string()
+            + "\n[bonus_document]\nset = \"Бонусы\"\nholder_is = \"card\"\nprograms = \"Catalog_П\"\n\
+               [bonus_document.accruals]\nrows = \"Н\"\nholder = \"К_Key\"\npoints = \"Количество\"\nburn_correction = \"X\"\n\
+               [accounting_document]\nset = \"Document_ОперацияБух\"\nrows = \"Проводки\"\norganization = \"Организация_Key\"\n\
+               [accounting_document.row]\ndebit = \"СчетДт_Key\"\ncredit = \"СчетКт\"\namount = \"Сумма\"\n";
+        let p = problems(&text);
+        let has = |s: &str| p.iter().any(|m| m.contains(s));
+        assert!(
+            has("bonus_document.set: \"Бонусы\" is not an entity set name"),
+            "{p:?}"
+        );
+        assert!(
+            has("bonus_document.holder_is: card needs a [cards] table"),
+            "{p:?}"
+        );
+        assert!(
+            has("bonus_document.programs: needs bonus_document.program"),
+            "{p:?}"
+        );
+        assert!(
+            has("bonus_document.accruals.burn_correction: does not belong"),
+            "{p:?}"
+        );
+        assert!(has("bonus_document.writeoffs: is required"), "{p:?}");
+        assert!(has("accounting_document.organization: a reference"), "{p:?}");
+        assert!(has("accounting_document.accounts: account references"), "{p:?}");
     }
 
     fn problems(text: &str) -> Vec<String> {

@@ -31,6 +31,7 @@ pub mod job;
 pub mod json;
 pub mod poll;
 pub mod probe;
+pub mod write;
 
 use std::fmt;
 use std::sync::Arc;

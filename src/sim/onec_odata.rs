@@ -12,6 +12,18 @@
 //! 1C — makes `$skip` and `$top` ignored. Errors are `odata.error` bodies with 1C's codes
 //! (9 not found → 404, 10 no such property → 400, 14 bad option → 400).
 //!
+//! Writing, as the spec's "Writing" part describes it: `POST /Set` creates a document or
+//! catalog item with the `Ref_Key` given (or a new one) and answers 201 with `Location` and
+//! the entity (`Ref_Key`, `Number`, `DataVersion`, …); unknown property names are silently
+//! ignored; a tabular section row without `LineNumber` is a 500 «Произошла внутренняя ошибка
+//! OData сервиса»; a second POST with the same `Ref_Key` is a 400 with code 15 «Сущность с
+//! таким ключом уже существует». `POST /Set(guid'…')/Post` posts (200) or refuses with a 500,
+//! code `-1` and a reason — when scripted ([`OdataSim::refuse_posting`]), when the document is
+//! marked for deletion, or when a bonus document names no card or an unknown one (an
+//! accounting document an unknown account); `…/Unpost` unposts. The simulated base also
+//! publishes an accounting document (`Document_ОперацияБух` with a `Проводки` section, as
+//! kopilka's mappings name it), legal entities and a chart of accounts.
+//!
 //! Numbers are written as the literal text they were given (`231.74`, `1.2345`), `Int64` as
 //! strings, dates as naive local wall-clock times, `DataVersion` as opaque base64 that
 //! changes on every write. Tests script faults ([`Fault`]), mutate documents the way people
@@ -126,6 +138,8 @@ pub struct Fault {
     pub kind: FaultKind,
     pub path_contains: String,
     pub query_contains: Option<String>,
+    /// Only requests of this method (`POST`), when given.
+    pub method: Option<String>,
     pub skip: usize,
     pub times: usize,
 }
@@ -137,6 +151,7 @@ impl Fault {
             kind,
             path_contains: String::new(),
             query_contains: None,
+            method: None,
             skip: 0,
             times: 1,
         }
@@ -149,6 +164,12 @@ impl Fault {
 
     pub fn query(mut self, query_contains: &str) -> Fault {
         self.query_contains = Some(query_contains.to_string());
+        self
+    }
+
+    /// Fires on requests of this method only (`"POST"`).
+    pub fn method(mut self, method: &str) -> Fault {
+        self.method = Some(method.to_ascii_uppercase());
         self
     }
 
@@ -199,6 +220,16 @@ pub const CARDS: &str = "Catalog_КартыЛояльности";
 pub const PARTNERS: &str = "Catalog_Партнеры";
 pub const PROGRAMS: &str = "Catalog_БонусныеПрограммыЛояльности";
 pub const BONUS: &str = "AccumulationRegister_БонусныеБаллы";
+/// The bonus document kopilka writes (Розница's name).
+pub const BONUS_DOCUMENTS: &str = "Document_НачислениеИСписаниеБонусныхБаллов";
+/// The accounting document kopilka writes its daily postings to.
+pub const ACCOUNTING_DOCUMENTS: &str = "Document_ОперацияБух";
+pub const ORGANIZATIONS: &str = "Catalog_Организации";
+pub const ACCOUNTS: &str = "ChartOfAccounts_Хозрасчетный";
+/// The legal entity the simulated base has.
+pub const ORGANIZATION: &str = "ООО «Ромашка»";
+/// The accounts of the simulated chart (kopilka's default accounts).
+pub const ACCOUNT_CODES: &[&str] = &["44.01", "96", "62.01", "91.01", "91.02"];
 const EMPTY: &str = "00000000-0000-0000-0000-000000000000";
 
 /// A set's shape for `$metadata`: properties (name, EDM type) and tabular sections.
@@ -314,6 +345,75 @@ fn schema() -> Vec<SetSchema> {
         },
         SetSchema {
             set: PROGRAMS,
+            props: catalog(&[]),
+            sections: vec![],
+        },
+        SetSchema {
+            set: BONUS_DOCUMENTS,
+            props: vec![
+                ("Ref_Key", G),
+                ("DataVersion", S),
+                ("DeletionMark", B),
+                ("Number", S),
+                ("Date", T),
+                ("Posted", B),
+                ("БонуснаяПрограмма_Key", G),
+                ("Комментарий", S),
+            ],
+            sections: vec![
+                (
+                    "НачисленияБонусов",
+                    vec![
+                        ("LineNumber", I),
+                        ("БонуснаяКарта_Key", G),
+                        ("Количество", D),
+                        ("ДатаНачисления", T),
+                        ("ДатаСгорания", T),
+                    ],
+                ),
+                (
+                    "СписанияБонусов",
+                    vec![
+                        ("LineNumber", I),
+                        ("БонуснаяКарта_Key", G),
+                        ("Количество", D),
+                        ("КорректировкаКСписанию", D),
+                    ],
+                ),
+            ],
+        },
+        SetSchema {
+            set: ACCOUNTING_DOCUMENTS,
+            props: vec![
+                ("Ref_Key", G),
+                ("DataVersion", S),
+                ("DeletionMark", B),
+                ("Number", S),
+                ("Date", T),
+                ("Posted", B),
+                ("Организация_Key", G),
+                ("СуммаОперации", D),
+                ("Содержание", S),
+                ("Комментарий", S),
+            ],
+            sections: vec![(
+                "Проводки",
+                vec![
+                    ("LineNumber", I),
+                    ("СчетДт_Key", G),
+                    ("СчетКт_Key", G),
+                    ("Сумма", D),
+                    ("Содержание", S),
+                ],
+            )],
+        },
+        SetSchema {
+            set: ORGANIZATIONS,
+            props: catalog(&[]),
+            sections: vec![],
+        },
+        SetSchema {
+            set: ACCOUNTS,
             props: catalog(&[]),
             sections: vec![],
         },
@@ -567,6 +667,13 @@ struct Base {
     point_value: Money,
     lines: usize,
     spacing: ChronoDuration,
+    /// Why every `Post` action is refused, while scripted.
+    refuse_posting: Option<String>,
+    /// Documents created by POST, for their numbers.
+    created: u64,
+    /// POST ignores the client's `Ref_Key` and assigns its own (a configuration that does
+    /// not keep client keys: open in the spec).
+    own_keys: bool,
 }
 
 impl Base {
@@ -608,6 +715,9 @@ impl Base {
             point_value: b.point_value,
             lines: b.lines,
             spacing: ChronoDuration::minutes(b.spacing_minutes),
+            refuse_posting: None,
+            created: 0,
+            own_keys: false,
         };
         for s in schema() {
             base.sets.entry(s.set.to_string()).or_default();
@@ -671,6 +781,33 @@ impl Base {
                     .with("Цена", Val::money(price));
                 base.put(PRICES, e);
             }
+        }
+        // the legal entity and the accounts postings name
+        let org = guid("organization", ORGANIZATION);
+        let dv = base.data_version();
+        base.put(
+            ORGANIZATIONS,
+            Entity::new(org.clone())
+                .with("Ref_Key", Val::str(&org))
+                .with("DataVersion", dv)
+                .with("DeletionMark", Val::Bool(false))
+                .with("Code", Val::str("000000001"))
+                .with("Description", Val::str(ORGANIZATION))
+                .with("Predefined", Val::Bool(false)),
+        );
+        for code in ACCOUNT_CODES {
+            let key = guid("account", code);
+            let dv = base.data_version();
+            base.put(
+                ACCOUNTS,
+                Entity::new(key.clone())
+                    .with("Ref_Key", Val::str(&key))
+                    .with("DataVersion", dv)
+                    .with("DeletionMark", Val::Bool(false))
+                    .with("Code", Val::str(*code))
+                    .with("Description", Val::str(format!("Счет {code}")))
+                    .with("Predefined", Val::Bool(true)),
+            );
         }
         // customers: a partner with contact information and a loyalty card each
         let program = guid("program", "Бонусы");
@@ -1207,6 +1344,27 @@ impl OdataSim {
             .collect()
     }
 
+    /// Every entity of a set, in key order (what kopilka wrote: bonus and accounting
+    /// documents).
+    pub fn entities(&self, set: &str) -> Vec<Entity> {
+        self.lock()
+            .sets
+            .get(set)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// From now on every `Post` action is refused with this reason (500, code `-1`), until
+    /// called with `None`.
+    pub fn refuse_posting(&self, reason: Option<&str>) {
+        self.lock().refuse_posting = reason.map(str::to_string);
+    }
+
+    /// From now on POST ignores the client's `Ref_Key` and gives a key of its own.
+    pub fn assign_own_keys(&self, on: bool) {
+        self.lock().own_keys = on;
+    }
+
     pub fn inject(&self, f: Fault) {
         self.lock().faults.push(f);
     }
@@ -1258,6 +1416,7 @@ struct Reply {
     content_type: &'static str,
     body: String,
     challenge: bool,
+    location: Option<String>,
 }
 
 impl Reply {
@@ -1269,6 +1428,9 @@ impl Reply {
         }
         if self.challenge {
             r = r.header(header::WWW_AUTHENTICATE, "Basic realm=\"1C:Enterprise\"");
+        }
+        if let Some(l) = &self.location {
+            r = r.header(header::LOCATION, l);
         }
         r.body(Body::from(self.body)).unwrap_or_default()
     }
@@ -1282,6 +1444,7 @@ fn json_response(status: u16, body: String) -> Reply {
         content_type: JSON,
         body,
         challenge: false,
+        location: None,
     }
 }
 
@@ -1306,6 +1469,7 @@ fn html(status: u16, title: &str) -> Reply {
             "<!DOCTYPE html><html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>"
         ),
         challenge: false,
+        location: None,
     }
 }
 
@@ -1718,10 +1882,16 @@ enum Outcome {
     Later(Duration, Reply),
 }
 
-async fn handle(State(s): State<Served>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+async fn handle(
+    State(s): State<Served>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let outcome = {
         let mut b = s.base.lock().unwrap_or_else(|e| e.into_inner());
-        decide(&mut b, &s, &method, &uri, &headers)
+        decide(&mut b, &s, &method, &uri, &headers, &body)
     };
     match outcome {
         Outcome::Now(r) => r.into_response(),
@@ -1732,7 +1902,7 @@ async fn handle(State(s): State<Served>, method: Method, uri: Uri, headers: Head
     }
 }
 
-fn decide(b: &mut Base, s: &Served, method: &Method, uri: &Uri, headers: &HeaderMap) -> Outcome {
+fn decide(b: &mut Base, s: &Served, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Outcome {
     let raw_path = uri.path();
     let raw_query = uri.query().unwrap_or("");
     let path = percent_decode(raw_path);
@@ -1759,7 +1929,7 @@ fn decide(b: &mut Base, s: &Served, method: &Method, uri: &Uri, headers: &Header
         query: decoded_query.clone(),
         status: 0,
     };
-    let outcome = route(b, s, method, resource, &query, &decoded_query, headers);
+    let outcome = route(b, s, method, resource, &query, &decoded_query, headers, body);
     let response = match &outcome {
         Outcome::Now(r) | Outcome::Later(_, r) => r,
     };
@@ -1768,6 +1938,7 @@ fn decide(b: &mut Base, s: &Served, method: &Method, uri: &Uri, headers: &Header
     outcome
 }
 
+#[allow(clippy::too_many_arguments)]
 fn route(
     b: &mut Base,
     s: &Served,
@@ -1776,6 +1947,7 @@ fn route(
     query: &[(String, String)],
     decoded_query: &str,
     headers: &HeaderMap,
+    body: &[u8],
 ) -> Outcome {
     let Some(resource) = resource else {
         return Outcome::Now(html(404, "404 - Not Found"));
@@ -1794,12 +1966,14 @@ fn route(
             content_type: "",
             body: String::new(),
             challenge: true,
+            location: None,
         });
     }
     // scripted faults
     let mut fired = None;
     for f in b.faults.iter_mut() {
         if f.times == 0
+            || f.method.as_ref().is_some_and(|m| m != method.as_str())
             || !resource.contains(&f.path_contains)
             || f.query_contains
                 .as_ref()
@@ -1836,10 +2010,13 @@ fn route(
         Some(FaultKind::Delay(d)) => delay = Some(d),
         Some(FaultKind::Truncated) | None => {}
     }
-    if method != Method::GET {
+    let response = if method == Method::GET {
+        answer(b, s, &resource, query, headers)
+    } else if method == Method::POST {
+        write(b, s, &resource, body)
+    } else {
         return Outcome::Now(odata_error(405, "6", "Метод не поддерживается симулятором"));
-    }
-    let response = answer(b, s, &resource, query, headers);
+    };
     let response = if fired == Some(FaultKind::Truncated) {
         truncate(response)
     } else {
@@ -1885,6 +2062,7 @@ fn answer(
             content_type: "application/xml;charset=utf-8",
             body: metadata(b),
             challenge: false,
+            location: None,
         };
     }
     if !wants_json(query, headers) {
@@ -1895,6 +2073,7 @@ fn answer(
                 "<?xml version=\"1.0\" encoding=\"UTF-8\"?><feed xmlns=\"http://www.w3.org/2005/Atom\" xml:base=\"{root}/\"><title type=\"text\">{resource}</title></feed>"
             ),
             challenge: false,
+            location: None,
         };
     }
     if resource.is_empty() {
@@ -2036,6 +2215,269 @@ fn answer(
     }
     out.push_str("]}");
     json_response(200, out)
+}
+
+// --- writing -----------------------------------------------------------------------------
+
+/// `POST /Set` (create) or `POST /Set(guid'…')/Post|Unpost` (an action).
+fn write(b: &mut Base, s: &Served, resource: &str, body: &[u8]) -> Reply {
+    let root = format!("http://{}/{}/odata/standard.odata", s.addr, s.publication);
+    match resource.rsplit_once('/') {
+        None => create(b, &root, resource, body),
+        Some((target, action)) => {
+            let Some((set, key)) = target
+                .split_once("(guid'")
+                .and_then(|(set, rest)| rest.strip_suffix("')").map(|k| (set, k.to_lowercase())))
+            else {
+                return odata_error(400, "6", &format!("Неверный адрес ресурса: {resource}"));
+            };
+            match action {
+                "Post" | "Post()" => act(b, set, &key, true),
+                "Unpost" | "Unpost()" => act(b, set, &key, false),
+                _ => odata_error(400, "6", &format!("Неизвестное действие {action}")),
+            }
+        }
+    }
+}
+
+fn valid_guid(s: &str) -> Option<String> {
+    let t = s.trim().to_lowercase();
+    uuid::Uuid::parse_str(&t).ok().map(|_| t)
+}
+
+/// A JSON value (numbers as their literal text) as a property of EDM type `ty`.
+fn from_json(ty: &str, v: &serde_json::Value) -> Result<Val, String> {
+    use serde_json::Value as J;
+    match (ty, v) {
+        (_, J::Null) => Ok(default_val(ty)),
+        (D, J::String(n)) => Decimal::from_str(n.trim())
+            .map(|_| Val::Num(n.trim().to_string()))
+            .map_err(|_| format!("{n:?} is not a number")),
+        (I, J::String(n)) => n
+            .trim()
+            .parse::<i64>()
+            .map(|_| Val::str(n.trim()))
+            .map_err(|_| format!("{n:?} is not an integer")),
+        (B, J::Bool(x)) => Ok(Val::Bool(*x)),
+        (G, J::String(g)) => valid_guid(g)
+            .map(Val::Str)
+            .ok_or_else(|| format!("{g:?} is not a GUID")),
+        (T, J::String(t)) => NaiveDateTime::parse_from_str(t.trim(), "%Y-%m-%dT%H:%M:%S")
+            .map(|d| Val::str(local_text(d)))
+            .map_err(|_| format!("{t:?} is not a date")),
+        (S, J::String(t)) => Ok(Val::str(t)),
+        (_, other) => Err(format!("{other} does not fit {ty}")),
+    }
+}
+
+fn default_val(ty: &str) -> Val {
+    match ty {
+        D => Val::Num("0".into()),
+        B => Val::Bool(false),
+        G => Val::str(EMPTY),
+        T => Val::str("0001-01-01T00:00:00"),
+        _ => Val::str(""),
+    }
+}
+
+fn entity_json(root: &str, set: &str, e: &Entity) -> String {
+    let mut out = format!("{{\"odata.metadata\":\"{root}/$metadata#{set}/@Element\",");
+    let mut body = String::new();
+    write_fields(
+        &mut body,
+        e.fields.iter().map(|(n, v)| (n.as_str(), v)),
+        None,
+        &[],
+    );
+    out.push_str(body.trim_start_matches('{'));
+    out
+}
+
+/// Creates an entity from a POST body, as 1C does: the client's `Ref_Key` kept, unknown
+/// names ignored, every row with its `LineNumber`.
+fn create(b: &mut Base, root: &str, set: &str, body: &[u8]) -> Reply {
+    if b.hidden_sets.contains(set) || !b.sets.contains_key(set) {
+        return odata_error(404, "9", &format!("Не найден ресурс {set}"));
+    }
+    let Some(sch) = schema().into_iter().find(|x| x.set == set) else {
+        return odata_error(404, "9", &format!("Не найден ресурс {set}"));
+    };
+    let is_document = set.starts_with("Document_");
+    if !is_document && !set.starts_with("Catalog_") {
+        return odata_error(405, "6", &format!("Запись в {set} не поддерживается"));
+    }
+    let text = String::from_utf8_lossy(body);
+    let fields = match crate::onec::odata::json::parse(&text) {
+        Ok(serde_json::Value::Object(o)) => o,
+        _ => return odata_error(400, "14", "Тело запроса не является объектом JSON"),
+    };
+    let given_key = fields.get("Ref_Key").filter(|_| !b.own_keys);
+    let key = match given_key {
+        None => uuid::Uuid::from_u128(b.rng.u128(..)).to_string(),
+        Some(serde_json::Value::String(k)) => match valid_guid(k) {
+            Some(k) => k,
+            None => return odata_error(400, "14", &format!("Неверное значение Ref_Key: {k}")),
+        },
+        Some(other) => return odata_error(400, "14", &format!("Неверное значение Ref_Key: {other}")),
+    };
+    if b.sets.get(set).is_some_and(|m| m.contains_key(&key)) {
+        return odata_error(400, "15", "Сущность с таким ключом уже существует");
+    }
+    let hidden = |scope: &str, p: &str| b.hidden_props.contains(&(scope.to_string(), p.to_string()));
+    let mut e = Entity::new(key.clone());
+    for (p, ty) in &sch.props {
+        let given = fields.get(*p).filter(|_| !hidden(set, p));
+        let v = match *p {
+            "Ref_Key" => Val::str(&key),
+            "DataVersion" | "Posted" | "Number" | "Predefined" => continue,
+            "Date" if given.is_none() => Val::str(local_text(b.last_date)),
+            _ => match given.map(|v| from_json(ty, v)).transpose() {
+                Ok(v) => v.unwrap_or_else(|| default_val(ty)),
+                Err(why) => return odata_error(400, "14", &format!("Неверное значение свойства {p}: {why}")),
+            },
+        };
+        e.set(p, v);
+    }
+    for (section, props) in &sch.sections {
+        let scope = format!("{set}.{section}");
+        let given = fields.get(*section).filter(|_| !hidden(set, section));
+        let rows = match given {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::Array(rows)) => rows.clone(),
+            Some(_) => return odata_error(400, "14", &format!("{section}: ожидается массив строк")),
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let Some(r) = r.as_object() else {
+                return odata_error(400, "14", &format!("{section}: строка не является объектом"));
+            };
+            if !r.contains_key("LineNumber") {
+                return odata_error(500, "0", "Произошла внутренняя ошибка OData сервиса");
+            }
+            let mut row = Vec::with_capacity(props.len());
+            for (p, ty) in props {
+                let given = r.get(*p).filter(|_| !hidden(&scope, p));
+                match given.map(|v| from_json(ty, v)).transpose() {
+                    Ok(v) => row.push((p.to_string(), v.unwrap_or_else(|| default_val(ty)))),
+                    Err(why) => {
+                        return odata_error(
+                            400,
+                            "14",
+                            &format!("Неверное значение свойства {section}.{p}: {why}"),
+                        );
+                    }
+                }
+            }
+            out.push(row);
+        }
+        e.set(section, Val::Rows(out));
+    }
+    b.created += 1;
+    let dv = b.data_version();
+    e.set("DataVersion", dv);
+    if sch.props.iter().any(|(p, _)| *p == "Posted") {
+        e.set("Posted", Val::Bool(false));
+    }
+    if is_document {
+        e.set("Number", Val::str(format!("КП00-{:06}", b.created)));
+    } else {
+        e.set("Predefined", Val::Bool(false));
+    }
+    let reply = json_response(201, entity_json(root, set, &e));
+    b.put(set, e);
+    Reply {
+        location: Some(format!("{root}/{set}(guid'{key}')")),
+        ..reply
+    }
+}
+
+fn row_text<'a>(row: &'a [(String, Val)], field: &str) -> &'a str {
+    row.iter()
+        .find(|(n, _)| n == field)
+        .and_then(|(_, v)| v.as_text())
+        .unwrap_or("")
+}
+
+/// Why the configuration's posting code would refuse the document, if it would.
+fn posting_refusal(b: &Base, set: &str, e: &Entity) -> Option<String> {
+    if let Some(r) = &b.refuse_posting {
+        return Some(r.clone());
+    }
+    if e.get("DeletionMark") == Some(&Val::Bool(true)) {
+        return Some("Помеченный на удаление объект не может быть проведен".into());
+    }
+    let known = |s: &str, key: &str| b.sets.get(s).is_some_and(|m| m.contains_key(key));
+    let rows = |section: &str| match e.get(section) {
+        Some(Val::Rows(r)) => r.clone(),
+        _ => Vec::new(),
+    };
+    if set == BONUS_DOCUMENTS {
+        let all: Vec<Vec<(String, Val)>> = ["НачисленияБонусов", "СписанияБонусов"]
+            .iter()
+            .flat_map(|s| rows(s))
+            .collect();
+        if all.is_empty() {
+            return Some("Нет данных для проведения: табличные части не заполнены".into());
+        }
+        for r in &all {
+            let card = row_text(r, "БонуснаяКарта_Key");
+            if card == EMPTY || !known(CARDS, card) {
+                return Some(format!(
+                    "Строка {}: не заполнена или не найдена бонусная карта {card}",
+                    row_text(r, "LineNumber")
+                ));
+            }
+            let qty = Decimal::from_str(row_text(r, "Количество")).unwrap_or_default();
+            if qty <= Decimal::ZERO {
+                return Some(format!(
+                    "Строка {}: количество баллов должно быть больше нуля",
+                    row_text(r, "LineNumber")
+                ));
+            }
+        }
+    }
+    if set == ACCOUNTING_DOCUMENTS {
+        let org = e.get("Организация_Key").and_then(Val::as_text).unwrap_or("");
+        if !known(ORGANIZATIONS, org) {
+            return Some("Не заполнена организация".into());
+        }
+        for r in rows("Проводки") {
+            for f in ["СчетДт_Key", "СчетКт_Key"] {
+                if !known(ACCOUNTS, row_text(&r, f)) {
+                    return Some(format!(
+                        "Строка {}: не указан счет {f}",
+                        row_text(&r, "LineNumber")
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// `Post` or `Unpost` of a document.
+fn act(b: &mut Base, set: &str, key: &str, post: bool) -> Reply {
+    if b.hidden_sets.contains(set) || !set.starts_with("Document_") {
+        return odata_error(404, "9", &format!("Не найден ресурс {set}"));
+    }
+    let Some(e) = b.sets.get(set).and_then(|m| m.get(key)).cloned() else {
+        return odata_error(404, "9", &format!("Не найден объект {set}(guid'{key}')"));
+    };
+    if post && let Some(why) = posting_refusal(b, set, &e) {
+        return odata_error(500, "-1", &why);
+    }
+    let dv = b.data_version();
+    if let Some(e) = b.sets.get_mut(set).and_then(|m| m.get_mut(key)) {
+        e.set("Posted", Val::Bool(post));
+        e.set("DataVersion", dv);
+    }
+    Reply {
+        status: 200,
+        content_type: "",
+        body: String::new(),
+        challenge: false,
+        location: None,
+    }
 }
 
 /// Whether `name` (`Field` or `Section/Field`) is a published property of `set`.

@@ -375,7 +375,115 @@ pub fn check(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
     (c.checked, c.missing)
 }
 
-/// Reads `$metadata` and checks the configured mapping against it.
+/// Names the documents kopilka writes (`[bonus_document]`, `[accounting_document]`) need
+/// that `schema` does not publish: 1C silently ignores an unknown property in a POST.
+pub fn check_writing(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
+    let mut c = Checker {
+        schema,
+        checked: 0,
+        missing: Vec::new(),
+    };
+    let standard = [
+        "Ref_Key",
+        "DataVersion",
+        "Number",
+        "Date",
+        "Posted",
+        "DeletionMark",
+    ];
+    let document = |c: &mut Checker<'_>,
+                    key: &str,
+                    set: &str,
+                    header: Vec<(&str, String)>,
+                    sections: Vec<(&str, Vec<(&str, String)>)>| {
+        let Some(props) = c.set(set, &format!("{key}.set")).cloned() else {
+            return;
+        };
+        let mut fields: Vec<(&str, String)> = standard
+            .iter()
+            .map(|f| (*f, format!("the standard fields of {set}")))
+            .collect();
+        fields.extend(header);
+        c.fields(set, &props, &fields);
+        for (rows, mut row_fields) in sections {
+            c.checked += 1;
+            let Some(row_props) = c.section(set, &props, rows).cloned() else {
+                c.miss(format!("tabular section {set}.{rows}"), &format!("{key} rows"));
+                continue;
+            };
+            row_fields.insert(0, ("LineNumber", format!("the rows of {set}.{rows}")));
+            c.fields(&format!("{set}.{rows}"), &row_props, &row_fields);
+        }
+    };
+    if let Some(b) = &mapping.bonus_document {
+        let k = |f: &str| format!("bonus_document.{f}");
+        let mut header = vec![(b.comment.as_str(), k("comment"))];
+        header.extend(b.program.as_deref().map(|p| (p, k("program"))));
+        fn section<'m>(name: &str, r: &'m mapping::BonusRowsMap) -> Vec<(&'m str, String)> {
+            let k = |f: &str| format!("bonus_document.{f}");
+            let mut f = vec![
+                (r.holder.as_str(), k(&format!("{name}.holder"))),
+                (r.points.as_str(), k(&format!("{name}.points"))),
+            ];
+            for (v, n) in [
+                (&r.accrued_on, "accrued_on"),
+                (&r.expires_on, "expires_on"),
+                (&r.burn_correction, "burn_correction"),
+            ] {
+                f.extend(v.as_deref().map(|v| (v, k(&format!("{name}.{n}")))));
+            }
+            f
+        }
+        let sections = vec![
+            (b.accruals.rows.as_str(), section("accruals", &b.accruals)),
+            (b.writeoffs.rows.as_str(), section("writeoffs", &b.writeoffs)),
+        ];
+        document(&mut c, "bonus_document", &b.set, header, sections);
+        if let Some(programs) = &b.programs
+            && let Some(props) = c.set(programs, &k("programs")).cloned()
+        {
+            c.fields(programs, &props, &[("Description", k("programs"))]);
+        }
+    }
+    if let Some(a) = &mapping.accounting_document {
+        let k = |f: &str| format!("accounting_document.{f}");
+        let mut header = vec![(a.comment.as_str(), k("comment"))];
+        for (v, n) in [
+            (&a.organization, "organization"),
+            (&a.amount, "amount"),
+            (&a.content, "content"),
+        ] {
+            header.extend(v.as_deref().map(|v| (v, k(n))));
+        }
+        let mut rows = vec![
+            (a.row.debit.as_str(), k("row.debit")),
+            (a.row.credit.as_str(), k("row.credit")),
+            (a.row.amount.as_str(), k("row.amount")),
+        ];
+        rows.extend(a.row.content.as_deref().map(|v| (v, k("row.content"))));
+        document(
+            &mut c,
+            "accounting_document",
+            &a.set,
+            header,
+            vec![(a.rows.as_str(), rows)],
+        );
+        for (set, field, key) in [
+            (&a.organizations, "Description", "organizations"),
+            (&a.accounts, "Code", "accounts"),
+        ] {
+            if let Some(set) = set
+                && let Some(props) = c.set(set, &k(key)).cloned()
+            {
+                c.fields(set, &props, &[(field, k(key))]);
+            }
+        }
+    }
+    (c.checked, c.missing)
+}
+
+/// Reads `$metadata` and checks the configured mapping against it (and, with
+/// `[accounting] postback = "odata"`, the documents kopilka writes).
 pub async fn probe(cfg: &Config) -> Result<ProbeReport, OdataError> {
     let odata = cfg
         .onec
@@ -393,7 +501,12 @@ pub async fn probe(cfg: &Config) -> Result<ProbeReport, OdataError> {
         class: super::ErrorClass::Permanent,
         attempts: 1,
     })?;
-    let (checked, missing) = check(&mapping, &schema);
+    let (mut checked, mut missing) = check(&mapping, &schema);
+    if cfg.accounting.postback == crate::config::Postback::Odata {
+        let (n, m) = check_writing(&mapping, &schema);
+        checked += n;
+        missing.extend(m);
+    }
     Ok(ProbeReport {
         url: client.base().to_string(),
         mapping: mapping.origin.clone(),
