@@ -359,5 +359,7 @@ pub(crate) fn enqueue_bonus_documents(
 
 /// The newest journal id, to find what a write added.
 pub(crate) fn journal_head(conn: &Connection) -> Result<i64> {
-    Ok(conn.query_row("SELECT COALESCE(MAX(id), 0) FROM journal", [], |r| r.get(0))?)
+    Ok(conn
+        .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM journal")?
+        .query_row([], |r| r.get(0))?)
 }

@@ -3,7 +3,9 @@
 //! configured price type valid on the sale's date.
 
 use chrono::{DateTime, Utc};
-use rusqlite::{OptionalExtension, params};
+use std::collections::HashMap;
+
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Ledger, Result, ts};
 use crate::core::document::Document;
@@ -123,83 +125,127 @@ impl Ledger {
         Ok(r)
     }
 
-    /// The price type id a policy names (by id or by name).
-    fn price_type_id(&self, name_or_id: &str) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT id FROM catalog_price_types WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1",
-            )?
-            .query_row([name_or_id], |r| r.get(0))
-            .optional()?)
-    }
-
     /// The cost of one unit of a product on a date, if the catalog knows it.
     pub fn cost_at(&self, product: &str, policy: &CostPolicy, at: DateTime<Utc>) -> Result<Option<Money>> {
-        let Some(pt) = self.price_type_id(&policy.price_type)? else {
+        let Some(pt) = price_type_id(&self.conn, &policy.price_type)? else {
             return Ok(None);
         };
-        let base = product.split('#').next().unwrap_or(product);
-        for id in [product, base] {
-            let valid: Option<i64> = self
-                .conn
-                .prepare_cached(
-                    "SELECT unit_price FROM catalog_prices WHERE product_id = ?1 AND price_type = ?2 \
-                     AND valid_from <= ?3 ORDER BY valid_from DESC LIMIT 1",
-                )?
-                .query_row(params![id, pt, ts(at)], |r| r.get(0))
-                .optional()?;
-            if let Some(v) = valid {
-                return Ok(Some(Money(v)));
-            }
-            if policy.backfill {
-                let earliest: Option<i64> = self
-                    .conn
-                    .prepare_cached(
-                        "SELECT unit_price FROM catalog_prices WHERE product_id = ?1 AND price_type = ?2 \
-                         ORDER BY valid_from ASC LIMIT 1",
-                    )?
-                    .query_row(params![id, pt], |r| r.get(0))
-                    .optional()?;
-                if let Some(v) = earliest {
-                    return Ok(Some(Money(v)));
-                }
-            }
-        }
-        Ok(None)
+        cost_of(&self.conn, product, &pt, policy.backfill, at)
     }
 
     /// Fills what a document's lines do not say from the catalog: the category (the
     /// product's group name), whether it is a service, and the cost on the sale's date.
     /// What the source stated is never overwritten.
     pub fn complete_from_catalog(&self, doc: &mut Document, policy: Option<&CostPolicy>) -> Result<()> {
-        for line in &mut doc.lines {
-            let base = line
-                .product_id
-                .split('#')
-                .next()
-                .unwrap_or(&line.product_id)
-                .to_string();
-            let row: Option<(Option<String>, bool)> = self
-                .conn
-                .prepare_cached(
-                    "SELECT g.name, p.service FROM catalog_products p LEFT JOIN catalog_groups g ON g.id = p.group_id \
-                     WHERE p.id = ?1",
-                )?
-                .query_row([&base], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            if let Some((group, service)) = row {
-                if line.category.is_none() {
-                    line.category = group;
-                }
-                line.service |= service;
-            }
-            if line.unit_cost.is_none()
-                && let Some(p) = policy
-            {
-                line.unit_cost = self.cost_at(&line.product_id, p, doc.occurred_at)?;
-            }
+        let pt = match policy {
+            Some(p) => price_type_id(&self.conn, &p.price_type)?,
+            None => None,
+        };
+        complete(&self.conn, doc, policy, pt.as_deref(), &mut HashMap::new())
+    }
+
+    /// [`Ledger::complete_from_catalog`] for a batch of documents, as connectors apply them:
+    /// one read transaction for the whole batch (not one per query), the cost price type
+    /// resolved once, and each product's row read once.
+    pub fn complete_batch_from_catalog<'a>(
+        &mut self,
+        docs: impl IntoIterator<Item = &'a mut Document>,
+        policy: Option<&CostPolicy>,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let pt = match policy {
+            Some(p) => price_type_id(&tx, &p.price_type)?,
+            None => None,
+        };
+        let mut products = HashMap::new();
+        for doc in docs {
+            complete(&tx, doc, policy, pt.as_deref(), &mut products)?;
         }
+        tx.commit()?;
         Ok(())
     }
+}
+
+/// A product's group name and service flag, when the catalog has the product.
+type ProductRow = Option<(Option<String>, bool)>;
+
+/// The price type id a policy names (by id or by name).
+fn price_type_id(conn: &Connection, name_or_id: &str) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT id FROM catalog_price_types WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1",
+        )?
+        .query_row([name_or_id], |r| r.get(0))
+        .optional()?)
+}
+
+/// The unit price of `product` (or its base product, before `#`) of price type `pt` on a
+/// date; with `backfill`, the earliest known one for a date before every price.
+fn cost_of(conn: &Connection, product: &str, pt: &str, backfill: bool, at: DateTime<Utc>) -> Result<Option<Money>> {
+    let base = product.split('#').next().unwrap_or(product);
+    for id in [product, base] {
+        let valid: Option<i64> = conn
+            .prepare_cached(
+                "SELECT unit_price FROM catalog_prices WHERE product_id = ?1 AND price_type = ?2 \
+                 AND valid_from <= ?3 ORDER BY valid_from DESC LIMIT 1",
+            )?
+            .query_row(params![id, pt, ts(at)], |r| r.get(0))
+            .optional()?;
+        if let Some(v) = valid {
+            return Ok(Some(Money(v)));
+        }
+        if backfill {
+            let earliest: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT unit_price FROM catalog_prices WHERE product_id = ?1 AND price_type = ?2 \
+                     ORDER BY valid_from ASC LIMIT 1",
+                )?
+                .query_row(params![id, pt], |r| r.get(0))
+                .optional()?;
+            if let Some(v) = earliest {
+                return Ok(Some(Money(v)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Completes one document; `pt` is the policy's price type id (`None`: the catalog has no
+/// such price type, so no cost), `products` remembers product rows already read.
+fn complete(
+    conn: &Connection,
+    doc: &mut Document,
+    policy: Option<&CostPolicy>,
+    pt: Option<&str>,
+    products: &mut HashMap<String, ProductRow>,
+) -> Result<()> {
+    for line in &mut doc.lines {
+        let base = line.product_id.split('#').next().unwrap_or(&line.product_id);
+        let row = match products.get(base) {
+            Some(row) => row.clone(),
+            None => {
+                let row: ProductRow = conn
+                    .prepare_cached(
+                        "SELECT g.name, p.service FROM catalog_products p LEFT JOIN catalog_groups g ON g.id = p.group_id \
+                         WHERE p.id = ?1",
+                    )?
+                    .query_row([base], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                products.insert(base.to_string(), row.clone());
+                row
+            }
+        };
+        if let Some((group, service)) = row {
+            if line.category.is_none() {
+                line.category = group;
+            }
+            line.service |= service;
+        }
+        if line.unit_cost.is_none()
+            && let (Some(p), Some(pt)) = (policy, pt)
+        {
+            line.unit_cost = cost_of(conn, &line.product_id, pt, p.backfill, doc.occurred_at)?;
+        }
+    }
+    Ok(())
 }

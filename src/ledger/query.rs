@@ -207,9 +207,9 @@ pub(crate) fn holdings(conn: &Connection, customer: i64) -> Result<Holdings> {
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let debt: i64 = conn.query_row("SELECT debt FROM customers WHERE id = ?1", [customer], |r| {
-        r.get(0)
-    })?;
+    let debt: i64 = conn
+        .prepare_cached("SELECT debt FROM customers WHERE id = ?1")?
+        .query_row([customer], |r| r.get(0))?;
     Ok(Holdings { lots, debt })
 }
 

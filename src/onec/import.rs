@@ -4,8 +4,8 @@
 //! A file is streamed: documents go to the ledger in batches of
 //! `max_documents_per_transaction`, each batch one SQLite transaction; catalog entries
 //! update the catalog (prices valid from the file's `ДатаФормирования`). Documents get
-//! their category and cost from the catalog before they are applied. Memory does not grow
-//! with the file: one batch is held at a time (and the price entries of an offers file,
+//! their category and cost from the catalog before they are applied, a batch at a time.
+//! Memory does not grow with the file: one batch is held at a time (and the price entries of an offers file,
 //! which are bounded by the catalog, not by history).
 
 use std::fs::File;
@@ -258,6 +258,13 @@ pub fn import_reader<R: std::io::BufRead>(
             if batch.is_empty() {
                 return Ok(());
             }
+            // documents get their category and cost from the catalog as it stands when
+            // their batch is applied, in one read transaction for the batch
+            let docs = batch.iter_mut().filter_map(|item| match item {
+                crate::ledger::Item::Incoming(Incoming::Document(d)) => Some(d),
+                _ => None,
+            });
+            ledger.complete_batch_from_catalog(docs, settings.cost.as_ref())?;
             let ctx = cfg.ingest_context(now, &dest);
             let r = ledger.ingest(
                 Batch {
@@ -277,13 +284,6 @@ pub fn import_reader<R: std::io::BufRead>(
                 match item {
                     Item::Document(inc) => {
                         seen += 1;
-                        let inc = match inc {
-                            Incoming::Document(mut d) => {
-                                ledger.complete_from_catalog(&mut d, settings.cost.as_ref())?;
-                                Incoming::Document(d)
-                            }
-                            void => void,
-                        };
                         batch.push(crate::ledger::Item::Incoming(inc));
                     }
                     Item::Rejected(r) => {

@@ -1085,11 +1085,11 @@ impl OdataPoller {
         let report = run
             .ledger
             .run(move |l| -> Result<IngestReport, LedgerError> {
-                for item in &mut items {
-                    if let Item::Incoming(Incoming::Document(d)) = item {
-                        l.complete_from_catalog(d, cost.as_ref())?;
-                    }
-                }
+                let docs = items.iter_mut().filter_map(|item| match item {
+                    Item::Incoming(Incoming::Document(d)) => Some(d),
+                    _ => None,
+                });
+                l.complete_batch_from_catalog(docs, cost.as_ref())?;
                 let dest = cfg.destinations();
                 let ctx = IngestContext {
                     rules: &cfg.program,
