@@ -142,7 +142,10 @@ async fn jobs_run_on_schedule_and_the_endpoint_answers() {
         .await
         .unwrap();
     assert!(
-        page.contains("<svg") && page.contains("Синхронизация") && page.contains("nightly"),
+        page.contains("<svg")
+            && page.contains("Синхронизация")
+            && page.contains("nightly")
+            && page.contains("Сверка за вчера и сегодня"),
         "{page}"
     );
 

@@ -1,8 +1,9 @@
 //! Fault test: the same shop run twice through the real jobs — once clean, once with the
 //! simulators failing in every way they know (1C: 500s, an exception, 503 pages, answers
 //! past the timeout, truncated JSON, an HTML page with 200; AmoCRM: 429 storms, 5xx, HTML
-//! errors, truncated bodies, answers past the timeout, expired access tokens). The faulty
-//! run must converge to exactly the clean run's final state.
+//! errors, truncated bodies, answers past the timeout, expired access tokens, a 429 with
+//! `Retry-After`, events arriving while the client pages through them so that pages repeat
+//! what it has read). The faulty run must converge to exactly the clean run's final state.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -69,6 +70,7 @@ client_secret_file = "client-secret"
 redirect_uri = "https://shop.example/oauth"
 requests_per_second = 50
 timeout_seconds = 1
+events_page_size = 5
 backoff_initial_ms = 10
 backoff_max_ms = 200
 [outbox]
@@ -220,10 +222,22 @@ async fn a_faulty_run_converges_to_the_clean_runs_state() {
     amo.inject(AmoFault::Html(502), 1);
     amo.inject(AmoFault::Truncated, 2);
     amo.inject(AmoFault::Delay(Duration::from_millis(2500)), 1);
+    amo.inject(AmoFault::RetryAfter(1), 1);
+    amo.events_arrive_while_paging(7);
     let failed_runs = converge(&ctx, &onec, &amo, true).await;
     let faulty = final_state(&ctx, &amo).await;
     assert!(failed_runs > 0 || amo.rate_limited() > 0, "the faults fired");
     assert!(!amo.is_blocked(), "backing off never got the account blocked");
+    assert_eq!(
+        amo.retry_after_ignored(),
+        0,
+        "no request went out before Retry-After passed"
+    );
+    assert_eq!(
+        amo.events_burst_pending(),
+        0,
+        "events arrived while the client paged (it read a second page)"
+    );
     assert_eq!(
         faulty, clean,
         "the faulty run's final state differs from the clean run's"

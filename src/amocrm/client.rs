@@ -305,6 +305,11 @@ impl Client {
             }
         };
         let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
         let request_id = resp
             .headers()
             .get("x-request-id")
@@ -367,7 +372,13 @@ impl Client {
                     self.opts.backoff_max,
                     fastrand::u64(..),
                 );
+                // the server's own word wins when it asks for longer than our back-off
+                let delay = delay.max(retry_after.unwrap_or_default());
                 t.cooldown_until = Some(Instant::now() + delay);
+            } else if status == 503
+                && let Some(wait) = retry_after
+            {
+                t.cooldown_until = Some(Instant::now() + wait);
             }
             recent
         };
@@ -774,5 +785,50 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// The longest `Retry-After` honoured: a larger value (or a date far ahead) is more likely a
+/// misconfigured proxy than a real request to stop all traffic for hours.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
+
+/// `Retry-After` as RFC 9110 gives it: delay-seconds, or an HTTP date; `None` when it is
+/// neither. Capped at [`MAX_RETRY_AFTER`].
+pub(crate) fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let v = value.trim();
+    let wait = if let Ok(secs) = v.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+        (at.with_timezone(&chrono::Utc) - now)
+            .to_std()
+            .unwrap_or_default()
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date_and_is_capped() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Tue, 24 Nov 2026 10:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        // a date already past means "now"
+        assert_eq!(
+            parse_retry_after("Tue, 24 Nov 2026 09:59:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("86400", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
     }
 }

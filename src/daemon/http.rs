@@ -536,10 +536,11 @@ async fn status(State(s): State<AppState>) -> Response {
                     limit: Some(15),
                 })?,
                 l.quarantine_list(false)?,
+                l.reconcile(today - Duration::days(1), today, tz, None)?,
             ))
         })
         .await;
-    let (summary, outbox, checkpoints, hours, losses, dead, quarantine) = match data {
+    let (summary, outbox, checkpoints, hours, losses, dead, quarantine, recon) = match data {
         Ok(d) => d,
         Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, format!("ledger: {e}")),
     };
@@ -594,6 +595,64 @@ async fn status(State(s): State<AppState>) -> Response {
     } else {
         html.push_str(&chart(&series));
         html.push_str("<p><span style=\"color:#2e7d32\">■</span> начислено <span style=\"color:#1565c0\">■</span> списано <span style=\"color:#c62828\">■</span> сгорело</p>");
+    }
+    // today's and yesterday's reconciliation, as `kopilka reconcile` prints it
+    let _ = write!(
+        html,
+        "<h2>Сверка за вчера и сегодня</h2><table><tr><th>День</th><th class=\"num\">Документов в источнике</th>\
+         <th class=\"num\">Сумма в источнике, ₽</th><th class=\"num\">Продаж / возвратов в kopilka</th>\
+         <th class=\"num\">Сумма в kopilka, ₽</th><th class=\"num\">Начислено / списано / сгорело / сторно</th>\
+         <th class=\"num\">Проводки: доставлено / в очереди / ошибка</th></tr>"
+    );
+    for d in &recon.days {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{} / {}</td>\
+             <td class=\"num {}\">{}</td><td class=\"num\">{} / {} / {} / {}</td><td class=\"num\">{} / {} / <span class=\"{}\">{}</span></td></tr>",
+            d.day.format("%d.%m.%Y"),
+            super::report_html::group(d.source_documents),
+            money(d.source_total_kopecks),
+            super::report_html::group(d.ledger_sales),
+            super::report_html::group(d.ledger_returns),
+            if d.ledger_total_kopecks == d.source_total_kopecks {
+                ""
+            } else {
+                "bad"
+            },
+            money(d.ledger_total_kopecks),
+            super::report_html::group(d.points_accrued),
+            super::report_html::group(d.points_redeemed),
+            super::report_html::group(d.points_expired),
+            super::report_html::group(d.points_reversed),
+            d.postings_delivered,
+            d.postings_pending,
+            if d.postings_dead > 0 { "bad" } else { "" },
+            d.postings_dead
+        );
+    }
+    html.push_str("</table>");
+    if recon.differences.is_empty() {
+        html.push_str("<p class=\"ok\">Расхождений нет.</p>");
+    } else {
+        let _ = write!(
+            html,
+            "<p class=\"bad\">Расхождений: {}</p><table><tr><th>День</th><th>Что</th><th>Документ</th><th>Подробности</th></tr>",
+            recon.differences.len()
+        );
+        for d in recon.differences.iter().take(20) {
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td class=\"bad\">{}</td><td>{}:{}</td><td>{}</td></tr>",
+                d.day
+                    .map(|x| x.format("%d.%m.%Y").to_string())
+                    .unwrap_or_default(),
+                esc(d.kind.label()),
+                esc(&d.source),
+                esc(&d.document),
+                esc(&d.detail)
+            );
+        }
+        html.push_str("</table>");
     }
     html.push_str("<h2>Синхронизация</h2><table><tr><th>Источник</th><th>Отметка</th><th>Обновлена</th><th class=\"num\">Отставание</th></tr>");
     for (source, cursor, at) in &checkpoints {

@@ -181,7 +181,13 @@ fn price_type_id(conn: &Connection, name_or_id: &str) -> Result<Option<String>> 
 
 /// The unit price of `product` (or its base product, before `#`) of price type `pt` on a
 /// date; with `backfill`, the earliest known one for a date before every price.
-fn cost_of(conn: &Connection, product: &str, pt: &str, backfill: bool, at: DateTime<Utc>) -> Result<Option<Money>> {
+fn cost_of(
+    conn: &Connection,
+    product: &str,
+    pt: &str,
+    backfill: bool,
+    at: DateTime<Utc>,
+) -> Result<Option<Money>> {
     let base = product.split('#').next().unwrap_or(product);
     for id in [product, base] {
         let valid: Option<i64> = conn

@@ -59,6 +59,9 @@ pub enum Fault {
     Truncated,
     /// The account is blocked from now on (403 HTML to everything).
     Block,
+    /// 429 with `Retry-After: N` seconds; every request arriving before then is counted as
+    /// ignoring it (see [`AmoSim::retry_after_ignored`]) and refused the same way.
+    RetryAfter(u64),
 }
 
 #[derive(Clone, Debug)]
@@ -147,6 +150,13 @@ struct State {
     limited: u64,
     blocked: bool,
     faults: VecDeque<Fault>,
+    /// Set by a `Retry-After` answer: requests before this instant ignored it.
+    retry_not_before: Option<Instant>,
+    retry_after_ignored: u64,
+    /// Events that arrive (about entities deleted since) just before the next request for
+    /// a second or later page of events: the list is newest first, so they push what the
+    /// client has read onto the following pages — the duplicate pages of real paging.
+    events_burst: usize,
     next_id: i64,
     next_event: u64,
     token_seq: u64,
@@ -372,6 +382,9 @@ impl AmoSimBuilder {
             limited: 0,
             blocked: false,
             faults: VecDeque::new(),
+            retry_not_before: None,
+            retry_after_ignored: 0,
+            events_burst: 0,
             next_id: 5_000_000,
             next_event: 0,
             token_seq: 0,
@@ -464,6 +477,22 @@ impl AmoSim {
         for _ in 0..times {
             s.faults.push_back(fault.clone());
         }
+    }
+
+    /// Requests that arrived while a `Retry-After` was still running.
+    pub fn retry_after_ignored(&self) -> u64 {
+        self.st().retry_after_ignored
+    }
+
+    /// `n` events arrive just before the next request for page 2 or later of the events
+    /// list, so the pages the client reads next repeat events it has already read.
+    pub fn events_arrive_while_paging(&self, n: usize) {
+        self.st().events_burst = n;
+    }
+
+    /// Events of [`AmoSim::events_arrive_while_paging`] that have not arrived yet.
+    pub fn events_burst_pending(&self) -> usize {
+        self.st().events_burst
     }
 
     pub fn is_blocked(&self) -> bool {
@@ -755,6 +784,7 @@ async fn handle(
     let arrived = Instant::now();
     let path = uri.path().to_string();
     let query = uri.query().unwrap_or("").to_string();
+    let mut retry_after: Option<u64> = None;
     let (answer, fault, request_id) = {
         let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
         let at = arrived.saturating_duration_since(s.started);
@@ -768,9 +798,23 @@ async fn handle(
             s.window.pop_front();
         }
         s.window.push_back(arrived);
-        let fault = s.faults.pop_front();
+        let waiting = s.retry_not_before.filter(|t| arrived < *t);
+        let fault = if waiting.is_some() {
+            None
+        } else {
+            s.faults.pop_front()
+        };
         let answer = if s.blocked {
             html(403)
+        } else if let Some(t) = waiting {
+            s.retry_after_ignored += 1;
+            let left = t.saturating_duration_since(arrived).as_secs().max(1);
+            retry_after = Some(left);
+            problem(429, "Too Many Requests", "Retry-After has not passed")
+        } else if let Some(Fault::RetryAfter(secs)) = &fault {
+            s.retry_not_before = Some(arrived + Duration::from_secs(*secs));
+            retry_after = Some(*secs);
+            problem(429, "Too Many Requests", "Too many requests, retry later")
         } else if s.window.len() > s.rps {
             s.violations += 1;
             s.limited += 1;
@@ -815,7 +859,13 @@ async fn handle(
         }
         _ => {}
     }
-    respond(status, &ctype, text, &request_id)
+    let mut r = respond(status, &ctype, text, &request_id);
+    if let Some(secs) = retry_after
+        && let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string())
+    {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
 }
 
 fn params(query: &str) -> Vec<(String, String)> {
@@ -1017,6 +1067,16 @@ fn route(
                 .map(|t| t.split(',').map(|x| x.trim().to_string()).collect())
                 .unwrap_or_default();
             let from = param(&p, "filter[created_at][from]").and_then(|v| v.parse::<i64>().ok());
+            let page_no = param(&p, "page")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(1);
+            if page_no >= 2 && s.events_burst > 0 {
+                let kind = types.first().cloned().unwrap_or_else(|| "contact_added".into());
+                for _ in 0..std::mem::take(&mut s.events_burst) {
+                    // about a contact deleted since: nothing to apply, but it takes a place
+                    s.event(kind.clone(), 999_999_999, "contact", Value::Null, Value::Null);
+                }
+            }
             let items = s
                 .events
                 .iter()
