@@ -895,3 +895,94 @@ async fn the_simulator_answers_as_1c_does() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_against_a_re_read_of_1c_finds_what_the_ingest_record_cannot() {
+    use kopilka::ledger::DiffKind;
+    let sim = small_sim(41).start().await.expect("sim");
+    let r = rig(sim, paged()).await;
+    r.poll_ok().await;
+    let tz = r.cfg.timezone;
+    let first = r.sim.last_date().date() - chrono::Duration::days(3);
+    let last = r.sim.last_date().date() + chrono::Duration::days(1);
+    let window = (
+        first.and_hms_opt(0, 0, 0).expect("midnight"),
+        (last + chrono::Duration::days(1))
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight"),
+    );
+    let reconcile = |truth: Option<&[kopilka::ledger::SourceDoc]>| {
+        r.ledger
+            .lock()
+            .reconcile(first, last, tz, truth)
+            .expect("reconcile")
+    };
+
+    let truth = r.poller.source_docs(window.0, window.1).await.expect("re-read");
+    assert_eq!(truth.len(), 300, "every document of the period");
+    let clean = reconcile(Some(&truth));
+    assert_eq!(clean.truth, "re-read from the source");
+    assert!(clean.clean(), "{:#?}", clean.differences);
+    assert_eq!(clean.days.iter().map(|d| d.source_documents).sum::<i64>(), 300);
+    for d in &clean.days {
+        assert_eq!(d.source_total_kopecks, d.ledger_total_kopecks, "{d:?}");
+    }
+
+    // 1C changes while kopilka is not polling: an edit, an unposting, a new sale
+    let mut keys = r.sim.sale_keys();
+    let date_of = |k: &String| match r.sim.entity(RECEIPTS, k).and_then(|e| e.get("Date").cloned()) {
+        Some(Val::Str(d)) => d,
+        _ => String::new(),
+    };
+    keys.sort_by_key(|k| std::cmp::Reverse(date_of(k)));
+    assert!(r.sim.edit(&keys[1]));
+    assert!(r.sim.set_posted(&keys[2], false));
+    let added = r.sim.add_sales(1, None);
+    assert!(
+        reconcile(None).clean(),
+        "what kopilka recorded at ingest cannot know"
+    );
+    let truth = r.poller.source_docs(window.0, window.1).await.expect("re-read");
+    let found: std::collections::BTreeMap<String, DiffKind> = reconcile(Some(&truth))
+        .differences
+        .iter()
+        .map(|d| (d.document.clone(), d.kind))
+        .collect();
+    let expected: std::collections::BTreeMap<String, DiffKind> = [
+        (keys[1].clone(), DiffKind::ChangedAfterPosting),
+        (keys[2].clone(), DiffKind::ChangedAfterPosting),
+        (added[0].clone(), DiffKind::MissingInLedger),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(found, expected);
+
+    // the command exits 1 while they differ, naming the documents
+    let file = r.cfg.file.clone().expect("a config file");
+    let (from_arg, to_arg) = (first.to_string(), last.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kopilka"))
+            .arg("--config")
+            .arg(file)
+            .args(["reconcile", "--source", "odata", "--format", "json"])
+            .args(["--from", &from_arg, "--to", &to_arg])
+            .output()
+            .expect("kopilka runs")
+    })
+    .await
+    .expect("joined");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&added[0]) && text.contains(&keys[1]), "{text}");
+
+    // after a poll the ledger and 1C agree again
+    r.poll_ok().await;
+    let truth = r.poller.source_docs(window.0, window.1).await.expect("re-read");
+    let again = reconcile(Some(&truth));
+    assert!(again.clean(), "{:#?}", again.differences);
+}

@@ -98,6 +98,11 @@ pub enum Command {
         to: Option<NaiveDate>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Where 1C's side comes from: `recorded` (what kopilka saw at ingest, the default)
+        /// or `odata` (re-read the period from 1C now; needs [onec.odata], and every 1C
+        /// document of this source must reach kopilka over OData)
+        #[arg(long, value_enum, default_value_t = TruthSource::Recorded)]
+        source: TruthSource,
     },
     /// Program metrics: members and activity, frequency, average checks, LTV, churn,
     /// liability, program cost against gross margin, loss-making lines.
@@ -557,13 +562,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output::offers(&ledger.offers_for(&a.customer, now)?, a.json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Reconcile { from, to, format } => {
+        Command::Reconcile {
+            from,
+            to,
+            format,
+            source,
+        } => {
             let cfg = load_config(&cli)?;
             let ledger = open_existing(&cfg)?;
             let today = now.with_timezone(&cfg.timezone).date_naive();
             let to = to.unwrap_or(today);
             let from = from.unwrap_or(to - chrono::Duration::days(6));
-            let r = ledger.reconcile(from, to, cfg.timezone, None)?;
+            let truth = match source {
+                TruthSource::Recorded => None,
+                TruthSource::Odata => Some(reread_odata(&cfg, from, to)?),
+            };
+            let r = ledger.reconcile(from, to, cfg.timezone, truth.as_deref())?;
             output::reconciliation(&r, *format)?;
             Ok(if r.clean() {
                 ExitCode::SUCCESS
@@ -745,4 +759,36 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Where `kopilka reconcile` takes 1C's side from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TruthSource {
+    Recorded,
+    Odata,
+}
+
+/// The period's documents as 1C's OData interface has them now.
+fn reread_odata(
+    cfg: &Config,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> anyhow::Result<Vec<crate::ledger::SourceDoc>> {
+    anyhow::ensure!(
+        cfg.onec.as_ref().and_then(|o| o.odata.as_ref()).is_some(),
+        "--source odata needs [onec.odata] in the configuration"
+    );
+    let poller = crate::onec::odata::poll::OdataPoller::new(std::sync::Arc::new(cfg.clone()))
+        .context("the OData source")?;
+    let start = from.and_hms_opt(0, 0, 0).unwrap_or_default();
+    let end = to
+        .succ_opt()
+        .unwrap_or(to)
+        .and_hms_opt(0, 0, 0)
+        .unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(poller.source_docs(start, end))
+        .context("re-reading the period from 1C over OData")
 }

@@ -1135,6 +1135,63 @@ impl OdataPoller {
         Ok(last.is_none_or(|l| now - l >= self.opts.catalog_every || now < l))
     }
 
+    /// Every mapped document dated in `[from, to)` (1C local time) as 1C has it now, for
+    /// `kopilka reconcile --source odata`: what the base says, not what kopilka recorded when
+    /// it read it, so a document never polled or changed since shows up. A document that
+    /// cannot be read counts as in force with no total: reconcile then names its quarantine
+    /// entry, or lists it as missing.
+    pub async fn source_docs(
+        &self,
+        from: NaiveDateTime,
+        to: NaiveDateTime,
+    ) -> Result<Vec<crate::ledger::SourceDoc>, OdataError> {
+        let st = State::default();
+        let tz = self.tz();
+        let filter = format!(
+            "Date ge {} and Date lt {}",
+            datetime_literal(from),
+            datetime_literal(to)
+        );
+        let page = self.odata.page_size.max(1) as usize;
+        let mut out = Vec::new();
+        for (i, map) in self.mapping.documents.iter().enumerate() {
+            let set = map.set.as_str();
+            let select = self.full_select(i);
+            let mut skip = 0usize;
+            loop {
+                let q = page_query(&select, Some(&filter), "Date,Ref_Key", skip, page);
+                let items = self.client.list(set, set, &q).await?;
+                for obj in &items {
+                    let Some(key) = reference(obj, "Ref_Key") else {
+                        continue;
+                    };
+                    let version = text(obj, "DataVersion").unwrap_or("").trim().to_string();
+                    let in_force =
+                        flag(obj, "Posted") != Some(false) && flag(obj, "DeletionMark") != Some(true);
+                    let date = text(obj, "Date").and_then(|t| local_time(t).ok().flatten());
+                    let (kind, total) = match self.convert(&st, map, key, &version, obj) {
+                        Ok(d) => (Some(d.doc.kind.as_str().to_string()), d.doc.total.0),
+                        Err(_) => (None, 0),
+                    };
+                    out.push(crate::ledger::SourceDoc {
+                        source: self.system.clone(),
+                        doc_id: key.to_string(),
+                        version,
+                        kind,
+                        occurred_at: date.map(|d| to_utc(d, tz)),
+                        total,
+                        in_force,
+                    });
+                }
+                if items.len() < page {
+                    break;
+                }
+                skip += page;
+            }
+        }
+        Ok(out)
+    }
+
     pub fn catalog_key(&self) -> String {
         format!("{}:odata:catalog", self.system)
     }
