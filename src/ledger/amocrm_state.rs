@@ -341,7 +341,7 @@ impl Ledger {
                         AND l.remaining > 0 AND l.available_at > p.pushed_at AND l.available_at <= ?1)) \
                    AND NOT EXISTS (SELECT 1 FROM outbox o INDEXED BY outbox_coalesce WHERE o.destination = ?2 \
                         AND o.state = 'pending' AND o.coalesce_key = 'contact:' || k.customer_id) \
-                   AND NOT EXISTS (SELECT 1 FROM outbox o INDEXED BY outbox_state WHERE o.state = 'dead' \
+                   AND NOT EXISTS (SELECT 1 FROM outbox o INDEXED BY outbox_dead_coalesce WHERE o.state = 'dead' \
                         AND o.destination = ?2 AND o.coalesce_key = 'contact:' || k.customer_id \
                         AND o.updated_at > ?1 - 86400) \
                  ORDER BY k.customer_id LIMIT ?3",

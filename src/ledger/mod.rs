@@ -146,7 +146,9 @@ impl Ledger {
         };
         let mut conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
         conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
-        conn.set_prepared_statement_cache_capacity(64);
+        // one sale touches ~80 distinct statements (ingest, lots, outbox, catalog, state);
+        // a cache smaller than that re-prepares them on every sale (12% of import time)
+        conn.set_prepared_statement_cache_capacity(256);
         let sync = if opts.synchronous_full { "FULL" } else { "NORMAL" };
         if !opts.read_only {
             conn.execute_batch(&format!(

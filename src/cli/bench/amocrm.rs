@@ -221,6 +221,23 @@ async fn push(ctx: &Ctx, changed: usize, unchanged: usize) -> anyhow::Result<Out
             let wall = started.elapsed();
             let reqs = sim.requests();
             let p = patches(&reqs);
+            // where the time went: the limiter's spacing, or gaps between requests
+            let mut gaps: Vec<f64> = reqs
+                .windows(2)
+                .map(|w| w[1].at.saturating_sub(w[0].at).as_secs_f64() * 1000.0)
+                .collect();
+            gaps.sort_by(f64::total_cmp);
+            let q = |f: f64| {
+                gaps.get(((gaps.len().max(1) - 1) as f64 * f) as usize)
+                    .copied()
+                    .unwrap_or(0.0)
+            };
+            ctx.say(format!(
+                "  {label}: gaps between requests p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                q(0.5),
+                q(0.99),
+                q(1.0)
+            ));
             let contacts: usize = p.iter().map(|r| r.items()).sum();
             let span = match (reqs.first(), reqs.last()) {
                 (Some(a), Some(b)) if b.at > a.at => (b.at - a.at).as_secs_f64(),
