@@ -2066,6 +2066,10 @@ fn parse_bool(text: &str) -> Option<bool> {
 /// Compares names the way people vary them: ignoring case and spaces, so
 /// `Пометка удаления` is `ПометкаУдаления` and `Заказ Оплачен` is `Заказ оплачен`.
 fn key_eq(a: &str, b: &str) -> bool {
+    // most comparisons are between names spelt the same way, or differing at once
+    if a == b {
+        return true;
+    }
     fn folded(s: &str) -> impl Iterator<Item = char> + '_ {
         s.chars()
             .filter(|c| !c.is_whitespace())
