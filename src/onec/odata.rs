@@ -55,6 +55,41 @@ const MAX_EXCERPT_CHARS: usize = 200;
 /// Largest answer read: a page of documents is far smaller; more means a request without
 /// `$top` or a server sending something else.
 const MAX_BODY_BYTES: usize = 256 << 20;
+
+/// An answer as [`OdataClient::receive`] read it.
+pub(crate) enum Received {
+    Whole {
+        status: u16,
+        content_type: String,
+        body: String,
+    },
+    /// The body passed [`MAX_BODY_BYTES`]; reading stopped there.
+    TooLarge,
+}
+
+/// A non-2xx answer: 1C's `odata.error` code and message, or an excerpt of whatever came.
+pub(crate) fn status_failure(status: u16, body: &str) -> Failure {
+    let (code, message) = odata_error(body);
+    let message = message.or_else(|| (!body.trim().is_empty()).then(|| excerpt(body)));
+    Failure::Status {
+        status,
+        code,
+        message,
+    }
+}
+
+/// A 2xx answer of the wrong kind (a web server's page instead of 1C's JSON).
+pub(crate) fn not_json(status: u16, content_type: String, body: &str) -> Failure {
+    Failure::NotJson {
+        status,
+        content_type: if content_type.is_empty() {
+            "no content type".into()
+        } else {
+            content_type
+        },
+        excerpt: excerpt(body),
+    }
+}
 /// The connect phase gets at most this long, even with a long request timeout: a base that
 /// does not accept connections will not start to.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -368,7 +403,36 @@ impl OdataClient {
             .header(reqwest::header::ACCEPT, accept)
             .send()
             .await;
-        let resp = match sent {
+        let (status, content_type, body) = match self.receive(sent).await? {
+            Received::Whole {
+                status,
+                content_type,
+                body,
+            } => (status, content_type, body),
+            Received::TooLarge => {
+                return Ok(Answer::Failed(Failure::BadJson(format!(
+                    "the answer is larger than {} MiB; lower [onec.odata] page_size",
+                    MAX_BODY_BYTES >> 20
+                ))));
+            }
+        };
+        if !(200..300).contains(&status) {
+            return Ok(Answer::Failed(status_failure(status, &body)));
+        }
+        let wanted = if json { "json" } else { "xml" };
+        if !content_type.contains(wanted) {
+            return Ok(Answer::Failed(not_json(status, content_type, &body)));
+        }
+        Ok(Answer::Ok(body))
+    }
+
+    /// Reads an answer's status, content type and body (at most [`MAX_BODY_BYTES`]); the one
+    /// reader of GETs and POSTs, so both fail the same way on a dropped or endless body.
+    pub(crate) async fn receive(
+        &self,
+        sent: reqwest::Result<reqwest::Response>,
+    ) -> Result<Received, Failure> {
+        let mut resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Err(Failure::Timeout(self.timeout)),
             Err(e) => return Err(Failure::Connect(error_chain(&e))),
@@ -380,16 +444,12 @@ impl OdataClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
-        let mut resp = resp;
         let mut bytes: Vec<u8> = Vec::new();
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
                     if bytes.len() + chunk.len() > MAX_BODY_BYTES {
-                        return Ok(Answer::Failed(Failure::BadJson(format!(
-                            "the answer is larger than {} MiB; lower [onec.odata] page_size",
-                            MAX_BODY_BYTES >> 20
-                        ))));
+                        return Ok(Received::TooLarge);
                     }
                     bytes.extend_from_slice(&chunk);
                 }
@@ -398,29 +458,11 @@ impl OdataClient {
                 Err(e) => return Err(Failure::Body(error_chain(&e))),
             }
         }
-        let body = String::from_utf8_lossy(&bytes).into_owned();
-        if !(200..300).contains(&status) {
-            let (code, message) = odata_error(&body);
-            let message = message.or_else(|| (!body.trim().is_empty()).then(|| excerpt(&body)));
-            return Ok(Answer::Failed(Failure::Status {
-                status,
-                code,
-                message,
-            }));
-        }
-        let wanted = if json { "json" } else { "xml" };
-        if !content_type.contains(wanted) {
-            return Ok(Answer::Failed(Failure::NotJson {
-                status,
-                content_type: if content_type.is_empty() {
-                    "no content type".into()
-                } else {
-                    content_type
-                },
-                excerpt: excerpt(&body),
-            }));
-        }
-        Ok(Answer::Ok(body))
+        Ok(Received::Whole {
+            status,
+            content_type,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        })
     }
 
     /// GETs a resource, retrying retriable failures, and reads the body with `read` (whose

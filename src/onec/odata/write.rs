@@ -57,8 +57,8 @@ use super::json::{self, Obj, flag, reference, text};
 use super::poll::to_local;
 use super::probe::{Missing, check_writing, parse_metadata};
 use super::{
-    ErrorClass, Failure, MAX_BODY_BYTES, OdataClient, OdataError, RetryPolicy, by_key, classify,
-    datetime_literal, error_chain, odata_error,
+    ErrorClass, Failure, MAX_BODY_BYTES, OdataClient, OdataError, Received, RetryPolicy, by_key, classify,
+    datetime_literal, not_json, status_failure,
 };
 use crate::config::{Config, ONEC_ACCOUNTING, ONEC_BONUS, OdataConfig, Postback};
 use crate::core::identity::normalize_card;
@@ -305,55 +305,24 @@ impl OdataClient {
                 .body(b.to_string()),
             None => req.header(reqwest::header::CONTENT_LENGTH, "0"),
         };
-        let mut resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) if e.is_timeout() => return Err(Failure::Timeout(self.timeout)),
-            Err(e) => return Err(Failure::Connect(error_chain(&e))),
-        };
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        let mut bytes: Vec<u8> = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if bytes.len() + chunk.len() > MAX_BODY_BYTES {
-                        return Err(Failure::BadJson(format!(
-                            "the answer is larger than {} MiB",
-                            MAX_BODY_BYTES >> 20
-                        )));
-                    }
-                    bytes.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) if e.is_timeout() => return Err(Failure::Timeout(self.timeout)),
-                Err(e) => return Err(Failure::Body(error_chain(&e))),
-            }
-        }
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        if !(200..300).contains(&status) {
-            let (code, message) = odata_error(&text);
-            let message = message.or_else(|| (!text.trim().is_empty()).then(|| super::excerpt(&text)));
-            return Err(Failure::Status {
+        let (status, content_type, text) = match self.receive(req.send().await).await? {
+            Received::Whole {
                 status,
-                code,
-                message,
-            });
+                content_type,
+                body,
+            } => (status, content_type, body),
+            Received::TooLarge => {
+                return Err(Failure::BadJson(format!(
+                    "the answer is larger than {} MiB",
+                    MAX_BODY_BYTES >> 20
+                )));
+            }
+        };
+        if !(200..300).contains(&status) {
+            return Err(status_failure(status, &text));
         }
         if !text.trim().is_empty() && !content_type.contains("json") {
-            return Err(Failure::NotJson {
-                status,
-                content_type: if content_type.is_empty() {
-                    "no content type".into()
-                } else {
-                    content_type
-                },
-                excerpt: super::excerpt(&text),
-            });
+            return Err(not_json(status, content_type, &text));
         }
         Ok((status, text))
     }
