@@ -71,6 +71,7 @@ pub(super) struct RawSiteExchange {
     pub max_sessions: Option<usize>,
     pub max_upload_bytes: Option<u64>,
     pub reply_encoding: Option<String>,
+    pub session_idle_minutes: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -99,6 +100,8 @@ pub(super) struct RawOnec {
     pub card_requisite: Option<String>,
     pub return_link_requisite: Option<String>,
     pub points_requisite: Option<String>,
+    pub keep_days: Option<i64>,
+    pub keep_max_bytes: Option<u64>,
     pub site_exchange: Option<RawSiteExchange>,
     pub odata: Option<RawOdata>,
 }
@@ -144,10 +147,32 @@ pub struct SiteExchangeConfig {
     pub password: Secret,
     pub file_limit_bytes: u64,
     pub zip: bool,
+    /// Sessions with work in progress (an upload not yet imported, an import running, a
+    /// `query` waiting for `success`) at once; finished sessions never count.
     pub max_sessions: usize,
     pub max_upload_bytes: u64,
-    /// Encoding of `mode=query` replies: `utf-8` (default) or `windows-1251`.
+    /// Encoding of every reply: `utf-8` (default) or `windows-1251`.
     pub reply_windows_1251: bool,
+    /// A session not heard from this long is forgotten (what it uploaded is imported or
+    /// rejected, its folder removed).
+    pub session_idle: chrono::Duration,
+}
+
+/// How long files kopilka keeps for people (`processed/`, `rejected/`) stay: the oldest go
+/// first once either bound is passed, so the exchange folder never fills the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keep {
+    pub max_age: chrono::Duration,
+    pub max_bytes: u64,
+}
+
+impl Default for Keep {
+    fn default() -> Keep {
+        Keep {
+            max_age: chrono::Duration::days(30),
+            max_bytes: 1 << 30,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -182,6 +207,8 @@ pub struct OnecConfig {
     pub card_requisite: Option<String>,
     pub return_link_requisite: Option<String>,
     pub points_requisite: Option<String>,
+    /// Retention of `processed/` and `rejected/` files (exchange folder and site exchange).
+    pub keep: Keep,
     pub site_exchange: Option<SiteExchangeConfig>,
     pub odata: Option<OdataConfig>,
 }
@@ -321,6 +348,13 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
                 format!("{file_limit} is outside 64 KiB..=1 GiB"),
             );
         }
+        let idle = s.session_idle_minutes.unwrap_or(15);
+        if !(1..=24 * 60).contains(&idle) {
+            c.bad(
+                "onec.site_exchange.session_idle_minutes",
+                format!("{idle} is outside 1..=1440"),
+            );
+        }
         SiteExchangeConfig {
             listen,
             user,
@@ -330,6 +364,7 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
             max_sessions: s.max_sessions.unwrap_or(4).max(1),
             max_upload_bytes: s.max_upload_bytes.unwrap_or(2 << 30),
             reply_windows_1251,
+            session_idle: chrono::Duration::minutes(idle),
         }
     });
     let odata = raw.odata.as_ref().map(|o| {
@@ -375,6 +410,14 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
             bonus_program: o.bonus_program.clone(),
         }
     });
+    let keep_days = raw.keep_days.unwrap_or(30);
+    if !(1..=3650).contains(&keep_days) {
+        c.bad("onec.keep_days", format!("{keep_days} is outside 1..=3650"));
+    }
+    let keep = Keep {
+        max_age: chrono::Duration::days(keep_days),
+        max_bytes: raw.keep_max_bytes.unwrap_or(1 << 30),
+    };
     let system = raw.system.clone().unwrap_or_else(|| "onec".into());
     if system.is_empty() || system.contains(char::is_whitespace) {
         c.bad(
@@ -391,6 +434,7 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
         card_requisite: raw.card_requisite.clone(),
         return_link_requisite: raw.return_link_requisite.clone(),
         points_requisite: raw.points_requisite.clone(),
+        keep,
         site_exchange,
         odata,
     }

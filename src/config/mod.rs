@@ -25,7 +25,7 @@ use crate::core::rules::RuleSet;
 use crate::ledger::{DeliveryPolicy, OpenOptions};
 
 pub use connectors::{
-    AmocrmAuth, AmocrmConfig, OdataConfig, OnecConfig, Orders, Secret, SiteExchangeConfig, read_secret,
+    AmocrmAuth, AmocrmConfig, Keep, OdataConfig, OnecConfig, Orders, Secret, SiteExchangeConfig, read_secret,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kopilka/kopilka.toml";

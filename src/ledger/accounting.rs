@@ -124,6 +124,7 @@ impl Ledger {
         let now = ctx.now;
         let today = now.with_timezone(&books.tz).date_naive();
         let tx = self.conn.transaction()?;
+        let uid = super::ledger_uid(&tx)?;
         let mut made = Vec::new();
         for back in (1..=lookback_days).rev() {
             let day = today - chrono::Duration::days(back);
@@ -179,7 +180,7 @@ impl Ledger {
                         super::outbox::enqueue(
                             &tx,
                             dest,
-                            &format!("accounting:{entity}:{day}:{seq}"),
+                            &format!("accounting:{uid}:{entity}:{day}:{seq}"),
                             None,
                             &payload.to_string(),
                             now,
@@ -307,6 +308,7 @@ pub(crate) fn enqueue_bonus_documents(
         })?
         .collect::<rusqlite::Result<_>>()?;
     let pv = ctx.rules.point_value().0;
+    let uid = super::ledger_uid(conn)?;
     let mut n = 0;
     for (
         id,
@@ -344,7 +346,7 @@ pub(crate) fn enqueue_bonus_documents(
         if super::outbox::enqueue(
             conn,
             dest,
-            &format!("onec:bonus:tx{id}"),
+            &format!("onec:bonus:{uid}:tx{id}"),
             None,
             &payload.to_string(),
             ctx.now,

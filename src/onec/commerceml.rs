@@ -116,10 +116,12 @@ pub enum OrderPolicy {
     /// Orders are skipped (and counted in [`FileInfo::skipped`]), voids for them too.
     #[default]
     Ignore,
-    /// An order is a sale once its requisite `Заказ оплачен` is true.
+    /// An order is a sale once it is paid: a stock 1C fills «Номер оплаты по 1С» / «Дата
+    /// оплаты по 1С» (UT `OS:5688-5728`); a site's own reply says `Заказ оплачен` = true.
     WhenPaid,
-    /// An order is a sale once `Финальный статус` is true or `Статус заказа` names a
-    /// finished state ([`is_shipped_status`]).
+    /// An order is a sale once it is shipped: «Номер/Дата отгрузки по 1С» filled, or
+    /// `Финальный статус` true, or `Статус заказа` naming a finished state
+    /// ([`is_shipped_status`]).
     WhenShipped,
     /// Every order is a sale.
     Always,
@@ -1255,6 +1257,10 @@ struct DocDraft {
     deletion_mark: Option<String>,
     cancelled: Option<String>,
     paid: Option<String>,
+    /// «Номер/Дата оплаты по 1С»: how a stock 1C marks a paid site order (UT `OS:5688-5728`).
+    payment_ref: bool,
+    /// «Номер/Дата отгрузки по 1С»: how it marks a shipped one.
+    shipment_ref: bool,
     final_status: Option<String>,
     order_status: Option<String>,
     link: Option<String>,
@@ -1408,6 +1414,10 @@ impl DocDraft {
             self.cancelled = Some(value);
         } else if key_eq(name, "Заказ оплачен") {
             self.paid = Some(value);
+        } else if key_eq(name, "Номер оплаты по 1С") || key_eq(name, "Дата оплаты по 1С") {
+            self.payment_ref |= !value.trim().is_empty();
+        } else if key_eq(name, "Номер отгрузки по 1С") || key_eq(name, "Дата отгрузки по 1С") {
+            self.shipment_ref |= !value.trim().is_empty();
         } else if key_eq(name, "Финальный статус") {
             self.final_status = Some(value);
         } else if key_eq(name, "Статус заказа") {
@@ -1537,9 +1547,11 @@ impl DocDraft {
             let counts = match ctx.opts.orders {
                 OrderPolicy::Ignore => false,
                 OrderPolicy::Always => true,
-                OrderPolicy::WhenPaid => yes(&self.paid),
+                OrderPolicy::WhenPaid => yes(&self.paid) || self.payment_ref,
                 OrderPolicy::WhenShipped => {
-                    yes(&self.final_status) || self.order_status.as_deref().is_some_and(is_shipped_status)
+                    yes(&self.final_status)
+                        || self.shipment_ref
+                        || self.order_status.as_deref().is_some_and(is_shipped_status)
                 }
             };
             if !counts {
