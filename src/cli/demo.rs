@@ -240,6 +240,7 @@ http_listen = "127.0.0.1:0"
             .scheduled_run(upload.as_ref().map(|(n, b)| (n.as_str(), b.as_slice())), None)
             .await
             .context("1C's scheduled site exchange")?;
+        orders.confirm();
         site_runs += 1;
     }
     let (paid_orders, paid_total) = orders.paid_truth();

@@ -163,13 +163,20 @@ impl SiteOrders {
         (paid.len(), Money(paid.iter().map(|o| self.total(o).0).sum()))
     }
 
-    /// The file 1C uploads now: every order changed since the last upload, or `None` when
-    /// nothing changed (1C then uploads nothing). Named as 1C names it.
+    /// 1C's exchange went through: the orders it sent are no longer registered for upload.
+    /// (A run that failed or was cut leaves them registered, and the next run sends them
+    /// again, in their state then.)
+    pub fn confirm(&mut self) {
+        self.changed.clear();
+    }
+
+    /// The file 1C uploads now: every order changed since the last confirmed upload, or
+    /// `None` when nothing changed (1C then uploads nothing). Named as 1C names it.
     pub fn upload(&mut self, at: DateTime<Utc>) -> Option<(String, Vec<u8>)> {
         if self.changed.is_empty() {
             return None;
         }
-        let changed: Vec<usize> = std::mem::take(&mut self.changed).into_iter().collect();
+        let changed: Vec<usize> = self.changed.iter().copied().collect();
         let local = |t: DateTime<Utc>| t.with_timezone(&self.tz).naive_local();
         let mut x = String::with_capacity(2048 * changed.len());
         let _ = write!(

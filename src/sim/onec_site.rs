@@ -88,6 +88,11 @@ impl SiteClient {
         }
     }
 
+    /// The `Cookie` header 1C sends after `checkauth`.
+    pub fn cookie_header(&self) -> Option<String> {
+        self.cookie.as_ref().map(|(n, v)| format!("{n}={v}"))
+    }
+
     pub fn edition(mut self, e: Edition) -> SiteClient {
         self.edition = e;
         self.send_sessid = e == Edition::Ut;
