@@ -211,6 +211,17 @@ pub enum LedgerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A consistent copy of the ledger, taken while the daemon runs (SQLite's VACUUM INTO).
+    Backup {
+        /// Where to write the copy (must not exist).
+        path: std::path::PathBuf,
+    },
+    /// Put a backup in place of the ledger; refused while a daemon holds it. The replaced
+    /// ledger is kept beside it as <ledger>.before-restore-<moment>.
+    Restore {
+        /// The backup to restore.
+        path: std::path::PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -506,6 +517,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Ledger(LedgerCommand::Backup { path }) => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            ledger.backup_to(path)?;
+            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            println!("backed up {} to {} ({size} bytes)", cfg.ledger_path.display(), path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ledger(LedgerCommand::Restore { path }) => {
+            let cfg = load_config(&cli)?;
+            let r = crate::ledger::backup::restore(path, &cfg.ledger_path, &cfg.ledger, now)?;
+            println!(
+                "restored {} from {} (schema {}){}",
+                cfg.ledger_path.display(),
+                path.display(),
+                r.schema_version,
+                r.previous
+                    .map(|p| format!("; the replaced ledger is kept as {}", p.display()))
+                    .unwrap_or_default()
+            );
+            println!(
+                "next start: every source is read again from the backup's checkpoints; what was already \
+                 delivered is recognised by its idempotency key and not doubled in 1C or AmoCRM"
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Outbox(a) => {
             let cfg = load_config(&cli)?;

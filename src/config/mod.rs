@@ -114,6 +114,8 @@ struct RawLedger {
     synchronous_full: Option<bool>,
     max_documents_per_transaction: Option<usize>,
     max_lines_per_document: Option<usize>,
+    backup_dir: Option<PathBuf>,
+    backup_keep: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -184,6 +186,10 @@ pub struct Config {
     pub timezone: chrono_tz::Tz,
     pub ledger_path: PathBuf,
     pub ledger: OpenOptions,
+    /// Where the nightly `ledger:backup` job writes copies of the ledger, and how many it
+    /// keeps (newest first); no scheduled backups without a folder.
+    pub backup_dir: Option<PathBuf>,
+    pub backup_keep: usize,
     pub max_documents_per_transaction: usize,
     pub limits: DocumentLimits,
     /// The loyalty program: from the rules file when `[rules] path` is set, otherwise a
@@ -777,6 +783,11 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
         file: None,
         timezone,
         ledger_path,
+        backup_dir: l.backup_dir.clone().map(|d| match base {
+            Some(b) if d.is_relative() => b.join(d),
+            _ => d,
+        }),
+        backup_keep: l.backup_keep.unwrap_or(7).clamp(1, 1000),
         ledger: OpenOptions {
             busy_timeout: std::time::Duration::from_millis(busy),
             synchronous_full: l.synchronous_full.unwrap_or(false),

@@ -219,6 +219,21 @@ pub async fn run(
     shutdown: CancellationToken,
     rt: Arc<Runtime>,
 ) -> anyhow::Result<()> {
+    // one daemon per ledger; `kopilka ledger restore` waits for this lock to be free
+    let _lock = crate::ledger::backup::try_lock(&cfg.ledger_path)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "another kopilka daemon holds the ledger {} ({})",
+                cfg.ledger_path.display(),
+                crate::ledger::backup::lock_path(&cfg.ledger_path).display()
+            )
+        })?;
+    // the exchange folder is created here, not left to fail every minute until 1C first calls
+    if let Some(dir) = cfg.onec.as_ref().and_then(|o| o.exchange_dir.as_ref()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the exchange folder {} (onec.exchange_dir): {e}", dir.display()))?;
+    }
     let ledger = Ledger::open(&cfg.ledger_path, &cfg.ledger).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ledger = SharedLedger::new(ledger);
     let ctx = JobContext {

@@ -8,6 +8,7 @@
 //! backend (PostgreSQL for chains that outgrow one machine) can stand in later.
 
 mod accounting;
+pub mod backup;
 mod amocrm_state;
 mod catalog;
 mod delivery;

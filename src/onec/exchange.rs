@@ -130,10 +130,16 @@ impl Job for FolderJob {
                 return Ok(JobOutcome::done("no exchange folder configured"));
             };
             let now = ctx.clock.now();
+            let keep = cfg.onec.as_ref().map(|o| o.keep.clone()).unwrap_or_default();
+            let kept = dir.clone();
             let r = ctx
                 .ledger
                 .run(move |l| process_folder(l, &dir, &cfg, now))
                 .await?;
+            // what is kept for people stays bounded
+            for sub in ["processed", "rejected"] {
+                super::retention::prune(&kept.join(sub), &keep, now);
+            }
             let applied: usize = r
                 .files
                 .iter()

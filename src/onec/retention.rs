@@ -2,8 +2,9 @@
 //! folder, `rejected/` of the site exchange — are bounded by age and total size, so a daemon
 //! that runs for years beside a 1C calling every few minutes never fills the disk.
 //!
-//! A kept file's name starts with the moment it was put there (`20261206T101500-orders.xml`):
-//! ages are read from the name, in the daemon's clock, not from the file system's times.
+//! A file the site exchange keeps is named from the moment it was put there
+//! (`20261206T101500-orders.xml`), in the daemon's clock; other files (the exchange folder's
+//! `processed/`, which keeps 1C's names) are aged by their modification time.
 
 use std::path::{Path, PathBuf};
 
@@ -47,8 +48,8 @@ pub fn reject(file: &Path, dir: &Path, reason: &str, at: DateTime<Utc>) -> std::
 }
 
 /// Removes the oldest files of `dir` until none is older than `keep.max_age` and the folder
-/// holds at most `keep.max_bytes`. Files without a stamp count as the oldest. Returns the
-/// files removed; a folder that does not exist holds nothing.
+/// holds at most `keep.max_bytes`. Returns the files removed; a folder that does not exist
+/// holds nothing.
 pub fn prune(dir: &Path, keep: &Keep, now: DateTime<Utc>) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -59,7 +60,8 @@ pub fn prune(dir: &Path, keep: &Keep, now: DateTime<Utc>) -> usize {
             let meta = e.metadata().ok()?;
             meta.is_file().then(|| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                (stamp_of(&name), meta.len(), e.path())
+                let modified = meta.modified().ok().map(DateTime::<Utc>::from);
+                (stamp_of(&name).or(modified), meta.len(), e.path())
             })
         })
         .collect();
@@ -98,20 +100,29 @@ mod tests {
             let at = t0 + chrono::Duration::days(day);
             std::fs::write(dir.path().join(stamped_name("f.xml", at)), vec![b'x'; 100]).unwrap();
         }
-        std::fs::write(dir.path().join("unstamped.xml"), b"x").unwrap();
         let keep = Keep {
             max_age: chrono::Duration::days(5),
             max_bytes: 10_000,
         };
-        // on day 9 the files of days 0..=3 are older than 5 days, and the unstamped one goes
+        // on day 9 the files of days 0..=3 are older than 5 days
         let removed = prune(dir.path(), &keep, t0 + chrono::Duration::days(9));
-        assert_eq!(removed, 5);
+        assert_eq!(removed, 4);
+        // a file named by 1C is aged by its modification time: written just now, it stays
+        std::fs::write(dir.path().join("import.xml"), b"x").unwrap();
+        let now = chrono::Utc::now();
+        assert_eq!(prune(dir.path(), &keep, now + chrono::Duration::days(1)), 6);
+        assert!(dir.path().join("import.xml").exists());
+        for day in 4..10 {
+            let at = t0 + chrono::Duration::days(day);
+            let _ = std::fs::write(dir.path().join(stamped_name("f.xml", at)), vec![b'x'; 100]);
+        }
+        std::fs::remove_file(dir.path().join("import.xml")).unwrap();
         // a size bound of 250 bytes keeps the two newest
         let keep = Keep {
             max_age: chrono::Duration::days(365),
             max_bytes: 250,
         };
-        assert_eq!(prune(dir.path(), &keep, t0 + chrono::Duration::days(9)), 3);
+        assert_eq!(prune(dir.path(), &keep, t0 + chrono::Duration::days(9)), 4);
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

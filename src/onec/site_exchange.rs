@@ -199,6 +199,12 @@ pub fn looks_complete(path: &Path) -> bool {
     })
 }
 
+/// CommerceML files and archives; anything else 1C uploads (pictures) is not kopilka's.
+fn importable(name: &str) -> bool {
+    let lower = name.to_lowercase();
+    lower.ends_with(".xml") || lower.ends_with(".zip")
+}
+
 /// The `.xml` entries of an archive, for 1C's `import` that names the XML inside a zip it
 /// uploaded under another name (UT `OS:6083`, `6198`).
 fn zip_xml_names(path: &Path) -> Vec<String> {
@@ -470,6 +476,10 @@ impl SiteExchange {
         let Some(name) = params.filename.as_deref().and_then(sanitize_file_name) else {
             return self.failure("недопустимое имя файла (bad file name)");
         };
+        if !importable(&name) {
+            // a catalog upload carries product pictures too: accepted, never stored
+            return self.text("success\n");
+        }
         let (path, dir) = {
             let mut sessions = self.sessions();
             let Some(s) = sessions.get_mut(session) else {
