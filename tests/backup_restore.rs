@@ -74,7 +74,10 @@ async fn state(ctx: &JobContext, onec: &OdataSim, amo: &AmoSim, set: &str) -> St
         })
         .await
         .unwrap();
-    assert!(rows.iter().all(|r| r.state == OutboxState::Delivered), "all delivered");
+    assert!(
+        rows.iter().all(|r| r.state == OutboxState::Delivered),
+        "all delivered"
+    );
     let ids: BTreeSet<String> = rows.iter().map(|r| document_id(r).to_string()).collect();
     let docs = onec.entities(set);
     assert!(
@@ -163,7 +166,9 @@ async fn a_restored_ledger_converges_and_nothing_is_doubled_in_1c_or_amocrm() {
     assert_eq!(before.bonus_docs, before.bonus_rows);
 
     // restore is refused while a daemon holds the ledger
-    let lock = kopilka::ledger::backup::try_lock(&cfg.ledger_path).unwrap().expect("free");
+    let lock = kopilka::ledger::backup::try_lock(&cfg.ledger_path)
+        .unwrap()
+        .expect("free");
     let out = kopilka(&cfg_path, &["ledger", "restore", backup.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(
@@ -182,7 +187,10 @@ async fn a_restored_ledger_converges_and_nothing_is_doubled_in_1c_or_amocrm() {
     assert_eq!(restored.summary, at_backup.summary);
     settle(&ctx).await;
     let after = state(&ctx, &onec, &amo, &set).await;
-    assert_eq!(after, before, "the same totals; every movement once in 1C and AmoCRM");
+    assert_eq!(
+        after, before,
+        "the same totals; every movement once in 1C and AmoCRM"
+    );
     assert!(after.fields_equal);
     let violations = ctx.ledger.run(|l| l.verify()).await.unwrap();
     assert!(violations.is_empty(), "{violations:#?}");

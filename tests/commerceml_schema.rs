@@ -40,9 +40,7 @@ fn config(postback: &str) -> config::Config {
     let path = dir.path().join("kopilka.toml");
     std::fs::write(
         &path,
-        format!(
-            "[accounting]\nentity = \"ООО «Ромашка»\"\npostback = \"{postback}\"\n"
-        ),
+        format!("[accounting]\nentity = \"ООО «Ромашка»\"\npostback = \"{postback}\"\n"),
     )
     .unwrap();
     config::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{e}"))

@@ -303,7 +303,11 @@ async fn bonus_documents_go_back_to_1c_on_query_and_are_delivered_on_success() {
     s.cancel.cancel();
 }
 
-async fn get(s: &Server, query: &[(&str, &str)], cookie: Option<&str>) -> (reqwest::header::HeaderMap, Vec<u8>) {
+async fn get(
+    s: &Server,
+    query: &[(&str, &str)],
+    cookie: Option<&str>,
+) -> (reqwest::header::HeaderMap, Vec<u8>) {
     let mut req = reqwest::Client::new().get(&s.url).query(query);
     if let Some(c) = cookie {
         req = req.header(reqwest::header::COOKIE, c);
@@ -327,22 +331,34 @@ fn cookie_of(reply: &[u8]) -> (String, String) {
 async fn init_answers_exactly_two_lines_and_every_reply_says_its_charset() {
     let s = server_with(false, "reply_encoding = \"windows-1251\"").await;
     let (h, body) = get(&s, &[("type", "sale"), ("mode", "checkauth")], None).await;
-    assert_eq!(h[reqwest::header::CONTENT_TYPE], "text/plain; charset=windows-1251");
+    assert_eq!(
+        h[reqwest::header::CONTENT_TYPE],
+        "text/plain; charset=windows-1251"
+    );
     let (cookie, _) = cookie_of(&body);
     let (h, body) = get(&s, &[("type", "sale"), ("mode", "init")], Some(&cookie)).await;
-    assert_eq!(h[reqwest::header::CONTENT_TYPE], "text/plain; charset=windows-1251");
+    assert_eq!(
+        h[reqwest::header::CONTENT_TYPE],
+        "text/plain; charset=windows-1251"
+    );
     let text = String::from_utf8(body).unwrap();
     // УТ/Розница: `СтрЧислоСтрок(ОтветСервера) <> 2` aborts the upload
     assert_eq!(text.trim_end_matches('\n').split('\n').count(), 2, "{text:?}");
     assert!(text.starts_with("zip=no\nfile_limit=65536"), "{text:?}");
     // a failure text in Russian arrives in the charset it names
     let (h, body) = get(&s, &[("type", "sale"), ("mode", "nonsense")], Some(&cookie)).await;
-    assert_eq!(h[reqwest::header::CONTENT_TYPE], "text/plain; charset=windows-1251");
+    assert_eq!(
+        h[reqwest::header::CONTENT_TYPE],
+        "text/plain; charset=windows-1251"
+    );
     let (text, _, bad) = encoding_rs::WINDOWS_1251.decode(&body);
     assert!(!bad && text.starts_with("failure\nнеизвестный режим"), "{text}");
     // the query reply: an XML declaration first, no BOM, charset in the header and the XML
     let (h, body) = get(&s, &[("type", "sale"), ("mode", "query")], Some(&cookie)).await;
-    assert_eq!(h[reqwest::header::CONTENT_TYPE], "application/xml; charset=windows-1251");
+    assert_eq!(
+        h[reqwest::header::CONTENT_TYPE],
+        "application/xml; charset=windows-1251"
+    );
     assert!(body.starts_with(b"<?xml version=\"1.0\" encoding=\"windows-1251\"?>"));
     s.cancel.cancel();
 }
@@ -364,9 +380,19 @@ async fn sessid_as_each_configuration_sends_it() {
     // the right sessid binds the session to it; a wrong one is refused
     let (_, body) = get(&s, &[("type", "sale"), ("mode", "checkauth")], None).await;
     let (cookie, sessid) = cookie_of(&body);
-    let (_, ok) = get(&s, &[("type", "sale"), ("mode", "init"), ("sessid", &sessid)], Some(&cookie)).await;
+    let (_, ok) = get(
+        &s,
+        &[("type", "sale"), ("mode", "init"), ("sessid", &sessid)],
+        Some(&cookie),
+    )
+    .await;
     assert!(ok.starts_with(b"zip="));
-    let (_, bad) = get(&s, &[("type", "sale"), ("mode", "init"), ("sessid", "forged")], Some(&cookie)).await;
+    let (_, bad) = get(
+        &s,
+        &[("type", "sale"), ("mode", "init"), ("sessid", "forged")],
+        Some(&cookie),
+    )
+    .await;
     assert!(bad.starts_with(b"failure"));
     // the whole scheduled run of each edition goes through
     for edition in [Edition::Ut, Edition::Roznica, Edition::Unf] {
@@ -456,7 +482,11 @@ async fn a_file_sent_in_chunks_is_imported_once_and_its_folder_goes() {
     assert!(chunks >= 4, "{chunks} chunks");
     let mut onec = SiteClient::new(&s.url, "1c", "s3cret");
     onec.exchange("sale", &[("orders-1.xml", bytes)]).await.unwrap();
-    assert_eq!(s.exchange.stats().files_imported, 1, "one import for {chunks} chunks");
+    assert_eq!(
+        s.exchange.stats().files_imported,
+        1,
+        "one import for {chunks} chunks"
+    );
     let summary = s
         .ledger
         .run(|l| l.summary(&DateRange::default(), chrono::Utc::now()))
@@ -501,7 +531,9 @@ async fn site_orders_count_when_paid_once_and_go_when_cancelled() {
     let placed = orders.place(14, t0);
     let mut onec = SiteClient::new(&s.url, "1c", "s3cret");
     let upload = orders.upload(chrono::Utc::now()).unwrap();
-    onec.scheduled_run(Some((&upload.0, &upload.1)), None).await.unwrap();
+    onec.scheduled_run(Some((&upload.0, &upload.1)), None)
+        .await
+        .unwrap();
     orders.confirm();
     let sales = |s: &Server| {
         let l = s.ledger.clone();
@@ -519,17 +551,24 @@ async fn site_orders_count_when_paid_once_and_go_when_cancelled() {
     // 1C repeats the same upload (a run it did not see confirmed): still once
     for _ in 0..2 {
         let mut onec = SiteClient::new(&s.url, "1c", "s3cret");
-        onec.scheduled_run(Some((&upload.0, &upload.1)), None).await.unwrap();
+        onec.scheduled_run(Some((&upload.0, &upload.1)), None)
+            .await
+            .unwrap();
     }
     orders.confirm();
     let (paid, total) = orders.paid_truth();
     let summary = sales(&s).await;
-    assert_eq!((summary.sales_count, summary.sales_total_kopecks), (paid as i64, total.0));
+    assert_eq!(
+        (summary.sales_count, summary.sales_total_kopecks),
+        (paid as i64, total.0)
+    );
     assert_eq!(paid, 8);
     orders.cancel(placed[0]);
     let upload = orders.upload(chrono::Utc::now()).unwrap();
     let mut onec = SiteClient::new(&s.url, "1c", "s3cret");
-    onec.scheduled_run(Some((&upload.0, &upload.1)), None).await.unwrap();
+    onec.scheduled_run(Some((&upload.0, &upload.1)), None)
+        .await
+        .unwrap();
     let (paid, total) = orders.paid_truth();
     let summary = sales(&s).await;
     assert_eq!((summary.sales_count, summary.sales_total_kopecks), (7, total.0));
@@ -538,7 +577,13 @@ async fn site_orders_count_when_paid_once_and_go_when_cancelled() {
 }
 
 async fn server_orders(policy: &str) -> Server {
-    server_with_onec(false, "", &format!("orders = \"{policy}\"\n"), Arc::new(SystemClock)).await
+    server_with_onec(
+        false,
+        "",
+        &format!("orders = \"{policy}\"\n"),
+        Arc::new(SystemClock),
+    )
+    .await
 }
 
 /// A month of 1C's schedule on a fake clock: every 5 minutes the test `checkauth`,
@@ -610,10 +655,16 @@ async fn a_month_of_scheduled_runs_stays_bounded() {
     assert_eq!(stats.checkauth_refused, 0);
     assert!(stats.max_sessions_seen <= 256, "{stats:?}");
     assert!(max_busy <= 4, "{max_busy}");
-    assert!(max_files <= 4 && max_bytes < 1 << 20, "{max_files} files, {max_bytes} bytes");
+    assert!(
+        max_files <= 4 && max_bytes < 1 << 20,
+        "{max_files} files, {max_bytes} bytes"
+    );
     // cut uploads were rejected with their reasons, and the oldest pruned after 7 days
     let rejected = dir_files(&root.join("rejected")).len() as u64;
-    assert!(stats.files_rejected > 0 && rejected < 2 * stats.files_rejected, "{rejected} kept of {stats:?}");
+    assert!(
+        stats.files_rejected > 0 && rejected < 2 * stats.files_rejected,
+        "{rejected} kept of {stats:?}"
+    );
     let (paid, total) = orders.paid_truth();
     assert!(paid > 500, "{paid}");
     let summary = s
@@ -621,7 +672,10 @@ async fn a_month_of_scheduled_runs_stays_bounded() {
         .run(move |l| l.summary(&DateRange::default(), start + chrono::Duration::days(40)))
         .await
         .unwrap();
-    assert_eq!((summary.sales_count, summary.sales_total_kopecks), (paid as i64, total.0));
+    assert_eq!(
+        (summary.sales_count, summary.sales_total_kopecks),
+        (paid as i64, total.0)
+    );
     let violations = s.ledger.run(|l| l.verify()).await.unwrap();
     assert!(violations.is_empty(), "{violations:#?}");
     s.cancel.cancel();

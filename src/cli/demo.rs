@@ -329,7 +329,11 @@ http_listen = "127.0.0.1:0"
                 })
             })
             .await?;
-        let set = mapping.bonus_document.as_ref().map(|b| b.set.clone()).unwrap_or_default();
+        let set = mapping
+            .bonus_document
+            .as_ref()
+            .map(|b| b.set.clone())
+            .unwrap_or_default();
         let in_1c = rows
             .iter()
             .filter(|r| {
@@ -417,7 +421,9 @@ http_listen = "127.0.0.1:0"
     println!(
         "AmoCRM: {contacts_equal} of {contacts_checked} sampled contacts show exactly the ledger's balance"
     );
-    println!("1C holds {bonus_in_1c} of {bonus_rows} bonus documents kopilka wrote over OData (posted, one per movement)");
+    println!(
+        "1C holds {bonus_in_1c} of {bonus_rows} bonus documents kopilka wrote over OData (posted, one per movement)"
+    );
     println!("unexplained differences: {unexplained}");
     println!(
         "ledger verify: {}",

@@ -523,7 +523,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ledger = open_existing(&cfg)?;
             ledger.backup_to(path)?;
             let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-            println!("backed up {} to {} ({size} bytes)", cfg.ledger_path.display(), path.display());
+            println!(
+                "backed up {} to {} ({size} bytes)",
+                cfg.ledger_path.display(),
+                path.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Ledger(LedgerCommand::Restore { path }) => {

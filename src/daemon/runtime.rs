@@ -231,8 +231,12 @@ pub async fn run(
         })?;
     // the exchange folder is created here, not left to fail every minute until 1C first calls
     if let Some(dir) = cfg.onec.as_ref().and_then(|o| o.exchange_dir.as_ref()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create the exchange folder {} (onec.exchange_dir): {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the exchange folder {} (onec.exchange_dir): {e}",
+                dir.display()
+            )
+        })?;
     }
     let ledger = Ledger::open(&cfg.ledger_path, &cfg.ledger).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ledger = SharedLedger::new(ledger);

@@ -57,8 +57,7 @@ impl Ledger {
         partial.push(".partial");
         let partial = PathBuf::from(partial);
         let _ = std::fs::remove_file(&partial);
-        self.conn
-            .execute("VACUUM INTO ?1", [partial.to_string_lossy()])?;
+        self.conn.execute("VACUUM INTO ?1", [partial.to_string_lossy()])?;
         std::fs::rename(&partial, to).map_err(|e| io("cannot name the backup", to, e))?;
         Ok(())
     }

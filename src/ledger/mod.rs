@@ -8,8 +8,8 @@
 //! backend (PostgreSQL for chains that outgrow one machine) can stand in later.
 
 mod accounting;
-pub mod backup;
 mod amocrm_state;
+pub mod backup;
 mod catalog;
 mod delivery;
 mod ingest;

@@ -1414,9 +1414,11 @@ impl DocDraft {
             self.cancelled = Some(value);
         } else if key_eq(name, "Заказ оплачен") {
             self.paid = Some(value);
-        } else if key_eq(name, "Номер оплаты по 1С") || key_eq(name, "Дата оплаты по 1С") {
+        } else if key_eq(name, "Номер оплаты по 1С") || key_eq(name, "Дата оплаты по 1С")
+        {
             self.payment_ref |= !value.trim().is_empty();
-        } else if key_eq(name, "Номер отгрузки по 1С") || key_eq(name, "Дата отгрузки по 1С") {
+        } else if key_eq(name, "Номер отгрузки по 1С") || key_eq(name, "Дата отгрузки по 1С")
+        {
             self.shipment_ref |= !value.trim().is_empty();
         } else if key_eq(name, "Финальный статус") {
             self.final_status = Some(value);

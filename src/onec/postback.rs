@@ -105,10 +105,10 @@ fn document(row: &OutboxRow, cfg: &Config) -> Option<String> {
             .map_or(row.created_at, |t| t.with_timezone(&Utc));
         let amount = Money(p["amount_kopecks"].as_i64().unwrap_or(0));
         let card = p["card"].as_str();
-        let holder = p["onec_id"]
-            .as_str()
-            .or(card)
-            .map_or_else(|| format!("kopilka:customer:{}", p["customer_id"]), str::to_string);
+        let holder = p["onec_id"].as_str().or(card).map_or_else(
+            || format!("kopilka:customer:{}", p["customer_id"]),
+            str::to_string,
+        );
         let name = card.map_or_else(|| "Покупатель".to_string(), |c| format!("Карта {c}"));
         header(
             &mut out,

@@ -182,10 +182,7 @@ pub fn looks_complete(path: &Path) -> bool {
     if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut tail).is_err() {
         return false;
     }
-    while tail
-        .last()
-        .is_some_and(|b| b.is_ascii_whitespace() || *b == 0)
-    {
+    while tail.last().is_some_and(|b| b.is_ascii_whitespace() || *b == 0) {
         tail.pop();
     }
     const ROOT: &str = "КоммерческаяИнформация>";
@@ -414,7 +411,10 @@ impl SiteExchange {
         if busy >= self.se.max_sessions {
             drop(sessions);
             self.stat(|s| s.checkauth_refused += 1);
-            tracing::warn!(busy, "1C site exchange: every session slot holds work in progress");
+            tracing::warn!(
+                busy,
+                "1C site exchange: every session slot holds work in progress"
+            );
             return self.failure(
                 "все сессии обмена заняты, повторите позже (every exchange session is busy, try later)",
             );
@@ -650,8 +650,7 @@ impl SiteExchange {
                 .files
                 .iter()
                 .filter(|(n, f)| {
-                    matches!(f, FileState::Uploading)
-                        && (**n == name || !s.files.contains_key(&name))
+                    matches!(f, FileState::Uploading) && (**n == name || !s.files.contains_key(&name))
                 })
                 .map(|(n, _)| n.clone())
                 .collect();
@@ -664,18 +663,15 @@ impl SiteExchange {
         loop {
             // registered before the state is read, so a completion in between is not missed
             let finished = self.finished.notified();
-            let state = self
-                .sessions()
-                .get(session)
-                .map(|s| s.files.get(&name).cloned());
+            let state = self.sessions().get(session).map(|s| s.files.get(&name).cloned());
             match state {
                 None => return self.failure("сессия истекла (session expired)"),
                 Some(None) => {
-                    return self.failure(&format!(
-                        "файл {name} не загружен (file {name} was not uploaded)"
-                    ));
+                    return self.failure(&format!("файл {name} не загружен (file {name} was not uploaded)"));
                 }
-                Some(Some(FileState::Done(Ok(summary)))) => return self.text(format!("success\n{summary}\n")),
+                Some(Some(FileState::Done(Ok(summary)))) => {
+                    return self.text(format!("success\n{summary}\n"));
+                }
                 Some(Some(FileState::Done(Err(reason)) | FileState::Refused(reason))) => {
                     return self.failure(&reason);
                 }
@@ -821,11 +817,25 @@ mod tests {
         let check = |bytes: &[u8], expected: bool| {
             let p = dir.path().join("f.xml");
             std::fs::write(&p, bytes).unwrap();
-            assert_eq!(looks_complete(&p), expected, "{:?}", String::from_utf8_lossy(bytes));
+            assert_eq!(
+                looks_complete(&p),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
         };
-        check("<?xml version=\"1.0\"?><КоммерческаяИнформация><Документ/>".as_bytes(), false);
-        check("<?xml version=\"1.0\"?><КоммерческаяИнформация></КоммерческаяИнформация>\r\n".as_bytes(), true);
-        check("<a:КоммерческаяИнформация></a:КоммерческаяИнформация>".as_bytes(), true);
+        check(
+            "<?xml version=\"1.0\"?><КоммерческаяИнформация><Документ/>".as_bytes(),
+            false,
+        );
+        check(
+            "<?xml version=\"1.0\"?><КоммерческаяИнформация></КоммерческаяИнформация>\r\n".as_bytes(),
+            true,
+        );
+        check(
+            "<a:КоммерческаяИнформация></a:КоммерческаяИнформация>".as_bytes(),
+            true,
+        );
         check(
             &encoding_rs::WINDOWS_1251
                 .encode("<?xml version=\"1.0\" encoding=\"windows-1251\"?><КоммерческаяИнформация></КоммерческаяИнформация>\n")

@@ -101,7 +101,10 @@ async fn upload(ctx: &Ctx, mb: usize) -> anyhow::Result<Outcome> {
         }),
         checks: vec![Check {
             item: "site",
-            what: format!("{} MB upload, time at 1 MiB ÷ time at 8 MiB chunks", file.len() / 1_000_000),
+            what: format!(
+                "{} MB upload, time at 1 MiB ÷ time at 8 MiB chunks",
+                file.len() / 1_000_000
+            ),
             value: format!("{ratio:.2}"),
             target: "0.8..=1.2".into(),
             met: (0.8..=1.2).contains(&ratio),
