@@ -195,3 +195,23 @@ async fn a_restored_ledger_converges_and_nothing_is_doubled_in_1c_or_amocrm() {
     let violations = ctx.ledger.run(|l| l.verify()).await.unwrap();
     assert!(violations.is_empty(), "{violations:#?}");
 }
+
+/// Every ledger has its own id, kept across reopening and in its backups, so two ledgers (a
+/// rebuilt one, a second instance, a test copy) never name different movements alike in 1C.
+#[test]
+fn each_ledger_has_its_own_id_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.db");
+    let b = dir.path().join("b.db");
+    let uid = |p: &Path| Ledger::open(p, &OpenOptions::default()).unwrap().ledger_uid().unwrap();
+    let (ua, ub) = (uid(&a), uid(&b));
+    assert_ne!(ua, ub);
+    assert_eq!(ua.len(), 12);
+    assert_eq!(uid(&a), ua, "stable when reopened");
+    let copy = dir.path().join("copy.db");
+    Ledger::open(&a, &OpenOptions::default())
+        .unwrap()
+        .backup_to(&copy)
+        .unwrap();
+    assert_eq!(uid(&copy), ua, "a backup is the same ledger");
+}
