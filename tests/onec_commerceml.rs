@@ -111,6 +111,11 @@ fn utc(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
 
+/// A "now" after every document here, so only the date's lower bound is in play.
+fn far_future() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2100, 1, 1, 0, 0, 0).unwrap()
+}
+
 fn dec(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
 }
@@ -317,7 +322,7 @@ fn the_orders_sample_yields_no_rejections_under_any_policy() {
     assert!(d.lines[0].service);
     assert!(!d.lines[1].service);
     assert_eq!(d.lines[1].net, Money(639447));
-    assert_eq!(validate(d, &DocumentLimits::default()), Ok(()));
+    assert_eq!(validate(d, &DocumentLimits::default(), far_future()), Ok(()));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -351,7 +356,7 @@ fn number_spellings_and_moscow_time() {
     assert_eq!(d.lines[1].net, Money(16032));
     assert_eq!(d.lines[2].unit_price, Money(123450)); // 1 234,50
     assert_eq!(d.total, Money(185830));
-    assert_eq!(validate(d, &DocumentLimits::default()), Ok(()));
+    assert_eq!(validate(d, &DocumentLimits::default(), far_future()), Ok(()));
     // after 26 October 2014 Moscow is UTC+3; no Время means midnight
     assert_eq!(doc(&items, "D12").occurred_at, utc("2014-10-31T21:00:00Z"));
     assert_eq!(doc(&items, "D12").currency, "RUB"); // written 643
@@ -394,7 +399,7 @@ fn discounts_are_subtracted_once_and_spread_to_the_kopeck() {
     assert_eq!(d.total, Money(69000)); // stated 700.00 was before that discount
     assert_eq!(d.lines.iter().map(|l| l.net.0).sum::<i64>(), d.total.0);
     assert!(d.lines[2].service, "ORDER_DELIVERY is a service");
-    assert_eq!(validate(d, &DocumentLimits::default()), Ok(()));
+    assert_eq!(validate(d, &DocumentLimits::default(), far_future()), Ok(()));
 }
 
 #[test]
@@ -595,7 +600,7 @@ fn check_round_trip(encoding: XmlEncoding, schema: &str) {
     let mut refused = Vec::new();
     for item in &items {
         match item {
-            Item::Document(Incoming::Document(d)) => match validate(d, &limits) {
+            Item::Document(Incoming::Document(d)) => match validate(d, &limits, far_future()) {
                 Ok(()) if d.kind == DocKind::Sale => {
                     got.sales += 1;
                     got.net_total += d.total.0;
@@ -636,7 +641,10 @@ fn check_round_trip(encoding: XmlEncoding, schema: &str) {
                     }
                 }
                 (false, Item::Document(Incoming::Document(d))) => {
-                    assert!(validate(d, &limits).is_err(), "{kind:?} should be refused");
+                    assert!(
+                        validate(d, &limits, far_future()).is_err(),
+                        "{kind:?} should be refused"
+                    );
                 }
                 other => panic!("{kind:?} came back as {other:?}"),
             },
@@ -1084,7 +1092,9 @@ fn throughput_on_a_generated_file() {
         &opts(),
         &mut |item| {
             match item {
-                Item::Document(Incoming::Document(d)) if validate(&d, &DocumentLimits::default()).is_ok() => {
+                Item::Document(Incoming::Document(d))
+                    if validate(&d, &DocumentLimits::default(), far_future()).is_ok() =>
+                {
                     account(&mut got, &Generated::Document(d))
                 }
                 Item::Document(_) | Item::Rejected(_) => got.malformed += 1,
