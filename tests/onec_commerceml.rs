@@ -796,12 +796,12 @@ fn file_of(docs: &[String]) -> Vec<u8> {
 }
 
 #[test]
-fn nesting_deeper_than_the_limit_stops_the_file_after_whole_documents() {
+fn nesting_deeper_than_the_limit_rejects_only_its_document() {
     let deep = format!("{}{}", "<x>".repeat(100), "</x>".repeat(100));
     let bytes = file_of(&[sale_xml("A", ""), sale_xml("B", &deep), sale_xml("C", "")]);
     let (info, items) = run_ok(&bytes, "deep.xml", &opts());
-    assert_eq!(documents(&items).len(), 1);
-    let reason = info.truncated.expect("cut");
+    assert_eq!((documents(&items).len(), info.rejected, info.truncated), (2, 1, None));
+    let reason = &rejection(&items, "B").reason;
     assert!(reason.contains("deeper than 64"), "{reason}");
 
     let o = Options {
@@ -837,12 +837,13 @@ fn text_longer_than_the_limit_rejects_its_document() {
         r.reason
     );
 
-    // a text run far past the limit is not even buffered: the file stops there
+    // a text run far past the limit is not even buffered: its document is refused and
+    // reading goes on after it
     let huge = format!("<Комментарий>{}</Комментарий>", "a".repeat(300_000));
     let bytes = file_of(&[sale_xml("A", ""), sale_xml("B", &huge), sale_xml("C", "")]);
     let (info, items) = run_ok(&bytes, "huge.xml", &o);
-    assert_eq!(documents(&items).len(), 1);
-    let reason = info.truncated.expect("cut");
+    assert_eq!((documents(&items).len(), info.truncated), (2, None));
+    let reason = &rejection(&items, "B").reason;
     assert!(reason.contains("longer than"), "{reason}");
 }
 
@@ -911,8 +912,12 @@ fn a_truncated_file_yields_every_whole_document_before_the_cut() {
         let info = result.unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
         let whole = ends.iter().filter(|&&e| e <= cut).count();
         assert_eq!(info.documents, whole, "cut at {cut}");
-        assert_eq!(items.len(), whole, "cut at {cut}");
-        assert_eq!(info.rejected, 0, "cut at {cut}: {items:?}");
+        // the document the cut falls in is quarantined, not lost
+        assert!(info.rejected <= 1, "cut at {cut}: {items:?}");
+        assert_eq!(items.len(), whole + info.rejected, "cut at {cut}");
+        if let Some(Item::Rejected(r)) = items.last() {
+            assert!(r.reason.contains("inside this entry"), "cut at {cut}: {}", r.reason);
+        }
         assert_eq!(
             info.truncated.is_some(),
             cut < complete,
