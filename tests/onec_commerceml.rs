@@ -800,7 +800,10 @@ fn nesting_deeper_than_the_limit_rejects_only_its_document() {
     let deep = format!("{}{}", "<x>".repeat(100), "</x>".repeat(100));
     let bytes = file_of(&[sale_xml("A", ""), sale_xml("B", &deep), sale_xml("C", "")]);
     let (info, items) = run_ok(&bytes, "deep.xml", &opts());
-    assert_eq!((documents(&items).len(), info.rejected, info.truncated), (2, 1, None));
+    assert_eq!(
+        (documents(&items).len(), info.rejected, info.truncated),
+        (2, 1, None)
+    );
     let reason = &rejection(&items, "B").reason;
     assert!(reason.contains("deeper than 64"), "{reason}");
 
@@ -916,7 +919,11 @@ fn a_truncated_file_yields_every_whole_document_before_the_cut() {
         assert!(info.rejected <= 1, "cut at {cut}: {items:?}");
         assert_eq!(items.len(), whole + info.rejected, "cut at {cut}");
         if let Some(Item::Rejected(r)) = items.last() {
-            assert!(r.reason.contains("inside this entry"), "cut at {cut}: {}", r.reason);
+            assert!(
+                r.reason.contains("inside this entry"),
+                "cut at {cut}: {}",
+                r.reason
+            );
         }
         assert_eq!(
             info.truncated.is_some(),
