@@ -407,7 +407,7 @@ pub(crate) mod tests {
     fn check(edit: impl Fn(&mut Document), expected: Result<(), &str>) {
         let mut d = sample();
         edit(&mut d);
-        let now = d.occurred_at + chrono::Duration::days(1);
+        let now = sample().occurred_at + chrono::Duration::days(1);
         let got = validate(&d, &DocumentLimits::default(), now);
         match expected {
             Ok(()) => assert_eq!(got, Ok(())),
