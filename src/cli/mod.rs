@@ -1,9 +1,27 @@
 //! Command-line interface: argument parsing and output formatting only. Each command calls
 //! into the ledger (or, later, the daemon) and prints what it gets back.
 
+// Every text command prints through `out` (a closed pipe ends output quietly instead of
+// panicking); these shadow std's macros in this module and the ones below it.
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::cli::out::out(format_args!($($arg)*)) };
+}
+macro_rules! println {
+    () => { $crate::cli::out::out(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cli::out::out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+macro_rules! eprint {
+    ($($arg:tt)*) => { $crate::cli::out::err(format_args!($($arg)*)) };
+}
+macro_rules! eprintln {
+    () => { $crate::cli::out::err(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cli::out::err(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 mod amocrm;
 mod bench;
 mod demo;
+mod out;
 mod output;
 
 use std::path::PathBuf;
@@ -364,6 +382,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .as_ref()
                     .map_or("built-in defaults".to_string(), |f| f.display().to_string())
             );
+            for w in &cfg.warnings {
+                println!("  warning: {w}");
+            }
             println!("  ledger: {}", cfg.ledger_path.display());
             println!("  time zone: {}", cfg.timezone);
             let p = &cfg.program;

@@ -287,13 +287,45 @@ impl Check<'_> {
                 String::new()
             }
             Some(u) => match reqwest::Url::parse(u) {
+                Ok(p) if !p.username().is_empty() || p.password().is_some() => {
+                    // Never echo the URL: the part refused is a password.
+                    self.bad(
+                        key,
+                        format!(
+                            "the URL carries a user name or password (user:password@); write it without \
+                             them and put {}",
+                            credentials_hint(key)
+                        ),
+                    );
+                    String::new()
+                }
                 Ok(p) if matches!(p.scheme(), "http" | "https") => u.trim_end_matches('/').to_string(),
+                _ if u.contains('@') => {
+                    self.bad(
+                        key,
+                        "not an http(s) URL (not shown: it holds an @, perhaps a password)".to_string(),
+                    );
+                    String::new()
+                }
                 _ => {
                     self.bad(key, format!("{u:?} is not an http(s) URL"));
                     String::new()
                 }
             },
         }
+    }
+}
+
+/// Where the credentials of the service behind the URL `key` belong instead of the URL.
+fn credentials_hint(key: &str) -> &'static str {
+    if key.starts_with("onec.odata") {
+        "the user in onec.odata.user and the password in a file named by onec.odata.password_file \
+         (or KOPILKA_ONEC_ODATA_PASSWORD)"
+    } else if key.starts_with("amocrm") {
+        "the token in a file named by amocrm.token_file (or KOPILKA_AMOCRM_TOKEN), or the OAuth \
+         client secret in amocrm.client_secret_file"
+    } else {
+        "credentials in a file named by the section's …_file key"
     }
 }
 
@@ -457,6 +489,18 @@ pub(super) fn amocrm(raw: &RawAmocrm, c: &mut Check<'_>) -> AmocrmConfig {
                 "KOPILKA_AMOCRM_CLIENT_SECRET",
                 true,
             );
+            if raw
+                .redirect_uri
+                .as_deref()
+                .and_then(|u| reqwest::Url::parse(u).ok())
+                .is_some_and(|u| !u.username().is_empty() || u.password().is_some())
+            {
+                c.bad(
+                    "amocrm.redirect_uri",
+                    "the URL carries a user name or password (user:password@); AmoCRM sends the code \
+                     to it, so write it without them",
+                );
+            }
             let redirect_uri = raw.redirect_uri.clone().unwrap_or_else(|| {
                 c.bad(
                     "amocrm.redirect_uri",

@@ -259,11 +259,9 @@ pub async fn run(
     *rt.http_addr.lock().unwrap_or_else(|e| e.into_inner()) = listener.local_addr().ok();
     let app = super::http::router(ctx.clone(), rt.clone());
     let stop = shutdown.clone();
+    let limits = cfg.daemon.http_limits;
     tracker.spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        {
+        if let Err(e) = super::serve::serve(listener, app, limits, stop).await {
             tracing::error!(error = %e, "HTTP endpoint stopped");
         }
     });
@@ -288,11 +286,9 @@ pub async fn run(
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (onec.site_exchange.listen): {e}"))?;
             let app = exchange.router();
             let stop = shutdown.clone();
+            let limits = cfg.daemon.http_limits;
             tracker.spawn(async move {
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                {
+                if let Err(e) = super::serve::serve(listener, app, limits, stop).await {
                     tracing::error!(error = %e, "1C site exchange endpoint stopped");
                 }
             });
@@ -308,6 +304,9 @@ pub async fn run(
     rt.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     rt.ran.notify_waiters();
     notify(&[sd_notify::NotifyState::Ready]);
+    for w in &cfg.warnings {
+        tracing::warn!(warning = %w, "Configuration warning");
+    }
     tracing::info!(listen = %cfg.daemon.http_listen, ledger = %cfg.ledger_path.display(), "kopilka is running");
 
     // systemd watchdog and status line

@@ -1273,7 +1273,7 @@ impl Ledger {
                         excerpt: None,
                     };
                     if let Incoming::Document(d) = inc
-                        && let Err(invalid) = validate(d, ctx.limits)
+                        && let Err(invalid) = validate(d, ctx.limits, ctx.now)
                     {
                         if !src.doc_id.trim().is_empty() {
                             log_source(&tx, inc, now)?;
