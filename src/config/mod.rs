@@ -872,17 +872,17 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
             );
         }
     }
-    if let Some(se) = onec.as_ref().and_then(|o| o.site_exchange.as_ref()) {
-        if !se.listen.ip().is_loopback() {
-            warn(
-                "onec.site_exchange.listen",
-                format!(
-                    "{} is not loopback and the site exchange speaks plain HTTP: 1C sends its password \
-                     with every request, so put a TLS proxy in front",
-                    se.listen
-                ),
-            );
-        }
+    if let Some(se) = onec.as_ref().and_then(|o| o.site_exchange.as_ref())
+        && !se.listen.ip().is_loopback()
+    {
+        warn(
+            "onec.site_exchange.listen",
+            format!(
+                "{} is not loopback and the site exchange speaks plain HTTP: 1C sends its password \
+                 with every request, so put a TLS proxy in front",
+                se.listen
+            ),
+        );
     }
     for (key, message) in check.issues {
         issues.push(Issue {

@@ -283,10 +283,10 @@ fn page_access(s: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
             let text = String::from_utf8(raw).ok()?;
             text.split_once(':').map(|(_, password)| password.to_string())
         });
-    if let Some(given) = given {
-        if tokens.iter().any(|t| same_secret(&given, t)) {
-            return Ok(());
-        }
+    if let Some(given) = given
+        && tokens.iter().any(|t| same_secret(&given, t))
+    {
+        return Ok(());
     }
     let detail = if tokens.is_empty() {
         "this page shows business data and kopilka listens off loopback: set daemon.read_token_file \

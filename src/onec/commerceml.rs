@@ -397,10 +397,10 @@ impl<R: BufRead> BufRead for Guard<R> {
         // Hand over at most a chunk at a time, so that the count is checked between chunks
         // even when the inner reader holds the whole file (a slice, a memory map).
         let buf = self.inner.fill_buf()?;
-        if self.since_event_bytes == 0 {
-            if let Some(&first) = buf.first() {
-                self.in_markup = first == b'<';
-            }
+        if self.since_event_bytes == 0
+            && let Some(&first) = buf.first()
+        {
+            self.in_markup = first == b'<';
         }
         Ok(buf.get(..GUARD_CHUNK_BYTES).unwrap_or(buf))
     }
@@ -1159,10 +1159,10 @@ impl Parser<'_> {
                         }
                     }
                 }
-            } else if idx == active.base {
-                if let Some(active) = self.cur.take() {
-                    self.finish(active, pos)?;
-                }
+            } else if idx == active.base
+                && let Some(active) = self.cur.take()
+            {
+                self.finish(active, pos)?;
             }
         }
         self.stack.pop();
