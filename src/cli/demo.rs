@@ -217,7 +217,10 @@ http_listen = "127.0.0.1:0"
 
     p.show("1C's site exchange runs on its schedule: the site's orders and their payments");
     let shop = onec.shop();
-    let mut orders = SiteOrders::new(shop, a.seed + 1, cfg.timezone);
+    let partners = (0..shop.customers.len())
+        .map(|i| crate::sim::onec_odata::guid("partner", &i.to_string()))
+        .collect();
+    let mut orders = SiteOrders::new(shop, a.seed + 1, cfg.timezone).customer_ids(partners);
     let n_orders = (a.sales / 20).max(10);
     let order_day = clock.now() - chrono::Duration::days(2);
     let placed = orders.place(n_orders, order_day);

@@ -62,6 +62,8 @@ pub struct SiteOrders {
     pub orders: Vec<SiteOrder>,
     changed: BTreeSet<usize>,
     files: usize,
+    /// The 1C GUID of each shop customer (`Контрагент/Ид`).
+    customer_ids: Vec<String>,
 }
 
 fn guid(kind: &str, n: usize) -> String {
@@ -88,7 +90,15 @@ impl SiteOrders {
             orders: Vec::new(),
             changed: BTreeSet::new(),
             files: 0,
+            customer_ids: Vec::new(),
         }
+    }
+
+    /// The customers' 1C GUIDs, when the orders belong to a base whose partners are known
+    /// elsewhere (the OData simulator's): the same person, whichever channel names them.
+    pub fn customer_ids(mut self, ids: Vec<String>) -> SiteOrders {
+        self.customer_ids = ids;
+        self
     }
 
     fn line_sum(&self, (p, qty): (usize, i64)) -> Money {
@@ -202,7 +212,10 @@ impl SiteOrders {
                 o.site_number,
                 site.format("%Y-%m-%d"),
                 self.total(o),
-                customer_guid(o.customer),
+                self.customer_ids
+                    .get(o.customer)
+                    .cloned()
+                    .unwrap_or_else(|| customer_guid(o.customer)),
                 esc(c.name.as_deref().unwrap_or("Покупатель")),
                 esc(c.name.as_deref().unwrap_or("Покупатель")),
                 site.format("%H:%M:%S"),
