@@ -453,7 +453,7 @@ async fn a_chunk_over_the_limit_refuses_the_rest_of_its_file_and_keeps_nothing()
     s.cancel.cancel();
 }
 
-/// The cookie header the client holds (it keeps it private; a fresh checkauth for the test).
+/// The `Cookie` header the client got from its `checkauth`, for the raw calls of a test.
 async fn onec_cookie(onec: &mut SiteClient) -> String {
     onec.cookie_header().expect("after checkauth")
 }
