@@ -334,6 +334,7 @@ impl Config {
         crate::ledger::Destinations {
             contact_state: self.amocrm.as_ref().map(|_| "amocrm".to_string()),
             onec_bonus: (self.accounting.postback != Postback::None).then(|| ONEC_BONUS.to_string()),
+            onec_system: self.onec.as_ref().map(|o| o.system.clone()),
         }
     }
 }

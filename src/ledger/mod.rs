@@ -42,7 +42,7 @@ pub use ingest::{
 };
 pub use jobs::{NightlyReport, TierEvent};
 pub use offers::{CustomerOffers, OffersRefresh};
-pub use opening::{OpeningReport, OpeningRow};
+pub use opening::{OpeningReport, OpeningRow, opening_source_from_register};
 pub use outbox::{OutboxFilter, OutboxRow, OutboxState};
 pub use query::{
     BalanceView, CustomerView, DateRange, HistoryEntry, PartnerTotals, QuarantineEntry, Summary,
