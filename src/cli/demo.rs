@@ -144,7 +144,7 @@ orders = "when_paid"
 url = "{odata}"
 user = "{user}"
 password_file = "odata-password"
-mapping = "roznica"
+mapping = "roznica2"
 overlap_minutes = {overlap}
 [onec.site_exchange]
 listen = "127.0.0.1:0"
@@ -217,9 +217,7 @@ http_listen = "127.0.0.1:0"
 
     p.show("1C's site exchange runs on its schedule: the site's orders and their payments");
     let shop = onec.shop();
-    let partners = (0..shop.customers.len())
-        .map(|i| crate::sim::onec_odata::guid("partner", &i.to_string()))
-        .collect();
+    let partners = (0..shop.customers.len()).map(|i| onec.person_key(i)).collect();
     let mut orders = SiteOrders::new(shop, a.seed + 1, cfg.timezone).customer_ids(partners);
     let n_orders = (a.sales / 20).max(10);
     let order_day = clock.now() - chrono::Duration::days(2);
@@ -320,7 +318,7 @@ http_listen = "127.0.0.1:0"
         &cfg.onec
             .as_ref()
             .and_then(|o| o.odata.as_ref())
-            .map_or_else(|| "roznica".to_string(), |o| o.mapping.clone()),
+            .map_or_else(|| "roznica2".to_string(), |o| o.mapping.clone()),
         cfg_path.parent(),
     )?;
     let (bonus_rows, bonus_in_1c) = {

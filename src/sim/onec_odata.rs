@@ -2103,6 +2103,13 @@ impl OdataSim {
     }
 
     /// Keys of posted sales at the till (not returns by operation), in date order.
+    /// The reference 1C keeps customer `i` under (the card owner: a partner, a person or a
+    /// counterparty, as the configuration has it): what the base's other channels, its site
+    /// orders included, name the same person by.
+    pub fn person_key(&self, i: usize) -> String {
+        self.lock().person(i).0
+    }
+
     pub fn sale_keys(&self) -> Vec<String> {
         let keys = self.keys(RECEIPTS);
         let b = self.lock();
