@@ -9,6 +9,7 @@
 //! exits 78 (EX_CONFIG) so systemd does not restart-loop on a typo.
 
 mod connectors;
+mod holds;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -23,6 +24,7 @@ use crate::core::document::DocumentLimits;
 use crate::core::money::Money;
 use crate::core::rules::RuleSet;
 use crate::ledger::{DeliveryPolicy, OpenOptions};
+pub use holds::{HoldMatch, HoldsConfig};
 
 pub use connectors::{
     AmocrmAuth, AmocrmConfig, OdataConfig, OnecConfig, Orders, Secret, SiteExchangeConfig, read_secret,
@@ -173,6 +175,7 @@ struct Raw {
     outbox: RawOutbox,
     onec: Option<connectors::RawOnec>,
     amocrm: Option<connectors::RawAmocrm>,
+    holds: holds::RawHolds,
 }
 
 /// The validated configuration every part of kopilka reads.
@@ -198,6 +201,8 @@ pub struct Config {
     pub amocrm: Option<AmocrmConfig>,
     pub daemon: DaemonConfig,
     pub accounting: AccountingConfig,
+    /// `[holds]`: reservations of points by tills and the site.
+    pub holds: HoldsConfig,
 }
 
 /// How points become accounting postings (see README, "Accountants").
@@ -356,7 +361,7 @@ pub const ONEC_ACCOUNTING: &str = "onec:accounting";
 const ENVIRONMENT: &str = "the environment";
 
 const SECTIONS: &[&str] = &[
-    "general", "ledger", "program", "rules", "outbox", "onec", "amocrm",
+    "general", "ledger", "program", "rules", "outbox", "onec", "amocrm", "holds",
 ];
 
 /// Environment variables that override the file: `KOPILKA_<SECTION>__<KEY>`. Other
@@ -431,6 +436,7 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Rep
             "daemon" => raw.daemon = section(&name, value, &origins, &mut issues),
             "accounting" => raw.accounting = section(&name, value, &origins, &mut issues),
             "amocrm" => raw.amocrm = Some(section(&name, value, &origins, &mut issues)),
+            "holds" => raw.holds = section(&name, value, &origins, &mut issues),
             _ => issues.push(Issue {
                 key: name.clone(),
                 origin: origins.of(&name),
@@ -763,6 +769,7 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
     };
     let onec = raw.onec.as_ref().map(|o| connectors::onec(o, &mut check));
     let amocrm = raw.amocrm.as_ref().map(|a| connectors::amocrm(a, &mut check));
+    let holds = holds::holds(&raw.holds, &mut check.issues);
     for (key, message) in check.issues {
         issues.push(Issue {
             origin: origins.of(&key),
@@ -804,6 +811,7 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
         amocrm,
         daemon,
         accounting,
+        holds,
     })
 }
 

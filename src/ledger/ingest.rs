@@ -407,7 +407,7 @@ fn version_seen(conn: &Connection, doc: i64, version: &str) -> Result<bool> {
         .is_some())
 }
 
-fn write_document(
+pub(super) fn write_document(
     conn: &Connection,
     existing: Option<i64>,
     d: &Document,
@@ -512,10 +512,10 @@ fn bump_epoch(conn: &Connection, doc: i64) -> Result<i64> {
 }
 
 /// The state of one `ingest` call while it runs.
-struct Run<'a, 'b> {
-    ctx: &'a IngestContext<'b>,
-    touched: BTreeSet<i64>,
-    flags: Vec<Flag>,
+pub(super) struct Run<'a, 'b> {
+    pub(super) ctx: &'a IngestContext<'b>,
+    pub(super) touched: BTreeSet<i64>,
+    pub(super) flags: Vec<Flag>,
 }
 
 impl Run<'_, '_> {
@@ -741,7 +741,7 @@ impl Run<'_, '_> {
     }
 
     /// Applies the negative-balance policy after points were taken from a customer.
-    fn settle_debt(
+    pub(super) fn settle_debt(
         &mut self,
         conn: &Connection,
         customer: i64,

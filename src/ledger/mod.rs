@@ -11,6 +11,7 @@ mod accounting;
 mod amocrm_state;
 mod catalog;
 mod delivery;
+mod holds;
 mod ingest;
 mod jobs;
 mod offers;
@@ -36,6 +37,10 @@ pub use amocrm_state::{
 };
 pub use catalog::{CatalogItem, CatalogReport, CostPolicy};
 pub use delivery::{DeliveryError, DeliveryPolicy, DeliveryReport, SharedLedger, Sink, deliver_due};
+pub use holds::{
+    API_SOURCE, CommitAnswer, CommitRequest, HoldError, HoldRequest, HoldResult, HoldSettings, HoldView,
+    QuoteAnswer, QuoteLineAnswer,
+};
 pub use ingest::{
     AdjustOutcome, AdjustRequest, Batch, Destinations, IngestContext, IngestReport, Item, Outcome,
 };

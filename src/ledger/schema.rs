@@ -401,6 +401,38 @@ CREATE INDEX outbox_dead_coalesce ON outbox(destination, coalesce_key, updated_a
 -- yesterday and today on every load): without it, a scan of the whole outbox
 CREATE INDEX outbox_onec_created ON outbox(created_at) WHERE destination LIKE 'onec:%';
 "#,
+    r#"
+-- issue 23: holds — points reserved for one basket by a till or the site until committed,
+-- cancelled or expired (see ARCHITECTURE.md, "Holds")
+CREATE TABLE holds (
+    id                 INTEGER PRIMARY KEY,
+    idem_key           TEXT NOT NULL UNIQUE,
+    -- the request as the caller sent it (canonical JSON without the key): the same key
+    -- with another body is refused
+    request            TEXT NOT NULL,
+    customer_id        INTEGER NOT NULL REFERENCES customers(id),
+    points             INTEGER NOT NULL CHECK (points > 0),
+    -- the quote as answered (JSON), so a repeat answers the same
+    quote              TEXT NOT NULL,
+    created_at         INTEGER NOT NULL,
+    expires_at         INTEGER NOT NULL,
+    state              TEXT NOT NULL CHECK (state IN ('held','committed','cancelled','expired')),
+    closed_at          INTEGER,
+    commit_request     TEXT,
+    committed_points   INTEGER,
+    -- the commit's answer (allocation over the final basket), JSON
+    commit_answer      TEXT,
+    -- the `api` document the commit recorded
+    document_id        INTEGER REFERENCES documents(id),
+    -- the 1C receipt later recognised as the one that used this hold
+    matched_document   INTEGER REFERENCES documents(id),
+    CHECK ((state = 'committed') = (document_id IS NOT NULL))
+);
+-- what is held now, per customer (every quote and hold reads it)
+CREATE INDEX holds_live ON holds(customer_id, expires_at) WHERE state = 'held';
+CREATE INDEX holds_unmatched ON holds(customer_id, closed_at)
+    WHERE state = 'committed' AND matched_document IS NULL;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka
