@@ -493,3 +493,181 @@ async fn refused_requests_name_the_problem_and_write_nothing() {
     e.verify().await;
     let _ = &e.cfg;
 }
+
+/// A till receipt as a 1C connector hands it over (Розница's ЧекККМ read over OData:
+/// number, card, lines, points paid in «Оплата бонусами»).
+fn receipt(
+    doc_id: &str,
+    number: &str,
+    version: &str,
+    at: chrono::DateTime<Utc>,
+    points: i64,
+) -> kopilka::core::document::Document {
+    use kopilka::core::document::{DocKind, Document, Line, SourceRef};
+    use kopilka::core::money::{Money, Points};
+    Document {
+        source: SourceRef {
+            system: "onec:odata".into(),
+            doc_id: doc_id.into(),
+            version: version.into(),
+            stamp: None,
+        },
+        kind: DocKind::Sale,
+        number: Some(number.into()),
+        occurred_at: at,
+        customer: kopilka::core::identity::CustomerIdentity {
+            card: Some(CARD.into()),
+            ..Default::default()
+        },
+        currency: "RUB".into(),
+        lines: vec![Line {
+            product_id: "P1".into(),
+            name: "P1".into(),
+            category: None,
+            quantity: rust_decimal::Decimal::ONE,
+            unit_price: Money(300000),
+            discount: Money(0),
+            net: Money(300000),
+            unit_cost: Some(Money(100000)),
+            service: false,
+        }],
+        total: Money(300000),
+        points_redeemed: Points(points),
+        original: None,
+        store: None,
+        partner: None,
+    }
+}
+
+impl Env {
+    async fn ingest(&self, doc: kopilka::core::document::Document) -> kopilka::ledger::IngestReport {
+        let cfg = self.cfg.clone();
+        let now = self.clock.now();
+        self.ledger
+            .run(move |l| {
+                let dest = cfg.destinations();
+                l.ingest(
+                    kopilka::ledger::Batch {
+                        source: "onec:odata:Document_ЧекККМ".into(),
+                        items: vec![kopilka::ledger::Item::Incoming(
+                            kopilka::core::document::Incoming::Document(doc),
+                        )],
+                        checkpoint: None,
+                        ..Default::default()
+                    },
+                    &cfg.ingest_context(now, &dest),
+                )
+            })
+            .await
+            .unwrap()
+    }
+
+    async fn redeemed(&self) -> i64 {
+        let now = self.clock.now();
+        self.ledger
+            .run(move |l| l.summary(&DateRange::default(), now))
+            .await
+            .unwrap()
+            .points_redeemed
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_receipt_from_1c_that_used_a_commit_counts_it_once() {
+    let e = env(2000, "match_window_minutes = 30\n").await;
+    let one_line =
+        json!([{"product_id": "P1", "quantity": 1, "net_kopecks": 300000, "unit_cost_kopecks": 100000}]);
+    // by card, points and time: the receipt arrives 10 minutes after the commit
+    let (_, h) = e
+        .post("/v1/holds", json!({"customer": CARD, "lines": one_line, "points_wanted": 300, "idempotency_key": "site-order-1"}))
+        .await;
+    let id = h["hold_id"].as_str().unwrap().to_string();
+    let (status, _) = e.commit(&id, json!({"lines": one_line})).await;
+    assert_eq!(status, 200);
+    let committed_at = e.clock.now();
+    e.clock.advance(Duration::minutes(10));
+    let r = e.ingest(receipt("r1", "ЧК-0001", "v1", e.clock.now(), 300)).await;
+    assert_eq!(r.applied, 1, "{r:?}");
+    assert_eq!(
+        e.redeemed().await,
+        300,
+        "the commit and its receipt are one redemption"
+    );
+    // a new version of the receipt still counts once
+    let r = e.ingest(receipt("r1", "ЧК-0001", "v2", e.clock.now(), 300)).await;
+    assert_eq!(r.new_versions, 1, "{r:?}");
+    assert_eq!(e.redeemed().await, 300);
+
+    // by reference: the till used its receipt number as the key; 1C says 250 of the 300
+    let (_, h) = e
+        .post(
+            "/v1/holds",
+            json!({"customer": CARD, "lines": one_line, "points_wanted": 300, "idempotency_key": "ЧК-0002"}),
+        )
+        .await;
+    let id2 = h["hold_id"].as_str().unwrap().to_string();
+    assert_eq!(e.commit(&id2, json!({"lines": one_line})).await.0, 200);
+    e.ingest(receipt("r2", "ЧК-0002", "v1", e.clock.now(), 250)).await;
+    assert_eq!(
+        e.redeemed().await,
+        600,
+        "the commit stands; the receipt adds nothing"
+    );
+
+    // a receipt outside every window is a redemption of its own
+    e.clock.set(committed_at + Duration::hours(5));
+    e.ingest(receipt("r3", "ЧК-0003", "v1", e.clock.now(), 300)).await;
+    assert_eq!(e.redeemed().await, 900);
+    e.verify().await;
+    let matched = e
+        .ledger
+        .run(|l| {
+            let db = rusqlite::Connection::open(l.path()).unwrap();
+            let mut st = db
+                .prepare("SELECT h.id, d.doc_id FROM holds h JOIN documents d ON d.id = h.matched_document ORDER BY h.id")
+                .unwrap();
+            st.query_map([], |r| Ok((r.get::<_, i64>(0)?.to_string(), r.get::<_, String>(1)?)))
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+        })
+        .await;
+    assert_eq!(matched, vec![(id, "r1".to_string()), (id2, "r2".to_string())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_names_a_receipt_that_differs_from_its_commit() {
+    let e = env(2000, "").await;
+    let one_line =
+        json!([{"product_id": "P1", "quantity": 1, "net_kopecks": 300000, "unit_cost_kopecks": 100000}]);
+    let (_, h) = e
+        .post(
+            "/v1/holds",
+            json!({"customer": CARD, "lines": one_line, "points_wanted": 300, "idempotency_key": "ЧК-0009"}),
+        )
+        .await;
+    let id = h["hold_id"].as_str().unwrap().to_string();
+    assert_eq!(e.commit(&id, json!({"lines": one_line})).await.0, 200);
+    e.ingest(receipt("r9", "ЧК-0009", "v1", e.clock.now(), 200)).await;
+    let tz = e.cfg.timezone;
+    let day = e.clock.now().with_timezone(&tz).date_naive();
+    let r = e
+        .ledger
+        .run(move |l| l.reconcile(day, day, tz, None))
+        .await
+        .unwrap();
+    let named: Vec<_> = r
+        .differences
+        .iter()
+        .filter(|d| d.kind == kopilka::ledger::DiffKind::HoldDiffers)
+        .map(|d| (d.document.clone(), d.detail.clone()))
+        .collect();
+    assert_eq!(
+        named,
+        vec![(
+            "r9".to_string(),
+            format!("hold {id} committed 300 points, the receipt says 200; the ledger kept 300")
+        )]
+    );
+    assert_eq!(e.redeemed().await, 300);
+}

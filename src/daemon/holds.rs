@@ -21,7 +21,9 @@ use serde::Deserialize;
 use super::JobContext;
 use crate::core::document::Line;
 use crate::core::money::Money;
-use crate::ledger::{CommitRequest, CostPolicy, HoldError, HoldRequest, HoldSettings, HoldView};
+use crate::ledger::{
+    CommitRequest, CostPolicy, HoldError, HoldMatching, HoldRequest, HoldSettings, HoldView,
+};
 
 /// Largest request body a till may send (a basket of `MAX_LINES` lines fits easily).
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -321,6 +323,10 @@ where
                 program: &cfg.program,
                 cost: cost.as_ref(),
                 ttl: cfg.holds.ttl,
+                matching: HoldMatching {
+                    reference_only: cfg.holds.match_by == crate::config::HoldMatch::Reference,
+                    window: cfg.holds.match_window,
+                },
                 ingest: &ingest,
             };
             f(l, &settings)

@@ -124,11 +124,21 @@ pub struct CommitAnswer {
     pub committed_at: DateTime<Utc>,
 }
 
+/// How 1C's later receipt is recognised as the one that used a commit (`[holds] match`).
+#[derive(Clone, Copy, Debug)]
+pub struct HoldMatching {
+    /// Only by reference: the receipt's number is the hold's idempotency key.
+    pub reference_only: bool,
+    /// Otherwise also the same customer and points within this long of the commit.
+    pub window: Duration,
+}
+
 /// What a hold needs from the configuration.
 pub struct HoldSettings<'a> {
     pub program: &'a RuleSet,
     pub cost: Option<&'a CostPolicy>,
     pub ttl: Duration,
+    pub matching: HoldMatching,
     pub ingest: &'a IngestContext<'a>,
 }
 
@@ -569,9 +579,23 @@ impl Ledger {
         let answer_text = serde_json::to_string(&answer).map_err(|e| corrupt("hold commit", e))?;
         tx.prepare_cached(
             "UPDATE holds SET state = 'committed', closed_at = ?2, commit_request = ?3, committed_points = ?4, \
-             commit_answer = ?5, document_id = ?6 WHERE id = ?1",
+             commit_answer = ?5, document_id = ?6, match_by = ?7, match_from = ?8, match_until = ?9 WHERE id = ?1",
         )?
-        .execute(params![id, ts(now), req.request, points, answer_text, doc_id])?;
+        .execute(params![
+            id,
+            ts(now),
+            req.request,
+            points,
+            answer_text,
+            doc_id,
+            if s.matching.reference_only {
+                "reference"
+            } else {
+                "card_points_time"
+            },
+            ts(now - s.matching.window),
+            ts(now + s.matching.window)
+        ])?;
         let row = load_hold(&tx, id)?;
         tx.commit()?;
         row.view(now)
@@ -613,4 +637,60 @@ impl Ledger {
             .query_map([ts(now)], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?)
     }
+}
+
+/// Points of committed holds that a receipt from 1C (or any non-`api` source) already spent:
+/// the receipt's redemption posts only what exceeds them, so a till's redemption counts once.
+/// A receipt matches the holds matched to it before (an earlier version), else one unmatched
+/// commit of its customer — by reference (the receipt's number is the hold's key), else,
+/// when the commit's policy allows, by equal points within the commit's window. The match is
+/// stored in the same transaction as the receipt.
+pub(crate) fn covered_by_commits(
+    conn: &Connection,
+    customer: i64,
+    doc_row: i64,
+    d: &Document,
+) -> super::Result<(i64, Vec<i64>)> {
+    let points = d.points_redeemed.0;
+    if points <= 0 || d.source.system == API_SOURCE {
+        return Ok((0, Vec::new()));
+    }
+    let matched: Vec<(i64, i64)> = conn
+        .prepare_cached("SELECT id, committed_points FROM holds WHERE matched_document = ?1 ORDER BY id")?
+        .query_map([doc_row], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    if !matched.is_empty() {
+        return Ok((
+            matched.iter().map(|m| m.1).sum(),
+            matched.iter().map(|m| m.0).collect(),
+        ));
+    }
+    let by_reference: Option<(i64, i64)> = match &d.number {
+        Some(number) => conn
+            .prepare_cached(
+                "SELECT id, committed_points FROM holds WHERE idem_key = ?1 AND customer_id = ?2 \
+                 AND state = 'committed' AND matched_document IS NULL",
+            )?
+            .query_row(params![number, customer], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?,
+        None => None,
+    };
+    let at = ts(d.occurred_at);
+    let found = match by_reference {
+        Some(m) => Some(m),
+        None => conn
+            .prepare_cached(
+                "SELECT id, committed_points FROM holds WHERE customer_id = ?1 AND state = 'committed' \
+                 AND matched_document IS NULL AND committed_points = ?2 AND match_by = 'card_points_time' \
+                 AND ?3 BETWEEN match_from AND match_until ORDER BY ABS(closed_at - ?3), id LIMIT 1",
+            )?
+            .query_row(params![customer, points, at], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?,
+    };
+    let Some((hold, committed)) = found else {
+        return Ok((0, Vec::new()));
+    };
+    conn.prepare_cached("UPDATE holds SET matched_document = ?2 WHERE id = ?1")?
+        .execute(params![hold, doc_row])?;
+    Ok((committed, vec![hold]))
 }

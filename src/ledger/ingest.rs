@@ -637,13 +637,24 @@ impl Run<'_, '_> {
                 available: decision.available_at.unwrap_or(d.occurred_at),
                 expires: decision.expires_at,
             };
-            if d.points_redeemed.0 > 0 {
-                let moves = lots::plan_debit(&h, d.points_redeemed.0, &[], d.occurred_at);
-                let explanation = Explanation::text(format!(
-                    "{} points paid at the till on {}",
-                    d.points_redeemed,
-                    document_label(d)
-                ));
+            // points a till already spent through a committed hold count once
+            let (covered, holds) = super::holds::covered_by_commits(conn, c, doc_id, d)?;
+            let redeem = (d.points_redeemed.0 - covered).max(0);
+            if redeem > 0 {
+                let moves = lots::plan_debit(&h, redeem, &[], d.occurred_at);
+                let explanation = Explanation::text(if holds.is_empty() {
+                    format!(
+                        "{} points paid at the till on {}",
+                        d.points_redeemed,
+                        document_label(d)
+                    )
+                } else {
+                    format!(
+                        "{} points paid at the till on {}, {covered} of them already through hold {holds:?}",
+                        d.points_redeemed,
+                        document_label(d)
+                    )
+                });
                 post(
                     conn,
                     NewTx {

@@ -38,8 +38,8 @@ pub use amocrm_state::{
 pub use catalog::{CatalogItem, CatalogReport, CostPolicy};
 pub use delivery::{DeliveryError, DeliveryPolicy, DeliveryReport, SharedLedger, Sink, deliver_due};
 pub use holds::{
-    API_SOURCE, CommitAnswer, CommitRequest, HoldError, HoldRequest, HoldResult, HoldSettings, HoldView,
-    QuoteAnswer, QuoteLineAnswer,
+    API_SOURCE, CommitAnswer, CommitRequest, HoldError, HoldMatching, HoldRequest, HoldResult, HoldSettings,
+    HoldView, QuoteAnswer, QuoteLineAnswer,
 };
 pub use ingest::{
     AdjustOutcome, AdjustRequest, Batch, Destinations, IngestContext, IngestReport, Item, Outcome,

@@ -424,14 +424,20 @@ CREATE TABLE holds (
     commit_answer      TEXT,
     -- the `api` document the commit recorded
     document_id        INTEGER REFERENCES documents(id),
-    -- the 1C receipt later recognised as the one that used this hold
+    -- the 1C receipt later recognised as the one that used this hold: 'reference' (its
+    -- number is the hold's key) or 'card_points_time' (also the same customer and points
+    -- with its time in [match_from, match_until]) — the policy in force at the commit
+    match_by           TEXT CHECK (match_by IN ('reference','card_points_time')),
+    match_from         INTEGER,
+    match_until        INTEGER,
     matched_document   INTEGER REFERENCES documents(id),
     CHECK ((state = 'committed') = (document_id IS NOT NULL))
 );
 -- what is held now, per customer (every quote and hold reads it)
 CREATE INDEX holds_live ON holds(customer_id, expires_at) WHERE state = 'held';
-CREATE INDEX holds_unmatched ON holds(customer_id, closed_at)
+CREATE INDEX holds_unmatched ON holds(customer_id, committed_points)
     WHERE state = 'committed' AND matched_document IS NULL;
+CREATE INDEX holds_matched ON holds(matched_document) WHERE matched_document IS NOT NULL;
 "#,
 ];
 
