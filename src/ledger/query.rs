@@ -231,7 +231,7 @@ impl Ledger {
         let held = super::holds::held_points(&self.conn, id, now)?;
         Ok(BalanceView {
             customer: customer_view(&self.conn, id)?,
-            available: (f.available - held).max(0),
+            available: f.available - held,
             held,
             pending: f.pending,
             expiring: Expiring {
