@@ -10,4 +10,5 @@ pub mod ledger;
 pub mod migrate;
 pub mod onec;
 pub mod rules_file;
+pub mod scrub;
 pub mod sim;

@@ -189,6 +189,7 @@ fn row(
         points,
         expires_at,
         tier,
+        lots: None,
     })
 }
 

@@ -137,9 +137,10 @@ fn ledger_commands_need_only_the_ledger_file() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(rows.as_array().is_some_and(|r| !r.is_empty()));
+    // the demo's malformed receipt, read over OData
     let out = kopilka(&["--ledger", &db, "quarantine"]);
     assert!(
-        text(&out.stdout).contains("is not a number"),
+        text(&out.stdout).contains("Количество: not a number"),
         "{}",
         text(&out.stdout)
     );
@@ -250,4 +251,116 @@ fn report_and_reconcile_answer_for_the_demo_ledger() {
         !diffs.is_empty() && diffs.iter().all(|d| d["kind"] == "quarantined"),
         "{r}"
     );
+}
+
+/// Runs kopilka with its standard output a pipe whose reading end is already closed, as
+/// `kopilka quarantine | head -c 10` is once `head` has its ten bytes.
+fn kopilka_into_closed_pipe(args: &[&str]) -> Output {
+    // a socket pair behaves as a pipe here: writing after the peer closed fails with EPIPE
+    let (writer, reader) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+    drop(reader);
+    let writer = std::os::fd::OwnedFd::from(writer);
+    Command::new(env!("CARGO_BIN_EXE_kopilka"))
+        .args(args)
+        .env_remove("KOPILKA_CONFIG")
+        .env_remove("KOPILKA_LEDGER")
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("kopilka runs")
+}
+
+#[test]
+fn every_text_command_ends_quietly_on_a_closed_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_ledger(dir.path());
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/config/rules.toml");
+    let csv = dir.path().join("balances.csv");
+    std::fs::write(&csv, "card;points\n2000000000999;10\n").unwrap();
+    let cml = dir.path().join("empty.xml");
+    std::fs::write(
+        &cml,
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><КоммерческаяИнформация ВерсияСхемы=\"2.08\"></КоммерческаяИнформация>",
+    )
+    .unwrap();
+    let cfg = dir.path().join("kopilka.toml");
+    std::fs::write(&cfg, format!("[ledger]\npath = \"{db}\"\n")).unwrap();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["check", "--config", cfg.to_str().unwrap()],
+        vec!["balance", "200000000000"],
+        vec!["balance", "200000000000", "--json"],
+        vec!["history", "200000000000"],
+        vec!["summary"],
+        vec!["summary", "--json"],
+        vec!["ledger", "verify"],
+        vec!["outbox", "list"],
+        vec!["quarantine"],
+        vec!["offers", "200000000000"],
+        vec!["partners"],
+        vec!["report"],
+        vec!["report", "--format", "html"],
+        vec!["reconcile"],
+        vec!["reconcile", "--format", "csv"],
+        vec!["postings"],
+        vec!["simulate", "--rules", rules],
+        vec!["nightly"],
+        vec!["expire"],
+        vec!["import", cml.to_str().unwrap()],
+        vec!["import-balances", csv.to_str().unwrap()],
+    ];
+    for command in commands {
+        let mut args = vec!["--ledger", db.as_str()];
+        args.extend(&command);
+        let normal = kopilka(&args);
+        let closed = kopilka_into_closed_pipe(&args);
+        let err = text(&closed.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{command:?}: {err}"
+        );
+        assert_ne!(closed.status.code(), Some(101), "{command:?}: {err}");
+        assert_eq!(
+            closed.status.code(),
+            normal.status.code(),
+            "{command:?} ends with its own status: {err}"
+        );
+    }
+}
+
+#[test]
+fn check_refuses_a_password_in_a_url_without_showing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("kopilka.toml");
+    std::fs::write(dir.path().join("pw"), "x").unwrap();
+    std::fs::write(
+        &cfg,
+        "[onec.odata]\nurl = \"http://odata:hunter2@1c.local/base/odata/standard.odata\"\nuser = \"odata\"\npassword_file = \"pw\"\n\
+         [daemon]\nhttp_listen = \"0.0.0.0:8090\"\n",
+    )
+    .unwrap();
+    let out = kopilka(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("onec.odata.url: the URL carries a user name or password"),
+        "{err}"
+    );
+    assert!(err.contains("onec.odata.password_file"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+
+    // fixed, it passes, with a warning about the listener
+    std::fs::write(
+        &cfg,
+        "[onec.odata]\nurl = \"http://1c.local/base/odata/standard.odata\"\nuser = \"odata\"\npassword_file = \"pw\"\n\
+         [daemon]\nhttp_listen = \"0.0.0.0:8090\"\n",
+    )
+    .unwrap();
+    let out = kopilka(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("warning:") && report.contains("daemon.http_listen") && report.contains("TLS"),
+        "{report}"
+    );
+    assert!(report.contains("answer 401"), "{report}");
 }

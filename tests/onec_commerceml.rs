@@ -111,6 +111,11 @@ fn utc(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
 
+/// A "now" after every document here, so only the date's lower bound is in play.
+fn far_future() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2100, 1, 1, 0, 0, 0).unwrap()
+}
+
 fn dec(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
 }
@@ -317,7 +322,7 @@ fn the_orders_sample_yields_no_rejections_under_any_policy() {
     assert!(d.lines[0].service);
     assert!(!d.lines[1].service);
     assert_eq!(d.lines[1].net, Money(639447));
-    assert_eq!(validate(d, &DocumentLimits::default()), Ok(()));
+    assert_eq!(validate(d, &DocumentLimits::default(), far_future()), Ok(()));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -351,7 +356,7 @@ fn number_spellings_and_moscow_time() {
     assert_eq!(d.lines[1].net, Money(16032));
     assert_eq!(d.lines[2].unit_price, Money(123450)); // 1 234,50
     assert_eq!(d.total, Money(185830));
-    assert_eq!(validate(d, &DocumentLimits::default()), Ok(()));
+    assert_eq!(validate(d, &DocumentLimits::default(), far_future()), Ok(()));
     // after 26 October 2014 Moscow is UTC+3; no Время means midnight
     assert_eq!(doc(&items, "D12").occurred_at, utc("2014-10-31T21:00:00Z"));
     assert_eq!(doc(&items, "D12").currency, "RUB"); // written 643
@@ -394,7 +399,7 @@ fn discounts_are_subtracted_once_and_spread_to_the_kopeck() {
     assert_eq!(d.total, Money(69000)); // stated 700.00 was before that discount
     assert_eq!(d.lines.iter().map(|l| l.net.0).sum::<i64>(), d.total.0);
     assert!(d.lines[2].service, "ORDER_DELIVERY is a service");
-    assert_eq!(validate(d, &DocumentLimits::default()), Ok(()));
+    assert_eq!(validate(d, &DocumentLimits::default(), far_future()), Ok(()));
 }
 
 #[test]
@@ -595,7 +600,7 @@ fn check_round_trip(encoding: XmlEncoding, schema: &str) {
     let mut refused = Vec::new();
     for item in &items {
         match item {
-            Item::Document(Incoming::Document(d)) => match validate(d, &limits) {
+            Item::Document(Incoming::Document(d)) => match validate(d, &limits, far_future()) {
                 Ok(()) if d.kind == DocKind::Sale => {
                     got.sales += 1;
                     got.net_total += d.total.0;
@@ -636,7 +641,10 @@ fn check_round_trip(encoding: XmlEncoding, schema: &str) {
                     }
                 }
                 (false, Item::Document(Incoming::Document(d))) => {
-                    assert!(validate(d, &limits).is_err(), "{kind:?} should be refused");
+                    assert!(
+                        validate(d, &limits, far_future()).is_err(),
+                        "{kind:?} should be refused"
+                    );
                 }
                 other => panic!("{kind:?} came back as {other:?}"),
             },
@@ -788,12 +796,15 @@ fn file_of(docs: &[String]) -> Vec<u8> {
 }
 
 #[test]
-fn nesting_deeper_than_the_limit_stops_the_file_after_whole_documents() {
+fn nesting_deeper_than_the_limit_rejects_only_its_document() {
     let deep = format!("{}{}", "<x>".repeat(100), "</x>".repeat(100));
     let bytes = file_of(&[sale_xml("A", ""), sale_xml("B", &deep), sale_xml("C", "")]);
     let (info, items) = run_ok(&bytes, "deep.xml", &opts());
-    assert_eq!(documents(&items).len(), 1);
-    let reason = info.truncated.expect("cut");
+    assert_eq!(
+        (documents(&items).len(), info.rejected, info.truncated),
+        (2, 1, None)
+    );
+    let reason = &rejection(&items, "B").reason;
     assert!(reason.contains("deeper than 64"), "{reason}");
 
     let o = Options {
@@ -829,12 +840,13 @@ fn text_longer_than_the_limit_rejects_its_document() {
         r.reason
     );
 
-    // a text run far past the limit is not even buffered: the file stops there
+    // a text run far past the limit is not even buffered: its document is refused and
+    // reading goes on after it
     let huge = format!("<Комментарий>{}</Комментарий>", "a".repeat(300_000));
     let bytes = file_of(&[sale_xml("A", ""), sale_xml("B", &huge), sale_xml("C", "")]);
     let (info, items) = run_ok(&bytes, "huge.xml", &o);
-    assert_eq!(documents(&items).len(), 1);
-    let reason = info.truncated.expect("cut");
+    assert_eq!((documents(&items).len(), info.truncated), (2, None));
+    let reason = &rejection(&items, "B").reason;
     assert!(reason.contains("longer than"), "{reason}");
 }
 
@@ -903,8 +915,16 @@ fn a_truncated_file_yields_every_whole_document_before_the_cut() {
         let info = result.unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
         let whole = ends.iter().filter(|&&e| e <= cut).count();
         assert_eq!(info.documents, whole, "cut at {cut}");
-        assert_eq!(items.len(), whole, "cut at {cut}");
-        assert_eq!(info.rejected, 0, "cut at {cut}: {items:?}");
+        // the document the cut falls in is quarantined, not lost
+        assert!(info.rejected <= 1, "cut at {cut}: {items:?}");
+        assert_eq!(items.len(), whole + info.rejected, "cut at {cut}");
+        if let Some(Item::Rejected(r)) = items.last() {
+            assert!(
+                r.reason.contains("inside this entry"),
+                "cut at {cut}: {}",
+                r.reason
+            );
+        }
         assert_eq!(
             info.truncated.is_some(),
             cut < complete,
@@ -1084,7 +1104,9 @@ fn throughput_on_a_generated_file() {
         &opts(),
         &mut |item| {
             match item {
-                Item::Document(Incoming::Document(d)) if validate(&d, &DocumentLimits::default()).is_ok() => {
+                Item::Document(Incoming::Document(d))
+                    if validate(&d, &DocumentLimits::default(), far_future()).is_ok() =>
+                {
                     account(&mut got, &Generated::Document(d))
                 }
                 Item::Document(_) | Item::Rejected(_) => got.malformed += 1,

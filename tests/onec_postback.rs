@@ -22,9 +22,14 @@ use kopilka::onec::odata::write::OdataWriter;
 use kopilka::onec::odata::{OdataPoller, PollOptions, RetryPolicy, probe};
 use kopilka::onec::postback::document_id;
 use kopilka::sim::onec_odata::{
-    ACCOUNTING_DOCUMENTS, BONUS_DOCUMENTS, CARDS, Entity, Fault, FaultKind, ORGANIZATION, OdataSim,
-    OdataSimBuilder, Val, guid,
+    ACCOUNTING_DOCUMENTS, Configuration, Entity, Fault, FaultKind, ORGANIZATION, OdataSim, OdataSimBuilder,
+    Val, guid,
 };
+
+// The writing tests run against an УНФ base: its bonus document has per-row dates and a burn
+// correction, the richest of the three (Розница 2 and УТ 11 are covered in onec_odata.rs).
+const BONUS_DOCUMENTS: &str = "Document_НачислениеСписаниеБонусныхБаллов";
+const CARDS: &str = "Catalog_ДисконтныеКарты";
 use tokio_util::sync::CancellationToken;
 
 struct Rig {
@@ -74,7 +79,7 @@ cost_price_type = "Закупочная"
 url = "{url}"
 user = "{user}"
 password_file = "{pass}"
-mapping = "roznica"
+mapping = "unf"
 page_size = 200
 timeout_seconds = 1
 "#,
@@ -89,10 +94,13 @@ timeout_seconds = 1
     Arc::new(config::load(Some(&file), &[]).unwrap_or_else(|r| panic!("{r}")))
 }
 
-/// A Розница base with some history polled into a fresh ledger (which queued a bonus
+/// An УНФ base with some history polled into a fresh ledger (which queued a bonus
 /// document per journal transaction).
 async fn rig(seed: u64, sales: usize) -> Rig {
+    assert_eq!(Configuration::Unf.names().bonus_documents, BONUS_DOCUMENTS);
+    assert_eq!(Configuration::Unf.names().cards, CARDS);
     let sim = OdataSimBuilder::new(seed)
+        .configuration(Configuration::Unf)
         .sales(sales)
         .customers(12)
         .products(30)
@@ -243,7 +251,7 @@ fn assert_bonus_documents(r: &Rig) {
         .sim
         .entities(CARDS)
         .into_iter()
-        .map(|c| (field(&c, "Штрихкод").to_string(), c.key.clone()))
+        .map(|c| (field(&c, "КодКартыШтрихкод").to_string(), c.key.clone()))
         .collect();
     for row in &rows {
         let doc = document_of(&r.sim, BONUS_DOCUMENTS, row);
@@ -514,7 +522,7 @@ async fn a_card_1c_does_not_know_is_a_permanent_failure_naming_it() {
     let dead = r.ledger.lock().outbox_show(id).expect("row");
     let e = dead.last_error.unwrap_or_default();
     assert!(
-        dead.state == OutboxState::Dead && e.contains("card 77770000 is not in Catalog_КартыЛояльности"),
+        dead.state == OutboxState::Dead && e.contains("card 77770000 is not in Catalog_ДисконтныеКарты"),
         "{e}"
     );
     assert_eq!(r.sim.entities(BONUS_DOCUMENTS).len(), 1, "nothing written for it");

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::auth::{self, Auth, OAuth, Pair, REAUTH_COMMAND};
 use super::wire::{Page, Problem, TokenReply};
-use super::{AmoError, Class, ItemError, truncate};
+use super::{AmoError, Class, ItemError};
 use crate::clock::Clock;
 use crate::config::{AmocrmAuth, AmocrmConfig, Secret};
 use crate::core::backoff::retry_delay;
@@ -314,8 +314,7 @@ impl Client {
             .headers()
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_string();
+            .map_or_else(|| "-".to_string(), |v| crate::scrub::upstream_excerpt(v, 80));
         let bytes = match self.read_body(resp).await {
             Ok(b) => b,
             Err(detail) => {
@@ -346,13 +345,13 @@ impl Client {
             return match parsed {
                 Some(v) => Ok(Some(v)),
                 None => {
-                    tracing::warn!(status, request_id = %request_id, body = %truncate(&text, LOG_BODY_CHARS),
+                    tracing::warn!(status, request_id = %request_id, body = %crate::scrub::upstream_excerpt(&text, LOG_BODY_CHARS),
                         "AmoCRM answered with a body that is not JSON");
                     Err(AmoError::Body {
                         method: m,
                         path: path.into(),
                         detail: "not valid JSON (cut off?)".into(),
-                        body: truncate(&text, LOG_BODY_CHARS),
+                        body: crate::scrub::upstream_excerpt(&text, LOG_BODY_CHARS),
                     })
                 }
             };
@@ -397,36 +396,42 @@ impl Client {
             .map(|list| {
                 list.iter()
                     .map(|e| ItemError {
-                        request_id: e.request_id.clone().unwrap_or_default(),
-                        detail: e
-                            .errors
-                            .iter()
-                            .flatten()
-                            .map(|i| {
-                                format!(
-                                    "{} at {}: {}",
-                                    i.code.as_deref().unwrap_or("error"),
-                                    i.path.as_deref().unwrap_or("?"),
-                                    i.detail.as_deref().unwrap_or("")
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                            .join("; "),
+                        request_id: crate::scrub::upstream_excerpt(
+                            e.request_id.as_deref().unwrap_or_default(),
+                            LOG_BODY_CHARS,
+                        ),
+                        detail: crate::scrub::upstream_excerpt(
+                            &e.errors
+                                .iter()
+                                .flatten()
+                                .map(|i| {
+                                    format!(
+                                        "{} at {}: {}",
+                                        i.code.as_deref().unwrap_or("error"),
+                                        i.path.as_deref().unwrap_or("?"),
+                                        i.detail.as_deref().unwrap_or("")
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                            LOG_BODY_CHARS,
+                        ),
                     })
                     .collect()
             })
             .unwrap_or_default();
         let shown = match &problem {
             Some(p) if p.title.is_some() || p.hint.is_some() || p.detail.is_some() => {
-                [p.title.as_deref(), p.detail.as_deref(), p.hint.as_deref()]
+                let joined = [p.title.as_deref(), p.detail.as_deref(), p.hint.as_deref()]
                     .into_iter()
                     .flatten()
                     .collect::<Vec<_>>()
-                    .join(": ")
+                    .join(": ");
+                crate::scrub::upstream_excerpt(&joined, LOG_BODY_CHARS)
             }
-            _ => truncate(&text, LOG_BODY_CHARS),
+            _ => crate::scrub::upstream_excerpt(&text, LOG_BODY_CHARS),
         };
-        tracing::warn!(status, request_id = %request_id, method = %m, path, body = %truncate(&text, LOG_BODY_CHARS),
+        tracing::warn!(status, request_id = %request_id, method = %m, path, body = %crate::scrub::upstream_excerpt(&text, LOG_BODY_CHARS),
             "AmoCRM refused a request");
         Err(AmoError::Status {
             method: m,

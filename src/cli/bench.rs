@@ -17,6 +17,7 @@ mod bulk;
 mod data;
 mod memory;
 mod poll;
+mod site;
 mod start;
 
 use std::path::PathBuf;
@@ -77,6 +78,12 @@ pub enum BenchWhat {
         /// New documents in the second poll.
         #[arg(long)]
         new: Option<usize>,
+    },
+    /// 1C uploading one documents file of this many MB (60; 4 with --quick) through the site
+    /// exchange at 1 MiB and 8 MiB chunks: the two times should be within 20 %.
+    Site {
+        #[arg(long)]
+        mb: Option<usize>,
     },
     /// Run the rules engine (the shipped example rules) on realistic baskets, one core.
     Evaluate {
@@ -213,6 +220,13 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             _ => None,
         };
         outcomes.push(poll::run(&ctx, new)?);
+    }
+    if all || matches!(what, BenchWhat::Site { .. }) {
+        let mb = match what {
+            BenchWhat::Site { mb } => *mb,
+            _ => None,
+        };
+        outcomes.push(site::run(&ctx, mb)?);
     }
     let checks: Vec<&Check> = outcomes.iter().flat_map(|o| &o.checks).collect();
     if a.json {
@@ -376,7 +390,7 @@ pub fn thousands(x: u64) -> String {
     let s = x.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

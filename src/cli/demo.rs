@@ -1,11 +1,13 @@
 //! `kopilka demo`: the real jobs against built-in simulators of 1C (OData and the site
 //! exchange) and AmoCRM on loopback, on a fresh machine with nothing else.
 //!
-//! A seeded shop's 1C base is polled over OData; 1C's site exchange uploads more sales
-//! (with a malformed one) to kopilka's own endpoint; then the base changes — edits,
-//! unpostings, returns, new sales, a malformed receipt — and is polled again. Everything
-//! is delivered: contact fields to AmoCRM, bonus documents back to 1C. At the end the
-//! ledger is compared with both simulators' truth, reconciled and verified.
+//! Each channel carries what a stock 1C really sends on it
+//! (`../shared/specs/onec-stock-channels.md`): till receipts and returns are read from the
+//! 1C base over OData; the site exchange brings only the site's orders and their payment
+//! status, on 1C's own schedule (a test `checkauth`, `query`/`success`, the upload); bonus
+//! documents go back to 1C over OData. The base then changes — edits, unpostings, returns,
+//! new sales, a malformed receipt — and is polled again. At the end the ledger is compared
+//! with both simulators' truth, reconciled and verified.
 
 use chrono::DurationRound;
 use std::io::{IsTerminal, Write};
@@ -21,9 +23,9 @@ use crate::core::money::Money;
 use crate::daemon::{JobContext, run_once};
 use crate::ledger::{DateRange, Ledger, SharedLedger};
 use crate::sim::amocrm::AmoSim;
-use crate::sim::commerceml::{GenerateSpec, Malformed, WriterOptions, generate};
 use crate::sim::onec_odata::{Entity, OdataSimBuilder, RECEIPTS, Val};
-use crate::sim::onec_site::SiteClient;
+use crate::sim::onec_orders::SiteOrders;
+use crate::sim::onec_site::{Edition, SiteClient};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -136,6 +138,8 @@ path = "rules.toml"
 system = "onec"
 cost_price_type = "Закупочная"
 exchange_dir = "{exchange}"
+# site orders paid online count as sales (their receipts are not in 1C's till)
+orders = "when_paid"
 [onec.odata]
 url = "{odata}"
 user = "{user}"
@@ -151,8 +155,8 @@ base_url = "{amocrm}"
 token_file = "amocrm-token"
 requests_per_second = 50
 [accounting]
-entity = "ООО «Демо»"
-postback = "commerceml"
+entity = "{org}"
+postback = "odata"
 [daemon]
 http_listen = "127.0.0.1:0"
 "#,
@@ -164,6 +168,7 @@ http_listen = "127.0.0.1:0"
         odata = onec.base_url(),
         user = onec.user(),
         amocrm = amo.base_url,
+        org = crate::sim::onec_odata::ORGANIZATION,
     );
     let cfg_path = dir.join("kopilka.toml");
     std::fs::write(&cfg_path, cfg_text)?;
@@ -210,21 +215,38 @@ http_listen = "127.0.0.1:0"
     p.show("first poll of 1C over OData, contacts to AmoCRM");
     failures.extend(jobs("first run").await);
 
-    p.show("1C uploads more sales through the site exchange");
+    p.show("1C's site exchange runs on its schedule: the site's orders and their payments");
     let shop = onec.shop();
-    let spec = GenerateSpec {
-        seed: a.seed + 1,
-        sales: (a.sales / 10).max(10),
-        returns: 2,
-        malformed: 1,
-        lines: 2,
-    };
-    let (site_truth, file) = generate(&shop, spec, WriterOptions::default(), Vec::new())?;
-    let mut onec_site = SiteClient::new(&site_url, "1c", "1c-exchange");
-    onec_site
-        .exchange("sale", &[("orders-demo.xml", file)])
-        .await
-        .context("1C's site exchange upload")?;
+    let partners = (0..shop.customers.len())
+        .map(|i| crate::sim::onec_odata::guid("partner", &i.to_string()))
+        .collect();
+    let mut orders = SiteOrders::new(shop, a.seed + 1, cfg.timezone).customer_ids(partners);
+    let n_orders = (a.sales / 20).max(10);
+    let order_day = clock.now() - chrono::Duration::days(2);
+    let placed = orders.place(n_orders, order_day);
+    let mut onec_site = SiteClient::new(&site_url, "1c", "1c-exchange").edition(Edition::Ut);
+    let mut site_runs = 0;
+    // run 1: the new orders; run 2: most are paid, one is cancelled; run 3: nothing changed
+    for run in 0..3 {
+        if run == 1 {
+            for (i, o) in placed.iter().enumerate() {
+                if i % 5 != 4 {
+                    orders.pay(*o, order_day + chrono::Duration::hours(1));
+                }
+            }
+            if let Some(o) = placed.last() {
+                orders.cancel(*o);
+            }
+        }
+        let upload = orders.upload(clock.now());
+        onec_site
+            .scheduled_run(upload.as_ref().map(|(n, b)| (n.as_str(), b.as_slice())), None)
+            .await
+            .context("1C's scheduled site exchange")?;
+        orders.confirm();
+        site_runs += 1;
+    }
+    let (paid_orders, paid_total) = orders.paid_truth();
 
     p.show("the 1C base changes: edits, unpostings, returns, new sales, a malformed receipt");
     // recent documents are the ones people correct; older changes wait for the re-scan
@@ -286,28 +308,54 @@ http_listen = "127.0.0.1:0"
     p.show("deliveries: AmoCRM contacts and notes, nightly jobs, postings");
     failures.extend(jobs("third run").await);
 
-    p.show("1C collects its bonus documents (query, success)");
-    let mut bonus_docs = 0;
-    for _ in 0..1_000 {
-        let mut collect = SiteClient::new(&site_url, "1c", "1c-exchange");
-        collect.checkauth("sale").await?;
-        collect.init("sale").await?;
-        let back = collect.query().await?;
-        let n = String::from_utf8_lossy(&back).matches("<Документ>").count();
-        collect.success().await?;
-        bonus_docs += n;
-        if n == 0 {
-            break;
-        }
-    }
+    p.show("1C's next scheduled exchange; bonus documents in 1C over OData");
+    // 1C keeps calling on its schedule; the reply it loads holds no foreign documents
+    onec_site
+        .scheduled_run(None, None)
+        .await
+        .context("1C's scheduled site exchange")?;
+    site_runs += 1;
+    let site_stats = exchange.stats();
+    let mapping = crate::onec::mapping::load(
+        &cfg.onec
+            .as_ref()
+            .and_then(|o| o.odata.as_ref())
+            .map_or_else(|| "roznica".to_string(), |o| o.mapping.clone()),
+        cfg_path.parent(),
+    )?;
+    let (bonus_rows, bonus_in_1c) = {
+        let rows = ledger
+            .run(|l| {
+                l.outbox_list(&crate::ledger::OutboxFilter {
+                    destination: Some(config::ONEC_BONUS.to_string()),
+                    ..Default::default()
+                })
+            })
+            .await?;
+        let set = mapping
+            .bonus_document
+            .as_ref()
+            .map(|b| b.set.clone())
+            .unwrap_or_default();
+        let in_1c = rows
+            .iter()
+            .filter(|r| {
+                r.state == crate::ledger::OutboxState::Delivered
+                    && onec
+                        .entity(&set, &crate::onec::postback::document_id(r).to_string())
+                        .is_some()
+            })
+            .count();
+        (rows.len(), in_1c)
+    };
 
     p.show("checking the ledger against 1C and AmoCRM");
     let now = clock.now();
     let s = ledger.run(move |l| l.summary(&DateRange::default(), now)).await?;
-    let expected_sales = with_bad.sales - bad_malformed + site_truth.sales;
-    let expected_returns = with_bad.returns + site_truth.returns;
+    let expected_sales = with_bad.sales - bad_malformed + paid_orders as i64;
+    let expected_returns = with_bad.returns;
     let bad_value = with_bad.net_total_kopecks - before_bad.net_total_kopecks;
-    let expected_total = with_bad.net_total_kopecks - bad_value + site_truth.net_total;
+    let expected_total = with_bad.net_total_kopecks - bad_value + paid_total.0;
     let tz = cfg.timezone;
     let today = now.with_timezone(&tz).date_naive();
     let recon = ledger
@@ -351,25 +399,34 @@ http_listen = "127.0.0.1:0"
     let unexplained = recon.differences.len() - planted;
     println!();
     println!(
-        "1C holds {} sales, {} returns, {} RUB net (+{} sales uploaded through the site exchange); \
-         the ledger holds {} sales, {} returns, {} RUB",
+        "1C holds {} till sales, {} returns, {} RUB net (read over OData) and {} paid site orders, {} RUB \
+         (from the site exchange); the ledger holds {} sales, {} returns, {} RUB",
         with_bad.sales - bad_malformed,
         with_bad.returns,
         Money(with_bad.net_total_kopecks - bad_value),
-        site_truth.sales,
+        paid_orders,
+        paid_total,
         s.sales_count,
         s.returns_count,
         Money(s.sales_total_kopecks)
     );
     println!(
-        "malformed documents planted: {} — quarantined: {} (each listed above with its reason)",
-        bad_malformed as usize + Malformed::ALL.len().min(site_truth.malformed as usize),
+        "malformed documents planted: {bad_malformed} — quarantined: {} (each listed above with its reason)",
         s.quarantined
+    );
+    println!(
+        "site exchange: {site_runs} scheduled runs of 1C, {} checkauth accepted, {} refused, {} order files imported, {} rejected",
+        site_stats.checkauth_accepted,
+        site_stats.checkauth_refused,
+        site_stats.files_imported,
+        site_stats.files_rejected
     );
     println!(
         "AmoCRM: {contacts_equal} of {contacts_checked} sampled contacts show exactly the ledger's balance"
     );
-    println!("1C collected {bonus_docs} bonus documents through the site exchange");
+    println!(
+        "1C holds {bonus_in_1c} of {bonus_rows} bonus documents kopilka wrote over OData (posted, one per movement)"
+    );
     println!("unexplained differences: {unexplained}");
     println!(
         "ledger verify: {}",
@@ -390,7 +447,11 @@ http_listen = "127.0.0.1:0"
         && s.returns_count == expected_returns
         && s.sales_total_kopecks == expected_total
         && contacts_checked > 0
-        && contacts_equal == contacts_checked;
+        && contacts_equal == contacts_checked
+        && site_stats.checkauth_refused == 0
+        && site_stats.files_rejected == 0
+        && bonus_rows > 0
+        && bonus_in_1c == bonus_rows;
     println!(
         "demo: {}",
         if ok {

@@ -1,9 +1,27 @@
 //! Command-line interface: argument parsing and output formatting only. Each command calls
 //! into the ledger (or, later, the daemon) and prints what it gets back.
 
+// Every text command prints through `out` (a closed pipe ends output quietly instead of
+// panicking); these shadow std's macros in this module and the ones below it.
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::cli::out::out(format_args!($($arg)*)) };
+}
+macro_rules! println {
+    () => { $crate::cli::out::out(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cli::out::out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+macro_rules! eprint {
+    ($($arg:tt)*) => { $crate::cli::out::err(format_args!($($arg)*)) };
+}
+macro_rules! eprintln {
+    () => { $crate::cli::out::err(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cli::out::err(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 mod amocrm;
 mod bench;
 mod demo;
+mod out;
 mod output;
 
 use std::path::PathBuf;
@@ -211,6 +229,17 @@ pub enum LedgerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A consistent copy of the ledger, taken while the daemon runs (SQLite's VACUUM INTO).
+    Backup {
+        /// Where to write the copy (must not exist).
+        path: std::path::PathBuf,
+    },
+    /// Put a backup in place of the ledger; refused while a daemon holds it. The replaced
+    /// ledger is kept beside it as <ledger>.before-restore-<moment>.
+    Restore {
+        /// The backup to restore.
+        path: std::path::PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -353,6 +382,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .as_ref()
                     .map_or("built-in defaults".to_string(), |f| f.display().to_string())
             );
+            for w in &cfg.warnings {
+                println!("  warning: {w}");
+            }
             println!("  ledger: {}", cfg.ledger_path.display());
             println!("  time zone: {}", cfg.timezone);
             let p = &cfg.program;
@@ -506,6 +538,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Ledger(LedgerCommand::Backup { path }) => {
+            let cfg = load_config(&cli)?;
+            let ledger = open_existing(&cfg)?;
+            ledger.backup_to(path)?;
+            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            println!(
+                "backed up {} to {} ({size} bytes)",
+                cfg.ledger_path.display(),
+                path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ledger(LedgerCommand::Restore { path }) => {
+            let cfg = load_config(&cli)?;
+            let r = crate::ledger::backup::restore(path, &cfg.ledger_path, &cfg.ledger, now)?;
+            println!(
+                "restored {} from {} (schema {}){}",
+                cfg.ledger_path.display(),
+                path.display(),
+                r.schema_version,
+                r.previous
+                    .map(|p| format!("; the replaced ledger is kept as {}", p.display()))
+                    .unwrap_or_default()
+            );
+            println!(
+                "next start: every source is read again from the backup's checkpoints; what was already \
+                 delivered is recognised by its idempotency key and not doubled in 1C or AmoCRM"
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Outbox(a) => {
             let cfg = load_config(&cli)?;

@@ -14,7 +14,7 @@ use crate::ledger::{
 };
 
 fn json<T: Serialize + ?Sized>(v: &T) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = super::out::Stdout;
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;
     Ok(())
@@ -510,7 +510,7 @@ pub fn reconciliation(r: &crate::ledger::Reconciliation, format: super::Format) 
     match format {
         Format::Json => return json(r),
         Format::Csv => {
-            let mut w = csv::Writer::from_writer(std::io::stdout().lock());
+            let mut w = csv::Writer::from_writer(super::out::Stdout);
             w.write_record([
                 "day",
                 "source_documents",

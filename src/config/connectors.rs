@@ -71,6 +71,7 @@ pub(super) struct RawSiteExchange {
     pub max_sessions: Option<usize>,
     pub max_upload_bytes: Option<u64>,
     pub reply_encoding: Option<String>,
+    pub session_idle_minutes: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -99,6 +100,8 @@ pub(super) struct RawOnec {
     pub card_requisite: Option<String>,
     pub return_link_requisite: Option<String>,
     pub points_requisite: Option<String>,
+    pub keep_days: Option<i64>,
+    pub keep_max_bytes: Option<u64>,
     pub site_exchange: Option<RawSiteExchange>,
     pub odata: Option<RawOdata>,
 }
@@ -144,10 +147,32 @@ pub struct SiteExchangeConfig {
     pub password: Secret,
     pub file_limit_bytes: u64,
     pub zip: bool,
+    /// Sessions with work in progress (an upload not yet imported, an import running, a
+    /// `query` waiting for `success`) at once; finished sessions never count.
     pub max_sessions: usize,
     pub max_upload_bytes: u64,
-    /// Encoding of `mode=query` replies: `utf-8` (default) or `windows-1251`.
+    /// Encoding of every reply: `utf-8` (default) or `windows-1251`.
     pub reply_windows_1251: bool,
+    /// A session not heard from this long is forgotten (what it uploaded is imported or
+    /// rejected, its folder removed).
+    pub session_idle: chrono::Duration,
+}
+
+/// How long files kopilka keeps for people (`processed/`, `rejected/`) stay: the oldest go
+/// first once either bound is passed, so the exchange folder never fills the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keep {
+    pub max_age: chrono::Duration,
+    pub max_bytes: u64,
+}
+
+impl Default for Keep {
+    fn default() -> Keep {
+        Keep {
+            max_age: chrono::Duration::days(30),
+            max_bytes: 1 << 30,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -182,6 +207,8 @@ pub struct OnecConfig {
     pub card_requisite: Option<String>,
     pub return_link_requisite: Option<String>,
     pub points_requisite: Option<String>,
+    /// Retention of `processed/` and `rejected/` files (exchange folder and site exchange).
+    pub keep: Keep,
     pub site_exchange: Option<SiteExchangeConfig>,
     pub odata: Option<OdataConfig>,
 }
@@ -260,13 +287,45 @@ impl Check<'_> {
                 String::new()
             }
             Some(u) => match reqwest::Url::parse(u) {
+                Ok(p) if !p.username().is_empty() || p.password().is_some() => {
+                    // Never echo the URL: the part refused is a password.
+                    self.bad(
+                        key,
+                        format!(
+                            "the URL carries a user name or password (user:password@); write it without \
+                             them and put {}",
+                            credentials_hint(key)
+                        ),
+                    );
+                    String::new()
+                }
                 Ok(p) if matches!(p.scheme(), "http" | "https") => u.trim_end_matches('/').to_string(),
+                _ if u.contains('@') => {
+                    self.bad(
+                        key,
+                        "not an http(s) URL (not shown: it holds an @, perhaps a password)".to_string(),
+                    );
+                    String::new()
+                }
                 _ => {
                     self.bad(key, format!("{u:?} is not an http(s) URL"));
                     String::new()
                 }
             },
         }
+    }
+}
+
+/// Where the credentials of the service behind the URL `key` belong instead of the URL.
+fn credentials_hint(key: &str) -> &'static str {
+    if key.starts_with("onec.odata") {
+        "the user in onec.odata.user and the password in a file named by onec.odata.password_file \
+         (or KOPILKA_ONEC_ODATA_PASSWORD)"
+    } else if key.starts_with("amocrm") {
+        "the token in a file named by amocrm.token_file (or KOPILKA_AMOCRM_TOKEN), or the OAuth \
+         client secret in amocrm.client_secret_file"
+    } else {
+        "credentials in a file named by the section's …_file key"
     }
 }
 
@@ -321,6 +380,13 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
                 format!("{file_limit} is outside 64 KiB..=1 GiB"),
             );
         }
+        let idle = s.session_idle_minutes.unwrap_or(15);
+        if !(1..=24 * 60).contains(&idle) {
+            c.bad(
+                "onec.site_exchange.session_idle_minutes",
+                format!("{idle} is outside 1..=1440"),
+            );
+        }
         SiteExchangeConfig {
             listen,
             user,
@@ -330,6 +396,7 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
             max_sessions: s.max_sessions.unwrap_or(4).max(1),
             max_upload_bytes: s.max_upload_bytes.unwrap_or(2 << 30),
             reply_windows_1251,
+            session_idle: chrono::Duration::minutes(idle),
         }
     });
     let odata = raw.odata.as_ref().map(|o| {
@@ -375,6 +442,14 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
             bonus_program: o.bonus_program.clone(),
         }
     });
+    let keep_days = raw.keep_days.unwrap_or(30);
+    if !(1..=3650).contains(&keep_days) {
+        c.bad("onec.keep_days", format!("{keep_days} is outside 1..=3650"));
+    }
+    let keep = Keep {
+        max_age: chrono::Duration::days(keep_days),
+        max_bytes: raw.keep_max_bytes.unwrap_or(1 << 30),
+    };
     let system = raw.system.clone().unwrap_or_else(|| "onec".into());
     if system.is_empty() || system.contains(char::is_whitespace) {
         c.bad(
@@ -391,6 +466,7 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
         card_requisite: raw.card_requisite.clone(),
         return_link_requisite: raw.return_link_requisite.clone(),
         points_requisite: raw.points_requisite.clone(),
+        keep,
         site_exchange,
         odata,
     }
@@ -413,6 +489,18 @@ pub(super) fn amocrm(raw: &RawAmocrm, c: &mut Check<'_>) -> AmocrmConfig {
                 "KOPILKA_AMOCRM_CLIENT_SECRET",
                 true,
             );
+            if raw
+                .redirect_uri
+                .as_deref()
+                .and_then(|u| reqwest::Url::parse(u).ok())
+                .is_some_and(|u| !u.username().is_empty() || u.password().is_some())
+            {
+                c.bad(
+                    "amocrm.redirect_uri",
+                    "the URL carries a user name or password (user:password@); AmoCRM sends the code \
+                     to it, so write it without them",
+                );
+            }
             let redirect_uri = raw.redirect_uri.clone().unwrap_or_else(|| {
                 c.bad(
                     "amocrm.redirect_uri",

@@ -27,7 +27,7 @@ use crate::ledger::{DeliveryPolicy, OpenOptions};
 pub use holds::{HoldMatch, HoldsConfig};
 
 pub use connectors::{
-    AmocrmAuth, AmocrmConfig, OdataConfig, OnecConfig, Orders, Secret, SiteExchangeConfig, read_secret,
+    AmocrmAuth, AmocrmConfig, Keep, OdataConfig, OnecConfig, Orders, Secret, SiteExchangeConfig, read_secret,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kopilka/kopilka.toml";
@@ -116,6 +116,8 @@ struct RawLedger {
     synchronous_full: Option<bool>,
     max_documents_per_transaction: Option<usize>,
     max_lines_per_document: Option<usize>,
+    backup_dir: Option<PathBuf>,
+    backup_keep: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -148,6 +150,10 @@ struct RawRules {
 struct RawDaemon {
     http_listen: Option<String>,
     api_token_file: Option<PathBuf>,
+    read_token_file: Option<PathBuf>,
+    header_read_timeout_seconds: Option<u64>,
+    idle_timeout_seconds: Option<u64>,
+    max_connections: Option<usize>,
     shutdown_deadline_seconds: Option<u64>,
     log_format: Option<String>,
     schedule: Option<BTreeMap<String, String>>,
@@ -187,6 +193,10 @@ pub struct Config {
     pub timezone: chrono_tz::Tz,
     pub ledger_path: PathBuf,
     pub ledger: OpenOptions,
+    /// Where the nightly `ledger:backup` job writes copies of the ledger, and how many it
+    /// keeps (newest first); no scheduled backups without a folder.
+    pub backup_dir: Option<PathBuf>,
+    pub backup_keep: usize,
     pub max_documents_per_transaction: usize,
     pub limits: DocumentLimits,
     /// The loyalty program: from the rules file when `[rules] path` is set, otherwise a
@@ -203,6 +213,9 @@ pub struct Config {
     pub accounting: AccountingConfig,
     /// `[holds]`: reservations of points by tills and the site.
     pub holds: HoldsConfig,
+    /// Things that work but are probably not what was meant (a listener off loopback
+    /// without TLS in front); `kopilka check` and `kopilka run` print them.
+    pub warnings: Vec<Issue>,
 }
 
 /// How points become accounting postings (see README, "Accountants").
@@ -257,11 +270,40 @@ pub struct DaemonConfig {
     pub http_listen: std::net::SocketAddr,
     /// Bearer token of the `/v1` API (tills, the site). Without it `/v1` answers 503.
     pub api_token: Option<Secret>,
+    /// A token that opens `/status` and `/report` only (for whoever reads the pages but must
+    /// not move points). The API token opens them too.
+    pub read_token: Option<Secret>,
+    /// Timeouts and the connection limit of every HTTP listener (this one and the site
+    /// exchange).
+    pub http_limits: HttpLimits,
     pub shutdown_deadline: std::time::Duration,
     pub log_format: LogFormat,
     /// Job name → cron expression (seconds first: `sec min hour day month weekday`), in
     /// the shop's time zone. Jobs not named run on their stage's default.
     pub schedule: BTreeMap<String, cron::Schedule>,
+}
+
+/// Bounds on what HTTP clients may hold: a slow or idle client costs a connection slot for
+/// at most these timeouts, and the slots are bounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A request's headers must arrive within this (slowloris).
+    pub header_read_timeout: std::time::Duration,
+    /// A connection with no byte read or written for this long is closed (kept-alive
+    /// connections between requests, a stalled body, a client that stopped reading).
+    pub idle_timeout: std::time::Duration,
+    /// Connections served at once per listener; more wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(60),
+            max_connections: 256,
+        }
+    }
 }
 
 impl Config {
@@ -297,6 +339,7 @@ impl Config {
         crate::ledger::Destinations {
             contact_state: self.amocrm.as_ref().map(|_| "amocrm".to_string()),
             onec_bonus: (self.accounting.postback != Postback::None).then(|| ONEC_BONUS.to_string()),
+            onec_system: self.onec.as_ref().map(|o| o.system.clone()),
         }
     }
 }
@@ -684,6 +727,45 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
             None
         }
     };
+    let read_token = match connectors::read_secret(d.read_token_file.as_deref(), "KOPILKA_READ_TOKEN", base) {
+        Ok(t) => t,
+        Err(e) => {
+            check.issues.push(("daemon.read_token_file".into(), e));
+            None
+        }
+    };
+    let defaults = HttpLimits::default();
+    let mut seconds = |key: &str, v: Option<u64>, default: std::time::Duration| {
+        let v = v.unwrap_or(default.as_secs());
+        if !(1..=3600).contains(&v) {
+            check
+                .issues
+                .push((format!("daemon.{key}"), format!("{v} is outside 1..=3600")));
+        }
+        std::time::Duration::from_secs(v.clamp(1, 3600))
+    };
+    let header_read_timeout = seconds(
+        "header_read_timeout_seconds",
+        d.header_read_timeout_seconds,
+        defaults.header_read_timeout,
+    );
+    let idle_timeout = seconds(
+        "idle_timeout_seconds",
+        d.idle_timeout_seconds,
+        defaults.idle_timeout,
+    );
+    let max_connections = d.max_connections.unwrap_or(defaults.max_connections);
+    if !(1..=100_000).contains(&max_connections) {
+        check.issues.push((
+            "daemon.max_connections".into(),
+            format!("{max_connections} is outside 1..=100000"),
+        ));
+    }
+    let http_limits = HttpLimits {
+        header_read_timeout,
+        idle_timeout,
+        max_connections: max_connections.clamp(1, 100_000),
+    };
     let log_format = match d.log_format.as_deref().unwrap_or("auto") {
         "auto" => LogFormat::Auto,
         "json" => LogFormat::Json,
@@ -718,6 +800,8 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
     let daemon = DaemonConfig {
         http_listen,
         api_token,
+        read_token,
+        http_limits,
         shutdown_deadline: std::time::Duration::from_secs(deadline),
         log_format,
         schedule,
@@ -770,6 +854,44 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
     let onec = raw.onec.as_ref().map(|o| connectors::onec(o, &mut check));
     let amocrm = raw.amocrm.as_ref().map(|a| connectors::amocrm(a, &mut check));
     let holds = holds::holds(&raw.holds, &mut check.issues);
+    let mut warnings = Vec::new();
+    let mut warn = |key: &str, message: String| {
+        warnings.push(Issue {
+            origin: origins.of(key),
+            key: key.to_string(),
+            message,
+        })
+    };
+    if !daemon.http_listen.ip().is_loopback() {
+        warn(
+            "daemon.http_listen",
+            format!(
+                "{} is not loopback and kopilka speaks plain HTTP: put a TLS proxy in front (or listen \
+                 on 127.0.0.1), or tokens and the status pages cross the network in clear",
+                daemon.http_listen
+            ),
+        );
+        if daemon.api_token.is_none() && daemon.read_token.is_none() {
+            warn(
+                "daemon.http_listen",
+                "off loopback /status and /report need a token: they answer 401 until \
+                 daemon.read_token_file or daemon.api_token_file is set"
+                    .into(),
+            );
+        }
+    }
+    if let Some(se) = onec.as_ref().and_then(|o| o.site_exchange.as_ref())
+        && !se.listen.ip().is_loopback()
+    {
+        warn(
+            "onec.site_exchange.listen",
+            format!(
+                "{} is not loopback and the site exchange speaks plain HTTP: 1C sends its password \
+                 with every request, so put a TLS proxy in front",
+                se.listen
+            ),
+        );
+    }
     for (key, message) in check.issues {
         issues.push(Issue {
             origin: origins.of(&key),
@@ -784,6 +906,11 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
         file: None,
         timezone,
         ledger_path,
+        backup_dir: l.backup_dir.clone().map(|d| match base {
+            Some(b) if d.is_relative() => b.join(d),
+            _ => d,
+        }),
+        backup_keep: l.backup_keep.unwrap_or(7).clamp(1, 1000),
         ledger: OpenOptions {
             busy_timeout: std::time::Duration::from_millis(busy),
             synchronous_full: l.synchronous_full.unwrap_or(false),
@@ -810,6 +937,7 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
         onec,
         amocrm,
         daemon,
+        warnings,
         accounting,
         holds,
     })

@@ -163,10 +163,70 @@ impl Default for DocumentLimits {
 #[error("{0}")]
 pub struct Invalid(pub String);
 
+/// Earliest plausible document date: before it a date is a typo or a default (`0001-01-01`).
+pub const EARLIEST_PLAUSIBLE_YEAR: i32 = 2000;
+/// How far past `now` a document may be dated: time zones and a till's clock running
+/// ahead, not a sale from the future (`9999-12-31` would stay pending for ever).
+pub const MAX_FUTURE_DAYS: i64 = 2;
+/// Characters of a text field (a name, a number, an id) kept at most; longer is not a
+/// real document and would bloat the ledger and every listing.
+pub const MAX_TEXT_CHARS: usize = 1_000;
+
 /// Checks a document before it may touch the ledger. Returns the first problem found,
 /// phrased for the person who will fix the document in 1C.
-pub fn validate(doc: &Document, limits: &DocumentLimits) -> Result<(), Invalid> {
+///
+/// Plausibility, besides the arithmetic: the date lies between
+/// [`EARLIEST_PLAUSIBLE_YEAR`] and [`MAX_FUTURE_DAYS`] after `now`; no text holds a
+/// control character (a NUL in a name is corruption, not a name); and no line's net
+/// exceeds quantity × unit price by more than the rounding tolerance — half a kopeck per
+/// started unit, at least one kopeck (a price may be stated rounded from sum ÷ quantity).
+/// A net *below* quantity × price is a discount and is believed: 1C includes automatic
+/// discounts in `Сумма` without always listing them.
+pub fn validate(doc: &Document, limits: &DocumentLimits, now: DateTime<Utc>) -> Result<(), Invalid> {
     let bad = |s: String| Err(Invalid(s));
+    let earliest = DateTime::<Utc>::from_naive_utc_and_offset(
+        chrono::NaiveDate::from_ymd_opt(EARLIEST_PLAUSIBLE_YEAR, 1, 1)
+            .unwrap_or_default()
+            .and_hms_opt(0, 0, 0)
+            .unwrap_or_default(),
+        Utc,
+    );
+    if doc.occurred_at < earliest {
+        return bad(format!(
+            "dated {}, before {EARLIEST_PLAUSIBLE_YEAR}: not a plausible date",
+            doc.occurred_at.format("%Y-%m-%d")
+        ));
+    }
+    if doc.occurred_at > now + chrono::Duration::days(MAX_FUTURE_DAYS) {
+        return bad(format!(
+            "dated {}, more than {MAX_FUTURE_DAYS} days after now ({}): not a plausible date",
+            doc.occurred_at.format("%Y-%m-%d %H:%M UTC"),
+            now.format("%Y-%m-%d %H:%M UTC")
+        ));
+    }
+    let c = &doc.customer;
+    let texts = [
+        ("document id", Some(doc.source.doc_id.as_str())),
+        ("number", doc.number.as_deref()),
+        ("return base", doc.original.as_deref()),
+        ("store", doc.store.as_deref()),
+        ("partner", doc.partner.as_deref()),
+        ("card", c.card.as_deref()),
+        ("customer 1C id", c.onec_id.as_deref()),
+        ("customer name", c.name.as_deref()),
+    ];
+    for (what, text) in texts {
+        if let Some(problem) = text.and_then(text_problem) {
+            return bad(format!("{what}: {problem}"));
+        }
+    }
+    for (i, l) in doc.lines.iter().enumerate() {
+        for (what, text) in [("product id", &l.product_id), ("name", &l.name)] {
+            if let Some(problem) = text_problem(text) {
+                return bad(format!("line {}: {what}: {problem}", i + 1));
+            }
+        }
+    }
     if doc.source.doc_id.trim().is_empty() {
         return bad("missing document id".into());
     }
@@ -215,6 +275,29 @@ pub fn validate(doc: &Document, limits: &DocumentLimits) -> Result<(), Invalid> 
         if l.unit_cost.is_some_and(Money::is_negative) {
             return bad(format!("line {n} ({}): negative cost", l.product_id));
         }
+        if l.unit_price.0 != 0 {
+            // in kopecks: quantity × price, and half a kopeck per started unit
+            let gross = l.quantity.checked_mul(Decimal::from(l.unit_price.0));
+            let units = l.quantity.ceil().max(Decimal::ONE);
+            let tolerance = (units / Decimal::TWO).max(Decimal::ONE);
+            if let Some(gross) = gross
+                && Decimal::from(l.net.0) > gross + tolerance
+            {
+                return bad(format!(
+                    "line {n} ({}): net {} is more than quantity {} × price {} = {}",
+                    l.product_id,
+                    l.net,
+                    l.quantity.normalize(),
+                    l.unit_price,
+                    Money(
+                        gross
+                            .round_dp_with_strategy(0, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
+                            .try_into()
+                            .unwrap_or(i64::MAX)
+                    )
+                ));
+            }
+        }
     }
     let sum: Money = doc.lines.iter().map(|l| l.net).sum();
     let tolerance = limits.total_tolerance.0 * (doc.lines.len() as i64).max(1);
@@ -225,6 +308,18 @@ pub fn validate(doc: &Document, limits: &DocumentLimits) -> Result<(), Invalid> 
         ));
     }
     Ok(())
+}
+
+/// Why a text field cannot be stored, if it cannot: a control character or an absurd length.
+fn text_problem(text: &str) -> Option<String> {
+    if let Some(c) = text
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        return Some(format!("holds the control character U+{:04X}", u32::from(c)));
+    }
+    let n = text.chars().count();
+    (n > MAX_TEXT_CHARS).then(|| format!("{n} characters, more than {MAX_TEXT_CHARS}"))
 }
 
 /// A stable hash of everything that affects the ledger, for sources that carry no version
@@ -312,7 +407,8 @@ pub(crate) mod tests {
     fn check(edit: impl Fn(&mut Document), expected: Result<(), &str>) {
         let mut d = sample();
         edit(&mut d);
-        let got = validate(&d, &DocumentLimits::default());
+        let now = sample().occurred_at + chrono::Duration::days(1);
+        let got = validate(&d, &DocumentLimits::default(), now);
         match expected {
             Ok(()) => assert_eq!(got, Ok(())),
             Err(fragment) => {
@@ -336,6 +432,50 @@ pub(crate) mod tests {
         check(|d| d.lines.clear(), Err("no lines"));
         check(|d| d.points_redeemed = Points(-1), Err("negative points"));
         check(|d| d.lines[0].product_id.clear(), Err("missing product id"));
+    }
+
+    #[test]
+    fn refuses_implausible_documents() {
+        // 2 × 100.00 claiming 99 999.00
+        check(
+            |d| {
+                d.lines[0].quantity = Decimal::TWO;
+                d.lines[0].unit_price = Money(10000);
+                d.lines[0].net = Money(9999900);
+                d.total = Money(9999900);
+            },
+            Err("net 99999.00 is more than quantity 2 × price 100.00 = 200.00"),
+        );
+        // a discount the source did not list is believed; rounding of a weighed line too
+        check(
+            |d| {
+                d.lines[0].net = Money(90000);
+                d.total = Money(90000);
+            },
+            Ok(()),
+        );
+        check(
+            |d| {
+                d.lines[0].quantity = Decimal::from_str("0.357").unwrap();
+                d.lines[0].unit_price = Money(19990);
+                d.lines[0].net = Money(7137);
+                d.total = Money(7137);
+            },
+            Ok(()),
+        );
+        check(
+            |d| d.occurred_at = "9999-12-31T00:00:00Z".parse().unwrap(),
+            Err("not a plausible date"),
+        );
+        check(
+            |d| d.occurred_at = "1900-01-01T00:00:00Z".parse().unwrap(),
+            Err("before 2000"),
+        );
+        check(
+            |d| d.lines[0].name = "Хлеб\0".into(),
+            Err("line 1: name: holds the control character U+0000"),
+        );
+        check(|d| d.number = Some("x".repeat(1001)), Err("more than 1000"));
     }
 
     #[test]

@@ -243,10 +243,7 @@ fn authorized(s: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let expected = token.expose().as_bytes();
-    let same =
-        given.len() == expected.len() && given.bytes().zip(expected).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
-    if same {
+    if same_secret(given, token.expose()) {
         Ok(())
     } else {
         Err(Box::new(problem(
@@ -254,6 +251,58 @@ fn authorized(s: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
             "a valid bearer token is required",
         )))
     }
+}
+
+fn same_secret(given: &str, expected: &str) -> bool {
+    let (given, expected) = (given.as_bytes(), expected.as_bytes());
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+}
+
+/// The pages with business data (`/status`, `/report`: customers, revenue, liability) are
+/// open on loopback, where only the machine's own users (or a proxy that authenticates)
+/// reach them. Off loopback they need `daemon.read_token_file` or the API token, as a
+/// bearer token or as the password of HTTP Basic (so a browser can open them; any user
+/// name). `Err` holds the reply to send.
+fn page_access(s: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let d = &s.ctx.cfg.daemon;
+    if d.http_listen.ip().is_loopback() {
+        return Ok(());
+    }
+    let tokens: Vec<&str> = [&d.read_token, &d.api_token]
+        .into_iter()
+        .flatten()
+        .map(|t| t.expose())
+        .collect();
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            if let Some(t) = v.strip_prefix("Bearer ") {
+                return Some(t.trim().to_string());
+            }
+            use base64::Engine as _;
+            let b = v.strip_prefix("Basic ")?;
+            let raw = base64::engine::general_purpose::STANDARD.decode(b.trim()).ok()?;
+            let text = String::from_utf8(raw).ok()?;
+            text.split_once(':').map(|(_, password)| password.to_string())
+        });
+    if let Some(given) = given
+        && tokens.iter().any(|t| same_secret(&given, t))
+    {
+        return Ok(());
+    }
+    let detail = if tokens.is_empty() {
+        "this page shows business data and kopilka listens off loopback: set daemon.read_token_file \
+         (or daemon.api_token_file) and give the token"
+    } else {
+        "a valid token is required (Authorization: Bearer, or as the password of HTTP Basic)"
+    };
+    let mut r = problem(StatusCode::UNAUTHORIZED, detail);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Basic realm=\"kopilka\", charset=\"UTF-8\""),
+    );
+    Err(Box::new(r))
 }
 
 fn ledger_error(e: crate::ledger::LedgerError) -> Response {
@@ -449,7 +498,10 @@ struct ReportQuery {
     days: Option<String>,
 }
 
-async fn report(State(s): State<AppState>, Query(q): Query<ReportQuery>) -> Response {
+async fn report(State(s): State<AppState>, headers: HeaderMap, Query(q): Query<ReportQuery>) -> Response {
+    if let Err(r) = page_access(&s, &headers) {
+        return *r;
+    }
     let now = s.ctx.clock.now();
     let pv = s.ctx.cfg.program.point_value.0;
     let from = match q.days.as_deref().map(str::trim) {
@@ -519,7 +571,10 @@ fn chart(days: &[(chrono::NaiveDate, i64, i64, i64)]) -> String {
     svg
 }
 
-async fn status(State(s): State<AppState>) -> Response {
+async fn status(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = page_access(&s, &headers) {
+        return *r;
+    }
     let now = s.ctx.clock.now();
     let tz = s.ctx.cfg.timezone;
     let today = now.with_timezone(&tz).date_naive();

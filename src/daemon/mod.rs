@@ -11,6 +11,7 @@ pub mod http;
 pub mod registry;
 pub mod report_html;
 pub mod runtime;
+pub mod serve;
 
 use std::future::Future;
 use std::pin::Pin;

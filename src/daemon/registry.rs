@@ -74,9 +74,43 @@ impl Job for Accounting {
     }
 }
 
+/// Scheduled copies of the ledger (`[ledger] backup_dir`), taken while everything runs.
+struct Backup;
+
+impl Job for Backup {
+    fn name(&self) -> &str {
+        "ledger:backup"
+    }
+
+    fn stage(&self) -> Stage {
+        Stage::Nightly
+    }
+
+    fn run<'a>(&'a self, ctx: &'a JobContext) -> JobFuture<'a> {
+        Box::pin(async move {
+            let Some(dir) = ctx.cfg.backup_dir.clone() else {
+                return Ok(JobOutcome::done("no backup folder configured"));
+            };
+            let keep = ctx.cfg.backup_keep;
+            let now = ctx.clock.now();
+            let (path, removed) = ctx
+                .ledger
+                .run(move |l| crate::ledger::backup::scheduled(l, &dir, keep, now))
+                .await?;
+            Ok(JobOutcome::done(format!(
+                "ledger copied to {} ({removed} old backups removed, {keep} kept)",
+                path.display()
+            )))
+        })
+    }
+}
+
 /// Every job the configuration enables.
 pub fn jobs(cfg: &Config) -> Vec<Arc<dyn Job>> {
     let mut jobs: Vec<Arc<dyn Job>> = vec![Arc::new(Nightly), Arc::new(Accounting)];
+    if cfg.backup_dir.is_some() {
+        jobs.push(Arc::new(Backup));
+    }
     if cfg.onec.as_ref().is_some_and(|o| o.exchange_dir.is_some()) {
         jobs.push(Arc::new(crate::onec::exchange::FolderJob));
     }

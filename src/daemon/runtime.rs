@@ -219,6 +219,25 @@ pub async fn run(
     shutdown: CancellationToken,
     rt: Arc<Runtime>,
 ) -> anyhow::Result<()> {
+    // one daemon per ledger; `kopilka ledger restore` waits for this lock to be free
+    let _lock = crate::ledger::backup::try_lock(&cfg.ledger_path)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "another kopilka daemon holds the ledger {} ({})",
+                cfg.ledger_path.display(),
+                crate::ledger::backup::lock_path(&cfg.ledger_path).display()
+            )
+        })?;
+    // the exchange folder is created here, not left to fail every minute until 1C first calls
+    if let Some(dir) = cfg.onec.as_ref().and_then(|o| o.exchange_dir.as_ref()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the exchange folder {} (onec.exchange_dir): {e}",
+                dir.display()
+            )
+        })?;
+    }
     let ledger = Ledger::open(&cfg.ledger_path, &cfg.ledger).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ledger = SharedLedger::new(ledger);
     let ctx = JobContext {
@@ -240,11 +259,9 @@ pub async fn run(
     *rt.http_addr.lock().unwrap_or_else(|e| e.into_inner()) = listener.local_addr().ok();
     let app = super::http::router(ctx.clone(), rt.clone());
     let stop = shutdown.clone();
+    let limits = cfg.daemon.http_limits;
     tracker.spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        {
+        if let Err(e) = super::serve::serve(listener, app, limits, stop).await {
             tracing::error!(error = %e, "HTTP endpoint stopped");
         }
     });
@@ -269,11 +286,9 @@ pub async fn run(
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (onec.site_exchange.listen): {e}"))?;
             let app = exchange.router();
             let stop = shutdown.clone();
+            let limits = cfg.daemon.http_limits;
             tracker.spawn(async move {
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                {
+                if let Err(e) = super::serve::serve(listener, app, limits, stop).await {
                     tracing::error!(error = %e, "1C site exchange endpoint stopped");
                 }
             });
@@ -289,6 +304,9 @@ pub async fn run(
     rt.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     rt.ran.notify_waiters();
     notify(&[sd_notify::NotifyState::Ready]);
+    for w in &cfg.warnings {
+        tracing::warn!(warning = %w, "Configuration warning");
+    }
     tracing::info!(listen = %cfg.daemon.http_listen, ledger = %cfg.ledger_path.display(), "kopilka is running");
 
     // systemd watchdog and status line

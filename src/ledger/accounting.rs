@@ -124,6 +124,7 @@ impl Ledger {
         let now = ctx.now;
         let today = now.with_timezone(&books.tz).date_naive();
         let tx = self.conn.transaction()?;
+        let uid = super::ledger_uid(&tx)?;
         let mut made = Vec::new();
         for back in (1..=lookback_days).rev() {
             let day = today - chrono::Duration::days(back);
@@ -179,7 +180,7 @@ impl Ledger {
                         super::outbox::enqueue(
                             &tx,
                             dest,
-                            &format!("accounting:{entity}:{day}:{seq}"),
+                            &format!("accounting:{uid}:{entity}:{day}:{seq}"),
                             None,
                             &payload.to_string(),
                             now,
@@ -255,8 +256,14 @@ impl Ledger {
 }
 
 /// Queues a bonus document for 1C for every journal transaction after `since` that moved
-/// a customer's points (accrual, redemption, reversal, expiry, …), in the transaction
-/// that wrote them.
+/// a customer's points (accrual, reversal, expiry, …), in the transaction that wrote them —
+/// except what 1C moved itself: the points paid with on a 1C document (and their give-back
+/// or cancellation), which 1C's receipt already wrote to its register.
+///
+/// A write-off says how many of its points came out of lots with a burn date
+/// (`from_burning`), and how many of those 1C itself had scheduled to burn (`from_burning_1c`:
+/// opening balances read from 1C's register), so the bonus document can lower 1C's own
+/// schedule by exactly that much.
 pub(crate) fn enqueue_bonus_documents(
     conn: &Connection,
     since: i64,
@@ -269,9 +276,18 @@ pub(crate) fn enqueue_bonus_documents(
         "SELECT j.id, j.kind, j.amount, j.effective_at, j.customer_id, j.reverses, j.explanation, \
            d.source, d.doc_id, d.number, (SELECT MAX(expires_at) FROM lots WHERE origin_tx = j.id), \
            (SELECT value FROM customer_keys WHERE customer_id = j.customer_id AND kind = 'card' LIMIT 1), \
-           (SELECT value FROM customer_keys WHERE customer_id = j.customer_id AND kind = 'onec' LIMIT 1) \
+           (SELECT value FROM customer_keys WHERE customer_id = j.customer_id AND kind = 'onec' LIMIT 1), \
+           (SELECT r.kind FROM journal r WHERE r.id = j.reverses), \
+           (SELECT COALESCE(-SUM(p.amount), 0) FROM postings p JOIN lots l ON l.id = p.lot_id \
+              WHERE p.tx_id = j.id AND p.amount < 0 AND l.expires_at IS NOT NULL), \
+           (SELECT COALESCE(-SUM(p.amount), 0) FROM postings p JOIN lots l ON l.id = p.lot_id \
+              JOIN journal o ON o.id = l.origin_tx \
+              WHERE p.tx_id = j.id AND p.amount < 0 AND l.expires_at IS NOT NULL \
+                AND o.kind = 'opening' AND o.actor = ?2) \
          FROM journal j LEFT JOIN documents d ON d.id = j.document_id WHERE j.id > ?1 AND j.amount != 0 ORDER BY j.id",
     )?;
+    let onec = ctx.destinations.onec_system.as_deref();
+    let register_source = onec.map(crate::ledger::opening_source_from_register);
     type Row = (
         i64,
         String,
@@ -286,9 +302,12 @@ pub(crate) fn enqueue_bonus_documents(
         Option<i64>,
         Option<String>,
         Option<String>,
+        Option<String>,
+        i64,
+        i64,
     );
     let rows: Vec<Row> = st
-        .query_map([since], |r| {
+        .query_map(params![since, register_source], |r| {
             Ok((
                 r.get(0)?,
                 r.get(1)?,
@@ -303,10 +322,14 @@ pub(crate) fn enqueue_bonus_documents(
                 r.get(10)?,
                 r.get(11)?,
                 r.get(12)?,
+                r.get(13)?,
+                r.get(14)?,
+                r.get(15)?,
             ))
         })?
         .collect::<rusqlite::Result<_>>()?;
     let pv = ctx.rules.point_value().0;
+    let uid = super::ledger_uid(conn)?;
     let mut n = 0;
     for (
         id,
@@ -321,9 +344,16 @@ pub(crate) fn enqueue_bonus_documents(
         number,
         expires,
         card,
-        onec,
+        onec_id,
+        reversed_kind,
+        from_burning,
+        from_burning_1c,
     ) in rows
     {
+        let paid_in_1c = kind == "redemption" || reversed_kind.as_deref() == Some("redemption");
+        if paid_in_1c && onec.is_some() && source.as_deref() == onec {
+            continue;
+        }
         let summary = serde_json::from_str::<crate::core::journal::Explanation>(&explanation)
             .map(|e| e.summary)
             .unwrap_or(explanation);
@@ -336,15 +366,17 @@ pub(crate) fn enqueue_bonus_documents(
             "expires_at": expires.map(|e| from_ts(e).to_rfc3339()),
             "customer_id": customer,
             "card": card,
-            "onec_id": onec,
+            "onec_id": onec_id,
             "reverses": reverses,
+            "from_burning": from_burning,
+            "from_burning_1c": from_burning_1c,
             "document": {"source": source, "doc_id": doc_id, "number": number},
             "comment": summary,
         });
         if super::outbox::enqueue(
             conn,
             dest,
-            &format!("onec:bonus:tx{id}"),
+            &format!("onec:bonus:{uid}:tx{id}"),
             None,
             &payload.to_string(),
             ctx.now,

@@ -52,6 +52,10 @@ pub struct Destinations {
     pub contact_state: Option<String>,
     /// Destination of bonus documents for 1C (accruals and redemptions of a sale).
     pub onec_bonus: Option<String>,
+    /// The 1C base's source system (`onec`): what its own documents moved in its register
+    /// (points paid with at its till, given back on its returns) and opening balances read
+    /// from its register are not posted back to it.
+    pub onec_system: Option<String>,
 }
 
 pub struct IngestContext<'a> {
@@ -800,8 +804,8 @@ impl Run<'_, '_> {
     }
 
     /// Applies a stored return against its original sale: takes back the points its lines
-    /// earned (in proportion to what is returned) and gives back points paid with (in
-    /// proportion to the money returned). A return whose sale is unknown is kept, flagged,
+    /// earned (in proportion to what is returned) and gives back points paid with (what the
+    /// return states it gave back, else in proportion to the money returned). A return whose sale is unknown is kept, flagged,
     /// and applied when the sale arrives.
     fn apply_return(&mut self, conn: &Connection, ret_id: i64) -> Result<()> {
         let epoch = bump_epoch(conn, ret_id)?;
@@ -926,12 +930,26 @@ impl Run<'_, '_> {
                      AND kind = 'return' AND id != ?2",
                 )?
                 .query_row(params![orig.id, ret_id], |r| r.get(0))?;
-            let give = return_recredit(
-                orig.points_redeemed,
-                Money(orig.total),
-                Money(before_total),
-                Money(ret.total),
-            );
+            let give = if ret.points_redeemed > 0 {
+                // the source states the points it gave back with the goods (1C's return
+                // lines carry them): the register 1C keeps moved by exactly that much
+                let given_before: i64 = conn
+                    .prepare_cached(
+                        "SELECT COALESCE(SUM(points_redeemed), 0) FROM documents WHERE original_id = ?1 \
+                         AND applied = 1 AND kind = 'return' AND id != ?2",
+                    )?
+                    .query_row(params![orig.id, ret_id], |r| r.get(0))?;
+                ret.points_redeemed
+                    .min(orig.points_redeemed.saturating_sub(given_before))
+                    .max(0)
+            } else {
+                return_recredit(
+                    orig.points_redeemed,
+                    Money(orig.total),
+                    Money(before_total),
+                    Money(ret.total),
+                )
+            };
             if give > 0 {
                 let restore = restorable(conn, redemption)?;
                 let moves = lots::plan_credit(&h, give, &restore);
@@ -1284,7 +1302,7 @@ impl Ledger {
                         excerpt: None,
                     };
                     if let Incoming::Document(d) = inc
-                        && let Err(invalid) = validate(d, ctx.limits)
+                        && let Err(invalid) = validate(d, ctx.limits, ctx.now)
                     {
                         if !src.doc_id.trim().is_empty() {
                             log_source(&tx, inc, now)?;

@@ -9,6 +9,7 @@
 
 mod accounting;
 mod amocrm_state;
+pub mod backup;
 mod catalog;
 mod delivery;
 mod holds;
@@ -46,7 +47,7 @@ pub use ingest::{
 };
 pub use jobs::{NightlyReport, TierEvent};
 pub use offers::{CustomerOffers, OffersRefresh};
-pub use opening::{OpeningReport, OpeningRow};
+pub use opening::{OpeningReport, OpeningRow, opening_source_from_register};
 pub use outbox::{OutboxFilter, OutboxRow, OutboxState};
 pub use query::{
     BalanceView, CustomerView, DateRange, HistoryEntry, PartnerTotals, QuarantineEntry, Summary,
@@ -178,6 +179,11 @@ impl Ledger {
         Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
+    /// This ledger's random id (made once by migration 9).
+    pub fn ledger_uid(&self) -> Result<String> {
+        ledger_uid(&self.conn)
+    }
+
     /// A value of the ledger's `meta` table (job bookkeeping, watermarks).
     pub fn meta_get(&self, key: &str) -> Result<Option<String>> {
         use rusqlite::OptionalExtension;
@@ -256,4 +262,12 @@ impl LedgerStore for Ledger {
     fn checkpoint(&self, source: &str) -> Result<Option<String>> {
         Ledger::checkpoint(self, source)
     }
+}
+
+/// This ledger's random id, part of the keys of what kopilka writes to 1C: two ledgers (a
+/// rebuilt one, a second instance, a test copy) never name different movements alike there.
+pub(crate) fn ledger_uid(conn: &rusqlite::Connection) -> Result<String> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'ledger_uid'")?
+        .query_row([], |r| r.get(0))?)
 }

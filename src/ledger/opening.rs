@@ -12,6 +12,12 @@ use crate::core::identity::CustomerIdentity;
 use crate::core::journal::{Account, Explanation, TxKind};
 use crate::core::lots;
 
+/// The opening-balance source of a 1C base's own bonus register (`onec:odata:bonus`): points
+/// imported from it are 1C's, never posted back to it.
+pub fn opening_source_from_register(system: &str) -> String {
+    format!("{system}:odata:bonus")
+}
+
 /// One customer's balance from the previous program.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OpeningRow {
@@ -21,6 +27,11 @@ pub struct OpeningRow {
     pub points: i64,
     pub expires_at: Option<DateTime<Utc>>,
     pub tier: Option<String>,
+    /// The balance as the previous program dated it: portions of `points` (summing to it)
+    /// and when each burns (`None`: never). Taken as is, without the program's default
+    /// expiry, so the points burn when the old program would have burnt them. `None`: one
+    /// lot expiring at `expires_at`, or by the program's default.
+    pub lots: Option<Vec<(i64, Option<DateTime<Utc>>)>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -74,6 +85,17 @@ impl Ledger {
                 .prepare_cached("SELECT amount FROM journal WHERE idem_key = ?1")?
                 .query_row([&key], |r| r.get(0))
                 .optional()?;
+            // a balance in several lots was posted as several transactions: key, key:2, …
+            let prior = match prior {
+                Some(first) => Some(
+                    first
+                        + tx.prepare_cached(
+                            "SELECT COALESCE(SUM(amount), 0) FROM journal WHERE idem_key LIKE ?1 || ':%'",
+                        )?
+                        .query_row([&key], |r| r.get::<_, i64>(0))?,
+                ),
+                None => None,
+            };
             if let Some(amount) = prior {
                 if amount == row.points {
                     report.unchanged += 1;
@@ -97,38 +119,63 @@ impl Ledger {
                 continue;
             }
             let mut h = holdings(&tx, customer)?;
-            let moves = lots::plan_credit(&h, row.points, &[]);
             let (_, default_expiry) = ctx.rules.lot_times(now);
-            let explanation = Explanation::text(format!(
-                "opening balance of {} points from {source} (line {})",
-                row.points, row.line
-            ));
-            post(
-                &tx,
-                NewTx {
-                    kind: TxKind::Opening,
-                    role: "effect",
-                    customer_id: customer,
-                    document_id: None,
-                    epoch: None,
-                    reverses: None,
-                    effective_at: now,
-                    explanation: &explanation,
-                    actor: Some(source),
-                    idem_key: Some(&key),
-                    partner: None,
-                    rule: None,
-                    counter: Account::Opening,
-                    moves,
-                    new_lot: Some(LotDates {
-                        earned: now,
-                        available: now,
-                        expires: row.expires_at.or(default_expiry),
-                    }),
-                },
-                &mut h,
-                now,
-            )?;
+            let parts: Vec<(i64, Option<DateTime<Utc>>)> = match &row.lots {
+                Some(parts) => parts.iter().filter(|(p, _)| *p > 0).cloned().collect(),
+                None => vec![(row.points, row.expires_at.or(default_expiry))],
+            };
+            if parts.iter().map(|(p, _)| *p).sum::<i64>() != row.points {
+                report.problems.push((
+                    row.line,
+                    format!("its lots do not add up to {} points", row.points),
+                ));
+                continue;
+            }
+            for (n, (points, expires)) in parts.into_iter().enumerate() {
+                let moves = lots::plan_credit(&h, points, &[]);
+                let explanation = Explanation::text(match expires {
+                    Some(e) if row.lots.is_some() => format!(
+                        "opening balance: {points} points from {source} burning on {} (line {})",
+                        e.format("%Y-%m-%d"),
+                        row.line
+                    ),
+                    _ => format!(
+                        "opening balance of {points} points from {source} (line {})",
+                        row.line
+                    ),
+                });
+                let idem = if n == 0 {
+                    key.clone()
+                } else {
+                    format!("{key}:{}", n + 1)
+                };
+                post(
+                    &tx,
+                    NewTx {
+                        kind: TxKind::Opening,
+                        role: "effect",
+                        customer_id: customer,
+                        document_id: None,
+                        epoch: None,
+                        reverses: None,
+                        effective_at: now,
+                        explanation: &explanation,
+                        actor: Some(source),
+                        idem_key: Some(&idem),
+                        partner: None,
+                        rule: None,
+                        counter: Account::Opening,
+                        moves,
+                        new_lot: Some(LotDates {
+                            earned: now,
+                            available: now,
+                            expires,
+                        }),
+                    },
+                    &mut h,
+                    now,
+                )?;
+            }
             report.applied += 1;
             report.points_imported += row.points;
             touched.insert(customer);

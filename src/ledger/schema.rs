@@ -401,6 +401,14 @@ CREATE INDEX outbox_dead_coalesce ON outbox(destination, coalesce_key, updated_a
 -- yesterday and today on every load): without it, a scan of the whole outbox
 CREATE INDEX outbox_onec_created ON outbox(created_at) WHERE destination LIKE 'onec:%';
 "#,
+    // 9 (issue 22): a random id of this ledger, made once. It goes into the keys of the
+    // documents kopilka writes to 1C from now on, so a rebuilt ledger, a second instance or a
+    // test copy never gives 1C another ledger's document id for different movements. Rows
+    // queued before keep their keys, and so the ids 1C already holds.
+    r#"
+INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_uid', lower(hex(randomblob(6))));
+"#,
+    // 10 (issue 23): holds.
     r#"
 -- issue 23: holds — points reserved for one basket by a till or the site until committed,
 -- cancelled or expired (see ARCHITECTURE.md, "Holds")

@@ -66,6 +66,12 @@ const MAX_LIST_ITEMS_PER_ENTRY: usize = 1_000;
 const GUARD_CHUNK_BYTES: usize = 64 * 1024;
 /// How much of a bad value a quarantine excerpt shows.
 const MAX_EXCERPT_CHARS: usize = 200;
+/// Broken places (a token too long, a syntax error) read past in one file before giving
+/// up on the rest of it.
+const MAX_RECOVERIES_PER_FILE: usize = 10_000;
+/// Bytes of element names open beyond [`Limits::max_depth`] before the file is given up:
+/// quick-xml keeps them to check end tags, so they cost memory.
+const MAX_OVERFLOW_NAME_BYTES: usize = 16 << 20;
 
 /// How a file is read: where its documents say they come from and what is trusted.
 #[derive(Clone, Debug)]
@@ -116,10 +122,12 @@ pub enum OrderPolicy {
     /// Orders are skipped (and counted in [`FileInfo::skipped`]), voids for them too.
     #[default]
     Ignore,
-    /// An order is a sale once its requisite `Заказ оплачен` is true.
+    /// An order is a sale once it is paid: a stock 1C fills «Номер оплаты по 1С» / «Дата
+    /// оплаты по 1С» (UT `OS:5688-5728`); a site's own reply says `Заказ оплачен` = true.
     WhenPaid,
-    /// An order is a sale once `Финальный статус` is true or `Статус заказа` names a
-    /// finished state ([`is_shipped_status`]).
+    /// An order is a sale once it is shipped: «Номер/Дата отгрузки по 1С» filled, or
+    /// `Финальный статус` true, or `Статус заказа` naming a finished state
+    /// ([`is_shipped_status`]).
     WhenShipped,
     /// Every order is a sale.
     Always,
@@ -310,8 +318,19 @@ pub fn parse<R: BufRead>(
         info: FileInfo::default(),
         stamp: None,
         root_seen: false,
+        overflow: 0,
+        overflow_name_bytes: 0,
     };
-    parser.run(reader)
+    let mut reader = reader;
+    let utf16 = match reader.fill_buf() {
+        Ok([0xFF, 0xFE, ..]) => Some(encoding_rs::UTF_16LE),
+        Ok([0xFE, 0xFF, ..]) => Some(encoding_rs::UTF_16BE),
+        _ => None,
+    };
+    match utf16 {
+        Some(encoding) => parser.run(Utf16::new(reader, encoding)),
+        None => parser.run(reader),
+    }
 }
 
 /// `Статус заказа` values that mean the goods left the shop, for [`OrderPolicy::WhenShipped`]:
@@ -349,6 +368,8 @@ struct Guard<R> {
     since_event_bytes: u64,
     limit_bytes: u64,
     tripped: bool,
+    /// The token being read started with `<` (markup), not text.
+    in_markup: bool,
 }
 
 impl<R> Guard<R> {
@@ -376,12 +397,113 @@ impl<R: BufRead> BufRead for Guard<R> {
         // Hand over at most a chunk at a time, so that the count is checked between chunks
         // even when the inner reader holds the whole file (a slice, a memory map).
         let buf = self.inner.fill_buf()?;
+        if self.since_event_bytes == 0
+            && let Some(&first) = buf.first()
+        {
+            self.in_markup = first == b'<';
+        }
         Ok(buf.get(..GUARD_CHUNK_BYTES).unwrap_or(buf))
     }
 
     fn consume(&mut self, amt: usize) {
         self.since_event_bytes = self.since_event_bytes.saturating_add(amt as u64);
         self.inner.consume(amt);
+    }
+}
+
+type Input<R> = Guard<io::Chain<io::Cursor<Vec<u8>>, R>>;
+
+fn reader_over<R: BufRead>(input: Input<R>) -> Reader<Input<R>> {
+    let mut reader = Reader::from_reader(input);
+    let cfg = reader.config_mut();
+    cfg.trim_text(false);
+    cfg.check_end_names = true;
+    cfg.expand_empty_elements = false;
+    cfg.check_comments = false;
+    reader
+}
+
+/// A reader for the rest of the stream after quick-xml gave up on a token too long (it
+/// stops for good at an I/O error). The new reader starts with a declaration of the
+/// encoding in use, and tolerates end tags of the elements the old one had opened.
+/// Returns it, the bytes the old reader consumed and the bytes put in front.
+fn resume<R: BufRead>(old: Reader<Input<R>>) -> (Reader<Input<R>>, u64, u64) {
+    let consumed = old.buffer_position();
+    let encoding = old.decoder().encoding().name();
+    let guard = old.into_inner();
+    let (prefix, rest) = guard.inner.into_inner();
+    let mut head = format!("<?xml version=\"1.0\" encoding=\"{encoding}\"?>").into_bytes();
+    let added = head.len() as u64;
+    let at = usize::try_from(prefix.position()).unwrap_or(usize::MAX);
+    head.extend(prefix.get_ref().get(at..).unwrap_or(&[]));
+    let mut reader = reader_over(Guard {
+        inner: io::Cursor::new(head).chain(rest),
+        since_event_bytes: 0,
+        limit_bytes: guard.limit_bytes,
+        tripped: false,
+        in_markup: false,
+    });
+    reader.config_mut().allow_unmatched_ends = true;
+    (reader, consumed, added)
+}
+
+/// A UTF-16 file (with its BOM) as UTF-8: quick-xml reads only ASCII-compatible
+/// encodings. The stream starts with an XML declaration saying UTF-8, which fixes the
+/// encoding before the file's own declaration (`encoding="UTF-16"`) is read; byte offsets
+/// in messages about such a file count the UTF-8 text.
+struct Utf16<R> {
+    inner: R,
+    decoder: encoding_rs::Decoder,
+    out: Vec<u8>,
+    at: usize,
+    done: bool,
+}
+
+impl<R: BufRead> Utf16<R> {
+    fn new(inner: R, encoding: &'static encoding_rs::Encoding) -> Utf16<R> {
+        Utf16 {
+            inner,
+            decoder: encoding.new_decoder_with_bom_removal(),
+            out: br#"<?xml version="1.0" encoding="UTF-8"?>"#.to_vec(),
+            at: 0,
+            done: false,
+        }
+    }
+}
+
+impl<R: BufRead> Read for Utf16<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for Utf16<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.at >= self.out.len() && !self.done {
+            self.out.clear();
+            self.at = 0;
+            let src = self.inner.fill_buf()?;
+            let last = src.is_empty();
+            let room = self
+                .decoder
+                .max_utf8_buffer_length(src.len())
+                .unwrap_or(src.len().saturating_mul(3))
+                .max(16);
+            self.out.resize(room, 0);
+            let (_, read, written, _) = self.decoder.decode_to_utf8(src, &mut self.out, last);
+            self.inner.consume(read);
+            self.out.truncate(written);
+            self.done = last;
+        }
+        Ok(self.out.get(self.at..).unwrap_or(&[]))
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.at = (self.at + amt).min(self.out.len());
     }
 }
 
@@ -541,6 +663,11 @@ struct Parser<'a> {
     info: FileInfo,
     stamp: Option<i64>,
     root_seen: bool,
+    /// Elements open beyond [`Limits::max_depth`]: counted, not stacked.
+    overflow: usize,
+    /// What quick-xml keeps of those open names (it stacks them for end-tag checks),
+    /// estimated; bounded by [`MAX_OVERFLOW_NAME_BYTES`].
+    overflow_name_bytes: usize,
 }
 
 impl Parser<'_> {
@@ -548,56 +675,108 @@ impl Parser<'_> {
         let limit_bytes = (self.opts.limits.max_text_bytes as u64)
             .saturating_mul(4)
             .saturating_add(64 * 1024);
-        let mut reader = Reader::from_reader(Guard {
-            inner: input,
+        let mut reader = reader_over(Guard {
+            inner: io::Cursor::new(Vec::new()).chain(input),
             since_event_bytes: 0,
             limit_bytes,
             tripped: false,
+            in_markup: false,
         });
-        {
-            let cfg = reader.config_mut();
-            cfg.trim_text(false);
-            cfg.check_end_names = true;
-            cfg.expand_empty_elements = false;
-            cfg.check_comments = false;
-        }
+        // Byte offset in the file of the current reader's byte 0: a reader is replaced
+        // after a token too long to read (quick-xml stops at an I/O error), and the new one
+        // starts with a declaration naming the encoding, which is not in the file.
+        let mut base: u64 = 0;
+        // quick-xml recovers from a broken token and reads on; so does the parser, up to
+        // this many times in one file
+        let mut recoveries = 0usize;
         let mut buf = Vec::with_capacity(16 * 1024);
         loop {
             buf.clear();
             reader.get_mut().since_event_bytes = 0;
-            let pos = reader.buffer_position();
+            let pos = base + reader.buffer_position();
             let event = match reader.read_event_into(&mut buf) {
                 Ok(event) => event,
                 Err(err) => {
-                    let at = reader.error_position().max(pos);
-                    if reader.get_ref().tripped {
-                        let reason = format!("an XML token at byte {pos} is longer than {limit_bytes} bytes");
-                        if !self.root_seen {
-                            return Err(self.not_xml(pos, reason));
-                        }
-                        let unread = self.unread();
-                        return self.cut(format!("{reason}{unread}"));
-                    }
-                    if let quick_xml::Error::Io(io_err) = &err {
+                    let at = (base + reader.error_position()).max(pos);
+                    let tripped = std::mem::take(&mut reader.get_mut().tripped);
+                    let reason = if tripped {
+                        format!("an XML token at byte {pos} is longer than {limit_bytes} bytes")
+                    } else {
+                        format!("the XML breaks at byte {at}: {err}")
+                    };
+                    if let (false, quick_xml::Error::Io(io_err)) = (tripped, &err) {
                         return Err(FileError::Io {
                             file: self.label.to_string(),
-                            offset: reader.buffer_position(),
+                            offset: base + reader.buffer_position(),
                             source: io::Error::new(io_err.kind(), io_err.to_string()),
                         });
                     }
                     if !self.root_seen {
-                        return Err(self.not_xml(at, err.to_string()));
+                        return Err(self.not_xml(if tripped { pos } else { at }, reason));
                     }
-                    return self.cut(format!("the XML breaks at byte {at}: {err}{}", self.unread()));
+                    recoveries += 1;
+                    if recoveries > MAX_RECOVERIES_PER_FILE {
+                        return self.cut(format!(
+                            "{reason}; more than {MAX_RECOVERIES_PER_FILE} broken places in one file{}",
+                            self.unread()
+                        ));
+                    }
+                    // Read on: the entry holding the break is refused with the reason,
+                    // the entries around it are kept.
+                    if self.cur.is_some() {
+                        self.problem(reason.clone(), None);
+                    } else if tripped && reader.get_ref().in_markup {
+                        // a start tag too long to read may have been a document's: say so
+                        // rather than lose it without a word
+                        let item = self.rejected(
+                            None,
+                            pos,
+                            Problem {
+                                reason: format!(
+                                    "{reason}: markup skipped (if it was the start of a document or \
+                                     catalog entry, that entry is this one)"
+                                ),
+                                excerpt: None,
+                            },
+                        );
+                        self.emit(item, pos)?;
+                    }
+                    if tripped {
+                        // the rest of the long token is read as text by a new reader
+                        let (next, consumed, head) = resume(reader);
+                        base = (base + consumed).saturating_sub(head);
+                        reader = next;
+                        continue;
+                    }
+                    if let quick_xml::Error::IllFormed(
+                        quick_xml::errors::IllFormedError::MismatchedEndTag { .. },
+                    ) = &err
+                    {
+                        // quick-xml closed the element it had open; so does the parser
+                        if self.overflow > 0 {
+                            self.overflow -= 1;
+                        } else if let Flow::Done = self.end(at)? {
+                            return Ok(std::mem::take(&mut self.info));
+                        }
+                    }
+                    continue;
                 }
             };
             let decoder = reader.decoder();
             let flow = match event {
                 Event::Start(e) => self.start(&e, pos, decoder)?,
                 Event::Empty(e) => match self.start(&e, pos, decoder)? {
+                    Flow::Continue if self.overflow > 0 => {
+                        self.overflow -= 1;
+                        Flow::Continue
+                    }
                     Flow::Continue => self.end(pos)?,
                     other => other,
                 },
+                Event::End(_) if self.overflow > 0 => {
+                    self.overflow -= 1;
+                    Flow::Continue
+                }
                 Event::End(_) => self.end(pos)?,
                 Event::Text(t) => {
                     self.text(&t, decoder);
@@ -620,6 +799,23 @@ impl Parser<'_> {
                 Event::Eof => {
                     if !self.root_seen {
                         return Err(self.not_xml(pos, "no root element".to_string()));
+                    }
+                    // the entry in progress is refused with the reason, not lost
+                    if let Some(active) = self.cur.take() {
+                        let offset = active.offset;
+                        if !matches!(active.entity, Entity::Groups) {
+                            let problem = Problem {
+                                reason: format!("the file ends at byte {pos} inside this entry"),
+                                excerpt: None,
+                            };
+                            let id = match &active.entity {
+                                Entity::Document(d) => d.id.clone(),
+                                _ => None,
+                            };
+                            let item = self.rejected(id.as_deref(), offset, problem);
+                            self.emit(item, pos)?;
+                        }
+                        self.cur = Some(active);
                     }
                     Flow::Cut(format!(
                         "the file ends at byte {pos} with {} element(s) still open{}",
@@ -708,12 +904,30 @@ impl Parser<'_> {
         if self.stack.is_empty() {
             return Ok(Flow::Done);
         }
-        if self.stack.len() >= self.opts.limits.max_depth {
-            return Ok(Flow::Cut(format!(
-                "elements nest deeper than {} at byte {pos} (<{}>)",
-                self.opts.limits.max_depth,
-                clip(&self.name)
-            )));
+        if self.overflow > 0 || self.stack.len() >= self.opts.limits.max_depth {
+            // Deeper than any real file: the entry holding it is refused, the nesting is
+            // only counted (not kept), and reading goes on after it closes.
+            self.overflow += 1;
+            self.overflow_name_bytes = self
+                .overflow_name_bytes
+                .saturating_add(e.name().as_ref().len() + 8);
+            if self.overflow_name_bytes > MAX_OVERFLOW_NAME_BYTES {
+                return Ok(Flow::Cut(format!(
+                    "elements nest deeper than {} at byte {pos}, with more than {MAX_OVERFLOW_NAME_BYTES} \
+                     bytes of open element names{}",
+                    self.opts.limits.max_depth,
+                    self.unread()
+                )));
+            }
+            if self.overflow == 1 {
+                let reason = format!(
+                    "elements nest deeper than {} at byte {pos} (<{}>)",
+                    self.opts.limits.max_depth,
+                    clip(&self.name)
+                );
+                self.problem(reason, None);
+            }
+            return Ok(Flow::Continue);
         }
         self.stack.push(tag);
         self.text.clear();
@@ -908,6 +1122,23 @@ impl Parser<'_> {
         let Some(idx) = self.stack.len().checked_sub(1) else {
             return Ok(Flow::Done);
         };
+        let field = match &self.cur {
+            Some(active) if idx > active.base => {
+                let own_id = matches!(active.entity, Entity::Document(_)) && idx == active.base + 1;
+                field_problem(
+                    self.stack.get(idx).copied().unwrap_or(Tag::Other),
+                    own_id,
+                    self.text.trim(),
+                )
+            }
+            _ => None,
+        };
+        if let Some(problem) = field {
+            let excerpt = clip(self.text.trim());
+            self.problem(problem, Some(excerpt));
+            // a refused value goes no further: not as an id, not into any message
+            self.text.clear();
+        }
         if let Some(active) = &mut self.cur {
             if idx > active.base {
                 let rel = self.stack.get(active.base + 1..).unwrap_or(&[]);
@@ -928,10 +1159,10 @@ impl Parser<'_> {
                         }
                     }
                 }
-            } else if idx == active.base {
-                if let Some(active) = self.cur.take() {
-                    self.finish(active, pos)?;
-                }
+            } else if idx == active.base
+                && let Some(active) = self.cur.take()
+            {
+                self.finish(active, pos)?;
             }
         }
         self.stack.pop();
@@ -1255,6 +1486,10 @@ struct DocDraft {
     deletion_mark: Option<String>,
     cancelled: Option<String>,
     paid: Option<String>,
+    /// «Номер/Дата оплаты по 1С»: how a stock 1C marks a paid site order (UT `OS:5688-5728`).
+    payment_ref: bool,
+    /// «Номер/Дата отгрузки по 1С»: how it marks a shipped one.
+    shipment_ref: bool,
     final_status: Option<String>,
     order_status: Option<String>,
     link: Option<String>,
@@ -1408,6 +1643,12 @@ impl DocDraft {
             self.cancelled = Some(value);
         } else if key_eq(name, "Заказ оплачен") {
             self.paid = Some(value);
+        } else if key_eq(name, "Номер оплаты по 1С") || key_eq(name, "Дата оплаты по 1С")
+        {
+            self.payment_ref |= !value.trim().is_empty();
+        } else if key_eq(name, "Номер отгрузки по 1С") || key_eq(name, "Дата отгрузки по 1С")
+        {
+            self.shipment_ref |= !value.trim().is_empty();
         } else if key_eq(name, "Финальный статус") {
             self.final_status = Some(value);
         } else if key_eq(name, "Статус заказа") {
@@ -1537,9 +1778,11 @@ impl DocDraft {
             let counts = match ctx.opts.orders {
                 OrderPolicy::Ignore => false,
                 OrderPolicy::Always => true,
-                OrderPolicy::WhenPaid => yes(&self.paid),
+                OrderPolicy::WhenPaid => yes(&self.paid) || self.payment_ref,
                 OrderPolicy::WhenShipped => {
-                    yes(&self.final_status) || self.order_status.as_deref().is_some_and(is_shipped_status)
+                    yes(&self.final_status)
+                        || self.shipment_ref
+                        || self.order_status.as_deref().is_some_and(is_shipped_status)
                 }
             };
             if !counts {
@@ -2235,13 +2478,71 @@ fn parse_stamp(text: &str, tz: Tz) -> Option<DateTime<Utc>> {
     to_utc(date.and_time(time), offset, tz)
 }
 
-/// Shortens text for messages and excerpts, on a character boundary.
-fn clip(text: &str) -> String {
-    if text.chars().count() <= MAX_EXCERPT_CHARS {
-        return text.to_string();
+/// `Ид` of a document (`ИдентификаторГлобальныйТип` in the CommerceML 2.09/2.10 schema).
+const MAX_DOCUMENT_ID_CHARS: usize = 40;
+/// `Ид` of goods, offers (`product#variant`), groups, parties (`Идентификатор80`, the
+/// widest the schema has for an id).
+const MAX_ID_CHARS: usize = 80;
+/// `Наименование`, `ПолноеНаименование`, `Номер`, `Артикул` (`НаименованиеТип`,
+/// `НомерТип`, `АртикулТип`: 255).
+const MAX_NAME_CHARS: usize = 255;
+/// `Значение` of a requisite or a contact (`ЗначениеТип`: 1000).
+const MAX_VALUE_CHARS: usize = 1_000;
+
+/// Why the text of a field cannot be believed, if it cannot: a control character (a NUL
+/// in a name is corruption) or more characters than the schema allows for the field.
+/// `own_id` says the field is the document's own `Ид`.
+fn field_problem(tag: Tag, own_id: bool, text: &str) -> Option<String> {
+    let element = |t: Tag| match t {
+        Tag::Id => "Ид",
+        Tag::Name => "Наименование",
+        Tag::FullName => "ПолноеНаименование",
+        Tag::Number => "Номер",
+        Tag::Article => "Артикул",
+        Tag::Value => "Значение",
+        _ => "an element",
+    };
+    if let Some(c) = text
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        return Some(format!(
+            "{} holds the control character U+{:04X}",
+            element(tag),
+            u32::from(c)
+        ));
     }
-    let mut out: String = text.chars().take(MAX_EXCERPT_CHARS).collect();
-    out.push('…');
+    let max = match tag {
+        Tag::Id if own_id => MAX_DOCUMENT_ID_CHARS,
+        Tag::Id => MAX_ID_CHARS,
+        Tag::Name | Tag::FullName | Tag::Number | Tag::Article => MAX_NAME_CHARS,
+        Tag::Value => MAX_VALUE_CHARS,
+        _ => return None,
+    };
+    let n = text.chars().count();
+    (n > max).then(|| {
+        format!(
+            "{} is {n} characters long, more than the {max} the CommerceML schema allows",
+            element(tag)
+        )
+    })
+}
+
+/// Shortens text for messages and excerpts, on a character boundary, with control
+/// characters shown escaped (`\u{0}`) so an excerpt never carries one.
+fn clip(text: &str) -> String {
+    let mut out = String::new();
+    for (n, c) in text.chars().enumerate() {
+        if n == MAX_EXCERPT_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
     out
 }
 

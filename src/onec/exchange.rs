@@ -18,12 +18,27 @@ use crate::ledger::Ledger;
 const SETTLE: Duration = Duration::from_secs(5);
 /// Files one run takes at most (the rest wait for the next run).
 const MAX_FILES_PER_RUN: usize = 200;
+/// A file that ends early and has not changed for this long is not being written: it is
+/// moved to `rejected/` with what was read, so it is not re-read on every run.
+const GIVE_UP_ON_PARTIAL: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Clone, Debug, Default)]
 pub struct FolderReport {
     pub files: Vec<FileReport>,
     pub rejected: Vec<(String, String)>,
+    /// Files read only in part: name, and how many documents were read, where and why
+    /// reading stopped.
+    pub partial: Vec<(String, String)>,
     pub waiting: usize,
+}
+
+/// What a person needs about a file read only in part.
+pub fn partial_reason(r: &FileReport) -> String {
+    format!(
+        "read only in part: {} document(s) read before the stop were applied or quarantined; stopped: {}",
+        r.documents,
+        r.truncated.as_deref().unwrap_or("unknown reason")
+    )
 }
 
 fn candidates(dir: &Path, now: SystemTime) -> std::io::Result<(Vec<PathBuf>, usize)> {
@@ -90,7 +105,26 @@ pub fn process_folder(
                     move_into(&path, &dir.join("processed"), now)
                         .map_err(|e| anyhow::anyhow!("cannot move {} to processed/: {e}", path.display()))?;
                 } else {
-                    tracing::warn!(file = %path.display(), reason = ?r.truncated, "File ended early; it stays and is read again");
+                    let reason = partial_reason(&r);
+                    let age = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|m| SystemTime::from(now).duration_since(m).ok())
+                        .unwrap_or_default();
+                    if age >= GIVE_UP_ON_PARTIAL {
+                        let moved = move_into(&path, &dir.join("rejected"), now).map_err(|e| {
+                            anyhow::anyhow!("cannot move {} to rejected/: {e}", path.display())
+                        })?;
+                        let mut reason_file = moved.into_os_string();
+                        reason_file.push(".reason");
+                        std::fs::write(&reason_file, format!("{}: {reason}\n", r.file)).map_err(|e| {
+                            anyhow::anyhow!("cannot write {}: {e}", PathBuf::from(&reason_file).display())
+                        })?;
+                        tracing::error!(file = %path.display(), reason = %reason, "File read only in part; moved to rejected/");
+                    } else {
+                        tracing::error!(file = %path.display(), reason = %reason, "File read only in part; it stays and is read again");
+                    }
+                    report.partial.push((path.display().to_string(), reason));
                 }
                 report.files.push(r);
             }
@@ -130,16 +164,31 @@ impl Job for FolderJob {
                 return Ok(JobOutcome::done("no exchange folder configured"));
             };
             let now = ctx.clock.now();
+            let keep = cfg.onec.as_ref().map(|o| o.keep.clone()).unwrap_or_default();
+            let kept = dir.clone();
             let r = ctx
                 .ledger
                 .run(move |l| process_folder(l, &dir, &cfg, now))
                 .await?;
+            // what is kept for people stays bounded
+            for sub in ["processed", "rejected"] {
+                super::retention::prune(&kept.join(sub), &keep, now);
+            }
             let applied: usize = r
                 .files
                 .iter()
                 .map(|f| f.applied + f.new_versions + f.voided)
                 .sum();
             let quarantined: usize = r.files.iter().map(|f| f.quarantined).sum();
+            if !r.partial.is_empty() {
+                // the run did its work, but a person must look: `once` fails, /healthz says why
+                let list: Vec<String> = r.partial.iter().map(|(f, why)| format!("{f}: {why}")).collect();
+                anyhow::bail!(
+                    "{} file(s) read only in part ({applied} documents applied, {quarantined} quarantined in all): {}",
+                    r.partial.len(),
+                    list.join("; ")
+                );
+            }
             Ok(JobOutcome {
                 summary: format!(
                     "{} files read ({applied} documents applied, {quarantined} quarantined), {} rejected, {} still being written",

@@ -22,10 +22,15 @@ use crate::core::document::DocKind;
 
 /// The mappings compiled into kopilka, by the name `[onec.odata] mapping` uses.
 pub const BUILT_IN: &[(&str, &str)] = &[
-    ("roznica", include_str!("../../mappings/1c/roznica.toml")),
+    ("roznica2", include_str!("../../mappings/1c/roznica2.toml")),
+    ("roznica3", include_str!("../../mappings/1c/roznica3.toml")),
     ("ut11", include_str!("../../mappings/1c/ut11.toml")),
     ("unf", include_str!("../../mappings/1c/unf.toml")),
 ];
+
+/// Older names of built-in mappings, kept so existing configurations go on working:
+/// `roznica` was written for «Розница 2.x/3.x» and is Розница 2 (3.0 is УНФ-shaped).
+pub const ALIASES: &[(&str, &str)] = &[("roznica", "roznica2")];
 
 /// A validated mapping.
 #[derive(Clone, Debug, PartialEq)]
@@ -68,11 +73,16 @@ pub struct DocumentMap {
     /// Header reference to the customer (a key into [`PeopleMap::set`]).
     pub customer: Option<String>,
     /// Header field (an enum) whose value can make a document of a sales set a return
-    /// (Розница's `ВидОперации` = `Возврат`).
+    /// (Розница's `ВидОперации` = `Возврат`) or no sale at all (УНФ's `РасходнаяНакладная`
+    /// with `ВидОперации` = `ВозвратПоставщику`).
     pub operation: Option<String>,
     /// Values of `operation` that mean "return", compared without regard to case.
     pub return_operations: Vec<String>,
-    /// Header reference to the sale a return takes back (`ЧекККМ_Key`).
+    /// Values of `operation` that mean "sale to a customer"; when given, a document with any
+    /// other value is not a sale and has no effect (a transfer, a return to a supplier).
+    pub sale_operations: Vec<String>,
+    /// Header reference to the sale a return takes back (`ЧекККМ_Key`, or a composite
+    /// `ДокументРеализации` read with its `_Type`).
     pub return_link: Option<String>,
 }
 
@@ -96,6 +106,9 @@ pub struct RowMap {
     /// Whether `net` already has `points_paid` taken off (1C books a payment with points as a
     /// discount). kopilka counts a sale at its value before points, so it adds them back.
     pub net_excludes_points_paid: bool,
+    /// A return whose link to its sale is per line (Розница 2's `ВозвратТоваровОтПокупателя`:
+    /// `Товары.ЧекККМ_Key`). All lines must name the same sale.
+    pub return_link: Option<String>,
 }
 
 /// The product catalog: groups (folders) and products.
@@ -138,6 +151,10 @@ pub struct CardMap {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PeopleMap {
     pub set: String,
+    /// More catalogs a composite owner or customer may point into, each with the same
+    /// fields (Розница 2: a card's owner is `Catalog_Контрагенты` or `Catalog_ФизическиеЛица`);
+    /// the reference's `_Type` says which.
+    pub also: Vec<String>,
     /// Field with the customer's name; `Description` in every configuration.
     pub name: String,
     /// The contact information tabular section, its kind and value fields, and the kinds
@@ -172,8 +189,13 @@ pub struct BonusMap {
     pub programs: Option<String>,
     /// Resources whose balances make up the points (`Начислено` → `НачисленоBalance`).
     pub add: Vec<String>,
-    /// Resources whose balances are taken off.
+    /// Resources whose balances are taken off, never below zero in sum: 1C's spendable
+    /// balance is `Начислено − max(КСписанию, 0)` at a date.
     pub subtract: Vec<String>,
+    /// The resource whose future receipts are the points scheduled to burn, by date
+    /// (`КСписанию`): read from the register's records after the import date, so opening
+    /// balances keep 1C's burn dates.
+    pub burn: Option<String>,
 }
 
 /// The bonus document kopilka creates and posts in 1C, one per journal transaction
@@ -292,6 +314,7 @@ struct RawDocument {
     customer: Option<String>,
     operation: Option<String>,
     return_operations: Vec<String>,
+    sale_operations: Vec<String>,
     return_link: Option<String>,
 }
 
@@ -306,6 +329,7 @@ struct RawRow {
     discounts: Vec<String>,
     points_paid: Option<String>,
     net_excludes_points_paid: Option<bool>,
+    return_link: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -340,6 +364,7 @@ struct RawCards {
 #[serde(default)]
 struct RawPeople {
     set: Option<String>,
+    also: Vec<String>,
     name: Option<String>,
     contacts: Option<String>,
     contact_kind: Option<String>,
@@ -358,6 +383,7 @@ struct RawBonus {
     programs: Option<String>,
     add: Vec<String>,
     subtract: Vec<String>,
+    burn: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -495,6 +521,10 @@ impl Problems {
 /// Reads a built-in mapping by name, or a mapping file by path (a relative path is taken
 /// from `base`, the configuration file's folder, when given).
 pub fn load(name_or_path: &str, base: Option<&Path>) -> Result<Mapping, MappingError> {
+    let name_or_path = ALIASES
+        .iter()
+        .find(|(old, _)| *old == name_or_path)
+        .map_or(name_or_path, |(_, new)| *new);
     if let Some((name, text)) = BUILT_IN.iter().find(|(n, _)| *n == name_or_path) {
         return parse(text, &format!("built-in {name}"));
     }
@@ -607,18 +637,23 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
             discounts: p.names(&k("row.discounts"), &r.discounts),
             points_paid: p.optional(&k("row.points_paid"), r.points_paid.as_ref()),
             net_excludes_points_paid: r.net_excludes_points_paid.unwrap_or(true),
+            return_link: p.optional(&k("row.return_link"), r.return_link.as_ref()),
         };
+        if row.return_link.is_some() && kind != DocKind::Return {
+            p.bad(&k("row.return_link"), "only a return set names its sale per line");
+        }
         let operation = p.optional(&k("operation"), d.operation.as_ref());
         let return_operations = p.values(&k("return_operations"), &d.return_operations);
-        if operation.is_some() == return_operations.is_empty() {
+        let sale_operations = p.values(&k("sale_operations"), &d.sale_operations);
+        if operation.is_some() == (return_operations.is_empty() && sale_operations.is_empty()) {
             p.bad(
                 &k("operation"),
-                "operation and return_operations go together: the field, and its values that mean a return",
+                "operation goes with return_operations and/or sale_operations: the field, and its values that mean a return or a sale",
             );
         }
-        if operation.is_some() && kind == DocKind::Return {
+        if !return_operations.is_empty() && kind == DocKind::Return {
             p.bad(
-                &k("operation"),
+                &k("return_operations"),
                 "only a sales set needs an operation telling returns apart",
             );
         }
@@ -644,6 +679,7 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
             customer,
             operation,
             return_operations,
+            sale_operations,
             return_link: p.optional(&k("return_link"), d.return_link.as_ref()),
         });
     }
@@ -705,6 +741,12 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
         let default_value = "Представление".to_string();
         PeopleMap {
             set: p.set("people.set", c.set.as_ref()),
+            also: c
+                .also
+                .iter()
+                .enumerate()
+                .map(|(i, s)| p.set(&format!("people.also[{i}]"), Some(s)))
+                .collect(),
             name: p.name("people.name", c.name.as_deref().unwrap_or("Description")),
             contact_kind: p.name(
                 "people.contact_kind",
@@ -759,6 +801,7 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
             programs,
             add: p.names("bonus.add", &b.add),
             subtract: p.names("bonus.subtract", &b.subtract),
+            burn: p.optional("bonus.burn", b.burn.as_ref()),
         }
     });
     let bonus_document = raw
@@ -926,6 +969,32 @@ pub fn is_reference(field: &str) -> bool {
     field.ends_with("_Key") && field.len() > 4
 }
 
+/// Whether a field that refers to something is a composite reference: 1C publishes an
+/// attribute of several reference types as two strings, `X` (the GUID) and `X_Type` (the
+/// type, `StandardODATA.Catalog_ФизическиеЛица`), where a single type is `X_Key`.
+pub fn is_composite(field: &str) -> bool {
+    !is_reference(field)
+}
+
+/// The `_Type` companion of a composite reference field.
+pub fn type_field(field: &str) -> String {
+    format!("{field}_Type")
+}
+
+/// The entity set a composite reference's `_Type` names (`StandardODATA.Catalog_X` →
+/// `Catalog_X`).
+pub fn type_set(type_name: &str) -> &str {
+    let t = type_name.trim();
+    t.rsplit_once('.').map_or(t, |(_, set)| set)
+}
+
+impl PeopleMap {
+    /// Every catalog a customer reference may point into, the main one first.
+    pub fn sets(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.set.as_str()).chain(self.also.iter().map(String::as_str))
+    }
+}
+
 impl DocumentMap {
     /// Header fields read besides the standard ones, each once.
     pub fn header_fields(&self) -> Vec<&str> {
@@ -947,6 +1016,16 @@ impl DocumentMap {
         }
         out
     }
+
+    /// The `_Type` fields of the composite references among the header fields.
+    pub fn type_fields(&self) -> Vec<String> {
+        [&self.customer, &self.return_link]
+            .into_iter()
+            .flatten()
+            .filter(|f| is_composite(f))
+            .map(|f| type_field(f))
+            .collect()
+    }
 }
 
 impl RowMap {
@@ -957,7 +1036,8 @@ impl RowMap {
             .into_iter()
             .chain(self.variant.iter())
             .chain(self.discounts.iter())
-            .chain(self.points_paid.iter());
+            .chain(self.points_paid.iter())
+            .chain(self.return_link.iter());
         for f in all {
             if !out.contains(&f.as_str()) {
                 out.push(f);
@@ -978,42 +1058,94 @@ mod tests {
             assert!(!m.documents.is_empty(), "{name}");
             assert!(m.bonus.is_some(), "{name} maps the bonus register");
         }
+        // the old name keeps working, as Розница 2
         let r = load("roznica", None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r, load("roznica2", None).unwrap_or_else(|e| panic!("{e}")));
         let receipts = &r.documents[0];
         assert_eq!(receipts.set, "Document_ЧекККМ");
         assert_eq!(receipts.operation.as_deref(), Some("ВидОперации"));
+        assert_eq!(receipts.return_link.as_deref(), Some("ЧекККМПродажа_Key"));
         assert_eq!(
             receipts.row.points_paid.as_deref(),
             Some("СуммаСкидкиОплатыБонусом")
         );
-        assert!(
-            r.documents
-                .iter()
-                .any(|d| d.return_link.as_deref() == Some("ЧекККМ_Key"))
+        let later = &r.documents[1];
+        assert_eq!(later.set, "Document_ВозвратТоваровОтПокупателя");
+        assert_eq!(later.row.return_link.as_deref(), Some("ЧекККМ_Key"));
+        assert!(later.row.points_paid.is_some(), "returned points are read");
+        let cards = r.cards.as_ref().expect("cards");
+        assert!(is_composite(cards.owner.as_deref().unwrap_or("")));
+        assert_eq!(
+            r.people.as_ref().map(|p| p.sets().collect::<Vec<_>>()),
+            Some(vec!["Catalog_ФизическиеЛица", "Catalog_Контрагенты"])
         );
+        // every return set of every built-in mapping reads the points given back, where the
+        // configuration has them per line
+        for name in ["roznica2", "roznica3", "unf"] {
+            let m = load(name, None).unwrap_or_else(|e| panic!("{e}"));
+            for d in &m.documents {
+                assert!(d.row.points_paid.is_some(), "{name} {}", d.set);
+            }
+            let b = m.bonus.expect("bonus");
+            assert_eq!(b.subtract, ["КСписанию"], "{name}");
+        }
+        let unf = load("unf", None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(unf.documents[2].sale_operations, ["ПродажаПокупателю"]);
     }
 
     #[test]
     fn built_in_mappings_name_the_documents_kopilka_writes() {
-        for (name, set) in [
-            ("roznica", "Document_НачислениеИСписаниеБонусныхБаллов"),
-            ("ut11", "Document_НачислениеИСписаниеБонусныхБаллов"),
-            ("unf", "Document_НачислениеСписаниеБонусныхБаллов"),
+        // (set, program, sections, holder, points, burn correction), from the dumps
+        for (name, set, program, rows, holder, points, burn) in [
+            (
+                "roznica2",
+                "Document_НачислениеИСписаниеБонусныхБаллов",
+                "БонуснаяПрограммаЛояльности_Key",
+                ("Начисление", "Списание"),
+                "ДисконтнаяКарта_Key",
+                "Баллы",
+                Some("БаллыКСписанию"),
+            ),
+            (
+                "ut11",
+                "Document_НачислениеИСписаниеБонусныхБаллов",
+                "БонуснаяПрограммаЛояльности_Key",
+                ("Начисление", "Списание"),
+                "Партнер_Key",
+                "Баллы",
+                None,
+            ),
+            (
+                "unf",
+                "Document_НачислениеСписаниеБонусныхБаллов",
+                "БонуснаяПрограмма_Key",
+                ("НачисленияБонусов", "СписанияБонусов"),
+                "БонуснаяКарта_Key",
+                "Количество",
+                Some("КорректировкаКСписанию"),
+            ),
+            (
+                "roznica3",
+                "Document_НачислениеСписаниеБонусныхБаллов",
+                "БонуснаяПрограмма_Key",
+                ("НачисленияБонусов", "СписанияБонусов"),
+                "БонуснаяКарта_Key",
+                "Количество",
+                Some("КорректировкаКСписанию"),
+            ),
         ] {
             let m = load(name, None).unwrap_or_else(|e| panic!("{e}"));
             let b = m
                 .bonus_document
                 .unwrap_or_else(|| panic!("{name} maps the bonus document"));
             assert_eq!(b.set, set);
-            assert_eq!(b.program.as_deref(), Some("БонуснаяПрограмма_Key"));
+            assert_eq!(b.program.as_deref(), Some(program));
+            assert_eq!((b.accruals.rows.as_str(), b.writeoffs.rows.as_str()), rows);
             assert_eq!(
-                (b.accruals.rows.as_str(), b.writeoffs.rows.as_str()),
-                ("НачисленияБонусов", "СписанияБонусов")
+                (b.accruals.holder.as_str(), b.accruals.points.as_str()),
+                (holder, points)
             );
-            assert_eq!(
-                b.writeoffs.burn_correction.as_deref(),
-                Some("КорректировкаКСписанию")
-            );
+            assert_eq!(b.writeoffs.burn_correction.as_deref(), burn);
             let a = m
                 .accounting_document
                 .unwrap_or_else(|| panic!("{name} maps postings"));
@@ -1122,7 +1254,10 @@ mod tests {
     #[test]
     fn unknown_names_and_unreadable_files_say_what_exists() {
         let e = load("retail", None).expect_err("no such built-in");
-        assert!(e.to_string().contains("built in: roznica, ut11, unf"), "{e}");
+        assert!(
+            e.to_string().contains("built in: roznica2, roznica3, ut11, unf"),
+            "{e}"
+        );
         let e = load("./no/such/mapping.toml", None).expect_err("no such file");
         assert!(e.to_string().contains("cannot read the file"), "{e}");
         let e = parse("documents = 3", "x").expect_err("wrong type");

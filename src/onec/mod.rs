@@ -10,4 +10,5 @@ pub mod import;
 pub mod mapping;
 pub mod odata;
 pub mod postback;
+pub mod retention;
 pub mod site_exchange;

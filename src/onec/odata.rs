@@ -70,7 +70,9 @@ pub(crate) enum Received {
 /// A non-2xx answer: 1C's `odata.error` code and message, or an excerpt of whatever came.
 pub(crate) fn status_failure(status: u16, body: &str) -> Failure {
     let (code, message) = odata_error(body);
-    let message = message.or_else(|| (!body.trim().is_empty()).then(|| excerpt(body)));
+    let message = message
+        .map(|m| crate::scrub::upstream_excerpt(&m, MAX_EXCERPT_CHARS))
+        .or_else(|| (!body.trim().is_empty()).then(|| excerpt(body)));
     Failure::Status {
         status,
         code,
@@ -298,7 +300,9 @@ const PATH_KEEP: &[u8] = b"()=,/*$";
 /// … and in a query option's value (`Товары/Цена,Ref_Key`).
 const QUERY_KEEP: &[u8] = b"(),/*$";
 
-/// Cuts text for an error message at a character boundary.
+/// What of an upstream body goes into an error message: bounded and scrubbed of
+/// credentials by the one shared [`crate::scrub::upstream_excerpt`] (a proxy's error page
+/// may echo the request's `Authorization`).
 pub(crate) fn excerpt(text: &str) -> String {
     let t = text.trim();
     // an HTML page says most in its title
@@ -306,11 +310,7 @@ pub(crate) fn excerpt(text: &str) -> String {
         (Some(a), Some(b)) if b > a + 7 => &t[a + 7..b],
         _ => t,
     };
-    let mut out: String = t.chars().take(MAX_EXCERPT_CHARS).collect();
-    if t.chars().count() > MAX_EXCERPT_CHARS {
-        out.push('…');
-    }
-    out.replace(['\n', '\r'], " ")
+    crate::scrub::upstream_excerpt(t, MAX_EXCERPT_CHARS)
 }
 
 /// 1C's `{"odata.error":{"code":"9","message":{"lang":"ru","value":"…"}}}`, if the body is one.

@@ -1,9 +1,19 @@
 //! Bonus documents and accounting postings written as CommerceML for 1C's site exchange
-//! (`type=sale&mode=query`). 1C's exchange hands unknown operations to the shop's handler
-//! («ХозОперация» = «Прочие» with the kind in the requisites), so each document says what
-//! it is in words a 1C programmer maps to `НачислениеИСписаниеБонусныхБаллов` or an
-//! accounting operation. The `Ид` is stable for an outbox row (UUIDv5 of its key): 1C sees
-//! a repeat of a document it already took, never a second document.
+//! (`type=sale&mode=query`), **only** when `[accounting] postback = "commerceml"`.
+//!
+//! A stock 1C does not take them: its order load accepts «Заказ товара» alone and aborts at
+//! the first other `ХозОперация` (UT `ОбменССайтом:4205-4217`,
+//! `../shared/specs/onec-stock-channels.md` §2), and `ОбменССайтомПереопределяемый` has no hook
+//! for foreign documents. The setting is for a base with a configuration extension that
+//! intercepts `ОбменССайтом.СоздатьОбновитьЗаказы` (README, «CommerceML postback»): it picks
+//! the documents whose `ХозОперация` is «Прочие» and whose requisite `ВидДокумента` is
+//! `НачислениеИСписаниеБонусныхБаллов` or `ОперацияБух` out of the reply before the stock
+//! code sees it. By default bonus documents and postings go to 1C over OData.
+//!
+//! What is written validates against the official CommerceML 2.10 schema
+//! (`../shared/specs/commerceml-xsd/`). The `Ид` is stable for an outbox row (UUIDv5 of its
+//! key, which carries the ledger's own id): 1C sees a repeat of a document it already took,
+//! never a second document.
 
 use std::fmt::Write as _;
 
@@ -50,18 +60,33 @@ fn operation(kind: &str, points: i64) -> &'static str {
     }
 }
 
-fn header(out: &mut String, row: &OutboxRow, at: DateTime<Utc>, tz: Tz, amount: Money, comment: &str) {
+/// The document's head in the schema's order (`Ид` … `Сумма`, `Контрагенты`, `Время`,
+/// `Комментарий`); `party` is the one `Контрагент` (id, name, role) the schema requires.
+fn header(
+    out: &mut String,
+    row: &OutboxRow,
+    at: DateTime<Utc>,
+    tz: Tz,
+    amount: Money,
+    party: (&str, &str, &str),
+    comment: &str,
+) {
     let local = at.with_timezone(&tz);
     let _ = write!(
         out,
-        "<Документ><Ид>{}</Ид><Номер>KP-{}</Номер><Дата>{}</Дата><Время>{}</Время>\
+        "<Документ><Ид>{}</Ид><Номер>KP-{}</Номер><Дата>{}</Дата>\
          <ХозОперация>Прочие</ХозОперация><Роль>Продавец</Роль><Валюта>руб</Валюта><Курс>1</Курс>\
-         <Сумма>{}</Сумма><Комментарий>{}</Комментарий>",
+         <Сумма>{}</Сумма><Контрагенты><Контрагент><Ид>{}</Ид><Наименование>{}</Наименование>\
+         <ПолноеНаименование>{}</ПолноеНаименование><Роль>{}</Роль></Контрагент></Контрагенты><Время>{}</Время><Комментарий>{}</Комментарий>",
         document_id(row),
         row.id,
         local.format("%Y-%m-%d"),
-        local.format("%H:%M:%S"),
         amount,
+        esc(party.0),
+        esc(party.1),
+        esc(party.1),
+        party.2,
+        local.format("%H:%M:%S"),
         esc(&format!("kopilka:{} {comment}", row.idem_key))
     );
 }
@@ -79,14 +104,21 @@ fn document(row: &OutboxRow, cfg: &Config) -> Option<String> {
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map_or(row.created_at, |t| t.with_timezone(&Utc));
         let amount = Money(p["amount_kopecks"].as_i64().unwrap_or(0));
-        header(&mut out, row, at, tz, amount, p["comment"].as_str().unwrap_or(""));
-        if let Some(onec) = p["onec_id"].as_str() {
-            let _ = write!(
-                out,
-                "<Контрагенты><Контрагент><Ид>{}</Ид><Роль>Покупатель</Роль></Контрагент></Контрагенты>",
-                esc(onec)
-            );
-        }
+        let card = p["card"].as_str();
+        let holder = p["onec_id"].as_str().or(card).map_or_else(
+            || format!("kopilka:customer:{}", p["customer_id"]),
+            str::to_string,
+        );
+        let name = card.map_or_else(|| "Покупатель".to_string(), |c| format!("Карта {c}"));
+        header(
+            &mut out,
+            row,
+            at,
+            tz,
+            amount,
+            (&holder, &name, "Покупатель"),
+            p["comment"].as_str().unwrap_or(""),
+        );
         out.push_str("<ЗначенияРеквизитов>");
         requisite(&mut out, "ВидДокумента", "НачислениеИСписаниеБонусныхБаллов");
         requisite(&mut out, "Операция", operation(kind, points));
@@ -128,12 +160,14 @@ fn document(row: &OutboxRow, cfg: &Config) -> Option<String> {
         } else {
             "за день"
         };
+        let entity = p["entity"].as_str().unwrap_or("");
         header(
             &mut out,
             row,
             at,
             tz,
             Money(total),
+            (entity, entity, "Получатель"),
             &format!("бонусные баллы {kind} {day}"),
         );
         out.push_str("<ЗначенияРеквизитов>");
@@ -158,7 +192,7 @@ fn document(row: &OutboxRow, cfg: &Config) -> Option<String> {
 /// A documents file of the rows, in the encoding 1C asked for.
 pub fn documents_file(rows: &[OutboxRow], cfg: &Config, now: DateTime<Utc>, windows_1251: bool) -> Vec<u8> {
     let mut xml = format!(
-        "<?xml version=\"1.0\" encoding=\"{}\"?>\n<КоммерческаяИнформация ВерсияСхемы=\"2.08\" ДатаФормирования=\"{}\">\n",
+        "<?xml version=\"1.0\" encoding=\"{}\"?>\n<КоммерческаяИнформация xmlns=\"urn:1C.ru:commerceml_2\" ВерсияСхемы=\"2.10\" ДатаФормирования=\"{}\">\n",
         if windows_1251 { "windows-1251" } else { "UTF-8" },
         now.with_timezone(&cfg.timezone).format("%Y-%m-%dT%H:%M:%S")
     );

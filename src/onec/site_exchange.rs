@@ -1,16 +1,29 @@
 //! The server side of 1C's built-in «Обмен с сайтом»: kopilka answers 1C the way a site
 //! does, so a shop connects it from 1C's own settings with no 1C programming.
 //!
-//! 1C calls one URL with `?type=catalog|sale&mode=…` (see the spec, section B):
-//! `checkauth` (Basic auth → a session cookie), `init` (`zip=`, `file_limit=`), `file`
-//! (uploads appended per file name, possibly in several chunks), `import` (process a
-//! file; `progress` makes 1C call again while work goes on), and for `type=sale` also
-//! `query` (documents kopilka sends back) and `success` (1C took them). Replies are plain
-//! text whose first line is `success`, `progress` or `failure`.
+//! What a stock 1C really does on this channel (`../shared/specs/onec-stock-channels.md`, read
+//! from the site-exchange code of УТ 11.5, Розница 2.2 and УНФ 3.0):
+//! - it uploads (`type=sale`, `mode=file`) only the orders that came from a site and their
+//!   status — never till receipts; those reach kopilka over OData (or Розница's «Дисконтный
+//!   сервер»). A paid or shipped order becomes a sale per `[onec] orders`.
+//! - from a `mode=query` reply it imports only «Заказ товара»; any other document aborts its
+//!   whole load and `success` never comes. So `query` answers an empty
+//!   `КоммерческаяИнформация` unless the shop explicitly set `[accounting] postback =
+//!   "commerceml"` (which needs a 1C extension, see the README).
+//! - every run starts with a test `checkauth` (`type=catalog`), then `checkauth → query →
+//!   success` (no `init`), then `checkauth → init → file… → import…`: about three sessions per
+//!   run, every few minutes, for years, and nobody ever logs out. So a session is "in
+//!   progress" only while it has work (an upload not yet imported, an import running, a
+//!   `query` waiting for `success`); `max_sessions` bounds those, finished and idle sessions
+//!   never block a `checkauth`, and a session silent longer than 1C's own HTTP timeout cannot
+//!   have a live client.
 //!
-//! Uploaded files land in a folder per session under the exchange folder and go through
-//! the same importer as `kopilka import`. Nothing is written outside that folder: a file
-//! name keeps only a sanitised base name.
+//! Uploaded files land in a folder per session and go through the same importer as `kopilka
+//! import` (archives are read in place, never unpacked to disk). A file is imported once,
+//! when it is complete (its closing tag or its zip directory arrived — УНФ sends `file` with
+//! no `import`) or when 1C calls `import`, whichever comes first. An imported file is deleted;
+//! one that fails moves to `rejected/` with a `.reason` file, bounded by age and size. A
+//! session's folder goes when its work ends; a crash leaves none behind after the next start.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,18 +40,25 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use super::import::{ImportSettings, import_path};
+use super::import::{ImportError, ImportSettings, import_path};
+use super::retention;
 use crate::clock::Clock;
 use crate::config::{Config, SiteExchangeConfig};
 use crate::ledger::SharedLedger;
 
 pub const COOKIE_NAME: &str = "kopilka_exchange";
-/// A session idle this long is forgotten (and its files with it).
-const SESSION_IDLE: chrono::Duration = chrono::Duration::hours(2);
+/// 1C's own HTTP timeout for the exchange connection (UT `OS:5943-5950`, RT `OS:5819-5826`):
+/// a session silent longer than this while it holds work has no client waiting on it.
+const ONEC_HTTP_TIMEOUT: chrono::Duration = chrono::Duration::seconds(180);
 /// How long one `import` call waits for the work before answering `progress`.
 const IMPORT_WAIT: Duration = Duration::from_secs(20);
 /// Longest file name kept.
 const MAX_FILE_NAME_CHARS: usize = 200;
+/// Sessions remembered at most, finished ones included (each is a few hundred bytes); the
+/// least recently seen finished session is forgotten first.
+const MAX_SESSIONS_REMEMBERED: usize = 256;
+/// Bytes read from a file's end to tell whether it is complete.
+const TAIL_BYTES: u64 = 512;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct Params {
@@ -50,21 +70,48 @@ pub struct Params {
 }
 
 #[derive(Clone, Debug)]
-enum ImportState {
-    Running,
+enum FileState {
+    /// Bytes are arriving in the session's folder.
+    Uploading,
+    /// A chunk was refused (over a limit): the rest of the file is refused too.
+    Refused(String),
+    Importing,
     Done(Result<String, String>),
 }
 
 struct Session {
     sessid: String,
-    /// Once 1C sent a sessid, every later call must carry it (reference servers do so).
+    /// Once 1C sent a non-empty sessid, every later call must carry it.
     sessid_required: bool,
     dir: PathBuf,
     last_seen: DateTime<Utc>,
     uploaded_bytes: u64,
-    imports: HashMap<String, ImportState>,
+    files: HashMap<String, FileState>,
     /// Outbox rows the last `query` sent, delivered on `success`.
     sent: Vec<i64>,
+}
+
+impl Session {
+    /// Work in progress: what `max_sessions` bounds.
+    fn busy(&self) -> bool {
+        !self.sent.is_empty()
+            || self
+                .files
+                .values()
+                .any(|f| matches!(f, FileState::Uploading | FileState::Importing))
+    }
+}
+
+/// What the endpoint has seen, for `/status` and the soak test.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExchangeStats {
+    pub checkauth_accepted: u64,
+    pub checkauth_refused: u64,
+    pub files_imported: u64,
+    pub files_rejected: u64,
+    /// The most sessions remembered at once, and the most in progress at once.
+    pub max_sessions_seen: usize,
+    pub max_busy_seen: usize,
 }
 
 /// The exchange endpoint's state.
@@ -75,21 +122,9 @@ pub struct SiteExchange {
     clock: Arc<dyn Clock>,
     root: PathBuf,
     sessions: Mutex<HashMap<String, Session>>,
+    stats: Mutex<ExchangeStats>,
     /// Woken whenever an import finishes, for the calls waiting on one.
     finished: tokio::sync::Notify,
-}
-
-fn text(body: impl Into<String>) -> Response {
-    let mut r = body.into().into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-fn failure(reason: &str) -> Response {
-    text(format!("failure\n{reason}\n"))
 }
 
 /// Keeps only a safe base name: 1C may send `C:\…\import.xml` or `/tmp/x/offers.xml`, and
@@ -126,8 +161,67 @@ fn cookie(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
+/// Whether an uploaded file is whole: an XML whose root element has closed (in UTF-8 or
+/// windows-1251, the encodings 1C writes), or a zip whose central directory is readable.
+/// Reads only the file's end, so checking after every chunk stays O(chunk).
+pub fn looks_complete(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut magic = [0u8; 2];
+    if f.read_exact(&mut magic).is_ok() && magic == *b"PK" {
+        let Ok(f) = std::fs::File::open(path) else {
+            return false;
+        };
+        return zip::ZipArchive::new(std::io::BufReader::new(f)).is_ok();
+    }
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(TAIL_BYTES);
+    let mut tail = Vec::with_capacity(TAIL_BYTES as usize);
+    if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut tail).is_err() {
+        return false;
+    }
+    while tail.last().is_some_and(|b| b.is_ascii_whitespace() || *b == 0) {
+        tail.pop();
+    }
+    const ROOT: &str = "КоммерческаяИнформация>";
+    let utf8 = ROOT.as_bytes();
+    let cp1251 = encoding_rs::WINDOWS_1251.encode(ROOT).0;
+    [utf8, &cp1251[..]].iter().any(|root| {
+        tail.ends_with(root) && {
+            let before = &tail[..tail.len() - root.len()];
+            before.ends_with(b"</") || before.ends_with(b":")
+        }
+    })
+}
+
+/// CommerceML files and archives; anything else 1C uploads (pictures) is not kopilka's.
+fn importable(name: &str) -> bool {
+    let lower = name.to_lowercase();
+    lower.ends_with(".xml") || lower.ends_with(".zip")
+}
+
+/// The `.xml` entries of an archive, for 1C's `import` that names the XML inside a zip it
+/// uploaded under another name (UT `OS:6083`, `6198`).
+fn zip_xml_names(path: &Path) -> Vec<String> {
+    let Ok(f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let Ok(archive) = zip::ZipArchive::new(std::io::BufReader::new(f)) else {
+        return Vec::new();
+    };
+    archive
+        .file_names()
+        .filter(|n| n.to_lowercase().ends_with(".xml"))
+        .filter_map(sanitize_file_name)
+        .collect()
+}
+
 impl SiteExchange {
-    /// `root` is the folder sessions upload into (under the exchange folder).
+    /// `root` is the folder sessions upload into (under the exchange folder). Session
+    /// folders a previous process left (a crash, a kill) are removed here: their uploads were
+    /// never confirmed to 1C, which sends them again.
     pub fn new(
         cfg: Arc<Config>,
         ledger: SharedLedger,
@@ -135,6 +229,13 @@ impl SiteExchange {
         root: PathBuf,
     ) -> Option<Arc<Self>> {
         let se = cfg.onec.as_ref()?.site_exchange.clone()?;
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for e in entries.flatten() {
+                if e.file_name() != "rejected" && e.path().is_dir() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         Some(Arc::new(SiteExchange {
             cfg,
             se,
@@ -142,6 +243,7 @@ impl SiteExchange {
             clock,
             root,
             sessions: Mutex::new(HashMap::new()),
+            stats: Mutex::new(ExchangeStats::default()),
             finished: tokio::sync::Notify::new(),
         }))
     }
@@ -159,8 +261,49 @@ impl SiteExchange {
             .with_state(self.clone())
     }
 
+    pub fn stats(&self) -> ExchangeStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sessions remembered and sessions in progress now.
+    pub fn session_counts(&self) -> (usize, usize) {
+        let s = self.sessions();
+        (s.len(), s.values().filter(|s| s.busy()).count())
+    }
+
+    /// Where failed files go, with their reasons.
+    pub fn rejected_dir(&self) -> PathBuf {
+        self.root.join("rejected")
+    }
+
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stat(&self, f: impl FnOnce(&mut ExchangeStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// A text reply in the configured encoding, its charset said in `Content-Type` (1C
+    /// decodes by that charset, UT `OS:6494`).
+    fn text(&self, body: impl Into<String>) -> Response {
+        let body: String = body.into();
+        let (bytes, content_type) = if self.se.reply_windows_1251 {
+            (
+                encoding_rs::WINDOWS_1251.encode(&body).0.into_owned(),
+                "text/plain; charset=windows-1251",
+            )
+        } else {
+            (body.into_bytes(), "text/plain; charset=utf-8")
+        };
+        let mut r = bytes.into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        r
+    }
+
+    fn failure(&self, reason: &str) -> Response {
+        self.text(format!("failure\n{reason}\n"))
     }
 
     fn check_basic(&self, headers: &HeaderMap) -> bool {
@@ -180,10 +323,80 @@ impl SiteExchange {
         constant_time_eq(&decoded, expected.as_bytes())
     }
 
-    fn checkauth(&self, headers: &HeaderMap) -> Response {
+    /// Forgets sessions idle past the timeout, then (when `busy_room` is asked for) sessions
+    /// in progress that have been silent longer than 1C's HTTP timeout, oldest first, and
+    /// finished sessions past the memory bound. What a forgotten session still held is
+    /// finished off in the background.
+    fn sweep(self: &Arc<Self>, now: DateTime<Utc>, busy_room: bool) {
+        let mut gone = Vec::new();
+        {
+            let mut sessions = self.sessions();
+            let idle = self.se.session_idle;
+            let expired: Vec<String> = sessions
+                .iter()
+                .filter(|(_, s)| s.last_seen + idle <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            gone.extend(expired.into_iter().filter_map(|k| sessions.remove(&k)));
+            if busy_room {
+                let mut stale: Vec<(DateTime<Utc>, String)> = sessions
+                    .iter()
+                    .filter(|(_, s)| s.busy() && s.last_seen + ONEC_HTTP_TIMEOUT <= now)
+                    .map(|(k, s)| (s.last_seen, k.clone()))
+                    .collect();
+                stale.sort();
+                let busy = sessions.values().filter(|s| s.busy()).count();
+                let over = (busy + 1).saturating_sub(self.se.max_sessions);
+                gone.extend(
+                    stale
+                        .into_iter()
+                        .take(over)
+                        .filter_map(|(_, k)| sessions.remove(&k)),
+                );
+            }
+            if sessions.len() >= MAX_SESSIONS_REMEMBERED {
+                let mut idle: Vec<(DateTime<Utc>, String)> = sessions
+                    .iter()
+                    .filter(|(_, s)| !s.busy())
+                    .map(|(k, s)| (s.last_seen, k.clone()))
+                    .collect();
+                idle.sort();
+                let over = sessions.len() + 1 - MAX_SESSIONS_REMEMBERED;
+                gone.extend(
+                    idle.into_iter()
+                        .take(over)
+                        .filter_map(|(_, k)| sessions.remove(&k)),
+                );
+            }
+        }
+        for s in gone {
+            let uploads: Vec<String> = s
+                .files
+                .iter()
+                .filter(|(_, f)| matches!(f, FileState::Uploading))
+                .map(|(n, _)| n.clone())
+                .collect();
+            if uploads.is_empty() {
+                let _ = std::fs::remove_dir_all(&s.dir);
+                continue;
+            }
+            // a run 1C abandoned: whole documents it did send are kept (re-reading them later
+            // changes nothing), the rest is rejected with its reason
+            tracing::warn!(files = ?uploads, "1C abandoned an exchange session; importing what it sent");
+            let me = self.clone();
+            tokio::spawn(async move {
+                for name in uploads {
+                    let _ = me.import_file(&s.dir, &name).await;
+                }
+                let _ = std::fs::remove_dir_all(&s.dir);
+            });
+        }
+    }
+
+    fn checkauth(self: &Arc<Self>, headers: &HeaderMap) -> Response {
         if !self.check_basic(headers) {
             tracing::warn!("1C site exchange: wrong login or password");
-            let mut r = failure("неверный логин или пароль (wrong login or password)");
+            let mut r = self.failure("неверный логин или пароль (wrong login or password)");
             *r.status_mut() = StatusCode::UNAUTHORIZED;
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -192,34 +405,45 @@ impl SiteExchange {
             return r;
         }
         let now = self.clock.now();
+        self.sweep(now, true);
         let mut sessions = self.sessions();
-        sessions.retain(|_, s| s.last_seen + SESSION_IDLE > now);
-        if sessions.len() >= self.se.max_sessions {
-            return failure("слишком много открытых сессий обмена (too many exchange sessions)");
+        let busy = sessions.values().filter(|s| s.busy()).count();
+        if busy >= self.se.max_sessions {
+            drop(sessions);
+            self.stat(|s| s.checkauth_refused += 1);
+            tracing::warn!(
+                busy,
+                "1C site exchange: every session slot holds work in progress"
+            );
+            return self.failure(
+                "все сессии обмена заняты, повторите позже (every exchange session is busy, try later)",
+            );
         }
         let value = uuid::Uuid::new_v4().simple().to_string();
         let sessid = uuid::Uuid::new_v4().simple().to_string();
-        let dir = self.root.join(&value);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            tracing::error!(error = %e, dir = %dir.display(), "Cannot create the exchange session folder");
-            return failure("не удалось создать папку обмена (cannot create the exchange folder)");
-        }
         sessions.insert(
             value.clone(),
             Session {
                 sessid: sessid.clone(),
                 sessid_required: false,
-                dir,
+                dir: self.root.join(&value),
                 last_seen: now,
                 uploaded_bytes: 0,
-                imports: HashMap::new(),
+                files: HashMap::new(),
                 sent: Vec::new(),
             },
         );
-        text(format!("success\n{COOKIE_NAME}\n{value}\nsessid={sessid}\n"))
+        let total = sessions.len();
+        drop(sessions);
+        self.stat(|s| {
+            s.checkauth_accepted += 1;
+            s.max_sessions_seen = s.max_sessions_seen.max(total);
+        });
+        self.text(format!("success\n{COOKIE_NAME}\n{value}\nsessid={sessid}\n"))
     }
 
-    /// The session of a call, checked; `Err` is the reason for the `failure` reply.
+    /// The session of a call, checked; `Err` is the reason for the `failure` reply. УТ sends
+    /// `sessid` on every call (empty after a three-line `checkauth`), Розница 2.2 never does.
     fn session(&self, headers: &HeaderMap, params: &Params) -> Result<String, &'static str> {
         let Some(c) = cookie(headers) else {
             return Err("нет сессии: сначала mode=checkauth (no session: call mode=checkauth first)");
@@ -229,10 +453,8 @@ impl SiteExchange {
         let Some(s) = sessions.get_mut(&c) else {
             return Err("сессия неизвестна или истекла: mode=checkauth (unknown or expired session)");
         };
-        match &params.sessid {
-            Some(given) if *given != s.sessid => {
-                return Err("неверный sessid (wrong sessid)");
-            }
+        match params.sessid.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+            Some(given) if given != s.sessid => return Err("неверный sessid (wrong sessid)"),
             Some(_) => s.sessid_required = true,
             None if s.sessid_required => return Err("нужен sessid (sessid required)"),
             None => {}
@@ -241,146 +463,138 @@ impl SiteExchange {
         Ok(c)
     }
 
+    /// Exactly two lines: УТ and Розница refuse any other count (UT `OS:6053-6081`).
     fn init(&self) -> Response {
-        text(format!(
+        self.text(format!(
             "zip={}\nfile_limit={}\n",
             if self.se.zip { "yes" } else { "no" },
             self.se.file_limit_bytes
         ))
     }
 
-    fn file(&self, session: &str, params: &Params, body: &Bytes) -> Response {
+    fn file(self: &Arc<Self>, session: &str, params: &Params, body: &Bytes) -> Response {
         let Some(name) = params.filename.as_deref().and_then(sanitize_file_name) else {
-            return failure("недопустимое имя файла (bad file name)");
+            return self.failure("недопустимое имя файла (bad file name)");
         };
-        let mut sessions = self.sessions();
-        let Some(s) = sessions.get_mut(session) else {
-            return failure("сессия истекла (session expired)");
-        };
-        let total = s.uploaded_bytes.saturating_add(body.len() as u64);
-        if total > self.se.max_upload_bytes {
-            return failure("превышен объём загрузки (upload limit exceeded)");
+        if !importable(&name) {
+            // a catalog upload carries product pictures too: accepted, never stored
+            return self.text("success\n");
         }
-        let path = s.dir.join(&name);
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, body));
-        if let Err(e) = written {
-            tracing::error!(error = %e, file = %path.display(), "Cannot store an uploaded exchange file");
-            return failure("не удалось сохранить файл (cannot store the file)");
-        }
-        s.uploaded_bytes = total;
-        s.imports.remove(&name);
-        text("success\n")
-    }
-
-    /// Unpacks every uploaded archive of the session (entry names sanitised) once.
-    fn unpack_archives(dir: &Path) -> Result<(), String> {
-        let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if !path.extension().is_some_and(|e| e.eq_ignore_ascii_case("zip")) {
-                continue;
-            }
-            let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-            let mut archive = zip::ZipArchive::new(file).map_err(|e| format!("{}: {e}", path.display()))?;
-            for i in 0..archive.len() {
-                let mut e = archive.by_index(i).map_err(|e| e.to_string())?;
-                if !e.is_file() {
-                    continue;
-                }
-                let Some(name) = sanitize_file_name(e.name()) else {
-                    continue;
-                };
-                let mut out = std::fs::File::create(dir.join(name)).map_err(|e| e.to_string())?;
-                std::io::copy(&mut e, &mut out).map_err(|e| e.to_string())?;
-            }
-            let done = path.with_extension("zip.unpacked");
-            std::fs::rename(&path, done).map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    async fn import(self: &Arc<Self>, session: &str, params: &Params) -> Response {
-        let Some(name) = params.filename.as_deref().and_then(sanitize_file_name) else {
-            return failure("недопустимое имя файла (bad file name)");
-        };
-        let (dir, state) = {
+        let (path, dir) = {
             let mut sessions = self.sessions();
             let Some(s) = sessions.get_mut(session) else {
-                return failure("сессия истекла (session expired)");
+                return self.failure("сессия истекла (session expired)");
             };
-            let state = s.imports.get(&name).cloned();
-            if state.is_none() {
-                s.imports.insert(name.clone(), ImportState::Running);
-            }
-            (s.dir.clone(), state)
-        };
-        match state {
-            Some(ImportState::Done(r)) => return self.import_reply(session, &name, r),
-            Some(ImportState::Running) => {}
-            None => {
-                let me = self.clone();
-                let session_key = session.to_string();
-                let file = name.clone();
-                tokio::spawn(async move {
-                    let result = me.run_import(&dir, &file).await;
-                    if let Some(s) = me.sessions().get_mut(&session_key) {
-                        s.imports.insert(file, ImportState::Done(result));
-                    }
-                    me.finished.notify_waiters();
-                });
-            }
-        }
-        // wait a while for the work; 1C repeats the call on `progress`
-        let deadline = tokio::time::Instant::now() + IMPORT_WAIT;
-        loop {
-            // registered before the state is read, so a completion in between is not missed
-            let finished = self.finished.notified();
-            let state = self
-                .sessions()
-                .get(session)
-                .and_then(|s| s.imports.get(&name).cloned());
-            match state {
-                Some(ImportState::Done(r)) => return self.import_reply(session, &name, r),
-                Some(ImportState::Running) => {
-                    if tokio::time::timeout_at(deadline, finished).await.is_err() {
-                        return text("progress\nимпорт продолжается (import in progress)\n");
-                    }
+            let path = s.dir.join(&name);
+            match s.files.get(&name) {
+                Some(FileState::Refused(reason)) => {
+                    let reason = reason.clone();
+                    drop(sessions);
+                    return self.failure(&reason);
                 }
-                None => return failure("сессия истекла (session expired)"),
+                Some(FileState::Importing) => {
+                    drop(sessions);
+                    return self.failure("файл ещё загружается в учёт (the file is being imported)");
+                }
+                // the same name again after its import: a new file
+                Some(FileState::Done(_)) | None => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Some(FileState::Uploading) => {}
+            }
+            let total = s.uploaded_bytes.saturating_add(body.len() as u64);
+            if total > self.se.max_upload_bytes {
+                let reason = format!(
+                    "превышен объём загрузки {} байт (upload limit exceeded): файл {name} отклонён",
+                    self.se.max_upload_bytes
+                );
+                s.files.insert(name.clone(), FileState::Refused(reason.clone()));
+                let _ = std::fs::remove_file(&path);
+                drop(sessions);
+                tracing::warn!(file = %name, "1C site exchange: upload over the limit refused");
+                return self.failure(&reason);
+            }
+            let written = std::fs::create_dir_all(&s.dir).and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, body))
+            });
+            if let Err(e) = written {
+                drop(sessions);
+                tracing::error!(error = %e, file = %path.display(), "Cannot store an uploaded exchange file");
+                return self.failure("не удалось сохранить файл (cannot store the file)");
+            }
+            s.uploaded_bytes = total;
+            s.files.insert(name.clone(), FileState::Uploading);
+            (path, s.dir.clone())
+        };
+        if looks_complete(&path) {
+            self.start_import(session, &dir, &name);
+        }
+        self.text("success\n")
+    }
+
+    /// Marks a file (and, for an archive, the XML files inside it) as importing and imports
+    /// it in the background; the `import` calls wait for it.
+    fn start_import(self: &Arc<Self>, session: &str, dir: &Path, name: &str) {
+        let inner = zip_xml_names(&dir.join(name));
+        {
+            let mut sessions = self.sessions();
+            let Some(s) = sessions.get_mut(session) else {
+                return;
+            };
+            if !matches!(s.files.get(name), Some(FileState::Uploading)) {
+                return;
+            }
+            s.files.insert(name.to_string(), FileState::Importing);
+            for n in &inner {
+                s.files.insert(n.clone(), FileState::Importing);
             }
         }
+        let me = self.clone();
+        let session = session.to_string();
+        let dir = dir.to_path_buf();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let result = me.import_file(&dir, &name).await;
+            let finished = {
+                let mut sessions = me.sessions();
+                match sessions.get_mut(&session) {
+                    Some(s) => {
+                        s.files.insert(name.clone(), FileState::Done(result.clone()));
+                        for n in &inner {
+                            s.files.insert(n.clone(), FileState::Done(result.clone()));
+                        }
+                        !s.busy()
+                    }
+                    None => true,
+                }
+            };
+            if finished {
+                // the session's work is done: nothing of it stays on disk
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            me.finished.notify_waiters();
+        });
     }
 
-    fn import_reply(&self, session: &str, name: &str, r: Result<String, String>) -> Response {
-        if let Some(s) = self.sessions().get_mut(session) {
-            s.imports.remove(name);
-        }
-        match r {
-            Ok(summary) => text(format!("success\n{summary}\n")),
-            Err(reason) => failure(&reason),
-        }
-    }
-
-    async fn run_import(&self, dir: &Path, name: &str) -> Result<String, String> {
-        Self::unpack_archives(dir)?;
+    /// Imports one uploaded file; deletes it when done, moves it to `rejected/` with its
+    /// reason when it cannot be read or ended early.
+    async fn import_file(&self, dir: &Path, name: &str) -> Result<String, String> {
         let path = dir.join(name);
-        if !path.exists() {
-            return Err(format!("файл {name} не загружен (file {name} was not uploaded)"));
-        }
         let cfg = self.cfg.clone();
         let now = self.clock.now();
+        let p = path.clone();
         let result = self
             .ledger
             .run(move |l| {
                 let settings = ImportSettings::from_config(&cfg);
-                import_path(l, &path, &settings, &cfg, now)
+                import_path(l, &p, &settings, &cfg, now)
             })
             .await;
-        match result {
+        let outcome = match result {
             Ok(r) if r.truncated.is_none() => Ok(format!(
                 "{}: {} документов, {} применено, {} в карантине",
                 r.file,
@@ -389,21 +603,93 @@ impl SiteExchange {
                 r.quarantined
             )),
             Ok(r) => Err(format!(
-                "файл {} неполон: {}",
+                "файл {} неполон (file ended early), прочитано документов: {}: {}",
                 r.file,
+                r.documents,
                 r.truncated.unwrap_or_default()
             )),
+            Err(ImportError::Unreadable(reason)) => Err(reason),
             Err(e) => {
                 tracing::error!(file = %name, error = %e, "1C site exchange import failed");
                 Err(e.to_string())
             }
+        };
+        match &outcome {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&path);
+                self.stat(|s| s.files_imported += 1);
+            }
+            Err(reason) => {
+                tracing::error!(file = %name, reason = %reason, "1C site exchange: file rejected");
+                self.stat(|s| s.files_rejected += 1);
+                let rejected = self.rejected_dir();
+                if let Err(e) = retention::reject(&path, &rejected, reason, now) {
+                    tracing::error!(error = %e, file = %path.display(), "Cannot move a failed exchange file to rejected/");
+                    let _ = std::fs::remove_file(&path);
+                }
+                let keep = self.cfg.onec.as_ref().map(|o| o.keep.clone()).unwrap_or_default();
+                retention::prune(&rejected, &keep, now);
+            }
+        }
+        outcome
+    }
+
+    async fn import(self: &Arc<Self>, session: &str, params: &Params) -> Response {
+        let Some(name) = params.filename.as_deref().and_then(sanitize_file_name) else {
+            return self.failure("недопустимое имя файла (bad file name)");
+        };
+        // 1C calls `import` only after its uploads: a file still "uploading" is complete
+        // now, and the XML it names may be inside an archive uploaded under another name
+        let (dir, to_start) = {
+            let sessions = self.sessions();
+            let Some(s) = sessions.get(session) else {
+                drop(sessions);
+                return self.failure("сессия истекла (session expired)");
+            };
+            let uploading: Vec<String> = s
+                .files
+                .iter()
+                .filter(|(n, f)| {
+                    matches!(f, FileState::Uploading) && (**n == name || !s.files.contains_key(&name))
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            (s.dir.clone(), uploading)
+        };
+        for n in &to_start {
+            self.start_import(session, &dir, n);
+        }
+        let deadline = tokio::time::Instant::now() + IMPORT_WAIT;
+        loop {
+            // registered before the state is read, so a completion in between is not missed
+            let finished = self.finished.notified();
+            let state = self.sessions().get(session).map(|s| s.files.get(&name).cloned());
+            match state {
+                None => return self.failure("сессия истекла (session expired)"),
+                Some(None) => {
+                    return self.failure(&format!("файл {name} не загружен (file {name} was not uploaded)"));
+                }
+                Some(Some(FileState::Done(Ok(summary)))) => {
+                    return self.text(format!("success\n{summary}\n"));
+                }
+                Some(Some(FileState::Done(Err(reason)) | FileState::Refused(reason))) => {
+                    return self.failure(&reason);
+                }
+                Some(Some(FileState::Importing | FileState::Uploading)) => {
+                    if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                        return self.text("progress\nимпорт продолжается (import in progress)\n");
+                    }
+                }
+            }
         }
     }
 
-    /// `type=sale&mode=query`: the bonus documents and accounting postings waiting for 1C
-    /// (when `[accounting] postback = "commerceml"`). The rows sent are remembered for the
-    /// session and marked delivered when 1C confirms with `mode=success`; without the
-    /// confirmation they are sent again next time, with the same `Ид`.
+    /// `type=sale&mode=query`: by default an empty `КоммерческаяИнформация` — a stock 1C
+    /// imports only «Заказ товара» from it and aborts on anything else (UT `OS:4205-4217`).
+    /// With `[accounting] postback = "commerceml"` (a 1C extension takes them) the bonus
+    /// documents and postings waiting for 1C, remembered for the session and marked delivered
+    /// when 1C confirms with `mode=success`; without the confirmation they are sent again
+    /// next time, with the same `Ид`.
     async fn query(self: &Arc<Self>, session: &str) -> Response {
         let now = self.clock.now();
         let rows = if self.cfg.accounting.postback == crate::config::Postback::CommerceMl {
@@ -438,15 +724,20 @@ impl SiteExchange {
         r
     }
 
-    /// `type=sale&mode=success`: 1C took what the last `query` sent.
+    /// `type=sale&mode=success`: 1C took what the last `query` sent; the session's work ends.
     async fn success(self: &Arc<Self>, session: &str) -> Response {
-        let sent = self
-            .sessions()
-            .get_mut(session)
-            .map(|s| std::mem::take(&mut s.sent))
-            .unwrap_or_default();
+        let (sent, dir) = {
+            let mut sessions = self.sessions();
+            match sessions.get_mut(session) {
+                Some(s) => (std::mem::take(&mut s.sent), (!s.busy()).then(|| s.dir.clone())),
+                None => (Vec::new(), None),
+            }
+        };
+        if let Some(dir) = dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         if sent.is_empty() {
-            return text("success\n");
+            return self.text("success\n");
         }
         let now = self.clock.now();
         let n = sent.len();
@@ -457,9 +748,9 @@ impl SiteExchange {
         {
             Ok(()) => {
                 tracing::info!(documents = n, "1C confirmed the documents sent");
-                text("success\n")
+                self.text("success\n")
             }
-            Err(e) => failure(&format!("не удалось отметить доставку: {e}")),
+            Err(e) => self.failure(&format!("не удалось отметить доставку: {e}")),
         }
     }
 }
@@ -476,30 +767,23 @@ async fn handle(
     let mode = params.mode.as_deref().unwrap_or("");
     let kind = params.kind.as_deref().unwrap_or("");
     if !matches!(kind, "catalog" | "sale") {
-        return failure("type должен быть catalog или sale (type must be catalog or sale)");
+        return ex.failure("type должен быть catalog или sale (type must be catalog or sale)");
     }
     if mode == "checkauth" {
         return ex.checkauth(&headers);
     }
     let session = match ex.session(&headers, &params) {
         Ok(s) => s,
-        Err(reason) => return failure(reason),
+        Err(reason) => return ex.failure(reason),
     };
     match mode {
         "init" => ex.init(),
-        "file" => {
-            let r = ex.file(&session, &params, &body);
-            if kind == "sale" && r.status().is_success() {
-                // older 1C sends sale documents with `file` only and expects them processed
-                let _ = ex.import(&session, &params).await;
-            }
-            r
-        }
+        "file" => ex.file(&session, &params, &body),
         "import" => ex.import(&session, &params).await,
         "query" if kind == "sale" => ex.query(&session).await,
         "success" if kind == "sale" => ex.success(&session).await,
-        "complete" | "deactivate" => text("success\n"),
-        other => failure(&format!("неизвестный режим {other:?} (unknown mode)")),
+        "complete" | "deactivate" => ex.text("success\n"),
+        other => ex.failure(&format!("неизвестный режим {other:?} (unknown mode)")),
     }
 }
 
@@ -525,5 +809,51 @@ mod tests {
         check("", None);
         check("x\u{0}y", None);
         check("C:", None);
+    }
+
+    #[test]
+    fn a_file_is_complete_when_its_root_closes_in_either_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |bytes: &[u8], expected: bool| {
+            let p = dir.path().join("f.xml");
+            std::fs::write(&p, bytes).unwrap();
+            assert_eq!(
+                looks_complete(&p),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        };
+        check(
+            "<?xml version=\"1.0\"?><КоммерческаяИнформация><Документ/>".as_bytes(),
+            false,
+        );
+        check(
+            "<?xml version=\"1.0\"?><КоммерческаяИнформация></КоммерческаяИнформация>\r\n".as_bytes(),
+            true,
+        );
+        check(
+            "<a:КоммерческаяИнформация></a:КоммерческаяИнформация>".as_bytes(),
+            true,
+        );
+        check(
+            &encoding_rs::WINDOWS_1251
+                .encode("<?xml version=\"1.0\" encoding=\"windows-1251\"?><КоммерческаяИнформация></КоммерческаяИнформация>\n")
+                .0,
+            true,
+        );
+        check(b"", false);
+        // a zip is complete once its central directory arrived
+        let mut buf = std::io::Cursor::new(Vec::new());
+        {
+            let mut z = zip::ZipWriter::new(&mut buf);
+            z.start_file("orders.xml", zip::write::SimpleFileOptions::default())
+                .unwrap();
+            std::io::Write::write_all(&mut z, b"<x/>").unwrap();
+            z.finish().unwrap();
+        }
+        let whole = buf.into_inner();
+        check(&whole, true);
+        check(&whole[..whole.len() - 10], false);
     }
 }

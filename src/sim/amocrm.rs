@@ -821,7 +821,7 @@ async fn handle(
             if s.violations >= s.block_after_violations {
                 s.blocked = true;
             }
-            if s.violations % 2 == 0 {
+            if s.violations.is_multiple_of(2) {
                 html(429)
             } else {
                 problem(429, "Too Many Requests", "Too many requests per second")

@@ -301,10 +301,10 @@ impl<W: Write> DocumentsWriter<W> {
             requisite(b, 3, &points_requisite, &doc.points_redeemed.0.to_string());
         }
         b.push_str("\t\t</ЗначенияРеквизитов>\n");
-        if doc.kind == DocKind::Return {
-            if let Some(original) = &doc.original {
-                leaf(b, 2, "Основание", original);
-            }
+        if doc.kind == DocKind::Return
+            && let Some(original) = &doc.original
+        {
+            leaf(b, 2, "Основание", original);
         }
         b.push_str("\t</Документ>\n");
         self.flush_buf()
@@ -500,21 +500,21 @@ impl<'a> Generator<'a> {
         if let Some(c) = customer {
             d.customer.onec_id = Some(format!("CP-{c:05}"));
         }
-        if self.n % 7 == 3 {
-            if let Some(delivery) = shop.products.iter().find(|p| p.service) {
-                d.lines.push(Line {
-                    product_id: delivery.id.clone(),
-                    name: delivery.name.clone(),
-                    category: Some(delivery.category.clone()),
-                    quantity: Decimal::ONE,
-                    unit_price: delivery.price,
-                    discount: Money::ZERO,
-                    net: delivery.price,
-                    unit_cost: Some(delivery.cost),
-                    service: true,
-                });
-                d.total = Money(d.total.0 + delivery.price.0);
-            }
+        if self.n % 7 == 3
+            && let Some(delivery) = shop.products.iter().find(|p| p.service)
+        {
+            d.lines.push(Line {
+                product_id: delivery.id.clone(),
+                name: delivery.name.clone(),
+                category: Some(delivery.category.clone()),
+                quantity: Decimal::ONE,
+                unit_price: delivery.price,
+                discount: Money::ZERO,
+                net: delivery.price,
+                unit_cost: Some(delivery.cost),
+                service: true,
+            });
+            d.total = Money(d.total.0 + delivery.price.0);
         }
         d.occurred_at = shop.start + Duration::seconds(self.n as i64 * 97);
         d.source.version = content_version(&d);
@@ -545,7 +545,7 @@ impl Iterator for Generator<'_> {
             let lines = self.rng.usize(1..=sale.lines.len().max(1));
             let mut r = self.shop.return_of(&sale, self.n, lines, 1);
             r.occurred_at = sale.occurred_at + Duration::hours(30);
-            if self.returns_made % 4 == 0 {
+            if self.returns_made.is_multiple_of(4) {
                 // connectors name the base document by its number as often as by its id
                 r.original = sale.number.clone();
             }

@@ -4,5 +4,6 @@
 pub mod amocrm;
 pub mod commerceml;
 pub mod onec_odata;
+pub mod onec_orders;
 pub mod onec_site;
 pub mod sales;

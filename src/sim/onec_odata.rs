@@ -1,7 +1,32 @@
-//! A 1C:Розница base seen through its standard OData interface, for `kopilka demo`, tests
-//! and benchmarks.
+//! A 1C base — Розница 2, УНФ 3.0 (= Розница 3.0) or УТ 11 — seen through its standard OData
+//! interface, for `kopilka demo`, tests and benchmarks.
 //!
-//! Written from the protocol description (`shared/specs/onec.md` C), not from kopilka's
+//! The objects follow the configurations' own metadata, not kopilka's mappings: the dumps of
+//! 1С:Розница 2.2.12.30 (github DeZargo/1c_retail_apple @ 896da2e1), УНФ 3.0.8.73
+//! (AlexanderYekat/unf @ 39143e43) and УТ 11.5.8.254 (evlahov-igor/UT11 @ 302d05cb), as graded
+//! in `shared/specs/onec-configurations.md` ([`schema`] names each object's XML). Per
+//! configuration: Розница 2 keeps cards in `Catalog_ИнформационныеКарты` whose owner is a
+//! composite reference (`ВладелецКарты` + `ВладелецКарты_Type`: ФизическиеЛица or
+//! Контрагенты), makes a till return a `ЧекККМ` with `ВидОперации = Возврат` naming its sale in
+//! `ЧекККМПродажа_Key`, and a later return a `ВозвратТоваровОтПокупателя` naming the sale per
+//! line (`Товары.ЧекККМ_Key`); УНФ has `Запасы`, `Catalog_ДисконтныеКарты`,
+//! `ЧекККМВозврат` and invoices (`РасходнаяНакладная`) of which only `ВидОперации =
+//! ПродажаПокупателю` is a sale; УТ 11 has `Catalog_КартыЛояльности`/`Catalog_Партнеры` and
+//! pays with points in `СуммаБонусныхБалловКСписаниюВВалюте`. Return lines carry the points
+//! paid on the returned goods where the configuration has the field (Розница 2, УНФ). УТ 11's
+//! `ЧекККМВозврат` has no such field (OPEN how 1C fills it), so its simulated returns are only
+//! of sales paid in money.
+//!
+//! The bonus register (`AccumulationRegister_БонусныеБаллы`, per card in Розница 2 and УНФ, per
+//! partner in УТ 11) is derived from what is posted, in date order, the way the spec's semantic
+//! findings describe it: an accrual is a `Начислено` receipt and, with a burn date, a
+//! `КСписанию` receipt at that date; points paid at the till are a `Начислено` expense that also
+//! lowers the soonest scheduled burns; a return gives its points back; a bonus document's
+//! write-off lowers the schedule by its burn correction. `/Balance(Period=…)` answers
+//! `Начислено − КСписанию` movements before the date, `_RecordType` lists the movements, and
+//! [`OdataSim::register_balances`] is 1C's spendable balance `Начислено − max(КСписанию, 0)`.
+//!
+//! The protocol follows its description (`shared/specs/onec.md` C), not kopilka's
 //! client: it serves `/<publication>/odata/standard.odata/` on `127.0.0.1:0` with HTTP Basic
 //! auth (401 without it), JSON only on `$format=json` or `Accept: application/json` (Atom
 //! otherwise), `$metadata` as EDMX, entity sets with tabular sections inline, one entity by
@@ -203,26 +228,184 @@ pub struct SimTruth {
     pub net_total_kopecks: i64,
 }
 
-/// One holder's points in the bonus register.
+/// One customer's points in the bonus register.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BonusTruth {
-    pub partner_key: String,
+    /// The customer's 1C key (a person, counterparty or partner).
+    pub person_key: String,
     pub card: Option<String>,
     pub points: i64,
 }
 
+/// Which configuration the simulated base is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Configuration {
+    /// 1С:Розница 2.2 (`DeZargo/1c_retail_apple`).
+    #[default]
+    Roznica2,
+    /// 1С:УНФ 3.0, which Розница 3.0 is built on (`AlexanderYekat/unf`).
+    Unf,
+    /// 1С:УТ 11.5 (`evlahov-igor/UT11`).
+    Ut11,
+}
+
+/// The names a configuration gives the objects the simulator publishes.
+#[derive(Clone, Copy, Debug)]
+pub struct Names {
+    /// The built-in kopilka mapping for this configuration.
+    pub mapping: &'static str,
+    pub receipts: &'static str,
+    /// Where returns made apart from a receipt go.
+    pub returns: &'static str,
+    /// УНФ's sale invoices.
+    pub invoices: Option<&'static str>,
+    pub rows: &'static str,
+    pub store: &'static str,
+    pub card: &'static str,
+    /// The line after every discount and points.
+    pub net: &'static str,
+    pub discounts: [&'static str; 2],
+    /// The rubles paid with points on a line.
+    pub points_paid: &'static str,
+    pub cards: &'static str,
+    pub card_number: &'static str,
+    pub card_owner: &'static str,
+    pub people: &'static str,
+    /// The second catalog a composite owner may point into.
+    pub people_other: Option<&'static str>,
+    pub programs: &'static str,
+    pub prices: &'static str,
+    pub price_type: &'static str,
+    pub price_variant: &'static str,
+    pub bonus_holder: &'static str,
+    pub bonus_program: Option<&'static str>,
+    pub bonus_documents: &'static str,
+    pub bonus_document_program: &'static str,
+    pub accruals: &'static str,
+    pub writeoffs: &'static str,
+    pub bonus_document_holder: &'static str,
+    pub bonus_document_points: &'static str,
+    pub accrued_on: Option<&'static str>,
+    pub expires_on: Option<&'static str>,
+    pub burn_correction: Option<&'static str>,
+}
+
+impl Configuration {
+    pub fn names(self) -> Names {
+        match self {
+            Configuration::Roznica2 => Names {
+                mapping: "roznica2",
+                receipts: RECEIPTS,
+                returns: "Document_ВозвратТоваровОтПокупателя",
+                invoices: None,
+                rows: "Товары",
+                store: "Магазин_Key",
+                card: "ДисконтнаяКарта_Key",
+                net: "Сумма",
+                discounts: ["СуммаРучнойСкидки", "СуммаАвтоматическойСкидки"],
+                points_paid: "СуммаСкидкиОплатыБонусом",
+                cards: "Catalog_ИнформационныеКарты",
+                card_number: "КодКарты",
+                card_owner: "ВладелецКарты",
+                people: "Catalog_ФизическиеЛица",
+                people_other: Some("Catalog_Контрагенты"),
+                programs: "Catalog_БонусныеПрограммыЛояльности",
+                prices: PRICES,
+                price_type: "ВидЦены_Key",
+                price_variant: "Характеристика_Key",
+                bonus_holder: "ДисконтнаяКарта_Key",
+                bonus_program: Some("БонуснаяПрограммаЛояльности_Key"),
+                bonus_documents: "Document_НачислениеИСписаниеБонусныхБаллов",
+                bonus_document_program: "БонуснаяПрограммаЛояльности_Key",
+                accruals: "Начисление",
+                writeoffs: "Списание",
+                bonus_document_holder: "ДисконтнаяКарта_Key",
+                bonus_document_points: "Баллы",
+                accrued_on: None,
+                expires_on: None,
+                burn_correction: Some("БаллыКСписанию"),
+            },
+            Configuration::Unf => Names {
+                mapping: "unf",
+                receipts: RECEIPTS,
+                returns: "Document_ЧекККМВозврат",
+                invoices: Some("Document_РасходнаяНакладная"),
+                rows: "Запасы",
+                store: "КассаККМ_Key",
+                card: "ДисконтнаяКарта_Key",
+                net: "Всего",
+                discounts: ["СуммаСкидкиНаценки", "СуммаАвтоматическойСкидки"],
+                points_paid: "СуммаСкидкиОплатыБонусом",
+                cards: "Catalog_ДисконтныеКарты",
+                card_number: "КодКартыШтрихкод",
+                card_owner: "ВладелецКарты_Key",
+                people: "Catalog_Контрагенты",
+                people_other: None,
+                programs: "Catalog_БонусныеПрограммы",
+                prices: PRICES,
+                price_type: "ВидЦен_Key",
+                price_variant: "Характеристика_Key",
+                bonus_holder: "БонуснаяКарта_Key",
+                bonus_program: None,
+                bonus_documents: "Document_НачислениеСписаниеБонусныхБаллов",
+                bonus_document_program: "БонуснаяПрограмма_Key",
+                accruals: "НачисленияБонусов",
+                writeoffs: "СписанияБонусов",
+                bonus_document_holder: "БонуснаяКарта_Key",
+                bonus_document_points: "Количество",
+                accrued_on: Some("ДатаНачисления"),
+                expires_on: Some("ДатаСгорания"),
+                burn_correction: Some("КорректировкаКСписанию"),
+            },
+            Configuration::Ut11 => Names {
+                mapping: "ut11",
+                receipts: RECEIPTS,
+                returns: "Document_ЧекККМВозврат",
+                invoices: None,
+                rows: "Товары",
+                store: "Склад_Key",
+                card: "КартаЛояльности_Key",
+                net: "Сумма",
+                discounts: ["СуммаРучнойСкидки", "СуммаАвтоматическойСкидки"],
+                points_paid: "СуммаБонусныхБалловКСписаниюВВалюте",
+                cards: "Catalog_КартыЛояльности",
+                card_number: "Штрихкод",
+                card_owner: "Партнер_Key",
+                people: "Catalog_Партнеры",
+                people_other: None,
+                programs: "Catalog_БонусныеПрограммыЛояльности",
+                prices: "InformationRegister_ЦеныНоменклатуры25",
+                price_type: "ВидЦены_Key",
+                price_variant: "ХарактеристикаЦО_Key",
+                bonus_holder: "Партнер_Key",
+                bonus_program: Some("БонуснаяПрограммаЛояльности_Key"),
+                bonus_documents: "Document_НачислениеИСписаниеБонусныхБаллов",
+                bonus_document_program: "БонуснаяПрограммаЛояльности_Key",
+                accruals: "Начисление",
+                writeoffs: "Списание",
+                bonus_document_holder: "Партнер_Key",
+                bonus_document_points: "Баллы",
+                accrued_on: None,
+                expires_on: None,
+                burn_correction: None,
+            },
+        }
+    }
+}
+
 pub const RECEIPTS: &str = "Document_ЧекККМ";
-pub const RETURNS: &str = "Document_ЧекККМВозврат";
+/// Розница 2's later returns (the default configuration's).
+pub const RETURNS: &str = "Document_ВозвратТоваровОтПокупателя";
 pub const PRODUCTS: &str = "Catalog_Номенклатура";
 pub const PRICE_TYPES: &str = "Catalog_ВидыЦен";
 pub const PRICES: &str = "InformationRegister_ЦеныНоменклатуры";
-pub const CARDS: &str = "Catalog_КартыЛояльности";
-pub const PARTNERS: &str = "Catalog_Партнеры";
-pub const PROGRAMS: &str = "Catalog_БонусныеПрограммыЛояльности";
+/// Розница 2's cards (the default configuration's).
+pub const CARDS: &str = "Catalog_ИнформационныеКарты";
 pub const BONUS: &str = "AccumulationRegister_БонусныеБаллы";
-/// The bonus document kopilka writes (Розница's name).
-pub const BONUS_DOCUMENTS: &str = "Document_НачислениеИСписаниеБонусныхБаллов";
-/// The accounting document kopilka writes its daily postings to.
+/// The register's movements, one entity per record.
+pub const BONUS_RECORDS: &str = "AccumulationRegister_БонусныеБаллы_RecordType";
+/// The accounting document kopilka writes its daily postings to (БП 3.0's ОперацияБух with a
+/// `Проводки` section an extension adds, as kopilka's mappings name it).
 pub const ACCOUNTING_DOCUMENTS: &str = "Document_ОперацияБух";
 pub const ORGANIZATIONS: &str = "Catalog_Организации";
 pub const ACCOUNTS: &str = "ChartOfAccounts_Хозрасчетный";
@@ -231,6 +414,8 @@ pub const ORGANIZATION: &str = "ООО «Ромашка»";
 /// The accounts of the simulated chart (kopilka's default accounts).
 pub const ACCOUNT_CODES: &[&str] = &["44.01", "96", "62.01", "91.01", "91.02"];
 const EMPTY: &str = "00000000-0000-0000-0000-000000000000";
+/// 1C's empty date.
+const EMPTY_DATE: &str = "0001-01-01T00:00:00";
 
 /// A set's shape for `$metadata`: properties (name, EDM type) and tabular sections.
 struct SetSchema {
@@ -246,141 +431,437 @@ const D: &str = "Edm.Double";
 const T: &str = "Edm.DateTime";
 const I: &str = "Edm.Int64";
 
-/// The Розница objects the simulator publishes, with the names the spec gives.
-fn schema() -> Vec<SetSchema> {
-    let doc_head = |extra: &[(&'static str, &'static str)]| {
-        let mut p = vec![
-            ("Ref_Key", G),
-            ("DataVersion", S),
-            ("DeletionMark", B),
-            ("Number", S),
-            ("Date", T),
-            ("Posted", B),
-            ("ВидОперации", S),
-            ("Магазин_Key", G),
-            ("КартаЛояльности_Key", G),
-            ("СуммаДокумента", D),
-        ];
+type Props = Vec<(&'static str, &'static str)>;
+
+/// The objects a configuration publishes, each with a subset of its attributes as the dump
+/// has them (`Documents/ЧекККМ.xml` etc. of the repositories named in the module docs).
+fn schema(conf: Configuration) -> Vec<SetSchema> {
+    let n = conf.names();
+    let with = |base: &[(&'static str, &'static str)], extra: &[(&'static str, &'static str)]| -> Props {
+        let mut p = base.to_vec();
         p.extend_from_slice(extra);
         p
     };
-    let goods = vec![
+    let doc: Props = vec![
+        ("Ref_Key", G),
+        ("DataVersion", S),
+        ("DeletionMark", B),
+        ("Number", S),
+        ("Date", T),
+        ("Posted", B),
+        ("Комментарий", S),
+    ];
+    let catalog: Props = vec![
+        ("Ref_Key", G),
+        ("DataVersion", S),
+        ("DeletionMark", B),
+        ("Code", S),
+        ("Description", S),
+        ("Predefined", B),
+    ];
+    let line: Props = vec![
         ("LineNumber", I),
         ("Номенклатура_Key", G),
         ("Характеристика_Key", G),
         ("Количество", D),
         ("Цена", D),
         ("Сумма", D),
-        ("СуммаРучнойСкидки", D),
-        ("СуммаАвтоматическойСкидки", D),
-        ("СуммаСкидкиОплатыБонусом", D),
-        ("Продавец_Key", G),
     ];
-    let catalog = |extra: &[(&'static str, &'static str)]| {
-        let mut p = vec![
-            ("Ref_Key", G),
-            ("DataVersion", S),
-            ("DeletionMark", B),
-            ("Code", S),
-            ("Description", S),
-            ("Predefined", B),
-        ];
-        p.extend_from_slice(extra);
-        p
+    let contacts = (
+        "КонтактнаяИнформация",
+        vec![("LineNumber", I), ("Тип", S), ("Представление", S)],
+    );
+    let register: Props = vec![
+        ("Period", T),
+        ("Recorder", S),
+        ("Recorder_Type", S),
+        ("LineNumber", I),
+        ("Active", B),
+        ("RecordType", S),
+    ];
+    let mut out = match conf {
+        // Documents/ЧекККМ.xml, Documents/ВозвратТоваровОтПокупателя.xml,
+        // Catalogs/ИнформационныеКарты.xml, Catalogs/ФизическиеЛица.xml, Catalogs/Контрагенты.xml,
+        // AccumulationRegisters/БонусныеБаллы.xml, Documents/НачислениеИСписаниеБонусныхБаллов.xml
+        Configuration::Roznica2 => {
+            let goods = with(
+                &line,
+                &[
+                    ("СуммаРучнойСкидки", D),
+                    ("СуммаАвтоматическойСкидки", D),
+                    ("СуммаСкидкиОплатыБонусом", D),
+                    ("Продавец_Key", G),
+                ],
+            );
+            vec![
+                SetSchema {
+                    set: RECEIPTS,
+                    props: with(
+                        &doc,
+                        &[
+                            ("ВидОперации", S),
+                            ("Магазин_Key", G),
+                            ("КассаККМ_Key", G),
+                            ("ДисконтнаяКарта_Key", G),
+                            ("ВладелецДисконтнойКарты", S),
+                            ("ВладелецДисконтнойКарты_Type", S),
+                            ("Контрагент_Key", G),
+                            ("ЧекККМПродажа_Key", G),
+                            ("СуммаДокумента", D),
+                        ],
+                    ),
+                    sections: vec![("Товары", goods.clone())],
+                },
+                SetSchema {
+                    set: n.returns,
+                    props: with(
+                        &doc,
+                        &[
+                            ("Магазин_Key", G),
+                            ("ДисконтнаяКарта_Key", G),
+                            ("ВладелецДисконтнойКарты", S),
+                            ("ВладелецДисконтнойКарты_Type", S),
+                            ("Контрагент_Key", G),
+                            ("СуммаДокумента", D),
+                        ],
+                    ),
+                    sections: vec![(
+                        "Товары",
+                        with(
+                            &goods,
+                            &[
+                                ("ЧекККМ_Key", G),
+                                ("ДокументПродажи", S),
+                                ("ДокументПродажи_Type", S),
+                            ],
+                        ),
+                    )],
+                },
+                SetSchema {
+                    set: n.cards,
+                    props: with(
+                        &catalog,
+                        &[
+                            ("КодКарты", S),
+                            ("ВладелецКарты", S),
+                            ("ВладелецКарты_Type", S),
+                            ("ВидКарты", S),
+                            ("БонуснаяПрограммаЛояльности_Key", G),
+                        ],
+                    ),
+                    sections: vec![],
+                },
+                SetSchema {
+                    set: n.people,
+                    props: catalog.clone(),
+                    sections: vec![contacts.clone()],
+                },
+                SetSchema {
+                    set: "Catalog_Контрагенты",
+                    props: catalog.clone(),
+                    sections: vec![contacts.clone()],
+                },
+                SetSchema {
+                    set: n.bonus_documents,
+                    props: with(
+                        &doc,
+                        &[
+                            ("БонуснаяПрограммаЛояльности_Key", G),
+                            ("ПериодДействия", S),
+                            ("ДатаОкончанияСрокаДействия", T),
+                        ],
+                    ),
+                    sections: vec![
+                        (
+                            "Начисление",
+                            vec![("LineNumber", I), ("ДисконтнаяКарта_Key", G), ("Баллы", D)],
+                        ),
+                        (
+                            "Списание",
+                            vec![
+                                ("LineNumber", I),
+                                ("ДисконтнаяКарта_Key", G),
+                                ("Баллы", D),
+                                ("БаллыКСписанию", D),
+                            ],
+                        ),
+                    ],
+                },
+            ]
+        }
+        // Documents/ЧекККМ.xml, Documents/ЧекККМВозврат.xml, Documents/РасходнаяНакладная.xml,
+        // Catalogs/ДисконтныеКарты.xml, Catalogs/Контрагенты.xml, Catalogs/БонусныеПрограммы.xml,
+        // AccumulationRegisters/БонусныеБаллы.xml, Documents/НачислениеСписаниеБонусныхБаллов.xml
+        Configuration::Unf => {
+            let stock = with(
+                &line,
+                &[
+                    ("СуммаСкидкиНаценки", D),
+                    ("СуммаНДС", D),
+                    ("Всего", D),
+                    ("СуммаАвтоматическойСкидки", D),
+                    ("СуммаСкидкиОплатыБонусом", D),
+                ],
+            );
+            let head = with(
+                &doc,
+                &[
+                    ("КассаККМ_Key", G),
+                    ("ДисконтнаяКарта_Key", G),
+                    ("Контрагент_Key", G),
+                    ("СуммаДокумента", D),
+                ],
+            );
+            vec![
+                SetSchema {
+                    set: RECEIPTS,
+                    props: head.clone(),
+                    sections: vec![("Запасы", stock.clone())],
+                },
+                SetSchema {
+                    set: n.returns,
+                    props: with(&head, &[("ЧекККМ_Key", G)]),
+                    sections: vec![(
+                        "Запасы",
+                        with(
+                            &stock,
+                            &[
+                                ("СуммаСкидкиОплатыБонусомЧекаПродажи", D),
+                                ("СуммаАвтоматическойСкидкиЧекаПродажи", D),
+                            ],
+                        ),
+                    )],
+                },
+                SetSchema {
+                    set: "Document_РасходнаяНакладная",
+                    props: with(
+                        &doc,
+                        &[
+                            ("ВидОперации", S),
+                            ("ДисконтнаяКарта_Key", G),
+                            ("Контрагент_Key", G),
+                            ("СуммаДокумента", D),
+                        ],
+                    ),
+                    sections: vec![("Запасы", stock)],
+                },
+                SetSchema {
+                    set: n.cards,
+                    props: with(
+                        &catalog,
+                        &[
+                            ("КодКартыШтрихкод", S),
+                            ("КодКартыМагнитный", S),
+                            ("ВладелецКарты_Key", G),
+                        ],
+                    ),
+                    sections: vec![],
+                },
+                SetSchema {
+                    set: n.people,
+                    props: catalog.clone(),
+                    sections: vec![contacts.clone()],
+                },
+                SetSchema {
+                    set: n.bonus_documents,
+                    props: with(&doc, &[("БонуснаяПрограмма_Key", G)]),
+                    sections: vec![
+                        (
+                            "НачисленияБонусов",
+                            vec![
+                                ("LineNumber", I),
+                                ("БонуснаяКарта_Key", G),
+                                ("Количество", D),
+                                ("ДатаНачисления", T),
+                                ("ДатаСгорания", T),
+                            ],
+                        ),
+                        (
+                            "СписанияБонусов",
+                            vec![
+                                ("LineNumber", I),
+                                ("БонуснаяКарта_Key", G),
+                                ("Количество", D),
+                                ("КорректировкаКСписанию", D),
+                            ],
+                        ),
+                    ],
+                },
+            ]
+        }
+        // Documents/ЧекККМ.xml, Documents/ЧекККМВозврат.xml, Documents/РеализацияТоваровУслуг.xml,
+        // Documents/ВозвратТоваровОтКлиента.xml, Catalogs/КартыЛояльности.xml, Catalogs/Партнеры.xml,
+        // InformationRegisters/ЦеныНоменклатуры25.xml, AccumulationRegisters/БонусныеБаллы.xml,
+        // Documents/НачислениеИСписаниеБонусныхБаллов.xml
+        Configuration::Ut11 => {
+            let goods = with(
+                &line,
+                &[
+                    ("СуммаНДС", D),
+                    ("СуммаАвтоматическойСкидки", D),
+                    ("СуммаРучнойСкидки", D),
+                    ("СуммаБонусныхБалловКСписанию", D),
+                    ("СуммаБонусныхБалловКСписаниюВВалюте", D),
+                ],
+            );
+            let invoice_goods = vec![
+                ("LineNumber", I),
+                ("Номенклатура_Key", G),
+                ("Характеристика_Key", G),
+                ("Количество", D),
+                ("Цена", D),
+                ("Сумма", D),
+                ("СуммаСНДС", D),
+                ("СуммаРучнойСкидки", D),
+                ("СуммаАвтоматическойСкидки", D),
+            ];
+            vec![
+                SetSchema {
+                    set: RECEIPTS,
+                    props: with(
+                        &doc,
+                        &[
+                            ("КассаККМ_Key", G),
+                            ("Склад_Key", G),
+                            ("КартаЛояльности_Key", G),
+                            ("Партнер_Key", G),
+                            ("СуммаДокумента", D),
+                        ],
+                    ),
+                    sections: vec![("Товары", goods)],
+                },
+                SetSchema {
+                    set: n.returns,
+                    props: with(
+                        &doc,
+                        &[
+                            ("КассаККМ_Key", G),
+                            ("Склад_Key", G),
+                            ("ЧекККМ_Key", G),
+                            ("Партнер_Key", G),
+                            ("КартаЛояльности_Key", G),
+                            ("СуммаБонусныхБалловКВозврату", D),
+                            ("СуммаДокумента", D),
+                        ],
+                    ),
+                    sections: vec![("Товары", with(&line, &[("СуммаНДС", D)]))],
+                },
+                SetSchema {
+                    set: "Document_РеализацияТоваровУслуг",
+                    props: with(
+                        &doc,
+                        &[
+                            ("Партнер_Key", G),
+                            ("КартаЛояльности_Key", G),
+                            ("СуммаДокумента", D),
+                        ],
+                    ),
+                    sections: vec![("Товары", invoice_goods.clone())],
+                },
+                SetSchema {
+                    set: "Document_ВозвратТоваровОтКлиента",
+                    props: with(
+                        &doc,
+                        &[
+                            ("Партнер_Key", G),
+                            ("ДокументРеализации", S),
+                            ("ДокументРеализации_Type", S),
+                            ("ЧекККМ_Key", G),
+                            ("СуммаДокумента", D),
+                        ],
+                    ),
+                    sections: vec![("Товары", invoice_goods)],
+                },
+                SetSchema {
+                    set: n.cards,
+                    props: with(
+                        &catalog,
+                        &[
+                            ("Штрихкод", S),
+                            ("МагнитныйКод", S),
+                            ("Партнер_Key", G),
+                            ("Контрагент_Key", G),
+                        ],
+                    ),
+                    sections: vec![],
+                },
+                SetSchema {
+                    set: n.people,
+                    props: catalog.clone(),
+                    sections: vec![contacts.clone()],
+                },
+                SetSchema {
+                    set: n.bonus_documents,
+                    props: with(
+                        &doc,
+                        &[
+                            ("БонуснаяПрограммаЛояльности_Key", G),
+                            ("ПериодДействия", S),
+                            ("ДатаОкончанияСрокаДействия", T),
+                        ],
+                    ),
+                    sections: vec![
+                        (
+                            "Начисление",
+                            vec![("LineNumber", I), ("Партнер_Key", G), ("Баллы", D)],
+                        ),
+                        (
+                            "Списание",
+                            vec![("LineNumber", I), ("Партнер_Key", G), ("Баллы", D)],
+                        ),
+                    ],
+                },
+            ]
+        }
     };
-    vec![
-        SetSchema {
-            set: RECEIPTS,
-            props: doc_head(&[]),
-            sections: vec![("Товары", goods.clone())],
-        },
-        SetSchema {
-            set: RETURNS,
-            props: doc_head(&[("ЧекККМ_Key", G)]),
-            sections: vec![("Товары", goods)],
-        },
+    let mut bonus = register.clone();
+    bonus.push((n.bonus_holder, G));
+    bonus.extend(n.bonus_program.map(|p| (p, G)));
+    bonus.extend([("Начислено", D), ("КСписанию", D)]);
+    out.extend([
         SetSchema {
             set: PRODUCTS,
-            props: catalog(&[
-                ("Parent_Key", G),
-                ("IsFolder", B),
-                ("Артикул", S),
-                ("ВидНоменклатуры_Key", G),
-            ]),
+            props: with(
+                &catalog,
+                &[
+                    ("Parent_Key", G),
+                    ("IsFolder", B),
+                    ("Артикул", S),
+                    ("ТипНоменклатуры", S),
+                ],
+            ),
             sections: vec![],
         },
         SetSchema {
             set: PRICE_TYPES,
-            props: catalog(&[]),
+            props: catalog.clone(),
             sections: vec![],
         },
         SetSchema {
-            set: PRICES,
+            set: n.prices,
             props: vec![
                 ("Period", T),
                 ("Номенклатура_Key", G),
-                ("Характеристика_Key", G),
-                ("ВидЦены_Key", G),
+                (n.price_variant, G),
+                (n.price_type, G),
                 ("Цена", D),
             ],
             sections: vec![],
         },
         SetSchema {
-            set: CARDS,
-            props: catalog(&[
-                ("Owner_Key", G),
-                ("Штрихкод", S),
-                ("МагнитныйКод", S),
-                ("Партнер_Key", G),
-            ]),
+            set: n.programs,
+            props: catalog.clone(),
             sections: vec![],
         },
         SetSchema {
-            set: PARTNERS,
-            props: catalog(&[]),
-            sections: vec![(
-                "КонтактнаяИнформация",
-                vec![("LineNumber", I), ("Тип", S), ("Представление", S)],
-            )],
-        },
-        SetSchema {
-            set: PROGRAMS,
-            props: catalog(&[]),
+            set: BONUS,
+            props: bonus.clone(),
             sections: vec![],
         },
         SetSchema {
-            set: BONUS_DOCUMENTS,
-            props: vec![
-                ("Ref_Key", G),
-                ("DataVersion", S),
-                ("DeletionMark", B),
-                ("Number", S),
-                ("Date", T),
-                ("Posted", B),
-                ("БонуснаяПрограмма_Key", G),
-                ("Комментарий", S),
-            ],
-            sections: vec![
-                (
-                    "НачисленияБонусов",
-                    vec![
-                        ("LineNumber", I),
-                        ("БонуснаяКарта_Key", G),
-                        ("Количество", D),
-                        ("ДатаНачисления", T),
-                        ("ДатаСгорания", T),
-                    ],
-                ),
-                (
-                    "СписанияБонусов",
-                    vec![
-                        ("LineNumber", I),
-                        ("БонуснаяКарта_Key", G),
-                        ("Количество", D),
-                        ("КорректировкаКСписанию", D),
-                    ],
-                ),
-            ],
+            set: BONUS_RECORDS,
+            props: bonus,
+            sections: vec![],
         },
         SetSchema {
             set: ACCOUNTING_DOCUMENTS,
@@ -409,29 +890,16 @@ fn schema() -> Vec<SetSchema> {
         },
         SetSchema {
             set: ORGANIZATIONS,
-            props: catalog(&[]),
+            props: catalog.clone(),
             sections: vec![],
         },
         SetSchema {
             set: ACCOUNTS,
-            props: catalog(&[]),
+            props: catalog,
             sections: vec![],
         },
-        SetSchema {
-            set: BONUS,
-            props: vec![
-                ("Period", T),
-                ("Recorder", S),
-                ("RecordType", S),
-                ("Active", B),
-                ("Партнер_Key", G),
-                ("БонуснаяПрограммаЛояльности_Key", G),
-                ("Начислено", D),
-                ("КСписанию", D),
-            ],
-            sections: vec![],
-        },
-    ]
+    ]);
+    out
 }
 
 /// A stable GUID for a simulated object.
@@ -529,7 +997,7 @@ fn local_text(t: NaiveDateTime) -> String {
     t.format("%Y-%m-%dT%H:%M:%S").to_string()
 }
 
-/// Builds a simulator: a seeded synthetic shop's history as a Розница base.
+/// Builds a simulator: a seeded synthetic shop's history as a base of one configuration.
 #[derive(Clone, Debug)]
 pub struct OdataSimBuilder {
     seed: u64,
@@ -546,6 +1014,7 @@ pub struct OdataSimBuilder {
     point_value: Money,
     start: Option<chrono::DateTime<chrono::Utc>>,
     spacing_minutes: i64,
+    configuration: Configuration,
 }
 
 impl OdataSimBuilder {
@@ -564,7 +1033,14 @@ impl OdataSimBuilder {
             point_value: Money(100),
             start: None,
             spacing_minutes: 7,
+            configuration: Configuration::default(),
         }
+    }
+
+    /// Which configuration the base is (Розница 2 by default).
+    pub fn configuration(mut self, c: Configuration) -> Self {
+        self.configuration = c;
+        self
     }
 
     /// Minutes between consecutive generated sales (default 7).
@@ -647,11 +1123,26 @@ impl OdataSimBuilder {
     }
 }
 
+/// One movement of the bonus register.
+#[derive(Clone, Debug)]
+struct Movement {
+    period: NaiveDateTime,
+    recorder: String,
+    receipt: bool,
+    holder: String,
+    accrued: Decimal,
+    to_burn: Decimal,
+}
+
 /// The simulated base's state.
 struct Base {
+    conf: Configuration,
     sets: BTreeMap<String, BTreeMap<String, Entity>>,
-    /// (partner, program, Начислено, КСписанию) balances.
-    bonus: Vec<(String, String, Decimal, Decimal)>,
+    /// The register's movements before the shop's history (1C's own program): accruals,
+    /// deferred ones, burn dates, burns.
+    opening: Vec<Movement>,
+    /// The bonus program's key.
+    program: String,
     hidden_sets: HashSet<String>,
     hidden_props: HashSet<(String, String)>,
     faults: Vec<Fault>,
@@ -660,6 +1151,9 @@ struct Base {
     rng: fastrand::Rng,
     shop: Shop,
     next_doc: usize,
+    /// Units returned so far per sale's first line: 1C refuses a return of more than was
+    /// sold (its return is filled from the sale, less what earlier returns took).
+    returned: BTreeMap<String, Decimal>,
     last_date: NaiveDateTime,
     tz: Tz,
     user: String,
@@ -676,7 +1170,30 @@ struct Base {
     own_keys: bool,
 }
 
+fn row_text<'a>(row: &'a [(String, Val)], field: &str) -> &'a str {
+    row.iter()
+        .find(|(n, _)| n == field)
+        .and_then(|(_, v)| v.as_text())
+        .unwrap_or("")
+}
+
+fn row_dec(row: &[(String, Val)], field: &str) -> Decimal {
+    Decimal::from_str(row_text(row, field)).unwrap_or_default()
+}
+
+fn kopecks(d: Decimal) -> i64 {
+    Money::from_rubles(d).map_or(0, |m| m.0)
+}
+
+fn parse_local(t: &str) -> Option<NaiveDateTime> {
+    NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S").ok()
+}
+
 impl Base {
+    fn names(&self) -> Names {
+        self.conf.names()
+    }
+
     fn data_version(&mut self) -> Val {
         self.versions += 1;
         let mut bytes = [0u8; 8];
@@ -691,6 +1208,35 @@ impl Base {
             .insert(e.key.clone(), e);
     }
 
+    fn catalog_item(&mut self, key: &str, code: &str, name: &str) -> Entity {
+        let dv = self.data_version();
+        Entity::new(key.to_string())
+            .with("Ref_Key", Val::str(key))
+            .with("DataVersion", dv)
+            .with("DeletionMark", Val::Bool(false))
+            .with("Code", Val::str(code))
+            .with("Description", Val::str(name))
+            .with("Predefined", Val::Bool(false))
+    }
+
+    /// The customer's 1C key and the catalog it is in (Розница 2: every fourth one is a
+    /// counterparty, the rest natural persons).
+    fn person(&self, i: usize) -> (String, &'static str) {
+        let n = self.names();
+        match n.people_other {
+            Some(other) if i % 4 == 3 => (guid("counterparty", &i.to_string()), other),
+            _ => (guid("partner", &i.to_string()), n.people),
+        }
+    }
+
+    /// Whose points a customer's register rows are: the card (Розница 2, УНФ) or the partner.
+    fn holder_of(&self, i: usize) -> String {
+        match self.conf {
+            Configuration::Ut11 => self.person(i).0,
+            _ => guid("card", &i.to_string()),
+        }
+    }
+
     fn generate(b: &OdataSimBuilder) -> Base {
         let mut shop = Shop::generate(b.seed, b.products, b.customers);
         if let Some(at) = b.start {
@@ -698,8 +1244,10 @@ impl Base {
         }
         let start_local = shop.start.with_timezone(&b.timezone).naive_local();
         let mut base = Base {
+            conf: b.configuration,
             sets: BTreeMap::new(),
-            bonus: Vec::new(),
+            opening: Vec::new(),
+            program: guid("program", "Бонусы"),
             hidden_sets: HashSet::new(),
             hidden_props: HashSet::new(),
             faults: Vec::new(),
@@ -708,6 +1256,7 @@ impl Base {
             rng: fastrand::Rng::with_seed(b.seed ^ 0x0da7a),
             shop: shop.clone(),
             next_doc: 0,
+            returned: BTreeMap::new(),
             last_date: start_local,
             tz: b.timezone,
             user: b.user.clone(),
@@ -719,8 +1268,11 @@ impl Base {
             created: 0,
             own_keys: false,
         };
-        for s in schema() {
-            base.sets.entry(s.set.to_string()).or_default();
+        let n = base.names();
+        for s in schema(base.conf) {
+            if s.set != BONUS && s.set != BONUS_RECORDS {
+                base.sets.entry(s.set.to_string()).or_default();
+            }
         }
         // catalog: a folder per category, products under them, two price types and prices
         let mut groups: BTreeMap<String, String> = BTreeMap::new();
@@ -729,101 +1281,56 @@ impl Base {
                 .entry(p.category.clone())
                 .or_insert_with(|| guid("group", &p.category))
                 .clone();
-            let dv = base.data_version();
-            let e = Entity::new(guid("product", &p.id))
-                .with("Ref_Key", Val::str(guid("product", &p.id)))
-                .with("DataVersion", dv)
-                .with("DeletionMark", Val::Bool(false))
-                .with("Code", Val::str(&p.id))
-                .with("Description", Val::str(&p.name))
-                .with("Predefined", Val::Bool(false))
+            let key = guid("product", &p.id);
+            let e = base
+                .catalog_item(&key, &p.id, &p.name)
                 .with("Parent_Key", Val::str(group))
                 .with("IsFolder", Val::Bool(false))
                 .with("Артикул", Val::str(&p.id))
-                .with("ВидНоменклатуры_Key", Val::str(EMPTY));
+                .with("ТипНоменклатуры", Val::str("Товар"));
             base.put(PRODUCTS, e);
         }
         for (name, key) in &groups {
-            let dv = base.data_version();
-            let e = Entity::new(key.clone())
-                .with("Ref_Key", Val::str(key))
-                .with("DataVersion", dv)
-                .with("DeletionMark", Val::Bool(false))
-                .with("Code", Val::str(name))
-                .with("Description", Val::str(name))
-                .with("Predefined", Val::Bool(false))
+            let e = base
+                .catalog_item(key, name, name)
                 .with("Parent_Key", Val::str(EMPTY))
                 .with("IsFolder", Val::Bool(true))
                 .with("Артикул", Val::str(""))
-                .with("ВидНоменклатуры_Key", Val::str(EMPTY));
+                .with("ТипНоменклатуры", Val::str(""));
             base.put(PRODUCTS, e);
         }
         for name in ["Розничная", "Закупочная"] {
-            let key = guid("price-type", name);
-            let dv = base.data_version();
-            let e = Entity::new(key.clone())
-                .with("Ref_Key", Val::str(&key))
-                .with("DataVersion", dv)
-                .with("DeletionMark", Val::Bool(false))
-                .with("Code", Val::str(name))
-                .with("Description", Val::str(name))
-                .with("Predefined", Val::Bool(false));
+            let e = base.catalog_item(&guid("price-type", name), name, name);
             base.put(PRICE_TYPES, e);
         }
         let period = local_text(start_local - ChronoDuration::days(30));
-        for (n, p) in shop.products.iter().enumerate() {
+        for (i, p) in shop.products.iter().enumerate() {
             for (ty, price) in [("Розничная", p.price), ("Закупочная", p.cost)] {
-                let e = Entity::new(format!("price:{n:06}:{ty}"))
+                let e = Entity::new(format!("price:{i:06}:{ty}"))
                     .with("Period", Val::str(&period))
                     .with("Номенклатура_Key", Val::str(guid("product", &p.id)))
-                    .with("Характеристика_Key", Val::str(EMPTY))
-                    .with("ВидЦены_Key", Val::str(guid("price-type", ty)))
+                    .with(n.price_variant, Val::str(EMPTY))
+                    .with(n.price_type, Val::str(guid("price-type", ty)))
                     .with("Цена", Val::money(price));
-                base.put(PRICES, e);
+                base.put(n.prices, e);
             }
         }
         // the legal entity and the accounts postings name
         let org = guid("organization", ORGANIZATION);
-        let dv = base.data_version();
-        base.put(
-            ORGANIZATIONS,
-            Entity::new(org.clone())
-                .with("Ref_Key", Val::str(&org))
-                .with("DataVersion", dv)
-                .with("DeletionMark", Val::Bool(false))
-                .with("Code", Val::str("000000001"))
-                .with("Description", Val::str(ORGANIZATION))
-                .with("Predefined", Val::Bool(false)),
-        );
+        let e = base.catalog_item(&org, "000000001", ORGANIZATION);
+        base.put(ORGANIZATIONS, e);
         for code in ACCOUNT_CODES {
-            let key = guid("account", code);
-            let dv = base.data_version();
-            base.put(
-                ACCOUNTS,
-                Entity::new(key.clone())
-                    .with("Ref_Key", Val::str(&key))
-                    .with("DataVersion", dv)
-                    .with("DeletionMark", Val::Bool(false))
-                    .with("Code", Val::str(*code))
-                    .with("Description", Val::str(format!("Счет {code}")))
-                    .with("Predefined", Val::Bool(true)),
-            );
+            let mut e = base.catalog_item(&guid("account", code), code, &format!("Счет {code}"));
+            e.set("Predefined", Val::Bool(true));
+            base.put(ACCOUNTS, e);
         }
-        // customers: a partner with contact information and a loyalty card each
-        let program = guid("program", "Бонусы");
-        let dv = base.data_version();
-        base.put(
-            PROGRAMS,
-            Entity::new(program.clone())
-                .with("Ref_Key", Val::str(&program))
-                .with("DataVersion", dv)
-                .with("DeletionMark", Val::Bool(false))
-                .with("Code", Val::str("000000001"))
-                .with("Description", Val::str("Бонусы"))
-                .with("Predefined", Val::Bool(false)),
-        );
+        let program = base.program.clone();
+        let e = base.catalog_item(&program, "000000001", "Бонусы");
+        base.put(n.programs, e);
+        // customers: a person with contact information and a card each, and the points 1C's
+        // own program gave them before the history starts
         for (i, c) in shop.customers.iter().enumerate() {
-            let partner = guid("partner", &i.to_string());
+            let (person, people_set) = base.person(i);
             let mut contacts = Vec::new();
             if let Some(p) = &c.phone {
                 // as a person types it
@@ -849,51 +1356,114 @@ impl Base {
                     ("Представление".to_string(), Val::str(e.as_str().to_uppercase())),
                 ]);
             }
-            let dv = base.data_version();
-            base.put(
-                PARTNERS,
-                Entity::new(partner.clone())
-                    .with("Ref_Key", Val::str(&partner))
-                    .with("DataVersion", dv)
-                    .with("DeletionMark", Val::Bool(false))
-                    .with("Code", Val::str(format!("{i:09}")))
-                    .with("Description", Val::str(c.name.clone().unwrap_or_default()))
-                    .with("Predefined", Val::Bool(false))
-                    .with("КонтактнаяИнформация", Val::Rows(contacts)),
-            );
+            let e = base
+                .catalog_item(&person, &format!("{i:09}"), &c.name.clone().unwrap_or_default())
+                .with("КонтактнаяИнформация", Val::Rows(contacts));
+            base.put(people_set, e);
             let card = guid("card", &i.to_string());
-            let dv = base.data_version();
-            base.put(
-                CARDS,
-                Entity::new(card.clone())
-                    .with("Ref_Key", Val::str(&card))
-                    .with("DataVersion", dv)
-                    .with("DeletionMark", Val::Bool(false))
-                    .with("Code", Val::str(format!("{i:09}")))
-                    .with("Description", Val::str(c.card.clone().unwrap_or_default()))
-                    .with("Predefined", Val::Bool(false))
-                    .with("Owner_Key", Val::str(guid("card-kind", "Бонусная")))
-                    .with("Штрихкод", Val::str(c.card.clone().unwrap_or_default()))
-                    .with("МагнитныйКод", Val::str(""))
-                    .with("Партнер_Key", Val::str(&partner)),
-            );
-            let accrued = Decimal::from(base.rng.i64(0..5_000));
-            let to_burn = (accrued / Decimal::from(10)).floor();
-            base.bonus.push((partner, program.clone(), accrued, to_burn));
+            let number = c.card.clone().unwrap_or_default();
+            let mut e = base.catalog_item(&card, &format!("{i:09}"), &number);
+            match base.conf {
+                Configuration::Roznica2 => {
+                    e.set("КодКарты", Val::str(&number));
+                    e.set("ВладелецКарты", Val::str(&person));
+                    e.set(
+                        "ВладелецКарты_Type",
+                        Val::str(format!("StandardODATA.{people_set}")),
+                    );
+                    e.set("ВидКарты", Val::str("Смешанная"));
+                    e.set("БонуснаяПрограммаЛояльности_Key", Val::str(&program));
+                }
+                Configuration::Unf => {
+                    e.set("КодКартыШтрихкод", Val::str(&number));
+                    e.set("КодКартыМагнитный", Val::str(""));
+                    e.set("ВладелецКарты_Key", Val::str(&person));
+                }
+                Configuration::Ut11 => {
+                    e.set("Штрихкод", Val::str(&number));
+                    e.set("МагнитныйКод", Val::str(""));
+                    e.set("Партнер_Key", Val::str(&person));
+                    e.set("Контрагент_Key", Val::str(EMPTY));
+                }
+            }
+            base.put(n.cards, e);
+            base.opening_points(i, start_local);
         }
         // the history
-        let mut sales: Vec<Document> = Vec::new();
+        let mut sales: Vec<String> = Vec::new();
         for _ in 0..b.sales {
-            let d = base.new_sale(None);
+            let key = base.new_sale(None);
             let make_return = base.rng.u8(0..100) < b.returns_percent && sales.len() > 3;
             let earlier = make_return.then(|| sales[base.rng.usize(0..sales.len())].clone());
-            sales.push(d);
+            sales.push(key);
             if let Some(s) = earlier {
-                let by_operation = base.rng.u8(0..3) == 0;
-                base.new_return(&s, by_operation);
+                let at_till = base.rng.u8(0..3) == 0;
+                let date = base.last_date + ChronoDuration::minutes(1);
+                base.last_date = date;
+                base.new_return(&s, at_till, date);
+            }
+        }
+        // УНФ: invoices, one in ten of them a return to a supplier (no sale)
+        if base.conf == Configuration::Unf {
+            for k in 0..(b.sales / 20) {
+                let op = if k % 10 == 9 {
+                    "ВозвратПоставщику"
+                } else {
+                    "ПродажаПокупателю"
+                };
+                base.new_invoice(op);
             }
         }
         base
+    }
+
+    /// 1C's own points of customer `i` before the history: a plain accrual; for some an
+    /// accrual past its burn date not yet burnt, one burning in a year, one not yet active
+    /// (deferred), one burnt already.
+    fn opening_points(&mut self, i: usize, start: NaiveDateTime) {
+        let holder = self.holder_of(i);
+        let rec = format!("opening:{i}");
+        let day = |d: i64| start + ChronoDuration::days(d);
+        let push = |period: NaiveDateTime,
+                    receipt: bool,
+                    accrued: i64,
+                    to_burn: i64,
+                    opening: &mut Vec<Movement>| {
+            opening.push(Movement {
+                period,
+                recorder: rec.clone(),
+                receipt,
+                holder: holder.clone(),
+                accrued: Decimal::from(accrued),
+                to_burn: Decimal::from(to_burn),
+            });
+        };
+        let mut v = Vec::new();
+        let plain = self.rng.i64(0..5_000);
+        push(day(-60), true, plain, 0, &mut v);
+        match i % 4 {
+            0 => {
+                let p = self.rng.i64(10..500);
+                push(day(-40), true, p, 0, &mut v);
+                push(day(-5), true, 0, p, &mut v); // past its burn date, not burnt yet
+            }
+            1 => {
+                let p = self.rng.i64(10..500);
+                push(day(-20), true, p, 0, &mut v);
+                push(day(365), true, 0, p, &mut v); // burns in a year
+            }
+            2 => {
+                let p = self.rng.i64(10..300);
+                push(day(500), true, p, 0, &mut v); // deferred: active only later
+            }
+            _ => {
+                let p = self.rng.i64(10..300);
+                push(day(-90), true, p, 0, &mut v);
+                push(day(-40), true, 0, p, &mut v);
+                push(day(-40), false, p, p, &mut v); // 1C's burn ran
+            }
+        }
+        self.opening.extend(v);
     }
 
     fn customer_index(&self, d: &Document) -> Option<usize> {
@@ -904,8 +1474,99 @@ impl Base {
             .position(|c| c.card.as_ref() == Some(card))
     }
 
-    /// A new posted sale dated `at` (local) or one spacing after the latest document.
-    fn new_sale(&mut self, at: Option<NaiveDateTime>) -> Document {
+    /// A goods line as the configuration writes it: `price` is the unit price and the line's
+    /// discount, `net` the line before points, `bonus` the part of it paid with points
+    /// (kopecks).
+    fn row(
+        &self,
+        i: usize,
+        product: &str,
+        qty: &str,
+        (price, discount): (Money, Money),
+        net: i64,
+        bonus: i64,
+    ) -> Vec<(String, Val)> {
+        let mut r = vec![
+            ("LineNumber".to_string(), Val::str((i + 1).to_string())),
+            ("Номенклатура_Key".to_string(), Val::str(product)),
+            ("Характеристика_Key".to_string(), Val::str(EMPTY)),
+            ("Количество".to_string(), Val::Num(qty.to_string())),
+            ("Цена".to_string(), Val::money(price)),
+            ("Сумма".to_string(), Val::money(Money(net - bonus))),
+        ];
+        let mut add = |f: &str, v: Val| r.push((f.to_string(), v));
+        match self.conf {
+            Configuration::Roznica2 => {
+                add("СуммаРучнойСкидки", Val::money(discount));
+                add("СуммаАвтоматическойСкидки", Val::Num("0".into()));
+                add("СуммаСкидкиОплатыБонусом", Val::money(Money(bonus)));
+                add("Продавец_Key", Val::str(EMPTY));
+            }
+            Configuration::Unf => {
+                add("СуммаСкидкиНаценки", Val::money(discount));
+                add("СуммаАвтоматическойСкидки", Val::Num("0".into()));
+                add("СуммаСкидкиОплатыБонусом", Val::money(Money(bonus)));
+                // prices include VAT (СуммаВключаетНДС): Всего = Сумма
+                add("СуммаНДС", Val::Num("0".into()));
+                add("Всего", Val::money(Money(net - bonus)));
+            }
+            Configuration::Ut11 => {
+                add("СуммаНДС", Val::Num("0".into()));
+                add("СуммаАвтоматическойСкидки", Val::Num("0".into()));
+                add("СуммаРучнойСкидки", Val::money(discount));
+                let points = bonus / self.point_value.0.max(1);
+                add("СуммаБонусныхБалловКСписанию", Val::Num(points.to_string()));
+                add("СуммаБонусныхБалловКСписаниюВВалюте", Val::money(Money(bonus)));
+            }
+        }
+        r
+    }
+
+    /// The header fields naming the customer's card and the customer.
+    fn customer_fields(&self, i: Option<usize>) -> Vec<(&'static str, Val)> {
+        let card = i.map_or_else(|| EMPTY.to_string(), |i| guid("card", &i.to_string()));
+        let (person, set) = i.map_or((EMPTY.to_string(), ""), |i| self.person(i));
+        match self.conf {
+            Configuration::Roznica2 => vec![
+                ("ДисконтнаяКарта_Key", Val::str(card)),
+                ("ВладелецДисконтнойКарты", Val::str(&person)),
+                (
+                    "ВладелецДисконтнойКарты_Type",
+                    Val::str(if set.is_empty() {
+                        String::new()
+                    } else {
+                        format!("StandardODATA.{set}")
+                    }),
+                ),
+                ("Контрагент_Key", Val::str(EMPTY)),
+            ],
+            Configuration::Unf => vec![
+                ("ДисконтнаяКарта_Key", Val::str(card)),
+                ("Контрагент_Key", Val::str(person)),
+            ],
+            Configuration::Ut11 => vec![
+                ("КартаЛояльности_Key", Val::str(card)),
+                ("Партнер_Key", Val::str(person)),
+            ],
+        }
+    }
+
+    fn head(&mut self, key: &str, number: &str, date: NaiveDateTime, total: i64) -> Entity {
+        let dv = self.data_version();
+        Entity::new(key.to_string())
+            .with("Ref_Key", Val::str(key))
+            .with("DataVersion", dv)
+            .with("DeletionMark", Val::Bool(false))
+            .with("Number", Val::str(number))
+            .with("Date", Val::str(local_text(date)))
+            .with("Posted", Val::Bool(true))
+            .with("Комментарий", Val::str(""))
+            .with("СуммаДокумента", Val::money(Money(total)))
+    }
+
+    /// A new posted sale dated `at` (local) or one spacing after the latest document;
+    /// returns its key.
+    fn new_sale(&mut self, at: Option<NaiveDateTime>) -> String {
         let n = self.next_doc;
         self.next_doc += 1;
         let customer = (self.rng.u8(0..10) != 0).then(|| self.rng.usize(0..self.shop.customers.len()));
@@ -921,42 +1582,34 @@ impl Base {
             self.last_date = date;
         }
         d.occurred_at = instant(date, self.tz);
-        self.put_document(RECEIPTS, &d, date, "Продажа", None);
-        d
-    }
-
-    /// A return of the sale's first line, one unit, right after the latest document.
-    fn new_return(&mut self, sale: &Document, by_operation: bool) -> String {
-        let n = self.next_doc;
-        self.next_doc += 1;
-        let mut r = self.shop.return_of(sale, n, 1, 1);
-        let date = self.last_date + ChronoDuration::minutes(1);
-        self.last_date = date;
-        r.occurred_at = instant(date, self.tz);
-        if by_operation {
-            self.put_document(RECEIPTS, &r, date, "Возврат", None);
-        } else {
-            self.put_document(
-                RETURNS,
-                &r,
-                date,
-                "Возврат",
-                Some(guid("doc", &sale.source.doc_id)),
-            );
-        }
-        guid("doc", &r.source.doc_id)
-    }
-
-    fn put_document(
-        &mut self,
-        set: &str,
-        d: &Document,
-        date: NaiveDateTime,
-        operation: &str,
-        sale: Option<String>,
-    ) {
         let key = guid("doc", &d.source.doc_id);
-        // points paid: spread over the lines in order, as a discount on each
+        let (rows, total) = self.sale_rows(&d);
+        let names = self.names();
+        let mut e = self.head(&key, &d.number.clone().unwrap_or_default(), date, total);
+        for (f, v) in self.customer_fields(self.customer_index(&d)) {
+            e.set(f, v);
+        }
+        match self.conf {
+            Configuration::Roznica2 => {
+                e.set("ВидОперации", Val::str("Продажа"));
+                e.set("Магазин_Key", Val::str(guid("store", "Тверская")));
+                e.set("КассаККМ_Key", Val::str(guid("till", "1")));
+                e.set("ЧекККМПродажа_Key", Val::str(EMPTY));
+            }
+            Configuration::Unf => e.set("КассаККМ_Key", Val::str(guid("till", "1"))),
+            Configuration::Ut11 => {
+                e.set("КассаККМ_Key", Val::str(guid("till", "1")));
+                e.set("Склад_Key", Val::str(guid("store", "Тверская")));
+            }
+        }
+        e.set(names.rows, Val::Rows(rows));
+        self.put(RECEIPTS, e);
+        key
+    }
+
+    /// The rows of a sale, points paid spread over the lines in order; and the total paid in
+    /// money.
+    fn sale_rows(&self, d: &Document) -> (Vec<Vec<(String, Val)>>, i64) {
         let mut left = if d.kind == DocKind::Sale {
             d.points_redeemed.0 * self.point_value.0
         } else {
@@ -967,49 +1620,164 @@ impl Base {
         for (i, l) in d.lines.iter().enumerate() {
             let bonus = left.min(l.net.0);
             left -= bonus;
-            let product = guid("product", &l.product_id);
-            let sum = l.net.0 - bonus;
-            total += sum;
-            rows.push(vec![
-                ("LineNumber".to_string(), Val::str((i + 1).to_string())),
-                ("Номенклатура_Key".to_string(), Val::str(product)),
-                ("Характеристика_Key".to_string(), Val::str(EMPTY)),
-                (
-                    "Количество".to_string(),
-                    Val::Num(l.quantity.normalize().to_string()),
-                ),
-                ("Цена".to_string(), Val::money(l.unit_price)),
-                ("Сумма".to_string(), Val::money(Money(sum))),
-                ("СуммаРучнойСкидки".to_string(), Val::money(l.discount)),
-                ("СуммаАвтоматическойСкидки".to_string(), Val::Num("0".into())),
-                ("СуммаСкидкиОплатыБонусом".to_string(), Val::money(Money(bonus))),
-                ("Продавец_Key".to_string(), Val::str(EMPTY)),
-            ]);
+            total += l.net.0 - bonus;
+            rows.push(self.row(
+                i,
+                &guid("product", &l.product_id),
+                &l.quantity.normalize().to_string(),
+                (l.unit_price, l.discount),
+                l.net.0,
+                bonus,
+            ));
         }
-        let card = self
-            .customer_index(d)
-            .map_or_else(|| EMPTY.to_string(), |i| guid("card", &i.to_string()));
-        let dv = self.data_version();
-        let mut e = Entity::new(key.clone())
-            .with("Ref_Key", Val::str(&key))
-            .with("DataVersion", dv)
-            .with("DeletionMark", Val::Bool(false))
-            .with("Number", Val::str(d.number.clone().unwrap_or_default()))
-            .with("Date", Val::str(local_text(date)))
-            .with("Posted", Val::Bool(true))
-            .with("ВидОперации", Val::str(operation))
-            .with("Магазин_Key", Val::str(guid("store", "Тверская")))
-            .with("КартаЛояльности_Key", Val::str(card))
-            .with("СуммаДокумента", Val::money(Money(total)))
-            .with("Товары", Val::Rows(rows));
-        if set == RETURNS {
-            e.set("ЧекККМ_Key", Val::str(sale.unwrap_or_else(|| EMPTY.to_string())));
+        (rows, total)
+    }
+
+    /// An invoice of УНФ with the given operation kind.
+    fn new_invoice(&mut self, operation: &str) -> String {
+        let n = self.next_doc;
+        self.next_doc += 1;
+        let customer = Some(self.rng.usize(0..self.shop.customers.len()));
+        let mut rng = fastrand::Rng::with_seed(self.rng.u64(..));
+        let d = self.shop.sale(&mut rng, n, self.lines, customer, 0);
+        let date = self.last_date + self.spacing;
+        self.last_date = date;
+        let key = guid("doc", &format!("invoice-{n}"));
+        let (rows, total) = self.sale_rows(&d);
+        let mut e = self.head(&key, &format!("РН-{n:08}"), date, total);
+        for (f, v) in self.customer_fields(self.customer_index(&d)) {
+            e.set(f, v);
         }
+        e.set("ВидОперации", Val::str(operation));
+        e.set("Запасы", Val::Rows(rows));
+        self.put("Document_РасходнаяНакладная", e);
+        key
+    }
+
+    /// A return of one unit of the sale's first line (УТ 11: of its first line paid in money
+    /// only), dated `date`: at the till (Розница 2: a ЧекККМ with ВидОперации = Возврат) or
+    /// later (Розница 2: ВозвратТоваровОтПокупателя naming the sale per line; УНФ, УТ 11:
+    /// ЧекККМВозврат). The line carries its share of the points paid on it. Returns its key;
+    /// none when the line was returned in full already (1C fills a return from the sale less
+    /// what earlier returns took, so it cannot return more than was sold).
+    fn new_return(&mut self, sale_key: &str, at_till: bool, date: NaiveDateTime) -> Option<String> {
+        let names = self.names();
+        let sale = self.sets.get(RECEIPTS)?.get(sale_key)?.clone();
+        let Some(Val::Rows(rows)) = sale.get(names.rows) else {
+            return None;
+        };
+        let points_field = names.points_paid;
+        // УТ 11: how its ЧекККМВозврат gives points back is OPEN, so only sales paid in money
+        // are returned there
+        if self.conf == Configuration::Ut11 && rows.iter().any(|r| !row_dec(r, points_field).is_zero()) {
+            return None;
+        }
+        let first = rows.first()?.clone();
+        let qty = row_dec(&first, "Количество").max(Decimal::ONE);
+        let returned = self.returned.entry(sale_key.to_string()).or_default();
+        if *returned >= qty {
+            return None;
+        }
+        *returned += Decimal::ONE;
+        let unit = |f: &str| kopecks(row_dec(&first, f)) / i64::try_from(qty).unwrap_or(1).max(1);
+        let paid = unit(names.net); // money paid for one unit
+        let bonus = unit(points_field);
+        let discount = unit(names.discounts[0]);
+        let n = self.next_doc;
+        self.next_doc += 1;
+        let key = guid("doc", &format!("R{n:08}"));
+        let mut row = self.row(
+            0,
+            row_text(&first, "Номенклатура_Key"),
+            "1",
+            (Money(kopecks(row_dec(&first, "Цена"))), Money(discount)),
+            paid + bonus,
+            bonus,
+        );
+        let mut e = self.head(&key, &format!("ВК-{n:08}"), date, paid);
+        for f in [
+            names.card,
+            "ВладелецДисконтнойКарты",
+            "ВладелецДисконтнойКарты_Type",
+            "Контрагент_Key",
+            "Партнер_Key",
+        ] {
+            if let Some(v) = sale.get(f) {
+                e.set(f, v.clone());
+            }
+        }
+        let set = match (self.conf, at_till) {
+            (Configuration::Roznica2, true) => {
+                e.set("ВидОперации", Val::str("Возврат"));
+                e.set("ЧекККМПродажа_Key", Val::str(sale_key));
+                for f in ["Магазин_Key", "КассаККМ_Key"] {
+                    e.set(f, sale.get(f).cloned().unwrap_or(Val::str(EMPTY)));
+                }
+                RECEIPTS
+            }
+            (Configuration::Roznica2, false) => {
+                e.set(
+                    "Магазин_Key",
+                    sale.get("Магазин_Key").cloned().unwrap_or(Val::str(EMPTY)),
+                );
+                row.push(("ЧекККМ_Key".to_string(), Val::str(sale_key)));
+                row.push(("ДокументПродажи".to_string(), Val::str(EMPTY)));
+                row.push(("ДокументПродажи_Type".to_string(), Val::str("")));
+                names.returns
+            }
+            (Configuration::Unf, _) => {
+                e.set(
+                    "КассаККМ_Key",
+                    sale.get("КассаККМ_Key").cloned().unwrap_or(Val::str(EMPTY)),
+                );
+                e.set("ЧекККМ_Key", Val::str(sale_key));
+                row.push((
+                    "СуммаСкидкиОплатыБонусомЧекаПродажи".to_string(),
+                    Val::money(Money(bonus)),
+                ));
+                row.push((
+                    "СуммаАвтоматическойСкидкиЧекаПродажи".to_string(),
+                    Val::Num("0".into()),
+                ));
+                names.returns
+            }
+            (Configuration::Ut11, _) => {
+                for f in ["КассаККМ_Key", "Склад_Key"] {
+                    e.set(f, sale.get(f).cloned().unwrap_or(Val::str(EMPTY)));
+                }
+                e.set("ЧекККМ_Key", Val::str(sale_key));
+                e.set("СуммаБонусныхБалловКВозврату", Val::Num("0".into()));
+                // УТ 11's return lines have no discount or points fields
+                row.retain(|(f, _)| {
+                    [
+                        "LineNumber",
+                        "Номенклатура_Key",
+                        "Характеристика_Key",
+                        "Количество",
+                        "Цена",
+                        "Сумма",
+                        "СуммаНДС",
+                    ]
+                    .contains(&f.as_str())
+                });
+                names.returns
+            }
+        };
+        e.set(names.rows, Val::Rows(vec![row]));
         self.put(set, e);
+        Some(key)
+    }
+
+    /// The sets holding documents the shop made (not kopilka's).
+    fn doc_sets(&self) -> Vec<&'static str> {
+        let n = self.names();
+        let mut v = vec![RECEIPTS, n.returns];
+        v.extend(n.invoices);
+        v
     }
 
     fn find_doc(&mut self, key: &str) -> Option<(&'static str, &mut Entity)> {
-        for set in [RECEIPTS, RETURNS] {
+        for set in self.doc_sets() {
             if self.sets.get(set).is_some_and(|s| s.contains_key(key)) {
                 return self
                     .sets
@@ -1028,45 +1796,250 @@ impl Base {
         }
     }
 
+    /// What a posted document of the shop is: `Some(true)` a return, `Some(false)` a sale,
+    /// `None` neither (unposted, marked, or an invoice that is no sale).
+    fn doc_kind(&self, set: &str, e: &Entity) -> Option<bool> {
+        let posted = e.get("Posted") == Some(&Val::Bool(true));
+        let marked = e.get("DeletionMark") == Some(&Val::Bool(true));
+        if !posted || marked {
+            return None;
+        }
+        let op = e.get("ВидОперации").and_then(Val::as_text).unwrap_or("");
+        if set == "Document_РасходнаяНакладная" {
+            return (op == "ПродажаПокупателю").then_some(false);
+        }
+        Some(set == self.names().returns || op == "Возврат")
+    }
+
+    /// A document's value before points and the kopecks paid with points.
+    fn doc_value(&self, e: &Entity) -> (i64, i64) {
+        let n = self.names();
+        let mut value = 0;
+        let mut points = 0;
+        if let Some(Val::Rows(rows)) = e.get(n.rows) {
+            for r in rows {
+                let p = kopecks(row_dec(r, n.points_paid));
+                value += kopecks(row_dec(r, n.net)) + p;
+                points += p;
+            }
+        }
+        (value, points)
+    }
+
     fn truth(&self, before: Option<NaiveDateTime>) -> SimTruth {
         let mut t = SimTruth::default();
-        for set in [RECEIPTS, RETURNS] {
+        for set in self.doc_sets() {
             for e in self.sets.get(set).into_iter().flat_map(|s| s.values()) {
-                let posted = e.get("Posted") == Some(&Val::Bool(true));
-                let marked = e.get("DeletionMark") == Some(&Val::Bool(true));
-                if !posted || marked {
+                let Some(is_return) = self.doc_kind(set, e) else {
                     continue;
-                }
-                let date = e
-                    .get("Date")
-                    .and_then(Val::as_text)
-                    .and_then(|t| NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S").ok());
+                };
+                let date = e.get("Date").and_then(Val::as_text).and_then(parse_local);
                 if let (Some(b), Some(d)) = (before, date)
                     && d >= b
                 {
                     continue;
                 }
-                let mut value = Decimal::ZERO;
-                if let Some(Val::Rows(rows)) = e.get("Товары") {
-                    for r in rows {
-                        for f in ["Сумма", "СуммаСкидкиОплатыБонусом"] {
-                            let v = r.iter().find(|(n, _)| n == f).and_then(|(_, v)| v.as_text());
-                            value += v.and_then(|t| Decimal::from_str(t).ok()).unwrap_or_default();
-                        }
-                    }
-                }
-                let kopecks = Money::from_rubles(value).map_or(0, |m| m.0);
-                let is_return = set == RETURNS || e.get("ВидОперации") == Some(&Val::str("Возврат"));
+                let (value, _) = self.doc_value(e);
                 if is_return {
                     t.returns += 1;
-                    t.net_total_kopecks -= kopecks;
+                    t.net_total_kopecks -= value;
                 } else {
                     t.sales += 1;
-                    t.net_total_kopecks += kopecks;
+                    t.net_total_kopecks += value;
                 }
             }
         }
         t
+    }
+
+    /// The card's holder in the register: the card (Розница 2, УНФ) or its partner (УТ 11).
+    fn register_holder(&self, card: &str) -> Option<String> {
+        if card.is_empty() || card == EMPTY {
+            return None;
+        }
+        match self.conf {
+            Configuration::Ut11 => self
+                .sets
+                .get(self.names().cards)?
+                .get(card)?
+                .get("Партнер_Key")
+                .and_then(Val::as_text)
+                .map(str::to_string),
+            _ => Some(card.to_string()),
+        }
+    }
+
+    /// Every movement of the bonus register, derived in date order from what is posted: the
+    /// opening movements, the shop's documents (points paid and given back) and the bonus
+    /// documents kopilka wrote.
+    fn register(&self) -> Vec<Movement> {
+        let n = self.names();
+        let pv = Decimal::from(self.point_value.0.max(1));
+        // (date, order, recorder, holder, Δ accrued, burn date for an accrual, correction)
+        enum Ev {
+            Paid(Decimal),
+            GivenBack(Decimal),
+            Accrual(Decimal, NaiveDateTime, Option<NaiveDateTime>),
+            WriteOff(Decimal, Decimal),
+        }
+        let mut events: Vec<(NaiveDateTime, String, String, Ev)> = Vec::new();
+        for set in self.doc_sets() {
+            for e in self.sets.get(set).into_iter().flat_map(|s| s.values()) {
+                let Some(is_return) = self.doc_kind(set, e) else {
+                    continue;
+                };
+                let Some(date) = e.get("Date").and_then(Val::as_text).and_then(parse_local) else {
+                    continue;
+                };
+                let card = e.get(n.card).and_then(Val::as_text).unwrap_or("");
+                let Some(holder) = self.register_holder(card) else {
+                    continue;
+                };
+                let (_, paid) = self.doc_value(e);
+                let points = (Decimal::from(paid) / pv).floor();
+                if points.is_zero() {
+                    continue;
+                }
+                let ev = if is_return {
+                    Ev::GivenBack(points)
+                } else {
+                    Ev::Paid(points)
+                };
+                events.push((date, e.key.clone(), holder, ev));
+            }
+        }
+        for e in self
+            .sets
+            .get(n.bonus_documents)
+            .into_iter()
+            .flat_map(|s| s.values())
+        {
+            if e.get("Posted") != Some(&Val::Bool(true)) {
+                continue;
+            }
+            let Some(date) = e.get("Date").and_then(Val::as_text).and_then(parse_local) else {
+                continue;
+            };
+            let rows = |section: &str| match e.get(section) {
+                Some(Val::Rows(r)) => r.clone(),
+                _ => Vec::new(),
+            };
+            for r in rows(n.accruals) {
+                let holder = row_text(&r, n.bonus_document_holder).to_string();
+                let points = row_dec(&r, n.bonus_document_points);
+                let from = n
+                    .accrued_on
+                    .and_then(|f| parse_local(row_text(&r, f)))
+                    .unwrap_or(date);
+                let burn = n
+                    .expires_on
+                    .map(|f| row_text(&r, f))
+                    .filter(|t| *t != EMPTY_DATE)
+                    .and_then(parse_local);
+                events.push((date, e.key.clone(), holder, Ev::Accrual(points, from, burn)));
+            }
+            for r in rows(n.writeoffs) {
+                let holder = row_text(&r, n.bonus_document_holder).to_string();
+                let points = row_dec(&r, n.bonus_document_points);
+                let correction = n.burn_correction.map_or(Decimal::ZERO, |f| row_dec(&r, f));
+                events.push((date, e.key.clone(), holder, Ev::WriteOff(points, correction)));
+            }
+        }
+        events.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        let mut out = self.opening.clone();
+        // scheduled burns per holder: date → points still to burn then
+        let mut schedule: BTreeMap<String, BTreeMap<NaiveDateTime, Decimal>> = BTreeMap::new();
+        for m in &self.opening {
+            let s = schedule
+                .entry(m.holder.clone())
+                .or_default()
+                .entry(m.period)
+                .or_default();
+            *s += if m.receipt { m.to_burn } else { -m.to_burn };
+        }
+        let lower = |schedule: &mut BTreeMap<String, BTreeMap<NaiveDateTime, Decimal>>,
+                     out: &mut Vec<Movement>,
+                     holder: &str,
+                     recorder: &str,
+                     after: Option<(NaiveDateTime, bool)>,
+                     mut amount: Decimal| {
+            let Some(s) = schedule.get_mut(holder) else {
+                return;
+            };
+            for (when, left) in s.iter_mut() {
+                if amount <= Decimal::ZERO {
+                    break;
+                }
+                if after.is_some_and(|(a, strict)| *when < a || (strict && *when == a))
+                    || *left <= Decimal::ZERO
+                {
+                    continue;
+                }
+                let take = amount.min(*left);
+                *left -= take;
+                amount -= take;
+                out.push(Movement {
+                    period: *when,
+                    recorder: recorder.to_string(),
+                    receipt: false,
+                    holder: holder.to_string(),
+                    accrued: Decimal::ZERO,
+                    to_burn: take,
+                });
+            }
+        };
+        for (date, recorder, holder, ev) in events {
+            let m = |period, receipt, accrued, to_burn| Movement {
+                period,
+                recorder: recorder.clone(),
+                receipt,
+                holder: holder.clone(),
+                accrued,
+                to_burn,
+            };
+            match ev {
+                Ev::Paid(p) => {
+                    out.push(m(date, false, p, Decimal::ZERO));
+                    // 1C lowers the soonest burns still ahead by what was spent
+                    lower(&mut schedule, &mut out, &holder, &recorder, Some((date, true)), p);
+                }
+                Ev::GivenBack(p) => out.push(m(date, true, p, Decimal::ZERO)),
+                Ev::Accrual(p, from, burn) => {
+                    out.push(m(from, true, p, Decimal::ZERO));
+                    if let Some(b) = burn {
+                        out.push(m(b, true, Decimal::ZERO, p));
+                        *schedule.entry(holder.clone()).or_default().entry(b).or_default() += p;
+                    }
+                }
+                Ev::WriteOff(p, correction) => {
+                    out.push(m(date, false, p, Decimal::ZERO));
+                    lower(
+                        &mut schedule,
+                        &mut out,
+                        &holder,
+                        &recorder,
+                        Some((date, false)),
+                        correction,
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// The register's balance per holder before `at`: (Начислено, КСписанию).
+    fn balances(&self, at: NaiveDateTime) -> BTreeMap<String, (Decimal, Decimal)> {
+        let mut out: BTreeMap<String, (Decimal, Decimal)> = BTreeMap::new();
+        for m in self.register() {
+            if m.period >= at {
+                continue;
+            }
+            let e = out.entry(m.holder.clone()).or_default();
+            let sign = if m.receipt { Decimal::ONE } else { -Decimal::ONE };
+            e.0 += sign * m.accrued;
+            e.1 += sign * m.to_burn;
+        }
+        out
     }
 }
 
@@ -1129,18 +2102,23 @@ impl OdataSim {
         v.into_iter().map(|(_, k)| k).collect()
     }
 
-    /// Keys of posted sales (not returns by operation), in date order.
+    /// Keys of posted sales at the till (not returns by operation), in date order.
     pub fn sale_keys(&self) -> Vec<String> {
         let keys = self.keys(RECEIPTS);
         let b = self.lock();
         keys.into_iter()
             .filter(|k| {
-                b.sets.get(RECEIPTS).and_then(|s| s.get(k)).is_some_and(|e| {
-                    e.get("ВидОперации") == Some(&Val::str("Продажа"))
-                        && e.get("Posted") == Some(&Val::Bool(true))
-                })
+                b.sets
+                    .get(RECEIPTS)
+                    .and_then(|s| s.get(k))
+                    .is_some_and(|e| b.doc_kind(RECEIPTS, e) == Some(false))
             })
             .collect()
+    }
+
+    /// The configuration's names for what it publishes.
+    pub fn names(&self) -> Names {
+        self.lock().names()
     }
 
     /// A copy of an entity.
@@ -1162,35 +2140,30 @@ impl OdataSim {
     /// quantity grows by one. A new `DataVersion`.
     pub fn edit(&self, key: &str) -> bool {
         let mut b = self.lock();
+        let n = b.names();
         let Some((_, e)) = b.find_doc(key) else {
             return false;
         };
-        let Some(Val::Rows(rows)) = e.get("Товары").cloned() else {
+        let Some(Val::Rows(rows)) = e.get(n.rows).cloned() else {
             return false;
         };
         let mut rows = rows;
-        let num = |r: &Vec<(String, Val)>, f: &str| {
-            r.iter()
-                .find(|(n, _)| n == f)
-                .and_then(|(_, v)| v.as_text())
-                .and_then(|t| Decimal::from_str(t).ok())
-                .unwrap_or_default()
-        };
         if rows.len() > 1 {
             rows.pop();
         } else if let Some(r) = rows.first_mut() {
-            let qty = num(r, "Количество") + Decimal::ONE;
-            let sum = num(r, "Сумма") + num(r, "Цена");
-            for (n, v) in r.iter_mut() {
-                match n.as_str() {
-                    "Количество" => *v = Val::Num(qty.normalize().to_string()),
-                    "Сумма" => *v = Val::Num(sum.normalize().to_string()),
-                    _ => {}
+            let qty = row_dec(r, "Количество") + Decimal::ONE;
+            let price = row_dec(r, "Цена");
+            for (f, v) in r.iter_mut() {
+                if f == "Количество" {
+                    *v = Val::Num(qty.normalize().to_string());
+                } else if f == "Сумма" || f == n.net {
+                    let sum = Decimal::from_str(v.as_text().unwrap_or("0")).unwrap_or_default() + price;
+                    *v = Val::Num(sum.normalize().to_string());
                 }
             }
         }
-        let total: Decimal = rows.iter().map(|r| num(r, "Сумма")).sum();
-        e.set("Товары", Val::Rows(rows));
+        let total: Decimal = rows.iter().map(|r| row_dec(r, n.net)).sum();
+        e.set(n.rows, Val::Rows(rows));
         e.set("СуммаДокумента", Val::Num(total.normalize().to_string()));
         b.bump(key);
         true
@@ -1224,7 +2197,7 @@ impl OdataSim {
     /// Deletes a document outright (what `DELETE` does in 1C: no mark, gone).
     pub fn delete(&self, key: &str) -> bool {
         let mut b = self.lock();
-        [RECEIPTS, RETURNS]
+        b.doc_sets()
             .iter()
             .any(|s| b.sets.get_mut(*s).is_some_and(|m| m.remove(key).is_some()))
     }
@@ -1244,69 +2217,24 @@ impl OdataSim {
     /// (back-dated entry). Returns their keys.
     pub fn add_sales(&self, n: usize, at: Option<NaiveDateTime>) -> Vec<String> {
         let mut b = self.lock();
-        (0..n)
-            .map(|_| {
-                let d = b.new_sale(at);
-                guid("doc", &d.source.doc_id)
-            })
-            .collect()
+        (0..n).map(|_| b.new_sale(at)).collect()
     }
 
-    /// A return of one unit of a sale's first line, on its own document (`ЧекККМ_Key` set).
+    /// A later return of one unit of a sale's first line, on the configuration's return
+    /// document (Розница 2: `ВозвратТоваровОтПокупателя`, the sale named per line).
     pub fn add_return(&self, sale_key: &str) -> Option<String> {
         let mut b = self.lock();
-        let e = b.sets.get(RECEIPTS)?.get(sale_key)?.clone();
-        let Some(Val::Rows(rows)) = e.get("Товары") else {
-            return None;
-        };
-        let first = rows.first()?;
-        let text = |f: &str| {
-            first
-                .iter()
-                .find(|(n, _)| n == f)
-                .and_then(|(_, v)| v.as_text())
-                .unwrap_or("")
-        };
-        let price = Decimal::from_str(text("Цена")).ok()?;
-        let n = b.next_doc;
-        b.next_doc += 1;
-        let key = guid("doc", &format!("R{n:08}"));
         let date = b.last_date + ChronoDuration::minutes(1);
         b.last_date = date;
-        let row = vec![
-            ("LineNumber".to_string(), Val::str("1")),
-            ("Номенклатура_Key".to_string(), Val::str(text("Номенклатура_Key"))),
-            ("Характеристика_Key".to_string(), Val::str(EMPTY)),
-            ("Количество".to_string(), Val::Num("1".into())),
-            ("Цена".to_string(), Val::Num(price.normalize().to_string())),
-            ("Сумма".to_string(), Val::Num(price.normalize().to_string())),
-            ("СуммаРучнойСкидки".to_string(), Val::Num("0".into())),
-            ("СуммаАвтоматическойСкидки".to_string(), Val::Num("0".into())),
-            ("СуммаСкидкиОплатыБонусом".to_string(), Val::Num("0".into())),
-            ("Продавец_Key".to_string(), Val::str(EMPTY)),
-        ];
-        let dv = b.data_version();
-        let r = Entity::new(key.clone())
-            .with("Ref_Key", Val::str(&key))
-            .with("DataVersion", dv)
-            .with("DeletionMark", Val::Bool(false))
-            .with("Number", Val::str(format!("ВК-{n:08}")))
-            .with("Date", Val::str(local_text(date)))
-            .with("Posted", Val::Bool(true))
-            .with("ВидОперации", Val::str("Возврат"))
-            .with(
-                "Магазин_Key",
-                e.get("Магазин_Key").cloned().unwrap_or(Val::str(EMPTY)),
-            )
-            .with(
-                "КартаЛояльности_Key",
-                e.get("КартаЛояльности_Key").cloned().unwrap_or(Val::str(EMPTY)),
-            )
-            .with("СуммаДокумента", Val::Num(price.normalize().to_string()))
-            .with("Товары", Val::Rows(vec![row]))
-            .with("ЧекККМ_Key", Val::str(sale_key));
-        b.put(RETURNS, r);
-        Some(key)
+        b.new_return(sale_key, false, date)
+    }
+
+    /// A return at the till (Розница 2: a `ЧекККМ` with `ВидОперации = Возврат`).
+    pub fn add_till_return(&self, sale_key: &str) -> Option<String> {
+        let mut b = self.lock();
+        let date = b.last_date + ChronoDuration::minutes(1);
+        b.last_date = date;
+        b.new_return(sale_key, true, date)
     }
 
     /// Sales, returns and net value in force.
@@ -1319,29 +2247,27 @@ impl OdataSim {
         self.lock().truth(Some(before))
     }
 
-    /// Every holder's points in the bonus register (`Начислено`), with the card number.
-    pub fn bonus_truth(&self) -> Vec<BonusTruth> {
+    /// 1C's spendable balance of every holder at `at`, as its own code computes it:
+    /// `Начислено − max(КСписанию, 0)` of the register before the date, with the holder's
+    /// customer key and card number.
+    pub fn register_balances(&self, at: chrono::DateTime<chrono::Utc>) -> Vec<BonusTruth> {
         let b = self.lock();
-        let mut sums: BTreeMap<String, Decimal> = BTreeMap::new();
-        for (partner, _, accrued, _) in &b.bonus {
-            *sums.entry(partner.clone()).or_default() += *accrued;
+        let n = b.names();
+        let at = at.with_timezone(&b.tz).naive_local();
+        let mut out = Vec::new();
+        let balances = b.balances(at);
+        let _ = n;
+        for (i, c) in b.shop.customers.iter().enumerate() {
+            let holder = b.holder_of(i);
+            let (accrued, to_burn) = balances.get(&holder).copied().unwrap_or_default();
+            let points = accrued - to_burn.max(Decimal::ZERO);
+            out.push(BonusTruth {
+                person_key: b.person(i).0,
+                card: c.card.clone(),
+                points: points.floor().to_string().parse().unwrap_or(0),
+            });
         }
-        sums.into_iter()
-            .map(|(partner_key, points)| {
-                let card = b
-                    .sets
-                    .get(CARDS)
-                    .into_iter()
-                    .flat_map(|s| s.values())
-                    .find(|c| c.get("Партнер_Key") == Some(&Val::str(&partner_key)))
-                    .and_then(|c| c.get("Штрихкод").and_then(Val::as_text).map(str::to_string));
-                BonusTruth {
-                    partner_key,
-                    card,
-                    points: points.floor().to_string().parse().unwrap_or(0),
-                }
-            })
-            .collect()
+        out
     }
 
     /// Every entity of a set, in key order (what kopilka wrote: bonus and accounting
@@ -1801,7 +2727,7 @@ fn metadata(b: &Base) -> String {
     let mut types = String::new();
     let mut sets = String::new();
     let hidden = |scope: &str, p: &str| b.hidden_props.contains(&(scope.to_string(), p.to_string()));
-    for s in schema() {
+    for s in schema(b.conf) {
         if b.hidden_sets.contains(s.set) {
             continue;
         }
@@ -2097,7 +3023,8 @@ fn answer(
         Some(i) => (&resource[..i], &resource[i..]),
         None => (resource, ""),
     };
-    if b.hidden_sets.contains(set) || !b.sets.contains_key(set) {
+    let register = set == BONUS || set == BONUS_RECORDS;
+    if b.hidden_sets.contains(set) || !(b.sets.contains_key(set) || register) {
         return odata_error(404, "9", &format!("Не найден ресурс {set}"));
     }
     let opt = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
@@ -2131,21 +3058,66 @@ fn answer(
         out.push_str(body.trim_start_matches('{'));
         return json_response(200, out);
     }
-    let balance: Vec<Entity>;
+    let derived: Vec<Entity>;
+    let names = b.names();
     let rows: Vec<&Entity> = if rest.starts_with("/Balance(") && set == BONUS {
-        balance = b
-            .bonus
-            .iter()
+        // Balance() or Balance(Period=datetime'…'): totals of the movements before the date
+        let at = rest
+            .strip_prefix("/Balance(Period=datetime'")
+            .and_then(|r| r.strip_suffix("')"))
+            .map(|t| parse_local(t).ok_or(t));
+        let at = match at {
+            None if rest == "/Balance()" => NaiveDateTime::MAX,
+            Some(Ok(t)) => t,
+            _ => {
+                return odata_error(
+                    400,
+                    "14",
+                    &format!("Неверные параметры виртуальной таблицы: {rest}"),
+                );
+            }
+        };
+        derived = b
+            .balances(at)
+            .into_iter()
             .enumerate()
-            .map(|(i, (partner, program, accrued, to_burn))| {
-                Entity::new(format!("balance:{i:08}"))
-                    .with("Партнер_Key", Val::str(partner))
-                    .with("БонуснаяПрограммаЛояльности_Key", Val::str(program))
+            .map(|(i, (holder, (accrued, to_burn)))| {
+                let mut e = Entity::new(format!("balance:{i:08}"))
+                    .with(names.bonus_holder, Val::str(holder))
                     .with("НачисленоBalance", Val::Num(accrued.normalize().to_string()))
-                    .with("КСписаниюBalance", Val::Num(to_burn.normalize().to_string()))
+                    .with("КСписаниюBalance", Val::Num(to_burn.normalize().to_string()));
+                if let Some(p) = names.bonus_program {
+                    e.set(p, Val::str(&b.program));
+                }
+                e
             })
             .collect();
-        balance.iter().collect()
+        derived.iter().collect()
+    } else if set == BONUS_RECORDS && rest.is_empty() {
+        derived = b
+            .register()
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let mut e = Entity::new(format!("record:{i:08}"))
+                    .with("Period", Val::str(local_text(m.period)))
+                    .with("Recorder", Val::str(&m.recorder))
+                    .with("LineNumber", Val::str((i + 1).to_string()))
+                    .with("Active", Val::Bool(true))
+                    .with(
+                        "RecordType",
+                        Val::str(if m.receipt { "Receipt" } else { "Expense" }),
+                    )
+                    .with(names.bonus_holder, Val::str(&m.holder))
+                    .with("Начислено", Val::Num(m.accrued.normalize().to_string()))
+                    .with("КСписанию", Val::Num(m.to_burn.normalize().to_string()));
+                if let Some(p) = names.bonus_program {
+                    e.set(p, Val::str(&b.program));
+                }
+                e
+            })
+            .collect();
+        derived.iter().collect()
     } else if rest.is_empty() {
         b.sets.get(set).map(|m| m.values().collect()).unwrap_or_default()
     } else {
@@ -2299,7 +3271,7 @@ fn create(b: &mut Base, root: &str, set: &str, body: &[u8]) -> Reply {
     if b.hidden_sets.contains(set) || !b.sets.contains_key(set) {
         return odata_error(404, "9", &format!("Не найден ресурс {set}"));
     }
-    let Some(sch) = schema().into_iter().find(|x| x.set == set) else {
+    let Some(sch) = schema(b.conf).into_iter().find(|x| x.set == set) else {
         return odata_error(404, "9", &format!("Не найден ресурс {set}"));
     };
     let is_document = set.starts_with("Document_");
@@ -2391,13 +3363,6 @@ fn create(b: &mut Base, root: &str, set: &str, body: &[u8]) -> Reply {
     }
 }
 
-fn row_text<'a>(row: &'a [(String, Val)], field: &str) -> &'a str {
-    row.iter()
-        .find(|(n, _)| n == field)
-        .and_then(|(_, v)| v.as_text())
-        .unwrap_or("")
-}
-
 /// Why the configuration's posting code would refuse the document, if it would.
 fn posting_refusal(b: &Base, set: &str, e: &Entity) -> Option<String> {
     if let Some(r) = &b.refuse_posting {
@@ -2411,23 +3376,27 @@ fn posting_refusal(b: &Base, set: &str, e: &Entity) -> Option<String> {
         Some(Val::Rows(r)) => r.clone(),
         _ => Vec::new(),
     };
-    if set == BONUS_DOCUMENTS {
-        let all: Vec<Vec<(String, Val)>> = ["НачисленияБонусов", "СписанияБонусов"]
-            .iter()
-            .flat_map(|s| rows(s))
-            .collect();
+    let n = b.names();
+    if set == n.bonus_documents {
+        let all: Vec<Vec<(String, Val)>> = [n.accruals, n.writeoffs].iter().flat_map(|s| rows(s)).collect();
         if all.is_empty() {
             return Some("Нет данных для проведения: табличные части не заполнены".into());
         }
         for r in &all {
-            let card = row_text(r, "БонуснаяКарта_Key");
-            if card == EMPTY || !known(CARDS, card) {
+            let holder = row_text(r, n.bonus_document_holder);
+            let holders = if n.bonus_document_holder == n.bonus_holder && n.bonus_holder == "Партнер_Key"
+            {
+                n.people
+            } else {
+                n.cards
+            };
+            if holder == EMPTY || !known(holders, holder) {
                 return Some(format!(
-                    "Строка {}: не заполнена или не найдена бонусная карта {card}",
+                    "Строка {}: не заполнена или не найдена бонусная карта {holder}",
                     row_text(r, "LineNumber")
                 ));
             }
-            let qty = Decimal::from_str(row_text(r, "Количество")).unwrap_or_default();
+            let qty = Decimal::from_str(row_text(r, n.bonus_document_points)).unwrap_or_default();
             if qty <= Decimal::ZERO {
                 return Some(format!(
                     "Строка {}: количество баллов должно быть больше нуля",
@@ -2486,7 +3455,7 @@ fn property_exists(b: &Base, set: &str, name: &str) -> bool {
         return true;
     }
     let hidden = |scope: &str, p: &str| b.hidden_props.contains(&(scope.to_string(), p.to_string()));
-    let Some(sch) = schema().into_iter().find(|s| s.set == set) else {
+    let Some(sch) = schema(b.conf).into_iter().find(|s| s.set == set) else {
         return false;
     };
     match name.split_once('/') {

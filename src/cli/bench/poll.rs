@@ -83,7 +83,7 @@ fn document(e: &Entity, cards: &HashMap<String, usize>, shop: &crate::sim::sales
             }
         })
         .collect();
-    let customer = text(f, "КартаЛояльности_Key")
+    let customer = text(f, "ДисконтнаяКарта_Key")
         .and_then(|k| cards.get(&k).copied())
         .map(|i| {
             let mut c = shop.customers[i].clone();

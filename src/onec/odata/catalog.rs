@@ -16,12 +16,12 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::json::{Obj, decimal, flag, local_time, reference, text};
-use super::poll::{OdataPoller, Run, State, page_query, to_utc};
+use super::poll::{OdataPoller, Reference, Run, State, page_query, reference_of, to_utc};
 use super::{OdataClient, OdataError, by_key, datetime_literal};
 use crate::core::identity::{CustomerIdentity, Email, Phone};
 use crate::core::money::Money;
 use crate::ledger::{Batch, CatalogItem, IngestContext, LedgerError, OpeningRow, SharedLedger};
-use crate::onec::mapping::{BonusHolder, CardMap, Mapping, MappingError, PeopleMap};
+use crate::onec::mapping::{self, BonusHolder, CardMap, Mapping, MappingError, PeopleMap};
 
 /// More holders than this in the bonus register and whole catalogs are read instead of one
 /// request per holder.
@@ -43,7 +43,7 @@ pub struct CatalogSync {
 #[derive(Clone, Debug)]
 struct Card {
     number: Option<String>,
-    owner: Option<String>,
+    owner: Option<Reference>,
 }
 
 #[derive(Clone, Debug)]
@@ -54,18 +54,37 @@ struct Person {
 }
 
 /// Cards and customers read during one poll. A lookup that found nothing is remembered too,
-/// as the reason a document naming it is rejected.
+/// as the reason a document naming it is rejected. People are keyed by (catalog, key): a
+/// composite owner may point into any of `[people]`'s catalogs.
 #[derive(Default)]
 pub(crate) struct Customers {
     cards: HashMap<String, Result<Card, String>>,
-    people: HashMap<String, Result<Person, String>>,
+    people: HashMap<(String, String), Result<Person, String>>,
 }
 
 fn card_select(m: &CardMap) -> String {
     let mut f = vec!["Ref_Key".to_string()];
     f.extend(m.number.iter().cloned());
-    f.extend(m.owner.iter().cloned());
+    if let Some(o) = &m.owner {
+        f.push(o.clone());
+        if mapping::is_composite(o) {
+            f.push(mapping::type_field(o));
+        }
+    }
     f.join(",")
+}
+
+/// The catalog of `[people]` a reference points into: its `_Type` names it, a single-type
+/// reference is the main catalog. `None`: a type that is no customer (Розница 2's
+/// `Пользователи`, a card given to an employee).
+fn people_set<'a>(m: &'a PeopleMap, r: &Reference) -> Option<&'a str> {
+    match &r.1 {
+        None => Some(m.set.as_str()),
+        Some(t) => {
+            let wanted = mapping::type_set(t);
+            m.sets().find(|s| s.eq_ignore_ascii_case(wanted))
+        }
+    }
 }
 
 fn card_from(m: &CardMap, o: &Obj) -> Card {
@@ -76,7 +95,7 @@ fn card_from(m: &CardMap, o: &Obj) -> Card {
             .filter_map(|f| text(o, f).map(str::trim))
             .find(|s| !s.is_empty())
             .map(str::to_string),
-        owner: m.owner.as_ref().and_then(|f| reference(o, f)).map(str::to_string),
+        owner: m.owner.as_ref().and_then(|f| reference_of(o, f)),
     }
 }
 
@@ -147,18 +166,20 @@ impl Customers {
         &mut self,
         client: &OdataClient,
         m: &PeopleMap,
+        set: &str,
         key: &str,
     ) -> Result<Result<Person, String>, OdataError> {
-        if let Some(p) = self.people.get(key) {
+        let cache_key = (set.to_string(), key.to_string());
+        if let Some(p) = self.people.get(&cache_key) {
             return Ok(p.clone());
         }
         let q = [("$select", person_select(m))];
-        let found = client.object(&m.set, &by_key(&m.set, key), &q).await?;
+        let found = client.object(set, &by_key(set, key), &q).await?;
         let p = match found {
             Some(o) => Ok(person_from(m, &o)),
-            None => Err(format!("customer {key} is not in {}", m.set)),
+            None => Err(format!("customer {key} is not in {set}")),
         };
-        self.people.insert(key.to_string(), p.clone());
+        self.people.insert(cache_key, p.clone());
         Ok(p)
     }
 
@@ -179,9 +200,12 @@ impl Customers {
         }
         if let Some(m) = &mapping.people {
             let select = person_select(m);
-            for o in list_all(client, &m.set, &select, None, "Ref_Key", page).await? {
-                if let Some(k) = reference(&o, "Ref_Key") {
-                    self.people.insert(k.to_string(), Ok(person_from(m, &o)));
+            for set in m.sets() {
+                for o in list_all(client, set, &select, None, "Ref_Key", page).await? {
+                    if let Some(k) = reference(&o, "Ref_Key") {
+                        self.people
+                            .insert((set.to_string(), k.to_string()), Ok(person_from(m, &o)));
+                    }
                 }
             }
         }
@@ -195,10 +219,10 @@ impl Customers {
         client: &OdataClient,
         mapping: &Mapping,
         card: Option<&str>,
-        customer: Option<&str>,
+        customer: Option<Reference>,
     ) -> Result<Result<CustomerIdentity, String>, OdataError> {
         let mut id = CustomerIdentity::default();
-        let mut owner = None;
+        let mut owner: Option<Reference> = None;
         if let (Some(key), Some(m)) = (card, &mapping.cards) {
             match self.card(client, m, key).await? {
                 Ok(c) => {
@@ -209,9 +233,13 @@ impl Customers {
             }
         }
         // the card's holder presented it; the document's counterparty was chosen by the cashier
-        let person = owner.as_deref().or(customer);
-        if let (Some(key), Some(m)) = (person, &mapping.people) {
-            match self.person(client, m, key).await? {
+        let person = owner.or(customer);
+        let target = match (&person, &mapping.people) {
+            (Some(r), Some(m)) => people_set(m, r).map(|set| (m, set, r.0.as_str())),
+            _ => None,
+        };
+        if let Some((m, set, key)) = target {
+            match self.person(client, m, set, key).await? {
                 Ok(p) => {
                     id.onec_id = Some(key.to_string());
                     id.name = p.name;
@@ -478,16 +506,25 @@ impl OdataPoller {
         format!("{}:odata:prices", self.system)
     }
 
-    /// 1C's own bonus balances, one opening row per holder (customer or card), for
-    /// `import_opening_balances`. A holder that cannot be turned into a customer is an
-    /// `Err((line, reason))` row; fractions of a point are dropped.
-    pub async fn bonus_balances(&self) -> Result<Vec<Result<OpeningRow, (usize, String)>>, OdataError> {
+    /// 1C's own bonus balances at `at`, one opening row per holder (customer or card), for
+    /// `import_opening_balances`: 1C's spendable balance, `Σ add − max(Σ subtract, 0)` of the
+    /// register's `/Balance(Period=…)` (so accruals not yet active and points past their
+    /// burn date are not imported), split by the burn dates 1C has scheduled after `at` (the
+    /// future receipts of `bonus.burn`), none when 1C has none. A holder that cannot be
+    /// turned into a customer is an `Err((line, reason))` row; fractions of a point are
+    /// dropped.
+    pub async fn bonus_balances(
+        &self,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<Result<OpeningRow, (usize, String)>>, OdataError> {
         let bm = self
             .mapping
             .bonus
             .as_ref()
             .ok_or_else(|| no_table(&self.mapping, "bonus", "the mapping names no bonus register"))?;
         let page = self.odata.page_size.max(1) as usize;
+        let tz = self.cfg.timezone;
+        let at_local = super::poll::to_local(at, tz);
         let program = match (&self.odata.bonus_program, &bm.program) {
             (None, _) => None,
             (Some(_), None) => {
@@ -499,7 +536,7 @@ impl OdataPoller {
             }
             (Some(wanted), Some(_)) => Some(self.program_key(wanted, page).await?),
         };
-        let resource = format!("{}/Balance()", bm.set);
+        let resource = format!("{}/Balance(Period={})", bm.set, datetime_literal(at_local));
         let rows = {
             let mut out = Vec::new();
             for n in 0..MAX_CATALOG_PAGES {
@@ -517,29 +554,33 @@ impl OdataPoller {
             }
             out
         };
+        let wanted_row = |r: &Obj| match (&program, &bm.program) {
+            (Some(p), Some(dim)) => reference(r, dim) == Some(p.as_str()),
+            _ => true,
+        };
+        let sum = |r: &Obj, fields: &[String]| -> Result<Decimal, String> {
+            let mut v = Decimal::ZERO;
+            for f in fields {
+                let field = format!("{f}Balance");
+                let x = decimal(r, &field)?.unwrap_or_default();
+                v = v
+                    .checked_add(x)
+                    .ok_or_else(|| format!("{field} is out of range"))?;
+            }
+            Ok(v)
+        };
         let mut order: Vec<String> = Vec::new();
         let mut totals: HashMap<String, Result<Decimal, String>> = HashMap::new();
-        for r in &rows {
-            if let (Some(p), Some(dim)) = (&program, &bm.program)
-                && reference(r, dim) != Some(p.as_str())
-            {
-                continue;
-            }
+        for r in rows.iter().filter(|r| wanted_row(r)) {
             let Some(holder) = reference(r, &bm.holder) else {
                 continue;
             };
-            let mut value = Ok(Decimal::ZERO);
-            for (fields, sign) in [(&bm.add, Decimal::ONE), (&bm.subtract, -Decimal::ONE)] {
-                for f in fields {
-                    let field = format!("{f}Balance");
-                    value = match (value, decimal(r, &field)) {
-                        (Ok(v), Ok(x)) => v
-                            .checked_add(sign * x.unwrap_or_default())
-                            .ok_or_else(|| format!("{field} is out of range")),
-                        (Err(e), _) | (_, Err(e)) => Err(e),
-                    };
-                }
-            }
+            // per register row (holder × program): what is scheduled to burn and has burnt
+            // by the date is not spendable; a negative КСписанию takes nothing off
+            let value = sum(r, &bm.add).and_then(|a| {
+                let s = sum(r, &bm.subtract)?;
+                Ok(a - s.max(Decimal::ZERO))
+            });
             if !totals.contains_key(holder) {
                 order.push(holder.to_string());
             }
@@ -551,6 +592,10 @@ impl OdataPoller {
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
         }
+        let burns = match &bm.burn {
+            Some(burn) => self.burn_schedule(bm, burn, at_local, page, &wanted_row).await?,
+            None => HashMap::new(),
+        };
         let mut customers = Customers::default();
         if order.len() > BULK_LOOKUP_THRESHOLD {
             customers.preload(&self.client, &self.mapping, page).await?;
@@ -566,17 +611,23 @@ impl OdataPoller {
                 }
                 None => continue,
             };
-            let Some(points) = OdataPoller::whole_points(points) else {
+            let Some(points) = OdataPoller::whole_points(points.max(Decimal::ZERO)) else {
                 out.push(Err((
                     line,
                     format!("{} {holder}: {points} points is out of range", bm.holder),
                 )));
                 continue;
             };
+            let lots = bm.burn.as_ref().map(|_| {
+                split_by_burns(points, burns.get(holder).map_or(&[][..], Vec::as_slice))
+                    .into_iter()
+                    .map(|(p, d)| (p, d.map(|d| to_utc(d, tz))))
+                    .collect()
+            });
             let identity = match bm.holder_is {
                 BonusHolder::People => {
                     customers
-                        .identity(&self.client, &self.mapping, None, Some(holder))
+                        .identity(&self.client, &self.mapping, None, Some((holder.clone(), None)))
                         .await?
                 }
                 BonusHolder::Card => {
@@ -592,11 +643,67 @@ impl OdataPoller {
                     points,
                     expires_at: None,
                     tier: None,
+                    lots,
                 })),
                 Err(reason) => out.push(Err((line, format!("{} {holder}: {reason}", bm.holder)))),
             }
         }
         Ok(out)
+    }
+
+    /// The points 1C has scheduled to burn after `after`, per holder: the register's records
+    /// of `burn` (receipts add, expenses take off) by date, in date order.
+    async fn burn_schedule(
+        &self,
+        bm: &crate::onec::mapping::BonusMap,
+        burn: &str,
+        after: NaiveDateTime,
+        page: usize,
+        wanted_row: &dyn Fn(&Obj) -> bool,
+    ) -> Result<HashMap<String, Vec<(NaiveDateTime, Decimal)>>, OdataError> {
+        let set = format!("{}_RecordType", bm.set);
+        let mut select = vec!["Period", "RecordType", "Active", bm.holder.as_str(), burn];
+        select.extend(bm.program.as_deref());
+        let filter = format!("Period gt {}", datetime_literal(after));
+        let records = list_all(
+            &self.client,
+            &set,
+            &select.join(","),
+            Some(&filter),
+            "Period",
+            page,
+        )
+        .await?;
+        let mut by_holder: HashMap<String, std::collections::BTreeMap<NaiveDateTime, Decimal>> =
+            HashMap::new();
+        for r in records.iter().filter(|r| wanted_row(r)) {
+            if flag(r, "Active") == Some(false) {
+                continue;
+            }
+            let (Some(holder), Some(period)) = (
+                reference(r, &bm.holder),
+                text(r, "Period").and_then(|t| local_time(t).ok().flatten()),
+            ) else {
+                continue;
+            };
+            let Ok(Some(amount)) = decimal(r, burn) else {
+                continue;
+            };
+            let sign = if text(r, "RecordType").is_some_and(|t| t.eq_ignore_ascii_case("Expense")) {
+                -Decimal::ONE
+            } else {
+                Decimal::ONE
+            };
+            *by_holder
+                .entry(holder.to_string())
+                .or_default()
+                .entry(period)
+                .or_default() += sign * amount;
+        }
+        Ok(by_holder
+            .into_iter()
+            .map(|(h, m)| (h, m.into_iter().collect()))
+            .collect())
     }
 
     /// The key of the bonus program named by description or key.
@@ -625,6 +732,34 @@ impl OdataPoller {
     }
 }
 
+/// Splits a spendable balance into lots by the burns 1C has scheduled (date, net change of
+/// the points to burn), earliest first: each date burns what its change adds to the schedule,
+/// never more than is left; what no burn claims never burns (`None`).
+pub(crate) fn split_by_burns(
+    points: i64,
+    burns: &[(NaiveDateTime, Decimal)],
+) -> Vec<(i64, Option<NaiveDateTime>)> {
+    let mut out = Vec::new();
+    let mut left = points.max(0);
+    let mut scheduled = Decimal::ZERO;
+    let mut claimed = Decimal::ZERO;
+    for (date, change) in burns {
+        scheduled += *change;
+        let due = (scheduled - claimed).floor();
+        if due <= Decimal::ZERO || left == 0 {
+            continue;
+        }
+        let take = OdataPoller::whole_points(due).unwrap_or(i64::MAX).min(left);
+        out.push((take, Some(*date)));
+        left -= take;
+        claimed += Decimal::from(take);
+    }
+    if left > 0 {
+        out.push((left, None));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::json;
@@ -632,10 +767,34 @@ mod tests {
     use crate::onec::mapping;
 
     fn people() -> PeopleMap {
-        mapping::load("roznica", None)
+        mapping::load("roznica2", None)
             .expect("built in")
             .people
             .expect("people")
+    }
+
+    #[test]
+    fn a_balance_splits_by_the_burns_1c_scheduled() {
+        let d = |day: u32| {
+            chrono::NaiveDate::from_ymd_opt(2027, 1, day)
+                .and_then(|x| x.and_hms_opt(0, 0, 0))
+                .expect("date")
+        };
+        let dec = |n: i64| Decimal::from(n);
+        // nothing scheduled: one lot that never burns
+        assert_eq!(split_by_burns(100, &[]), vec![(100, None)]);
+        // 30 on the 5th, 50 on the 9th, 20 never
+        assert_eq!(
+            split_by_burns(100, &[(d(5), dec(30)), (d(9), dec(50))]),
+            vec![(30, Some(d(5))), (50, Some(d(9))), (20, None)]
+        );
+        // a redemption lowered the schedule (an expense) before the next burn
+        assert_eq!(
+            split_by_burns(60, &[(d(5), dec(40)), (d(6), dec(-10)), (d(9), dec(50))]),
+            vec![(40, Some(d(5))), (20, Some(d(9)))]
+        );
+        // more scheduled than spendable: never more than the balance
+        assert_eq!(split_by_burns(10, &[(d(5), dec(40))]), vec![(10, Some(d(5)))]);
     }
 
     #[test]

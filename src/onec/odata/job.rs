@@ -76,11 +76,14 @@ pub async fn import_balances_from_1c_at(
 ) -> anyhow::Result<OpeningReport> {
     let cfg = Arc::new(cfg.clone());
     let poller = OdataPoller::new(cfg.clone())?;
-    let rows = poller.bonus_balances().await?;
-    let source = format!("{}:odata:bonus", poller.system);
+    let rows = poller.bonus_balances(now).await?;
+    let source = crate::ledger::opening_source_from_register(&poller.system);
     let report = ledger
         .run(move |l| {
-            let dest = cfg.destinations();
+            let mut dest = cfg.destinations();
+            // these points are 1C's own: posting them back as accruals would count them twice
+            // in 1C's register (their later expiry or use is kopilka's and goes back as usual)
+            dest.onec_bonus = None;
             let ctx = IngestContext {
                 rules: &cfg.program,
                 limits: &cfg.limits,

@@ -224,12 +224,31 @@ enum Mode {
     Rescan,
 }
 
+/// A reference as a document names it: the GUID, and for a composite reference the type
+/// 1C gave (`StandardODATA.Catalog_ФизическиеЛица`).
+pub(crate) type Reference = (String, Option<String>);
+
+/// A reference field's value: `X_Key`, or a composite `X` with its `X_Type`.
+pub(crate) fn reference_of(o: &Obj, field: &str) -> Option<Reference> {
+    let key = reference(o, field)?.to_string();
+    let ty = mapping::is_composite(field)
+        .then(|| text(o, &mapping::type_field(field)))
+        .flatten()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string);
+    Some((key, ty))
+}
+
 /// A document read whole, converted but for its customer.
 struct Draft {
     doc: Document,
     card: Option<String>,
-    customer: Option<String>,
+    customer: Option<Reference>,
     date: NaiveDateTime,
+    /// Its operation kind says it is neither a sale nor a return (a transfer, a return to a
+    /// supplier): it has no effect.
+    not_a_sale: bool,
 }
 
 /// Polls one 1C base. Keep one per process: it remembers applied versions between polls.
@@ -616,7 +635,11 @@ impl OdataPoller {
         .map(|s| s.to_string())
         .collect();
         fields.extend(map.header_fields().iter().map(|s| s.to_string()));
+        fields.extend(map.type_fields());
         fields.extend(map.row.fields().iter().map(|f| format!("{}/{f}", map.rows)));
+        if let Some(f) = map.row.return_link.as_ref().filter(|f| mapping::is_composite(f)) {
+            fields.push(format!("{}/{}", map.rows, mapping::type_field(f)));
+        }
         fields.join(",")
     }
 
@@ -699,7 +722,12 @@ impl OdataPoller {
                 let deletion = flag(h, "DeletionMark") == Some(true);
                 let unposted = flag(h, "Posted") == Some(false);
                 if (deletion || unposted) && !version.is_empty() {
-                    let item = self.void(key, version, deletion, date, doc);
+                    let reason = if deletion {
+                        VoidReason::DeletionMarked
+                    } else {
+                        VoidReason::Unposted
+                    };
+                    let item = self.void(key, version, reason, date, doc);
                     slots.push((Slot::Done(Some(Box::new(item))), date));
                 } else {
                     slots.push((Slot::Fetch(key.to_string()), date));
@@ -776,7 +804,7 @@ impl OdataPoller {
         &self,
         key: &str,
         version: &str,
-        deletion: bool,
+        reason: VoidReason,
         date: Option<NaiveDateTime>,
         doc: usize,
     ) -> Pending {
@@ -788,11 +816,7 @@ impl OdataPoller {
                     version: version.to_string(),
                     stamp: None,
                 },
-                reason: if deletion {
-                    VoidReason::DeletionMarked
-                } else {
-                    VoidReason::Unposted
-                },
+                reason,
             }),
             update: date.map(|d| {
                 KnownUpdate::Set(
@@ -867,7 +891,12 @@ impl OdataPoller {
         }
         let deletion = flag(&obj, "DeletionMark") == Some(true);
         if deletion || flag(&obj, "Posted") == Some(false) {
-            return Ok(Some((self.void(key, &version, deletion, date, doc), date)));
+            let reason = if deletion {
+                VoidReason::DeletionMarked
+            } else {
+                VoidReason::Unposted
+            };
+            return Ok(Some((self.void(key, &version, reason, date, doc), date)));
         }
         let draft = match self.convert(st, map, key, &version, &obj) {
             Ok(d) => d,
@@ -876,15 +905,22 @@ impl OdataPoller {
                 return Ok(Some((self.rejected(key, &reason, url), date)));
             }
         };
+        if draft.not_a_sale {
+            // e.g. УНФ's РасходнаяНакладная returning goods to a supplier: had it been read
+            // as a sale before (its operation changed), that sale is cancelled
+            let v = self.void(key, &version, VoidReason::Cancelled, Some(draft.date), doc);
+            return Ok(Some((v, Some(draft.date))));
+        }
         let Draft {
             doc: mut document,
             card,
             customer,
             date,
+            ..
         } = draft;
         match run
             .customers
-            .identity(&self.client, &self.mapping, card.as_deref(), customer.as_deref())
+            .identity(&self.client, &self.mapping, card.as_deref(), customer)
             .await?
         {
             Ok(identity) => document.customer = identity,
@@ -917,14 +953,14 @@ impl OdataPoller {
         let date_text = text(obj, "Date").ok_or("no Date")?;
         let date = local_time(date_text)?.ok_or("the document date is empty")?;
         let mut kind = map.kind;
+        let mut not_a_sale = false;
         if let Some(op) = &map.operation {
             let value = text(obj, op).unwrap_or("").trim();
-            if map
-                .return_operations
-                .iter()
-                .any(|r| r.trim().eq_ignore_ascii_case(value))
-            {
+            let is = |values: &[String]| values.iter().any(|r| r.trim().eq_ignore_ascii_case(value));
+            if is(&map.return_operations) {
                 kind = DocKind::Return;
+            } else if !map.sale_operations.is_empty() && !is(&map.sale_operations) {
+                not_a_sale = true;
             }
         }
         let rows = match obj.get(&map.rows) {
@@ -942,6 +978,7 @@ impl OdataPoller {
         let rm = &map.row;
         let mut lines = Vec::with_capacity(rows.len());
         let mut points_kopecks = 0i64;
+        let mut row_links: Vec<String> = Vec::new();
         for (i, row) in rows.iter().enumerate() {
             let row = row.as_object();
             let n = row
@@ -950,6 +987,11 @@ impl OdataPoller {
                 .unwrap_or_else(|| (i + 1).to_string());
             let row = row.ok_or_else(|| format!("line {n}: not an object"))?;
             let at = |e: String| format!("line {n}: {e}");
+            if let Some((link, _)) = rm.return_link.as_ref().and_then(|f| reference_of(row, f))
+                && !row_links.contains(&link)
+            {
+                row_links.push(link);
+            }
             let product = reference(row, &rm.product).ok_or_else(|| at(format!("no {}", rm.product)))?;
             let product_id = match rm.variant.as_ref().and_then(|v| reference(row, v)) {
                 Some(v) => format!("{product}#{v}"),
@@ -1008,10 +1050,21 @@ impl OdataPoller {
             None => lines.iter().map(|l| l.net).sum(),
         };
         let point_value = self.cfg.program.point_value.0.max(1);
-        let points_redeemed = match kind {
-            DocKind::Sale => Points(points_kopecks.max(0) / point_value),
-            DocKind::Return => Points(0),
-        };
+        // on a sale the points paid with; on a return the points 1C gave back with the goods
+        let points_redeemed = Points(points_kopecks.max(0) / point_value);
+        if row_links.len() > 1 {
+            return Err(format!(
+                "the return names {} sales in its lines ({}); kopilka links a return to one sale: \
+                 make one return per sale in 1C",
+                row_links.len(),
+                row_links.join(", ")
+            ));
+        }
+        let header_link = map
+            .return_link
+            .as_ref()
+            .and_then(|f| reference_of(obj, f))
+            .map(|(k, _)| k);
         let number = text(obj, "Number").map(str::trim).filter(|s| !s.is_empty());
         let doc = Document {
             source: SourceRef {
@@ -1029,11 +1082,7 @@ impl OdataPoller {
             total,
             points_redeemed,
             original: match kind {
-                DocKind::Return => map
-                    .return_link
-                    .as_ref()
-                    .and_then(|f| reference(obj, f))
-                    .map(str::to_string),
+                DocKind::Return => header_link.or_else(|| row_links.pop()),
                 DocKind::Sale => None,
             },
             store: map
@@ -1050,12 +1099,9 @@ impl OdataPoller {
                 .as_ref()
                 .and_then(|f| reference(obj, f))
                 .map(str::to_string),
-            customer: map
-                .customer
-                .as_ref()
-                .and_then(|f| reference(obj, f))
-                .map(str::to_string),
+            customer: map.customer.as_ref().and_then(|f| reference_of(obj, f)),
             date,
+            not_a_sale,
         })
     }
 

@@ -43,6 +43,9 @@ pub struct ProbeReport {
     /// Names checked.
     pub checked: usize,
     pub missing: Vec<Missing>,
+    /// The built-in mappings whose every name the base publishes (reading and, with an
+    /// OData postback, writing): the editions the base looks like.
+    pub looks_like: Vec<String>,
 }
 
 impl ProbeReport {
@@ -64,6 +67,15 @@ impl fmt::Display for ProbeReport {
         writeln!(f, "  {} mapped name(s) missing in this base:", self.missing.len())?;
         for m in &self.missing {
             writeln!(f, "  missing {} (needed by {})", m.what, m.needed_by)?;
+        }
+        if self.looks_like.is_empty() {
+            writeln!(f, "  the base matches none of the built-in mappings whole")?;
+        } else {
+            writeln!(
+                f,
+                "  the base looks like: {} (every name of the built-in mapping published)",
+                self.looks_like.join(", ")
+            )?;
         }
         writeln!(
             f,
@@ -237,6 +249,7 @@ pub fn check(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
         .iter()
         .map(|f| (*f, format!("the standard fields of {}", d.set)))
         .collect();
+        let types = d.type_fields();
         for (f, k) in [
             (&d.total, "total"),
             (&d.store, "store"),
@@ -247,6 +260,9 @@ pub fn check(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
         ] {
             if let Some(f) = f {
                 fields.push((f.as_str(), key(k)));
+                if let Some(t) = types.iter().find(|t| **t == mapping::type_field(f)) {
+                    fields.push((t.as_str(), key(&format!("{k} (a composite reference)"))));
+                }
             }
         }
         c.fields(&d.set, &props, &fields);
@@ -264,6 +280,17 @@ pub fn check(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
         ];
         row_fields.extend(r.variant.as_deref().map(|v| (v, key("row.variant"))));
         row_fields.extend(r.points_paid.as_deref().map(|v| (v, key("row.points_paid"))));
+        let link_type = r
+            .return_link
+            .as_deref()
+            .filter(|f| mapping::is_composite(f))
+            .map(mapping::type_field);
+        row_fields.extend(r.return_link.as_deref().map(|v| (v, key("row.return_link"))));
+        row_fields.extend(
+            link_type
+                .as_deref()
+                .map(|v| (v, key("row.return_link (a composite reference)"))),
+        );
         for (n, f) in r.discounts.iter().enumerate() {
             row_fields.push((f.as_str(), key(&format!("row.discounts[{n}]"))));
         }
@@ -314,25 +341,43 @@ pub fn check(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
             .enumerate()
             .map(|(i, n)| (n.as_str(), format!("cards.number[{i}]")))
             .collect();
+        let owner_type = cm
+            .owner
+            .as_deref()
+            .filter(|o| mapping::is_composite(o))
+            .map(mapping::type_field);
         f.extend(cm.owner.as_deref().map(|o| (o, "cards.owner".to_string())));
+        f.extend(
+            owner_type
+                .as_deref()
+                .map(|o| (o, "cards.owner (a composite reference)".to_string())),
+        );
         c.fields(&cm.set, &props, &f);
     }
-    if let Some(pm) = &mapping.people
-        && let Some(props) = c.set(&pm.set, "people.set").cloned()
-    {
-        c.fields(&pm.set, &props, &[(pm.name.as_str(), "people.name".to_string())]);
-        if let Some(section) = &pm.contacts {
-            c.checked += 1;
-            match c.section(&pm.set, &props, section).cloned() {
-                Some(rows) => c.fields(
-                    &format!("{}.{section}", pm.set),
-                    &rows,
-                    &[
-                        (pm.contact_kind.as_str(), "people.contact_kind".to_string()),
-                        (pm.contact_value.as_str(), "people.contact_value".to_string()),
-                    ],
-                ),
-                None => c.miss(format!("tabular section {}.{section}", pm.set), "people.contacts"),
+    if let Some(pm) = &mapping.people {
+        for (i, set) in pm.sets().enumerate() {
+            let set_key = if i == 0 {
+                "people.set".to_string()
+            } else {
+                format!("people.also[{}]", i - 1)
+            };
+            let Some(props) = c.set(set, &set_key).cloned() else {
+                continue;
+            };
+            c.fields(set, &props, &[(pm.name.as_str(), "people.name".to_string())]);
+            if let Some(section) = &pm.contacts {
+                c.checked += 1;
+                match c.section(set, &props, section).cloned() {
+                    Some(rows) => c.fields(
+                        &format!("{set}.{section}"),
+                        &rows,
+                        &[
+                            (pm.contact_kind.as_str(), "people.contact_kind".to_string()),
+                            (pm.contact_value.as_str(), "people.contact_value".to_string()),
+                        ],
+                    ),
+                    None => c.miss(format!("tabular section {set}.{section}"), "people.contacts"),
+                }
             }
         }
     }
@@ -366,7 +411,14 @@ pub fn check(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
             for (i, r) in b.subtract.iter().enumerate() {
                 f.push((r.as_str(), format!("bonus.subtract[{i}]")));
             }
+            f.extend(b.burn.as_deref().map(|r| (r, "bonus.burn".to_string())));
             c.fields(&b.set, &props, &f);
+            if b.burn.is_some() && !schema.sets.contains_key(&record) {
+                c.miss(
+                    format!("entity set {record}"),
+                    "bonus.burn (the register's records)",
+                );
+            }
         }
         if let Some(programs) = &b.programs {
             c.set(programs, "bonus.programs");
@@ -501,19 +553,42 @@ pub async fn probe(cfg: &Config) -> Result<ProbeReport, OdataError> {
         class: super::ErrorClass::Permanent,
         attempts: 1,
     })?;
-    let (mut checked, mut missing) = check(&mapping, &schema);
-    if cfg.accounting.postback == crate::config::Postback::Odata {
-        let (n, m) = check_writing(&mapping, &schema);
-        checked += n;
-        missing.extend(m);
-    }
+    let writing = cfg.accounting.postback == crate::config::Postback::Odata;
+    let (checked, missing) = check_all(&mapping, &schema, writing);
     Ok(ProbeReport {
         url: client.base().to_string(),
         mapping: mapping.origin.clone(),
         sets_published: schema.sets.len(),
         checked,
         missing,
+        looks_like: looks_like(&schema, writing),
     })
+}
+
+/// [`check`], and with `writing` [`check_writing`] too.
+pub fn check_all(mapping: &Mapping, schema: &Schema, writing: bool) -> (usize, Vec<Missing>) {
+    let (mut checked, mut missing) = check(mapping, schema);
+    if writing {
+        let (n, m) = check_writing(mapping, schema);
+        checked += n;
+        missing.extend(m);
+    }
+    (checked, missing)
+}
+
+/// The built-in mappings `schema` publishes every name of (the accounting document aside: it
+/// lives in an accounting base or an extension), so an integrator sees which edition a base
+/// is before choosing.
+pub fn looks_like(schema: &Schema, writing: bool) -> Vec<String> {
+    mapping::BUILT_IN
+        .iter()
+        .filter_map(|(name, _)| {
+            let mut m = mapping::load(name, None).ok()?;
+            m.accounting_document = None;
+            let (_, missing) = check_all(&m, schema, writing);
+            missing.is_empty().then(|| (*name).to_string())
+        })
+        .collect()
 }
 
 /// [`probe`] for synchronous callers (`kopilka check`).

@@ -730,11 +730,18 @@ impl OdataWriter {
             row_fields[1].0 = r.holder.clone();
             row_fields[2].0 = r.points.clone();
             if let Some(f) = &r.burn_correction {
-                let burn = if kind == "expiry" {
-                    points.unsigned_abs()
-                } else {
-                    0
+                // the points 1C has scheduled to burn among those taken: lots with a burn
+                // date that 1C knows of (opening balances read from 1C; kopilka's accruals
+                // when their burn date is written back), so 1C's own burn cannot take them
+                // again and its КСписанию stays what the ledger still has to burn
+                let burn = match (p["from_burning"].as_i64(), p["from_burning_1c"].as_i64()) {
+                    (Some(all), Some(from_1c)) if m.accruals.expires_on.is_some() => all.max(from_1c),
+                    (Some(_), Some(from_1c)) => from_1c,
+                    // queued by an older kopilka
+                    _ if kind == "expiry" => points.abs(),
+                    _ => 0,
                 };
+                let burn = burn.clamp(0, points.abs());
                 row_fields.push((f.clone(), W::Num(burn.to_string())));
             }
             (r.rows.clone(), m.accruals.rows.clone())
@@ -839,8 +846,11 @@ impl OdataWriter {
                 }
             }
         }
+        // a composite owner (Розница 2's ВладелецКарты) would need a typed filter
+        // (`cast(guid'…', 'Catalog_…')`); such a card is found by its number only
         if result.is_none()
             && let (Some(o), Some(owner_field)) = (&owner, &m.owner)
+            && is_reference(owner_field)
         {
             let q = [
                 ("$select", select.clone()),
