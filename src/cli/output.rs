@@ -37,6 +37,7 @@ pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> a
         return json(&serde_json::json!({
             "customer": b.customer,
             "available": b.available,
+            "held": b.held,
             "pending": b.pending,
             "expiring": {
                 "points": b.expiring.points,
@@ -52,6 +53,12 @@ pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> a
     }
     println!("{}", who(&b.customer));
     println!("  available  {:>10}", b.available);
+    if b.held > 0 {
+        println!(
+            "  held       {:>10}  (reserved by tills or the site until committed)",
+            b.held
+        );
+    }
     println!("  pending    {:>10}  (inside the return window)", b.pending);
     println!(
         "  expiring   {:>10}  within {} days",

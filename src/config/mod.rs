@@ -9,6 +9,7 @@
 //! exits 78 (EX_CONFIG) so systemd does not restart-loop on a typo.
 
 mod connectors;
+mod holds;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -23,6 +24,7 @@ use crate::core::document::DocumentLimits;
 use crate::core::money::Money;
 use crate::core::rules::RuleSet;
 use crate::ledger::{DeliveryPolicy, OpenOptions};
+pub use holds::{HoldMatch, HoldsConfig};
 
 pub use connectors::{
     AmocrmAuth, AmocrmConfig, Keep, OdataConfig, OnecConfig, Orders, Secret, SiteExchangeConfig, read_secret,
@@ -179,6 +181,7 @@ struct Raw {
     outbox: RawOutbox,
     onec: Option<connectors::RawOnec>,
     amocrm: Option<connectors::RawAmocrm>,
+    holds: holds::RawHolds,
 }
 
 /// The validated configuration every part of kopilka reads.
@@ -208,6 +211,8 @@ pub struct Config {
     pub amocrm: Option<AmocrmConfig>,
     pub daemon: DaemonConfig,
     pub accounting: AccountingConfig,
+    /// `[holds]`: reservations of points by tills and the site.
+    pub holds: HoldsConfig,
     /// Things that work but are probably not what was meant (a listener off loopback
     /// without TLS in front); `kopilka check` and `kopilka run` print them.
     pub warnings: Vec<Issue>,
@@ -399,7 +404,7 @@ pub const ONEC_ACCOUNTING: &str = "onec:accounting";
 const ENVIRONMENT: &str = "the environment";
 
 const SECTIONS: &[&str] = &[
-    "general", "ledger", "program", "rules", "outbox", "onec", "amocrm",
+    "general", "ledger", "program", "rules", "outbox", "onec", "amocrm", "holds",
 ];
 
 /// Environment variables that override the file: `KOPILKA_<SECTION>__<KEY>`. Other
@@ -474,6 +479,7 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Rep
             "daemon" => raw.daemon = section(&name, value, &origins, &mut issues),
             "accounting" => raw.accounting = section(&name, value, &origins, &mut issues),
             "amocrm" => raw.amocrm = Some(section(&name, value, &origins, &mut issues)),
+            "holds" => raw.holds = section(&name, value, &origins, &mut issues),
             _ => issues.push(Issue {
                 key: name.clone(),
                 origin: origins.of(&name),
@@ -847,6 +853,7 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
     };
     let onec = raw.onec.as_ref().map(|o| connectors::onec(o, &mut check));
     let amocrm = raw.amocrm.as_ref().map(|a| connectors::amocrm(a, &mut check));
+    let holds = holds::holds(&raw.holds, &mut check.issues);
     let mut warnings = Vec::new();
     let mut warn = |key: &str, message: String| {
         warnings.push(Issue {
@@ -932,6 +939,7 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
         daemon,
         warnings,
         accounting,
+        holds,
     })
 }
 

@@ -39,7 +39,8 @@ pub fn router(ctx: JobContext, rt: Arc<Runtime>) -> Router {
         .route("/report", get(report))
         .route("/v1/customers/{id}/balance", get(balance))
         .route("/v1/quote", post(quote_handler))
-        .with_state(AppState { ctx, rt })
+        .with_state(AppState { ctx: ctx.clone(), rt })
+        .merge(super::holds::router(ctx))
 }
 
 fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
@@ -109,10 +110,11 @@ async fn metrics(State(s): State<AppState>) -> Response {
                 l.summary(&DateRange::default(), now)?,
                 l.outbox_counts()?,
                 l.checkpoints()?,
+                l.hold_counts(now)?,
             ))
         })
         .await;
-    let (summary, outbox, checkpoints) = match data {
+    let (summary, outbox, checkpoints, holds) = match data {
         Ok(d) => d,
         Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, format!("ledger: {e}")),
     };
@@ -187,6 +189,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
             (now - at).num_seconds().max(0)
         );
     }
+    super::holds::write_metrics(&mut out, &holds);
     let jobs = s.rt.jobs();
     metric(
         &mut out,
@@ -322,6 +325,7 @@ async fn balance(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<S
             Json(serde_json::json!({
                 "customer": b.customer,
                 "available": b.available,
+                "held": b.held,
                 "pending": b.pending,
                 "expiring": b.expiring,
                 "debt": b.debt,

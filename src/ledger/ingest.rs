@@ -411,7 +411,7 @@ fn version_seen(conn: &Connection, doc: i64, version: &str) -> Result<bool> {
         .is_some())
 }
 
-fn write_document(
+pub(super) fn write_document(
     conn: &Connection,
     existing: Option<i64>,
     d: &Document,
@@ -516,10 +516,10 @@ fn bump_epoch(conn: &Connection, doc: i64) -> Result<i64> {
 }
 
 /// The state of one `ingest` call while it runs.
-struct Run<'a, 'b> {
-    ctx: &'a IngestContext<'b>,
-    touched: BTreeSet<i64>,
-    flags: Vec<Flag>,
+pub(super) struct Run<'a, 'b> {
+    pub(super) ctx: &'a IngestContext<'b>,
+    pub(super) touched: BTreeSet<i64>,
+    pub(super) flags: Vec<Flag>,
 }
 
 impl Run<'_, '_> {
@@ -641,13 +641,24 @@ impl Run<'_, '_> {
                 available: decision.available_at.unwrap_or(d.occurred_at),
                 expires: decision.expires_at,
             };
-            if d.points_redeemed.0 > 0 {
-                let moves = lots::plan_debit(&h, d.points_redeemed.0, &[], d.occurred_at);
-                let explanation = Explanation::text(format!(
-                    "{} points paid at the till on {}",
-                    d.points_redeemed,
-                    document_label(d)
-                ));
+            // points a till already spent through a committed hold count once
+            let (covered, holds) = super::holds::covered_by_commits(conn, c, doc_id, d)?;
+            let redeem = (d.points_redeemed.0 - covered).max(0);
+            if redeem > 0 {
+                let moves = lots::plan_debit(&h, redeem, &[], d.occurred_at);
+                let explanation = Explanation::text(if holds.is_empty() {
+                    format!(
+                        "{} points paid at the till on {}",
+                        d.points_redeemed,
+                        document_label(d)
+                    )
+                } else {
+                    format!(
+                        "{} points paid at the till on {}, {covered} of them already through hold {holds:?}",
+                        d.points_redeemed,
+                        document_label(d)
+                    )
+                });
                 post(
                     conn,
                     NewTx {
@@ -745,7 +756,7 @@ impl Run<'_, '_> {
     }
 
     /// Applies the negative-balance policy after points were taken from a customer.
-    fn settle_debt(
+    pub(super) fn settle_debt(
         &mut self,
         conn: &Connection,
         customer: i64,

@@ -12,6 +12,7 @@ mod amocrm_state;
 pub mod backup;
 mod catalog;
 mod delivery;
+mod holds;
 mod ingest;
 mod jobs;
 mod offers;
@@ -37,6 +38,10 @@ pub use amocrm_state::{
 };
 pub use catalog::{CatalogItem, CatalogReport, CostPolicy};
 pub use delivery::{DeliveryError, DeliveryPolicy, DeliveryReport, SharedLedger, Sink, deliver_due};
+pub use holds::{
+    API_SOURCE, CommitAnswer, CommitRequest, HoldError, HoldMatching, HoldRequest, HoldResult, HoldSettings,
+    HoldView, QuoteAnswer, QuoteLineAnswer,
+};
 pub use ingest::{
     AdjustOutcome, AdjustRequest, Batch, Destinations, IngestContext, IngestReport, Item, Outcome,
 };

@@ -100,7 +100,10 @@ pub struct Expiring {
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct BalanceView {
     pub customer: CustomerView,
+    /// Usable now: net of the points live holds reserve.
     pub available: i64,
+    /// Reserved by live holds of tills and the site (not in `available`).
+    pub held: i64,
     pub pending: i64,
     pub expiring: Expiring,
     /// Points owed by the customer (a return after the points were spent).
@@ -225,9 +228,11 @@ impl Ledger {
         let tier: Option<String> =
             self.conn
                 .query_row("SELECT tier FROM customers WHERE id = ?1", [id], |r| r.get(0))?;
+        let held = super::holds::held_points(&self.conn, id, now)?;
         Ok(BalanceView {
             customer: customer_view(&self.conn, id)?,
-            available: f.available,
+            available: f.available - held,
+            held,
             pending: f.pending,
             expiring: Expiring {
                 points: f.expiring_soon,

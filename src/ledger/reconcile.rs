@@ -43,6 +43,9 @@ pub enum DiffKind {
     NotInSource,
     /// A day's totals differ and no document explains it.
     Unexplained,
+    /// The receipt that used a committed hold says other points than the commit took (the
+    /// commit stands: it is what the till was told).
+    HoldDiffers,
 }
 
 impl DiffKind {
@@ -54,6 +57,7 @@ impl DiffKind {
             DiffKind::DeadLettered => "dead-lettered",
             DiffKind::NotInSource => "not in the source",
             DiffKind::Unexplained => "unexplained",
+            DiffKind::HoldDiffers => "hold differs from receipt",
         }
     }
 }
@@ -376,6 +380,38 @@ impl Ledger {
                     source,
                     document: doc_ref,
                     detail: reason,
+                });
+            }
+        }
+        // receipts matched to a committed hold whose points differ from the commit
+        {
+            let mut st = self.conn.prepare(
+                "SELECT d.source, d.doc_id, d.occurred_at, h.id, h.committed_points, d.points_redeemed \
+                 FROM holds h JOIN documents d ON d.id = h.matched_document \
+                 WHERE d.occurred_at >= ?1 AND d.occurred_at < ?2 AND d.state = 'active' \
+                 AND d.points_redeemed != h.committed_points",
+            )?;
+            let rows = st.query_map(params![ts(start), ts(end)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    from_ts(r.get(2)?),
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })?;
+            for row in rows {
+                let (source, doc_id, at, hold, committed, receipt) = row?;
+                out.differences.push(Difference {
+                    day: Some(day_of(at)),
+                    kind: DiffKind::HoldDiffers,
+                    source,
+                    document: doc_id,
+                    detail: format!(
+                        "hold {hold} committed {committed} points, the receipt says {receipt}; the ledger kept {}",
+                        committed.max(receipt)
+                    ),
                 });
             }
         }

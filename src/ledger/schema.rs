@@ -408,6 +408,45 @@ CREATE INDEX outbox_onec_created ON outbox(created_at) WHERE destination LIKE 'o
     r#"
 INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_uid', lower(hex(randomblob(6))));
 "#,
+    // 10 (issue 23): holds.
+    r#"
+-- issue 23: holds — points reserved for one basket by a till or the site until committed,
+-- cancelled or expired (see ARCHITECTURE.md, "Holds")
+CREATE TABLE holds (
+    id                 INTEGER PRIMARY KEY,
+    idem_key           TEXT NOT NULL UNIQUE,
+    -- the request as the caller sent it (canonical JSON without the key): the same key
+    -- with another body is refused
+    request            TEXT NOT NULL,
+    customer_id        INTEGER NOT NULL REFERENCES customers(id),
+    points             INTEGER NOT NULL CHECK (points > 0),
+    -- the quote as answered (JSON), so a repeat answers the same
+    quote              TEXT NOT NULL,
+    created_at         INTEGER NOT NULL,
+    expires_at         INTEGER NOT NULL,
+    state              TEXT NOT NULL CHECK (state IN ('held','committed','cancelled','expired')),
+    closed_at          INTEGER,
+    commit_request     TEXT,
+    committed_points   INTEGER,
+    -- the commit's answer (allocation over the final basket), JSON
+    commit_answer      TEXT,
+    -- the `api` document the commit recorded
+    document_id        INTEGER REFERENCES documents(id),
+    -- the 1C receipt later recognised as the one that used this hold: 'reference' (its
+    -- number is the hold's key) or 'card_points_time' (also the same customer and points
+    -- with its time in [match_from, match_until]) — the policy in force at the commit
+    match_by           TEXT CHECK (match_by IN ('reference','card_points_time')),
+    match_from         INTEGER,
+    match_until        INTEGER,
+    matched_document   INTEGER REFERENCES documents(id),
+    CHECK ((state = 'committed') = (document_id IS NOT NULL))
+);
+-- what is held now, per customer (every quote and hold reads it)
+CREATE INDEX holds_live ON holds(customer_id, expires_at) WHERE state = 'held';
+CREATE INDEX holds_unmatched ON holds(customer_id, committed_points)
+    WHERE state = 'committed' AND matched_document IS NULL;
+CREATE INDEX holds_matched ON holds(matched_document) WHERE matched_document IS NOT NULL;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka
