@@ -56,6 +56,7 @@ async fn env(points: i64, extra: &str) -> Env {
                 points,
                 expires_at: None,
                 tier: None,
+                lots: None,
             })],
             &cfg.ingest_context(start, &dest),
         )

@@ -123,6 +123,7 @@ async fn killed_between_hold_and_commit_the_daemon_loses_and_doubles_nothing() {
                     points: OPENING,
                     expires_at: None,
                     tier: None,
+                    lots: None,
                 })],
                 &cfg.ingest_context(chrono::Utc::now(), &dest),
             )
