@@ -74,6 +74,17 @@ pub(super) struct RawSiteExchange {
     pub session_idle_minutes: Option<i64>,
 }
 
+/// `[onec.loyalty_server]`: the «Сервер лояльности» УНФ's and Розница 3.0's cashier
+/// workplace calls (`../shared/specs/onec-till-protocols.md` §2).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct RawLoyaltyServer {
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub path: Option<String>,
+    pub hold_minutes: Option<i64>,
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub(super) struct RawOdata {
@@ -104,6 +115,7 @@ pub(super) struct RawOnec {
     pub keep_max_bytes: Option<u64>,
     pub site_exchange: Option<RawSiteExchange>,
     pub odata: Option<RawOdata>,
+    pub loyalty_server: Option<RawLoyaltyServer>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -156,6 +168,21 @@ pub struct SiteExchangeConfig {
     /// A session not heard from this long is forgotten (what it uploaded is imported or
     /// rejected, its folder removed).
     pub session_idle: chrono::Duration,
+}
+
+/// The «Сервер лояльности» endpoint for УНФ / Розница 3.0 tills, on the daemon's HTTP
+/// listener (README, "Tills").
+#[derive(Clone, Debug)]
+pub struct LoyaltyServerConfig {
+    /// The login the till sends (1C makes no request with an empty one).
+    pub user: String,
+    pub password: Secret,
+    /// Where the resources live: the till's «Адрес сервера лояльности» is
+    /// `http://HOST:PORT` + this path.
+    pub path: String,
+    /// How long points read at a card scan stay reserved for that till: a cashier's whole
+    /// receipt, not the few minutes of a site checkout (`[holds] ttl_seconds`).
+    pub hold: chrono::Duration,
 }
 
 /// How long files kopilka keeps for people (`processed/`, `rejected/`) stay: the oldest go
@@ -211,6 +238,7 @@ pub struct OnecConfig {
     pub keep: Keep,
     pub site_exchange: Option<SiteExchangeConfig>,
     pub odata: Option<OdataConfig>,
+    pub loyalty_server: Option<LoyaltyServerConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -457,6 +485,46 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
             format!("{system:?} must be one word, e.g. onec or onec:partner"),
         );
     }
+    let loyalty_server = raw.loyalty_server.as_ref().map(|l| {
+        let user = l
+            .user
+            .clone()
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| {
+                c.bad(
+                    "onec.loyalty_server.user",
+                    "the login the till sends is required (1C makes no request without one)",
+                );
+                String::new()
+            });
+        let password = c.secret(
+            "onec.loyalty_server.password_file",
+            l.password_file.as_deref(),
+            "KOPILKA_ONEC_LOYALTY_PASSWORD",
+            true,
+        );
+        let path = l.path.clone().unwrap_or_else(|| "/hs/loyaltyservice".into());
+        let path = path.trim_end_matches('/').to_string();
+        if !path.starts_with('/') || path.len() < 2 || path.contains(['?', '#', '{', '}', ' ']) {
+            c.bad(
+                "onec.loyalty_server.path",
+                format!("{path:?} is not a path like /hs/loyaltyservice"),
+            );
+        }
+        let minutes = l.hold_minutes.unwrap_or(30);
+        if !(1..=24 * 60).contains(&minutes) {
+            c.bad(
+                "onec.loyalty_server.hold_minutes",
+                format!("{minutes} is outside 1..=1440"),
+            );
+        }
+        LoyaltyServerConfig {
+            user,
+            password,
+            path,
+            hold: chrono::Duration::minutes(minutes.clamp(1, 24 * 60)),
+        }
+    });
     OnecConfig {
         system,
         exchange_dir: raw.exchange_dir.clone(),
@@ -469,6 +537,7 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
         keep,
         site_exchange,
         odata,
+        loyalty_server,
     }
 }
 

@@ -311,10 +311,33 @@ async fn with_settings<F>(ctx: &JobContext, f: F) -> Response
 where
     F: FnOnce(&mut crate::ledger::Ledger, &HoldSettings<'_>) -> Result<HoldView, HoldError> + Send + 'static,
 {
+    match run_with_settings(ctx, None, f).await {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => hold_error(e),
+    }
+}
+
+/// How a till protocol's holds differ from `[holds]`: their own lifetime, and matched to
+/// 1C's receipt by card, points and time (the till puts no reference on the receipt).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct TillHolds {
+    pub ttl: chrono::Duration,
+}
+
+/// Runs hold operations on the ledger, in one call, with the configuration's settings (or a
+/// till protocol's).
+pub(super) async fn run_with_settings<T, F>(
+    ctx: &JobContext,
+    till: Option<TillHolds>,
+    f: F,
+) -> Result<T, HoldError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut crate::ledger::Ledger, &HoldSettings<'_>) -> Result<T, HoldError> + Send + 'static,
+{
     let cfg = ctx.cfg.clone();
     let now = ctx.clock.now();
-    let result = ctx
-        .ledger
+    ctx.ledger
         .run(move |l| {
             let destinations = cfg.destinations();
             let ingest = cfg.ingest_context(now, &destinations);
@@ -322,20 +345,17 @@ where
             let settings = HoldSettings {
                 program: &cfg.program,
                 cost: cost.as_ref(),
-                ttl: cfg.holds.ttl,
+                ttl: till.map_or(cfg.holds.ttl, |t| t.ttl),
                 matching: HoldMatching {
-                    reference_only: cfg.holds.match_by == crate::config::HoldMatch::Reference,
+                    reference_only: till.is_none()
+                        && cfg.holds.match_by == crate::config::HoldMatch::Reference,
                     window: cfg.holds.match_window,
                 },
                 ingest: &ingest,
             };
             f(l, &settings)
         })
-        .await;
-    match result {
-        Ok(view) => Json(view).into_response(),
-        Err(e) => hold_error(e),
-    }
+        .await
 }
 
 fn cost_policy_of(cfg: &crate::config::Config) -> Option<CostPolicy> {

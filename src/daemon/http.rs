@@ -40,7 +40,8 @@ pub fn router(ctx: JobContext, rt: Arc<Runtime>) -> Router {
         .route("/v1/customers/{id}/balance", get(balance))
         .route("/v1/quote", post(quote_handler))
         .with_state(AppState { ctx: ctx.clone(), rt })
-        .merge(super::holds::router(ctx))
+        .merge(super::holds::router(ctx.clone()))
+        .merge(super::loyalty_server::router(ctx).unwrap_or_default())
 }
 
 fn problem(status: StatusCode, detail: impl Into<String>) -> Response {

@@ -8,6 +8,7 @@
 pub mod amocrm;
 pub mod holds;
 pub mod http;
+pub mod loyalty_server;
 pub mod registry;
 pub mod report_html;
 pub mod runtime;

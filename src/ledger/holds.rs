@@ -124,6 +124,16 @@ pub struct CommitAnswer {
     pub committed_at: DateTime<Utc>,
 }
 
+/// A customer as a till sees them: who, the points free to spend now and those live holds
+/// reserve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpendableView {
+    pub customer: super::query::CustomerView,
+    pub free: i64,
+    pub held: i64,
+    pub tier: Option<String>,
+}
+
 /// How 1C's later receipt is recognised as the one that used a commit (`[holds] match`).
 #[derive(Clone, Copy, Debug)]
 pub struct HoldMatching {
@@ -263,6 +273,37 @@ fn quote_for(
     })
 }
 
+/// The answer for a hold with no basket yet: a till that reserves the card's points when the
+/// card is scanned («Сервер лояльности», `BlockBonuses=1`), before any line is known. The
+/// whole free balance (or `points_wanted` of it) is held; the guard acts at the till through
+/// the share of a receipt it is told points may pay (`PaymentPercent`).
+fn whole_balance(
+    conn: &Connection,
+    program: &RuleSet,
+    customer: i64,
+    spendable: Spendable,
+    points_wanted: Option<i64>,
+) -> HoldResult<QuoteAnswer> {
+    let tier: Option<String> = conn
+        .prepare_cached("SELECT tier FROM customers WHERE id = ?1")?
+        .query_row([customer], |r| r.get(0))?;
+    let Spendable { available, held } = spendable;
+    let points = points_wanted.map_or(available, |w| w.min(available)).max(0);
+    let pv = program.point_value.0;
+    Ok(QuoteAnswer {
+        customer_id: customer,
+        available,
+        held,
+        tier,
+        max_redeemable_points: points,
+        max_redeemable_kopecks: points * pv,
+        limited_by: "the balance: no basket yet (a till holds at card scan)".into(),
+        allocation_kopecks: Vec::new(),
+        lines: Vec::new(),
+        accrual_preview: serde_json::Value::Null,
+    })
+}
+
 /// Usable points now: the lots' available figure minus live holds.
 fn free_points(
     conn: &Connection,
@@ -393,15 +434,20 @@ impl Ledger {
         }
         let customer = customer_by_text(&tx, &req.customer)?;
         let (available, held) = free_points(&tx, customer, now, s.ingest.warn_before)?;
-        let mut answer = quote_for(
-            &tx,
-            s.program,
-            customer,
-            &mut doc,
-            Spendable { available, held },
-            req.points_wanted,
-            now,
-        )?;
+        let spendable = Spendable { available, held };
+        let mut answer = if doc.lines.is_empty() {
+            whole_balance(&tx, s.program, customer, spendable, req.points_wanted)?
+        } else {
+            quote_for(
+                &tx,
+                s.program,
+                customer,
+                &mut doc,
+                spendable,
+                req.points_wanted,
+                now,
+            )?
+        };
         let points = answer.max_redeemable_points;
         if let Some(w) = req.points_wanted
             && points < w
@@ -501,25 +547,32 @@ impl Ledger {
                 held: hold.points,
             });
         }
-        // the final basket under the guard, with exactly the hold's points to spend
-        let q = quote_for(
-            &tx,
-            s.program,
-            hold.customer_id,
-            &mut doc,
-            Spendable {
-                available: hold.points,
-                held: 0,
-            },
-            Some(points),
-            now,
-        )?;
-        if q.max_redeemable_points < points {
-            return Err(HoldError::BasketTooSmall {
-                max: q.max_redeemable_points,
-                reason: q.limited_by,
-            });
-        }
+        // the final basket under the guard, with exactly the hold's points to spend; a till
+        // that names no basket (the «Сервер лояльности» write-off) was bounded by the share
+        // of the receipt it was told it may pay with points
+        let allocation_kopecks = if doc.lines.is_empty() {
+            Vec::new()
+        } else {
+            let q = quote_for(
+                &tx,
+                s.program,
+                hold.customer_id,
+                &mut doc,
+                Spendable {
+                    available: hold.points,
+                    held: 0,
+                },
+                Some(points),
+                now,
+            )?;
+            if q.max_redeemable_points < points {
+                return Err(HoldError::BasketTooSmall {
+                    max: q.max_redeemable_points,
+                    reason: q.limited_by,
+                });
+            }
+            q.allocation_kopecks
+        };
         let since = super::accounting::journal_head(&tx)?;
         let document = Document {
             source: SourceRef {
@@ -572,7 +625,7 @@ impl Ledger {
         let answer = CommitAnswer {
             points,
             kopecks: points * s.program.point_value.0,
-            allocation_kopecks: q.allocation_kopecks,
+            allocation_kopecks,
             document: format!("{API_SOURCE}:{key}"),
             committed_at: now,
         };
@@ -625,6 +678,42 @@ impl Ledger {
         let row = load_hold(&tx, id)?;
         tx.commit()?;
         row.view(now)
+    }
+
+    /// A customer found by card, phone, e-mail or key, with the points free now (available
+    /// less live holds) and the points live holds reserve.
+    pub fn spendable(&self, customer: &str, now: DateTime<Utc>) -> HoldResult<SpendableView> {
+        let id = customer_by_text(&self.conn, customer)?;
+        let (free, held) = free_points(&self.conn, id, now, Duration::zero())?;
+        let tier: Option<String> = self
+            .conn
+            .prepare_cached("SELECT tier FROM customers WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))?;
+        Ok(SpendableView {
+            customer: super::query::customer_view(&self.conn, id)?,
+            free,
+            held,
+            tier,
+        })
+    }
+
+    /// Live holds of a customer whose idempotency key starts with `key_prefix` (one till
+    /// protocol's own holds), oldest first: (hold id, points).
+    pub fn live_holds(
+        &self,
+        customer: i64,
+        key_prefix: &str,
+        now: DateTime<Utc>,
+    ) -> super::Result<Vec<(i64, i64)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id, points FROM holds WHERE customer_id = ?1 AND state = 'held' AND expires_at > ?2 \
+             AND substr(idem_key, 1, length(?3)) = ?3 ORDER BY id",
+        )?;
+        Ok(st
+            .query_map(params![customer, ts(now), key_prefix], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     /// Holds by outcome (`held`, `committed`, `cancelled`, `expired`) as of `now`.

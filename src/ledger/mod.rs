@@ -40,7 +40,7 @@ pub use catalog::{CatalogItem, CatalogReport, CostPolicy};
 pub use delivery::{DeliveryError, DeliveryPolicy, DeliveryReport, SharedLedger, Sink, deliver_due};
 pub use holds::{
     API_SOURCE, CommitAnswer, CommitRequest, HoldError, HoldMatching, HoldRequest, HoldResult, HoldSettings,
-    HoldView, QuoteAnswer, QuoteLineAnswer,
+    HoldView, QuoteAnswer, QuoteLineAnswer, SpendableView,
 };
 pub use ingest::{
     AdjustOutcome, AdjustRequest, Batch, Destinations, IngestContext, IngestReport, Item, Outcome,

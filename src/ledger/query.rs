@@ -55,7 +55,7 @@ pub struct CustomerView {
     pub amocrm_id: Option<String>,
 }
 
-fn customer_view(conn: &Connection, id: i64) -> Result<CustomerView> {
+pub(crate) fn customer_view(conn: &Connection, id: i64) -> Result<CustomerView> {
     let name: Option<String> =
         conn.query_row("SELECT name FROM customers WHERE id = ?1", [id], |r| r.get(0))?;
     let mut v = CustomerView {
