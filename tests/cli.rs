@@ -258,7 +258,7 @@ fn summary_table(out: &str) -> std::collections::BTreeMap<String, i64> {
         .filter_map(|l| {
             let l = l.trim_start_matches(['+', '−', '=', ' ']);
             let (label, rest) = l.split_once("  ")?;
-            let n = rest.trim_start().split_whitespace().next()?.parse::<i64>().ok()?;
+            let n = rest.split_whitespace().next()?.parse::<i64>().ok()?;
             Some((label.trim().to_string(), n))
         })
         .collect()
