@@ -562,11 +562,32 @@ impl Ledger {
         let (Some(&from), Some(&to)) = (days.keys().next(), days.keys().next_back()) else {
             return Ok(());
         };
-        let moved = movements_by_day(&self.conn, books, from, to)?;
-        // entity → its postings over the period
+        // The books are compared over all legal entities together: a ledger-only run
+        // (`--ledger`, no configuration) does not know which source belongs to which
+        // entity, and the sum over entities is what must equal the journal either way.
+        const ALL: &str = "all legal entities";
+        let merge = |per: &BTreeMap<String, BTreeMap<String, i64>>| {
+            let mut all: BTreeMap<String, i64> = BTreeMap::new();
+            for m in per.values() {
+                for (k, v) in m {
+                    *all.entry(k.clone()).or_default() += v;
+                }
+            }
+            all.retain(|_, v| *v != 0);
+            let mut out = BTreeMap::new();
+            if !all.is_empty() {
+                out.insert(ALL.to_string(), all);
+            }
+            out
+        };
+        let moved: BTreeMap<NaiveDate, BTreeMap<String, BTreeMap<String, i64>>> =
+            movements_by_day(&self.conn, books, from, to)?
+                .iter()
+                .map(|(d, per)| (*d, merge(per)))
+                .collect();
         let mut by_entity: BTreeMap<String, Vec<super::PostingRecord>> = BTreeMap::new();
         for p in postings_covering(&self.conn, from, to)? {
-            by_entity.entry(p.posting.entity.clone()).or_default().push(p);
+            by_entity.entry(ALL.to_string()).or_default().push(p);
         }
         for (day, row) in days.iter_mut() {
             let Some(entities) = moved.get(day) else {
@@ -652,10 +673,10 @@ impl Ledger {
                 continue;
             };
             let (journal, _) = movements_before(&self.conn, books, last.succ_opt().unwrap_or(last))?;
-            let posted = posted_through(&self.conn, last)?;
-            let mut journal = journal.get(entity).cloned().unwrap_or_default();
-            journal.retain(|_, v| *v != 0);
-            let posted = posted.get(entity).cloned().unwrap_or_default();
+            let journal = merge(&journal).remove(entity).unwrap_or_default();
+            let posted = merge(&posted_through(&self.conn, last)?)
+                .remove(entity)
+                .unwrap_or_default();
             if journal != posted {
                 let day = last.min(to);
                 if let Some(row) = days.get_mut(&day) {
