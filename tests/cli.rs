@@ -364,3 +364,56 @@ fn check_refuses_a_password_in_a_url_without_showing_it() {
     );
     assert!(report.contains("answer 401"), "{report}");
 }
+
+/// The figures of `summary`'s table by label (sign marks stripped).
+fn summary_table(out: &str) -> std::collections::BTreeMap<String, i64> {
+    out.lines()
+        .filter_map(|l| {
+            let l = l.trim_start_matches(['+', '−', '=', ' ']);
+            let (label, rest) = l.split_once("  ")?;
+            let n = rest.split_whitespace().next()?.parse::<i64>().ok()?;
+            Some((label.trim().to_string(), n))
+        })
+        .collect()
+}
+
+#[test]
+fn the_summary_table_balances_on_its_face() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo_ledger(dir.path());
+    for period in [vec![], vec!["--from", "2026-01-01"], vec!["--to", "2030-01-01"]] {
+        let mut args = vec!["--ledger", db.as_str(), "summary"];
+        args.extend(&period);
+        let out = kopilka(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let table = text(&out.stdout);
+        let t = summary_table(&table);
+        let get = |k: &str| *t.get(k).unwrap_or_else(|| panic!("no {k:?} in\n{table}"));
+        let left = get("points at start") + get("points accrued") + get("points bonus")
+            - get("points redeemed")
+            - get("points expired")
+            - get("points reversed")
+            + get("points adjusted")
+            + get("points opening")
+            + get("points written off");
+        assert_eq!(
+            left,
+            get("points pending") + get("points available"),
+            "{period:?}:\n{table}"
+        );
+        assert!(
+            table.contains("holds") && !table.contains("DOES NOT HOLD"),
+            "{table}"
+        );
+        args.push("--json");
+        let s: serde_json::Value = serde_json::from_slice(&kopilka(&args).stdout).unwrap();
+        for (key, label) in [
+            ("points_at_start", "points at start"),
+            ("points_bonus", "points bonus"),
+            ("points_written_off", "points written off"),
+            ("points_available", "points available"),
+        ] {
+            assert_eq!(s[key].as_i64(), Some(get(label)), "{key}: {s}");
+        }
+    }
+}

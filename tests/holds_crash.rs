@@ -114,6 +114,7 @@ async fn killed_between_hold_and_commit_the_daemon_loses_and_doubles_nothing() {
         ledger
             .import_opening_balances(
                 "test",
+                "test",
                 vec![Ok(OpeningRow {
                     line: 1,
                     identity: kopilka::core::identity::CustomerIdentity {

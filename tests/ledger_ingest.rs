@@ -25,6 +25,7 @@ fn malformed_documents_are_quarantined_and_the_rest_of_the_batch_applies() {
         reason: "Количество is not a number: \"abc\"".into(),
         location: Some("exchange/file.xml byte 1234".into()),
         excerpt: Some("<Количество>abc</Количество>".into()),
+        ..Default::default()
     };
     let report = env.ingest(vec![
         Item::Incoming(Incoming::Document(good1)),

@@ -74,6 +74,7 @@ async fn env(points: i64, point_value: i64) -> Env {
     let report = ledger
         .import_opening_balances(
             "test",
+            "test",
             vec![row(1, CARD, points), row(2, OTHER, 100)],
             &cfg.ingest_context(start, &dest),
         )

@@ -338,6 +338,7 @@ fn opening_balances_from_a_spreadsheet() {
     let r = env
         .ledger
         .import_opening_balances(
+            "csv",
             "csv:balances.csv",
             rows.clone(),
             &env.cfg.ingest_context(now, &dest),
@@ -352,9 +353,18 @@ fn opening_balances_from_a_spreadsheet() {
     }
     let again = env
         .ledger
-        .import_opening_balances("csv:balances.csv", rows, &env.cfg.ingest_context(now, &dest))
+        .import_opening_balances(
+            "csv",
+            "csv:balances-copy.csv",
+            rows,
+            &env.cfg.ingest_context(now, &dest),
+        )
         .unwrap();
-    assert_eq!((again.applied, again.unchanged), (0, 1000));
+    assert_eq!(
+        (again.applied, again.unchanged),
+        (0, 1000),
+        "the same content under another file name is applied once"
+    );
     assert_eq!(
         env.summary().points_opening,
         expected.iter().map(|e| e.1).sum::<i64>()
@@ -381,4 +391,29 @@ fn a_zip_archive_imports_catalog_first() {
     let r = env.import(&path);
     assert_eq!((r.quarantined, r.truncated.as_deref()), (0, None));
     assert!(r.catalog_items > 10, "{r:?}");
+}
+
+#[test]
+fn an_unknown_tier_in_opening_balances_is_refused_with_its_line() {
+    let mut env = env("");
+    let csv = "card;points;tier\n7700001;100;\n7700002;200;platinum\n";
+    let rows = kopilka::migrate::read_balances_csv(csv.as_bytes(), chrono_tz::Europe::Moscow).unwrap();
+    let now = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+    let dest = env.cfg.destinations();
+    let r = env
+        .ledger
+        .import_opening_balances("csv", "csv:tiers.csv", rows, &env.cfg.ingest_context(now, &dest))
+        .unwrap();
+    assert_eq!(r.applied, 1);
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    assert_eq!(r.problems[0].0, 3, "the line of the row");
+    assert!(
+        r.problems[0].1.contains("unknown tier \"platinum\""),
+        "{:?}",
+        r.problems
+    );
+    assert!(
+        env.ledger.balance("7700002", now, Duration::days(14)).is_err(),
+        "nothing stored for it"
+    );
 }

@@ -927,10 +927,20 @@ async fn reconcile_against_a_re_read_of_1c_finds_what_the_ingest_record_cannot()
             .and_hms_opt(0, 0, 0)
             .expect("midnight"),
     );
+    let entities = std::collections::BTreeMap::new();
+    let books = kopilka::ledger::Books {
+        default_entity: "Организация",
+        entities: &entities,
+        tz,
+        point_value_kopecks: 100,
+        destination: None,
+        history: kopilka::ledger::HistoryPosting::Opening,
+    };
+    // the source's side is under test here, not the books: no day is due for posting yet
     let reconcile = |truth: Option<&[kopilka::ledger::SourceDoc]>| {
         r.ledger
             .lock()
-            .reconcile(first, last, tz, truth)
+            .reconcile(first, last, &books, first, truth)
             .expect("reconcile")
     };
 

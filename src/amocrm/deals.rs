@@ -285,6 +285,9 @@ pub async fn poll(conn: &Connector) -> Result<PollReport, AmoError> {
                     reason,
                     location: Some(format!("{}/leads/detail/{id}", conn.client.base_url())),
                     excerpt: None,
+                    kind: Some("Сделка".into()),
+                    number: Some(id.to_string()),
+                    ..Default::default()
                 })),
             }
         } else if active.contains(&id.to_string()) {

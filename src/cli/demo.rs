@@ -357,7 +357,18 @@ http_listen = "127.0.0.1:0"
     let tz = cfg.timezone;
     let today = now.with_timezone(&tz).date_naive();
     let recon = ledger
-        .run(move |l| l.reconcile(today - chrono::Duration::days(400), today, tz, None))
+        .run({
+            let cfg = cfg.clone();
+            move |l| {
+                l.reconcile(
+                    today - chrono::Duration::days(400),
+                    today,
+                    &cfg.books(),
+                    today,
+                    None,
+                )
+            }
+        })
         .await?;
     let violations = ledger.run(|l| l.verify()).await?;
     let cards = ledger.run(|l| l.customer_ids()).await?;

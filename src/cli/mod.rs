@@ -71,7 +71,8 @@ pub enum Command {
         json: bool,
     },
     /// Migrate opening balances from a CSV file (card/phone/e-mail/1C id, points, optional
-    /// expiry and tier; UTF-8 or windows-1251), idempotent per file name and customer.
+    /// expiry and tier; UTF-8 or windows-1251), idempotent by content (customer, points,
+    /// expiry) whatever the file is called.
     ImportBalances {
         files: Vec<PathBuf>,
         /// Read the balances from 1C's own bonus register over OData instead.
@@ -461,12 +462,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
                 let rows = crate::migrate::read_balances_csv(&bytes, cfg.timezone)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
-                let source = format!(
+                let file = format!(
                     "csv:{}",
                     f.file_name()
                         .map_or_else(|| f.display().to_string(), |n| n.to_string_lossy().into_owned())
                 );
-                let r = ledger.import_opening_balances(&source, rows, &cfg.ingest_context(now, &dest))?;
+                let r =
+                    ledger.import_opening_balances("csv", &file, rows, &cfg.ingest_context(now, &dest))?;
                 any_problem |= !r.problems.is_empty();
                 output::opening_report(&f.display().to_string(), &r, *json)?;
             }
@@ -639,7 +641,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 TruthSource::Recorded => None,
                 TruthSource::Odata => Some(reread_odata(&cfg, from, to)?),
             };
-            let r = ledger.reconcile(from, to, cfg.timezone, truth.as_deref())?;
+            let r = ledger.reconcile(from, to, &cfg.books(), today, truth.as_deref())?;
             output::reconciliation(&r, *format)?;
             Ok(if r.clean() {
                 ExitCode::SUCCESS

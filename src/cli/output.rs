@@ -149,16 +149,34 @@ pub fn summary(s: &Summary, as_json: bool) -> anyhow::Result<()> {
         s.returns_count,
         money(s.returns_total_kopecks)
     );
-    println!("customers            {:>14}", s.customers);
-    println!("points accrued       {:>14}", s.points_accrued);
-    println!("points redeemed      {:>14}", s.points_redeemed);
-    println!("points expired       {:>14}", s.points_expired);
-    println!("points reversed      {:>14}", s.points_reversed);
-    println!("points adjusted      {:>14}", s.points_adjusted);
-    println!("points opening       {:>14}", s.points_opening);
-    println!("points pending       {:>14}", s.points_pending);
-    println!("points available     {:>14}", s.points_available);
+    println!(
+        "customers            {:>14}  (by their first document)",
+        s.customers
+    );
+    // every term of the identity, signed as it enters it, so the table adds up on its face
+    println!("points at start      {:>14}", s.points_at_start);
+    println!("+ points accrued     {:>14}", s.points_accrued);
+    println!("+ points bonus       {:>14}", s.points_bonus);
+    println!("− points redeemed    {:>14}", s.points_redeemed);
+    println!("− points expired     {:>14}", s.points_expired);
+    println!("− points reversed    {:>14}", s.points_reversed);
+    println!("+ points adjusted    {:>14}", s.points_adjusted);
+    println!("+ points opening     {:>14}", s.points_opening);
+    println!("+ points written off {:>14}", s.points_written_off);
+    println!("= points pending     {:>14}", s.points_pending);
+    println!(
+        "+ points available   {:>14}  (net of points debt {})",
+        s.points_available, s.points_debt
+    );
+    let left = s.identity_left();
+    let right = s.points_pending + s.points_available;
+    println!(
+        "identity             {:>14}  {}",
+        format!("{left} = {right}"),
+        if left == right { "holds" } else { "DOES NOT HOLD" }
+    );
     println!("quarantined          {:>14}", s.quarantined);
+    println!("voided documents     {:>14}", s.voided_documents);
     Ok(())
 }
 
@@ -519,9 +537,14 @@ pub fn reconciliation(r: &crate::ledger::Reconciliation, format: super::Format) 
                 "ledger_returns",
                 "ledger_total",
                 "points_accrued",
+                "points_bonus",
                 "points_redeemed",
                 "points_expired",
                 "points_reversed",
+                "points_adjusted",
+                "points_opening",
+                "points_written_off",
+                "books",
                 "postings_delivered",
                 "postings_pending",
                 "postings_dead",
@@ -535,9 +558,14 @@ pub fn reconciliation(r: &crate::ledger::Reconciliation, format: super::Format) 
                     d.ledger_returns.to_string(),
                     m(d.ledger_total_kopecks),
                     d.points_accrued.to_string(),
+                    d.points_bonus.to_string(),
                     d.points_redeemed.to_string(),
                     d.points_expired.to_string(),
                     d.points_reversed.to_string(),
+                    d.points_adjusted.to_string(),
+                    d.points_opening.to_string(),
+                    d.points_written_off.to_string(),
+                    d.books.clone(),
                     d.postings_delivered.to_string(),
                     d.postings_pending.to_string(),
                     d.postings_dead.to_string(),
@@ -549,6 +577,7 @@ pub fn reconciliation(r: &crate::ledger::Reconciliation, format: super::Format) 
                     x.kind.label().to_string(),
                     x.source.clone(),
                     x.document.clone(),
+                    x.title.clone(),
                     x.detail.clone(),
                 ])?;
             }
@@ -557,65 +586,109 @@ pub fn reconciliation(r: &crate::ledger::Reconciliation, format: super::Format) 
         }
         Format::Table | Format::Html => {}
     }
-    println!("source side: {}", r.truth);
     println!(
-        "{:<10} {:>6} {:>14} {:>6} {:>6} {:>14} {:>9} {:>9} {:>8} {:>9} {:>17}",
-        "day",
-        "1C",
-        "1C RUB",
-        "sales",
-        "ret.",
-        "ledger RUB",
-        "accrued",
-        "redeemed",
-        "expired",
-        "reversed",
-        "to 1C ok/wait/dead"
+        "period {} – {} ({} days); source side: {}",
+        r.from.format("%d.%m.%Y"),
+        r.to.format("%d.%m.%Y"),
+        r.days.len(),
+        r.truth
+    );
+    println!(
+        "points by the names of `kopilka summary`; books: is the day in the postings; \
+         to 1C: bonus documents and postings for the day, delivered/waiting/dead"
+    );
+    let line = |cells: [String; 16]| {
+        println!(
+            "{:<10} {:>5} {:>13} {:>5} {:>4} {:>13} {:>8} {:>6} {:>8} {:>7} {:>8} {:>8} {:>7} {:>7}  {:<10} {:>18}",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8],
+            cells[9],
+            cells[10],
+            cells[11],
+            cells[12],
+            cells[13],
+            cells[14],
+            cells[15]
+        )
+    };
+    line(
+        [
+            "day",
+            "1C",
+            "1C RUB",
+            "sales",
+            "ret.",
+            "ledger RUB",
+            "accrued",
+            "bonus",
+            "redeemed",
+            "expired",
+            "reversed",
+            "adjusted",
+            "opening",
+            "wr.off",
+            "books",
+            "to 1C ok/wait/dead",
+        ]
+        .map(String::from),
     );
     let quiet = |d: &crate::ledger::DayRow| {
         d.source_documents == 0
             && d.ledger_sales == 0
             && d.ledger_returns == 0
-            && d.points_accrued == 0
-            && d.points_redeemed == 0
-            && d.points_expired == 0
-            && d.points_reversed == 0
+            && d.books.is_empty()
             && d.postings_delivered + d.postings_pending + d.postings_dead == 0
     };
     let omitted = r.days.iter().filter(|d| quiet(d)).count();
     for d in r.days.iter().filter(|d| !quiet(d)) {
-        println!(
-            "{:<10} {:>6} {:>14} {:>6} {:>6} {:>14} {:>9} {:>9} {:>8} {:>9} {:>17}",
-            d.day,
-            d.source_documents,
+        line([
+            d.day.to_string(),
+            d.source_documents.to_string(),
             m(d.source_total_kopecks),
-            d.ledger_sales,
-            d.ledger_returns,
+            d.ledger_sales.to_string(),
+            d.ledger_returns.to_string(),
             m(d.ledger_total_kopecks),
-            d.points_accrued,
-            d.points_redeemed,
-            d.points_expired,
-            d.points_reversed,
+            d.points_accrued.to_string(),
+            d.points_bonus.to_string(),
+            d.points_redeemed.to_string(),
+            d.points_expired.to_string(),
+            d.points_reversed.to_string(),
+            d.points_adjusted.to_string(),
+            d.points_opening.to_string(),
+            d.points_written_off.to_string(),
+            d.books.clone(),
             format!(
                 "{}/{}/{}",
                 d.postings_delivered, d.postings_pending, d.postings_dead
-            )
-        );
+            ),
+        ]);
     }
     if omitted > 0 {
         println!("({omitted} days without any activity omitted)");
     }
     if r.differences.is_empty() {
-        println!("no differences: the ledger holds exactly what the source holds");
+        println!(
+            "no differences: the ledger holds exactly what the source holds, and the books what the ledger holds"
+        );
     } else {
         println!("{} difference(s):", r.differences.len());
         for x in &r.differences {
             println!(
-                "  {} {:<22} {}:{}  {}",
+                "  {} {:<22} {}  {}",
                 x.day.map(|d| d.to_string()).unwrap_or_else(|| "—".into()),
                 x.kind.label(),
-                x.source,
-                x.document,
+                if x.title.is_empty() {
+                    format!("{}:{}", x.source, x.document)
+                } else {
+                    x.title.clone()
+                },
                 x.detail
             );
         }

@@ -168,6 +168,7 @@ struct RawAccounting {
     accounts: Option<BTreeMap<String, String>>,
     lookback_days: Option<i64>,
     postback: Option<String>,
+    history: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -230,6 +231,9 @@ pub struct AccountingConfig {
     pub accounts: BTreeMap<String, (String, String)>,
     /// Days back a late correction is still turned into an adjusting posting.
     pub lookback_days: i64,
+    /// How the days older than `lookback_days` reach the books: one opening posting per
+    /// entity (`opening`, the default) or a posting per day (`daily`).
+    pub history: crate::ledger::HistoryPosting,
     /// Where bonus documents and postings go in 1C: `none`, `commerceml` (served to 1C's
     /// site exchange on `mode=query`) or `odata` (created and posted through OData).
     pub postback: Postback,
@@ -331,6 +335,7 @@ impl Config {
             tz: self.timezone,
             point_value_kopecks: self.program.point_value.0,
             destination: (self.accounting.postback != Postback::None).then_some(ONEC_ACCOUNTING),
+            history: self.accounting.history,
         }
     }
 
@@ -845,7 +850,19 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
             Postback::None
         }
     };
+    let history = match a.history.as_deref().unwrap_or("opening") {
+        "opening" => crate::ledger::HistoryPosting::Opening,
+        "daily" => crate::ledger::HistoryPosting::Daily,
+        other => {
+            check.issues.push((
+                "accounting.history".into(),
+                format!("{other:?} is not opening or daily"),
+            ));
+            crate::ledger::HistoryPosting::Opening
+        }
+    };
     let accounting = AccountingConfig {
+        history,
         entity: a.entity.clone().unwrap_or_else(|| "Организация".into()),
         entities: a.entities.clone().unwrap_or_default(),
         accounts,

@@ -40,6 +40,58 @@ impl DocKind {
             DocKind::Return => "return",
         }
     }
+
+    /// The kind in words a 1C user reads, when the source gave no kind of its own.
+    pub fn label(self) -> &'static str {
+        match self {
+            DocKind::Sale => "Продажа",
+            DocKind::Return => "Возврат",
+        }
+    }
+
+    /// [`DocKind::label`] of a stored `as_str` value.
+    pub fn label_of(stored: &str) -> Option<&'static str> {
+        match stored {
+            "sale" => Some(DocKind::Sale.label()),
+            "return" => Some(DocKind::Return.label()),
+            _ => None,
+        }
+    }
+}
+
+/// How a document is named for a person: its kind, number and date as 1C shows them
+/// («ЧекККМ ЧК-000777 от 15.11.2026»), then the id kopilka knows it by — so it can be found
+/// in 1C by its journal, and in the ledger by its id. Whatever is unknown is left out.
+pub fn document_title(
+    kind: Option<&str>,
+    number: Option<&str>,
+    date: Option<chrono::NaiveDate>,
+    source: &str,
+    id: &str,
+) -> String {
+    let mut out = String::new();
+    let mut push = |part: &str| {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(part);
+    };
+    if let Some(k) = kind.map(str::trim).filter(|k| !k.is_empty()) {
+        push(k);
+    }
+    match number.map(str::trim).filter(|n| !n.is_empty()) {
+        Some(n) => push(n),
+        None if date.is_some() => push("б/н"),
+        None => {}
+    }
+    if let Some(d) = date {
+        push(&format!("от {}", d.format("%d.%m.%Y")));
+    }
+    if out.is_empty() {
+        format!("{source}:{id}")
+    } else {
+        format!("{out} ({source}:{id})")
+    }
 }
 
 /// A sale or a return, normalised.
@@ -127,7 +179,7 @@ impl Incoming {
 
 /// A document a connector could not even turn into a [`Document`]: it goes to quarantine
 /// with everything a person needs to find it in the source.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rejected {
     pub system: String,
     /// The document id if it could be read; otherwise a stable reference (file + offset).
@@ -137,6 +189,12 @@ pub struct Rejected {
     pub location: Option<String>,
     /// A short piece of the raw input, for the person fixing it.
     pub excerpt: Option<String>,
+    /// The document's kind as its source names it (`ЧекККМ`, `Отпуск товара`), number and
+    /// date, as far as they could be read: how a person finds it in 1C, and the business
+    /// day its absence from the ledger belongs to.
+    pub kind: Option<String>,
+    pub number: Option<String>,
+    pub occurred_at: Option<DateTime<Utc>>,
 }
 
 /// Limits every document is held to, whatever its source.

@@ -108,6 +108,11 @@ pub trait Rules: Send + Sync {
     }
 
     /// The spend window tiers are measured over, when the program has tiers.
+    /// The id of the tier `text` names (its id or its name, any case), if the program has it.
+    fn tier_named(&self, _text: &str) -> Option<String> {
+        None
+    }
+
     fn tier_window(&self) -> Option<Duration> {
         None
     }

@@ -417,6 +417,14 @@ struct LineEarn {
 }
 
 impl Rules for RuleSet {
+    fn tier_named(&self, text: &str) -> Option<String> {
+        let t = text.trim().to_lowercase();
+        self.tiers
+            .iter()
+            .find(|x| x.id.to_lowercase() == t || x.name.to_lowercase() == t)
+            .map(|x| x.id.clone())
+    }
+
     fn evaluate(&self, doc: &Document, customer: &CustomerState, _now: DateTime<Utc>) -> Decision {
         let (available_at, expires_at) = self.lot_times(doc.occurred_at);
         let mut d = Decision {

@@ -580,6 +580,7 @@ async fn status(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let tz = s.ctx.cfg.timezone;
     let today = now.with_timezone(&tz).date_naive();
     let from = now - Duration::days(30);
+    let cfg = s.ctx.cfg.clone();
     let data = s
         .ctx
         .ledger
@@ -596,7 +597,7 @@ async fn status(State(s): State<AppState>, headers: HeaderMap) -> Response {
                     limit: Some(15),
                 })?,
                 l.quarantine_list(false)?,
-                l.reconcile(today - Duration::days(1), today, tz, None)?,
+                l.reconcile(today - Duration::days(1), today, &cfg.books(), today, None)?,
             ))
         })
         .await;

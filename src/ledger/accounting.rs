@@ -31,15 +31,69 @@ pub fn movement_of(kind: &str) -> Option<(&'static str, i64)> {
     })
 }
 
+/// What a posting covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PostingKind {
+    /// One business day's movements (or an adjusting posting of that day).
+    Day,
+    /// Every movement before the posting window not yet in the books, in one posting dated
+    /// the day before the window: the opening posting the first time, a correction of
+    /// earlier days afterwards.
+    History,
+}
+
+impl PostingKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            PostingKind::Day => "day",
+            PostingKind::History => "history",
+        }
+    }
+
+    fn parse(s: &str) -> PostingKind {
+        if s == "history" {
+            PostingKind::History
+        } else {
+            PostingKind::Day
+        }
+    }
+}
+
+/// How the days older than the posting window (`lookback_days`) reach the books.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HistoryPosting {
+    /// One posting per legal entity with every movement before the window (the liability
+    /// as of the first posted day), dated the day before it; later changes to those days
+    /// are posted the same way, as the difference.
+    #[default]
+    Opening,
+    /// A posting for every business day of the history that has none yet; later changes to
+    /// days older than the window are posted as in `Opening`.
+    Daily,
+}
+
 /// One posting as made (or to be made).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Posting {
     pub entity: String,
+    /// The document date in 1C.
     pub day: NaiveDate,
-    /// 1 for the day's posting, 2… for adjusting ones.
+    /// 1 for the first posting of an entity and date, 2… for later ones (adjusting).
     pub seq: i64,
+    pub kind: PostingKind,
+    /// The business days whose movements it carries (`day` itself for a day's posting).
+    pub first_day: NaiveDate,
+    pub last_day: NaiveDate,
     /// Movement → points (signed; a negative adjusting amount is a reversal, красное сторно).
     pub points: BTreeMap<String, i64>,
+}
+
+impl Posting {
+    /// A later posting for the same day, or a history posting after the opening one.
+    pub fn adjusting(&self) -> bool {
+        self.seq > 1
+    }
 }
 
 /// A posting as stored: when it was made and the outbox row that carries it to 1C.
@@ -58,34 +112,48 @@ pub struct Books<'a> {
     pub point_value_kopecks: i64,
     /// Destination for postings in the outbox, when they go to 1C.
     pub destination: Option<&'a str>,
+    pub history: HistoryPosting,
 }
 
 impl Books<'_> {
-    fn entity(&self, source: Option<&str>) -> String {
+    pub(crate) fn entity(&self, source: Option<&str>) -> String {
         source
             .and_then(|s| self.entities.get(s))
             .cloned()
             .unwrap_or_else(|| self.default_entity.to_string())
     }
 
+    pub(crate) fn day_start(&self, day: NaiveDate) -> DateTime<Utc> {
+        self.tz
+            .from_local_datetime(&day.and_hms_opt(0, 0, 0).unwrap_or_default())
+            .earliest()
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_default()
+    }
+
     fn day_bounds(&self, day: NaiveDate) -> (DateTime<Utc>, DateTime<Utc>) {
-        let start = |d: NaiveDate| {
-            self.tz
-                .from_local_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default())
-                .earliest()
-                .map(|t| t.with_timezone(&Utc))
-                .unwrap_or_default()
-        };
-        (start(day), start(day.succ_opt().unwrap_or(day)))
+        (self.day_start(day), self.day_start(day.succ_opt().unwrap_or(day)))
+    }
+
+    fn day_of(&self, t: i64) -> NaiveDate {
+        from_ts(t).with_timezone(&self.tz).date_naive()
+    }
+}
+
+type Movements = BTreeMap<String, i64>;
+type PerEntity = BTreeMap<String, Movements>;
+
+fn add_movement(out: &mut PerEntity, entity: String, kind: &str, sum: i64) {
+    if let Some((movement, sign)) = movement_of(kind) {
+        *out.entry(entity)
+            .or_default()
+            .entry(movement.to_string())
+            .or_default() += sign * sum;
     }
 }
 
 /// Movements per entity for one business day, from the journal.
-pub(crate) fn day_movements(
-    conn: &Connection,
-    books: &Books<'_>,
-    day: NaiveDate,
-) -> Result<BTreeMap<String, BTreeMap<String, i64>>> {
+pub(crate) fn day_movements(conn: &Connection, books: &Books<'_>, day: NaiveDate) -> Result<PerEntity> {
     let (from, to) = books.day_bounds(day);
     let mut st = conn.prepare_cached(
         "SELECT d.source, j.kind, SUM(j.amount) FROM journal j LEFT JOIN documents d ON d.id = j.document_id \
@@ -98,23 +166,186 @@ pub(crate) fn day_movements(
             r.get::<_, i64>(2)?,
         ))
     })?;
-    let mut out: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    let mut out = PerEntity::new();
     for row in rows {
         let (source, kind, sum) = row?;
-        if let Some((movement, sign)) = movement_of(&kind) {
-            *out.entry(books.entity(source.as_deref()))
-                .or_default()
-                .entry(movement.to_string())
-                .or_default() += sign * sum;
-        }
+        add_movement(&mut out, books.entity(source.as_deref()), &kind, sum);
     }
     Ok(out)
 }
 
+/// Movements per entity and local day in `[from, to]`, in one pass over the journal
+/// (hours are bucketed into days: an hour never straddles two days with whole-hour offsets).
+pub(crate) fn movements_by_day(
+    conn: &Connection,
+    books: &Books<'_>,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<BTreeMap<NaiveDate, PerEntity>> {
+    let (start, end) = (
+        books.day_start(from),
+        books.day_start(to.succ_opt().unwrap_or(to)),
+    );
+    let mut st = conn.prepare_cached(
+        "SELECT (j.effective_at / 3600) * 3600, d.source, j.kind, SUM(j.amount) FROM journal j \
+         LEFT JOIN documents d ON d.id = j.document_id \
+         WHERE j.effective_at >= ?1 AND j.effective_at < ?2 GROUP BY 1, 2, 3",
+    )?;
+    let rows = st.query_map(params![ts(start), ts(end)], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, Option<String>>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
+    })?;
+    let mut out: BTreeMap<NaiveDate, PerEntity> = BTreeMap::new();
+    for row in rows {
+        let (hour, source, kind, sum) = row?;
+        add_movement(
+            out.entry(books.day_of(hour)).or_default(),
+            books.entity(source.as_deref()),
+            &kind,
+            sum,
+        );
+    }
+    for per in out.values_mut() {
+        for m in per.values_mut() {
+            m.retain(|_, v| *v != 0);
+        }
+        per.retain(|_, m| !m.is_empty());
+    }
+    out.retain(|_, per| !per.is_empty());
+    Ok(out)
+}
+
+/// Movements per entity before `day` (local), with each entity's first day.
+pub(crate) fn movements_before(
+    conn: &Connection,
+    books: &Books<'_>,
+    day: NaiveDate,
+) -> Result<(PerEntity, BTreeMap<String, NaiveDate>)> {
+    let mut st = conn.prepare_cached(
+        "SELECT d.source, j.kind, SUM(j.amount), MIN(j.effective_at) FROM journal j \
+         LEFT JOIN documents d ON d.id = j.document_id WHERE j.effective_at < ?1 GROUP BY d.source, j.kind",
+    )?;
+    let rows = st.query_map([ts(books.day_start(day))], |r| {
+        Ok((
+            r.get::<_, Option<String>>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
+    })?;
+    let mut out = PerEntity::new();
+    let mut first: BTreeMap<String, NaiveDate> = BTreeMap::new();
+    for row in rows {
+        let (source, kind, sum, at) = row?;
+        let entity = books.entity(source.as_deref());
+        let d = books.day_of(at);
+        first
+            .entry(entity.clone())
+            .and_modify(|f| *f = (*f).min(d))
+            .or_insert(d);
+        add_movement(&mut out, entity, &kind, sum);
+    }
+    Ok((out, first))
+}
+
+fn parse_movements(text: &str) -> Movements {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+fn add_into(into: &mut Movements, from: &Movements) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_default() += v;
+    }
+}
+
+fn difference(now: &Movements, before: &Movements) -> Movements {
+    let mut diff = Movements::new();
+    for k in now.keys().chain(before.keys()) {
+        let d = now.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+        if d != 0 {
+            diff.insert(k.clone(), d);
+        }
+    }
+    diff
+}
+
+fn parse_day(s: &str) -> NaiveDate {
+    s.parse().unwrap_or_default()
+}
+
+/// Writes one posting and its outbox row.
+fn make_posting(conn: &Connection, books: &Books<'_>, p: &Posting, now: DateTime<Utc>) -> Result<()> {
+    let movements = serde_json::to_string(&p.points).unwrap_or_default();
+    let outbox_id = match books.destination {
+        Some(dest) => {
+            let payload = serde_json::json!({
+                "entity": p.entity,
+                "day": p.day.to_string(),
+                "seq": p.seq,
+                "kind": p.kind.as_str(),
+                "first_day": p.first_day.to_string(),
+                "last_day": p.last_day.to_string(),
+                "adjusting": p.adjusting(),
+                "point_value_kopecks": books.point_value_kopecks,
+                "points": p.points,
+            });
+            super::outbox::enqueue(
+                conn,
+                dest,
+                &format!(
+                    "accounting:{}:{}:{}:{}",
+                    super::ledger_uid(conn)?,
+                    p.entity,
+                    p.day,
+                    p.seq
+                ),
+                None,
+                &payload.to_string(),
+                now,
+            )?
+        }
+        None => None,
+    };
+    conn.prepare_cached(
+        "INSERT INTO accounting_postings (entity, day, seq, movements, outbox_id, created_at, kind, first_day, last_day) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        p.entity,
+        p.day.to_string(),
+        p.seq,
+        movements,
+        outbox_id,
+        ts(now),
+        p.kind.as_str(),
+        p.first_day.to_string(),
+        p.last_day.to_string()
+    ])?;
+    Ok(())
+}
+
+fn next_seq(conn: &Connection, entity: &str, day: NaiveDate) -> Result<i64> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM accounting_postings WHERE entity = ?1 AND day = ?2",
+        )?
+        .query_row(params![entity, day.to_string()], |r| r.get(0))?)
+}
+
 impl Ledger {
-    /// Makes the postings that are due: for every day from `lookback` days ago to
-    /// yesterday (local), the difference between the journal and what was already
-    /// posted, per entity. Returns the postings made.
+    /// Makes the postings that are due, so that the books hold every movement of the
+    /// journal up to yesterday (local):
+    /// - every day from `lookback_days` ago to yesterday: the difference between the
+    ///   journal and that day's postings, per entity (the first posting, then adjusting ones);
+    /// - with [`HistoryPosting::Daily`], every older day that no posting covers yet;
+    /// - then whatever the days before the window still miss (the history on the first run,
+    ///   a late change to an old day afterwards) as one history posting per entity.
+    ///
+    /// Returns the postings made.
     pub fn post_accounting(
         &mut self,
         books: &Books<'_>,
@@ -123,126 +354,127 @@ impl Ledger {
     ) -> Result<Vec<Posting>> {
         let now = ctx.now;
         let today = now.with_timezone(&books.tz).date_naive();
+        let window = today - chrono::Duration::days(lookback_days.max(1));
         let tx = self.conn.transaction()?;
-        let uid = super::ledger_uid(&tx)?;
+        let first_day: Option<NaiveDate> = tx
+            .prepare_cached("SELECT MIN(effective_at) FROM journal")?
+            .query_row([], |r| r.get::<_, Option<i64>>(0))?
+            .map(|t| books.day_of(t));
+        let Some(first_day) = first_day else {
+            return Ok(Vec::new());
+        };
         let mut made = Vec::new();
-        for back in (1..=lookback_days).rev() {
-            let day = today - chrono::Duration::days(back);
+        let from = match books.history {
+            HistoryPosting::Opening => window,
+            HistoryPosting::Daily => first_day.min(window),
+        };
+        let mut day = from.max(first_day);
+        while day < today {
             let current = day_movements(&tx, books, day)?;
-            let mut posted: BTreeMap<String, (i64, BTreeMap<String, i64>)> = BTreeMap::new();
+            let mut posted: PerEntity = PerEntity::new();
             {
                 let mut st = tx.prepare_cached(
-                    "SELECT entity, seq, movements FROM accounting_postings WHERE day = ?1",
+                    "SELECT entity, movements FROM accounting_postings WHERE day = ?1 AND kind = 'day'",
                 )?;
                 let rows = st.query_map([day.to_string()], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                    ))
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
                 })?;
                 for row in rows {
-                    let (entity, seq, movements) = row?;
-                    let m: BTreeMap<String, i64> = serde_json::from_str(&movements).unwrap_or_default();
-                    let e = posted.entry(entity).or_default();
-                    e.0 = e.0.max(seq);
-                    for (k, v) in m {
-                        *e.1.entry(k).or_default() += v;
-                    }
+                    let (entity, movements) = row?;
+                    add_into(posted.entry(entity).or_default(), &parse_movements(&movements));
                 }
             }
             let entities: std::collections::BTreeSet<&String> = current.keys().chain(posted.keys()).collect();
             for entity in entities {
-                let now_totals = current.get(entity).cloned().unwrap_or_default();
-                let before = posted.get(entity).cloned().unwrap_or_default();
-                let mut diff: BTreeMap<String, i64> = BTreeMap::new();
-                for k in now_totals.keys().chain(before.1.keys()) {
-                    let d = now_totals.get(k).copied().unwrap_or(0) - before.1.get(k).copied().unwrap_or(0);
-                    if d != 0 {
-                        diff.insert(k.clone(), d);
+                if day < window {
+                    // an old day (daily history): posted once, when nothing covers it yet;
+                    // later changes go into the history posting
+                    let covered: bool = tx
+                        .prepare_cached(
+                            "SELECT EXISTS (SELECT 1 FROM accounting_postings WHERE entity = ?1 \
+                             AND first_day <= ?2 AND last_day >= ?2)",
+                        )?
+                        .query_row(params![entity, day.to_string()], |r| r.get(0))?;
+                    if covered {
+                        continue;
                     }
                 }
+                let diff = difference(
+                    &current.get(entity).cloned().unwrap_or_default(),
+                    &posted.get(entity).cloned().unwrap_or_default(),
+                );
                 if diff.is_empty() {
                     continue;
                 }
-                let seq = before.0 + 1;
-                let movements = serde_json::to_string(&diff).unwrap_or_default();
-                let outbox_id = match books.destination {
-                    Some(dest) => {
-                        let payload = serde_json::json!({
-                            "entity": entity,
-                            "day": day.to_string(),
-                            "seq": seq,
-                            "adjusting": seq > 1,
-                            "point_value_kopecks": books.point_value_kopecks,
-                            "points": diff,
-                        });
-                        super::outbox::enqueue(
-                            &tx,
-                            dest,
-                            &format!("accounting:{uid}:{entity}:{day}:{seq}"),
-                            None,
-                            &payload.to_string(),
-                            now,
-                        )?
-                    }
-                    None => None,
-                };
-                tx.prepare_cached(
-                    "INSERT INTO accounting_postings (entity, day, seq, movements, outbox_id, created_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![
-                    entity,
-                    day.to_string(),
-                    seq,
-                    movements,
-                    outbox_id,
-                    ts(now)
-                ])?;
-                made.push(Posting {
+                let p = Posting {
                     entity: entity.clone(),
                     day,
-                    seq,
+                    seq: next_seq(&tx, entity, day)?,
+                    kind: PostingKind::Day,
+                    first_day: day,
+                    last_day: day,
                     points: diff,
-                });
+                };
+                make_posting(&tx, books, &p, now)?;
+                made.push(p);
+            }
+            day = match day.succ_opt() {
+                Some(d) => d,
+                None => break,
+            };
+        }
+        // the days before the window: the books must hold all of their movements
+        if first_day < window {
+            let (journal, first) = movements_before(&tx, books, window)?;
+            let mut posted = PerEntity::new();
+            {
+                let mut st = tx.prepare_cached(
+                    "SELECT entity, movements FROM accounting_postings WHERE last_day < ?1",
+                )?;
+                let rows = st.query_map([window.to_string()], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?;
+                for row in rows {
+                    let (entity, movements) = row?;
+                    add_into(posted.entry(entity).or_default(), &parse_movements(&movements));
+                }
+            }
+            let entities: std::collections::BTreeSet<&String> = journal.keys().chain(posted.keys()).collect();
+            let last = window.pred_opt().unwrap_or(window);
+            for entity in entities {
+                let diff = difference(
+                    &journal.get(entity).cloned().unwrap_or_default(),
+                    &posted.get(entity).cloned().unwrap_or_default(),
+                );
+                if diff.is_empty() {
+                    continue;
+                }
+                let p = Posting {
+                    entity: entity.clone(),
+                    day: last,
+                    seq: next_seq(&tx, entity, last)?,
+                    kind: PostingKind::History,
+                    first_day: first.get(entity).copied().unwrap_or(first_day).min(last),
+                    last_day: last,
+                    points: diff,
+                };
+                make_posting(&tx, books, &p, now)?;
+                made.push(p);
             }
         }
         tx.commit()?;
+        made.sort_by(|a, b| (a.day, &a.entity, a.seq).cmp(&(b.day, &b.entity, b.seq)));
         Ok(made)
     }
 
     /// Postings made for days in `[from, to]`, in order.
     pub fn postings(&self, from: NaiveDate, to: NaiveDate) -> Result<Vec<PostingRecord>> {
-        let mut st = self.conn.prepare(
-            "SELECT entity, day, seq, movements, outbox_id, created_at FROM accounting_postings \
-             WHERE day >= ?1 AND day <= ?2 ORDER BY day, entity, seq",
-        )?;
-        let rows = st.query_map([from.to_string(), to.to_string()], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-                r.get::<_, i64>(5)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (entity, day, seq, movements, outbox, created) = row?;
-            out.push(PostingRecord {
-                posting: Posting {
-                    entity,
-                    day: day.parse().unwrap_or_default(),
-                    seq,
-                    points: serde_json::from_str(&movements).unwrap_or_default(),
-                },
-                outbox_id: outbox,
-                created_at: from_ts(created),
-            });
-        }
-        Ok(out)
+        postings_where(
+            &self.conn,
+            "day >= ?1 AND day <= ?2",
+            &from.to_string(),
+            &to.to_string(),
+        )
     }
 
     /// The journal's movements of one day per entity (what the postings must add up to).
@@ -253,6 +485,79 @@ impl Ledger {
     ) -> Result<BTreeMap<String, BTreeMap<String, i64>>> {
         day_movements(&self.conn, books, day)
     }
+}
+
+/// Postings matching `filter` (over `?1`, `?2`), in order of day, entity and seq.
+fn postings_where(conn: &Connection, filter: &str, a: &str, b: &str) -> Result<Vec<PostingRecord>> {
+    let mut st = conn.prepare(&format!(
+        "SELECT entity, day, seq, movements, outbox_id, created_at, kind, first_day, last_day \
+         FROM accounting_postings WHERE {filter} ORDER BY day, entity, seq"
+    ))?;
+    let rows = st.query_map([a, b], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, Option<i64>>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, String>(6)?,
+            r.get::<_, Option<String>>(7)?,
+            r.get::<_, Option<String>>(8)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (entity, day, seq, movements, outbox, created, kind, first, last) = row?;
+        let day = parse_day(&day);
+        out.push(PostingRecord {
+            posting: Posting {
+                entity,
+                day,
+                seq,
+                kind: PostingKind::parse(&kind),
+                first_day: first.as_deref().map_or(day, parse_day),
+                last_day: last.as_deref().map_or(day, parse_day),
+                points: parse_movements(&movements),
+            },
+            outbox_id: outbox,
+            created_at: from_ts(created),
+        });
+    }
+    Ok(out)
+}
+
+/// What the postings carry per entity for every day up to `last` (inclusive).
+pub(crate) fn posted_through(conn: &Connection, last: NaiveDate) -> Result<PerEntity> {
+    let mut st = conn.prepare_cached(
+        "SELECT entity, movements FROM accounting_postings WHERE COALESCE(last_day, day) <= ?1",
+    )?;
+    let rows = st.query_map([last.to_string()], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = PerEntity::new();
+    for row in rows {
+        let (entity, movements) = row?;
+        add_into(out.entry(entity).or_default(), &parse_movements(&movements));
+    }
+    for m in out.values_mut() {
+        m.retain(|_, v| *v != 0);
+    }
+    Ok(out)
+}
+
+/// Postings whose days overlap `[from, to]` (a history posting covers many days).
+pub(crate) fn postings_covering(
+    conn: &Connection,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<Vec<PostingRecord>> {
+    postings_where(
+        conn,
+        "COALESCE(last_day, day) >= ?1 AND COALESCE(first_day, day) <= ?2",
+        &from.to_string(),
+        &to.to_string(),
+    )
 }
 
 /// Queues a bonus document for 1C for every journal transaction after `since` that moved

@@ -367,17 +367,34 @@ struct Parked<'a> {
     reason: &'a str,
     location: Option<&'a str>,
     excerpt: Option<&'a str>,
+    kind: Option<&'a str>,
+    number: Option<&'a str>,
+    occurred_at: Option<DateTime<Utc>>,
 }
 
 fn quarantine_put(conn: &Connection, q: &Parked<'_>, now: DateTime<Utc>) -> Result<()> {
     conn.prepare_cached(
-        "INSERT INTO quarantine (source, doc_ref, version, reason, location, excerpt, first_seen_at, last_seen_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7) \
+        "INSERT INTO quarantine (source, doc_ref, version, reason, location, excerpt, first_seen_at, last_seen_at, \
+           doc_kind, number, occurred_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10) \
          ON CONFLICT (source, doc_ref) DO UPDATE SET version = excluded.version, reason = excluded.reason, \
            location = excluded.location, excerpt = excluded.excerpt, last_seen_at = excluded.last_seen_at, \
+           doc_kind = COALESCE(excluded.doc_kind, doc_kind), number = COALESCE(excluded.number, number), \
+           occurred_at = COALESCE(excluded.occurred_at, occurred_at), \
            seen_count = seen_count + 1, resolved_at = NULL",
     )?
-    .execute(params![q.source, q.doc_ref, q.version, q.reason, q.location, q.excerpt, ts(now)])?;
+    .execute(params![
+        q.source,
+        q.doc_ref,
+        q.version,
+        q.reason,
+        q.location,
+        q.excerpt,
+        ts(now),
+        q.kind,
+        q.number,
+        q.occurred_at.map(ts)
+    ])?;
     Ok(())
 }
 
@@ -1275,6 +1292,9 @@ impl Ledger {
                         reason: &r.reason,
                         location: r.location.as_deref(),
                         excerpt: r.excerpt.as_deref(),
+                        kind: r.kind.as_deref(),
+                        number: r.number.as_deref(),
+                        occurred_at: r.occurred_at,
                     };
                     quarantine_put(&tx, &parked, now)?;
                     report.count(
@@ -1293,6 +1313,12 @@ impl Ledger {
                         src.doc_id.clone()
                     };
                     let label = format!("{}:{}", src.system, doc_ref);
+                    let (kind, number, occurred_at) = match inc {
+                        Incoming::Document(d) => {
+                            (Some(d.kind.label()), d.number.as_deref(), Some(d.occurred_at))
+                        }
+                        Incoming::Void { .. } => (None, None, None),
+                    };
                     let mut parked = Parked {
                         source: &src.system,
                         doc_ref: &doc_ref,
@@ -1300,6 +1326,9 @@ impl Ledger {
                         reason: "",
                         location: None,
                         excerpt: None,
+                        kind,
+                        number,
+                        occurred_at,
                     };
                     if let Incoming::Document(d) = inc
                         && let Err(invalid) = validate(d, ctx.limits, ctx.now)

@@ -32,7 +32,7 @@ use chrono::{DateTime, TimeZone, Utc};
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use accounting::{Books, Posting, PostingRecord, movement_of};
+pub use accounting::{Books, HistoryPosting, Posting, PostingKind, PostingRecord, movement_of};
 pub use amocrm_state::{
     CardFigures, CustomerKeys, EVENTS_CHECKPOINT, NOTES_DESTINATION, NoteFacts, StoredTokens, Unmatched,
 };

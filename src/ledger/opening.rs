@@ -45,12 +45,16 @@ pub struct OpeningReport {
 }
 
 impl Ledger {
-    /// Imports opening balances from `source` in one transaction, idempotent by (source,
-    /// customer): running the same file twice changes nothing. Rows that cannot be parsed
-    /// arrive as `Err((line, reason))` and are listed; the rest apply.
+    /// Imports opening balances from `source` (`csv`, `1c`) in one transaction, idempotent
+    /// by content per source: a customer's balance already imported from that source with
+    /// the same points and expiry changes nothing, whatever file it came in (`file` names it
+    /// in messages and the journal); a different one is refused (a correction is
+    /// `kopilka adjust`). Rows that cannot be parsed arrive as `Err((line, reason))` and are
+    /// listed, so is a tier the program does not have; the rest apply.
     pub fn import_opening_balances(
         &mut self,
         source: &str,
+        file: &str,
         rows: Vec<std::result::Result<OpeningRow, (usize, String)>>,
         ctx: &IngestContext<'_>,
     ) -> Result<OpeningReport> {
@@ -73,6 +77,19 @@ impl Ledger {
                     .push((row.line, format!("negative balance {}", row.points)));
                 continue;
             }
+            let tier = match &row.tier {
+                None => None,
+                Some(t) => match ctx.rules.tier_named(t) {
+                    Some(id) => Some(id),
+                    None => {
+                        report.problems.push((
+                            row.line,
+                            format!("unknown tier {t:?}: the program has no tier by that id or name"),
+                        ));
+                        continue;
+                    }
+                },
+            };
             let Some((customer, _)) = resolve_customer(&tx, &row.identity, now)? else {
                 report.problems.push((
                     row.line,
@@ -81,36 +98,50 @@ impl Ledger {
                 continue;
             };
             let key = format!("opening:{source}:{customer}");
-            let prior: Option<i64> = tx
-                .prepare_cached("SELECT amount FROM journal WHERE idem_key = ?1")?
-                .query_row([&key], |r| r.get(0))
+            // earlier kopilka keyed a file's rows by its name (`opening:csv:<file>:<customer>`)
+            let prior: Option<(i64, Option<i64>, Option<String>)> = tx
+                .prepare_cached(
+                    "SELECT j.amount, (SELECT MAX(expires_at) FROM lots WHERE origin_tx = j.id), j.actor \
+                     FROM journal j WHERE j.kind = 'opening' AND j.customer_id = ?1 \
+                     AND (j.idem_key = ?2 OR j.idem_key LIKE ?3) ORDER BY j.id LIMIT 1",
+                )?
+                .query_row(
+                    params![customer, key, format!("opening:{source}:%:{customer}")],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
                 .optional()?;
             // a balance in several lots was posted as several transactions: key, key:2, …
             let prior = match prior {
-                Some(first) => Some(
-                    first
-                        + tx.prepare_cached(
+                Some((first, expires, from)) => {
+                    let rest: i64 = tx
+                        .prepare_cached(
                             "SELECT COALESCE(SUM(amount), 0) FROM journal WHERE idem_key LIKE ?1 || ':%'",
                         )?
-                        .query_row([&key], |r| r.get::<_, i64>(0))?,
-                ),
+                        .query_row([&key], |r| r.get(0))?;
+                    Some((first + rest, expires, from))
+                }
                 None => None,
             };
-            if let Some(amount) = prior {
-                if amount == row.points {
+            if let Some((amount, expires, from)) = prior {
+                // a row without expiry got the program's default, counted from its import; a
+                // balance in lots is compared by its points
+                let same_expiry =
+                    row.lots.is_some() || row.expires_at.is_none_or(|e| Some(super::ts(e)) == expires);
+                if amount == row.points && same_expiry {
                     report.unchanged += 1;
                 } else {
                     report.problems.push((
                         row.line,
                         format!(
-                            "customer id:{customer} already has an opening balance of {amount} from {source}; \
-                             correct it with `kopilka adjust`"
+                            "customer id:{customer} already has an opening balance of {amount} from {}; \
+                             correct it with `kopilka adjust`",
+                            from.as_deref().unwrap_or(source)
                         ),
                     ));
                 }
                 continue;
             }
-            if let Some(tier) = &row.tier {
+            if let Some(tier) = &tier {
                 tx.prepare_cached("UPDATE customers SET tier = ?2, tier_since = ?3 WHERE id = ?1")?
                     .execute(params![customer, tier, super::ts(now)])?;
             }
@@ -135,12 +166,12 @@ impl Ledger {
                 let moves = lots::plan_credit(&h, points, &[]);
                 let explanation = Explanation::text(match expires {
                     Some(e) if row.lots.is_some() => format!(
-                        "opening balance: {points} points from {source} burning on {} (line {})",
+                        "opening balance: {points} points from {file} burning on {} (line {})",
                         e.format("%Y-%m-%d"),
                         row.line
                     ),
                     _ => format!(
-                        "opening balance of {points} points from {source} (line {})",
+                        "opening balance of {points} points from {file} (line {})",
                         row.line
                     ),
                 });
@@ -160,7 +191,7 @@ impl Ledger {
                         reverses: None,
                         effective_at: now,
                         explanation: &explanation,
-                        actor: Some(source),
+                        actor: Some(file),
                         idem_key: Some(&idem),
                         partner: None,
                         rule: None,

@@ -149,6 +149,8 @@ pub struct Summary {
     pub returns_count: i64,
     pub returns_total_kopecks: i64,
     pub customers: i64,
+    /// Points customers held when the period began (pending + available, net of debt).
+    pub points_at_start: i64,
     pub points_accrued: i64,
     pub points_redeemed: i64,
     pub points_expired: i64,
@@ -162,6 +164,20 @@ pub struct Summary {
     pub points_debt: i64,
     pub quarantined: i64,
     pub voided_documents: i64,
+}
+
+impl Summary {
+    /// The left side of the identity (README): what customers held at the start plus every
+    /// flow of the period; equal to `points_pending + points_available`.
+    pub fn identity_left(&self) -> i64 {
+        self.points_at_start + self.points_accrued + self.points_bonus
+            - self.points_redeemed
+            - self.points_expired
+            - self.points_reversed
+            + self.points_adjusted
+            + self.points_opening
+            + self.points_written_off
+    }
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -325,9 +341,18 @@ impl Ledger {
                 other => return Err(LedgerError::Corrupt(format!("unknown journal kind {other}"))),
             }
         }
+        // a customer exists from their first document (a backfill creates them all at once,
+        // yet they bought long before); one with no document from when kopilka learnt of them
         s.customers = c.query_row(
-            "SELECT COUNT(*) FROM customers WHERE created_at < ?1",
+            "SELECT COUNT(*) FROM customers c WHERE COALESCE( \
+               (SELECT MIN(d.occurred_at) FROM documents d WHERE d.customer_id = c.id), c.created_at) < ?1",
             [to],
+            |r| r.get(0),
+        )?;
+        s.points_at_start = c.query_row(
+            "SELECT COALESCE(SUM(p.amount), 0) FROM postings p JOIN journal j ON j.id = p.tx_id \
+             WHERE p.account = 'customer' AND j.effective_at < ?1",
+            [from],
             |r| r.get(0),
         )?;
         // Balances at the end of the period: the customer postings up to then, split by

@@ -1,9 +1,13 @@
-//! `kopilka reconcile`: does the ledger hold exactly what the source holds, day by day?
+//! `kopilka reconcile`: does the ledger hold exactly what the source holds, and the books
+//! what the ledger holds, day by day?
 //!
 //! The source's truth is either re-read from it (the 1C OData connector lists the period's
 //! documents) or, where the source cannot be asked again (files), what the source said at
-//! ingest (`source_log`). Every difference names the document causing it: missing in the
-//! ledger, changed after posting, quarantined, dead-lettered on the way back to 1C.
+//! ingest (`source_log`). Every difference names the document causing it as 1C shows it
+//! (kind, number, date, then the id): missing in the ledger, changed after posting,
+//! quarantined (on the document's own date), dead-lettered on the way back to 1C. A business
+//! day whose movements no posting carries is a difference too, so is a day whose posting no
+//! longer equals its movements.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,7 +16,11 @@ use chrono_tz::Tz;
 use rusqlite::params;
 use serde::Serialize;
 
+use super::accounting::{
+    Books, PostingKind, movements_before, movements_by_day, posted_through, postings_covering,
+};
 use super::{Ledger, Result, from_ts, ts};
+use crate::core::document::{DocKind, document_title};
 
 /// A document as its source holds it now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -26,6 +34,9 @@ pub struct SourceDoc {
     pub total: i64,
     /// Posted and not deletion-marked.
     pub in_force: bool,
+    /// The number and kind as 1C shows them (`ЧК-000777`, `ЧекККМ`), when the source says.
+    pub number: Option<String>,
+    pub source_kind: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -41,6 +52,9 @@ pub enum DiffKind {
     DeadLettered,
     /// The ledger has it in force; the source no longer does.
     NotInSource,
+    /// A business day's movements that no posting carries, or a day's posting that no
+    /// longer equals its movements.
+    NotPosted,
     /// A day's totals differ and no document explains it.
     Unexplained,
     /// The receipt that used a committed hold says other points than the commit took (the
@@ -56,6 +70,7 @@ impl DiffKind {
             DiffKind::Quarantined => "quarantined",
             DiffKind::DeadLettered => "dead-lettered",
             DiffKind::NotInSource => "not in the source",
+            DiffKind::NotPosted => "not posted",
             DiffKind::Unexplained => "unexplained",
             DiffKind::HoldDiffers => "hold differs from receipt",
         }
@@ -67,7 +82,10 @@ pub struct Difference {
     pub day: Option<NaiveDate>,
     pub kind: DiffKind,
     pub source: String,
+    /// The id kopilka knows it by (a 1C `Ref_Key`, an outbox key, a legal entity).
     pub document: String,
+    /// How a person finds it: «ЧекККМ ЧК-000777 от 15.11.2026 (onec:…)».
+    pub title: String,
     pub detail: String,
 }
 
@@ -81,17 +99,31 @@ pub struct DayRow {
     pub ledger_returns: i64,
     /// Sales minus returns in force in the ledger.
     pub ledger_total_kopecks: i64,
+    /// The day's points, by the names and signs of `kopilka summary`.
     pub points_accrued: i64,
+    pub points_bonus: i64,
     pub points_redeemed: i64,
     pub points_expired: i64,
     pub points_reversed: i64,
+    pub points_adjusted: i64,
+    pub points_opening: i64,
+    pub points_written_off: i64,
+    /// What went to 1C *for* this day, by delivery state: the bonus documents of its
+    /// movements and its postings, whenever they were made.
     pub postings_delivered: i64,
     pub postings_pending: i64,
     pub postings_dead: i64,
+    /// Whether the books hold the day: `posted` (its posting equals its movements),
+    /// `history` (in a posting of the days before the posting window), `not posted`,
+    /// `differs`, `not due` (today or later), or empty when nothing moved.
+    pub books: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Reconciliation {
+    /// The period, both days inclusive.
+    pub from: NaiveDate,
+    pub to: NaiveDate,
     /// Where the source's side came from: `re-read from the source` or `recorded at ingest`.
     pub truth: String,
     pub days: Vec<DayRow>,
@@ -115,17 +147,27 @@ fn signed(kind: Option<&str>, total: i64) -> i64 {
     if kind == Some("return") { -total } else { total }
 }
 
+/// What names a document for a person, gathered from wherever kopilka saw it.
+#[derive(Default)]
+struct Known {
+    kind: Option<String>,
+    number: Option<String>,
+    occurred_at: Option<DateTime<Utc>>,
+}
+
 impl Ledger {
     /// Reconciles the business days `from..=to`. `source_truth` is the source's own list
     /// for the period (documents of the systems it names); `None` uses what was recorded at
-    /// ingest.
+    /// ingest. Days from `today` on are not due for posting yet.
     pub fn reconcile(
         &self,
         from: NaiveDate,
         to: NaiveDate,
-        tz: Tz,
+        books: &Books<'_>,
+        today: NaiveDate,
         source_truth: Option<&[SourceDoc]>,
     ) -> Result<Reconciliation> {
+        let tz: Tz = books.tz;
         let (start, end) = (day_start(tz, from), day_start(tz, to.succ_opt().unwrap_or(to)));
         let day_of = |t: DateTime<Utc>| t.with_timezone(&tz).date_naive();
         let mut days: BTreeMap<NaiveDate, DayRow> = BTreeMap::new();
@@ -143,7 +185,11 @@ impl Ledger {
                 None => break,
             };
         }
-        let mut out = Reconciliation::default();
+        let mut out = Reconciliation {
+            from,
+            to,
+            ..Default::default()
+        };
 
         // the source's side
         let recorded: Vec<SourceDoc>;
@@ -168,6 +214,8 @@ impl Ledger {
                             occurred_at: r.get::<_, Option<i64>>(4)?.map(from_ts),
                             total: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
                             in_force: r.get(6)?,
+                            number: None,
+                            source_kind: None,
                         })
                     })?
                     .collect::<rusqlite::Result<_>>()?;
@@ -183,11 +231,12 @@ impl Ledger {
             active: bool,
             occurred_at: Option<DateTime<Utc>>,
             total: i64,
+            number: Option<String>,
         }
         let mut ledger: HashMap<(String, String), LedgerDoc> = HashMap::new();
         {
             let mut st = self.conn.prepare(
-                "SELECT source, doc_id, version, kind, state, occurred_at, total FROM documents \
+                "SELECT source, doc_id, version, kind, state, occurred_at, total, number FROM documents \
                  WHERE occurred_at >= ?1 AND occurred_at < ?2",
             )?;
             let rows = st.query_map(params![ts(start), ts(end)], |r| {
@@ -199,6 +248,7 @@ impl Ledger {
                         active: r.get::<_, String>(4)? == "active",
                         occurred_at: r.get::<_, Option<i64>>(5)?.map(from_ts),
                         total: r.get(6)?,
+                        number: r.get(7)?,
                     },
                 ))
             })?;
@@ -207,15 +257,34 @@ impl Ledger {
                 ledger.insert(k, v);
             }
         }
-        let quarantined = |source: &str, doc_id: &str| -> Result<Option<String>> {
+        let quarantined = |source: &str, doc_id: &str| -> Result<Option<(String, Known)>> {
             use rusqlite::OptionalExtension;
             Ok(self
                 .conn
                 .prepare_cached(
-                    "SELECT reason FROM quarantine WHERE source = ?1 AND doc_ref = ?2 AND resolved_at IS NULL",
+                    "SELECT reason, doc_kind, number, occurred_at FROM quarantine \
+                     WHERE source = ?1 AND doc_ref = ?2 AND resolved_at IS NULL",
                 )?
-                .query_row(params![source, doc_id], |r| r.get(0))
+                .query_row(params![source, doc_id], |r| {
+                    Ok((
+                        r.get(0)?,
+                        Known {
+                            kind: r.get(1)?,
+                            number: r.get(2)?,
+                            occurred_at: r.get::<_, Option<i64>>(3)?.map(from_ts),
+                        },
+                    ))
+                })
                 .optional()?)
+        };
+        let title = |source: &str, id: &str, k: &Known| {
+            document_title(
+                k.kind.as_deref(),
+                k.number.as_deref(),
+                k.occurred_at.map(day_of),
+                source,
+                id,
+            )
         };
 
         for s in truth {
@@ -228,14 +297,28 @@ impl Ledger {
             }
             let key = (s.source.clone(), s.doc_id.clone());
             let l = ledger.get(&key);
+            let mut known = Known {
+                kind: s
+                    .source_kind
+                    .clone()
+                    .or_else(|| s.kind.as_deref().and_then(DocKind::label_of).map(str::to_string)),
+                number: s.number.clone().or_else(|| l.and_then(|l| l.number.clone())),
+                occurred_at: s.occurred_at,
+            };
+            let q = quarantined(&s.source, &s.doc_id)?;
+            if let Some((_, qk)) = &q {
+                known.kind = qk.kind.clone().or(known.kind);
+                known.number = known.number.or_else(|| qk.number.clone());
+            }
             let diff = |kind, detail: String| Difference {
                 day,
                 kind,
                 source: s.source.clone(),
                 document: s.doc_id.clone(),
+                title: title(&s.source, &s.doc_id, &known),
                 detail,
             };
-            if let Some(reason) = quarantined(&s.source, &s.doc_id)? {
+            if let Some((reason, _)) = q {
                 out.differences.push(diff(DiffKind::Quarantined, reason));
                 continue;
             }
@@ -272,11 +355,17 @@ impl Ledger {
                     && systems.contains(source.as_str())
                     && !known.contains(&(source.as_str(), doc_id.as_str()))
                 {
+                    let k = Known {
+                        kind: l.kind.as_deref().and_then(DocKind::label_of).map(str::to_string),
+                        number: l.number.clone(),
+                        occurred_at: l.occurred_at,
+                    };
                     out.differences.push(Difference {
                         day: l.occurred_at.map(day_of),
                         kind: DiffKind::NotInSource,
                         source: source.clone(),
                         document: doc_id.clone(),
+                        title: title(source, doc_id, &k),
                         detail: "in force in the ledger, gone from the source (deleted?)".into(),
                     });
                 }
@@ -295,7 +384,7 @@ impl Ledger {
             }
         }
 
-        // points per day
+        // points per day, by summary's names
         {
             let mut st = self.conn.prepare(
                 "SELECT (effective_at / 3600) * 3600, kind, SUM(amount) FROM journal \
@@ -308,24 +397,65 @@ impl Ledger {
                 let (hour, kind, sum) = row?;
                 if let Some(r) = days.get_mut(&day_of(hour)) {
                     match kind.as_str() {
-                        "accrual" | "bonus" => r.points_accrued += sum,
+                        "accrual" => r.points_accrued += sum,
+                        "bonus" => r.points_bonus += sum,
                         "redemption" => r.points_redeemed -= sum,
                         "expiry" => r.points_expired -= sum,
                         "reversal" => r.points_reversed -= sum,
+                        "adjustment" => r.points_adjusted += sum,
+                        "opening" => r.points_opening += sum,
+                        "writeoff" => r.points_written_off += sum,
                         _ => {}
                     }
                 }
             }
         }
-        // what went (or must go) back to 1C
+        // what went (or must go) back to 1C, counted for the day it is for: a bonus
+        // document for the day of its movement, a posting for its date
         {
+            let mut count =
+                |day: NaiveDate, state: &str, dest: String, key: String, error: Option<String>| {
+                    if let Some(r) = days.get_mut(&day) {
+                        match state {
+                            "delivered" => r.postings_delivered += 1,
+                            "pending" => r.postings_pending += 1,
+                            "dead" => r.postings_dead += 1,
+                            _ => {}
+                        }
+                    }
+                    if state == "dead" && days.contains_key(&day) {
+                        out.differences.push(Difference {
+                            day: Some(day),
+                            kind: DiffKind::DeadLettered,
+                            source: dest,
+                            title: key.clone(),
+                            document: key,
+                            detail: error.unwrap_or_default(),
+                        });
+                    }
+                };
+            type Row = (i64, String, String, String, Option<String>);
+            let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            };
+            // bonus documents, by their journal transaction's day
             let mut st = self.conn.prepare(
-                "SELECT created_at, state, destination, idem_key, last_error FROM outbox \
-                 WHERE destination LIKE 'onec:%' AND created_at >= ?1 AND created_at < ?2",
+                "SELECT j.effective_at, o.state, o.destination, o.idem_key, o.last_error FROM journal j \
+                 JOIN outbox o ON o.idem_key = 'onec:bonus:tx' || j.id \
+                 WHERE j.effective_at >= ?1 AND j.effective_at < ?2",
             )?;
-            let rows = st.query_map(params![ts(start), ts(end)], |r| {
+            for row in st.query_map(params![ts(start), ts(end)], read)? {
+                let (at, state, dest, key, error) = row?;
+                count(day_of(from_ts(at)), &state, dest, key, error);
+            }
+            // postings, by their date
+            let mut st = self.conn.prepare(
+                "SELECT p.day, o.state, o.destination, o.idem_key, o.last_error FROM accounting_postings p \
+                 JOIN outbox o ON o.id = p.outbox_id WHERE p.day >= ?1 AND p.day <= ?2",
+            )?;
+            let rows = st.query_map([from.to_string(), to.to_string()], |r| {
                 Ok((
-                    from_ts(r.get(0)?),
+                    r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, String>(3)?,
@@ -333,60 +463,74 @@ impl Ledger {
                 ))
             })?;
             for row in rows {
-                let (at, state, dest, key, error) = row?;
-                let day = day_of(at);
-                if let Some(r) = days.get_mut(&day) {
-                    match state.as_str() {
-                        "delivered" => r.postings_delivered += 1,
-                        "pending" => r.postings_pending += 1,
-                        "dead" => r.postings_dead += 1,
-                        _ => {}
-                    }
-                }
-                if state == "dead" {
-                    out.differences.push(Difference {
-                        day: Some(day),
-                        kind: DiffKind::DeadLettered,
-                        source: dest,
-                        document: key,
-                        detail: error.unwrap_or_default(),
-                    });
+                let (day, state, dest, key, error) = row?;
+                if let Ok(day) = day.parse::<NaiveDate>() {
+                    count(day, &state, dest, key, error);
                 }
             }
+            // anything else for 1C (no journal transaction or posting behind it): its day made
+            let mut st = self.conn.prepare(
+                "SELECT o.created_at, o.state, o.destination, o.idem_key, o.last_error FROM outbox o \
+                 WHERE o.destination LIKE 'onec:%' AND o.created_at >= ?1 AND o.created_at < ?2 \
+                 AND NOT EXISTS (SELECT 1 FROM accounting_postings p WHERE p.outbox_id = o.id) \
+                 AND NOT (o.idem_key LIKE 'onec:bonus:tx%' AND EXISTS \
+                   (SELECT 1 FROM journal j WHERE 'onec:bonus:tx' || j.id = o.idem_key))",
+            )?;
+            for row in st.query_map(params![ts(start), ts(end)], read)? {
+                let (at, state, dest, key, error) = row?;
+                count(day_of(from_ts(at)), &state, dest, key, error);
+            }
         }
-        // documents refused before they could be read (no date known): reported when first seen
+        // quarantined documents the source's side did not list: on their own date when it
+        // could be read, on the day they arrived otherwise
         {
             let mut st = self.conn.prepare(
-                "SELECT q.source, q.doc_ref, q.reason, q.first_seen_at FROM quarantine q \
-                 WHERE q.resolved_at IS NULL AND q.first_seen_at >= ?1 AND q.first_seen_at < ?2 \
-                 AND NOT EXISTS (SELECT 1 FROM source_log s WHERE s.source = q.source AND s.doc_id = q.doc_ref)",
+                "SELECT q.source, q.doc_ref, q.reason, q.doc_kind, q.number, \
+                   COALESCE(q.occurred_at, s.occurred_at), q.first_seen_at FROM quarantine q \
+                 LEFT JOIN source_log s ON s.source = q.source AND s.doc_id = q.doc_ref \
+                 WHERE q.resolved_at IS NULL \
+                 AND COALESCE(q.occurred_at, s.occurred_at, q.first_seen_at) >= ?1 \
+                 AND COALESCE(q.occurred_at, s.occurred_at, q.first_seen_at) < ?2",
             )?;
             let rows = st.query_map(params![ts(start), ts(end)], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
-                    from_ts(r.get(3)?),
+                    Known {
+                        kind: r.get(3)?,
+                        number: r.get(4)?,
+                        occurred_at: r.get::<_, Option<i64>>(5)?.map(from_ts),
+                    },
+                    from_ts(r.get(6)?),
                 ))
             })?;
             for row in rows {
-                let (source, doc_ref, reason, seen) = row?;
+                let (source, doc_ref, reason, known, seen) = row?;
                 if truth.iter().any(|d| d.source == source && d.doc_id == doc_ref) {
                     continue;
                 }
+                let (day, detail) = match known.occurred_at {
+                    Some(at) => (day_of(at), reason),
+                    None => (
+                        day_of(seen),
+                        format!("{reason} (its date could not be read: listed on the day it arrived)"),
+                    ),
+                };
                 out.differences.push(Difference {
-                    day: Some(day_of(seen)),
+                    day: Some(day),
                     kind: DiffKind::Quarantined,
+                    title: title(&source, &doc_ref, &known),
                     source,
                     document: doc_ref,
-                    detail: reason,
+                    detail,
                 });
             }
         }
         // receipts matched to a committed hold whose points differ from the commit
         {
             let mut st = self.conn.prepare(
-                "SELECT d.source, d.doc_id, d.occurred_at, h.id, h.committed_points, d.points_redeemed \
+                "SELECT d.source, d.doc_id, d.occurred_at, h.id, h.committed_points, d.points_redeemed, d.number \
                  FROM holds h JOIN documents d ON d.id = h.matched_document \
                  WHERE d.occurred_at >= ?1 AND d.occurred_at < ?2 AND d.state = 'active' \
                  AND d.points_redeemed != h.committed_points",
@@ -399,13 +543,20 @@ impl Ledger {
                     r.get::<_, i64>(3)?,
                     r.get::<_, i64>(4)?,
                     r.get::<_, i64>(5)?,
+                    r.get::<_, Option<String>>(6)?,
                 ))
             })?;
             for row in rows {
-                let (source, doc_id, at, hold, committed, receipt) = row?;
+                let (source, doc_id, at, hold, committed, receipt, number) = row?;
+                let known = Known {
+                    kind: None,
+                    number,
+                    occurred_at: Some(at),
+                };
                 out.differences.push(Difference {
                     day: Some(day_of(at)),
                     kind: DiffKind::HoldDiffers,
+                    title: title(&source, &doc_id, &known),
                     source,
                     document: doc_id,
                     detail: format!(
@@ -415,17 +566,18 @@ impl Ledger {
                 });
             }
         }
+        self.reconcile_books(books, today, &mut days, &mut out)?;
         for row in days.values() {
-            let explained = out
-                .differences
-                .iter()
-                .any(|x| x.day == Some(row.day) && x.kind != DiffKind::DeadLettered);
+            let explained = out.differences.iter().any(|x| {
+                x.day == Some(row.day) && !matches!(x.kind, DiffKind::DeadLettered | DiffKind::NotPosted)
+            });
             if row.source_total_kopecks != row.ledger_total_kopecks && !explained {
                 out.differences.push(Difference {
                     day: Some(row.day),
                     kind: DiffKind::Unexplained,
                     source: "(all)".into(),
                     document: String::new(),
+                    title: String::new(),
                     detail: format!(
                         "the source totals {} kopecks, the ledger {}",
                         row.source_total_kopecks, row.ledger_total_kopecks
@@ -437,5 +589,157 @@ impl Ledger {
         out.differences
             .sort_by(|a, b| (a.day, &a.source, &a.document).cmp(&(b.day, &b.source, &b.document)));
         Ok(out)
+    }
+
+    /// Do the books hold every day's movements? A day before `today` with movements is
+    /// `posted` when its day postings equal them, `history` when a history posting covers it
+    /// (that posting carries the total of the days before the window), `differs` or `not
+    /// posted` otherwise — the last two are differences.
+    fn reconcile_books(
+        &self,
+        books: &Books<'_>,
+        today: NaiveDate,
+        days: &mut BTreeMap<NaiveDate, DayRow>,
+        out: &mut Reconciliation,
+    ) -> Result<()> {
+        let (Some(&from), Some(&to)) = (days.keys().next(), days.keys().next_back()) else {
+            return Ok(());
+        };
+        // The books are compared over all legal entities together: a ledger-only run
+        // (`--ledger`, no configuration) does not know which source belongs to which
+        // entity, and the sum over entities is what must equal the journal either way.
+        const ALL: &str = "all legal entities";
+        let merge = |per: &BTreeMap<String, BTreeMap<String, i64>>| {
+            let mut all: BTreeMap<String, i64> = BTreeMap::new();
+            for m in per.values() {
+                for (k, v) in m {
+                    *all.entry(k.clone()).or_default() += v;
+                }
+            }
+            all.retain(|_, v| *v != 0);
+            let mut out = BTreeMap::new();
+            if !all.is_empty() {
+                out.insert(ALL.to_string(), all);
+            }
+            out
+        };
+        let moved: BTreeMap<NaiveDate, BTreeMap<String, BTreeMap<String, i64>>> =
+            movements_by_day(&self.conn, books, from, to)?
+                .iter()
+                .map(|(d, per)| (*d, merge(per)))
+                .collect();
+        let mut by_entity: BTreeMap<String, Vec<super::PostingRecord>> = BTreeMap::new();
+        for p in postings_covering(&self.conn, from, to)? {
+            by_entity.entry(ALL.to_string()).or_default().push(p);
+        }
+        for (day, row) in days.iter_mut() {
+            let Some(entities) = moved.get(day) else {
+                continue;
+            };
+            if *day >= today {
+                row.books = "not due".into();
+                continue;
+            }
+            let mut status = "posted";
+            for (entity, movements) in entities {
+                let postings = by_entity.get(entity).map(Vec::as_slice).unwrap_or_default();
+                let history = postings.iter().any(|p| {
+                    p.posting.kind == PostingKind::History
+                        && p.posting.first_day <= *day
+                        && *day <= p.posting.last_day
+                });
+                if history {
+                    if status == "posted" {
+                        status = "history";
+                    }
+                    continue;
+                }
+                let mut posted: BTreeMap<String, i64> = BTreeMap::new();
+                let mut any = false;
+                for p in postings
+                    .iter()
+                    .filter(|p| p.posting.kind == PostingKind::Day && p.posting.day == *day)
+                {
+                    any = true;
+                    for (m, v) in &p.posting.points {
+                        *posted.entry(m.clone()).or_default() += v;
+                    }
+                }
+                posted.retain(|_, v| *v != 0);
+                if posted == *movements {
+                    continue;
+                }
+                let points = |m: &BTreeMap<String, i64>| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let detail = if any {
+                    status = "differs";
+                    format!(
+                        "the day's movements are {}; its postings carry {} (`kopilka postings --post` adjusts \
+                         days within accounting.lookback_days)",
+                        points(movements),
+                        points(&posted)
+                    )
+                } else {
+                    status = "not posted";
+                    format!("the day's movements ({}) are in no posting", points(movements))
+                };
+                out.differences.push(Difference {
+                    day: Some(*day),
+                    kind: DiffKind::NotPosted,
+                    source: "books".into(),
+                    document: entity.clone(),
+                    title: format!("{entity}, {}", day.format("%d.%m.%Y")),
+                    detail,
+                });
+            }
+            row.books = status.into();
+        }
+        // a history posting carries the total of every day up to its last one: those days are
+        // in the books only while that total still equals the journal's
+        let points = |m: &BTreeMap<String, i64>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (entity, postings) in &by_entity {
+            let Some(last) = postings
+                .iter()
+                .filter(|p| p.posting.kind == PostingKind::History)
+                .map(|p| p.posting.last_day)
+                .max()
+            else {
+                continue;
+            };
+            let (journal, _) = movements_before(&self.conn, books, last.succ_opt().unwrap_or(last))?;
+            let journal = merge(&journal).remove(entity).unwrap_or_default();
+            let posted = merge(&posted_through(&self.conn, last)?)
+                .remove(entity)
+                .unwrap_or_default();
+            if journal != posted {
+                let day = last.min(to);
+                if let Some(row) = days.get_mut(&day) {
+                    row.books = "differs".into();
+                }
+                out.differences.push(Difference {
+                    day: Some(day),
+                    kind: DiffKind::NotPosted,
+                    source: "books".into(),
+                    document: entity.clone(),
+                    title: format!("{entity}, days up to {}", last.format("%d.%m.%Y")),
+                    detail: format!(
+                        "the days up to {last} moved {}; the postings for them carry {} \
+                         (`kopilka postings --post` posts the difference)",
+                        points(&journal),
+                        points(&posted)
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 }

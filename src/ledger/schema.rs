@@ -447,6 +447,25 @@ CREATE INDEX holds_unmatched ON holds(customer_id, committed_points)
     WHERE state = 'committed' AND matched_document IS NULL;
 CREATE INDEX holds_matched ON holds(matched_document) WHERE matched_document IS NOT NULL;
 "#,
+    // 11 (issue 17): postings over day ranges, quarantine rows with kind, number and date.
+    r#"
+-- issue 17: a posting covers a range of business days: a day's posting covers its day, a
+-- history posting every day before the posting window (the opening posting of the history,
+-- later corrections of old days), a settlement posting a partner's period
+ALTER TABLE accounting_postings ADD COLUMN kind TEXT NOT NULL DEFAULT 'day'
+    CHECK (kind IN ('day','history','settlement'));
+ALTER TABLE accounting_postings ADD COLUMN first_day TEXT;
+ALTER TABLE accounting_postings ADD COLUMN last_day TEXT;
+UPDATE accounting_postings SET first_day = day, last_day = day;
+CREATE INDEX accounting_postings_days ON accounting_postings(last_day, first_day);
+
+-- a quarantined document's kind, number and date, as far as they could be read: how a
+-- person finds it in 1C, and the business day reconcile reports it on
+ALTER TABLE quarantine ADD COLUMN doc_kind TEXT;
+ALTER TABLE quarantine ADD COLUMN number TEXT;
+ALTER TABLE quarantine ADD COLUMN occurred_at INTEGER;
+CREATE INDEX quarantine_open_day ON quarantine(occurred_at) WHERE resolved_at IS NULL;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

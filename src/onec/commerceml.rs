@@ -1199,6 +1199,7 @@ impl Parser<'_> {
             reason: problem.reason,
             location: Some(self.location(offset)),
             excerpt: problem.excerpt.map(|e| clip(&e)),
+            ..Default::default()
         })
     }
 
@@ -1210,13 +1211,20 @@ impl Parser<'_> {
                     opts: self.opts,
                     stamp: self.stamp,
                 };
+                let found = d.found(self.opts.timezone);
                 match d.finish(active.problem, &ctx) {
                     DocOutcome::Emit(incoming) => Item::Document(incoming),
                     DocOutcome::Skip => {
                         self.info.skipped += 1;
                         return Ok(());
                     }
-                    DocOutcome::Reject(id, problem) => self.rejected(id.as_deref(), offset, problem),
+                    DocOutcome::Reject(id, problem) => {
+                        let mut item = self.rejected(id.as_deref(), offset, problem);
+                        if let Item::Rejected(r) = &mut item {
+                            (r.kind, r.number, r.occurred_at) = found;
+                        }
+                        item
+                    }
                 }
             }
             Entity::Product(p) => match p.finish(active.problem) {
@@ -1958,6 +1966,18 @@ impl DocDraft {
         };
         doc.source.version = content_version(&doc);
         Ok(doc)
+    }
+
+    /// `ХозОперация`, `Номер` and the date as far as they could be read, so a rejected
+    /// document can still be found in 1C and counted on its own day (noon when only the
+    /// time is unreadable).
+    fn found(&self, tz: Tz) -> (Option<String>, Option<String>, Option<DateTime<Utc>>) {
+        let clean = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(clip);
+        let at = self.occurred_at(tz).ok().or_else(|| {
+            let date = parse_date(split_date_time(self.date.as_deref()?.trim()).0)?;
+            to_utc(date.and_time(NaiveTime::from_hms_opt(12, 0, 0)?), None, tz)
+        });
+        (clean(&self.operation), clean(&self.number), at)
     }
 
     /// `Дата` (xs:date; some writers put a full dateTime there) plus `Время` (xs:time, the

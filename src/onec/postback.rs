@@ -155,10 +155,17 @@ fn document(row: &OutboxRow, cfg: &Config) -> Option<String> {
         let pv = p["point_value_kopecks"].as_i64().unwrap_or(100);
         let points = p["points"].as_object()?;
         let total: i64 = points.values().filter_map(|v| v.as_i64()).map(|v| v * pv).sum();
-        let kind = if p["adjusting"].as_bool().unwrap_or(false) {
-            "корректировка"
-        } else {
-            "за день"
+        let what = match (p["kind"].as_str(), p["adjusting"].as_bool().unwrap_or(false)) {
+            (Some("history"), false) => format!(
+                "бонусные баллы: остаток за {}–{day}",
+                p["first_day"].as_str().unwrap_or("")
+            ),
+            (Some("history"), true) => format!(
+                "бонусные баллы: корректировка за {}–{day}",
+                p["first_day"].as_str().unwrap_or("")
+            ),
+            (_, true) => format!("бонусные баллы корректировка {day}"),
+            (_, false) => format!("бонусные баллы за день {day}"),
         };
         let entity = p["entity"].as_str().unwrap_or("");
         header(
@@ -168,7 +175,7 @@ fn document(row: &OutboxRow, cfg: &Config) -> Option<String> {
             tz,
             Money(total),
             (entity, entity, "Получатель"),
-            &format!("бонусные баллы {kind} {day}"),
+            &what,
         );
         out.push_str("<ЗначенияРеквизитов>");
         requisite(&mut out, "ВидДокумента", "ОперацияБух");

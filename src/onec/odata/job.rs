@@ -91,7 +91,7 @@ pub async fn import_balances_from_1c_at(
                 now,
                 warn_before: cfg.warn_before,
             };
-            l.import_opening_balances(&source, rows, &ctx)
+            l.import_opening_balances(&source, &source, rows, &ctx)
         })
         .await?;
     Ok(report)

@@ -840,9 +840,32 @@ impl OdataPoller {
                 reason: reason.to_string(),
                 location: Some(url),
                 excerpt: None,
+                ..Default::default()
             }),
             update: None,
         }
+    }
+
+    /// A rejection named as 1C shows the document: its kind (the set's metadata name,
+    /// `ЧекККМ`), `Number` and `Date`, as far as 1C sent them.
+    fn rejected_doc(
+        &self,
+        doc: usize,
+        obj: &Obj,
+        date: Option<NaiveDateTime>,
+        (key, reason, url): (&str, &str, String),
+    ) -> Pending {
+        let mut p = self.rejected(key, reason, url);
+        if let Item::Rejected(r) = &mut p.item {
+            let set = &self.mapping.documents[doc].set;
+            r.kind = Some(set.strip_prefix("Document_").unwrap_or(set).to_string());
+            r.number = text(obj, "Number")
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string);
+            r.occurred_at = date.map(|d| to_utc(d, self.tz()));
+        }
+        p
     }
 
     /// Turns a document read whole (or found gone: `None`) into what the ledger gets.
@@ -881,7 +904,7 @@ impl OdataPoller {
         let date = text(&obj, "Date").and_then(|t| local_time(t).ok().flatten());
         if version.is_empty() {
             return Ok(Some((
-                self.rejected(key, "the document has no DataVersion", url),
+                self.rejected_doc(doc, &obj, date, (key, "the document has no DataVersion", url)),
                 date,
             )));
         }
@@ -902,7 +925,10 @@ impl OdataPoller {
             Ok(d) => d,
             Err(reason) => {
                 tracing::warn!(doc_id = key, %url, %reason, "1C document cannot be read; quarantined");
-                return Ok(Some((self.rejected(key, &reason, url), date)));
+                return Ok(Some((
+                    self.rejected_doc(doc, &obj, date, (key, &reason, url)),
+                    date,
+                )));
             }
         };
         if draft.not_a_sale {
@@ -924,7 +950,12 @@ impl OdataPoller {
             .await?
         {
             Ok(identity) => document.customer = identity,
-            Err(reason) => return Ok(Some((self.rejected(key, &reason, url), Some(date)))),
+            Err(reason) => {
+                return Ok(Some((
+                    self.rejected_doc(doc, &obj, Some(date), (key, &reason, url)),
+                    Some(date),
+                )));
+            }
         }
         let known = Known {
             version,
@@ -1227,6 +1258,11 @@ impl OdataPoller {
                         occurred_at: date.map(|d| to_utc(d, tz)),
                         total,
                         in_force,
+                        number: text(obj, "Number")
+                            .map(str::trim)
+                            .filter(|n| !n.is_empty())
+                            .map(str::to_string),
+                        source_kind: Some(set.strip_prefix("Document_").unwrap_or(set).to_string()),
                     });
                 }
                 if items.len() < page {
