@@ -15,6 +15,7 @@ mod amocrm;
 mod backfill;
 mod bulk;
 mod data;
+mod holds;
 mod memory;
 mod poll;
 mod site;
@@ -84,6 +85,12 @@ pub enum BenchWhat {
     Site {
         #[arg(long)]
         mb: Option<usize>,
+    },
+    /// Tills holding points through `/v1/holds` on loopback, 16 concurrent clients, each hold
+    /// followed by its commit or cancel (40,000 holds; 2,000 with --quick), beside quotes.
+    Holds {
+        #[arg(long)]
+        holds: Option<usize>,
     },
     /// Run the rules engine (the shipped example rules) on realistic baskets, one core.
     Evaluate {
@@ -227,6 +234,13 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             _ => None,
         };
         outcomes.push(site::run(&ctx, mb)?);
+    }
+    if all || matches!(what, BenchWhat::Holds { .. }) {
+        let holds = match what {
+            BenchWhat::Holds { holds } => *holds,
+            _ => None,
+        };
+        outcomes.push(holds::run(&ctx, holds)?);
     }
     let checks: Vec<&Check> = outcomes.iter().flat_map(|o| &o.checks).collect();
     if a.json {

@@ -126,6 +126,7 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     std::fs::write(dir.join("odata-password"), onec.password())?;
     std::fs::write(dir.join("site-password"), "1c-exchange")?;
     std::fs::write(dir.join("amocrm-token"), token)?;
+    std::fs::write(dir.join("api-token"), "demo-till-token")?;
     std::fs::write(dir.join("rules.toml"), include_str!("../../config/rules.toml"))?;
     let cfg_text = format!(
         r#"[general]
@@ -159,6 +160,7 @@ entity = "{org}"
 postback = "odata"
 [daemon]
 http_listen = "127.0.0.1:0"
+api_token_file = "api-token"
 "#,
         ledger = dir.join("kopilka.db").display(),
         // the demo edits its latest ~20 documents; the window reaches them, as a shop's
@@ -214,6 +216,10 @@ http_listen = "127.0.0.1:0"
 
     p.show("first poll of 1C over OData, contacts to AmoCRM");
     failures.extend(jobs("first run").await);
+
+    p.show("a till pays with points through kopilka's holds: hold, a second till refused, commit");
+    let till = till_pays(&ctx, &onec.shop()).await?;
+    failures.extend(till.failure.clone());
 
     p.show("1C's site exchange runs on its schedule: the site's orders and their payments");
     let shop = onec.shop();
@@ -433,6 +439,7 @@ http_listen = "127.0.0.1:0"
     println!(
         "AmoCRM: {contacts_equal} of {contacts_checked} sampled contacts show exactly the ledger's balance"
     );
+    println!("{}", till.line);
     println!(
         "1C holds {bonus_in_1c} of {bonus_rows} bonus documents kopilka wrote over OData (posted, one per movement)"
     );
@@ -473,4 +480,107 @@ http_listen = "127.0.0.1:0"
         println!("files kept in {}", dir.display());
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// What the till step did: a line for the report, and what went wrong if anything.
+struct TillOutcome {
+    line: String,
+    failure: Option<String>,
+}
+
+/// A till (or the shop's site) pays with points the way README's "Tills and the site: holds"
+/// says: a hold for the basket, then its commit; meanwhile a second till asking for the whole
+/// balance of the same card is refused, so the points cannot be spent twice. Over kopilka's
+/// own HTTP API on loopback, with the `/v1` token.
+async fn till_pays(ctx: &JobContext, shop: &crate::sim::sales::Shop) -> anyhow::Result<TillOutcome> {
+    let app = crate::daemon::http::router(
+        ctx.clone(),
+        Arc::new(crate::daemon::runtime::Runtime::new(ctx.clock.now())),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let stop = ctx.cancel.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+    });
+    let now = ctx.clock.now();
+    let mut card = None;
+    for c in shop.customers.iter().filter_map(|c| c.card.clone()) {
+        let probe = c.clone();
+        if let Ok(v) = ctx.ledger.run(move |l| l.spendable(&probe, now)).await
+            && v.free >= 200
+        {
+            card = Some((c, v.free));
+            break;
+        }
+    }
+    let Some((card, before)) = card else {
+        return Ok(TillOutcome {
+            line: "till: no customer has 200 points yet".into(),
+            failure: Some("till: no customer with points to spend".into()),
+        });
+    };
+    let http = reqwest::Client::new();
+    let basket = serde_json::json!([
+        {"product_id": "till-1", "quantity": "2", "net_kopecks": 600000, "unit_cost_kopecks": 100000},
+        {"product_id": "till-2", "quantity": 1, "net_kopecks": 400000, "unit_cost_kopecks": 100000}
+    ]);
+    let post = |path: String, body: serde_json::Value| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth("demo-till-token")
+                .json(&body)
+                .send()
+                .await?;
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
+            anyhow::Ok((status, v))
+        }
+    };
+    let spend = 100;
+    let (s1, hold) = post(
+        "/v1/holds".into(),
+        serde_json::json!({"customer": card, "lines": basket, "points_wanted": spend,
+            "idempotency_key": "demo-till-1:receipt-1"}),
+    )
+    .await?;
+    let (s2, other) = post(
+        "/v1/holds".into(),
+        serde_json::json!({"customer": card, "lines": basket, "points_wanted": before,
+            "idempotency_key": "demo-till-2:receipt-1"}),
+    )
+    .await?;
+    let id = hold["hold_id"].as_str().unwrap_or_default().to_string();
+    let (s3, committed) = post(
+        format!("/v1/holds/{id}/commit"),
+        serde_json::json!({"lines": basket}),
+    )
+    .await?;
+    let probe = card.clone();
+    let after = ctx
+        .ledger
+        .run(move |l| l.spendable(&probe, now))
+        .await
+        .map_or(-1, |v| v.free);
+    let ok = s1 == 200
+        && s2 == 409
+        && other["error"] == "insufficient_points"
+        && s3 == 200
+        && committed["state"] == "committed"
+        && after == before - spend;
+    let line = format!(
+        "till: card {card} paid {spend} points (hold {id} → {}); a second till asking for all {before} meanwhile got {} {}; balance {before} → {after}",
+        committed["commit"]["document"].as_str().unwrap_or("?"),
+        s2,
+        other["error"].as_str().unwrap_or("")
+    );
+    Ok(TillOutcome {
+        failure: (!ok).then(|| format!("till: {line}")),
+        line,
+    })
 }
