@@ -621,6 +621,25 @@ async fn the_receipt_from_1c_that_used_a_commit_counts_it_once() {
     e.ingest(receipt("r3", "ЧК-0003", "v1", e.clock.now(), 300)).await;
     assert_eq!(e.redeemed().await, 900);
     e.verify().await;
+    // reconcile counts 1C's receipts as the day's sales, not the commits' baskets
+    let cfg = e.cfg.clone();
+    let day = e.clock.now().with_timezone(&cfg.timezone).date_naive();
+    let r = e
+        .ledger
+        .run(move |l| l.reconcile(day, day, &cfg.books(), day, None))
+        .await
+        .unwrap();
+    let kinds: Vec<_> = r
+        .differences
+        .iter()
+        .map(|d| (d.kind, d.document.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![(kopilka::ledger::DiffKind::HoldDiffers, "r2")],
+        "only the receipt that says other points than its commit: {:#?}",
+        r.differences
+    );
     let matched = e
         .ledger
         .run(|l| {
@@ -674,4 +693,39 @@ async fn reconcile_names_a_receipt_that_differs_from_its_commit() {
         )]
     );
     assert_eq!(e.redeemed().await, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_counts_the_receipt_not_the_commits_basket() {
+    let e = env(2000, "").await;
+    let one_line =
+        json!([{"product_id": "P1", "quantity": 1, "net_kopecks": 300000, "unit_cost_kopecks": 100000}]);
+    let (_, h) = e
+        .post(
+            "/v1/holds",
+            json!({"customer": CARD, "lines": one_line, "points_wanted": 300, "idempotency_key": "till-1"}),
+        )
+        .await;
+    let id = h["hold_id"].as_str().unwrap().to_string();
+    assert_eq!(e.commit(&id, json!({"lines": one_line})).await.0, 200);
+    e.clock.advance(Duration::minutes(5));
+    let r = e.ingest(receipt("r1", "ЧК-0001", "v1", e.clock.now(), 300)).await;
+    assert_eq!(r.applied, 1, "{r:?}");
+    let cfg = e.cfg.clone();
+    let day = e.clock.now().with_timezone(&cfg.timezone).date_naive();
+    let r = e
+        .ledger
+        .run(move |l| l.reconcile(day, day, &cfg.books(), day, None))
+        .await
+        .unwrap();
+    assert!(
+        r.differences.is_empty(),
+        "the commit's own document is no sale: {:#?}",
+        r.differences
+    );
+    assert_eq!(r.days.len(), 1, "{:#?}", r.days);
+    assert_eq!(
+        (r.days[0].source_total_kopecks, r.days[0].ledger_total_kopecks),
+        (300000, 300000)
+    );
 }

@@ -316,6 +316,28 @@ async fn a_receipt_paid_with_points_at_an_unf_till_spends_them_once() {
         "the write-off and 1C's receipt are one redemption"
     );
     assert_eq!(e.balance(CARD).await.0, 500);
+    // the nightly jobs read every document: a till's redemption (a document that is no
+    // sale) is one of them
+    let cfg = e.cfg.clone();
+    let now = e.clock.now();
+    let offers = e
+        .ledger
+        .run(move |l| {
+            let dest = cfg.destinations();
+            l.refresh_offers(&cfg.ingest_context(now, &dest))
+        })
+        .await
+        .unwrap_or_else(|err| panic!("nightly offers refresh: {err}"));
+    assert!(offers.documents >= 2, "{offers:?}");
+    // and reconcile sees one sale, 1C's receipt: the write-off's own document is no sale
+    let cfg = e.cfg.clone();
+    let day = now.with_timezone(&cfg.timezone).date_naive();
+    let r = e
+        .ledger
+        .run(move |l| l.reconcile(day, day, &cfg.books(), day, None))
+        .await
+        .unwrap();
+    assert!(r.differences.is_empty(), "{:#?}", r.differences);
 
     // the next customer: the card is read, the receipt cleared — unlocked, nothing spent
     let v = e.bonuses(OTHER).await;

@@ -87,7 +87,7 @@ impl Ledger {
         type Changed = (i64, Option<i64>, Option<i64>, bool, i64);
         let docs: Vec<Changed> = tx
             .prepare(
-                "SELECT id, customer_id, occurred_at, kind = 'sale' AND state = 'active', updated_at \
+                "SELECT id, customer_id, occurred_at, COALESCE(kind = 'sale' AND state = 'active', 0), updated_at \
                  FROM documents WHERE updated_at >= ?1 ORDER BY updated_at",
             )?
             .query_map([watermark], |r| {

@@ -236,10 +236,12 @@ impl Ledger {
         let mut ledger: HashMap<(String, String), LedgerDoc> = HashMap::new();
         {
             let mut st = self.conn.prepare(
+                // a till's or the site's redemption through a hold (`api`) is no sale and has
+                // no counterpart in a source: 1C's receipt that used it is the sale
                 "SELECT source, doc_id, version, kind, state, occurred_at, total, number FROM documents \
-                 WHERE occurred_at >= ?1 AND occurred_at < ?2",
+                 WHERE occurred_at >= ?1 AND occurred_at < ?2 AND source != ?3",
             )?;
-            let rows = st.query_map(params![ts(start), ts(end)], |r| {
+            let rows = st.query_map(params![ts(start), ts(end), super::API_SOURCE], |r| {
                 Ok((
                     (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
                     LedgerDoc {
