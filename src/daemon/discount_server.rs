@@ -721,12 +721,22 @@ fn to_utc(t: NaiveDateTime, tz: chrono_tz::Tz) -> DateTime<Utc> {
 
 /// An `xs:decimal` (`-120.5`, `3`) in kopecks; more than two decimals is not money.
 pub fn kopecks(text: &str) -> Option<i64> {
-    let d: Decimal = text.trim().parse().ok()?;
+    let d = xs_decimal(text)?;
     let k = d * Decimal::ONE_HUNDRED;
     if !k.fract().is_zero() {
         return None;
     }
     i64::try_from(k).ok()
+}
+
+/// An `xs:decimal`: digits, one optional sign and point, no exponent.
+fn xs_decimal(text: &str) -> Option<Decimal> {
+    let t = text.trim();
+    let digits = t.strip_prefix(['-', '+']).unwrap_or(t);
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return None;
+    }
+    t.parse().ok()
 }
 
 fn is_guid(s: &str) -> bool {
@@ -812,7 +822,7 @@ pub fn sales_push(op: &El, system: &str, currency: &str, tz: chrono_tz::Tz, stam
             ));
         };
         let qty = r.value("Количество");
-        let Ok(quantity) = qty.parse::<Decimal>() else {
+        let Some(quantity) = xs_decimal(qty) else {
             return reject(format!("row {n}: Количество {qty:?} is not a number"));
         };
         signed.push((product, quantity, net));
@@ -933,51 +943,5 @@ async fn balance(ctx: &JobContext, op: &El) -> Result<(i64, String), HoldError> 
         Ok(v) => Ok((v.free.max(0), date)),
         Err(HoldError::UnknownCustomer(_)) => Ok((0, date)),
         Err(e) => Err(e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn amounts_are_exact_kopecks() {
-        for (text, want) in [
-            ("-120.5", Some(-12_050)),
-            ("3", Some(300)),
-            ("0.01", Some(1)),
-            ("1.005", None),
-            ("", None),
-            ("1e3", None),
-        ] {
-            assert_eq!(kopecks(text), want, "{text:?}");
-        }
-    }
-
-    #[test]
-    fn empty_elements_nil_and_entities_read_as_1c_writes_them() {
-        let t = parse_xml(
-            "<a:E xmlns:a='x'><a:B><m:Op><m:X xsi:nil=\"true\"/><m:Y>a &amp; b&#1046;</m:Y><m:Z/></m:Op></a:B></a:E>"
-                .as_bytes(),
-        )
-        .unwrap();
-        assert_eq!(t.name, "E");
-        let op = &t.children[0].children[0];
-        assert_eq!(op.name, "Op");
-        assert!(op.child("X").unwrap().nil);
-        assert_eq!(op.value("Y"), "a & bЖ");
-        assert_eq!(op.value("Z"), "");
-        assert!(parse_xml(b"<a><b></a>").is_err());
-        assert!(parse_xml(b"<!DOCTYPE a><a/>").is_err());
-    }
-
-    #[test]
-    fn dates_are_local_and_the_empty_date_is_none() {
-        assert!(local_date("0001-01-01T00:00:00").is_none());
-        let d = local_date("2024-05-01T10:30:00").unwrap();
-        assert_eq!(
-            to_utc(d, chrono_tz::Europe::Moscow).to_rfc3339(),
-            "2024-05-01T07:30:00+00:00"
-        );
     }
 }
