@@ -34,6 +34,9 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use quick_xml::events::Event;
 use rust_decimal::Decimal;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use super::JobContext;
 use crate::config::DiscountServerConfig;
 use crate::core::document::{
@@ -42,6 +45,7 @@ use crate::core::document::{
 use crate::core::identity::CustomerIdentity;
 use crate::core::money::{Money, Points};
 use crate::ledger::{Batch, HoldError, IngestReport, Item, LedgerError};
+use crate::onec::odata::poll::OdataPoller;
 
 /// The service's namespace (`WSX:13`).
 pub const NAMESPACE: &str = "http://localhost/rt2discountservice";
@@ -243,13 +247,96 @@ const TYPES: &[(&str, &[Property])] = &[
 
 /// The routes, when `[onec.discount_server]` is configured: `GET PATH?wsdl` and `POST PATH`.
 pub fn router(ctx: JobContext) -> Option<Router> {
-    let path = ctx.cfg.onec.as_ref()?.discount_server.as_ref()?.path.clone();
+    let onec = ctx.cfg.onec.as_ref()?;
+    let path = onec.discount_server.as_ref()?.path.clone();
+    let cards = if onec.odata.is_some() {
+        match OdataPoller::new(ctx.cfg.clone()) {
+            Ok(poller) => Cards::Odata {
+                poller: Box::new(poller),
+                known: Mutex::new(HashMap::new()),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "[onec.odata] is unusable: the discount server cannot read Розница's cards");
+                Cards::Broken(e.to_string())
+            }
+        }
+    } else {
+        Cards::ByGuid
+    };
     Some(
         Router::new()
             .route(&path, get(wsdl_handler).post(soap_handler))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-            .with_state(ctx),
+            .with_state(Ds {
+                ctx,
+                cards: Arc::new(cards),
+            }),
     )
+}
+
+#[derive(Clone)]
+struct Ds {
+    ctx: JobContext,
+    cards: Arc<Cards>,
+}
+
+/// How Розница's card ref GUID becomes a ledger customer.
+enum Cards {
+    /// No `[onec.odata]`: the customer is known by the key `onec:card:<guid>` alone.
+    ByGuid,
+    /// Through 1C's OData, as the poll names a receipt's customer (the card's number, its
+    /// owner): the same customer the polled receipts, `import-balances --from-1c` and the
+    /// tills' card numbers reach. A card once read is remembered for the daemon's life.
+    Odata {
+        poller: Box<OdataPoller>,
+        known: Mutex<HashMap<String, CustomerIdentity>>,
+    },
+    /// `[onec.odata]` is configured but cannot be used: card calls fail (transient).
+    Broken(String),
+}
+
+impl Cards {
+    /// The customer of a card GUID. `Err`: 1C could not be asked (a retry may cure it);
+    /// `Ok(Err(reason))`: there is no such card.
+    async fn customer(&self, guid: &str) -> Result<Result<CustomerIdentity, String>, String> {
+        match self {
+            Cards::ByGuid => Ok(Ok(by_guid(guid))),
+            Cards::Broken(why) => Err(format!("[onec.odata] is unusable: {why}")),
+            Cards::Odata { poller, known } => {
+                if let Some(id) = known.lock().unwrap_or_else(|e| e.into_inner()).get(guid) {
+                    return Ok(Ok(id.clone()));
+                }
+                let found = poller
+                    .card_customer(guid)
+                    .await
+                    .map_err(|e| format!("1C's card {guid} could not be read over OData: {e}"))?;
+                if let Ok(id) = &found {
+                    known
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(guid.to_string(), id.clone());
+                }
+                Ok(found)
+            }
+        }
+    }
+}
+
+/// The identity of a card known by its GUID alone (no `[onec.odata]`).
+fn by_guid(guid: &str) -> CustomerIdentity {
+    CustomerIdentity {
+        onec_id: Some(card_key(guid).trim_start_matches("onec:").to_string()),
+        ..Default::default()
+    }
+}
+
+/// How the ledger's customer lookup is asked for this identity: the card number first.
+fn lookup_text(id: &CustomerIdentity) -> Option<String> {
+    id.card
+        .clone()
+        .or_else(|| id.onec_id.as_ref().map(|o| format!("onec:{o}")))
+        .or_else(|| id.phone.as_ref().map(|p| p.as_str().to_string()))
+        .or_else(|| id.email.as_ref().map(|e| e.as_str().to_string()))
 }
 
 /// The customer key a Розница card ref GUID is kept under (`onec:card:<guid>`, lower case).
@@ -413,7 +500,7 @@ fn location(ds: &DiscountServerConfig, headers: &HeaderMap) -> String {
 }
 
 async fn wsdl_handler(
-    State(ctx): State<JobContext>,
+    State(Ds { ctx, .. }): State<Ds>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
@@ -618,8 +705,9 @@ fn reply(op: &str, ty: Option<&str>, inner: &str) -> Response {
     )))
 }
 
-async fn soap_handler(State(ctx): State<JobContext>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(ds) = discount_config(&ctx) else {
+async fn soap_handler(State(state): State<Ds>, headers: HeaderMap, body: Bytes) -> Response {
+    let ctx = &state.ctx;
+    let Some(ds) = discount_config(ctx) else {
         return StatusCode::NOT_FOUND.into_response();
     };
     if !authorized(&ds, &headers) {
@@ -641,31 +729,25 @@ async fn soap_handler(State(ctx): State<JobContext>, headers: HeaderMap, body: B
     };
     let name = op.name.as_str();
     let result = match name {
-        "ОбновитьДанныеОПродажах" => sales(&ctx, op)
-            .await
-            .map(|_| reply(name, None, "true"))
-            .map_err(|e| e.to_string()),
+        "ОбновитьДанныеОПродажах" => {
+            sales(&state, op).await.map(|_| reply(name, None, "true"))
+        }
         // kopilka accrues by its own rules: Розница's movements are not recorded (README)
         "ОбновитьДанныеОБонусах" | "ОбновитьДанныеОКупонах" => {
             Ok(reply(name, None, "true"))
         }
-        "ПолучитьОстатокБонусов" => balance(&ctx, op)
-            .await
-            .map_err(|e| e.to_string())
-            .map(|(points, date)| {
-                reply(
-                    name,
-                    Some("РезультатЗапросаОБонусах"),
-                    &format!(
-                        "<m:РезультатЗапроса><m:ДатаОперации>{date}</m:ДатаОперации>\
+        "ПолучитьОстатокБонусов" => balance(&state, op).await.map(|(points, date)| {
+            reply(
+                name,
+                Some("РезультатЗапросаОБонусах"),
+                &format!(
+                    "<m:РезультатЗапроса><m:ДатаОперации>{date}</m:ДатаОперации>\
                      <m:КоличествоБаллов>{points}</m:КоличествоБаллов></m:РезультатЗапроса>"
-                    ),
-                )
-            }),
-        "ПолучитьОстатокБонусовРасширенный" => balance(&ctx, op)
-            .await
-            .map_err(|e| e.to_string())
-            .map(|(points, _)| {
+                ),
+            )
+        }),
+        "ПолучитьОстатокБонусовРасширенный" => {
+            balance(&state, op).await.map(|(points, _)| {
                 reply(
                     name,
                     Some("РезультатЗапросаОБонусахРасширенный"),
@@ -675,7 +757,8 @@ async fn soap_handler(State(ctx): State<JobContext>, headers: HeaderMap, body: B
                      <m:ТекущийОстаток>true</m:ТекущийОстаток></m:РезультатЗапроса>"
                     ),
                 )
-            }),
+            })
+        }
         // not built: turnover for accumulative discounts (README)
         "ПолучитьСуммуНакопления" => Ok(reply(
             name,
@@ -872,10 +955,7 @@ pub fn sales_push(op: &El, system: &str, currency: &str, tz: chrono_tz::Tz, stam
         kind,
         number: None,
         occurred_at: to_utc(date.unwrap_or_default(), tz),
-        customer: CustomerIdentity {
-            onec_id: Some(card_key(&card).trim_start_matches("onec:").to_string()),
-            ..Default::default()
-        },
+        customer: by_guid(&card),
         currency: currency.to_string(),
         lines,
         total,
@@ -888,24 +968,46 @@ pub fn sales_push(op: &El, system: &str, currency: &str, tz: chrono_tz::Tz, stam
     Item::Incoming(Incoming::Document(doc))
 }
 
-async fn sales(ctx: &JobContext, op: &El) -> Result<IngestReport, LedgerError> {
+async fn sales(ds: &Ds, op: &El) -> Result<IngestReport, String> {
+    let ctx = &ds.ctx;
     let system = format!(
         "{}:discount_server",
         ctx.cfg.onec.as_ref().map_or("onec", |o| o.system.as_str())
     );
     let now = ctx.clock.now();
-    let push = sales_push(
+    let mut item = sales_push(
         op,
         &system,
         &ctx.cfg.limits.currency,
         ctx.cfg.timezone,
         now.timestamp_millis(),
     );
+    // the version stays the hash of Розница's table; the customer is who 1C says the card is
+    if let Item::Incoming(Incoming::Document(d)) = &mut item {
+        let guid = d
+            .customer
+            .onec_id
+            .as_deref()
+            .and_then(|k| k.strip_prefix("card:"))
+            .unwrap_or("")
+            .to_string();
+        match ds.cards.customer(&guid).await? {
+            Ok(id) => d.customer = id,
+            Err(reason) => {
+                item = Item::Rejected(Rejected {
+                    system: system.clone(),
+                    doc_ref: d.source.doc_id.clone(),
+                    reason: format!("card {guid}: {reason}"),
+                    location: Some(format!("discount server: {}", op.value("ТипДокумента"))),
+                    excerpt: None,
+                });
+            }
+        }
+    }
     let doc_type = op.value("ТипДокумента").to_string();
-    if let Item::Rejected(r) = &push {
+    if let Item::Rejected(r) = &item {
         tracing::error!(doc_id = %r.doc_ref, reason = %r.reason, "Розница's document cannot be read; quarantined");
     }
-    let item = push;
     let cfg = ctx.cfg.clone();
     let report = ctx
         .ledger
@@ -921,27 +1023,34 @@ async fn sales(ctx: &JobContext, op: &El) -> Result<IngestReport, LedgerError> {
                 &cfg.ingest_context(now, &dest),
             )
         })
-        .await?;
+        .await
+        .map_err(|e: LedgerError| e.to_string())?;
     tracing::info!(outcomes = ?report.outcomes, "Розница pushed a document");
     Ok(report)
 }
 
-/// The card's free points now (0 for a card kopilka does not know) and the date to answer
-/// with (`ДатаЗапроса`, or now in the shop's time zone for 1C's empty date).
-async fn balance(ctx: &JobContext, op: &El) -> Result<(i64, String), HoldError> {
+/// The card's free points now (0 for a card kopilka or 1C does not know) and the date to
+/// answer with (`ДатаЗапроса`, or now in the shop's time zone for 1C's empty date).
+async fn balance(ds: &Ds, op: &El) -> Result<(i64, String), String> {
+    let ctx = &ds.ctx;
     let card = op.value("ИдентификаторКарты").to_ascii_lowercase();
     let now = ctx.clock.now();
     let date = local_date(op.value("ДатаЗапроса"))
         .unwrap_or_else(|| now.with_timezone(&ctx.cfg.timezone).naive_local())
         .format("%Y-%m-%dT%H:%M:%S")
         .to_string();
-    if !is_guid(&card) {
+    if !is_guid(&card) || card == ZERO_GUID {
         return Ok((0, date));
     }
-    let key = card_key(&card);
+    let Ok(id) = ds.cards.customer(&card).await? else {
+        return Ok((0, date));
+    };
+    let Some(key) = lookup_text(&id) else {
+        return Ok((0, date));
+    };
     match ctx.ledger.run(move |l| l.spendable(&key, now)).await {
         Ok(v) => Ok((v.free.max(0), date)),
         Err(HoldError::UnknownCustomer(_)) => Ok((0, date)),
-        Err(e) => Err(e),
+        Err(e) => Err(e.to_string()),
     }
 }
