@@ -41,20 +41,29 @@ struct Env {
     address: String,
     clock: Arc<FakeClock>,
     ledger: SharedLedger,
+    cfg: Arc<config::Config>,
     http: reqwest::Client,
 }
 
 /// A ledger where the Розница card `CARD` has `points` opening points, 5 % accrual that is
 /// usable at once.
 async fn env(points: i64) -> Env {
+    env_with("", &[], points).await
+}
+
+/// The same with more of `[onec]` (an `[onec.odata]` section) and the files it names.
+async fn env_with(onec_extra: &str, files: &[(&str, &str)], points: i64) -> Env {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ds.pass"), PASSWORD).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
     let path = dir.path().join("kopilka.toml");
     std::fs::write(
         &path,
         format!(
-            "[ledger]\npath = \"{}\"\n[program]\nreturn_window_days = 0\n[onec]\nsystem = \"onec\"\n\
-             [onec.discount_server]\nuser = \"{USER}\"\npassword_file = \"ds.pass\"\n",
+            "[general]\ntimezone = \"Europe/Moscow\"\n[ledger]\npath = \"{}\"\n[program]\nreturn_window_days = 0\n\
+             [onec]\nsystem = \"onec\"\n[onec.discount_server]\nuser = \"{USER}\"\npassword_file = \"ds.pass\"\n{onec_extra}",
             dir.path().join("k.db").display()
         ),
     )
@@ -90,6 +99,7 @@ async fn env(points: i64) -> Env {
         cancel: tokio_util::sync::CancellationToken::new(),
     };
     let app = kopilka::daemon::http::router(ctx, Arc::new(Runtime::new(start)));
+    let cfg_kept = cfg.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!(
         "http://{}/ws/DiscountService.1cws",
@@ -101,6 +111,7 @@ async fn env(points: i64) -> Env {
         address,
         clock,
         ledger,
+        cfg: cfg_kept,
         http: reqwest::Client::new(),
     }
 }
@@ -607,4 +618,82 @@ fn amounts_are_exact_kopecks_and_requests_read_as_1c_writes_them() {
     assert_eq!(op.children[2].text, "");
     assert!(parse_xml(b"<a><b></a>").is_err());
     assert!(parse_xml(b"<!DOCTYPE a><a/>").is_err());
+}
+
+/// With `[onec.odata]`, Розница's card GUID is read from 1C's `Catalog_ИнформационныеКарты`
+/// (the Розница 2 OData simulator, `src/sim/onec_odata.rs`, after the same dump): pushes and
+/// balance reads reach the customer the polled receipts made, known by the card's number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_odata_a_card_guid_is_the_customer_the_poll_knows() {
+    use kopilka::sim::onec_odata::{CARDS, OdataSimBuilder, Val};
+    let sim = OdataSimBuilder::new(5)
+        .sales(30)
+        .customers(4)
+        .starting_at(Utc.with_ymd_and_hms(2026, 10, 20, 7, 0, 0).unwrap())
+        .start()
+        .await
+        .expect("sim");
+    let e = env_with(
+        &format!(
+            "[onec.odata]\nurl = \"{}\"\nuser = \"{}\"\npassword_file = \"odata.pass\"\nmapping = \"roznica2\"\n",
+            sim.base_url(),
+            sim.user()
+        ),
+        &[("odata.pass", sim.password())],
+        0,
+    )
+    .await;
+    let poller = kopilka::onec::odata::poll::OdataPoller::new(e.cfg.clone()).expect("poller");
+    let report = poller
+        .poll(
+            &e.ledger,
+            e.clock.now(),
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .expect("poll");
+    assert!(report.applied > 0, "{report:?}");
+    let before = e.summary().await;
+    // a card whose customer the poll made, with points
+    let mut chosen = None;
+    for key in sim.keys(CARDS) {
+        let Some(Val::Str(number)) = sim.entity(CARDS, &key).and_then(|c| c.get("КодКарты").cloned())
+        else {
+            continue;
+        };
+        let now = e.clock.now();
+        let n = number.clone();
+        if let Ok(v) = e.ledger.run(move |l| l.spendable(&n, now)).await
+            && v.free > 0
+        {
+            chosen = Some((key, number, v.free));
+            break;
+        }
+    }
+    let (guid, number, free) = chosen.expect("a polled card with points");
+    assert_eq!(
+        e.extended_balance(&guid).await[0].1,
+        free.to_string(),
+        "Розница reads the balance of card {number} by its GUID"
+    );
+    e.push(sales("ЧекККМ", SALE, &[row(&guid, ITEM, ZERO, "1000", "1")]))
+        .await;
+    let after = e.summary().await;
+    assert_eq!(after.customers, before.customers, "no new customer: {after:?}");
+    assert_eq!(after.sales_count, before.sales_count + 1);
+    let now = e.clock.now();
+    let grown = e
+        .ledger
+        .run(move |l| l.spendable(&number, now))
+        .await
+        .unwrap()
+        .free;
+    assert!(grown > free, "{grown} after {free}");
+    assert_eq!(e.extended_balance(&guid).await[0].1, grown.to_string());
+    // a card 1C does not have: quarantined (still `true`), and a balance of 0
+    e.push(sales("ЧекККМ", RETURN, &[row(NEW_CARD, ITEM, ZERO, "10", "1")]))
+        .await;
+    assert_eq!(e.summary().await.quarantined, after.quarantined + 1);
+    assert_eq!(e.extended_balance(NEW_CARD).await[0].1, "0");
+    e.verify().await;
 }
