@@ -633,9 +633,11 @@ async fn with_odata_a_card_guid_is_the_customer_the_poll_knows() {
         .start()
         .await
         .expect("sim");
+    // this document is not in the base the poll reads, so its push is recorded here (a polled
+    // base leaves sales to the poll by default)
     let e = env_with(
         &format!(
-            "[onec.odata]\nurl = \"{}\"\nuser = \"{}\"\npassword_file = \"odata.pass\"\nmapping = \"roznica2\"\n",
+            "record_sales = true\n[onec.odata]\nurl = \"{}\"\nuser = \"{}\"\npassword_file = \"odata.pass\"\nmapping = \"roznica2\"\n",
             sim.base_url(),
             sim.user()
         ),
@@ -696,4 +698,21 @@ async fn with_odata_a_card_guid_is_the_customer_the_poll_knows() {
     assert_eq!(e.summary().await.quarantined, after.quarantined + 1);
     assert_eq!(e.extended_balance(NEW_CARD).await[0].1, "0");
     e.verify().await;
+}
+
+/// A base whose receipts the OData poll reads: by default a push is answered and not
+/// recorded, so the receipt counts once (under the poll's source).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polled_base_leaves_sales_to_the_poll() {
+    let e = env_with(
+        "[onec.odata]\nurl = \"http://127.0.0.1:9/shop/odata/standard.odata\"\nuser = \"kopilka\"\n\
+         password_file = \"odata.pass\"\nmapping = \"roznica2\"\n",
+        &[("odata.pass", "x")],
+        0,
+    )
+    .await;
+    e.push(sales("ЧекККМ", SALE, &[row(CARD, ITEM, ZERO, "1000", "1")]))
+        .await;
+    let s = e.summary().await;
+    assert_eq!((s.sales_count, s.quarantined), (0, 0), "{s:?}");
 }

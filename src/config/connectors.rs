@@ -94,6 +94,7 @@ pub(super) struct RawDiscountServer {
     pub password_file: Option<PathBuf>,
     pub path: Option<String>,
     pub public_url: Option<String>,
+    pub record_sales: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -210,6 +211,10 @@ pub struct DiscountServerConfig {
     /// The address written into the WSDL's `soap:address` (Розница posts every call there);
     /// `None`: `http://` + the request's `Host` + `path`.
     pub public_url: Option<String>,
+    /// Whether pushed sales tables become ledger documents. Off by default when `[onec.odata]`
+    /// is set: the poll reads the same receipts (with prices and points paid) under another
+    /// source, and both would count.
+    pub record_sales: bool,
 }
 
 /// How long files kopilka keeps for people (`processed/`, `rejected/`) stay: the oldest go
@@ -601,6 +606,7 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
             password,
             path,
             public_url,
+            record_sales: d.record_sales.unwrap_or(raw.odata.is_none()),
         }
     });
     OnecConfig {

@@ -729,6 +729,8 @@ async fn soap_handler(State(state): State<Ds>, headers: HeaderMap, body: Bytes) 
     };
     let name = op.name.as_str();
     let result = match name {
+        // the OData poll records the same receipts (`record_sales`, README)
+        "ОбновитьДанныеОПродажах" if !ds.record_sales => Ok(reply(name, None, "true")),
         "ОбновитьДанныеОПродажах" => {
             sales(&state, op).await.map(|_| reply(name, None, "true"))
         }
