@@ -716,3 +716,31 @@ async fn a_polled_base_leaves_sales_to_the_poll() {
     let s = e.summary().await;
     assert_eq!((s.sales_count, s.quarantined), (0, 0), "{s:?}");
 }
+
+#[test]
+fn bad_settings_name_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kopilka.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[ledger]\npath = \"{}\"\n[onec]\n[onec.discount_server]\nuser = \"\"\npath = \"ws/x?wsdl\"\n\
+             public_url = \"ftp://user:pw@host/ws\"\n",
+            dir.path().join("k.db").display()
+        ),
+    )
+    .unwrap();
+    let err = config::load(Some(&path), &[]).unwrap_err().to_string();
+    for key in [
+        "onec.discount_server.user",
+        "onec.discount_server.password_file",
+        "onec.discount_server.path",
+        "onec.discount_server.public_url",
+    ] {
+        assert!(err.contains(key), "{key} in {err}");
+    }
+    assert!(
+        !err.contains("pw@"),
+        "a password in the URL is never echoed: {err}"
+    );
+}
