@@ -286,6 +286,38 @@ impl Env {
             .collect()
     }
 
+    /// `ПолучитьСуммуНакопления`, the last row read as `DS:48-57` reads it.
+    async fn accumulation(
+        &self,
+        card: &str,
+        from: &str,
+        to: &str,
+        segment: &str,
+        exclude: &str,
+    ) -> (String, String) {
+        let op = "ПолучитьСуммуНакопления";
+        let (status, reply) = self
+            .call(
+                op,
+                envelope(
+                    op,
+                    &[
+                        param("ИдентификаторКарты", card),
+                        param("ДатаНачала", from),
+                        param("ДатаОкончания", to),
+                        param("ИдентификаторСегмента", segment),
+                        param("ИдентификаторИсключаемогоДокументта", exclude),
+                    ],
+                ),
+            )
+            .await;
+        assert_eq!(status, 200, "{reply}");
+        let sum = texts(&reply, "СуммаНакопления");
+        let qty = texts(&reply, "КоличествоНакопления");
+        assert_eq!((sum.len(), qty.len()), (1, 1), "{reply}");
+        (sum[0].clone(), qty[0].clone())
+    }
+
     async fn verify(&self) {
         let problems = self.ledger.run(|l| l.verify()).await.unwrap();
         assert!(problems.is_empty(), "{problems:?}");
@@ -409,6 +441,32 @@ async fn a_return_arrives_negated_and_is_a_return() {
     let s = e.summary().await;
     assert_eq!(s.quarantined, 2, "{s:?}");
     assert_eq!((s.sales_count, s.returns_count), (1, 1), "{s:?}");
+
+    // the card's turnover for accumulative discounts: sales less returns in the period
+    let other = "0b5e8d3a-1111-2222-3333-aaaa55556666";
+    e.push(sales("ЧекККМ", other, &[row(CARD, ITEM2, ZERO, "300.5", "1.25")]))
+        .await;
+    let (day, end) = ("2026-11-02T00:00:00", "2026-11-02T23:59:59");
+    let t = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(e.accumulation(CARD, day, end, "", "").await, t("800.5", "2.25"));
+    assert_eq!(
+        e.accumulation(CARD, day, end, "", other).await,
+        t("500", "1"),
+        "the receipt being computed is left out"
+    );
+    assert_eq!(
+        e.accumulation(CARD, "0001-01-01T00:00:00", "2026-11-01T23:59:59", "", "")
+            .await,
+        t("0", "0"),
+        "nothing before the period's end"
+    );
+    assert_eq!(
+        e.accumulation(CARD, day, end, "0b5e8d3a-eeee-2222-3333-444455556666", "")
+            .await,
+        t("0", "0"),
+        "a segment kopilka cannot filter by: 0, never the unfiltered sum"
+    );
+    assert_eq!(e.accumulation(NEW_CARD, day, end, "", "").await, t("0", "0"));
     e.verify().await;
 }
 
