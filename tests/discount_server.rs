@@ -467,6 +467,29 @@ async fn a_return_arrives_negated_and_is_a_return() {
         "a segment kopilka cannot filter by: 0, never the unfiltered sum"
     );
     assert_eq!(e.accumulation(NEW_CARD, day, end, "", "").await, t("0", "0"));
+
+    // the last purchase: the latest document; a return after it means none (`…:722-789`)
+    let op = "ПолучитьДанныеПоследнейПокупки";
+    let last = |exclude: &str| {
+        envelope(
+            op,
+            &[
+                param("ИдентификаторКарты", CARD),
+                param("ДатаРасчета", "2026-11-02T23:00:00"),
+                param("ИдентификаторСегмента", ""),
+                param("ИдентификаторИсключаемогоДокументта", exclude),
+            ],
+        )
+    };
+    let (status, reply) = e.call(op, last("")).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(texts(&reply, "СуммаНакопления"), ["300.5"], "{reply}");
+    assert_eq!(texts(&reply, "ДатаПокупки"), ["2026-11-02T11:30:00"], "{reply}");
+    let (_, reply) = e.call(op, last(other)).await;
+    assert!(
+        texts(&reply, "РезультатЗапроса").is_empty(),
+        "the latest left is the return: no last purchase: {reply}"
+    );
     e.verify().await;
 }
 
@@ -535,7 +558,7 @@ async fn balances_answer_what_the_ledger_says_and_never_zero_rows() {
         )
         .await;
     assert_eq!(status, 200, "{reply}");
-    assert!(texts(&reply, "ДатаПокупки").is_empty(), "{reply}");
+    assert_eq!(texts(&reply, "СуммаНакопления"), ["1000"], "{reply}");
     assert_eq!(texts(&reply, "return").len(), 1, "{reply}");
     let (status, reply) = e
         .call(

@@ -774,7 +774,16 @@ async fn soap_handler(State(state): State<Ds>, headers: HeaderMap, body: Bytes) 
             })
         }
         "ПолучитьДанныеПоследнейПокупки" => {
-            Ok(reply(name, Some("РезультатЗапросаОПоследнейПокупке"), ""))
+            last_purchase(&state, op).await.map(|row| {
+                let inner = row.map_or(String::new(), |(date, sum, qty)| {
+                    format!(
+                        "<m:РезультатЗапроса><m:ДатаПокупки>{date}</m:ДатаПокупки>\
+                     <m:СуммаНакопления>{sum}</m:СуммаНакопления>\
+                     <m:КоличествоНакопления>{qty}</m:КоличествоНакопления></m:РезультатЗапроса>"
+                    )
+                });
+                reply(name, Some("РезультатЗапросаОПоследнейПокупке"), &inner)
+            })
         }
         "ПолучитьСкидкиПоКупону" => Ok(reply(name, Some("ТаблицаКупонов"), "")),
         other => {
@@ -1097,5 +1106,49 @@ async fn accumulation(ds: &Ds, op: &El) -> Result<(String, String), String> {
             Decimal::new(kopecks, 2).normalize().to_string(),
             qty.normalize().to_string(),
         )
+    }))
+}
+
+/// `ПолучитьДанныеПоследнейПокупки`: the card's latest document in force at or before
+/// `ДатаРасчета` (not the excluded one), as Розница's own server answers it
+/// (`СкидкиНаценкиСерверПереопределяемый:722-789`): its local date, rubles and quantity
+/// when it is a sale worth more than 0; no row otherwise (a return after a sale, a segment,
+/// an unknown card), which Розница reads as no last purchase.
+async fn last_purchase(ds: &Ds, op: &El) -> Result<Option<(String, String, String)>, String> {
+    let card = op.value("ИдентификаторКарты").to_ascii_lowercase();
+    if !op.value("ИдентификаторСегмента").is_empty() || !is_guid(&card) || card == ZERO_GUID
+    {
+        return Ok(None);
+    }
+    let Ok(id) = ds.cards.customer(&card).await? else {
+        return Ok(None);
+    };
+    let Some(key) = lookup_text(&id) else {
+        return Ok(None);
+    };
+    let tz = ds.ctx.cfg.timezone;
+    let at = local_date(op.value("ДатаРасчета")).map_or_else(|| ds.ctx.clock.now(), |d| to_utc(d, tz));
+    let exclude = op
+        .value("ИдентификаторИсключаемогоДокументта")
+        .to_ascii_lowercase();
+    let exclude = (!exclude.is_empty()).then_some(exclude);
+    let found = ds
+        .ctx
+        .ledger
+        .run(move |l| l.last_document(&key, at, exclude.as_deref()))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(found.and_then(|d| {
+        (d.kind == DocKind::Sale && d.total_kopecks > 0).then(|| {
+            (
+                d.occurred_at
+                    .with_timezone(&tz)
+                    .naive_local()
+                    .format("%Y-%m-%dT%H:%M:%S")
+                    .to_string(),
+                Decimal::new(d.total_kopecks, 2).normalize().to_string(),
+                d.quantity.normalize().to_string(),
+            )
+        })
     }))
 }

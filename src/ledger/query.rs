@@ -44,6 +44,16 @@ pub(crate) fn find_customer(conn: &Connection, text: &str) -> Result<i64> {
     }
 }
 
+/// A customer's latest document ([`Ledger::last_document`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastDocument {
+    pub occurred_at: DateTime<Utc>,
+    pub kind: DocKind,
+    pub total_kopecks: i64,
+    /// Σ of its lines' quantities.
+    pub quantity: rust_decimal::Decimal,
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct CustomerView {
     pub id: i64,
@@ -266,6 +276,57 @@ impl Ledger {
             quantity += if sign < 0 { -q } else { q };
         }
         Ok(Some((kopecks, quantity)))
+    }
+
+    /// A customer's latest document in force dated at or before `at` (not `exclude`, by its id
+    /// in any source): (date, kind, total in kopecks, quantity). `Ok(None)`: nobody matches
+    /// `customer`, or they have no such document.
+    pub fn last_document(
+        &self,
+        customer: &str,
+        at: DateTime<Utc>,
+        exclude: Option<&str>,
+    ) -> Result<Option<LastDocument>> {
+        let id = match find_customer(&self.conn, customer) {
+            Ok(id) => id,
+            Err(LedgerError::UnknownCustomer(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let found = self
+            .conn
+            .prepare_cached(
+                "SELECT d.occurred_at, d.kind, d.total, (SELECT group_concat(l.quantity, ' ') \
+                   FROM document_lines l WHERE l.document_id = d.id) \
+                 FROM documents d WHERE d.customer_id = ?1 AND d.state = 'active' \
+                   AND d.occurred_at <= ?2 AND d.doc_id != ?3 ORDER BY d.occurred_at DESC, d.id DESC LIMIT 1",
+            )?
+            .query_row(params![id, ts(at), exclude.unwrap_or("")], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })
+            .optional()?;
+        Ok(found.map(|(at, kind, total, quantities)| {
+            let kind = if kind.as_deref() == Some("return") {
+                DocKind::Return
+            } else {
+                DocKind::Sale
+            };
+            let q = quantities
+                .unwrap_or_default()
+                .split(' ')
+                .filter_map(|t| t.parse::<rust_decimal::Decimal>().ok())
+                .sum();
+            LastDocument {
+                occurred_at: from_ts(at),
+                kind,
+                total_kopecks: total,
+                quantity: q,
+            }
+        }))
     }
 
     pub fn balance(&self, customer: &str, now: DateTime<Utc>, warn: chrono::Duration) -> Result<BalanceView> {
