@@ -996,6 +996,7 @@ async fn sales(ds: &Ds, op: &El) -> Result<IngestReport, String> {
         &system,
         &ctx.cfg.limits.currency,
         ctx.cfg.timezone,
+        // milliseconds: an un-posting and a re-posting in the same second still order
         now.timestamp_millis(),
     );
     // the version stays the hash of Розница's table; the customer is who 1C says the card is
