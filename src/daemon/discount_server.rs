@@ -12,16 +12,23 @@
 //! - requests are dispatched on the name of the Body's first element, never on `SOAPAction`;
 //! - `ОбновитьДанныеОПродажах` answers `true` for anything kopilka has taken care of, a bad
 //!   document included (it is quarantined: `false` would make 1C resend it daily for ever and
-//!   skip the bonus call, §1.5 point 2); only a ledger that cannot be written is a Fault,
-//!   which 1C's queue retries.
+//!   skip the bonus call, §1.5 point 2); only a ledger that cannot be written (or a 1C that
+//!   cannot be asked about a card) is a Fault, which 1C's queue retries.
 //!
 //! Ledger terms (§1.6): the sales table of one document is one ledger document of source
 //! `<[onec] system>:discount_server`, id = the document's GUID, version = a hash of its
 //! content, so the same table again changes nothing, another table replaces the old one and
-//! an empty table (an un-posted document) voids it. Negative rows are a return. Розница's
-//! card is its `Справочник.ИнформационныеКарты` ref GUID; the ledger knows the customer by
-//! the key `onec:card:<GUID>` ([`card_key`]). Point movements Розница computes
+//! an empty table (an un-posted document) voids it. Negative rows are a return. With
+//! `[onec.odata]` the poll reads the same receipts, so pushes are answered and not recorded
+//! unless `record_sales` says so. Розница's card is its `Справочник.ИнформационныеКарты` ref
+//! GUID: with `[onec.odata]` it is read from 1C as the poll reads a receipt's card (its number
+//! and owner), otherwise the ledger knows the customer by the key `onec:card:<GUID>`
+//! ([`card_key`]). Balances are the card's free points (`spendable`); turnover and the last
+//! purchase come from the documents in force. Point movements Розница computes
 //! (`ОбновитьДанныеОБонусах`) are not recorded: kopilka accrues by its own rules.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -30,12 +37,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine as _;
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::NaiveDateTime;
 use quick_xml::events::Event;
 use rust_decimal::Decimal;
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 use super::JobContext;
 use crate::config::DiscountServerConfig;
@@ -45,7 +49,7 @@ use crate::core::document::{
 use crate::core::identity::CustomerIdentity;
 use crate::core::money::{Money, Points};
 use crate::ledger::{Batch, HoldError, IngestReport, Item, LedgerError};
-use crate::onec::odata::poll::OdataPoller;
+use crate::onec::odata::poll::{OdataPoller, to_utc};
 
 /// The service's namespace (`WSX:13`).
 pub const NAMESPACE: &str = "http://localhost/rt2discountservice";
@@ -805,17 +809,6 @@ fn local_date(text: &str) -> Option<NaiveDateTime> {
         .or_else(|_| NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S"))
         .ok()
         .filter(|d| chrono::Datelike::year(d) > 1)
-}
-
-fn to_utc(t: NaiveDateTime, tz: chrono_tz::Tz) -> DateTime<Utc> {
-    use chrono::TimeZone as _;
-    tz.from_local_datetime(&t)
-        .earliest()
-        .or_else(|| {
-            t.checked_add_signed(chrono::Duration::hours(1))
-                .and_then(|later| tz.from_local_datetime(&later).earliest())
-        })
-        .map_or_else(|| t.and_utc(), |x| x.with_timezone(&Utc))
 }
 
 /// An `xs:decimal` (`-120.5`, `3`) in kopecks; more than two decimals is not money.
