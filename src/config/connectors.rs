@@ -587,6 +587,13 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
                 format!("{path:?} is not a path like /ws/DiscountService.1cws"),
             );
         }
+        // the daemon's own routes (`daemon::http`): the same path twice stops the router
+        if ["/healthz", "/metrics", "/status", "/report"].contains(&path.as_str()) || path.starts_with("/v1/") {
+            c.bad(
+                "onec.discount_server.path",
+                format!("{path:?} is one of the daemon's own addresses"),
+            );
+        }
         let public_url = d.public_url.as_ref().map(|u| u.trim().to_string());
         if let Some(u) = &public_url {
             match reqwest::Url::parse(u) {
