@@ -85,6 +85,18 @@ pub(super) struct RawLoyaltyServer {
     pub hold_minutes: Option<i64>,
 }
 
+/// `[onec.discount_server]`: the «Дисконтный сервер» (SOAP) 1С:Розница 2.x pushes receipts
+/// to and reads bonus balances from (`../shared/specs/onec-till-protocols.md` §1).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct RawDiscountServer {
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub path: Option<String>,
+    pub public_url: Option<String>,
+    pub record_sales: Option<bool>,
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub(super) struct RawOdata {
@@ -116,6 +128,7 @@ pub(super) struct RawOnec {
     pub site_exchange: Option<RawSiteExchange>,
     pub odata: Option<RawOdata>,
     pub loyalty_server: Option<RawLoyaltyServer>,
+    pub discount_server: Option<RawDiscountServer>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -185,6 +198,25 @@ pub struct LoyaltyServerConfig {
     pub hold: chrono::Duration,
 }
 
+/// The «Дисконтный сервер» endpoint for Розница 2.x, on the daemon's HTTP listener (README,
+/// "Розница 2.x: «Дисконтный сервер»").
+#[derive(Clone, Debug)]
+pub struct DiscountServerConfig {
+    /// The login Розница sends (`ПользовательДисконтногоСервера`).
+    pub user: String,
+    pub password: Secret,
+    /// Where the service lives: Розница's `АдресДисконтногоСервера` is
+    /// `http://HOST:PORT` + this path + `?wsdl`.
+    pub path: String,
+    /// The address written into the WSDL's `soap:address` (Розница posts every call there);
+    /// `None`: `http://` + the request's `Host` + `path`.
+    pub public_url: Option<String>,
+    /// Whether pushed sales tables become ledger documents. Off by default when `[onec.odata]`
+    /// is set: the poll reads the same receipts (with prices and points paid) under another
+    /// source, and both would count.
+    pub record_sales: bool,
+}
+
 /// How long files kopilka keeps for people (`processed/`, `rejected/`) stay: the oldest go
 /// first once either bound is passed, so the exchange folder never fills the disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -239,6 +271,7 @@ pub struct OnecConfig {
     pub site_exchange: Option<SiteExchangeConfig>,
     pub odata: Option<OdataConfig>,
     pub loyalty_server: Option<LoyaltyServerConfig>,
+    pub discount_server: Option<DiscountServerConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -525,6 +558,64 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
             hold: chrono::Duration::minutes(minutes.clamp(1, 24 * 60)),
         }
     });
+    let discount_server = raw.discount_server.as_ref().map(|d| {
+        let user = d
+            .user
+            .clone()
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| {
+                c.bad(
+                    "onec.discount_server.user",
+                    "the login Розница sends is required (ПользовательДисконтногоСервера)",
+                );
+                String::new()
+            });
+        let password = c.secret(
+            "onec.discount_server.password_file",
+            d.password_file.as_deref(),
+            "KOPILKA_ONEC_DISCOUNT_PASSWORD",
+            true,
+        );
+        let path = d
+            .path
+            .clone()
+            .unwrap_or_else(|| "/ws/DiscountService.1cws".into());
+        let path = path.trim_end_matches('/').to_string();
+        if !path.starts_with('/') || path.len() < 2 || path.contains(['?', '#', '{', '}', ' ']) {
+            c.bad(
+                "onec.discount_server.path",
+                format!("{path:?} is not a path like /ws/DiscountService.1cws"),
+            );
+        }
+        // the daemon's own routes (`daemon::http`): the same path twice stops the router
+        if ["/healthz", "/metrics", "/status", "/report"].contains(&path.as_str()) || path.starts_with("/v1/") {
+            c.bad(
+                "onec.discount_server.path",
+                format!("{path:?} is one of the daemon's own addresses"),
+            );
+        }
+        let public_url = d.public_url.as_ref().map(|u| u.trim().to_string());
+        if let Some(u) = &public_url {
+            match reqwest::Url::parse(u) {
+                Ok(p) if matches!(p.scheme(), "http" | "https")
+                    && p.host_str().is_some()
+                    && p.username().is_empty()
+                    && p.password().is_none()
+                    && p.query().is_none() => {}
+                _ => c.bad(
+                    "onec.discount_server.public_url",
+                    "not an http(s) URL like http://shop-server:8090/ws/DiscountService.1cws (no login, no query)",
+                ),
+            }
+        }
+        DiscountServerConfig {
+            user,
+            password,
+            path,
+            public_url,
+            record_sales: d.record_sales.unwrap_or(raw.odata.is_none()),
+        }
+    });
     OnecConfig {
         system,
         exchange_dir: raw.exchange_dir.clone(),
@@ -538,6 +629,7 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
         site_exchange,
         odata,
         loyalty_server,
+        discount_server,
     }
 }
 

@@ -27,8 +27,8 @@ use crate::ledger::{DeliveryPolicy, OpenOptions};
 pub use holds::{HoldMatch, HoldsConfig};
 
 pub use connectors::{
-    AmocrmAuth, AmocrmConfig, Keep, LoyaltyServerConfig, OdataConfig, OnecConfig, Orders, Secret,
-    SiteExchangeConfig, read_secret,
+    AmocrmAuth, AmocrmConfig, DiscountServerConfig, Keep, LoyaltyServerConfig, OdataConfig, OnecConfig,
+    Orders, Secret, SiteExchangeConfig, read_secret,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kopilka/kopilka.toml";

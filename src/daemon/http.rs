@@ -41,7 +41,8 @@ pub fn router(ctx: JobContext, rt: Arc<Runtime>) -> Router {
         .route("/v1/quote", post(quote_handler))
         .with_state(AppState { ctx: ctx.clone(), rt })
         .merge(super::holds::router(ctx.clone()))
-        .merge(super::loyalty_server::router(ctx).unwrap_or_default())
+        .merge(super::loyalty_server::router(ctx.clone()).unwrap_or_default())
+        .merge(super::discount_server::router(ctx).unwrap_or_default())
 }
 
 fn problem(status: StatusCode, detail: impl Into<String>) -> Response {

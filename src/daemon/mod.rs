@@ -6,6 +6,7 @@
 //! runs each enabled job one time, the daemon on its schedule.
 
 pub mod amocrm;
+pub mod discount_server;
 pub mod holds;
 pub mod http;
 pub mod loyalty_server;

@@ -44,6 +44,16 @@ pub(crate) fn find_customer(conn: &Connection, text: &str) -> Result<i64> {
     }
 }
 
+/// A customer's latest document ([`Ledger::last_document`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastDocument {
+    pub occurred_at: DateTime<Utc>,
+    pub kind: DocKind,
+    pub total_kopecks: i64,
+    /// Σ of its lines' quantities.
+    pub quantity: rust_decimal::Decimal,
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct CustomerView {
     pub id: i64,
@@ -233,6 +243,108 @@ pub(crate) fn holdings(conn: &Connection, customer: i64) -> Result<Holdings> {
 }
 
 impl Ledger {
+    /// A customer's turnover in force: Σ sales − Σ returns (kopecks, and quantity) dated in
+    /// `[from, to]` (either end open when `None`), leaving out the document with id
+    /// `exclude` in any source. `Ok(None)`: nobody matches `customer`.
+    pub fn turnover(
+        &self,
+        customer: &str,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        exclude: Option<&str>,
+    ) -> Result<Option<(i64, rust_decimal::Decimal)>> {
+        let id = match find_customer(&self.conn, customer) {
+            Ok(id) => id,
+            Err(LedgerError::UnknownCustomer(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut st = self.conn.prepare_cached(
+            "SELECT d.kind, d.total, (SELECT group_concat(l.quantity, ' ') FROM document_lines l \
+               WHERE l.document_id = d.id) \
+             FROM documents d WHERE d.customer_id = ?1 AND d.state = 'active' \
+               AND d.occurred_at >= ?2 AND d.occurred_at <= ?3 AND d.doc_id != ?4",
+        )?;
+        let rows = st.query_map(
+            params![
+                id,
+                from.map_or(i64::MIN, ts),
+                to.map_or(i64::MAX, ts),
+                exclude.unwrap_or("")
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            },
+        )?;
+        let (mut kopecks, mut quantity) = (0i64, rust_decimal::Decimal::ZERO);
+        for row in rows {
+            let (kind, total, quantities) = row?;
+            let sign = if kind.as_deref() == Some("return") { -1 } else { 1 };
+            kopecks = kopecks.saturating_add(sign * total);
+            let q: rust_decimal::Decimal = quantities
+                .unwrap_or_default()
+                .split(' ')
+                .filter_map(|t| t.parse::<rust_decimal::Decimal>().ok())
+                .sum();
+            quantity += if sign < 0 { -q } else { q };
+        }
+        Ok(Some((kopecks, quantity)))
+    }
+
+    /// A customer's latest document in force dated at or before `at` (not `exclude`, by its id
+    /// in any source): (date, kind, total in kopecks, quantity). `Ok(None)`: nobody matches
+    /// `customer`, or they have no such document.
+    pub fn last_document(
+        &self,
+        customer: &str,
+        at: DateTime<Utc>,
+        exclude: Option<&str>,
+    ) -> Result<Option<LastDocument>> {
+        let id = match find_customer(&self.conn, customer) {
+            Ok(id) => id,
+            Err(LedgerError::UnknownCustomer(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let found = self
+            .conn
+            .prepare_cached(
+                "SELECT d.occurred_at, d.kind, d.total, (SELECT group_concat(l.quantity, ' ') \
+                   FROM document_lines l WHERE l.document_id = d.id) \
+                 FROM documents d WHERE d.customer_id = ?1 AND d.state = 'active' \
+                   AND d.occurred_at <= ?2 AND d.doc_id != ?3 ORDER BY d.occurred_at DESC, d.id DESC LIMIT 1",
+            )?
+            .query_row(params![id, ts(at), exclude.unwrap_or("")], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })
+            .optional()?;
+        Ok(found.map(|(at, kind, total, quantities)| {
+            let kind = if kind.as_deref() == Some("return") {
+                DocKind::Return
+            } else {
+                DocKind::Sale
+            };
+            let q = quantities
+                .unwrap_or_default()
+                .split(' ')
+                .filter_map(|t| t.parse::<rust_decimal::Decimal>().ok())
+                .sum();
+            LastDocument {
+                occurred_at: from_ts(at),
+                kind,
+                total_kopecks: total,
+                quantity: q,
+            }
+        }))
+    }
+
     pub fn balance(&self, customer: &str, now: DateTime<Utc>, warn: chrono::Duration) -> Result<BalanceView> {
         let id = find_customer(&self.conn, customer)?;
         self.balance_of(id, now, warn)

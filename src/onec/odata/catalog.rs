@@ -277,6 +277,26 @@ async fn list_all(
 }
 
 impl OdataPoller {
+    /// The customer a card reference names, built exactly as the poll builds a receipt's
+    /// customer from its card (the card's number, its owner's 1C key, name, phone and
+    /// e-mail), for callers that are handed 1C's card ref GUID (Розница's «Дисконтный
+    /// сервер»). `Ok(Err(reason))`: 1C has no such card.
+    pub async fn card_customer(
+        &self,
+        card_key: &str,
+    ) -> Result<Result<CustomerIdentity, String>, OdataError> {
+        if self.mapping.cards.is_none() {
+            return Ok(Err(format!(
+                "mapping {} has no [cards]: a card reference cannot be read",
+                self.mapping.origin
+            )));
+        }
+        let mut customers = Customers::default();
+        customers
+            .identity(&self.client, &self.mapping, Some(card_key), None)
+            .await
+    }
+
     /// Reads products, groups, price types and cost prices into the ledger's catalog.
     pub async fn sync_catalog(
         &self,
