@@ -76,6 +76,7 @@ async fn env_with(onec_extra: &str, files: &[(&str, &str)], points: i64) -> Env 
     let report = ledger
         .import_opening_balances(
             "test",
+            "test",
             vec![Ok(OpeningRow {
                 line: 1,
                 identity: kopilka::core::identity::CustomerIdentity {

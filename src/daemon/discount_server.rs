@@ -851,6 +851,10 @@ pub fn sales_push(op: &El, system: &str, currency: &str, tz: chrono_tz::Tz, stam
             reason,
             location: Some(format!("discount server: {doc_type} {doc_id}")),
             excerpt: None,
+            // Розница's push names no number; the kind is the document's metadata name
+            kind: (!doc_type.is_empty()).then(|| doc_type.clone()),
+            number: None,
+            occurred_at: None,
         })
     };
     if !is_guid(&doc_id) || doc_id == ZERO_GUID {
@@ -1010,6 +1014,9 @@ async fn sales(ds: &Ds, op: &El) -> Result<IngestReport, String> {
                     reason: format!("card {guid}: {reason}"),
                     location: Some(format!("discount server: {}", op.value("ТипДокумента"))),
                     excerpt: None,
+                    kind: Some(op.value("ТипДокумента").to_string()),
+                    number: d.number.clone(),
+                    occurred_at: Some(d.occurred_at),
                 });
             }
         }
