@@ -393,6 +393,30 @@ fn a_zip_archive_imports_catalog_first() {
     assert!(r.catalog_items > 10, "{r:?}");
 }
 
+/// A zip bomb within the entry and size limits: 64 MiB of one repeated byte packs about
+/// 1000 : 1; exchange XML packs 10–30 : 1. Refused before a byte is unpacked, and nothing
+/// in the ledger.
+#[test]
+fn an_archive_that_unpacks_a_thousand_times_its_size_is_refused() {
+    let mut env = env("");
+    let path = env.dir.path().join("bomb.zip");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    zip.start_file("orders.xml", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    let block = vec![b' '; 1 << 20];
+    for _ in 0..64 {
+        zip.write_all(&block).unwrap();
+    }
+    zip.finish().unwrap();
+    let packed = std::fs::metadata(&path).unwrap().len();
+    assert!(packed < 1 << 20, "{packed}");
+    let settings = ImportSettings::from_config(&env.cfg);
+    let now = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+    let err = import_path(&mut env.ledger, &path, &settings, &env.cfg, now).expect_err("refused");
+    assert!(err.to_string().contains("zip bomb"), "{err}");
+    assert_eq!(env.summary().sales_count, 0);
+}
+
 #[test]
 fn an_unknown_tier_in_opening_balances_is_refused_with_its_line() {
     let mut env = env("");

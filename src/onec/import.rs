@@ -23,6 +23,9 @@ use crate::ledger::{Batch, CatalogItem, CostPolicy, Ledger, LedgerError};
 const MAX_ZIP_ENTRIES: usize = 1_000;
 /// Uncompressed bytes of one archive, at most (refuses zip bombs).
 const MAX_ZIP_UNCOMPRESSED_BYTES: u64 = 16 << 30;
+/// Uncompressed ÷ compressed size of one entry, at most: exchange XML packs 10–30 : 1, a
+/// zip bomb thousands : 1.
+const MAX_ZIP_RATIO: u64 = 500;
 /// Catalog entries stored per transaction.
 const CATALOG_BATCH: usize = 5_000;
 
@@ -177,15 +180,23 @@ fn import_zip(
             archive.len()
         )));
     }
-    let mut entries: Vec<(u8, String, usize)> = Vec::new();
+    let mut entries: Vec<(u8, String, u64, usize)> = Vec::new();
     let mut total = 0u64;
     for i in 0..archive.len() {
         let e = archive
             .by_index_raw(i)
             .map_err(|e| ImportError::Unreadable(format!("{label}: archive entry {i}: {e}")))?;
         total = total.saturating_add(e.size());
+        if e.size() > 1 << 20 && e.size() / e.compressed_size().max(1) > MAX_ZIP_RATIO {
+            return Err(ImportError::Unreadable(format!(
+                "{label}: entry {} unpacks {} times its packed size, more than the {MAX_ZIP_RATIO} \
+                 of exchange XML (a zip bomb?)",
+                e.name(),
+                e.size() / e.compressed_size().max(1)
+            )));
+        }
         if e.is_file() && e.name().to_lowercase().ends_with(".xml") {
-            entries.push((entry_rank(e.name()), e.name().to_string(), i));
+            entries.push((entry_rank(e.name()), e.name().to_string(), e.size(), i));
         }
     }
     if total > MAX_ZIP_UNCOMPRESSED_BYTES {
@@ -203,11 +214,13 @@ fn import_zip(
         file: label.to_string(),
         ..Default::default()
     };
-    for (_, name, index) in entries {
+    for (_, name, declared, index) in entries {
         let entry = archive
             .by_index(index)
             .map_err(|e| ImportError::Unreadable(format!("{label}: archive entry {name}: {e}")))?;
         let inner = format!("{label}!{name}");
+        // never more than the directory declared, which the limits above were checked on
+        let entry = std::io::Read::take(entry, declared);
         let r = import_reader(
             ledger,
             BufReader::with_capacity(64 << 10, entry),
