@@ -251,6 +251,15 @@ fn report_and_reconcile_answer_for_the_demo_ledger() {
         !diffs.is_empty() && diffs.iter().all(|d| d["kind"] == "quarantined"),
         "{r}"
     );
+    // and the quarantine names it as 1C does: kind, number, date, then the id
+    let out = kopilka(&["--ledger", &db, "quarantine"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listed = text(&out.stdout);
+    assert!(listed.contains("ЧекККМ ДЕМО-БРАК от "), "{listed}");
+    let out = kopilka(&["--ledger", &db, "quarantine", "--json"]);
+    let q: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(q[0]["number"], "ДЕМО-БРАК", "{q}");
+    assert!(q[0]["occurred_at"].is_string(), "{q}");
 }
 
 /// Runs kopilka with its standard output a pipe whose reading end is already closed, as

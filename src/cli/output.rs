@@ -260,11 +260,10 @@ pub fn quarantine(entries: &[QuarantineEntry], as_json: bool, tz: Tz) -> anyhow:
     }
     for q in entries {
         println!(
-            "{:>6}  {}  {}:{}  seen {}×  {}{}",
+            "{:>6}  {}  {}  seen {}×  {}{}",
             q.id,
             local(q.last_seen_at, tz),
-            q.source,
-            q.doc_ref,
+            q.title(tz),
             q.seen_count,
             q.reason,
             q.location

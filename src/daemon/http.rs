@@ -777,9 +777,8 @@ async fn status(State(s): State<AppState>, headers: HeaderMap) -> Response {
         for l in &losses {
             let _ = write!(
                 html,
-                "<tr><td>{} {}</td><td>{}</td><td class=\"num bad\">{}</td></tr>",
-                esc(&l.source),
-                esc(l.number.as_deref().unwrap_or(&l.doc_id)),
+                "<tr><td>{}</td><td>{}</td><td class=\"num bad\">{}</td></tr>",
+                esc(&l.title(tz)),
                 esc(&local(l.occurred_at)),
                 money(l.loss_kopecks)
             );
@@ -791,9 +790,8 @@ async fn status(State(s): State<AppState>, headers: HeaderMap) -> Response {
         for q in quarantine.iter().take(20) {
             let _ = write!(
                 html,
-                "<tr><td>{}:{}</td><td class=\"bad\">{}</td><td>{}</td></tr>",
-                esc(&q.source),
-                esc(&q.doc_ref),
+                "<tr><td>{}</td><td class=\"bad\">{}</td><td>{}</td></tr>",
+                esc(&q.title(tz)),
                 esc(&q.reason),
                 esc(q.location.as_deref().unwrap_or(""))
             );

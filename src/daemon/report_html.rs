@@ -179,9 +179,8 @@ pub fn render(r: &ProgramReport, tz: Tz, nav: bool) -> String {
         for l in &r.loss_lines {
             let _ = write!(
                 h,
-                "<tr><td>{} {}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td></tr>",
-                esc(&l.source),
-                esc(l.number.as_deref().unwrap_or(&l.doc_id)),
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td></tr>",
+                esc(&l.title(tz)),
                 l.occurred_at.with_timezone(&tz).date_naive(),
                 esc(l.name.as_deref().unwrap_or(&l.product_id)),
                 m(l.loss_kopecks)

@@ -200,6 +200,19 @@ pub struct LossMaker {
     pub customer_id: Option<i64>,
 }
 
+impl LossMaker {
+    /// «Продажа ЧК-000777 от 15.11.2026 (onec:…)», the date in `tz`.
+    pub fn title(&self, tz: chrono_tz::Tz) -> String {
+        crate::core::document::document_title(
+            Some(crate::core::document::DocKind::Sale.label()),
+            self.number.as_deref(),
+            Some(self.occurred_at.with_timezone(&tz).date_naive()),
+            &self.source,
+            &self.doc_id,
+        )
+    }
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct PartnerTotals {
     pub partner: String,
@@ -220,6 +233,24 @@ pub struct QuarantineEntry {
     pub first_seen_at: DateTime<Utc>,
     pub last_seen_at: DateTime<Utc>,
     pub seen_count: i64,
+    /// The document's kind, number and date as far as they could be read (issue 17): how a
+    /// person finds it in 1C.
+    pub kind: Option<String>,
+    pub number: Option<String>,
+    pub occurred_at: Option<DateTime<Utc>>,
+}
+
+impl QuarantineEntry {
+    /// «ЧекККМ ЧК-000777 от 15.11.2026 (onec:…)», the date in `tz`.
+    pub fn title(&self, tz: chrono_tz::Tz) -> String {
+        crate::core::document::document_title(
+            self.kind.as_deref(),
+            self.number.as_deref(),
+            self.occurred_at.map(|t| t.with_timezone(&tz).date_naive()),
+            &self.source,
+            &self.doc_ref,
+        )
+    }
 }
 
 pub(crate) fn holdings(conn: &Connection, customer: i64) -> Result<Holdings> {
@@ -630,8 +661,8 @@ impl Ledger {
 
     pub fn quarantine_list(&self, include_resolved: bool) -> Result<Vec<QuarantineEntry>> {
         let mut st = self.conn.prepare(
-            "SELECT id, source, doc_ref, version, reason, location, excerpt, first_seen_at, last_seen_at, seen_count \
-             FROM quarantine WHERE ?1 OR resolved_at IS NULL ORDER BY id",
+            "SELECT id, source, doc_ref, version, reason, location, excerpt, first_seen_at, last_seen_at, seen_count, \
+             doc_kind, number, occurred_at FROM quarantine WHERE ?1 OR resolved_at IS NULL ORDER BY id",
         )?;
         Ok(st
             .query_map([include_resolved], |r| {
@@ -646,6 +677,9 @@ impl Ledger {
                     first_seen_at: from_ts(r.get(7)?),
                     last_seen_at: from_ts(r.get(8)?),
                     seen_count: r.get(9)?,
+                    kind: r.get(10)?,
+                    number: r.get(11)?,
+                    occurred_at: r.get::<_, Option<i64>>(12)?.map(from_ts),
                 })
             })?
             .collect::<rusqlite::Result<_>>()?)

@@ -20,6 +20,19 @@ pub struct LossLine {
     pub loss_kopecks: i64,
 }
 
+impl LossLine {
+    /// «Продажа ЧК-000777 от 15.11.2026 (onec:…)», the date in `tz`.
+    pub fn title(&self, tz: chrono_tz::Tz) -> String {
+        crate::core::document::document_title(
+            Some(crate::core::document::DocKind::Sale.label()),
+            self.number.as_deref(),
+            Some(self.occurred_at.with_timezone(&tz).date_naive()),
+            &self.source,
+            &self.doc_id,
+        )
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ProgramReport {
     pub from: Option<DateTime<Utc>>,
