@@ -284,11 +284,23 @@ sources = ["onec:partner"]
     let mut p = sale("P1", Some("C2"), &[("A", 1, 1000)]);
     p.source.system = "onec:partner".into();
     env.docs(vec![reversion(p)]);
-    let totals = env.ledger.partner_totals(&DateRange::default()).unwrap();
+    let totals = env
+        .ledger
+        .partner_totals(&DateRange::default(), kopilka::core::money::Money(100))
+        .unwrap();
     assert_eq!(totals.len(), 1);
     assert_eq!(
         (totals[0].partner.as_str(), totals[0].points_issued),
         ("coffee-house", 50)
+    );
+    // settled in money at the point value: the partner owes the program the points it issued
+    assert_eq!(
+        (
+            totals[0].issued_kopecks,
+            totals[0].redeemed_kopecks,
+            totals[0].net_kopecks
+        ),
+        (5_000, 0, 5_000)
     );
     env.assert_verified();
 }

@@ -683,7 +683,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load_config(&cli)?;
             let ledger = open_existing(&cfg)?;
             let range = local_range(&cfg, a.from, a.to)?;
-            output::partners(&ledger.partner_totals(&range)?, a.json)?;
+            output::partners(&ledger.partner_totals(&range, cfg.program.point_value)?, a.json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {

@@ -385,14 +385,23 @@ pub fn partners(rows: &[PartnerTotals], as_json: bool) -> anyhow::Result<()> {
         println!("no partner sales in the period");
     }
     println!(
-        "{:<24} {:>14} {:>14} {:>10}",
-        "partner", "issued", "redeemed", "documents"
+        "{:<24} {:>10} {:>10} {:>16} {:>16} {:>16} {:>10}",
+        "partner", "issued", "redeemed", "issued, ₽", "redeemed, ₽", "net, ₽", "documents"
     );
     for r in rows {
         println!(
-            "{:<24} {:>14} {:>14} {:>10}",
-            r.partner, r.points_issued, r.points_redeemed, r.documents
+            "{:<24} {:>10} {:>10} {:>16} {:>16} {:>16} {:>10}",
+            r.partner,
+            r.points_issued,
+            r.points_redeemed,
+            crate::core::money::Money(r.issued_kopecks).to_string(),
+            crate::core::money::Money(r.redeemed_kopecks).to_string(),
+            crate::core::money::Money(r.net_kopecks).to_string(),
+            r.documents
         );
+    }
+    if !rows.is_empty() {
+        println!("net above zero: the partner owes the program; below zero: the program owes the partner");
     }
     Ok(())
 }

@@ -213,12 +213,20 @@ impl LossMaker {
     }
 }
 
+/// A partner's position in a coalition program for a period, in points and in money at the
+/// point value: the points its sales issued are a liability the program took on for it, the
+/// points its customers spent with it a discount it gave for the program.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct PartnerTotals {
     pub partner: String,
     pub points_issued: i64,
     pub points_redeemed: i64,
     pub documents: i64,
+    pub issued_kopecks: i64,
+    pub redeemed_kopecks: i64,
+    /// `issued − redeemed`: above zero the partner owes the program that much, below zero
+    /// the program owes the partner.
+    pub net_kopecks: i64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -528,7 +536,7 @@ impl Ledger {
 
     /// Points issued and redeemed per partner in a period, for settlement between the
     /// shops of a coalition program.
-    pub fn partner_totals(&self, range: &DateRange) -> Result<Vec<PartnerTotals>> {
+    pub fn partner_totals(&self, range: &DateRange, point_value: Money) -> Result<Vec<PartnerTotals>> {
         let (from, to) = range.bounds();
         let mut st = self.conn.prepare(
             "SELECT partner, \
@@ -541,11 +549,16 @@ impl Ledger {
         )?;
         Ok(st
             .query_map(params![from, to], |r| {
+                let (issued, redeemed): (i64, i64) = (r.get(1)?, r.get(2)?);
+                let pv = point_value.0;
                 Ok(PartnerTotals {
                     partner: r.get(0)?,
-                    points_issued: r.get(1)?,
-                    points_redeemed: r.get(2)?,
+                    points_issued: issued,
+                    points_redeemed: redeemed,
                     documents: r.get(3)?,
+                    issued_kopecks: issued * pv,
+                    redeemed_kopecks: redeemed * pv,
+                    net_kopecks: (issued - redeemed) * pv,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?)
