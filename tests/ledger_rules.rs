@@ -302,5 +302,65 @@ sources = ["onec:partner"]
         ),
         (5_000, 0, 5_000)
     );
+
+    // the settlement posting for the period: once, then only what changed
+    let entities = std::collections::BTreeMap::new();
+    let books = kopilka::ledger::Books {
+        default_entity: "Организация",
+        entities: &entities,
+        tz: chrono_tz::Europe::Moscow,
+        point_value_kopecks: 100,
+        destination: Some("onec:accounting"),
+        history: kopilka::ledger::HistoryPosting::Opening,
+    };
+    let (first, last) = (
+        NaiveDate::from_ymd_opt(2000, 1, 1).unwrap(),
+        NaiveDate::from_ymd_opt(2030, 12, 31).unwrap(),
+    );
+    let now = env.now;
+    let made = env
+        .ledger
+        .post_partner_settlement(&books, first, last, now)
+        .unwrap();
+    assert_eq!(made.len(), 1, "{made:#?}");
+    assert_eq!(made[0].partner.as_deref(), Some("coffee-house"));
+    assert_eq!(made[0].kind, kopilka::ledger::PostingKind::Settlement);
+    assert_eq!(made[0].points.get("partner_issued"), Some(&50), "{made:#?}");
+    assert!(
+        env.ledger
+            .post_partner_settlement(&books, first, last, now)
+            .unwrap()
+            .is_empty(),
+        "the same period again posts nothing"
+    );
+    let mut p2 = sale("P2", Some("C3"), &[("A", 1, 2000)]);
+    p2.source.system = "onec:partner".into();
+    env.docs(vec![reversion(p2)]);
+    let made = env
+        .ledger
+        .post_partner_settlement(&books, first, last, now)
+        .unwrap();
+    assert_eq!(made.len(), 1, "{made:#?}");
+    assert_eq!(
+        (made[0].seq, made[0].points.get("partner_issued")),
+        (2, Some(&100))
+    );
+    let rows = env
+        .ledger
+        .outbox_list(&kopilka::ledger::OutboxFilter {
+            destination: Some("onec:accounting".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(rows.len(), 2, "each settlement posting goes to 1C");
+    // the daily books still mirror the journal alone: no partner movement in them
+    let daily = env
+        .ledger
+        .postings(first, last)
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.posting.kind != kopilka::ledger::PostingKind::Settlement)
+        .count();
+    assert_eq!(daily, 0);
     env.assert_verified();
 }

@@ -145,8 +145,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Points issued and redeemed per partner (coalition program settlement).
-    Partners(SummaryArgs),
+    /// Points issued and redeemed per partner, in rubles and net (coalition settlement);
+    /// `--post` makes the settlement postings for 1C.
+    Partners(PartnersArgs),
     /// Run the daemon: every enabled job on its schedule, the HTTP endpoint, the 1C site
     /// exchange; stops cleanly on SIGTERM or Ctrl-C.
     Run,
@@ -191,6 +192,23 @@ pub struct SummaryArgs {
     pub to: Option<NaiveDate>,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PartnersArgs {
+    /// First business date (YYYY-MM-DD, in the configured time zone), inclusive.
+    #[arg(long)]
+    pub from: Option<NaiveDate>,
+    /// Last business date, inclusive.
+    #[arg(long)]
+    pub to: Option<NaiveDate>,
+    #[arg(long)]
+    pub json: bool,
+    /// Post each partner's position for the period (`--from` and `--to` required) as a
+    /// settlement posting beside the daily ones; again for the same period posts only what
+    /// changed.
+    #[arg(long)]
+    pub post: bool,
 }
 
 #[derive(Args, Debug)]
@@ -681,7 +699,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Partners(a) => {
             let cfg = load_config(&cli)?;
-            let ledger = open_existing(&cfg)?;
+            let mut ledger = open_existing(&cfg)?;
+            if a.post {
+                let (Some(from), Some(to)) = (a.from, a.to) else {
+                    anyhow::bail!("partners --post needs --from and --to: the period being settled");
+                };
+                let made = ledger.post_partner_settlement(&cfg.books(), from, to, now)?;
+                eprintln!("{} settlement postings made", made.len());
+            }
             let range = local_range(&cfg, a.from, a.to)?;
             output::partners(&ledger.partner_totals(&range, cfg.program.point_value)?, a.json)?;
             Ok(ExitCode::SUCCESS)

@@ -258,6 +258,10 @@ pub const MOVEMENTS: &[(&str, &str, &str)] = &[
     ("written_off", "44.01", "96"),
     ("adjusted", "44.01", "96"),
     ("opening", "91.02", "96"),
+    // a coalition partner's settlement (`kopilka partners --post`): the points its sales
+    // issued it owes the program, the points spent with it the program owes it
+    ("partner_issued", "76.09", "91.01"),
+    ("partner_redeemed", "91.02", "76.09"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -824,7 +828,7 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
                 check.issues.push((
                     format!("accounting.accounts.{key}"),
                     "expected <movement>_debit or <movement>_credit, movements: accrued, redeemed, expired, \
-                     reversed, written_off, adjusted, opening"
+                     reversed, written_off, adjusted, opening, partner_issued, partner_redeemed"
                         .into(),
                 ));
                 continue;

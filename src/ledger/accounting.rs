@@ -41,6 +41,9 @@ pub enum PostingKind {
     /// the day before the window: the opening posting the first time, a correction of
     /// earlier days afterwards.
     History,
+    /// A coalition partner's position for a period (`kopilka partners --post`): the points
+    /// its sales issued and those its customers spent with it, at the point value.
+    Settlement,
 }
 
 impl PostingKind {
@@ -48,14 +51,15 @@ impl PostingKind {
         match self {
             PostingKind::Day => "day",
             PostingKind::History => "history",
+            PostingKind::Settlement => "settlement",
         }
     }
 
     fn parse(s: &str) -> PostingKind {
-        if s == "history" {
-            PostingKind::History
-        } else {
-            PostingKind::Day
+        match s {
+            "history" => PostingKind::History,
+            "settlement" => PostingKind::Settlement,
+            _ => PostingKind::Day,
         }
     }
 }
@@ -87,6 +91,9 @@ pub struct Posting {
     pub last_day: NaiveDate,
     /// Movement → points (signed; a negative adjusting amount is a reversal, красное сторно).
     pub points: BTreeMap<String, i64>,
+    /// The coalition partner of a settlement posting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partner: Option<String>,
 }
 
 impl Posting {
@@ -292,6 +299,7 @@ fn make_posting(conn: &Connection, books: &Books<'_>, p: &Posting, now: DateTime
                 "adjusting": p.adjusting(),
                 "point_value_kopecks": books.point_value_kopecks,
                 "points": p.points,
+                "partner": p.partner,
             });
             super::outbox::enqueue(
                 conn,
@@ -311,8 +319,8 @@ fn make_posting(conn: &Connection, books: &Books<'_>, p: &Posting, now: DateTime
         None => None,
     };
     conn.prepare_cached(
-        "INSERT INTO accounting_postings (entity, day, seq, movements, outbox_id, created_at, kind, first_day, last_day) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO accounting_postings (entity, day, seq, movements, outbox_id, created_at, kind, first_day, last_day, partner) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         p.entity,
@@ -323,7 +331,8 @@ fn make_posting(conn: &Connection, books: &Books<'_>, p: &Posting, now: DateTime
         ts(now),
         p.kind.as_str(),
         p.first_day.to_string(),
-        p.last_day.to_string()
+        p.last_day.to_string(),
+        p.partner
     ])?;
     Ok(())
 }
@@ -346,6 +355,67 @@ impl Ledger {
     ///   a late change to an old day afterwards) as one history posting per entity.
     ///
     /// Returns the postings made.
+    /// Posts each coalition partner's position for the business days `first..=last`: the
+    /// points its sales issued (`partner_issued`) and those spent with it
+    /// (`partner_redeemed`), one settlement posting per partner dated `last`, for the
+    /// default legal entity. Running it again for the same period posts only what changed
+    /// since (an adjusting posting), so a late return is settled and nothing twice.
+    pub fn post_partner_settlement(
+        &mut self,
+        books: &Books<'_>,
+        first: NaiveDate,
+        last: NaiveDate,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Posting>> {
+        let range = super::DateRange {
+            from: Some(books.day_start(first)),
+            to: Some(books.day_start(last.succ_opt().unwrap_or(last))),
+        };
+        let totals = self.partner_totals(&range, crate::core::money::Money(books.point_value_kopecks))?;
+        let tx = self.conn.transaction()?;
+        let mut made = Vec::new();
+        for t in totals {
+            let mut posted: BTreeMap<String, i64> = BTreeMap::new();
+            {
+                let mut st = tx.prepare_cached(
+                    "SELECT movements FROM accounting_postings WHERE kind = 'settlement' AND partner = ?1 \
+                     AND first_day = ?2 AND last_day = ?3",
+                )?;
+                let rows = st.query_map(params![t.partner, first.to_string(), last.to_string()], |r| {
+                    r.get::<_, String>(0)
+                })?;
+                for row in rows {
+                    add_into(&mut posted, &parse_movements(&row?));
+                }
+            }
+            let want: BTreeMap<String, i64> = [
+                ("partner_issued".to_string(), t.points_issued),
+                ("partner_redeemed".to_string(), t.points_redeemed),
+            ]
+            .into_iter()
+            .collect();
+            let diff = difference(&want, &posted);
+            if diff.is_empty() {
+                continue;
+            }
+            let entity = books.default_entity.to_string();
+            let p = Posting {
+                seq: next_seq(&tx, &entity, last)?,
+                entity,
+                day: last,
+                kind: PostingKind::Settlement,
+                first_day: first,
+                last_day: last,
+                points: diff,
+                partner: Some(t.partner.clone()),
+            };
+            make_posting(&tx, books, &p, now)?;
+            made.push(p);
+        }
+        tx.commit()?;
+        Ok(made)
+    }
+
     pub fn post_accounting(
         &mut self,
         books: &Books<'_>,
@@ -392,7 +462,7 @@ impl Ledger {
                     let covered: bool = tx
                         .prepare_cached(
                             "SELECT EXISTS (SELECT 1 FROM accounting_postings WHERE entity = ?1 \
-                             AND first_day <= ?2 AND last_day >= ?2)",
+                             AND first_day <= ?2 AND last_day >= ?2 AND kind != 'settlement')",
                         )?
                         .query_row(params![entity, day.to_string()], |r| r.get(0))?;
                     if covered {
@@ -414,6 +484,7 @@ impl Ledger {
                     first_day: day,
                     last_day: day,
                     points: diff,
+                    partner: None,
                 };
                 make_posting(&tx, books, &p, now)?;
                 made.push(p);
@@ -429,7 +500,7 @@ impl Ledger {
             let mut posted = PerEntity::new();
             {
                 let mut st = tx.prepare_cached(
-                    "SELECT entity, movements FROM accounting_postings WHERE last_day < ?1",
+                    "SELECT entity, movements FROM accounting_postings WHERE last_day < ?1 AND kind != 'settlement'",
                 )?;
                 let rows = st.query_map([window.to_string()], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
@@ -457,6 +528,7 @@ impl Ledger {
                     first_day: first.get(entity).copied().unwrap_or(first_day).min(last),
                     last_day: last,
                     points: diff,
+                    partner: None,
                 };
                 make_posting(&tx, books, &p, now)?;
                 made.push(p);
@@ -490,7 +562,7 @@ impl Ledger {
 /// Postings matching `filter` (over `?1`, `?2`), in order of day, entity and seq.
 fn postings_where(conn: &Connection, filter: &str, a: &str, b: &str) -> Result<Vec<PostingRecord>> {
     let mut st = conn.prepare(&format!(
-        "SELECT entity, day, seq, movements, outbox_id, created_at, kind, first_day, last_day \
+        "SELECT entity, day, seq, movements, outbox_id, created_at, kind, first_day, last_day, partner \
          FROM accounting_postings WHERE {filter} ORDER BY day, entity, seq"
     ))?;
     let rows = st.query_map([a, b], |r| {
@@ -504,11 +576,12 @@ fn postings_where(conn: &Connection, filter: &str, a: &str, b: &str) -> Result<V
             r.get::<_, String>(6)?,
             r.get::<_, Option<String>>(7)?,
             r.get::<_, Option<String>>(8)?,
+            r.get::<_, Option<String>>(9)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (entity, day, seq, movements, outbox, created, kind, first, last) = row?;
+        let (entity, day, seq, movements, outbox, created, kind, first, last, partner) = row?;
         let day = parse_day(&day);
         out.push(PostingRecord {
             posting: Posting {
@@ -519,6 +592,7 @@ fn postings_where(conn: &Connection, filter: &str, a: &str, b: &str) -> Result<V
                 first_day: first.as_deref().map_or(day, parse_day),
                 last_day: last.as_deref().map_or(day, parse_day),
                 points: parse_movements(&movements),
+                partner,
             },
             outbox_id: outbox,
             created_at: from_ts(created),
@@ -530,7 +604,9 @@ fn postings_where(conn: &Connection, filter: &str, a: &str, b: &str) -> Result<V
 /// What the postings carry per entity for every day up to `last` (inclusive).
 pub(crate) fn posted_through(conn: &Connection, last: NaiveDate) -> Result<PerEntity> {
     let mut st = conn.prepare_cached(
-        "SELECT entity, movements FROM accounting_postings WHERE COALESCE(last_day, day) <= ?1",
+        // settlement postings carry partners' positions, not the journal's movements
+        "SELECT entity, movements FROM accounting_postings WHERE COALESCE(last_day, day) <= ?1 \
+         AND kind != 'settlement'",
     )?;
     let rows = st.query_map([last.to_string()], |r| {
         Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))

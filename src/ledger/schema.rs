@@ -466,6 +466,12 @@ ALTER TABLE quarantine ADD COLUMN number TEXT;
 ALTER TABLE quarantine ADD COLUMN occurred_at INTEGER;
 CREATE INDEX quarantine_open_day ON quarantine(occurred_at) WHERE resolved_at IS NULL;
 "#,
+    // 12 (issue 17): the coalition partner a settlement posting is for.
+    r#"
+ALTER TABLE accounting_postings ADD COLUMN partner TEXT;
+CREATE INDEX accounting_postings_settlement ON accounting_postings(partner, first_day, last_day)
+    WHERE kind = 'settlement';
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

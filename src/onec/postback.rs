@@ -164,6 +164,16 @@ fn document(row: &OutboxRow, cfg: &Config) -> Option<String> {
                 "бонусные баллы: корректировка за {}–{day}",
                 p["first_day"].as_str().unwrap_or("")
             ),
+            (Some("settlement"), adjusting) => format!(
+                "бонусные баллы: {}расчёты с партнёром {} за {}–{day}",
+                if adjusting {
+                    "корректировка, "
+                } else {
+                    ""
+                },
+                p["partner"].as_str().unwrap_or(""),
+                p["first_day"].as_str().unwrap_or("")
+            ),
             (_, true) => format!("бонусные баллы корректировка {day}"),
             (_, false) => format!("бонусные баллы за день {day}"),
         };
