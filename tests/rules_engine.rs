@@ -164,6 +164,55 @@ min_check_kopecks = 150000
     assert_eq!(d2.accrual, 50);
 }
 
+/// Issue 16, point 1, from its example: 2 × P-THIN, net 2 000 ₽, cost 1 900 ₽, with 300 points
+/// (1 ₽ each) paid at the till has a base of 1 700 ₽ — 200 ₽ below cost — and earned 30 points
+/// before; a line that keeps a margin after the points earns within a share of what it keeps.
+#[test]
+fn the_margin_cap_is_taken_after_the_points_paid() {
+    let r = rules(
+        "[[rules]]\nid = \"base\"\npercent = \"10\"\n[guard]\nmax_reward_share_of_margin = \"0.3\"\n\
+         max_redeem_share_of_check = \"1\"\nmin_markup = \"0\"\n",
+    );
+    let mut d = doc(&[("P-THIN", "x", 2, "2000", Some("950"))]);
+    d.points_redeemed = Points(300);
+    let decision = check(
+        &r,
+        &d,
+        &member(),
+        Expect {
+            lines: &[0],
+            flags: &["loss_maker", "no_margin"],
+            bonuses: &[],
+        },
+    );
+    assert_eq!(decision.explanation.items[0].margin_kopecks, Some(-20_000));
+    // 2 000 ₽ net, 1 000 ₽ cost, 300 points paid: 700 ₽ kept, 30 % of it = 210 ₽ ≥ 10 % of
+    // the 1 700 ₽ base = 170 points: uncapped; with 900 points paid, 100 ₽ kept → 30 points
+    let mut d = doc(&[("A", "x", 2, "2000", Some("500"))]);
+    d.points_redeemed = Points(300);
+    check(
+        &r,
+        &d,
+        &member(),
+        Expect {
+            lines: &[170],
+            flags: &[],
+            bonuses: &[],
+        },
+    );
+    d.points_redeemed = Points(900);
+    check(
+        &r,
+        &d,
+        &member(),
+        Expect {
+            lines: &[30],
+            flags: &[],
+            bonuses: &[],
+        },
+    );
+}
+
 #[test]
 fn the_margin_guard_caps_every_line() {
     let r =
@@ -332,15 +381,28 @@ fn points_paid_with_points_earn_nothing_and_a_loss_is_flagged() {
         "{BASE}[guard]\nmin_markup = \"0.1\"\nmax_redeem_share_of_check = \"0.5\"\n"
     ));
     let mut d = doc(&[("A", "x", 1, "1000", Some("800"))]);
+    d.points_redeemed = Points(100);
+    // base 900 ₽ → 45 points, within 30 % of the 100 ₽ the line keeps after the points (30)
+    check(
+        &r,
+        &d,
+        &member(),
+        Expect {
+            lines: &[30],
+            flags: &[],
+            bonuses: &[],
+        },
+    );
     d.points_redeemed = Points(200);
-    // base 800 ₽ → 40 points; 800 paid in money = cost: below cost + 10% by 80 ₽, lost 0
+    // 800 paid in money = cost: no margin left after the points, so nothing is earned
+    // (issue 16); below cost + 10 % by 80 ₽, lost 0
     let out = check(
         &r,
         &d,
         &member(),
         Expect {
-            lines: &[40],
-            flags: &["loss_maker"],
+            lines: &[0],
+            flags: &["loss_maker", "no_margin"],
             bonuses: &[],
         },
     );
@@ -351,8 +413,8 @@ fn points_paid_with_points_earn_nothing_and_a_loss_is_flagged() {
         &d,
         &member(),
         Expect {
-            lines: &[35],
-            flags: &["loss_maker"],
+            lines: &[0],
+            flags: &["loss_maker", "no_margin"],
             bonuses: &[],
         },
     );
@@ -363,8 +425,8 @@ fn points_paid_with_points_earn_nothing_and_a_loss_is_flagged() {
         &d,
         &member(),
         Expect {
-            lines: &[20],
-            flags: &["loss_maker", "redemption_over_share"],
+            lines: &[0],
+            flags: &["loss_maker", "no_margin", "redemption_over_share"],
             bonuses: &[],
         },
     );

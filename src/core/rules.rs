@@ -4,7 +4,7 @@
 //! the time. The guarantees this product exists for are enforced here, in one place:
 //!
 //! - a line earns at most `max_reward_share_of_margin × margin`, and nothing at all when its
-//!   margin (net − cost × quantity) is zero or negative;
+//!   margin (net − points paid on it − cost × quantity) is zero or negative;
 //! - a line whose cost is unknown follows a named policy and is always flagged, so reports
 //!   show what was granted blind;
 //! - a quote never lets a redemption take any line below `cost × (1 + min_markup)`; a sale
@@ -565,7 +565,9 @@ impl Rules for RuleSet {
                 base_kopecks: Some(base),
                 ..Default::default()
             };
-            let margin = margins[i];
+            // the margin the line keeps after the points paid on it: a line the redemption
+            // took to (or below) cost earns nothing, and the cap is a share of what is left
+            let margin = margins[i].map(|m| m - redeemed_share[i]);
             let (rule_id, mut value, rate_text) = match (margin, self.guard.unknown_cost) {
                 (None, UnknownCost::FixedRate(pct)) => (
                     "unknown_cost:fixed_rate".to_string(),
@@ -669,8 +671,9 @@ impl Rules for RuleSet {
         let check_margin: i64 = margins
             .iter()
             .zip(&eligible)
-            .filter(|(_, e)| **e)
-            .filter_map(|(m, _)| *m)
+            .zip(&redeemed_share)
+            .filter(|((_, e), _)| **e)
+            .filter_map(|((m, _), paid)| m.map(|m| m - paid))
             .sum();
         let mut allowance =
             floor_i64(dec(check_margin.max(0)) * self.guard.max_reward_share_of_margin) - earned_value;
