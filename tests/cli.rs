@@ -426,3 +426,51 @@ fn the_summary_table_balances_on_its_face() {
         }
     }
 }
+
+/// Issue 16, point 8: with no cost known the report printed "0.0 % of gross margin 0.00" — a
+/// program that looks free. A ledger of the real sample orders, imported without a cost price
+/// type, says the margin is unknown and how many lines and how much revenue lack a cost.
+#[test]
+fn unknown_costs_are_said_to_be_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let db = db.to_str().unwrap();
+    let sample = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/samples/onec/1c-sample-orders.xml"
+    );
+    // the sample's documents are site orders: counted as sales here
+    let cfg = dir.path().join("kopilka.toml");
+    std::fs::write(
+        &cfg,
+        format!("[ledger]\npath = \"{db}\"\n[onec]\norders = \"always\"\n"),
+    )
+    .unwrap();
+    let out = kopilka(&["--config", cfg.to_str().unwrap(), "import", sample]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = kopilka(&[
+        "--ledger",
+        db,
+        "report",
+        "--from",
+        "2000-01-01",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lines = r["sale_lines"].as_i64().unwrap();
+    assert!(lines > 0, "{r}");
+    assert_eq!(r["lines_without_cost"].as_i64(), Some(lines), "{r}");
+    assert!(r["revenue_without_cost_kopecks"].as_i64().unwrap() > 0, "{r}");
+    let out = kopilka(&["--ledger", db, "report", "--from", "2000-01-01"]);
+    let page = text(&out.stdout);
+    assert!(page.contains("gross margin unknown"), "{page}");
+    assert!(!page.contains("% of gross margin"), "{page}");
+}

@@ -735,12 +735,29 @@ pub fn report(r: &crate::ledger::ProgramReport) {
         r.liability_points,
         m(r.liability_kopecks)
     );
-    println!(
-        "program cost, RUB            {:>14}  ({:.1}% of gross margin {} RUB)",
-        m(r.program_cost_kopecks),
-        r.cost_share_of_margin_pct,
-        m(r.gross_margin_kopecks)
-    );
+    if r.sale_lines > 0 && r.lines_without_cost == r.sale_lines {
+        println!(
+            "program cost, RUB            {:>14}  (gross margin unknown: none of the {} sale lines has a cost)",
+            m(r.program_cost_kopecks),
+            r.sale_lines
+        );
+    } else {
+        println!(
+            "program cost, RUB            {:>14}  ({:.1}% of gross margin {} RUB)",
+            m(r.program_cost_kopecks),
+            r.cost_share_of_margin_pct,
+            m(r.gross_margin_kopecks)
+        );
+    }
+    if r.lines_without_cost > 0 {
+        println!(
+            "lines without a cost         {:>14}  of {} ({} RUB of revenue): their margin is unknown and left out; \
+             set [onec] cost_price_type",
+            r.lines_without_cost,
+            r.sale_lines,
+            m(r.revenue_without_cost_kopecks)
+        );
+    }
     println!(
         "loss-maker sales             {:>14}  ({} RUB below cost)",
         r.loss_maker_sales,

@@ -137,6 +137,21 @@ pub fn render(r: &ProgramReport, tz: Tz, nav: bool) -> String {
         r.churned_members,
         r.returned_members
     );
+    if r.lines_without_cost > 0 {
+        let _ = write!(
+            h,
+            "<p class=\"bad\">Себестоимость неизвестна у {} из {} строк продаж ({} ₽ выручки): их маржа не учтена, \
+             доля программы в марже {}. Укажите вид цены закупки ([onec] cost_price_type).</p>",
+            r.lines_without_cost,
+            r.sale_lines,
+            m(r.revenue_without_cost_kopecks),
+            if r.lines_without_cost == r.sale_lines {
+                "неизвестна"
+            } else {
+                "посчитана по известной марже"
+            }
+        );
+    }
     h.push_str("<h2>Активность участников</h2>");
     h.push_str(&share(r.active_members_90d, r.members, "активны", "неактивны"));
     h.push_str("<h2>Сегменты RFM</h2>");
