@@ -21,6 +21,27 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `given` is this secret, compared in constant time (a token from a request).
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+    }
+
+    /// Whether an `Authorization` header value is HTTP Basic with `user` and this secret as
+    /// its password, compared in constant time: how 1C's exchange and till protocols log in.
+    pub fn matches_basic(&self, user: &str, header: Option<&str>) -> bool {
+        use base64::Engine as _;
+        let Some(encoded) =
+            header.and_then(|v| v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic ")))
+        else {
+            return false;
+        };
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+            return false;
+        };
+        Secret::new(format!("{user}:{}", self.0)).matches(&decoded)
+    }
 }
 
 impl fmt::Debug for Secret {

@@ -36,7 +36,6 @@ use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
@@ -141,13 +140,6 @@ pub fn sanitize_file_name(name: &str) -> Option<String> {
         return None;
     }
     Some(base.to_string())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn cookie(headers: &HeaderMap) -> Option<String> {
@@ -307,20 +299,8 @@ impl SiteExchange {
     }
 
     fn check_basic(&self, headers: &HeaderMap) -> bool {
-        let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
-            return false;
-        };
-        let Some(encoded) = value
-            .strip_prefix("Basic ")
-            .or_else(|| value.strip_prefix("basic "))
-        else {
-            return false;
-        };
-        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
-            return false;
-        };
-        let expected = format!("{}:{}", self.se.user, self.se.password.expose());
-        constant_time_eq(&decoded, expected.as_bytes())
+        let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        self.se.password.matches_basic(&self.se.user, header)
     }
 
     /// Forgets sessions idle past the timeout, then (when `busy_room` is asked for) sessions
