@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use crate::config::{DecimalText, Issue, Report};
 use crate::core::money::Money;
 use crate::core::rules::{
-    Birthday, Budget, BudgetPeriod, ClosedProgram, EarnKind, EarnRule, Filter, Guard, NegativeBalance,
+    Birthday, Budget, BudgetPeriod, ClosedProgram, EarnKind, EarnRule, Filter, Guard, NegativeBalance, ReturnClawback,
     Referral, RuleSet, StampCard, StampCount, StampReward, Threshold, Tier, TierPolicy, UnknownCost, Welcome,
 };
 
@@ -62,6 +62,12 @@ struct RawExclusions {
 struct RawNegative {
     policy: Option<String>,
     cap_points: Option<i64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct RawReturns {
+    clawback: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -392,6 +398,7 @@ const SECTIONS: &[&str] = &[
     "budget",
     "exclusions",
     "negative_balance",
+    "returns",
     "velocity",
     "tier_policy",
     "tiers",
@@ -529,6 +536,18 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, Report> {
                 format!("{other:?} is not one of allow, cap, write_off"),
             );
             NegativeBalance::Allow
+        }
+    };
+    let rt: RawReturns = issues.read("returns", section("returns"), None, &[]);
+    let returns = match rt.clawback.as_deref().unwrap_or("everything") {
+        "everything" => ReturnClawback::Everything,
+        "goods_only" => ReturnClawback::GoodsOnly,
+        other => {
+            issues.bad(
+                "returns.clawback",
+                format!("{other:?} is not one of everything, goods_only"),
+            );
+            ReturnClawback::Everything
         }
     };
     let vel: RawVelocity = issues.read("velocity", section("velocity"), None, &[]);
@@ -824,6 +843,7 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, Report> {
         },
         exclude_services: ex.services.unwrap_or(true),
         negative_balance,
+        returns,
         max_sales_per_day: vel.max_sales_per_day,
         earn,
         tiers,

@@ -231,6 +231,37 @@ fn report_and_reconcile_answer_for_the_demo_ledger() {
     assert!(r["member_sales"].as_i64().unwrap() > 100, "{r}");
     assert!(r["program_cost_kopecks"].as_i64().unwrap() > 0);
     assert!(r["gross_margin_kopecks"].as_i64().unwrap() > r["program_cost_kopecks"].as_i64().unwrap());
+    // issue 16, point 4: each loss list adds up to its headline, every line is named by
+    // number, date and product; the program's list has only lines points were paid on
+    let program = &r["loss_lines"];
+    assert_eq!(program["total_kopecks"], r["loss_maker_kopecks"], "{r}");
+    for list in [program, &r["pricing_loss"]] {
+        let lines = list["lines"].as_array().unwrap();
+        let listed: i64 = lines.iter().map(|l| l["loss_kopecks"].as_i64().unwrap()).sum();
+        assert_eq!(
+            listed + list["rest_kopecks"].as_i64().unwrap(),
+            list["total_kopecks"].as_i64().unwrap(),
+            "{list}"
+        );
+        assert_eq!(
+            lines.len() as i64 + list["rest_count"].as_i64().unwrap(),
+            list["line_count"].as_i64().unwrap()
+        );
+        for l in lines {
+            assert!(l["number"].is_string() && l["name"].is_string(), "{l}");
+        }
+    }
+    assert!(
+        program["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["points_paid_kopecks"].as_i64().unwrap() > 0),
+        "{program}"
+    );
+    let out = kopilka(&["--ledger", &db, "report"]);
+    let page = text(&out.stdout);
+    assert!(page.contains("loss-maker sales") && page.contains("lines sold below cost"), "{page}");
     let html = kopilka(&["--ledger", &db, "report", "--format", "html"]);
     let page = text(&html.stdout);
     assert!(page.contains("<svg") && page.contains("Программа лояльности"));

@@ -675,7 +675,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match format {
                 Format::Html => println!("{}", crate::daemon::report_html::render(&r, cfg.timezone, false)),
                 Format::Json | Format::Csv => println!("{}", serde_json::to_string_pretty(&r)?),
-                Format::Table => output::report(&r),
+                Format::Table => output::report(&r, cfg.timezone),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -704,7 +704,33 @@ pub fn reconciliation(r: &crate::ledger::Reconciliation, format: super::Format) 
     Ok(())
 }
 
-pub fn report(r: &crate::ledger::ProgramReport) {
+/// The largest lines of a loss list by document number, date and product, and what the rest
+/// come to, so the lines add up to the headline above them.
+fn loss_list(list: &crate::ledger::LossList, what: &str, tz: Tz) {
+    let m = |k: i64| crate::core::money::Money(k).to_string();
+    for l in &list.lines {
+        let points = if l.points_paid_kopecks > 0 {
+            format!(" (points paid {} RUB)", m(l.points_paid_kopecks))
+        } else {
+            String::new()
+        };
+        println!(
+            "  {} · {} · {what} {} RUB{points}",
+            l.title(tz),
+            l.name.as_deref().unwrap_or(&l.product_id),
+            m(l.loss_kopecks)
+        );
+    }
+    if list.rest_count > 0 {
+        println!(
+            "  … {} more lines            {} RUB",
+            list.rest_count,
+            m(list.rest_kopecks)
+        );
+    }
+}
+
+pub fn report(r: &crate::ledger::ProgramReport, tz: Tz) {
     let m = |k: i64| crate::core::money::Money(k).to_string();
     println!("members                      {:>14}", r.members);
     println!(
@@ -759,20 +785,19 @@ pub fn report(r: &crate::ledger::ProgramReport) {
         );
     }
     println!(
-        "loss-maker sales             {:>14}  ({} RUB below cost)",
+        "loss-maker sales             {:>14}  ({} RUB below cost caused by points paid, {} lines)",
         r.loss_maker_sales,
-        m(r.loss_maker_kopecks)
+        m(r.loss_maker_kopecks),
+        r.loss_lines.line_count
     );
+    loss_list(&r.loss_lines, "points took below cost", tz);
+    println!(
+        "lines sold below cost        {:>14}  ({} RUB below cost by their price, before any point: pricing, not the program)",
+        r.pricing_loss.line_count,
+        m(r.pricing_loss.total_kopecks)
+    );
+    loss_list(&r.pricing_loss, "below cost by price", tz);
     for (seg, n) in &r.segments {
         println!("segment {:<20} {:>14}", seg, n);
-    }
-    for l in &r.loss_lines {
-        println!(
-            "loss line {}:{} {} {} RUB",
-            l.source,
-            l.doc_id,
-            l.product_id,
-            m(l.loss_kopecks)
-        );
     }
 }

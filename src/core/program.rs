@@ -80,7 +80,11 @@ pub struct Decision {
     pub memberships: Vec<(String, String)>,
     /// Gross margin of the sale's lines with known cost.
     pub margin: Money,
-    /// Amount below cost caused by points paid at the till.
+    /// Kopecks of the points paid at the till spread to each line, in line order (empty when
+    /// none were paid), by [`crate::core::rules::allocate_redemption`].
+    pub line_redeemed: Vec<i64>,
+    /// Amount below cost caused by points paid at the till — only the part the points caused,
+    /// not what a line lost by its price alone.
     pub loss: Money,
     /// Partner whose program the sale belongs to.
     pub partner: Option<String>,
@@ -142,6 +146,13 @@ pub trait Rules: Send + Sync {
     /// The shop's time zone, for "today" and budget periods.
     fn timezone(&self) -> chrono_tz::Tz {
         chrono_tz::UTC
+    }
+
+    /// The rules file behind this program, when there is one: what a return takes back
+    /// besides the goods' points (stamps, thresholds, per-check and first-purchase points)
+    /// is decided from it (`core::clawback`). Programs without event rewards have none.
+    fn rule_set(&self) -> Option<&crate::core::rules::RuleSet> {
+        None
     }
 }
 

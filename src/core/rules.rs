@@ -103,7 +103,7 @@ impl Filter {
         true
     }
 
-    fn line_matches(&self, line: &Line) -> bool {
+    pub(crate) fn line_matches(&self, line: &Line) -> bool {
         let category = line.category.as_deref().unwrap_or("");
         if self.exclude_products.contains(&line.product_id)
             || self.exclude_categories.iter().any(|c| c == category)
@@ -236,6 +236,19 @@ pub enum NegativeBalance {
     WriteOff,
 }
 
+/// What a return takes back besides the points its goods earned (`[returns] clawback`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReturnClawback {
+    /// Every reward the sale caused: the per-check points and first-purchase bonus when the
+    /// whole sale is returned, a stamp reward when the card no longer holds the stamps it
+    /// paid for, a threshold bonus when the spend no longer reaches the threshold.
+    #[default]
+    Everything,
+    /// Only the points the returned goods earned (kopilka before issue 16): buy, collect the
+    /// event bonuses, return everything, repeat — named so a shop that wants it chooses it.
+    GoodsOnly,
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Welcome {
     pub enrolment_points: i64,
@@ -276,6 +289,7 @@ pub struct RuleSet {
     pub exclusions: Filter,
     pub exclude_services: bool,
     pub negative_balance: NegativeBalance,
+    pub returns: ReturnClawback,
     pub max_sales_per_day: Option<u32>,
     pub earn: Vec<EarnRule>,
     pub tiers: Vec<Tier>,
@@ -315,6 +329,7 @@ impl RuleSet {
             exclusions: Filter::default(),
             exclude_services: true,
             negative_balance: NegativeBalance::Allow,
+            returns: ReturnClawback::Everything,
             max_sales_per_day: None,
             earn: vec![EarnRule {
                 id: "base".into(),
@@ -447,8 +462,20 @@ impl Rules for RuleSet {
             .zip(&eligible)
             .map(|(l, e)| if *e { l.net.0 } else { 0 })
             .collect();
-        let redeemed_share = spread_up(redeemed_value, &weights);
+        let redeemed_share = if redeemed_value > 0 {
+            let caps: Vec<i64> = redeem_caps(self, &doc.lines)
+                .iter()
+                .map(|l| l.max_redeem_kopecks)
+                .collect();
+            let share = allocate_redemption(&caps, &weights, redeemed_value);
+            d.line_redeemed = share.clone();
+            share
+        } else {
+            vec![0; doc.lines.len()]
+        };
         if redeemed_value > 0 {
+            // only the part of a line's loss the points caused is the program's: a line sold
+            // below cost before any point was paid is a pricing loss, reported apart
             let mut below_floor = 0i64;
             let mut lost = 0i64;
             for (l, share) in doc.lines.iter().zip(&redeemed_share) {
@@ -456,9 +483,9 @@ impl Rules for RuleSet {
                     continue;
                 };
                 let paid = l.net.0 - share;
-                let floor = floor_i64((dec(cost.0) * (Decimal::ONE + self.guard.min_markup)).ceil());
-                below_floor += (floor - paid).max(0);
-                lost += (cost.0 - paid).max(0);
+                let floor = cost_floor(self, cost.0);
+                below_floor += (floor - paid).max(0) - (floor - l.net.0).max(0);
+                lost += program_loss(cost.0, l.net.0, *share);
             }
             if below_floor > 0 {
                 d.flags.push(Flag::new(
@@ -469,8 +496,8 @@ impl Rules for RuleSet {
                         Money(lost)
                     ),
                 ));
-                d.loss = Money(lost);
             }
+            d.loss = Money(lost);
             let goods: i64 = weights.iter().sum();
             let max_share = (dec(goods) * self.guard.max_redeem_share_of_check).floor();
             if dec(redeemed_value) > max_share {
@@ -914,6 +941,10 @@ impl Rules for RuleSet {
     fn timezone(&self) -> Tz {
         self.timezone
     }
+
+    fn rule_set(&self) -> Option<&RuleSet> {
+        Some(self)
+    }
 }
 
 /// A basket a till or the site asks about before taking points.
@@ -943,17 +974,15 @@ pub struct Quote {
     pub allocation: Vec<i64>,
 }
 
-/// The most a customer may pay with points on a basket: per line down to cost × (1 +
-/// min_markup), in total at most the check share (the tier's, if lower), and no more than
-/// they hold. Lines with unknown cost take points only under `assume_margin_pct`.
-pub fn quote(rules: &RuleSet, req: &QuoteRequest, customer: &CustomerState) -> Quote {
-    let mut lines = Vec::new();
-    let mut by_lines = 0i64;
-    let mut goods = 0i64;
-    for (i, l) in req.lines.iter().enumerate() {
+/// What each line of a basket can take in points (kopecks) before it goes below
+/// cost × (1 + min_markup), and why: the quote offers exactly this, and the ledger spreads a
+/// redemption by it, so a sale that follows a quote is never a loss-maker.
+pub fn redeem_caps(rules: &RuleSet, lines: &[Line]) -> Vec<QuoteLine> {
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, l) in lines.iter().enumerate() {
         let n = i as u32 + 1;
         if rules.excluded(l) {
-            lines.push(QuoteLine {
+            out.push(QuoteLine {
                 line: n,
                 product: l.product_id.clone(),
                 max_redeem_kopecks: 0,
@@ -961,15 +990,11 @@ pub fn quote(rules: &RuleSet, req: &QuoteRequest, customer: &CustomerState) -> Q
             });
             continue;
         }
-        goods += l.net.0;
         let (max, reason) = match l.unit_cost.and_then(|c| c.mul_decimal(l.quantity).ok()) {
-            Some(cost) => {
-                let floor = floor_i64((dec(cost.0) * (Decimal::ONE + rules.guard.min_markup)).ceil());
-                (
-                    (l.net.0 - floor).max(0),
-                    format!("down to cost {} + markup", cost),
-                )
-            }
+            Some(cost) => (
+                (l.net.0 - cost_floor(rules, cost.0)).max(0),
+                format!("down to cost {} + markup", cost),
+            ),
             None => match rules.guard.unknown_cost {
                 UnknownCost::AssumeMarginPct(p) => (
                     floor_i64(dec(l.net.0) * p / Decimal::ONE_HUNDRED),
@@ -978,14 +1003,73 @@ pub fn quote(rules: &RuleSet, req: &QuoteRequest, customer: &CustomerState) -> Q
                 _ => (0, "cost unknown: no points on this line".into()),
             },
         };
-        by_lines += max;
-        lines.push(QuoteLine {
+        out.push(QuoteLine {
             line: n,
             product: l.product_id.clone(),
             max_redeem_kopecks: max,
             reason,
         });
     }
+    out
+}
+
+/// The part of a line's loss below cost that `redeemed` kopecks of points caused: what the
+/// line loses after the points less what it lost before them (the pricing loss).
+pub fn program_loss(cost: i64, net: i64, redeemed: i64) -> i64 {
+    (cost - (net - redeemed)).max(0) - (cost - net).max(0)
+}
+
+/// The lowest a line may be paid down to: cost × (1 + min_markup), rounded up.
+fn cost_floor(rules: &RuleSet, cost: i64) -> i64 {
+    floor_i64((dec(cost) * (Decimal::ONE + rules.guard.min_markup)).ceil())
+}
+
+/// How a redemption of `value` kopecks is spread over a basket's lines — one function for the
+/// quote and the ledger. Within what the lines can take (`caps`): in proportion to each
+/// line's cap, then topped up from the first line with room, so every kopeck lands within a
+/// line's limit. Beyond the caps (the till is the authority and may take more): the rest over
+/// what each line still has of its net (`nets`; 0 for excluded lines), in proportion, never
+/// beyond a line's net.
+pub fn allocate_redemption(caps: &[i64], nets: &[i64], value: i64) -> Vec<i64> {
+    let by_lines: i64 = caps.iter().map(|c| (*c).max(0)).sum();
+    let within = value.clamp(0, by_lines);
+    let mut allocation: Vec<i64> = caps
+        .iter()
+        .map(|c| {
+            if by_lines > 0 {
+                floor_i64(dec(within) * dec((*c).max(0)) / dec(by_lines))
+            } else {
+                0
+            }
+        })
+        .collect();
+    let mut left = within - allocation.iter().sum::<i64>();
+    for (a, c) in allocation.iter_mut().zip(caps) {
+        let add = (c - *a).min(left).max(0);
+        *a += add;
+        left -= add;
+    }
+    let beyond = value.max(0) - within;
+    if beyond > 0 && !nets.is_empty() {
+        let room: Vec<i64> = nets
+            .iter()
+            .zip(&allocation)
+            .map(|(n, a)| (n - a).max(0))
+            .collect();
+        for (a, extra) in allocation.iter_mut().zip(spread_up(beyond, &room)) {
+            *a += extra;
+        }
+    }
+    allocation
+}
+
+/// The most a customer may pay with points on a basket: per line down to cost × (1 +
+/// min_markup), in total at most the check share (the tier's, if lower), and no more than
+/// they hold. Lines with unknown cost take points only under `assume_margin_pct`.
+pub fn quote(rules: &RuleSet, req: &QuoteRequest, customer: &CustomerState) -> Quote {
+    let lines = redeem_caps(rules, &req.lines);
+    let by_lines: i64 = lines.iter().map(|l| l.max_redeem_kopecks).sum();
+    let goods: i64 = req.lines.iter().filter(|l| !rules.excluded(l)).map(|l| l.net.0).sum();
     let share = customer
         .tier
         .as_deref()
@@ -1014,26 +1098,8 @@ pub fn quote(rules: &RuleSet, req: &QuoteRequest, customer: &CustomerState) -> Q
         .into_iter()
         .min_by_key(|l| l.0)
         .unwrap_or((0, String::new()));
-    // Spread the value over the lines in proportion to what each can take, then top up
-    // from the first line with room, so every kopeck lands within a line's limit.
-    let value = max * pv;
     let caps: Vec<i64> = lines.iter().map(|l| l.max_redeem_kopecks).collect();
-    let mut allocation: Vec<i64> = caps
-        .iter()
-        .map(|c| {
-            if by_lines > 0 {
-                floor_i64(dec(value) * dec(*c) / dec(by_lines))
-            } else {
-                0
-            }
-        })
-        .collect();
-    let mut left = value - allocation.iter().sum::<i64>();
-    for (a, c) in allocation.iter_mut().zip(&caps) {
-        let add = (c - *a).min(left).max(0);
-        *a += add;
-        left -= add;
-    }
+    let allocation = allocate_redemption(&caps, &[], max * pv);
     Quote {
         max_redeemable_points: max,
         limited_by: why,

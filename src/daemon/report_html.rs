@@ -183,26 +183,58 @@ pub fn render(r: &ProgramReport, tz: Tz, nav: bool) -> String {
     ));
     let _ = write!(
         h,
-        "<h2>Убыточные строки</h2><p>Продаж с оплатой баллами ниже себестоимости: {} на {} ₽.</p>",
+        "<h2>Убыточные строки</h2><p>Продаж, где оплата баллами увела строки ниже себестоимости: {} \
+         (строк: {}), убыток по вине программы {} ₽.</p>",
         r.loss_maker_sales,
+        r.loss_lines.line_count,
         m(r.loss_maker_kopecks)
     );
-    if !r.loss_lines.is_empty() {
-        h.push_str(
-            "<table><tr><th>Документ</th><th>Дата</th><th>Товар</th><th class=\"num\">Убыток, ₽</th></tr>",
-        );
-        for l in &r.loss_lines {
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td></tr>",
-                esc(&l.title(tz)),
-                l.occurred_at.with_timezone(&tz).date_naive(),
-                esc(l.name.as_deref().unwrap_or(&l.product_id)),
-                m(l.loss_kopecks)
-            );
-        }
-        h.push_str("</table>");
-    }
+    loss_table(&mut h, &r.loss_lines, tz);
+    let _ = write!(
+        h,
+        "<h2>Продано ниже себестоимости по цене</h2><p>Строк: {} на {} ₽ — убыток от цены до всяких \
+         баллов: это ценообразование, не программа.</p>",
+        r.pricing_loss.line_count,
+        m(r.pricing_loss.total_kopecks)
+    );
+    loss_table(&mut h, &r.pricing_loss, tz);
     h.push_str("</body></html>");
     h
+}
+
+/// A loss list as a table that adds up to its headline: the largest lines by document,
+/// date and product, and a row for the rest.
+fn loss_table(h: &mut String, list: &crate::ledger::LossList, tz: chrono_tz::Tz) {
+    if list.lines.is_empty() {
+        return;
+    }
+    let m = |k: i64| crate::core::money::Money(k).to_string();
+    h.push_str(
+        "<table><tr><th>Документ</th><th>Дата</th><th>Товар</th><th class=\"num\">Оплачено баллами, ₽</th>\
+         <th class=\"num\">Убыток, ₽</th></tr>",
+    );
+    for l in &list.lines {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            esc(&l.title(tz)),
+            l.occurred_at.with_timezone(&tz).format("%d.%m.%Y"),
+            esc(l.name.as_deref().unwrap_or(&l.product_id)),
+            m(l.points_paid_kopecks),
+            m(l.loss_kopecks)
+        );
+    }
+    if list.rest_count > 0 {
+        let _ = write!(
+            h,
+            "<tr><td colspan=\"4\">ещё строк: {}</td><td class=\"num\">{}</td></tr>",
+            list.rest_count,
+            m(list.rest_kopecks)
+        );
+    }
+    let _ = write!(
+        h,
+        "<tr><th colspan=\"4\">Итого</th><th class=\"num\">{}</th></tr></table>",
+        m(list.total_kopecks)
+    );
 }

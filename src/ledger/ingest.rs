@@ -5,7 +5,7 @@
 //! Each document runs inside a savepoint, so one that fails to apply is quarantined and the
 //! rest of the batch still commits.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -21,7 +21,9 @@ use crate::core::journal::{Account, Explanation, Flag, TxKind};
 use crate::core::lots::{self, Holdings, Lot, Move, Target};
 use crate::core::money::Money;
 use crate::core::program::{Rules, SoldLine, return_clawback, return_recredit};
-use crate::core::rules::NegativeBalance;
+use crate::core::clawback;
+use crate::core::document::Line;
+use crate::core::rules::{NegativeBalance, ReturnClawback};
 
 /// One unit of work from one source.
 #[derive(Debug, Default)]
@@ -648,6 +650,14 @@ impl Run<'_, '_> {
         let state = state::customer_state(conn, rules, customer, d, doc_id, &h)?;
         let decision = rules.evaluate(d, &state, self.ctx.now);
         set_line_points(conn, doc_id, &decision.line_points)?;
+        if !decision.line_redeemed.is_empty() {
+            let mut st = conn.prepare_cached(
+                "UPDATE document_lines SET redeemed = ?3 WHERE document_id = ?1 AND line_no = ?2",
+            )?;
+            for (i, r) in decision.line_redeemed.iter().enumerate() {
+                st.execute(params![doc_id, i as i64 + 1, (*r != 0).then_some(*r)])?;
+            }
+        }
         self.flags.extend(decision.flags.iter().cloned());
         let partner = d.partner.as_deref().or(decision.partner.as_deref());
         let mut issued = 0;
@@ -999,8 +1009,187 @@ impl Run<'_, '_> {
                 )?;
             }
         }
+        self.take_back_events(conn, &orig, &ret, epoch, customer, &mut h, at)?;
         self.touched.insert(customer);
         set_applied(conn, ret_id, true)?;
+        Ok(())
+    }
+
+    /// The rest of what a sale caused, after its goods' points: the return's own share of
+    /// the sale's counters (stamps, threshold spend) is stored with the return, and the
+    /// sale's event rewards whose condition no longer holds are taken back, each with its
+    /// reason (`core::clawback`).
+    #[allow(clippy::too_many_arguments)]
+    fn take_back_events(
+        &mut self,
+        conn: &Connection,
+        orig: &DocRow,
+        ret: &DocRow,
+        epoch: i64,
+        customer: i64,
+        h: &mut Holdings,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        // a return without a card of its own belongs to the sale's customer: its counters
+        // and its money count against that customer
+        conn.prepare_cached("UPDATE documents SET customer_id = ?2 WHERE id = ?1 AND customer_id IS NULL")?
+            .execute(params![ret.id, customer])?;
+        let sale_lines = stored_lines(conn, orig.id)?;
+        let returning = stored_lines(conn, ret.id)?;
+        let before_ids: Vec<i64> = conn
+            .prepare_cached(
+                "SELECT id FROM documents WHERE original_id = ?1 AND applied = 1 AND kind = 'return' AND id != ?2",
+            )?
+            .query_map(params![orig.id, ret.id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut returned_before = Vec::new();
+        for id in &before_ids {
+            returned_before.extend(stored_lines(conn, *id)?);
+        }
+        let sale_counters: HashMap<String, i64> = conn
+            .prepare_cached("SELECT counter, amount FROM document_counters WHERE document_id = ?1")?
+            .query_map([orig.id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        conn.prepare_cached("DELETE FROM document_counters WHERE document_id = ?1")?
+            .execute([ret.id])?;
+        let Some(rules) = self.ctx.rules.rule_set() else {
+            return Ok(());
+        };
+        let mut ins = conn.prepare_cached(
+            "INSERT INTO document_counters (document_id, counter, amount) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (document_id, counter) DO UPDATE SET amount = amount + excluded.amount",
+        )?;
+        for (key, amount) in
+            clawback::return_counters(rules, &sale_lines, &sale_counters, &returned_before, &returning)
+        {
+            ins.execute(params![ret.id, key, amount])?;
+        }
+        if rules.returns == ReturnClawback::GoodsOnly {
+            return Ok(());
+        }
+        // what earlier returns in force already took back of a transaction (by rule)
+        let taken = |tx: i64, rule: Option<&str>| -> Result<i64> {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT COALESCE(-SUM(j.amount), 0) FROM journal j JOIN documents d ON d.id = j.document_id \
+                     WHERE j.reverses = ?1 AND j.role = 'effect' AND j.rule IS ?2 AND d.applied = 1 \
+                     AND d.epoch = j.epoch AND d.id != ?3",
+                )?
+                .query_row(params![tx, rule, ret.id], |r| r.get(0))?)
+        };
+        let mut rewards = Vec::new();
+        let effects: Vec<(i64, String, i64, Option<String>)> = conn
+            .prepare_cached(
+                "SELECT id, kind, amount, rule FROM journal WHERE document_id = ?1 AND epoch = ?2 \
+                 AND role = 'effect' AND kind IN ('accrual', 'bonus') ORDER BY id",
+            )?
+            .query_map(params![orig.id, orig.epoch], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (tx, kind, amount, rule) in effects {
+            if kind == "accrual" {
+                let line_points: i64 = conn
+                    .prepare_cached("SELECT COALESCE(SUM(points), 0) FROM document_lines WHERE document_id = ?1")?
+                    .query_row([orig.id], |r| r.get(0))?;
+                let fixed = amount - line_points;
+                if fixed > 0 {
+                    rewards.push(clawback::SaleReward {
+                        tx,
+                        rule: clawback::PER_CHECK.into(),
+                        remaining: fixed - taken(tx, Some(clawback::PER_CHECK))?,
+                    });
+                }
+            } else if let Some(rule) = rule {
+                let remaining = amount - taken(tx, Some(&rule))?;
+                rewards.push(clawback::SaleReward { tx, rule, remaining });
+            }
+        }
+        if rewards.iter().all(|r| r.remaining <= 0) {
+            return Ok(());
+        }
+        let mut after = clawback::AfterReturn {
+            sale_fully_returned: clawback::fully_returned(&sale_lines, &returned_before, &returning),
+            ..Default::default()
+        };
+        let sale_at = orig.occurred_at.map(from_ts).unwrap_or(at);
+        for card in &rules.stamps {
+            if !rewards.iter().any(|r| r.rule == card.key) {
+                continue;
+            }
+            let stamps: i64 = conn
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(c.amount), 0) FROM document_counters c JOIN documents d ON d.id = c.document_id \
+                     WHERE d.customer_id = ?1 AND d.applied = 1 AND c.counter = ?2",
+                )?
+                .query_row(params![customer, card.key], |r| r.get::<_, i64>(0))?
+                + returning_counter(conn, ret.id, &card.key)?;
+            let issued: Vec<(i64, i64)> = conn
+                .prepare_cached(
+                    "SELECT j.id, j.amount FROM journal j JOIN documents d ON d.id = j.document_id \
+                     WHERE j.customer_id = ?1 AND j.rule = ?2 AND j.role = 'effect' AND j.kind = 'bonus' \
+                     AND d.applied = 1 AND d.epoch = j.epoch",
+                )?
+                .query_map(params![customer, card.key], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut in_force = 0;
+            for (tx, amount) in issued {
+                if amount - taken(tx, Some(&card.key))? > 0 {
+                    in_force += 1;
+                }
+            }
+            after.stamps.insert(card.key.clone(), (stamps, in_force));
+        }
+        for t in &rules.thresholds {
+            if !rewards.iter().any(|r| r.rule == t.key) {
+                continue;
+            }
+            let spend: i64 = conn
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(c.amount), 0) FROM document_counters c JOIN documents d ON d.id = c.document_id \
+                     LEFT JOIN documents o ON o.id = d.original_id \
+                     WHERE d.customer_id = ?1 AND d.applied = 1 AND c.counter = ?2 \
+                     AND COALESCE(o.occurred_at, d.occurred_at) BETWEEN ?3 AND ?4",
+                )?
+                .query_row(params![customer, t.key, ts(sale_at - t.window), ts(sale_at)], |r| r.get::<_, i64>(0))?
+                + returning_counter(conn, ret.id, &t.key)?;
+            after.threshold_spend.insert(t.key.clone(), spend);
+        }
+        for tb in clawback::event_takebacks(rules, &rewards, &after) {
+            let prefer: Vec<i64> = conn
+                .prepare_cached("SELECT id FROM lots WHERE origin_tx = ?1")?
+                .query_map([tb.tx], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let moves = lots::plan_debit(h, tb.points, &prefer, at);
+            let explanation = Explanation::text(format!(
+                "{} points taken back by the return {} (sale {}): {}",
+                tb.points,
+                doc_label(ret),
+                doc_label(orig),
+                tb.reason
+            ));
+            post(
+                conn,
+                NewTx {
+                    kind: TxKind::Reversal,
+                    role: "effect",
+                    customer_id: customer,
+                    document_id: Some(ret.id),
+                    epoch: Some(epoch),
+                    reverses: Some(tb.tx),
+                    effective_at: at,
+                    explanation: &explanation,
+                    actor: None,
+                    idem_key: None,
+                    partner: None,
+                    rule: Some(&tb.rule),
+                    counter: Account::Expense,
+                    moves,
+                    new_lot: None,
+                },
+                h,
+                self.ctx.now,
+            )?;
+            self.settle_debt(conn, customer, h, Some((ret.id, epoch)), at)?;
+        }
         Ok(())
     }
 
@@ -1212,6 +1401,39 @@ fn find_original(conn: &Connection, source: &str, reference: &str) -> Result<Opt
     Ok(st
         .query_row(params![source, reference], doc_from_row)
         .optional()?)
+}
+
+/// The return being applied is not `applied` yet: its own counter rows, added by hand.
+fn returning_counter(conn: &Connection, ret: i64, key: &str) -> Result<i64> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(c.amount), 0) FROM document_counters c JOIN documents d ON d.id = c.document_id \
+             WHERE c.document_id = ?1 AND c.counter = ?2 AND d.applied = 0",
+        )?
+        .query_row(params![ret, key], |r| r.get(0))?)
+}
+
+/// A stored document's lines as the rules see them (what counters and clawbacks need).
+fn stored_lines(conn: &Connection, doc: i64) -> Result<Vec<Line>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT product_id, name, category, quantity, unit_price, discount, net, unit_cost, service \
+             FROM document_lines WHERE document_id = ?1 ORDER BY line_no",
+        )?
+        .query_map([doc], |r| {
+            Ok(Line {
+                product_id: r.get(0)?,
+                name: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                category: r.get(2)?,
+                quantity: parse_qty(&r.get::<_, String>(3)?),
+                unit_price: Money(r.get(4)?),
+                discount: Money(r.get(5)?),
+                net: Money(r.get(6)?),
+                unit_cost: r.get::<_, Option<i64>>(7)?.map(Money),
+                service: r.get(8)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?)
 }
 
 fn line_count(conn: &Connection, doc: i64) -> Result<usize> {

@@ -53,7 +53,7 @@ pub use query::{
     BalanceView, CustomerView, DateRange, HistoryEntry, LastDocument, PartnerTotals, QuarantineEntry, Summary,
 };
 pub use reconcile::{DayRow, DiffKind, Difference, Reconciliation, SourceDoc};
-pub use report::{LossLine, ProgramReport};
+pub use report::{LossLine, LossList, ProgramReport};
 pub use verify::Violation;
 
 #[derive(Debug, thiserror::Error)]

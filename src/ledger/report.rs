@@ -16,8 +16,42 @@ pub struct LossLine {
     pub occurred_at: DateTime<Utc>,
     pub product_id: String,
     pub name: Option<String>,
-    /// Cost × quantity − net: what the line lost.
+    /// What the line lost below cost: in the program's list, only the part the points paid
+    /// on it caused; in the pricing list, cost × quantity − net (no points involved).
     pub loss_kopecks: i64,
+    /// Kopecks of points paid on the line (0 in the pricing list's lines without points).
+    pub points_paid_kopecks: i64,
+}
+
+/// A list of loss lines that adds up to its headline: the largest lines, and what the rest
+/// of them come to.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LossList {
+    pub lines: Vec<LossLine>,
+    /// Every loss line of the period, and their sum (the headline).
+    pub line_count: i64,
+    pub total_kopecks: i64,
+    /// Lines not listed, and their sum: listed + rest = total.
+    pub rest_count: i64,
+    pub rest_kopecks: i64,
+}
+
+impl LossList {
+    const SHOWN: usize = 10;
+
+    fn from_lines(mut lines: Vec<LossLine>) -> LossList {
+        lines.sort_by_key(|l| (std::cmp::Reverse(l.loss_kopecks), l.occurred_at, l.doc_id.clone()));
+        let total_kopecks = lines.iter().map(|l| l.loss_kopecks).sum();
+        let line_count = lines.len() as i64;
+        let rest: Vec<LossLine> = lines.split_off(lines.len().min(Self::SHOWN));
+        LossList {
+            lines,
+            line_count,
+            total_kopecks,
+            rest_count: rest.len() as i64,
+            rest_kopecks: rest.iter().map(|l| l.loss_kopecks).sum(),
+        }
+    }
 }
 
 impl LossLine {
@@ -70,10 +104,15 @@ pub struct ProgramReport {
     pub lines_without_cost: i64,
     pub revenue_without_cost_kopecks: i64,
     pub segments: Vec<(String, i64)>,
-    pub loss_lines: Vec<LossLine>,
-    /// Sales where points paid at the till went below cost (flag `loss_maker`).
+    /// Sales where points paid at the till took lines below cost (flag `loss_maker`), and the
+    /// part of the loss the points caused: the program's loss.
     pub loss_maker_sales: i64,
     pub loss_maker_kopecks: i64,
+    /// The program's loss line by line; adds up to `loss_maker_kopecks`.
+    pub loss_lines: LossList,
+    /// Lines sold below cost by their price alone (before any point): the owner's pricing,
+    /// not the program's doing, listed apart.
+    pub pricing_loss: LossList,
 }
 
 fn pct(a: i64, b: i64) -> f64 {
@@ -195,47 +234,56 @@ impl Ledger {
                 Ok(())
             },
         )?;
-        // candidates by a loose filter; the loss itself is computed exactly
+        // candidates by a loose filter; each loss is computed exactly, with the guard's own
+        // function, so the program's list adds up to the documents' `loss`
         let mut st = c.prepare(
-            "SELECT d.source, d.doc_id, d.number, d.occurred_at, l.product_id, l.name, l.quantity, l.net, l.unit_cost \
+            "SELECT d.source, d.doc_id, d.number, d.occurred_at, l.product_id, l.name, l.quantity, l.net, \
+                    l.unit_cost, COALESCE(l.redeemed, 0) \
              FROM document_lines l JOIN documents d ON d.id = l.document_id \
-             WHERE d.kind = 'sale' AND d.state = 'active' AND d.occurred_at >= ?1 AND d.occurred_at < ?2 \
-               AND l.unit_cost IS NOT NULL AND l.unit_cost * CAST(l.quantity AS REAL) >= l.net - 1",
+             WHERE d.kind = 'sale' AND d.state = 'active' AND d.applied = 1 \
+               AND d.occurred_at >= ?1 AND d.occurred_at < ?2 AND l.unit_cost IS NOT NULL \
+               AND l.unit_cost * CAST(l.quantity AS REAL) >= l.net - COALESCE(l.redeemed, 0) - 1",
         )?;
         let rows = st.query_map(params![from, ts(to)], |x| {
             Ok((
-                x.get::<_, String>(0)?,
-                x.get::<_, String>(1)?,
-                x.get::<_, Option<String>>(2)?,
-                x.get::<_, Option<i64>>(3)?,
-                x.get::<_, String>(4)?,
-                x.get::<_, Option<String>>(5)?,
+                LossLine {
+                    source: x.get(0)?,
+                    doc_id: x.get(1)?,
+                    number: x.get(2)?,
+                    occurred_at: from_ts(x.get::<_, Option<i64>>(3)?.unwrap_or(0)),
+                    product_id: x.get(4)?,
+                    name: x.get(5)?,
+                    loss_kopecks: 0,
+                    points_paid_kopecks: x.get(9)?,
+                },
                 x.get::<_, String>(6)?,
                 x.get::<_, i64>(7)?,
                 x.get::<_, i64>(8)?,
             ))
         })?;
+        let (mut program, mut pricing) = (Vec::new(), Vec::new());
         for row in rows {
-            let (source, doc_id, number, at, product_id, name, qty, net, cost) = row?;
+            let (line, qty, net, cost) = row?;
             let quantity: rust_decimal::Decimal = qty.parse().unwrap_or_default();
             let Ok(cost_total) = crate::core::money::Money(cost).mul_decimal(quantity) else {
                 continue;
             };
-            let loss = cost_total.0 - net;
-            if loss > 0 {
-                r.loss_lines.push(LossLine {
-                    source,
-                    doc_id,
-                    number,
-                    occurred_at: from_ts(at.unwrap_or(0)),
-                    product_id,
-                    name,
-                    loss_kopecks: loss,
+            let by_points = crate::core::rules::program_loss(cost_total.0, net, line.points_paid_kopecks);
+            if by_points > 0 {
+                program.push(LossLine {
+                    loss_kopecks: by_points,
+                    ..line.clone()
+                });
+            }
+            if cost_total.0 > net {
+                pricing.push(LossLine {
+                    loss_kopecks: cost_total.0 - net,
+                    ..line
                 });
             }
         }
-        r.loss_lines.sort_by_key(|l| std::cmp::Reverse(l.loss_kopecks));
-        r.loss_lines.truncate(10);
+        r.loss_lines = LossList::from_lines(program);
+        r.pricing_loss = LossList::from_lines(pricing);
         Ok(r)
     }
 }

@@ -472,6 +472,13 @@ ALTER TABLE accounting_postings ADD COLUMN partner TEXT;
 CREATE INDEX accounting_postings_settlement ON accounting_postings(partner, first_day, last_day)
     WHERE kind = 'settlement';
 "#,
+    // 13 (issue 16): the points paid at the till, per line, as the guard spread them.
+    r#"
+-- kopecks of the points paid on the sale that fall on this line (NULL: none were paid), by
+-- the same function the quote offers with: the program's share of a line's loss below cost
+-- is computed from it, apart from the loss the line's price made on its own
+ALTER TABLE document_lines ADD COLUMN redeemed INTEGER;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

@@ -102,8 +102,10 @@ pub(crate) fn customer_state(
             let awarded: bool = conn
                 .prepare_cached(
                     "SELECT EXISTS (SELECT 1 FROM journal j WHERE j.customer_id = ?1 AND j.rule = ?2 \
-                     AND j.role = 'effect' AND j.effective_at >= ?3 \
-                     AND NOT EXISTS (SELECT 1 FROM journal x WHERE x.reverses = j.id AND x.role = 'cancel'))",
+                     AND j.role = 'effect' AND j.kind = 'bonus' AND j.effective_at >= ?3 \
+                     AND NOT EXISTS (SELECT 1 FROM journal x WHERE x.reverses = j.id AND (x.role = 'cancel' \
+                       OR EXISTS (SELECT 1 FROM documents xd WHERE xd.id = x.document_id AND xd.applied = 1 \
+                                  AND xd.epoch = x.epoch))))",
                 )?
                 .query_row(params![c, key, ts(at - w)], |r| r.get(0))?;
             if awarded {

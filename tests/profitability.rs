@@ -1,0 +1,206 @@
+//! Issue 16 ("Profitable by construction, for real"), tried the way the issue's shop owner
+//! tried it: a rules file with event bonuses, sales and returns through the ledger. Each test
+//! is written from the issue's numbered example.
+
+mod common;
+
+use chrono::Duration;
+use common::{Env, returned, reversion, sale};
+use kopilka::core::document::{Incoming, SourceRef, VoidReason};
+use kopilka::core::money::Points;
+use kopilka::ledger::Item;
+
+/// The issue's program: per-check `visit` points, a 150-point stamp reward, a 200-point
+/// threshold bonus and a 100-point first-purchase bonus, on top of 5 %.
+const EVENTS: &str = r#"
+[guard]
+max_reward_share_of_margin = "1"
+[[rules]]
+id = "base"
+percent = "5"
+[[rules]]
+id = "visit"
+kind = "fixed_per_check"
+points = 10
+[[stamp_cards]]
+id = "coffee"
+every = 3
+include_products = ["K"]
+reward_points = 150
+[[thresholds]]
+id = "5k"
+spend_kopecks = 500000
+window_days = 30
+bonus_points = 200
+[welcome]
+first_purchase_points = 100
+"#;
+
+/// Point 2: buy, collect every event bonus, return everything — nothing is left.
+#[test]
+fn a_full_return_takes_back_every_reward_the_sale_caused() {
+    let mut env = Env::with_rules(EVENTS);
+    let mut s1 = sale("S1", Some("C1"), &[("K", 3, 1000), ("A", 1, 3000)]);
+    s1.occurred_at -= Duration::days(3);
+    let s1 = reversion(s1);
+    env.docs(vec![s1.clone()]);
+    // 5 % of 6 000 ₽ = 300, visit 10, stamp reward 150, threshold 200, first purchase 100
+    assert_eq!(env.available("C1"), 300 + 10 + 150 + 200 + 100);
+
+    let r1 = returned("R1", &s1, &[("K", 3), ("A", 1)]);
+    env.docs(vec![r1]);
+    assert_eq!(env.available("C1"), 0, "no event bonus survives a full return");
+
+    let (_, history) = env.ledger.history("C1").unwrap();
+    let reasons: Vec<String> = history
+        .iter()
+        .filter(|e| e.kind == "reversal")
+        .map(|e| e.explanation.summary.clone())
+        .collect();
+    for words in [
+        "per-check points: the whole check was returned",
+        "stamp card coffee: the card holds 0 stamps",
+        "below the threshold",
+        "first-purchase bonus: the first purchase was returned in full",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(words) && r.contains("N-R1") && r.contains("N-S1")),
+            "{words:?} not among {reasons:#?}"
+        );
+    }
+    env.assert_verified();
+
+    // buying again does not pay the first-purchase bonus a second time
+    let mut s2 = sale("S2", Some("C1"), &[("A", 1, 1000)]);
+    s2.occurred_at -= Duration::days(1);
+    env.docs(vec![reversion(s2)]);
+    assert_eq!(env.available("C1"), 50 + 10);
+    env.assert_verified();
+}
+
+/// Point 2, proportionally: a partial return keeps what still holds — the visit, the
+/// first purchase — and takes the stamp and threshold rewards whose condition fell.
+#[test]
+fn a_partial_return_takes_back_only_the_rewards_whose_condition_fell() {
+    let mut env = Env::with_rules(EVENTS);
+    let mut s1 = sale("S1", Some("C1"), &[("K", 3, 1000), ("A", 1, 3000)]);
+    s1.occurred_at -= Duration::days(3);
+    let s1 = reversion(s1);
+    env.docs(vec![s1.clone()]);
+    assert_eq!(env.available("C1"), 760);
+
+    // one coffee back: 2 stamps of 3 (reward gone), spend 5 000 ₽ (threshold holds)
+    env.docs(vec![returned("R1", &s1, &[("K", 1)])]);
+    assert_eq!(env.available("C1"), 760 - 50 - 150);
+    // the article back: spend 2 000 ₽ < 5 000 ₽, the threshold bonus goes too
+    env.docs(vec![returned("R2", &s1, &[("A", 1)])]);
+    assert_eq!(env.available("C1"), 560 - 150 - 200);
+    // visit and first purchase stay while two coffees remain sold
+    assert_eq!(env.available("C1"), 100 + 10 + 100);
+    env.assert_verified();
+
+    // a new coffee fills the card again: the reward is earned again, once
+    let mut s2 = sale("S2", Some("C1"), &[("K", 1, 1000)]);
+    s2.occurred_at -= Duration::days(1);
+    env.docs(vec![reversion(s2)]);
+    assert_eq!(env.available("C1"), 210 + 50 + 10 + 150);
+    env.assert_verified();
+}
+
+/// Point 2: the policy is named in the rules file; `goods_only` keeps the old behaviour.
+#[test]
+fn the_clawback_policy_is_named_in_the_rules_file() {
+    let mut env = Env::with_rules(&format!("{EVENTS}\n[returns]\nclawback = \"goods_only\"\n"));
+    let mut s1 = sale("S1", Some("C1"), &[("K", 3, 1000), ("A", 1, 3000)]);
+    s1.occurred_at -= Duration::days(3);
+    let s1 = reversion(s1);
+    env.docs(vec![s1.clone()]);
+    env.docs(vec![returned("R1", &s1, &[("K", 3), ("A", 1)])]);
+    assert_eq!(env.available("C1"), 10 + 150 + 200 + 100);
+    env.assert_verified();
+}
+
+/// Point 2: a voided sale takes its bonuses with it, and un-voiding the return gives back
+/// exactly what it took (the return's effects are one value, reversed as one).
+#[test]
+fn voids_take_everything_back_and_a_voided_return_restores_it() {
+    let mut env = Env::with_rules(EVENTS);
+    let mut s1 = sale("S1", Some("C1"), &[("K", 3, 1000), ("A", 1, 3000)]);
+    s1.occurred_at -= Duration::days(3);
+    let s1 = reversion(s1);
+    env.docs(vec![s1.clone()]);
+    env.docs(vec![returned("R1", &s1, &[("K", 3), ("A", 1)])]);
+    assert_eq!(env.available("C1"), 0);
+    let void = |id: &str| {
+        Item::Incoming(Incoming::Void {
+            source: SourceRef {
+                system: "onec".into(),
+                doc_id: id.into(),
+                version: "void".into(),
+                stamp: None,
+            },
+            reason: VoidReason::Unposted,
+        })
+    };
+    env.ingest(vec![void("R1")]);
+    assert_eq!(env.available("C1"), 760, "the return unposted: everything it took is back");
+    env.ingest(vec![void("S1")]);
+    assert_eq!(env.available("C1"), 0, "the sale unposted: nothing it caused is left");
+    env.assert_verified();
+}
+
+/// Point 3: a sale that pays exactly what the quote offered is never a loss-maker, and the
+/// ledger puts the points on the lines where the quote put them.
+#[test]
+fn a_sale_that_follows_its_quote_is_never_a_loss_maker() {
+    let mut env = Env::with_rules(
+        r#"
+[guard]
+max_reward_share_of_margin = "0.5"
+min_markup = "0.05"
+max_redeem_share_of_check = "0.9"
+[[rules]]
+id = "base"
+percent = "5"
+"#,
+    );
+    // enough points to pay with
+    let mut s0 = sale("S0", Some("C1"), &[("A", 10, 2000)]);
+    s0.occurred_at -= Duration::days(40);
+    env.docs(vec![reversion(s0)]);
+    let have = env.available("C1");
+    assert!(have > 477, "{have}");
+    // a thin line (net 1 000, cost 950) and a fat one (net 1 000, cost 500)
+    let mut s1 = sale("S1", Some("C1"), &[("THIN", 1, 1000), ("FAT", 1, 1000)]);
+    s1.lines[0].unit_cost = Some(kopilka::core::money::Money(95_000));
+    let rules = env.rules.clone();
+    let customer = kopilka::core::program::CustomerState {
+        customer_id: Some(1),
+        available: have,
+        ..Default::default()
+    };
+    let q = kopilka::core::rules::quote(
+        &rules,
+        &kopilka::core::rules::QuoteRequest {
+            lines: s1.lines.clone(),
+            points_wanted: Some(477),
+        },
+        &customer,
+    );
+    assert_eq!(q.max_redeemable_points, 477);
+    // the thin line can take 1 000 − 950 × 1.05 = 2.50 ₽: the quote keeps it at its floor
+    assert_eq!(q.allocation.iter().sum::<i64>(), 47_700);
+    assert!(q.allocation[0] <= 250, "{:?}", q.allocation);
+    s1.points_redeemed = Points(477);
+    s1.occurred_at -= Duration::days(1);
+    let s1 = reversion(s1);
+    let report = env.docs(vec![s1]);
+    assert!(
+        !report.flags.iter().any(|(_, f)| f.code == "loss_maker"),
+        "{:?}",
+        report.flags
+    );
+    let losers = env.ledger.loss_makers(10).unwrap();
+    assert!(losers.is_empty(), "{losers:?}");
+    env.assert_verified();
+}
