@@ -17,8 +17,9 @@ use serde::de::DeserializeOwned;
 use crate::config::{DecimalText, Issue, Report};
 use crate::core::money::Money;
 use crate::core::rules::{
-    Birthday, Budget, BudgetPeriod, ClosedProgram, EarnKind, EarnRule, Filter, Guard, NegativeBalance, ReturnClawback,
-    Referral, RuleSet, StampCard, StampCount, StampReward, Threshold, Tier, TierPolicy, UnknownCost, Welcome,
+    Birthday, Budget, BudgetPeriod, ClosedProgram, EarnKind, EarnRule, Filter, Guard, NegativeBalance,
+    Referral, ReturnClawback, RuleSet, StampCard, StampCount, StampReward, Threshold, Tier, TierPolicy,
+    UnknownCost, Welcome,
 };
 
 #[derive(Default, Deserialize)]

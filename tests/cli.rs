@@ -261,7 +261,10 @@ fn report_and_reconcile_answer_for_the_demo_ledger() {
     );
     let out = kopilka(&["--ledger", &db, "report"]);
     let page = text(&out.stdout);
-    assert!(page.contains("loss-maker sales") && page.contains("lines sold below cost"), "{page}");
+    assert!(
+        page.contains("loss-maker sales") && page.contains("lines sold below cost"),
+        "{page}"
+    );
     let html = kopilka(&["--ledger", &db, "report", "--format", "html"]);
     let page = text(&html.stdout);
     assert!(page.contains("<svg") && page.contains("Программа лояльности"));

@@ -814,8 +814,9 @@ fn arb_line() -> impl Strategy<Value = Line> {
             name: "x".into(),
             category: Some(if coffee { "coffee".into() } else { "tea".into() }),
             quantity: Decimal::from(q),
-            unit_price: Money(net / q),
-            discount: Money(0),
+            // a discount of about a tenth taken at the till: net below the price
+            unit_price: Money(net / q + net / q / 10),
+            discount: Money((net / q / 10) * q),
             net: Money(net),
             unit_cost: known.then_some(Money(cost_total / q)),
             service: false,
@@ -840,13 +841,16 @@ proptest! {
         let explained: i64 = decision.explanation.items.iter().map(|i| i.points).sum();
         prop_assert_eq!(explained, decision.accrual);
         prop_assert_eq!(decision.line_points.iter().sum::<i64>(), decision.accrual);
-        for (l, p) in d.lines.iter().zip(&decision.line_points) {
+        // issue 16: the margin is what a line keeps after the points paid on it
+        let paid_on = |i: usize| decision.line_redeemed.get(i).copied().unwrap_or(0);
+        prop_assert!(decision.line_redeemed.iter().sum::<i64>() <= redeemed * r.point_value.0);
+        for (i, (l, p)) in d.lines.iter().zip(&decision.line_points).enumerate() {
             prop_assert!(*p >= 0);
             let value = Decimal::from(*p * r.point_value.0);
-            match line_margin(l) {
+            match line_margin(l).map(|m| m - paid_on(i)) {
                 Some(m) if m > 0 => prop_assert!(value <= Decimal::from(m) * r.guard.max_reward_share_of_margin,
-                    "line earns {} on margin {}", value, m),
-                _ => prop_assert_eq!(*p, 0, "a line without known positive margin earns nothing"),
+                    "line earns {} on margin after points {}", value, m),
+                _ => prop_assert_eq!(*p, 0, "a line without known positive margin after points earns nothing"),
             }
         }
         let state = CustomerState { available, ..member() };
@@ -871,6 +875,16 @@ proptest! {
         }
         let goods: i64 = d.lines.iter().map(|l| l.net.0).sum();
         prop_assert!(Decimal::from(q.max_redeemable_points * r.point_value.0) <= Decimal::from(goods) * r.guard.max_redeem_share_of_check);
+        // a sale that pays what the quote offered: the ledger spreads it as the quote did,
+        // and it is no loss-maker
+        let mut followed = d.clone();
+        followed.points_redeemed = Points(q.max_redeemable_points);
+        let fd = r.evaluate(&followed, &state, followed.occurred_at);
+        prop_assert!(!fd.flags.iter().any(|f| f.code == "loss_maker"), "{:?}", fd.flags);
+        prop_assert_eq!(fd.loss.0, 0);
+        if q.max_redeemable_points > 0 {
+            prop_assert_eq!(&fd.line_redeemed, &q.allocation);
+        }
     }
 }
 

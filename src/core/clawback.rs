@@ -37,12 +37,10 @@ pub struct SaleReward {
 pub struct AfterReturn {
     /// Nothing of the sale's goods is left with the customer.
     pub sale_fully_returned: bool,
-    /// Per stamp card key: stamps the customer holds, and how many of the card's rewards
-    /// are in force.
-    pub stamps: HashMap<String, (i64, i64)>,
-    /// Per threshold key: the spend in the window that ended at the sale, less what was
-    /// returned of it.
-    pub threshold_spend: HashMap<String, i64>,
+    /// Per stamp card and threshold key: the counter as the sale found it (stamps on the
+    /// card, spend in the window before the sale), and what of the sale's own share is left
+    /// after its returns.
+    pub counters: HashMap<String, (i64, i64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,14 +58,30 @@ pub fn event_takebacks(rules: &RuleSet, rewards: &[SaleReward], after: &AfterRet
         return Vec::new();
     }
     let mut out = Vec::new();
-    // stamp rewards beyond what the card now pays for, per card, taken from this sale's last
-    let mut excess: HashMap<&str, i64> = HashMap::new();
+    // a stamp reward stays while the stamps the sale still holds, on top of the card it
+    // found, reach it: the card's rewards the sale keeps, per card
+    let mut keep: HashMap<&str, i64> = HashMap::new();
     for card in &rules.stamps {
-        if let Some((stamps, in_force)) = after.stamps.get(&card.key) {
-            let paid_for = stamps.max(&0) / i64::from(card.every.max(1));
-            excess.insert(card.key.as_str(), (in_force - paid_for).max(0));
+        if let Some((before, left)) = after.counters.get(&card.key) {
+            let every = i64::from(card.every.max(1));
+            let before = (*before).max(0);
+            keep.insert(
+                card.key.as_str(),
+                (before + left.max(&0)) / every - before / every,
+            );
         }
     }
+    let in_force = |key: &str| {
+        rewards
+            .iter()
+            .filter(|r| r.rule == key && r.remaining > 0)
+            .count() as i64
+    };
+    let mut to_take: HashMap<&str, i64> = keep
+        .iter()
+        .map(|(k, kept)| (*k, (in_force(k) - kept).max(0)))
+        .collect();
+    // the sale's last rewards first
     for r in rewards.iter().rev() {
         if r.remaining <= 0 {
             continue;
@@ -79,23 +93,25 @@ pub fn event_takebacks(rules: &RuleSet, rewards: &[SaleReward], after: &AfterRet
             reason,
         };
         if let Some(card) = rules.stamps.iter().find(|c| c.key == r.rule) {
-            if let Some(n) = excess.get_mut(card.key.as_str())
+            if let Some(n) = to_take.get_mut(card.key.as_str())
                 && *n > 0
             {
                 *n -= 1;
-                let (stamps, _) = after.stamps.get(&card.key).copied().unwrap_or_default();
+                let (before, left) = after.counters.get(&card.key).copied().unwrap_or_default();
                 out.push(take(format!(
-                    "stamp card {}: the card holds {stamps} stamps after the return, the reward needs {}",
+                    "stamp card {}: {left} of the sale's stamps are left on a card it found at {before}, \
+                     short of the {} the reward needs",
                     card.id, card.every
                 )));
             }
             continue;
         }
         if let Some(t) = rules.thresholds.iter().find(|t| t.key == r.rule) {
-            let spend = after.threshold_spend.get(&t.key).copied().unwrap_or(0);
+            let (before, left) = after.counters.get(&t.key).copied().unwrap_or_default();
+            let spend = before + left;
             if spend < t.spend.0 {
                 out.push(take(format!(
-                    "spend within {} days is {} after the return, below the threshold {}",
+                    "spend within {} days is {} with what is left of the sale, below the threshold {}",
                     t.window.num_days(),
                     super::money::Money(spend),
                     t.spend
@@ -144,7 +160,9 @@ pub fn return_counters(
         };
         let take = match card.count {
             StampCount::Items => {
-                let gone_before = qualifying_stamps(rules, &card.filter, &before).to_i64().unwrap_or(0);
+                let gone_before = qualifying_stamps(rules, &card.filter, &before)
+                    .to_i64()
+                    .unwrap_or(0);
                 let gone = qualifying_stamps(rules, &card.filter, &now).to_i64().unwrap_or(0);
                 gone.min(added - gone_before)
             }

@@ -1069,7 +1069,12 @@ pub fn allocate_redemption(caps: &[i64], nets: &[i64], value: i64) -> Vec<i64> {
 pub fn quote(rules: &RuleSet, req: &QuoteRequest, customer: &CustomerState) -> Quote {
     let lines = redeem_caps(rules, &req.lines);
     let by_lines: i64 = lines.iter().map(|l| l.max_redeem_kopecks).sum();
-    let goods: i64 = req.lines.iter().filter(|l| !rules.excluded(l)).map(|l| l.net.0).sum();
+    let goods: i64 = req
+        .lines
+        .iter()
+        .filter(|l| !rules.excluded(l))
+        .map(|l| l.net.0)
+        .sum();
     let share = customer
         .tier
         .as_deref()

@@ -13,6 +13,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::query::holdings;
 use super::state;
 use super::{Ledger, LedgerError, Result, from_ts, ts};
+use crate::core::clawback;
+use crate::core::document::Line;
 use crate::core::document::{
     DocKind, Document, DocumentLimits, Incoming, Rejected, SourceRef, VoidReason, content_version, validate,
 };
@@ -21,8 +23,6 @@ use crate::core::journal::{Account, Explanation, Flag, TxKind};
 use crate::core::lots::{self, Holdings, Lot, Move, Target};
 use crate::core::money::Money;
 use crate::core::program::{Rules, SoldLine, return_clawback, return_recredit};
-use crate::core::clawback;
-use crate::core::document::Line;
 use crate::core::rules::{NegativeBalance, ReturnClawback};
 
 /// One unit of work from one source.
@@ -1083,12 +1083,16 @@ impl Run<'_, '_> {
                 "SELECT id, kind, amount, rule FROM journal WHERE document_id = ?1 AND epoch = ?2 \
                  AND role = 'effect' AND kind IN ('accrual', 'bonus') ORDER BY id",
             )?
-            .query_map(params![orig.id, orig.epoch], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .query_map(params![orig.id, orig.epoch], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
             .collect::<rusqlite::Result<_>>()?;
         for (tx, kind, amount, rule) in effects {
             if kind == "accrual" {
                 let line_points: i64 = conn
-                    .prepare_cached("SELECT COALESCE(SUM(points), 0) FROM document_lines WHERE document_id = ?1")?
+                    .prepare_cached(
+                        "SELECT COALESCE(SUM(points), 0) FROM document_lines WHERE document_id = ?1",
+                    )?
                     .query_row([orig.id], |r| r.get(0))?;
                 let fixed = amount - line_points;
                 if fixed > 0 {
@@ -1110,48 +1114,33 @@ impl Run<'_, '_> {
             sale_fully_returned: clawback::fully_returned(&sale_lines, &returned_before, &returning),
             ..Default::default()
         };
-        let sale_at = orig.occurred_at.map(from_ts).unwrap_or(at);
-        for card in &rules.stamps {
-            if !rewards.iter().any(|r| r.rule == card.key) {
+        let keys = rules
+            .stamps
+            .iter()
+            .map(|c| &c.key)
+            .chain(rules.thresholds.iter().map(|t| &t.key));
+        for key in keys {
+            if !rewards.iter().any(|r| &r.rule == key) {
                 continue;
             }
-            let stamps: i64 = conn
+            // the counter as the sale found it, and what of the sale's share is left
+            let (added, prior): (i64, Option<i64>) = conn
+                .prepare_cached(
+                    "SELECT amount, prior FROM document_counters WHERE document_id = ?1 AND counter = ?2",
+                )?
+                .query_row(params![orig.id, key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .unwrap_or((0, None));
+            let returned: i64 = conn
                 .prepare_cached(
                     "SELECT COALESCE(SUM(c.amount), 0) FROM document_counters c JOIN documents d ON d.id = c.document_id \
-                     WHERE d.customer_id = ?1 AND d.applied = 1 AND c.counter = ?2",
+                     WHERE d.original_id = ?1 AND d.applied = 1 AND d.kind = 'return' AND d.id != ?2 AND c.counter = ?3",
                 )?
-                .query_row(params![customer, card.key], |r| r.get::<_, i64>(0))?
-                + returning_counter(conn, ret.id, &card.key)?;
-            let issued: Vec<(i64, i64)> = conn
-                .prepare_cached(
-                    "SELECT j.id, j.amount FROM journal j JOIN documents d ON d.id = j.document_id \
-                     WHERE j.customer_id = ?1 AND j.rule = ?2 AND j.role = 'effect' AND j.kind = 'bonus' \
-                     AND d.applied = 1 AND d.epoch = j.epoch",
-                )?
-                .query_map(params![customer, card.key], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut in_force = 0;
-            for (tx, amount) in issued {
-                if amount - taken(tx, Some(&card.key))? > 0 {
-                    in_force += 1;
-                }
-            }
-            after.stamps.insert(card.key.clone(), (stamps, in_force));
-        }
-        for t in &rules.thresholds {
-            if !rewards.iter().any(|r| r.rule == t.key) {
-                continue;
-            }
-            let spend: i64 = conn
-                .prepare_cached(
-                    "SELECT COALESCE(SUM(c.amount), 0) FROM document_counters c JOIN documents d ON d.id = c.document_id \
-                     LEFT JOIN documents o ON o.id = d.original_id \
-                     WHERE d.customer_id = ?1 AND d.applied = 1 AND c.counter = ?2 \
-                     AND COALESCE(o.occurred_at, d.occurred_at) BETWEEN ?3 AND ?4",
-                )?
-                .query_row(params![customer, t.key, ts(sale_at - t.window), ts(sale_at)], |r| r.get::<_, i64>(0))?
-                + returning_counter(conn, ret.id, &t.key)?;
-            after.threshold_spend.insert(t.key.clone(), spend);
+                .query_row(params![orig.id, ret.id, key], |r| r.get::<_, i64>(0))?
+                + returning_counter(conn, ret.id, key)?;
+            after
+                .counters
+                .insert(key.clone(), (prior.unwrap_or(0), added + returned));
         }
         for tb in clawback::event_takebacks(rules, &rewards, &after) {
             let prefer: Vec<i64> = conn

@@ -472,12 +472,17 @@ ALTER TABLE accounting_postings ADD COLUMN partner TEXT;
 CREATE INDEX accounting_postings_settlement ON accounting_postings(partner, first_day, last_day)
     WHERE kind = 'settlement';
 "#,
-    // 13 (issue 16): the points paid at the till, per line, as the guard spread them.
+    // 13 (issue 16): the points paid at the till, per line, as the guard spread them; what
+    // each counter held when a sale added to it.
     r#"
 -- kopecks of the points paid on the sale that fall on this line (NULL: none were paid), by
 -- the same function the quote offers with: the program's share of a line's loss below cost
 -- is computed from it, apart from the loss the line's price made on its own
 ALTER TABLE document_lines ADD COLUMN redeemed INTEGER;
+-- the counter as the sale found it (stamps on the card, spend in the threshold's window):
+-- a return takes back a stamp or threshold reward by what is left of its own sale on top
+-- of it (NULL for sales recorded before issue 16: taken as 0)
+ALTER TABLE document_counters ADD COLUMN prior INTEGER;
 "#,
 ];
 

@@ -7,6 +7,7 @@
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
 
 use super::{Result, ts};
 use crate::core::document::Document;
@@ -138,12 +139,13 @@ pub(crate) fn record_sale(
     conn.prepare_cached("DELETE FROM document_counters WHERE document_id = ?1")?
         .execute([doc_row])?;
     let mut ins = conn.prepare_cached(
-        "INSERT INTO document_counters (document_id, counter, amount) VALUES (?1, ?2, ?3) \
+        "INSERT INTO document_counters (document_id, counter, amount, prior) VALUES (?1, ?2, ?3, ?4) \
          ON CONFLICT (document_id, counter) DO UPDATE SET amount = amount + excluded.amount",
     )?;
     for (key, amount) in rules.counter_contributions(doc, decision) {
         if amount != 0 {
-            ins.execute(params![doc_row, key, amount])?;
+            let prior = state.counters.get(&key).and_then(|v| v.trunc().to_i64());
+            ins.execute(params![doc_row, key, amount, prior])?;
         }
     }
     let reward_value = reward_points.saturating_mul(rules.point_value().0);
