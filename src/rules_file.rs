@@ -53,6 +53,7 @@ struct RawBudget {
 #[serde(default)]
 struct RawExclusions {
     products: Vec<String>,
+    /// Like a rule's categories: a group and everything below it.
     categories: Vec<String>,
     services: Option<bool>,
 }
@@ -102,6 +103,8 @@ struct RawFilter {
     programs: Vec<String>,
     include_products: Vec<String>,
     exclude_products: Vec<String>,
+    /// Group names of 1C's catalog; each one covers the groups below it too, so a shop
+    /// writes the department once rather than every leaf group.
     include_categories: Vec<String>,
     exclude_categories: Vec<String>,
 }

@@ -17,6 +17,7 @@
 //! converted to points **rounded down**, so the items of a decision sum exactly to what is
 //! posted, and a cap always reduces whole items from the last one back.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Timelike, Utc, Weekday};
@@ -103,26 +104,52 @@ impl Filter {
         true
     }
 
+    /// A category listed here stands for its whole subtree in 1C's catalog: the line
+    /// matches when any group on its path (own group or one above it) is listed.
     fn line_matches(&self, line: &Line) -> bool {
-        let category = line.category.as_deref().unwrap_or("");
         if self.exclude_products.contains(&line.product_id)
-            || self.exclude_categories.iter().any(|c| c == category)
+            || line
+                .category_path()
+                .any(|g| self.exclude_categories.iter().any(|c| c == g))
         {
             return false;
         }
-        let product_listed = self.include_products.contains(&line.product_id);
-        let category_listed = self.include_categories.iter().any(|c| c == category);
-        if self.include_products.is_empty() && self.include_categories.is_empty() {
-            return true;
-        }
-        product_listed || category_listed
+        self.specificity(line).is_some()
     }
+
+    /// How closely the filter's product/category inclusions name a line (`None`: they do
+    /// not name it). Exclusions are [`Filter::line_matches`]'s business.
+    fn specificity(&self, line: &Line) -> Option<Specificity> {
+        if self.include_products.is_empty() && self.include_categories.is_empty() {
+            return Some(Specificity::Any);
+        }
+        if self.include_products.contains(&line.product_id) {
+            return Some(Specificity::Product);
+        }
+        line.category_path()
+            .position(|g| self.include_categories.iter().any(|c| c == g))
+            .map(|depth| Specificity::Category(Reverse(depth)))
+    }
+}
+
+/// Which of several percent rules matching a line applies: the one that names the line most
+/// closely, so a shop can give a whole department one rate and one group or product
+/// another. Ordered from least to most specific.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Specificity {
+    /// No product or category inclusion.
+    Any,
+    /// A group on the line's path, by its distance from the product's own group.
+    Category(Reverse<usize>),
+    /// The product itself.
+    Product,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum EarnKind {
     /// Percent of the line's net paid in money. Where several percent rules match a line,
-    /// the highest applies (rates do not stack).
+    /// the most specific applies (product, then the deepest group, then rules naming
+    /// neither), the highest among equally specific ones; rates do not stack.
     Percent(Decimal),
     /// Multiplies the line's rate; several multipliers multiply.
     Multiplier(Decimal),
@@ -346,9 +373,8 @@ impl RuleSet {
         (self.exclude_services && line.service)
             || self.exclusions.exclude_products.contains(&line.product_id)
             || line
-                .category
-                .as_ref()
-                .is_some_and(|c| self.exclusions.exclude_categories.contains(c))
+                .category_path()
+                .any(|g| self.exclusions.exclude_categories.iter().any(|c| c == g))
     }
 
     /// The budget period a moment falls in, as a stable key (`2026-03-02`, `2026-03`).
@@ -547,10 +573,11 @@ impl Rules for RuleSet {
             let best = matching
                 .iter()
                 .filter_map(|r| match r.kind {
-                    EarnKind::Percent(p) => Some((p, r.id.as_str())),
+                    EarnKind::Percent(p) => Some((r.filter.specificity(line)?, p, r.id.as_str())),
                     _ => None,
                 })
-                .max_by(|a, b| a.0.cmp(&b.0));
+                .max_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
+                .map(|(_, p, id)| (p, id));
             let mut multiplier = tier_multiplier;
             let mut mult_ids = Vec::new();
             for r in &matching {
@@ -1165,4 +1192,169 @@ pub fn threshold_spend(rules: &RuleSet, doc: &Document) -> HashMap<String, i64> 
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::document::{DocKind, SourceRef};
+    use crate::core::identity::CustomerIdentity;
+    use crate::core::money::Points;
+    use chrono::TimeZone;
+
+    fn percent(id: &str, pct: i64, products: &[&str], categories: &[&str]) -> EarnRule {
+        EarnRule {
+            id: id.into(),
+            kind: EarnKind::Percent(Decimal::from(pct)),
+            filter: Filter {
+                include_products: products.iter().map(|p| p.to_string()).collect(),
+                include_categories: categories.iter().map(|c| c.to_string()).collect(),
+                ..Filter::default()
+            },
+            min_check: Money::ZERO,
+        }
+    }
+
+    /// A 1 000 ₽ line of "beans", a group under "coffee", with a wide margin so no cap bites.
+    fn beans_sale() -> Document {
+        let line = Line {
+            product_id: "P-BEANS".into(),
+            name: "Кофе в зёрнах".into(),
+            category: Some("beans".into()),
+            category_parents: vec!["coffee".into()],
+            quantity: Decimal::ONE,
+            unit_price: Money(100_000),
+            discount: Money::ZERO,
+            net: Money(100_000),
+            unit_cost: Some(Money(10_000)),
+            service: false,
+        };
+        Document {
+            source: SourceRef {
+                system: "onec".into(),
+                doc_id: "D1".into(),
+                version: "v1".into(),
+                stamp: None,
+            },
+            kind: DocKind::Sale,
+            number: Some("1".into()),
+            occurred_at: Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).unwrap(),
+            customer: CustomerIdentity {
+                card: Some("C1".into()),
+                ..Default::default()
+            },
+            currency: "RUB".into(),
+            lines: vec![line],
+            total: Money(100_000),
+            points_redeemed: Points(0),
+            original: None,
+            store: None,
+            partner: None,
+        }
+    }
+
+    fn earned(earn: Vec<EarnRule>, exclude_categories: &[&str]) -> (i64, String) {
+        let mut rules = RuleSet::flat(Decimal::ZERO, Money(100), Duration::days(14), None);
+        rules.earn = earn;
+        rules.exclusions.exclude_categories = exclude_categories.iter().map(|c| c.to_string()).collect();
+        let customer = CustomerState {
+            customer_id: Some(1),
+            ..Default::default()
+        };
+        let doc = beans_sale();
+        let d = rules.evaluate(&doc, &customer, doc.occurred_at);
+        let rule = d
+            .explanation
+            .items
+            .first()
+            .map(|i| i.rule.clone())
+            .unwrap_or_default();
+        (d.accrual, rule)
+    }
+
+    /// Issue 16, point 5: a product in group "beans" under "coffee" earned 5 %, not the
+    /// coffee rule's 10 %. 1 000 ₽ at 1 ₽ a point: 10 % is 100 points.
+    #[test]
+    fn category_rules_reach_the_groups_below_and_the_most_specific_wins() {
+        let all = || percent("all-5", 5, &[], &[]);
+        let coffee = || percent("coffee-10", 10, &[], &["coffee"]);
+        let beans = || percent("beans-3", 3, &[], &["beans"]);
+        let product = || percent("product-2", 2, &["P-BEANS"], &[]);
+        struct Case {
+            what: &'static str,
+            earn: Vec<EarnRule>,
+            excluded: &'static [&'static str],
+            points: i64,
+            rule: &'static str,
+        }
+        let case = |what, earn, excluded, points, rule| Case {
+            what,
+            earn,
+            excluded,
+            points,
+            rule,
+        };
+        let cases = [
+            case(
+                "the parent group's rule reaches beans",
+                vec![all(), coffee()],
+                &[],
+                100,
+                "coffee-10",
+            ),
+            case(
+                "order of the rules does not matter",
+                vec![coffee(), all()],
+                &[],
+                100,
+                "coffee-10",
+            ),
+            case(
+                "the own group is more specific than its parent",
+                vec![all(), coffee(), beans()],
+                &[],
+                30,
+                "beans-3",
+            ),
+            case(
+                "the product is more specific than any group",
+                vec![coffee(), beans(), product()],
+                &[],
+                20,
+                "product-2",
+            ),
+            case(
+                "a lower rule for every product does not undercut the group",
+                vec![percent("all-1", 1, &[], &[]), coffee()],
+                &[],
+                100,
+                "coffee-10",
+            ),
+            case(
+                "the highest among equally specific rules",
+                vec![coffee(), percent("coffee-12", 12, &[], &["coffee"])],
+                &[],
+                120,
+                "coffee-12",
+            ),
+            case(
+                "excluding coffee excludes beans",
+                vec![all(), coffee()],
+                &["coffee"],
+                0,
+                "",
+            ),
+        ];
+        for c in cases {
+            let (points, rule) = earned(c.earn, c.excluded);
+            assert_eq!((points, rule.as_str()), (c.points, c.rule), "{}", c.what);
+        }
+    }
+
+    #[test]
+    fn a_rule_excluding_the_parent_group_skips_the_groups_below() {
+        let mut not_coffee = percent("not-coffee-5", 5, &[], &[]);
+        not_coffee.filter.exclude_categories = vec!["coffee".into()];
+        assert_eq!(earned(vec![not_coffee], &[]), (0, String::new()));
+    }
 }
