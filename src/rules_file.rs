@@ -75,6 +75,8 @@ struct RawVelocity {
 #[serde(default)]
 struct RawTierPolicy {
     window_days: Option<i64>,
+    /// Counted from the first re-evaluation that finds the spend below the tier's
+    /// threshold, not from when the tier was reached (see `TierPolicy::downgrade_grace`).
     downgrade_grace_days: Option<i64>,
 }
 

@@ -474,9 +474,9 @@ discount_pct = \"3\"
         "never downgraded by a sale"
     );
     let now = monday_morning();
-    let since = Some(now - Duration::days(10));
+    let below_since = Some(now - Duration::days(10));
     assert_eq!(
-        tier_at_reevaluation(&r, Some("silver"), since, Money(100), now),
+        tier_at_reevaluation(&r, Some("silver"), below_since, Money(100), now).change,
         None,
         "within grace"
     );
@@ -487,6 +487,7 @@ discount_pct = \"3\"
         Money(100),
         now,
     )
+    .change
     .unwrap();
     assert_eq!(down.to.as_deref(), Some("base"));
 }

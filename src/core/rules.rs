@@ -182,7 +182,9 @@ pub struct Tier {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TierPolicy {
     pub window: Duration,
-    /// A customer below their tier's threshold keeps it this long after reaching it.
+    /// A customer keeps their tier this long after their spend first falls below its
+    /// threshold: a loyal customer is not demoted by one slow month, however long ago the
+    /// tier was reached.
     pub downgrade_grace: Duration,
 }
 
@@ -1079,7 +1081,7 @@ pub fn tier_for_spend(rules: &RuleSet, spend: Money) -> Option<&Tier> {
 }
 
 /// A tier decision: upgrades happen at once, downgrades only at re-evaluation and only once
-/// the grace period since the current tier was reached has passed.
+/// the grace period since the spend first fell below the tier's threshold has passed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TierChange {
     pub from: Option<String>,
@@ -1106,16 +1108,33 @@ pub fn tier_after_sale(rules: &RuleSet, current: Option<&str>, spend_with_sale: 
     None
 }
 
+/// What the nightly re-evaluation decides for one customer: the change to record, and the
+/// dip to remember, so the ledger only loads, calls and writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TierReevaluation {
+    pub change: Option<TierChange>,
+    /// When the spend first fell below the kept tier's threshold, while it still is and the
+    /// grace runs; `None` when the spend meets the threshold or the tier changes. The ledger
+    /// stores it as given: this is what restarts the clock after a recovery.
+    pub below_since: Option<DateTime<Utc>>,
+}
+
+/// Re-evaluates a tier against the spend over the window. `below_since` is the dip start
+/// the previous run stored: grace counts from it, not from when the tier was reached,
+/// because a tier held for a year says nothing about how long the spend has been low.
 pub fn tier_at_reevaluation(
     rules: &RuleSet,
     current: Option<&str>,
-    since: Option<DateTime<Utc>>,
+    below_since: Option<DateTime<Utc>>,
     spend: Money,
     now: DateTime<Utc>,
-) -> Option<TierChange> {
+) -> TierReevaluation {
     let due = tier_for_spend(rules, spend).map(|t| t.id.clone());
     if due.as_deref() == current {
-        return None;
+        return TierReevaluation {
+            change: None,
+            below_since: None,
+        };
     }
     let current_min = current.and_then(|c| rules.tier(c)).map(|t| t.min_spend);
     let due_min = due.as_deref().and_then(|d| rules.tier(d)).map(|t| t.min_spend);
@@ -1124,23 +1143,37 @@ pub fn tier_at_reevaluation(
         (Some(c), Some(d)) => d > c,
         _ => false,
     };
-    if !upgrade && since.is_some_and(|s| now < s + rules.tier_policy.downgrade_grace) {
-        return None;
+    if !upgrade {
+        let dip = below_since.unwrap_or(now);
+        if now < dip + rules.tier_policy.downgrade_grace {
+            return TierReevaluation {
+                change: None,
+                below_since: Some(dip),
+            };
+        }
     }
-    Some(TierChange {
-        from: current.map(str::to_string),
-        to: due.clone(),
-        reason: format!(
-            "re-evaluation: spend {} over {} days{}",
-            spend,
-            rules.tier_policy.window.num_days(),
-            if upgrade {
-                ""
-            } else {
-                " is below the tier threshold after the grace period"
-            }
-        ),
-    })
+    let reason = format!(
+        "re-evaluation: spend {} over {} days{}",
+        spend,
+        rules.tier_policy.window.num_days(),
+        match below_since {
+            _ if upgrade => String::new(),
+            Some(dip) => format!(
+                " has been below the tier threshold since {} ({} days of grace)",
+                dip.with_timezone(&rules.timezone).format("%Y-%m-%d"),
+                rules.tier_policy.downgrade_grace.num_days()
+            ),
+            None => " is below the tier threshold (no grace)".to_string(),
+        }
+    );
+    TierReevaluation {
+        change: Some(TierChange {
+            from: current.map(str::to_string),
+            to: due,
+            reason,
+        }),
+        below_since: None,
+    }
 }
 
 /// Whether a customer's birthday falls within the bonus window around `today` (local date),
@@ -1356,5 +1389,103 @@ mod tests {
         let mut not_coffee = percent("not-coffee-5", 5, &[], &[]);
         not_coffee.filter.exclude_categories = vec!["coffee".into()];
         assert_eq!(earned(vec![not_coffee], &[]), (0, String::new()));
+    }
+
+    fn gold_program() -> RuleSet {
+        let mut rules = RuleSet::flat(Decimal::from(5), Money(100), Duration::days(14), None);
+        let tier = |id: &str, min_spend: i64| Tier {
+            id: id.into(),
+            name: id.into(),
+            min_spend: Money(min_spend),
+            earn_multiplier: Decimal::ONE,
+            discount_pct: Decimal::ZERO,
+            max_redeem_share: None,
+        };
+        rules.tiers = vec![tier("base", 0), tier("gold", 10_000_000)];
+        rules.tier_policy.downgrade_grace = Duration::days(30);
+        rules
+    }
+
+    /// Issue 16, point 6: a gold tier reached a year ago is not dropped the first night the
+    /// spend dips; grace starts that night and the tier goes once it has run out.
+    #[test]
+    fn tier_grace_starts_when_the_spend_first_falls_below_the_threshold() {
+        let rules = gold_program();
+        let dip_night = Utc.with_ymd_and_hms(2026, 3, 1, 21, 0, 0).unwrap();
+        let low = Money(9_000_000);
+
+        // a year in gold, tonight the spend dips: gold is kept and the dip recorded
+        let first = tier_at_reevaluation(&rules, Some("gold"), None, low, dip_night);
+        assert_eq!(
+            first,
+            TierReevaluation {
+                change: None,
+                below_since: Some(dip_night),
+            }
+        );
+
+        // a night before the grace runs out: still gold, the clock still from the dip
+        let day_29 = dip_night + Duration::days(29);
+        let kept = tier_at_reevaluation(&rules, Some("gold"), Some(dip_night), low, day_29);
+        assert_eq!((kept.change, kept.below_since), (None, Some(dip_night)));
+
+        // still below after the grace: downgraded, the dip forgotten
+        let day_30 = dip_night + Duration::days(30);
+        let down = tier_at_reevaluation(&rules, Some("gold"), Some(dip_night), low, day_30);
+        assert_eq!(down.change.as_ref().and_then(|c| c.to.as_deref()), Some("base"));
+        assert_eq!(down.below_since, None);
+    }
+
+    #[test]
+    fn a_recovery_resets_the_grace_and_a_second_dip_starts_it_again() {
+        let rules = gold_program();
+        let first_dip = Utc.with_ymd_and_hms(2026, 3, 1, 21, 0, 0).unwrap();
+        let (low, high) = (Money(9_000_000), Money(10_500_000));
+
+        let recovered = tier_at_reevaluation(
+            &rules,
+            Some("gold"),
+            Some(first_dip),
+            high,
+            first_dip + Duration::days(20),
+        );
+        assert_eq!(
+            recovered,
+            TierReevaluation {
+                change: None,
+                below_since: None,
+            },
+            "back at the threshold: the clock is cleared"
+        );
+
+        let second_dip = first_dip + Duration::days(25);
+        let again = tier_at_reevaluation(&rules, Some("gold"), None, low, second_dip);
+        assert_eq!(
+            (again.change.clone(), again.below_since),
+            (None, Some(second_dip))
+        );
+
+        // 35 days after the first dip but 10 after the second: gold is kept
+        let later = first_dip + Duration::days(35);
+        let kept = tier_at_reevaluation(&rules, Some("gold"), Some(second_dip), low, later);
+        assert_eq!((kept.change, kept.below_since), (None, Some(second_dip)));
+
+        let down = tier_at_reevaluation(
+            &rules,
+            Some("gold"),
+            Some(second_dip),
+            low,
+            second_dip + Duration::days(30),
+        );
+        assert_eq!(down.change.and_then(|c| c.to), Some("base".to_string()));
+    }
+
+    #[test]
+    fn upgrades_at_reevaluation_do_not_wait_for_any_grace() {
+        let rules = gold_program();
+        let now = Utc.with_ymd_and_hms(2026, 3, 1, 21, 0, 0).unwrap();
+        let up = tier_at_reevaluation(&rules, Some("base"), None, Money(10_000_000), now);
+        assert_eq!(up.change.and_then(|c| c.to), Some("gold".to_string()));
+        assert_eq!(up.below_since, None);
     }
 }

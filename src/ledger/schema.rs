@@ -472,6 +472,12 @@ ALTER TABLE accounting_postings ADD COLUMN partner TEXT;
 CREATE INDEX accounting_postings_settlement ON accounting_postings(partner, first_day, last_day)
     WHERE kind = 'settlement';
 "#,
+    // 13 (issue 16): tier grace counts from the dip, not from when the tier was reached.
+    r#"
+-- when the nightly re-evaluation first found the spend below the current tier's threshold;
+-- NULL while it meets it, cleared when the spend recovers or the tier changes
+ALTER TABLE customers ADD COLUMN tier_below_since INTEGER;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka
