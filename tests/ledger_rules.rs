@@ -7,7 +7,7 @@ use chrono::{Duration, NaiveDate};
 use common::{Env, reversion, sale};
 use kopilka::core::document::{Incoming, SourceRef, VoidReason};
 use kopilka::core::money::Points;
-use kopilka::ledger::{DateRange, Item};
+use kopilka::ledger::{CatalogItem, DateRange, Item};
 
 const TIERS: &str = r#"
 [guard]
@@ -425,4 +425,47 @@ sources = ["onec:partner"]
         .count();
     assert_eq!(daily, 0);
     env.assert_verified();
+}
+
+/// A broken catalog (1C exchanges can arrive half-written, a group moved under its own
+/// child) must not hang a sale: the path stops at a loop and at 64 groups.
+#[test]
+fn a_loop_or_an_endless_chain_of_parent_groups_ends_the_path() {
+    let mut env = Env::with_rules(TIERS);
+    let group = |id: String, name: String, parent: String| CatalogItem::Group {
+        id,
+        name,
+        parent: Some(parent),
+    };
+    let product = |id: &str, group: &str| CatalogItem::Product {
+        id: id.into(),
+        name: id.into(),
+        article: None,
+        group: Some(group.into()),
+        service: false,
+        deleted: false,
+    };
+    let mut items = vec![
+        group("g-beans".into(), "beans".into(), "g-coffee".into()),
+        group("g-coffee".into(), "coffee".into(), "g-beans".into()),
+        product("P-LOOP", "g-beans"),
+    ];
+    for i in 0..100 {
+        items.push(group(
+            format!("g{i}"),
+            format!("level {i}"),
+            format!("g{}", i + 1),
+        ));
+    }
+    items.push(product("P-DEEP", "g0"));
+    env.ledger.upsert_catalog(&items, env.now).unwrap();
+
+    let mut doc = sale("S1", Some("C1"), &[("P-LOOP", 1, 100), ("P-DEEP", 1, 100)]);
+    env.ledger.complete_from_catalog(&mut doc, None).unwrap();
+    let (looped, deep) = (&doc.lines[0], &doc.lines[1]);
+    assert_eq!(looped.category.as_deref(), Some("beans"));
+    assert_eq!(looped.category_parents, ["coffee"]);
+    assert_eq!(deep.category.as_deref(), Some("level 0"));
+    assert_eq!(deep.category_parents.len(), 63, "64 groups in all");
+    assert_eq!(deep.category_parents.last().map(String::as_str), Some("level 63"));
 }
