@@ -54,6 +54,7 @@ struct RawBudget {
 #[serde(default)]
 struct RawExclusions {
     products: Vec<String>,
+    /// Like a rule's categories: a group and everything below it.
     categories: Vec<String>,
     services: Option<bool>,
 }
@@ -81,6 +82,8 @@ struct RawVelocity {
 #[serde(default)]
 struct RawTierPolicy {
     window_days: Option<i64>,
+    /// Counted from the first re-evaluation that finds the spend below the tier's
+    /// threshold, not from when the tier was reached (see `TierPolicy::downgrade_grace`).
     downgrade_grace_days: Option<i64>,
 }
 
@@ -109,6 +112,8 @@ struct RawFilter {
     programs: Vec<String>,
     include_products: Vec<String>,
     exclude_products: Vec<String>,
+    /// Group names of 1C's catalog; each one covers the groups below it too, so a shop
+    /// writes the department once rather than every leaf group.
     include_categories: Vec<String>,
     exclude_categories: Vec<String>,
 }

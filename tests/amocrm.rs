@@ -157,6 +157,7 @@ fn sale(
             product_id: "P1".into(),
             name: "Кофе".into(),
             category: None,
+            category_parents: Vec::new(),
             quantity: Decimal::from_str("1").unwrap(),
             unit_price: net,
             discount: Money(0),

@@ -526,6 +526,7 @@ fn receipt(
             product_id: "P1".into(),
             name: "P1".into(),
             category: None,
+            category_parents: Vec::new(),
             quantity: rust_decimal::Decimal::ONE,
             unit_price: Money(300000),
             discount: Money(0),

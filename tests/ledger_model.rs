@@ -91,6 +91,7 @@ fn doc(
             product_id: format!("P{p}"),
             name: format!("product {p}"),
             category: Some("c".into()),
+            category_parents: Vec::new(),
             quantity: Decimal::from(q),
             unit_price: Money(price(p)),
             discount: Money(0),

@@ -7,7 +7,7 @@ use chrono::{Duration, NaiveDate};
 use common::{Env, reversion, sale};
 use kopilka::core::document::{Incoming, SourceRef, VoidReason};
 use kopilka::core::money::Points;
-use kopilka::ledger::{DateRange, Item};
+use kopilka::ledger::{CatalogItem, DateRange, Item};
 
 const TIERS: &str = r#"
 [guard]
@@ -52,8 +52,11 @@ fn a_tier_is_reached_by_spend_and_multiplies_later_sales() {
     assert_eq!(events.len(), 2);
     assert!(events[1].reason.contains("reached"), "{:?}", events[1]);
 
-    // a year later, below the threshold and past the grace period: back to base
+    // a year later the spend is below the threshold: the grace starts that night, and
+    // once it has passed with the spend still below, back to base
     env.now += Duration::days(400);
+    assert_eq!(env.run(|l, r, c| l.reevaluate_tiers(r, c)).unwrap(), 0);
+    env.now += Duration::days(30);
     assert_eq!(env.run(|l, r, c| l.reevaluate_tiers(r, c)).unwrap(), 1);
     assert_eq!(
         env.run(|l, r, c| l.reevaluate_tiers(r, c)).unwrap(),
@@ -62,6 +65,65 @@ fn a_tier_is_reached_by_spend_and_multiplies_later_sales() {
     );
     let (tier, _) = env.ledger.tier_of(c).unwrap();
     assert_eq!(tier.as_deref(), Some("base"));
+    env.assert_verified();
+}
+
+/// Issue 16, point 6: "Grace is measured from when the tier was reached, so a gold tier
+/// held for a year drops the first night spend dips. Grace starts when the customer first
+/// falls below the threshold."
+#[test]
+fn tier_grace_counts_from_the_first_night_below_the_threshold() {
+    let mut env = Env::with_rules(TIERS);
+    let t0 = env.now;
+    let mut s1 = sale("S1", Some("C1"), &[("P1", 1, 6000)]);
+    s1.occurred_at = t0 - Duration::days(3);
+    env.docs(vec![reversion(s1)]);
+    let c = env.ledger.customer_ids().unwrap()[0];
+    let nightly = |env: &mut Env| env.run(|l, r, c| l.reevaluate_tiers(r, c)).unwrap();
+    let tier = |env: &Env| env.ledger.tier_of(c).unwrap().0;
+    assert_eq!(tier(&env), Some("silver".into()));
+
+    // silver held for a year; tonight S1 has left the window and the spend dips
+    let first_dip = t0 + Duration::days(370);
+    env.now = first_dip;
+    assert_eq!(nightly(&mut env), 0, "kept: the grace starts tonight");
+    env.now = first_dip + Duration::days(5);
+
+    // the customer comes back: 6 000 ₽ again, and the next night finds the spend recovered
+    let mut s2 = sale("S2", Some("C1"), &[("P2", 1, 6000)]);
+    s2.occurred_at = env.now - Duration::hours(1);
+    env.docs(vec![reversion(s2)]);
+    assert_eq!(nightly(&mut env), 0);
+    assert_eq!(tier(&env), Some("silver".into()));
+
+    // S2 leaves the window: a second dip, 370 days after the first one. Had the first
+    // dip's clock kept running, this night would downgrade.
+    let second_dip = first_dip + Duration::days(370);
+    env.now = second_dip;
+    assert_eq!(
+        nightly(&mut env),
+        0,
+        "kept: the grace restarts from the second dip"
+    );
+    env.now = second_dip + Duration::days(29);
+    assert_eq!(nightly(&mut env), 0, "a day of grace left");
+    assert_eq!(tier(&env), Some("silver".into()));
+
+    env.now = second_dip + Duration::days(30);
+    assert_eq!(nightly(&mut env), 1, "still below after the grace: downgraded");
+    assert_eq!(nightly(&mut env), 0, "idempotent");
+    let (now_tier, events) = env.ledger.tier_of(c).unwrap();
+    assert_eq!(now_tier.as_deref(), Some("base"));
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.from.as_deref(), last.to.as_deref()),
+        (Some("silver"), Some("base"))
+    );
+    assert!(
+        last.reason.contains("below the tier threshold since"),
+        "{}",
+        last.reason
+    );
     env.assert_verified();
 }
 
@@ -363,4 +425,47 @@ sources = ["onec:partner"]
         .count();
     assert_eq!(daily, 0);
     env.assert_verified();
+}
+
+/// A broken catalog (1C exchanges can arrive half-written, a group moved under its own
+/// child) must not hang a sale: the path stops at a loop and at 64 groups.
+#[test]
+fn a_loop_or_an_endless_chain_of_parent_groups_ends_the_path() {
+    let mut env = Env::with_rules(TIERS);
+    let group = |id: String, name: String, parent: String| CatalogItem::Group {
+        id,
+        name,
+        parent: Some(parent),
+    };
+    let product = |id: &str, group: &str| CatalogItem::Product {
+        id: id.into(),
+        name: id.into(),
+        article: None,
+        group: Some(group.into()),
+        service: false,
+        deleted: false,
+    };
+    let mut items = vec![
+        group("g-beans".into(), "beans".into(), "g-coffee".into()),
+        group("g-coffee".into(), "coffee".into(), "g-beans".into()),
+        product("P-LOOP", "g-beans"),
+    ];
+    for i in 0..100 {
+        items.push(group(
+            format!("g{i}"),
+            format!("level {i}"),
+            format!("g{}", i + 1),
+        ));
+    }
+    items.push(product("P-DEEP", "g0"));
+    env.ledger.upsert_catalog(&items, env.now).unwrap();
+
+    let mut doc = sale("S1", Some("C1"), &[("P-LOOP", 1, 100), ("P-DEEP", 1, 100)]);
+    env.ledger.complete_from_catalog(&mut doc, None).unwrap();
+    let (looped, deep) = (&doc.lines[0], &doc.lines[1]);
+    assert_eq!(looped.category.as_deref(), Some("beans"));
+    assert_eq!(looped.category_parents, ["coffee"]);
+    assert_eq!(deep.category.as_deref(), Some("level 0"));
+    assert_eq!(deep.category_parents.len(), 63, "64 groups in all");
+    assert_eq!(deep.category_parents.last().map(String::as_str), Some("level 63"));
 }

@@ -214,6 +214,7 @@ impl Env {
                 product_id: "P1".into(),
                 name: "P1".into(),
                 category: None,
+                category_parents: Vec::new(),
                 quantity: rust_decimal::Decimal::ONE,
                 unit_price: Money(500_000),
                 discount: Money(0),

@@ -299,6 +299,84 @@ fn costs_come_from_the_purchase_price_type_of_the_offers_file() {
     );
 }
 
+/// Issue 16, point 5: a product in group "Зерно" under "Кофе" (under "Продукты"), as 1C
+/// nests `Группа` inside its parent's `Группы`, earns the coffee rule's rate after the
+/// catalog import: the line carries its whole path, not only its own group.
+#[test]
+fn a_nested_group_from_the_catalog_reaches_the_line_and_the_parent_rule() {
+    use kopilka::core::document::{DocKind, Line, SourceRef};
+    use kopilka::core::money::{Money, Points};
+    use kopilka::core::program::{CustomerState, Rules};
+
+    let mut env = env("");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onec/catalog-nested-groups.xml");
+    let r = env.import(&fixture);
+    assert!(r.catalog_items >= 4, "{r:?}");
+
+    let line = Line {
+        product_id: "p-1#1kg".into(), // the offer of p-1, filed under Зерно
+        name: "Кофе в зёрнах 1 кг".into(),
+        category: None,
+        category_parents: Vec::new(),
+        quantity: 1.into(),
+        unit_price: Money(189_000),
+        discount: Money(0),
+        net: Money(189_000),
+        unit_cost: Some(Money(104_355)),
+        service: false,
+    };
+    let mut doc = Document {
+        source: SourceRef {
+            system: "onec".into(),
+            doc_id: "D-beans".into(),
+            version: "v1".into(),
+            stamp: None,
+        },
+        kind: DocKind::Sale,
+        number: Some("1".into()),
+        occurred_at: Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).unwrap(),
+        customer: kopilka::core::identity::CustomerIdentity {
+            card: Some("C1".into()),
+            ..Default::default()
+        },
+        currency: "RUB".into(),
+        lines: vec![line],
+        total: Money(189_000),
+        points_redeemed: Points(0),
+        original: None,
+        store: None,
+        partner: None,
+    };
+    env.ledger.complete_from_catalog(&mut doc, None).unwrap();
+    let l = &doc.lines[0];
+    assert_eq!(l.category.as_deref(), Some("Зерно"));
+    assert_eq!(l.category_parents, ["Кофе", "Продукты"]);
+
+    let rules = kopilka::rules_file::parse(
+        r#"
+[guard]
+max_reward_share_of_margin = "1"
+[[rules]]
+id = "all-5"
+percent = "5"
+[[rules]]
+id = "coffee-10"
+percent = "10"
+include_categories = ["Кофе"]
+"#,
+        "rules.toml",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let customer = CustomerState {
+        customer_id: Some(1),
+        ..Default::default()
+    };
+    let d = rules.evaluate(&doc, &customer, doc.occurred_at);
+    // 10 % of 1 890 ₽ at 1 ₽ a point
+    assert_eq!(d.accrual, 189, "{:?}", d.explanation);
+    assert_eq!(d.explanation.items[0].rule, "coffee-10");
+}
+
 #[test]
 fn opening_balances_from_a_spreadsheet() {
     let mut env = env("");

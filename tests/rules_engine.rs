@@ -37,6 +37,7 @@ fn doc(lines: &[L<'_>]) -> Document {
             product_id: p.into(),
             name: p.into(),
             category: Some(c.into()),
+            category_parents: Vec::new(),
             quantity: Decimal::from(q),
             unit_price: Money::parse_rubles(net).unwrap(),
             discount: Money(0),
@@ -473,9 +474,9 @@ discount_pct = \"3\"
         "never downgraded by a sale"
     );
     let now = monday_morning();
-    let since = Some(now - Duration::days(10));
+    let below_since = Some(now - Duration::days(10));
     assert_eq!(
-        tier_at_reevaluation(&r, Some("silver"), since, Money(100), now),
+        tier_at_reevaluation(&r, Some("silver"), below_since, Money(100), now).change,
         None,
         "within grace"
     );
@@ -486,6 +487,7 @@ discount_pct = \"3\"
         Money(100),
         now,
     )
+    .change
     .unwrap();
     assert_eq!(down.to.as_deref(), Some("base"));
 }
@@ -813,6 +815,7 @@ fn arb_line() -> impl Strategy<Value = Line> {
             product_id: if coffee { "K".into() } else { "T".into() },
             name: "x".into(),
             category: Some(if coffee { "coffee".into() } else { "tea".into() }),
+            category_parents: Vec::new(),
             quantity: Decimal::from(q),
             // a discount of about a tenth taken at the till: net below the price
             unit_price: Money(net / q + net / q / 10),

@@ -122,7 +122,13 @@ pub struct Document {
 pub struct Line {
     pub product_id: String,
     pub name: String,
+    /// The product's own group (1C's catalog) or the category the source states.
     pub category: Option<String>,
+    /// The groups above `category` in 1C's catalog tree, nearest first: a rule for "coffee"
+    /// must reach a product filed under "coffee / beans". Filled from the catalog, never
+    /// stored with the line (the tree can change) and empty for sources that state only one
+    /// category.
+    pub category_parents: Vec<String>,
     pub quantity: Quantity,
     pub unit_price: Money,
     /// Discount on the line, already subtracted from `net`.
@@ -133,6 +139,16 @@ pub struct Line {
     pub unit_cost: Option<Money>,
     /// A service line (delivery, gift card) rather than goods.
     pub service: bool,
+}
+
+impl Line {
+    /// The line's category and the groups above it, most specific first.
+    pub fn category_path(&self) -> impl Iterator<Item = &str> {
+        self.category
+            .iter()
+            .chain(&self.category_parents)
+            .map(String::as_str)
+    }
 }
 
 /// Why a known document stops having an effect.
@@ -447,6 +463,7 @@ pub(crate) mod tests {
                 product_id: "P1".into(),
                 name: "Кофе".into(),
                 category: Some("coffee".into()),
+                category_parents: Vec::new(),
                 quantity: Decimal::from_str("2").unwrap(),
                 unit_price: Money(50000),
                 discount: Money(0),

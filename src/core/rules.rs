@@ -17,6 +17,7 @@
 //! converted to points **rounded down**, so the items of a decision sum exactly to what is
 //! posted, and a cap always reduces whole items from the last one back.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Timelike, Utc, Weekday};
@@ -103,26 +104,52 @@ impl Filter {
         true
     }
 
+    /// A category listed here stands for its whole subtree in 1C's catalog: the line
+    /// matches when any group on its path (own group or one above it) is listed.
     pub(crate) fn line_matches(&self, line: &Line) -> bool {
-        let category = line.category.as_deref().unwrap_or("");
         if self.exclude_products.contains(&line.product_id)
-            || self.exclude_categories.iter().any(|c| c == category)
+            || line
+                .category_path()
+                .any(|g| self.exclude_categories.iter().any(|c| c == g))
         {
             return false;
         }
-        let product_listed = self.include_products.contains(&line.product_id);
-        let category_listed = self.include_categories.iter().any(|c| c == category);
-        if self.include_products.is_empty() && self.include_categories.is_empty() {
-            return true;
-        }
-        product_listed || category_listed
+        self.specificity(line).is_some()
     }
+
+    /// How closely the filter's product/category inclusions name a line (`None`: they do
+    /// not name it). Exclusions are [`Filter::line_matches`]'s business.
+    fn specificity(&self, line: &Line) -> Option<Specificity> {
+        if self.include_products.is_empty() && self.include_categories.is_empty() {
+            return Some(Specificity::Any);
+        }
+        if self.include_products.contains(&line.product_id) {
+            return Some(Specificity::Product);
+        }
+        line.category_path()
+            .position(|g| self.include_categories.iter().any(|c| c == g))
+            .map(|depth| Specificity::Category(Reverse(depth)))
+    }
+}
+
+/// Which of several percent rules matching a line applies: the one that names the line most
+/// closely, so a shop can give a whole department one rate and one group or product
+/// another. Ordered from least to most specific.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Specificity {
+    /// No product or category inclusion.
+    Any,
+    /// A group on the line's path, by its distance from the product's own group.
+    Category(Reverse<usize>),
+    /// The product itself.
+    Product,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum EarnKind {
     /// Percent of the line's net paid in money. Where several percent rules match a line,
-    /// the highest applies (rates do not stack).
+    /// the most specific applies (product, then the deepest group, then rules naming
+    /// neither), the highest among equally specific ones; rates do not stack.
     Percent(Decimal),
     /// Multiplies the line's rate; several multipliers multiply.
     Multiplier(Decimal),
@@ -155,7 +182,9 @@ pub struct Tier {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TierPolicy {
     pub window: Duration,
-    /// A customer below their tier's threshold keeps it this long after reaching it.
+    /// A customer keeps their tier this long after their spend first falls below its
+    /// threshold: a loyal customer is not demoted by one slow month, however long ago the
+    /// tier was reached.
     pub downgrade_grace: Duration,
 }
 
@@ -361,9 +390,8 @@ impl RuleSet {
         (self.exclude_services && line.service)
             || self.exclusions.exclude_products.contains(&line.product_id)
             || line
-                .category
-                .as_ref()
-                .is_some_and(|c| self.exclusions.exclude_categories.contains(c))
+                .category_path()
+                .any(|g| self.exclusions.exclude_categories.iter().any(|c| c == g))
     }
 
     /// The budget period a moment falls in, as a stable key (`2026-03-02`, `2026-03`).
@@ -574,10 +602,11 @@ impl Rules for RuleSet {
             let best = matching
                 .iter()
                 .filter_map(|r| match r.kind {
-                    EarnKind::Percent(p) => Some((p, r.id.as_str())),
+                    EarnKind::Percent(p) => Some((r.filter.specificity(line)?, p, r.id.as_str())),
                     _ => None,
                 })
-                .max_by(|a, b| a.0.cmp(&b.0));
+                .max_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
+                .map(|(_, p, id)| (p, id));
             let mut multiplier = tier_multiplier;
             let mut mult_ids = Vec::new();
             for r in &matching {
@@ -1123,7 +1152,7 @@ pub fn tier_for_spend(rules: &RuleSet, spend: Money) -> Option<&Tier> {
 }
 
 /// A tier decision: upgrades happen at once, downgrades only at re-evaluation and only once
-/// the grace period since the current tier was reached has passed.
+/// the grace period since the spend first fell below the tier's threshold has passed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TierChange {
     pub from: Option<String>,
@@ -1150,16 +1179,33 @@ pub fn tier_after_sale(rules: &RuleSet, current: Option<&str>, spend_with_sale: 
     None
 }
 
+/// What the nightly re-evaluation decides for one customer: the change to record, and the
+/// dip to remember, so the ledger only loads, calls and writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TierReevaluation {
+    pub change: Option<TierChange>,
+    /// When the spend first fell below the kept tier's threshold, while it still is and the
+    /// grace runs; `None` when the spend meets the threshold or the tier changes. The ledger
+    /// stores it as given: this is what restarts the clock after a recovery.
+    pub below_since: Option<DateTime<Utc>>,
+}
+
+/// Re-evaluates a tier against the spend over the window. `below_since` is the dip start
+/// the previous run stored: grace counts from it, not from when the tier was reached,
+/// because a tier held for a year says nothing about how long the spend has been low.
 pub fn tier_at_reevaluation(
     rules: &RuleSet,
     current: Option<&str>,
-    since: Option<DateTime<Utc>>,
+    below_since: Option<DateTime<Utc>>,
     spend: Money,
     now: DateTime<Utc>,
-) -> Option<TierChange> {
+) -> TierReevaluation {
     let due = tier_for_spend(rules, spend).map(|t| t.id.clone());
     if due.as_deref() == current {
-        return None;
+        return TierReevaluation {
+            change: None,
+            below_since: None,
+        };
     }
     let current_min = current.and_then(|c| rules.tier(c)).map(|t| t.min_spend);
     let due_min = due.as_deref().and_then(|d| rules.tier(d)).map(|t| t.min_spend);
@@ -1168,23 +1214,37 @@ pub fn tier_at_reevaluation(
         (Some(c), Some(d)) => d > c,
         _ => false,
     };
-    if !upgrade && since.is_some_and(|s| now < s + rules.tier_policy.downgrade_grace) {
-        return None;
+    if !upgrade {
+        let dip = below_since.unwrap_or(now);
+        if now < dip + rules.tier_policy.downgrade_grace {
+            return TierReevaluation {
+                change: None,
+                below_since: Some(dip),
+            };
+        }
     }
-    Some(TierChange {
-        from: current.map(str::to_string),
-        to: due.clone(),
-        reason: format!(
-            "re-evaluation: spend {} over {} days{}",
-            spend,
-            rules.tier_policy.window.num_days(),
-            if upgrade {
-                ""
-            } else {
-                " is below the tier threshold after the grace period"
-            }
-        ),
-    })
+    let reason = format!(
+        "re-evaluation: spend {} over {} days{}",
+        spend,
+        rules.tier_policy.window.num_days(),
+        match below_since {
+            _ if upgrade => String::new(),
+            Some(dip) => format!(
+                " has been below the tier threshold since {} ({} days of grace)",
+                dip.with_timezone(&rules.timezone).format("%Y-%m-%d"),
+                rules.tier_policy.downgrade_grace.num_days()
+            ),
+            None => " is below the tier threshold (no grace)".to_string(),
+        }
+    );
+    TierReevaluation {
+        change: Some(TierChange {
+            from: current.map(str::to_string),
+            to: due,
+            reason,
+        }),
+        below_since: None,
+    }
 }
 
 /// Whether a customer's birthday falls within the bonus window around `today` (local date),
@@ -1236,4 +1296,267 @@ pub fn threshold_spend(rules: &RuleSet, doc: &Document) -> HashMap<String, i64> 
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::document::{DocKind, SourceRef};
+    use crate::core::identity::CustomerIdentity;
+    use crate::core::money::Points;
+    use chrono::TimeZone;
+
+    fn percent(id: &str, pct: i64, products: &[&str], categories: &[&str]) -> EarnRule {
+        EarnRule {
+            id: id.into(),
+            kind: EarnKind::Percent(Decimal::from(pct)),
+            filter: Filter {
+                include_products: products.iter().map(|p| p.to_string()).collect(),
+                include_categories: categories.iter().map(|c| c.to_string()).collect(),
+                ..Filter::default()
+            },
+            min_check: Money::ZERO,
+        }
+    }
+
+    /// A 1 000 ₽ line of "beans", a group under "coffee", with a wide margin so no cap bites.
+    fn beans_sale() -> Document {
+        let line = Line {
+            product_id: "P-BEANS".into(),
+            name: "Кофе в зёрнах".into(),
+            category: Some("beans".into()),
+            category_parents: vec!["coffee".into()],
+            quantity: Decimal::ONE,
+            unit_price: Money(100_000),
+            discount: Money::ZERO,
+            net: Money(100_000),
+            unit_cost: Some(Money(10_000)),
+            service: false,
+        };
+        Document {
+            source: SourceRef {
+                system: "onec".into(),
+                doc_id: "D1".into(),
+                version: "v1".into(),
+                stamp: None,
+            },
+            kind: DocKind::Sale,
+            number: Some("1".into()),
+            occurred_at: Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).unwrap(),
+            customer: CustomerIdentity {
+                card: Some("C1".into()),
+                ..Default::default()
+            },
+            currency: "RUB".into(),
+            lines: vec![line],
+            total: Money(100_000),
+            points_redeemed: Points(0),
+            original: None,
+            store: None,
+            partner: None,
+        }
+    }
+
+    fn earned(earn: Vec<EarnRule>, exclude_categories: &[&str]) -> (i64, String) {
+        let mut rules = RuleSet::flat(Decimal::ZERO, Money(100), Duration::days(14), None);
+        rules.earn = earn;
+        rules.exclusions.exclude_categories = exclude_categories.iter().map(|c| c.to_string()).collect();
+        let customer = CustomerState {
+            customer_id: Some(1),
+            ..Default::default()
+        };
+        let doc = beans_sale();
+        let d = rules.evaluate(&doc, &customer, doc.occurred_at);
+        let rule = d
+            .explanation
+            .items
+            .first()
+            .map(|i| i.rule.clone())
+            .unwrap_or_default();
+        (d.accrual, rule)
+    }
+
+    /// Issue 16, point 5: a product in group "beans" under "coffee" earned 5 %, not the
+    /// coffee rule's 10 %. 1 000 ₽ at 1 ₽ a point: 10 % is 100 points.
+    #[test]
+    fn category_rules_reach_the_groups_below_and_the_most_specific_wins() {
+        let all = || percent("all-5", 5, &[], &[]);
+        let coffee = || percent("coffee-10", 10, &[], &["coffee"]);
+        let beans = || percent("beans-3", 3, &[], &["beans"]);
+        let product = || percent("product-2", 2, &["P-BEANS"], &[]);
+        struct Case {
+            what: &'static str,
+            earn: Vec<EarnRule>,
+            excluded: &'static [&'static str],
+            points: i64,
+            rule: &'static str,
+        }
+        let case = |what, earn, excluded, points, rule| Case {
+            what,
+            earn,
+            excluded,
+            points,
+            rule,
+        };
+        let cases = [
+            case(
+                "the parent group's rule reaches beans",
+                vec![all(), coffee()],
+                &[],
+                100,
+                "coffee-10",
+            ),
+            case(
+                "order of the rules does not matter",
+                vec![coffee(), all()],
+                &[],
+                100,
+                "coffee-10",
+            ),
+            case(
+                "the own group is more specific than its parent",
+                vec![all(), coffee(), beans()],
+                &[],
+                30,
+                "beans-3",
+            ),
+            case(
+                "the product is more specific than any group",
+                vec![coffee(), beans(), product()],
+                &[],
+                20,
+                "product-2",
+            ),
+            case(
+                "a lower rule for every product does not undercut the group",
+                vec![percent("all-1", 1, &[], &[]), coffee()],
+                &[],
+                100,
+                "coffee-10",
+            ),
+            case(
+                "the highest among equally specific rules",
+                vec![coffee(), percent("coffee-12", 12, &[], &["coffee"])],
+                &[],
+                120,
+                "coffee-12",
+            ),
+            case(
+                "excluding coffee excludes beans",
+                vec![all(), coffee()],
+                &["coffee"],
+                0,
+                "",
+            ),
+        ];
+        for c in cases {
+            let (points, rule) = earned(c.earn, c.excluded);
+            assert_eq!((points, rule.as_str()), (c.points, c.rule), "{}", c.what);
+        }
+    }
+
+    #[test]
+    fn a_rule_excluding_the_parent_group_skips_the_groups_below() {
+        let mut not_coffee = percent("not-coffee-5", 5, &[], &[]);
+        not_coffee.filter.exclude_categories = vec!["coffee".into()];
+        assert_eq!(earned(vec![not_coffee], &[]), (0, String::new()));
+    }
+
+    fn gold_program() -> RuleSet {
+        let mut rules = RuleSet::flat(Decimal::from(5), Money(100), Duration::days(14), None);
+        let tier = |id: &str, min_spend: i64| Tier {
+            id: id.into(),
+            name: id.into(),
+            min_spend: Money(min_spend),
+            earn_multiplier: Decimal::ONE,
+            discount_pct: Decimal::ZERO,
+            max_redeem_share: None,
+        };
+        rules.tiers = vec![tier("base", 0), tier("gold", 10_000_000)];
+        rules.tier_policy.downgrade_grace = Duration::days(30);
+        rules
+    }
+
+    /// Issue 16, point 6: a gold tier reached a year ago is not dropped the first night the
+    /// spend dips; grace starts that night and the tier goes once it has run out.
+    #[test]
+    fn tier_grace_starts_when_the_spend_first_falls_below_the_threshold() {
+        let rules = gold_program();
+        let dip_night = Utc.with_ymd_and_hms(2026, 3, 1, 21, 0, 0).unwrap();
+        let low = Money(9_000_000);
+
+        // a year in gold, tonight the spend dips: gold is kept and the dip recorded
+        let first = tier_at_reevaluation(&rules, Some("gold"), None, low, dip_night);
+        assert_eq!(
+            first,
+            TierReevaluation {
+                change: None,
+                below_since: Some(dip_night),
+            }
+        );
+
+        // a night before the grace runs out: still gold, the clock still from the dip
+        let day_29 = dip_night + Duration::days(29);
+        let kept = tier_at_reevaluation(&rules, Some("gold"), Some(dip_night), low, day_29);
+        assert_eq!((kept.change, kept.below_since), (None, Some(dip_night)));
+
+        // still below after the grace: downgraded, the dip forgotten
+        let day_30 = dip_night + Duration::days(30);
+        let down = tier_at_reevaluation(&rules, Some("gold"), Some(dip_night), low, day_30);
+        assert_eq!(down.change.as_ref().and_then(|c| c.to.as_deref()), Some("base"));
+        assert_eq!(down.below_since, None);
+    }
+
+    #[test]
+    fn a_recovery_resets_the_grace_and_a_second_dip_starts_it_again() {
+        let rules = gold_program();
+        let first_dip = Utc.with_ymd_and_hms(2026, 3, 1, 21, 0, 0).unwrap();
+        let (low, high) = (Money(9_000_000), Money(10_500_000));
+
+        let recovered = tier_at_reevaluation(
+            &rules,
+            Some("gold"),
+            Some(first_dip),
+            high,
+            first_dip + Duration::days(20),
+        );
+        assert_eq!(
+            recovered,
+            TierReevaluation {
+                change: None,
+                below_since: None,
+            },
+            "back at the threshold: the clock is cleared"
+        );
+
+        let second_dip = first_dip + Duration::days(25);
+        let again = tier_at_reevaluation(&rules, Some("gold"), None, low, second_dip);
+        assert_eq!(
+            (again.change.clone(), again.below_since),
+            (None, Some(second_dip))
+        );
+
+        // 35 days after the first dip but 10 after the second: gold is kept
+        let later = first_dip + Duration::days(35);
+        let kept = tier_at_reevaluation(&rules, Some("gold"), Some(second_dip), low, later);
+        assert_eq!((kept.change, kept.below_since), (None, Some(second_dip)));
+
+        let down = tier_at_reevaluation(
+            &rules,
+            Some("gold"),
+            Some(second_dip),
+            low,
+            second_dip + Duration::days(30),
+        );
+        assert_eq!(down.change.and_then(|c| c.to), Some("base".to_string()));
+    }
+
+    #[test]
+    fn upgrades_at_reevaluation_do_not_wait_for_any_grace() {
+        let rules = gold_program();
+        let now = Utc.with_ymd_and_hms(2026, 3, 1, 21, 0, 0).unwrap();
+        let up = tier_at_reevaluation(&rules, Some("base"), None, Money(10_000_000), now);
+        assert_eq!(up.change.and_then(|c| c.to), Some("gold".to_string()));
+        assert_eq!(up.below_since, None);
+    }
 }

@@ -937,6 +937,7 @@ pub fn sales_push(op: &El, system: &str, currency: &str, tz: chrono_tz::Tz, stam
                 name: product.clone(),
                 product_id: product,
                 category: None,
+                category_parents: Vec::new(),
                 quantity,
                 unit_price: Money(unit_price),
                 discount: Money(0),

@@ -273,6 +273,7 @@ pub(super) fn basket_lines(lines: &[LineBody]) -> Result<Vec<Line>, String> {
             product_id: l.product_id.clone(),
             name: l.product_id.clone(),
             category: l.category.clone(),
+            category_parents: Vec::new(),
             quantity,
             unit_price: Money(0),
             discount: Money(0),

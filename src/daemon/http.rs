@@ -399,6 +399,7 @@ async fn quote_handler(State(s): State<AppState>, headers: HeaderMap, body: axum
             product_id: l.product_id.clone(),
             name: l.product_id.clone(),
             category: l.category.clone(),
+            category_parents: Vec::new(),
             quantity: q,
             unit_price: Money(0),
             discount: Money(0),

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Ledger, Result, ts};
-use crate::core::document::Document;
+use crate::core::document::{Document, Line};
 use crate::core::money::Money;
 
 /// A catalog change from a connector.
@@ -134,7 +134,8 @@ impl Ledger {
     }
 
     /// Fills what a document's lines do not say from the catalog: the category (the
-    /// product's group name), whether it is a service, and the cost on the sale's date.
+    /// product's group name) and the groups above it, whether it is a service, and the cost
+    /// on the sale's date.
     /// What the source stated is never overwritten.
     pub fn complete_from_catalog(&self, doc: &mut Document, policy: Option<&CostPolicy>) -> Result<()> {
         let pt = match policy {
@@ -166,8 +167,58 @@ impl Ledger {
     }
 }
 
-/// A product's group name and service flag, when the catalog has the product.
-type ProductRow = Option<(Option<String>, bool)>;
+/// A product's group path (own group first, then the groups above it) and service flag,
+/// when the catalog has the product.
+pub(super) type ProductRow = Option<(Vec<String>, bool)>;
+
+/// How many groups up a product's path is followed. 1C's trees are a handful of levels
+/// deep; the bound keeps a broken or hostile catalog (a loop of parents, a chain of
+/// thousands) from turning every sale into thousands of queries.
+const MAX_GROUP_DEPTH: usize = 64;
+
+/// The names of a group and the groups above it, nearest first, stopping at the root, at
+/// a parent the catalog does not have, at a loop, or at [`MAX_GROUP_DEPTH`].
+fn group_path(conn: &Connection, group: Option<String>) -> Result<Vec<String>> {
+    let mut path = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    let mut next = group;
+    while let Some(id) = next.take() {
+        if seen.len() >= MAX_GROUP_DEPTH || seen.contains(&id) {
+            break;
+        }
+        let row: Option<(String, Option<String>)> = conn
+            .prepare_cached("SELECT name, parent FROM catalog_groups WHERE id = ?1")?
+            .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((name, parent)) = row else { break };
+        seen.push(id);
+        path.push(name);
+        next = parent;
+    }
+    Ok(path)
+}
+
+/// A product's row from the catalog (by its base id, before `#`).
+pub(super) fn product_row(conn: &Connection, product: &str) -> Result<ProductRow> {
+    let base = product.split('#').next().unwrap_or(product);
+    let row: Option<(Option<String>, bool)> = conn
+        .prepare_cached("SELECT group_id, service FROM catalog_products WHERE id = ?1")?
+        .query_row([base], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match row {
+        Some((group, service)) => Ok(Some((group_path(conn, group)?, service))),
+        None => Ok(None),
+    }
+}
+
+/// The groups above a line's category when that category is the product's own group in
+/// the catalog (a category the source stated otherwise has no known parents).
+pub(super) fn parents_of(line: &Line, path: &[String]) -> Vec<String> {
+    match path.split_first() {
+        Some((own, parents)) if line.category.as_ref() == Some(own) => parents.to_vec(),
+        _ => Vec::new(),
+    }
+}
 
 /// The price type id a policy names (by id or by name).
 fn price_type_id(conn: &Connection, name_or_id: &str) -> Result<Option<String>> {
@@ -227,25 +278,18 @@ fn complete(
 ) -> Result<()> {
     for line in &mut doc.lines {
         let base = line.product_id.split('#').next().unwrap_or(&line.product_id);
-        let row = match products.get(base) {
-            Some(row) => row.clone(),
-            None => {
-                let row: ProductRow = conn
-                    .prepare_cached(
-                        "SELECT g.name, p.service FROM catalog_products p LEFT JOIN catalog_groups g ON g.id = p.group_id \
-                         WHERE p.id = ?1",
-                    )?
-                    .query_row([base], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
-                products.insert(base.to_string(), row.clone());
-                row
-            }
-        };
-        if let Some((group, service)) = row {
+        if !products.contains_key(base) {
+            let row = product_row(conn, base)?;
+            products.insert(base.to_string(), row);
+        }
+        if let Some(Some((path, service))) = products.get(base) {
             if line.category.is_none() {
-                line.category = group;
+                line.category = path.first().cloned();
             }
-            line.service |= service;
+            if line.category_parents.is_empty() {
+                line.category_parents = parents_of(line, path);
+            }
+            line.service |= *service;
         }
         if line.unit_cost.is_none()
             && let (Some(p), Some(pt)) = (policy, pt)

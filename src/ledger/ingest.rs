@@ -1402,9 +1402,10 @@ fn returning_counter(conn: &Connection, ret: i64, key: &str) -> Result<i64> {
         .query_row(params![ret, key], |r| r.get(0))?)
 }
 
-/// A stored document's lines as the rules see them (what counters and clawbacks need).
+/// A stored document's lines as the rules see them (what counters and clawbacks need), with
+/// the groups above each line's category from the catalog, as the sale was evaluated.
 fn stored_lines(conn: &Connection, doc: i64) -> Result<Vec<Line>> {
-    Ok(conn
+    let mut lines: Vec<Line> = conn
         .prepare_cached(
             "SELECT product_id, name, category, quantity, unit_price, discount, net, unit_cost, service \
              FROM document_lines WHERE document_id = ?1 ORDER BY line_no",
@@ -1414,6 +1415,7 @@ fn stored_lines(conn: &Connection, doc: i64) -> Result<Vec<Line>> {
                 product_id: r.get(0)?,
                 name: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
                 category: r.get(2)?,
+                category_parents: Vec::new(),
                 quantity: parse_qty(&r.get::<_, String>(3)?),
                 unit_price: Money(r.get(4)?),
                 discount: Money(r.get(5)?),
@@ -1422,7 +1424,15 @@ fn stored_lines(conn: &Connection, doc: i64) -> Result<Vec<Line>> {
                 service: r.get(8)?,
             })
         })?
-        .collect::<rusqlite::Result<_>>()?)
+        .collect::<rusqlite::Result<_>>()?;
+    for line in &mut lines {
+        if line.category.is_some()
+            && let Some((path, _)) = super::catalog::product_row(conn, &line.product_id)?
+        {
+            line.category_parents = super::catalog::parents_of(line, &path);
+        }
+    }
+    Ok(lines)
 }
 
 fn line_count(conn: &Connection, doc: i64) -> Result<usize> {

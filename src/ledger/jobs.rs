@@ -93,7 +93,9 @@ fn grant(conn: &rusqlite::Connection, rules: &RuleSet, g: Grant<'_>, now: DateTi
 
 impl Ledger {
     /// Re-evaluates every customer's tier against their spend over the tier window:
-    /// upgrades that sales missed, and downgrades once the grace period has passed.
+    /// upgrades that sales missed, and downgrades once the grace period since the spend
+    /// first fell below the tier's threshold has passed. The dip's start is stored
+    /// (`tier_below_since`) so later nights count from it, and cleared when spend recovers.
     pub fn reevaluate_tiers(&mut self, rules: &RuleSet, ctx: &IngestContext<'_>) -> Result<usize> {
         if rules.tiers.is_empty() {
             return Ok(0);
@@ -104,7 +106,7 @@ impl Ledger {
         let from = ts(now - rules.tier_policy.window);
         let rows: Vec<(i64, Option<String>, Option<i64>, i64)> = tx
             .prepare(
-                "SELECT c.id, c.tier, c.tier_since, COALESCE((SELECT SUM(d.total) FROM documents d \
+                "SELECT c.id, c.tier, c.tier_below_since, COALESCE((SELECT SUM(d.total) FROM documents d \
                  WHERE d.customer_id = c.id AND d.kind = 'sale' AND d.applied = 1 AND d.occurred_at >= ?1 \
                  AND d.occurred_at <= ?2), 0) FROM customers c",
             )?
@@ -113,12 +115,15 @@ impl Ledger {
             })?
             .collect::<rusqlite::Result<_>>()?;
         let mut changed = BTreeSet::new();
-        for (c, tier, since, spend) in rows {
-            if let Some(change) =
-                tier_at_reevaluation(rules, tier.as_deref(), since.map(from_ts), Money(spend), now)
-            {
-                super::state::record_tier(&tx, c, &change, now, None)?;
+        for (c, tier, below, spend) in rows {
+            let r = tier_at_reevaluation(rules, tier.as_deref(), below.map(from_ts), Money(spend), now);
+            if let Some(change) = &r.change {
+                super::state::record_tier(&tx, c, change, now, None)?;
                 changed.insert(c);
+            } else if r.below_since.map(ts) != below {
+                // the dip started tonight, or the spend is back at the threshold
+                tx.prepare_cached("UPDATE customers SET tier_below_since = ?2 WHERE id = ?1")?
+                    .execute(params![c, r.below_since.map(ts)])?;
             }
         }
         finish_write(&tx, since, &changed, ctx)?;

@@ -142,8 +142,10 @@ impl Ledger {
                 continue;
             }
             if let Some(tier) = &tier {
-                tx.prepare_cached("UPDATE customers SET tier = ?2, tier_since = ?3 WHERE id = ?1")?
-                    .execute(params![customer, tier, super::ts(now)])?;
+                tx.prepare_cached(
+                    "UPDATE customers SET tier = ?2, tier_since = ?3, tier_below_since = NULL WHERE id = ?1",
+                )?
+                .execute(params![customer, tier, super::ts(now)])?;
             }
             if row.points == 0 {
                 report.applied += 1;

@@ -1,10 +1,12 @@
 //! Reading the ledger: balances, history, summaries. Nothing here writes.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::{Ledger, LedgerError, Result, from_ts, ts};
+use super::{Ledger, LedgerError, Result, catalog, from_ts, ts};
 use crate::core::document::{DocKind, Document, Line, SourceRef};
 use crate::core::identity::{CustomerQuery, parse_customer_query};
 use crate::core::journal::Explanation;
@@ -565,7 +567,9 @@ impl Ledger {
     }
 
     /// Streams the sales in force in a period, in date order, as the rules saw them (lines
-    /// with their stored cost), for `kopilka simulate` and other replays.
+    /// with their stored cost), for `kopilka simulate` and other replays. The groups above a
+    /// line's category are not stored with it: they come from the catalog as it stands, so
+    /// a rule for a parent group is simulated on the products below it.
     pub fn for_each_sale(&self, range: &DateRange, mut f: impl FnMut(SimSale)) -> Result<usize> {
         let (from, to) = range.bounds();
         let mut st = self.conn.prepare(
@@ -579,6 +583,7 @@ impl Ledger {
         let mut rows = st.query(params![from, to])?;
         let mut current: Option<(i64, SimSale)> = None;
         let mut n = 0;
+        let mut products: HashMap<String, catalog::ProductRow> = HashMap::new();
         while let Some(r) = rows.next()? {
             let id: i64 = r.get(0)?;
             if current.as_ref().is_none_or(|(cur, _)| *cur != id) {
@@ -614,17 +619,32 @@ impl Ledger {
                 ));
             }
             if let Some((_, sale)) = current.as_mut() {
-                sale.doc.lines.push(Line {
+                let mut line = Line {
                     product_id: r.get(12)?,
                     name: r.get::<_, Option<String>>(13)?.unwrap_or_default(),
                     category: r.get(14)?,
+                    category_parents: Vec::new(),
                     quantity: r.get::<_, String>(15)?.parse().unwrap_or_default(),
                     unit_price: Money(r.get(16)?),
                     discount: Money(r.get(17)?),
                     net: Money(r.get(18)?),
                     unit_cost: r.get::<_, Option<i64>>(19)?.map(Money),
                     service: r.get(20)?,
-                });
+                };
+                let base = line
+                    .product_id
+                    .split('#')
+                    .next()
+                    .unwrap_or(&line.product_id)
+                    .to_string();
+                if !products.contains_key(&base) {
+                    let row = catalog::product_row(&self.conn, &base)?;
+                    products.insert(base.clone(), row);
+                }
+                if let Some(Some((path, _))) = products.get(&base) {
+                    line.category_parents = catalog::parents_of(&line, path);
+                }
+                sale.doc.lines.push(line);
             }
         }
         if let Some((_, sale)) = current.take() {

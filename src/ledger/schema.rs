@@ -472,7 +472,13 @@ ALTER TABLE accounting_postings ADD COLUMN partner TEXT;
 CREATE INDEX accounting_postings_settlement ON accounting_postings(partner, first_day, last_day)
     WHERE kind = 'settlement';
 "#,
-    // 13 (issue 16): the points paid at the till, per line, as the guard spread them; what
+    // 13 (issue 16): tier grace counts from the dip, not from when the tier was reached.
+    r#"
+-- when the nightly re-evaluation first found the spend below the current tier's threshold;
+-- NULL while it meets it, cleared when the spend recovers or the tier changes
+ALTER TABLE customers ADD COLUMN tier_below_since INTEGER;
+"#,
+    // 14 (issue 16): the points paid at the till, per line, as the guard spread them; what
     // each counter held when a sale added to it.
     r#"
 -- kopecks of the points paid on the sale that fall on this line (NULL: none were paid), by

@@ -229,8 +229,11 @@ pub(crate) fn record_tier(
     at: DateTime<Utc>,
     document: Option<i64>,
 ) -> Result<()> {
-    conn.prepare_cached("UPDATE customers SET tier = ?2, tier_since = ?3 WHERE id = ?1")?
-        .execute(params![c, change.to, ts(at)])?;
+    // a new tier starts with no dip: its grace has nothing to do with the last one's
+    conn.prepare_cached(
+        "UPDATE customers SET tier = ?2, tier_since = ?3, tier_below_since = NULL WHERE id = ?1",
+    )?
+    .execute(params![c, change.to, ts(at)])?;
     conn.prepare_cached(
         "INSERT INTO tier_events (customer_id, from_tier, to_tier, at, reason, document_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?

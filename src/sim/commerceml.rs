@@ -507,6 +507,7 @@ impl<'a> Generator<'a> {
                 product_id: delivery.id.clone(),
                 name: delivery.name.clone(),
                 category: Some(delivery.category.clone()),
+                category_parents: Vec::new(),
                 quantity: Decimal::ONE,
                 unit_price: delivery.price,
                 discount: Money::ZERO,

@@ -117,6 +117,7 @@ impl Shop {
                 product_id: p.id.clone(),
                 name: p.name.clone(),
                 category: Some(p.category.clone()),
+                category_parents: Vec::new(),
                 quantity: Decimal::from(qty),
                 unit_price: p.price,
                 discount: Money(discount),

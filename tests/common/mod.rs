@@ -155,6 +155,7 @@ pub fn sale(id: &str, card: Option<&str>, lines: &[(&str, i64, i64)]) -> Documen
             product_id: p.into(),
             name: p.into(),
             category: None,
+            category_parents: Vec::new(),
             quantity: Decimal::from(q),
             unit_price: Money(rub * 100),
             discount: Money(0),

@@ -60,6 +60,7 @@ fn sale(id: String, i: usize, rub: i64, at: DateTime<Utc>) -> Document {
             product_id: "P00001".into(),
             name: "Кофе в зёрнах".into(),
             category: Some("coffee".into()),
+            category_parents: Vec::new(),
             quantity: Decimal::ONE,
             unit_price: net,
             discount: Money::ZERO,

@@ -72,6 +72,7 @@ fn document(e: &Entity, cards: &HashMap<String, usize>, shop: &crate::sim::sales
                 product_id: text(r, "Номенклатура_Key").unwrap_or_default(),
                 name: String::new(),
                 category: None,
+                category_parents: Vec::new(),
                 quantity: text(r, "Количество")
                     .and_then(|q| q.parse().ok())
                     .unwrap_or(Decimal::ONE),

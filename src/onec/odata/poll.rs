@@ -1060,6 +1060,7 @@ impl OdataPoller {
                 name: st.products.get(product).map(|p| p.1.clone()).unwrap_or_default(),
                 product_id,
                 category: None,
+                category_parents: Vec::new(),
                 quantity,
                 unit_price: money(price, &rm.price).map_err(at)?,
                 discount: money(discount, "discounts").map_err(at)?,
