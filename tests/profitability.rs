@@ -402,3 +402,137 @@ proptest! {
         env.assert_verified();
     }
 }
+
+/// Point 7: `simulate`'s "current rules" replay is the ledger's own figure for the period,
+/// sale by sale, when the ledger took the sales in date order; where it cannot be (a sale
+/// recorded after a later one), the difference is named with its cause.
+#[test]
+fn the_replay_of_the_rules_in_force_is_what_the_ledger_issued() {
+    let rules = format!(
+        "{EVENTS}\n[tier_policy]\nwindow_days = 365\n[[tiers]]\nid = \"base\"\nmin_spend_kopecks = 0\n\
+         [[tiers]]\nid = \"gold\"\nmin_spend_kopecks = 1000000\nearn_multiplier = \"2\"\n"
+    );
+    let mut env = Env::with_rules(&rules);
+    let mut n = 0;
+    let mut next = |card: &str, lines: &[(&str, i64, i64)], days_ago: i64| {
+        n += 1;
+        let mut s = sale(&format!("S{n}"), Some(card), lines);
+        s.occurred_at -= Duration::days(days_ago);
+        reversion(s)
+    };
+    let in_order = vec![
+        next("C1", &[("K", 2, 500), ("A", 1, 2000)], 90),
+        next("C2", &[("K", 1, 500)], 80),
+        next("C1", &[("K", 2, 500)], 70),
+        next("C1", &[("A", 3, 2500)], 60),
+        next("C2", &[("A", 1, 6000)], 50),
+        next("C1", &[("K", 1, 500), ("A", 1, 900)], 40),
+    ];
+    for s in &in_order {
+        env.docs(vec![s.clone()]);
+    }
+    let replay = |env: &Env, from: Option<chrono::DateTime<chrono::Utc>>| {
+        let mut sales = Vec::new();
+        env.ledger
+            .for_each_sale(&kopilka::ledger::DateRange::default(), |s| sales.push(s))
+            .unwrap();
+        kopilka::core::simulate::simulate(&env.rules, sales, from)
+    };
+    let all = kopilka::ledger::DateRange::default();
+    let ledger = env.ledger.issued_figures(&all).unwrap();
+    let current = replay(&env, None);
+    assert!(ledger.on_sales > 0);
+    assert_eq!(current.points_issued, ledger.on_sales);
+    for (id, points) in &current.issued_by_sale {
+        assert_eq!(ledger.by_sale[id], *points, "sale row {id}");
+    }
+    // a period of the last 65 days: the sales before it build the state (C1's first
+    // purchase, stamps, gold tier) and are not counted
+    let from = common::t0() - Duration::days(65);
+    let period = kopilka::ledger::DateRange {
+        from: Some(from),
+        to: None,
+    };
+    let ledger = env.ledger.issued_figures(&period).unwrap();
+    let current = replay(&env, Some(from));
+    assert_eq!(current.sales, 3);
+    assert_eq!(current.points_issued, ledger.on_sales);
+
+    // a sale 1C sends late, dated before C1's last one: the ledger evaluated it on a state
+    // the replay in date order does not have, and says so
+    let late = next("C1", &[("K", 1, 500)], 45);
+    env.docs(vec![late]);
+    let ledger = env.ledger.issued_figures(&period).unwrap();
+    assert!(!ledger.out_of_order.is_empty());
+    let current = replay(&env, Some(from));
+    let differing: Vec<i64> = current
+        .issued_by_sale
+        .iter()
+        .filter(|(id, p)| ledger.by_sale[id] != *p)
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(
+        !differing.is_empty(),
+        "the late sale changes what the replay gives"
+    );
+    assert!(
+        differing.iter().all(|id| ledger.out_of_order.contains(id)),
+        "{differing:?} vs {:?}",
+        ledger.out_of_order
+    );
+}
+
+/// Point 4, from the issue's example: a line already 66.08 ₽ below cost by its price, with
+/// a few points paid on it, books to the program only what the points took; the pricing
+/// loss is listed apart; both lists add up to their headlines and name the line.
+#[test]
+fn the_program_books_only_the_loss_its_points_caused() {
+    let mut env = Env::with_rules(
+        r#"
+[guard]
+max_reward_share_of_margin = "0.5"
+min_markup = "0.05"
+[[rules]]
+id = "base"
+percent = "5"
+"#,
+    );
+    let mut s0 = sale("S0", Some("C1"), &[("X", 10, 2000)]);
+    s0.occurred_at -= Duration::days(40);
+    env.docs(vec![reversion(s0)]);
+    // A: net 400.00, cost 466.08 (66.08 below cost by price); B: net 900.00, cost 880.00
+    let mut s1 = sale("S1", Some("C1"), &[("A", 1, 400), ("B", 1, 900)]);
+    s1.lines[0].unit_cost = Some(Money(46_608));
+    s1.lines[1].unit_cost = Some(Money(88_000));
+    s1.lines[0].name = "Шоколад №174".into();
+    s1.points_redeemed = Points(13);
+    s1.occurred_at -= Duration::days(1);
+    let report = env.docs(vec![reversion(s1)]);
+    // no line can take points down to its floor: the till took them anyway, spread by net
+    assert!(
+        report.flags.iter().any(|(_, f)| f.code == "loss_maker"),
+        "{:?}",
+        report.flags
+    );
+    let r = env
+        .ledger
+        .program_report(&kopilka::ledger::DateRange::default(), env.now, 100)
+        .unwrap();
+    // 13 ₽ over 400 : 900 → 4.00 ₽ on A, all of it below cost; B stays above cost
+    assert_eq!((r.loss_maker_sales, r.loss_maker_kopecks), (1, 400));
+    assert_eq!(r.loss_lines.total_kopecks, r.loss_maker_kopecks);
+    assert_eq!(r.loss_lines.lines.len(), 1);
+    let line = &r.loss_lines.lines[0];
+    assert_eq!((line.loss_kopecks, line.points_paid_kopecks), (400, 400));
+    assert_eq!(line.name.as_deref(), Some("Шоколад №174"));
+    assert!(
+        line.title(chrono_tz::Europe::Moscow)
+            .starts_with("Продажа N-S1 от "),
+        "{}",
+        line.title(chrono_tz::Europe::Moscow)
+    );
+    // the pricing loss: A's 66.08 ₽, not the program's
+    assert_eq!(r.pricing_loss.total_kopecks, 6_608);
+    assert_eq!(r.pricing_loss.lines[0].loss_kopecks, 6_608);
+    env.assert_verified();
+}

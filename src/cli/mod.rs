@@ -631,11 +631,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut candidate = crate::rules_file::load(&a.rules)?;
             candidate.timezone = cfg.timezone;
             let range = local_range(&cfg, a.from, a.to)?;
+            // the sales before the period build the state the period's sales found
             let mut sales = Vec::new();
-            ledger.for_each_sale(&range, |s| sales.push(s))?;
-            let current = crate::core::simulate::simulate(&cfg.program, sales.iter().cloned());
-            let proposed = crate::core::simulate::simulate(&candidate, sales);
-            output::simulation(&current, &proposed, &a.rules, a.json)?;
+            let history = crate::ledger::DateRange {
+                from: None,
+                to: range.to,
+            };
+            ledger.for_each_sale(&history, |s| sales.push(s))?;
+            let current = crate::core::simulate::simulate(&cfg.program, sales.iter().cloned(), range.from);
+            let proposed = crate::core::simulate::simulate(&candidate, sales, range.from);
+            let baseline = output::Baseline::new(&ledger.issued_figures(&range)?, &current);
+            output::simulation(&current, &proposed, &baseline, &a.rules, a.json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Offers(a) => {

@@ -275,14 +275,65 @@ pub fn quarantine(entries: &[QuarantineEntry], as_json: bool, tz: Tz) -> anyhow:
     Ok(())
 }
 
+/// The ledger's own figures for the period beside the replay of the rules in force, and
+/// where they differ, why (issue 16, point 7): a comparison an owner can trust starts from
+/// what was really issued.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Baseline {
+    pub ledger: crate::ledger::LedgerIssued,
+    pub replayed: i64,
+    /// Sales the replay gives other points than the ledger did, and the points in sum
+    /// (replay − ledger).
+    pub differing_sales: i64,
+    pub differing_points: i64,
+    /// Of the differing sales: with a sale of the same customer recorded out of date order
+    /// around them (1C sent it late), applied again after an edit, after
+    /// a return of the customer, and the rest (the rules file or a nightly tier change since
+    /// the sale was recorded).
+    pub out_of_order: i64,
+    pub reapplied: i64,
+    pub after_return: i64,
+    pub other: i64,
+}
+
+impl Baseline {
+    pub fn new(ledger: &crate::ledger::LedgerIssued, current: &SimReport) -> Baseline {
+        let mut b = Baseline {
+            ledger: ledger.clone(),
+            replayed: current.points_issued,
+            ..Default::default()
+        };
+        for (id, replayed) in &current.issued_by_sale {
+            let issued = ledger.by_sale.get(id).copied().unwrap_or(0);
+            if *replayed == issued {
+                continue;
+            }
+            b.differing_sales += 1;
+            b.differing_points += replayed - issued;
+            if ledger.out_of_order.contains(id) {
+                b.out_of_order += 1;
+            } else if ledger.reapplied.contains(id) {
+                b.reapplied += 1;
+            } else if ledger.after_return.contains(id) {
+                b.after_return += 1;
+            } else {
+                b.other += 1;
+            }
+        }
+        b
+    }
+}
+
 pub fn simulation(
     current: &SimReport,
     proposed: &SimReport,
+    baseline: &Baseline,
     file: &std::path::Path,
     as_json: bool,
 ) -> anyhow::Result<()> {
     if as_json {
         return json(&serde_json::json!({
+            "baseline": baseline,
             "current": current,
             "proposed": proposed,
             "difference": {
@@ -298,6 +349,28 @@ pub fn simulation(
         proposed.sales,
         proposed.lines,
         file.display()
+    );
+    println!();
+    let l = &baseline.ledger;
+    println!(
+        "the ledger issued on these sales   {:>16}  (current rules replayed: {}, {} on {} sales)",
+        l.on_sales,
+        baseline.replayed,
+        signed(baseline.replayed - l.on_sales),
+        baseline.differing_sales
+    );
+    if baseline.differing_sales > 0 {
+        println!(
+            "  where the replay differs: {} sales next to a sale of the same customer 1C sent out of date order, \
+             {} applied again after an edit in 1C (on the state of that day), {} after a return of the customer, \
+             {} otherwise (the rules file changed, a nightly tier change, or the program budget filled in the order 1C sent the sales)",
+            baseline.out_of_order, baseline.reapplied, baseline.after_return, baseline.other
+        );
+    }
+    println!(
+        "  not replayed: bonuses without a sale {} (joining, birthdays, referrals), adjustments {}, \
+         taken back by returns {}",
+        l.bonuses_without_sale, l.adjustments, l.taken_back_by_returns
     );
     println!();
     println!(
@@ -375,6 +448,10 @@ pub fn simulation(
         );
     }
     Ok(())
+}
+
+fn signed(v: i64) -> String {
+    if v > 0 { format!("+{v}") } else { v.to_string() }
 }
 
 pub fn partners(rows: &[PartnerTotals], as_json: bool) -> anyhow::Result<()> {

@@ -16,6 +16,9 @@ use super::rules::{RuleSet, line_margin, tier_after_sale};
 /// A stored sale as the simulation sees it.
 #[derive(Clone, Debug)]
 pub struct SimSale {
+    /// The ledger's row id of the sale (0 outside a ledger): how the replay's figure of each
+    /// sale is set beside what the ledger issued on it.
+    pub id: i64,
     pub customer: Option<i64>,
     pub doc: Document,
 }
@@ -46,6 +49,10 @@ pub struct SimReport {
     /// Points granted on lines whose cost is unknown.
     pub blind_points: i64,
     pub by_rule: Vec<RuleStats>,
+    /// Points issued per counted sale (ledger row id, points), for the comparison with the
+    /// ledger's own figures.
+    #[serde(skip)]
+    pub issued_by_sale: Vec<(i64, i64)>,
 }
 
 #[derive(Default)]
@@ -67,8 +74,15 @@ fn window_sum(q: &mut VecDeque<(DateTime<Utc>, i64)>, from: DateTime<Utc>) -> i6
     q.iter().map(|(_, v)| v).sum()
 }
 
-/// Replays `sales` (in date order) under `rules`.
-pub fn simulate(rules: &RuleSet, sales: impl IntoIterator<Item = SimSale>) -> SimReport {
+/// Replays `sales` (in date order) under `rules`. Sales before `count_from` are replayed
+/// only to build the customers' state (first purchase, tiers, stamp cards, thresholds,
+/// budgets) the counted ones find, as the ledger's customers had it: without them the
+/// replay of a period starts every customer from nothing and differs from what was issued.
+pub fn simulate(
+    rules: &RuleSet,
+    sales: impl IntoIterator<Item = SimSale>,
+    count_from: Option<DateTime<Utc>>,
+) -> SimReport {
     let mut report = SimReport::default();
     let mut customers: HashMap<i64, SimCustomer> = HashMap::new();
     let mut budgets: HashMap<String, BudgetState> = HashMap::new();
@@ -111,48 +125,12 @@ pub fn simulate(rules: &RuleSet, sales: impl IntoIterator<Item = SimSale>) -> Si
             state.memberships = cs.memberships.clone();
         }
         let decision = rules.evaluate(d, &state, at);
-        report.sales += 1;
-        report.lines += d.lines.len() as i64;
+        let counted = count_from.is_none_or(|f| at >= f);
         let bonus_points: i64 = decision.bonuses.iter().map(|b| b.points).sum();
         let issued = decision.accrual + bonus_points;
-        report.points_issued += issued;
-        report.gross_margin_kopecks += decision.margin.0;
-        report.loss_making_lines += d
-            .lines
-            .iter()
-            .filter(|l| line_margin(l).is_some_and(|m| m < 0))
-            .count() as i64;
-        if decision.flags.iter().any(|f| f.code == "budget_capped") {
-            report.budget_capped_sales += 1;
-        }
-        for item in &decision.explanation.items {
-            let s = by_rule.entry(item.rule.clone()).or_insert_with(|| RuleStats {
-                rule: item.rule.clone(),
-                ..Default::default()
-            });
-            s.points += item.points;
-            if item
-                .cap
-                .as_deref()
-                .is_some_and(|c| c.starts_with("max_reward_share_of_margin"))
-            {
-                s.lines_capped += 1;
-                report.lines_capped_by_margin += 1;
-            }
-            if let Some(l) = item.line
-                && d.lines
-                    .get(l as usize - 1)
-                    .is_some_and(|line| line.unit_cost.is_none())
-            {
-                report.blind_points += item.points;
-            }
-        }
-        for b in &decision.bonuses {
-            let s = by_rule.entry(b.rule.clone()).or_insert_with(|| RuleStats {
-                rule: b.rule.clone(),
-                ..Default::default()
-            });
-            s.points += b.points;
+        if counted {
+            count(&mut report, &mut by_rule, d, &decision, issued);
+            report.issued_by_sale.push((sale.id, issued));
         }
         if let Some(p) = period {
             let e = budgets.entry(p).or_default();
@@ -200,6 +178,57 @@ pub fn simulate(rules: &RuleSet, sales: impl IntoIterator<Item = SimSale>) -> Si
     report
 }
 
+/// Adds one counted sale's figures to the report.
+fn count(
+    report: &mut SimReport,
+    by_rule: &mut BTreeMap<String, RuleStats>,
+    d: &Document,
+    decision: &super::program::Decision,
+    issued: i64,
+) {
+    report.sales += 1;
+    report.lines += d.lines.len() as i64;
+    report.points_issued += issued;
+    report.gross_margin_kopecks += decision.margin.0;
+    report.loss_making_lines += d
+        .lines
+        .iter()
+        .filter(|l| line_margin(l).is_some_and(|m| m < 0))
+        .count() as i64;
+    if decision.flags.iter().any(|f| f.code == "budget_capped") {
+        report.budget_capped_sales += 1;
+    }
+    for item in &decision.explanation.items {
+        let s = by_rule.entry(item.rule.clone()).or_insert_with(|| RuleStats {
+            rule: item.rule.clone(),
+            ..Default::default()
+        });
+        s.points += item.points;
+        if item
+            .cap
+            .as_deref()
+            .is_some_and(|c| c.starts_with("max_reward_share_of_margin"))
+        {
+            s.lines_capped += 1;
+            report.lines_capped_by_margin += 1;
+        }
+        if let Some(l) = item.line
+            && d.lines
+                .get(l as usize - 1)
+                .is_some_and(|line| line.unit_cost.is_none())
+        {
+            report.blind_points += item.points;
+        }
+    }
+    for b in &decision.bonuses {
+        let s = by_rule.entry(b.rule.clone()).or_insert_with(|| RuleStats {
+            rule: b.rule.clone(),
+            ..Default::default()
+        });
+        s.points += b.points;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,13 +246,14 @@ mod tests {
                 let mut d = sample();
                 d.source.doc_id = format!("D{i}");
                 SimSale {
+                    id: i as i64,
                     customer: Some(i % 3),
                     doc: d,
                 }
             })
             .collect();
-        let a = simulate(&cheap, sales.clone());
-        let b = simulate(&rich, sales);
+        let a = simulate(&cheap, sales.clone(), None);
+        let b = simulate(&rich, sales, None);
         assert_eq!(a.sales, 10);
         assert_eq!(a.points_issued, 10 * 20);
         // 50% of 1000 ₽ = 500 ₽ but the margin is 400 ₽: capped on every line

@@ -50,7 +50,8 @@ pub use offers::{CustomerOffers, OffersRefresh};
 pub use opening::{OpeningReport, OpeningRow, opening_source_from_register};
 pub use outbox::{OutboxFilter, OutboxRow, OutboxState};
 pub use query::{
-    BalanceView, CustomerView, DateRange, HistoryEntry, LastDocument, PartnerTotals, QuarantineEntry, Summary,
+    BalanceView, CustomerView, DateRange, HistoryEntry, LastDocument, LedgerIssued, PartnerTotals,
+    QuarantineEntry, Summary,
 };
 pub use reconcile::{DayRow, DiffKind, Difference, Reconciliation, SourceDoc};
 pub use report::{LossLine, LossList, ProgramReport};

@@ -153,6 +153,29 @@ impl DateRange {
     }
 }
 
+/// What the ledger issued in a period, beside which `simulate` sets its replay.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LedgerIssued {
+    /// Accrual and bonuses in force on the period's sales, per sale (row id).
+    #[serde(skip)]
+    pub by_sale: HashMap<i64, i64>,
+    pub on_sales: i64,
+    /// Bonuses no sale caused (joining, birthdays, referrals): a replay of sales has none.
+    pub bonuses_without_sale: i64,
+    pub adjustments: i64,
+    /// Taken back by returns (negative): a replay of sales does not see returns.
+    pub taken_back_by_returns: i64,
+    /// Sales with a sale of the same customer recorded out of date order around them.
+    #[serde(skip)]
+    pub out_of_order: std::collections::HashSet<i64>,
+    /// Sales applied again after an edit or an unposting in 1C.
+    #[serde(skip)]
+    pub reapplied: std::collections::HashSet<i64>,
+    /// Sales of customers who had returned goods before.
+    #[serde(skip)]
+    pub after_return: std::collections::HashSet<i64>,
+}
+
 /// `kopilka summary --json`: the keys are a stable contract (see README).
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Summary {
@@ -570,6 +593,78 @@ impl Ledger {
     /// with their stored cost), for `kopilka simulate` and other replays. The groups above a
     /// line's category are not stored with it: they come from the catalog as it stands, so
     /// a rule for a parent group is simulated on the products below it.
+    /// What the ledger itself issued in a period, for `simulate`'s baseline: per sale of the
+    /// period (accrual and bonuses in force), what was issued without a sale, and what may
+    /// make a replay of the same rules differ on a sale (issue 16, point 7).
+    pub fn issued_figures(&self, range: &DateRange) -> Result<LedgerIssued> {
+        let (from, to) = range.bounds();
+        let mut out = LedgerIssued::default();
+        let mut st = self.conn.prepare(
+            "SELECT d.id, COALESCE(SUM(j.amount), 0) FROM documents d \
+               LEFT JOIN journal j ON j.document_id = d.id AND j.epoch = d.epoch AND j.role = 'effect' \
+                 AND j.kind IN ('accrual', 'bonus') \
+             WHERE d.kind = 'sale' AND d.state = 'active' AND d.occurred_at >= ?1 AND d.occurred_at < ?2 \
+             GROUP BY d.id",
+        )?;
+        let rows = st.query_map(params![from, to], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        for row in rows {
+            let (id, points) = row?;
+            out.on_sales += points;
+            out.by_sale.insert(id, points);
+        }
+        let (without_sale, adjustments, taken_back): (i64, i64, i64) = self.conn.query_row(
+            "SELECT COALESCE(SUM(CASE WHEN j.kind = 'bonus' AND j.document_id IS NULL THEN j.amount END), 0), \
+                    COALESCE(SUM(CASE WHEN j.kind = 'adjustment' THEN j.amount END), 0), \
+                    COALESCE(SUM(CASE WHEN j.kind = 'reversal' AND j.role = 'effect' AND d.kind = 'return' \
+                                       AND j.reverses IN (SELECT id FROM journal WHERE kind IN ('accrual', 'bonus')) \
+                                      THEN j.amount END), 0) \
+             FROM journal j LEFT JOIN documents d ON d.id = j.document_id \
+             WHERE j.effective_at >= ?1 AND j.effective_at < ?2",
+            params![from, to],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        out.bonuses_without_sale = without_sale;
+        out.adjustments = adjustments;
+        out.taken_back_by_returns = taken_back;
+        // a sale of the same customer recorded on the other side of this one than its date
+        // says: the ledger evaluated one of them on a state the date-ordered replay does not
+        // have (the late sale saw the later one; the later one did not see the late one)
+        let mut st = self.conn.prepare(
+            "SELECT d.id FROM documents d WHERE d.kind = 'sale' AND d.state = 'active' \
+               AND d.customer_id IS NOT NULL AND d.occurred_at >= ?1 AND d.occurred_at < ?2 \
+               AND EXISTS (SELECT 1 FROM documents o WHERE o.customer_id = d.customer_id \
+                 AND o.kind = 'sale' AND o.state = 'active' \
+                 AND ((o.occurred_at < d.occurred_at AND o.id > d.id) \
+                   OR (o.occurred_at > d.occurred_at AND o.id < d.id)))",
+        )?;
+        out.out_of_order = st
+            .query_map(params![from, to], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        // applied again after an edit or an unposting: evaluated on the customer's state of
+        // that moment (tier, later sales), not of the sale's date
+        let mut st = self.conn.prepare(
+            "SELECT id FROM documents WHERE kind = 'sale' AND state = 'active' AND epoch > 1 \
+               AND occurred_at >= ?1 AND occurred_at < ?2",
+        )?;
+        out.reapplied = st
+            .query_map(params![from, to], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        // a return of the customer dated before the sale: the ledger's counters had it, the
+        // replay (sales only) does not
+        let mut st = self.conn.prepare(
+            "SELECT d.id FROM documents d WHERE d.kind = 'sale' AND d.state = 'active' \
+               AND d.occurred_at >= ?1 AND d.occurred_at < ?2 AND EXISTS (SELECT 1 FROM documents r \
+                 WHERE r.kind = 'return' AND r.applied = 1 AND r.customer_id = d.customer_id \
+                   AND r.occurred_at < d.occurred_at)",
+        )?;
+        out.after_return = st
+            .query_map(params![from, to], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(out)
+    }
+
     pub fn for_each_sale(&self, range: &DateRange, mut f: impl FnMut(SimSale)) -> Result<usize> {
         let (from, to) = range.bounds();
         let mut st = self.conn.prepare(
@@ -613,6 +708,7 @@ impl Ledger {
                 current = Some((
                     id,
                     SimSale {
+                        id,
                         customer: r.get(6)?,
                         doc,
                     },
