@@ -246,7 +246,7 @@ mod tests {
                 let mut d = sample();
                 d.source.doc_id = format!("D{i}");
                 SimSale {
-                    id: i as i64,
+                    id: i,
                     customer: Some(i % 3),
                     doc: d,
                 }
