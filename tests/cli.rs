@@ -488,6 +488,8 @@ fn unknown_costs_are_said_to_be_unknown() {
         text(&out.stdout),
         text(&out.stderr)
     );
+    // piped, the import prints its report and nothing else (no progress bar)
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
     let out = kopilka(&[
         "--ledger",
         db,

@@ -434,7 +434,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load_config(&cli)?;
             let mut ledger = Ledger::open(&cfg.ledger_path, &cfg.ledger)
                 .with_context(|| format!("opening {}", cfg.ledger_path.display()))?;
-            let settings = crate::onec::import::ImportSettings::from_config(&cfg);
+            let mut settings = crate::onec::import::ImportSettings::from_config(&cfg);
+            // someone at a terminal watches a long backfill; a pipe gets only the report
+            let watch = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                let progress = std::sync::Arc::new(crate::onec::import::ImportProgress::default());
+                settings.progress = Some(progress.clone());
+                ImportWatch::start(progress)
+            });
             let mut failed = false;
             let mut reports = Vec::new();
             for f in files {
@@ -448,6 +454,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!("kopilka: {}: {e}", f.display());
                     }
                 }
+            }
+            if let Some(w) = watch {
+                w.finish();
             }
             output::import_reports(&reports, *json)?;
             Ok(if failed {
@@ -886,4 +895,48 @@ fn reread_odata(
         .build()?;
     rt.block_on(poller.source_docs(start, end))
         .context("re-reading the period from 1C over OData")
+}
+
+/// The terminal's view of a running import: documents, bytes, documents per second and the
+/// time left, redrawn a few times a second from the importer's counters (`indicatif`).
+struct ImportWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ImportWatch {
+    fn start(progress: std::sync::Arc<crate::onec::import::ImportProgress>) -> ImportWatch {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes}  {msg}  ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let started = std::time::Instant::now();
+            loop {
+                let finished = done.load(Ordering::Relaxed);
+                let documents = progress.documents.load(Ordering::Relaxed);
+                bar.set_length(progress.total.load(Ordering::Relaxed));
+                bar.set_position(progress.bytes.load(Ordering::Relaxed));
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                bar.set_message(format!("{documents} documents, {:.0}/s", documents as f64 / secs));
+                if finished {
+                    bar.finish_and_clear();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        ImportWatch { stop, thread }
+    }
+
+    fn finish(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
 }

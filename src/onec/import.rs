@@ -9,8 +9,10 @@
 //! which are bounded by the catalog, not by history).
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufRead, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 
@@ -29,6 +31,45 @@ const MAX_ZIP_RATIO: u64 = 500;
 /// Catalog entries stored per transaction.
 const CATALOG_BATCH: usize = 5_000;
 
+/// How far an import has come, for a person watching a long backfill (`kopilka import` on a
+/// terminal draws it): bytes of XML read (of `total` known so far) and documents applied.
+/// Counters only, so the importer knows nothing of terminals.
+#[derive(Debug, Default)]
+pub struct ImportProgress {
+    pub bytes: AtomicU64,
+    pub total: AtomicU64,
+    pub documents: AtomicU64,
+}
+
+/// A reader that counts the bytes it hands out into an [`ImportProgress`].
+struct Counting<'a, R> {
+    inner: R,
+    progress: Option<&'a ImportProgress>,
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(p) = self.progress {
+            p.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for Counting<'_, R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, amt: usize) {
+        if let Some(p) = self.progress {
+            p.bytes.fetch_add(amt as u64, Ordering::Relaxed);
+        }
+        self.inner.consume(amt);
+    }
+}
+
 /// What the importer needs from the configuration.
 #[derive(Clone, Debug)]
 pub struct ImportSettings {
@@ -37,6 +78,8 @@ pub struct ImportSettings {
     pub batch_documents: usize,
     /// Checkpoint source the batches carry.
     pub checkpoint_source: String,
+    /// Where to count progress, when someone watches.
+    pub progress: Option<Arc<ImportProgress>>,
 }
 
 impl ImportSettings {
@@ -65,6 +108,7 @@ impl ImportSettings {
             parse,
             cost,
             batch_documents: cfg.max_documents_per_transaction,
+            progress: None,
         }
     }
 }
@@ -137,6 +181,12 @@ pub fn import_path(
         path: path.to_path_buf(),
         source,
     })?;
+    if let Some(p) = &settings.progress
+        && !is_zip
+    {
+        p.total
+            .fetch_add(file.metadata().map_or(0, |m| m.len()), Ordering::Relaxed);
+    }
     if is_zip {
         import_zip(ledger, file, &label, settings, cfg, now)
     } else {
@@ -210,6 +260,10 @@ fn import_zip(
         )));
     }
     entries.sort();
+    if let Some(p) = &settings.progress {
+        p.total
+            .fetch_add(entries.iter().map(|e| e.2).sum::<u64>(), Ordering::Relaxed);
+    }
     let mut report = FileReport {
         file: label.to_string(),
         ..Default::default()
@@ -279,6 +333,7 @@ pub fn import_reader<R: std::io::BufRead>(
             });
             ledger.complete_batch_from_catalog(docs, settings.cost.as_ref())?;
             let ctx = cfg.ingest_context(now, &dest);
+            let documents = batch.len() as u64;
             let r = ledger.ingest(
                 Batch {
                     source: settings.checkpoint_source.clone(),
@@ -289,6 +344,9 @@ pub fn import_reader<R: std::io::BufRead>(
                 &ctx,
             )?;
             report.add(&r);
+            if let Some(p) = &settings.progress {
+                p.documents.fetch_add(documents, Ordering::Relaxed);
+            }
             Ok::<(), LedgerError>(())
         };
     let info: FileInfo = {
@@ -337,6 +395,10 @@ pub fn import_reader<R: std::io::BufRead>(
                 failure = Some(e);
                 text
             })
+        };
+        let reader = Counting {
+            inner: reader,
+            progress: settings.progress.as_deref(),
         };
         match commerceml::parse(reader, label, &settings.parse, &mut on_item) {
             Ok(info) => info,
