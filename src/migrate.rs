@@ -8,7 +8,7 @@
 //! without BOM) or windows-1251. A row that cannot be read is reported with its line
 //! number and the reason; the rest apply.
 
-use chrono::{NaiveDate, TimeZone, Utc};
+use chrono::{Datelike, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 
 use crate::core::identity::{CustomerIdentity, Email, Phone, normalize_card};
@@ -27,6 +27,11 @@ enum Column {
     Expires,
     Tier,
     Name,
+    Birthday,
+    ReferralCode,
+    InviteCode,
+    ConsentService,
+    ConsentAds,
     Ignored,
 }
 
@@ -51,6 +56,24 @@ fn column(name: &str) -> Column {
         "expires" | "expiresat" | "expiry" | "сгорают" | "датасгорания" => Column::Expires,
         "tier" | "level" | "уровень" => Column::Tier,
         "name" | "фио" | "имя" | "покупатель" => Column::Name,
+        "birthday" | "birthdate" | "датарождения" | "деньрождения" => {
+            Column::Birthday
+        }
+        "referralcode"
+        | "referredby"
+        | "friendcode"
+        | "коддруга"
+        | "кодприглашенияодруга"
+        | "реферальныйкод" => Column::ReferralCode,
+        "invitecode" | "invitation" | "кодприглашения" | "приглашение" => {
+            Column::InviteCode
+        }
+        "consent" | "consentservice" | "согласие" | "согласиенарассылку" | "согласиенауведомления" => {
+            Column::ConsentService
+        }
+        "consentads" | "consentadvertising" | "согласиенарекламу" | "реклама" => {
+            Column::ConsentAds
+        }
         _ => Column::Ignored,
     }
 }
@@ -176,7 +199,12 @@ fn row(
             Column::Expires => expires_at = Some(parse_expiry(v, tz).map_err(fail)?),
             Column::Tier => tier = Some(v.to_string()),
             Column::Name => identity.name = Some(v.to_string()),
-            Column::Ignored => {}
+            Column::Birthday
+            | Column::ReferralCode
+            | Column::InviteCode
+            | Column::ConsentService
+            | Column::ConsentAds
+            | Column::Ignored => {}
         }
     }
     let points = points.ok_or_else(|| fail("no points on the row".into()))?;
@@ -193,9 +221,164 @@ fn row(
     })
 }
 
+/// A row of a customers file (`kopilka import-customers`): who, and what the shop knows of
+/// them that no sale carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CustomerRow {
+    pub line: usize,
+    /// Keys and name, birthday, friend code and invite code.
+    pub identity: CustomerIdentity,
+    /// Consent to service messages (points, expiry) and to advertising (38-ФЗ): `None` when
+    /// the file says nothing.
+    pub consent_service: Option<bool>,
+    pub consent_ads: Option<bool>,
+}
+
+/// A row of a customers file, or `(line, reason)` when it cannot be read.
+pub type CustomerCsvRow = Result<CustomerRow, (usize, String)>;
+
+fn parse_birthday(text: &str) -> Result<NaiveDate, String> {
+    let t = text.trim();
+    let date = NaiveDate::parse_from_str(t, "%d.%m.%Y")
+        .or_else(|_| NaiveDate::parse_from_str(t, "%Y-%m-%d"))
+        .map_err(|_| format!("birthday {t:?} is not a date (ДД.ММ.ГГГГ or YYYY-MM-DD)"))?;
+    if date.year() < 1900 {
+        return Err(format!("birthday {t:?} is before 1900"));
+    }
+    Ok(date)
+}
+
+fn parse_consent(text: &str) -> Result<bool, String> {
+    match text.trim().to_lowercase().as_str() {
+        "1" | "yes" | "y" | "true" | "да" | "д" | "+" | "согласен" | "согласна" => {
+            Ok(true)
+        }
+        "0" | "no" | "n" | "false" | "нет" | "н" | "-" | "отказ" => Ok(false),
+        other => Err(format!("consent {other:?} is neither yes nor no (да/нет, 1/0)")),
+    }
+}
+
+/// Reads a customers CSV (header names in English or Russian, as [`read_balances_csv`]): card,
+/// phone, email, name/фио, birthday/дата рождения (`ДД.ММ.ГГГГ` or ISO), referral_code/код
+/// друга (the code the customer was referred with), invite_code/код приглашения, consent/
+/// согласие (service messages) and consent_ads/согласие на рекламу. A row that cannot be read
+/// is `(line, reason)`; the rest apply.
+pub fn read_customers_csv(bytes: &[u8]) -> Result<Vec<CustomerCsvRow>, String> {
+    let text = decode(bytes);
+    let header = text
+        .lines()
+        .next()
+        .ok_or("the file is empty: a header row is expected")?;
+    let delimiter = [b';', b',', b'\t']
+        .into_iter()
+        .max_by_key(|d| header.bytes().filter(|b| b == d).count())
+        .unwrap_or(b',');
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .flexible(true)
+        .has_headers(true)
+        .from_reader(text.as_bytes());
+    let columns: Vec<Column> = reader
+        .headers()
+        .map_err(|e| format!("header row: {e}"))?
+        .iter()
+        .map(column)
+        .collect();
+    if !columns
+        .iter()
+        .any(|c| matches!(c, Column::Card | Column::Phone | Column::Email | Column::OnecId))
+    {
+        return Err("the header names no customer column (card, phone, email or onec_id)".into());
+    }
+    let mut out = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        let line = i + 2;
+        if out.len() >= MAX_ROWS {
+            return Err(format!("more than {MAX_ROWS} rows"));
+        }
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                out.push(Err((line, format!("unreadable row: {e}"))));
+                continue;
+            }
+        };
+        if record.iter().all(|f| f.trim().is_empty()) {
+            continue;
+        }
+        out.push(customer_row(line, &columns, &record));
+    }
+    Ok(out)
+}
+
+fn customer_row(
+    line: usize,
+    columns: &[Column],
+    record: &csv::StringRecord,
+) -> Result<CustomerRow, (usize, String)> {
+    let fail = |why: String| (line, why);
+    let mut row = CustomerRow {
+        line,
+        identity: CustomerIdentity::default(),
+        consent_service: None,
+        consent_ads: None,
+    };
+    let id = &mut row.identity;
+    for (c, value) in columns.iter().zip(record.iter()) {
+        let v = value.trim();
+        if v.is_empty() {
+            continue;
+        }
+        match c {
+            Column::Card => id.card = normalize_card(v),
+            Column::Phone => {
+                id.phone =
+                    Some(Phone::parse(v).ok_or_else(|| fail(format!("phone {v:?} is not a phone number")))?)
+            }
+            Column::Email => {
+                id.email =
+                    Some(Email::parse(v).ok_or_else(|| fail(format!("e-mail {v:?} is not an address")))?)
+            }
+            Column::OnecId => id.onec_id = Some(v.to_string()),
+            Column::Name => id.name = Some(v.to_string()),
+            Column::Birthday => id.birthday = Some(parse_birthday(v).map_err(fail)?),
+            Column::ReferralCode => id.referred_by = Some(v.to_string()),
+            Column::InviteCode => id.invite_code = Some(v.to_string()),
+            Column::ConsentService => row.consent_service = Some(parse_consent(v).map_err(fail)?),
+            Column::ConsentAds => row.consent_ads = Some(parse_consent(v).map_err(fail)?),
+            Column::Points | Column::Expires | Column::Tier | Column::Ignored => {}
+        }
+    }
+    if row.identity.is_empty() {
+        return Err(fail("no card, phone, e-mail or 1C id on the row".into()));
+    }
+    Ok(row)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_a_customers_file_with_russian_headers() {
+        let text = "Карта;Телефон;ФИО;Дата рождения;Код друга;Согласие на рекламу\n\
+                    2000 0001;8 (912) 345-67-89;Иванова Анна;07.03.1990;K7M2QX4;да\n\
+                    2000 0002;;;31.02.1991;;\n\
+                    ;;Пётр;;;\n\
+                    2000 0003;;;1985-12-01;;может быть\n";
+        let rows = read_customers_csv(text.as_bytes()).unwrap();
+        assert_eq!(rows.len(), 4);
+        let r = rows[0].as_ref().unwrap();
+        assert_eq!(r.identity.birthday, NaiveDate::from_ymd_opt(1990, 3, 7));
+        assert_eq!(r.identity.referred_by.as_deref(), Some("K7M2QX4"));
+        assert_eq!(r.identity.name.as_deref(), Some("Иванова Анна"));
+        assert_eq!((r.consent_service, r.consent_ads), (None, Some(true)));
+        let e = rows[1].as_ref().unwrap_err();
+        assert_eq!(e.0, 3);
+        assert!(e.1.contains("31.02.1991"), "{}", e.1);
+        assert!(rows[2].as_ref().unwrap_err().1.contains("no card"));
+        assert!(rows[3].as_ref().unwrap_err().1.contains("consent"));
+    }
 
     #[test]
     fn reads_russian_headers_semicolons_and_windows_1251() {

@@ -81,6 +81,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Customers from the shop's own list (CSV): card/карта, phone/телефон, email/почта,
+    /// name/фио, birthday/дата рождения (ДД.ММ.ГГГГ or ISO), referral_code/код друга,
+    /// invite_code/код приглашения, consent/согласие, consent_ads/согласие на рекламу. The
+    /// file's values win over what sources filled; each change is kept for `history`.
+    ImportCustomers {
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A customer's personal data: `kopilka customer forget CUSTOMER --reason TEXT`.
+    #[command(subcommand)]
+    Customer(CustomerCommand),
     /// A customer's points: available, pending, expiring soon.
     Balance(CustomerArgs),
     /// Every ledger entry of a customer with its source document and explanation.
@@ -172,6 +184,21 @@ pub enum Format {
     Csv,
     Json,
     Html,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CustomerCommand {
+    /// Forget a customer's personal data (152-ФЗ): name, birthday, phones and e-mails leave
+    /// the ledger — every table, overwritten on disk — while the journal, its sums and the
+    /// card stay, auditable; the request is recorded with its reason.
+    Forget {
+        customer: String,
+        /// Why (the customer's request, its date): kept with the record.
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -517,7 +544,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load_config(&cli)?;
             let ledger = open_existing(&cfg)?;
             let (c, entries) = ledger.history(&a.customer)?;
-            output::history(&c, &entries, a.json, cfg.timezone)?;
+            let changes = ledger.attribute_changes(&a.customer)?;
+            output::history(&c, &entries, &changes, a.json, cfg.timezone)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ImportCustomers { files, json } => {
+            let cfg = load_config(&cli)?;
+            let mut ledger = Ledger::open(&cfg.ledger_path, &cfg.ledger)
+                .with_context(|| format!("opening {}", cfg.ledger_path.display()))?;
+            if files.is_empty() {
+                bail!("name the CSV file(s) to import");
+            }
+            let mut any_problem = false;
+            for f in files {
+                let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+                let rows = crate::migrate::read_customers_csv(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                let name = f
+                    .file_name()
+                    .map_or_else(|| f.display().to_string(), |n| n.to_string_lossy().into_owned());
+                let r = ledger.import_customers(&name, rows, &cfg.program, now)?;
+                any_problem |= !r.problems.is_empty();
+                output::customers_report(&f.display().to_string(), &r, *json)?;
+            }
+            Ok(if any_problem {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Customer(CustomerCommand::Forget {
+            customer,
+            reason,
+            json,
+        }) => {
+            let cfg = load_config(&cli)?;
+            let mut ledger = open_existing(&cfg)?;
+            let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+            let f = ledger.forget_customer(customer, reason, &format!("cli:{by}"), now)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&f)?);
+            } else {
+                println!(
+                    "customer id:{} forgotten: {} phone/e-mail keys removed, {} texts scrubbed; the journal is unchanged",
+                    f.customer_id, f.keys_removed, f.rows_scrubbed
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Summary(a) => {
@@ -631,6 +703,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "expired {} points; {} tier changes; {} birthday bonuses; {} referral pairs rewarded",
                     r.expired_points, r.tier_changes, r.birthday_bonuses, r.referral_bonuses
                 );
+                for why in &r.referrals_refused {
+                    println!("referral refused: {why}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -49,6 +49,7 @@ pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> a
             "tier": b.tier,
             "tier_name": tier.map(|t| t.name.clone()),
             "discount_pct": tier.map(|t| t.discount_pct.normalize().to_string()),
+            "referral_code": b.referral_code,
         }));
     }
     println!("{}", who(&b.customer));
@@ -82,14 +83,36 @@ pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> a
         ),
         None => println!("  tier       {:>10}", b.tier.as_deref().unwrap_or("—")),
     }
+    if let Some(code) = &b.referral_code {
+        println!(
+            "  friend code {:>9}  (a friend gives it when they join: both earn by the rules)",
+            code
+        );
+    }
     Ok(())
 }
 
-pub fn history(c: &CustomerView, entries: &[HistoryEntry], as_json: bool, tz: Tz) -> anyhow::Result<()> {
+pub fn history(
+    c: &CustomerView,
+    entries: &[HistoryEntry],
+    changes: &[crate::ledger::AttributeChange],
+    as_json: bool,
+    tz: Tz,
+) -> anyhow::Result<()> {
     if as_json {
-        return json(&serde_json::json!({ "customer": c, "entries": entries }));
+        return json(&serde_json::json!({ "customer": c, "entries": entries, "attribute_changes": changes }));
     }
     println!("{}", who(c));
+    for ch in changes {
+        println!(
+            "  {}  {} = {} (was {}) from {}",
+            local(ch.at, tz),
+            ch.field,
+            ch.new.as_deref().unwrap_or("—"),
+            ch.old.as_deref().unwrap_or("—"),
+            ch.source
+        );
+    }
     println!(
         "{:>7}  {:<16}  {:<10}  {:>8}  {:<28}  explanation",
         "tx", "date", "kind", "points", "document"
@@ -539,6 +562,23 @@ pub fn import_reports(reports: &[crate::onec::import::FileReport], as_json: bool
                 .map(|t| format!("; INCOMPLETE: {t}"))
                 .unwrap_or_default()
         );
+    }
+    Ok(())
+}
+
+pub fn customers_report(file: &str, r: &crate::ledger::CustomersReport, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&serde_json::json!({ "file": file, "report": r }));
+    }
+    println!(
+        "{file}: {} customers enrolled, {} updated, {} unchanged, {} problems",
+        r.created,
+        r.updated,
+        r.unchanged,
+        r.problems.len()
+    );
+    for (line, why) in &r.problems {
+        println!("  line {line}: {why}");
     }
     Ok(())
 }

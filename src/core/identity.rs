@@ -293,3 +293,117 @@ mod tests {
         );
     }
 }
+
+/// Letters and digits a person cannot misread: no 0/O, 1/I/L.
+const CODE_ALPHABET: &[u8; 31] = b"23456789ABCDEFGHJKMNPQRSTUVWXYZ";
+const CODE_BASE: i128 = 31;
+/// Six symbols of payload: 31⁶ ≈ 887 million customers.
+const CODE_SPACE: i128 = 887_503_681;
+/// Ids are spread over the space by multiplying with a number prime to it, so consecutive
+/// customers do not get consecutive (guessable) codes.
+const CODE_SPREAD: i128 = 387_420_489;
+
+fn code_inverse() -> i128 {
+    // extended Euclid: CODE_SPREAD⁻¹ mod CODE_SPACE
+    let (mut r0, mut r1) = (CODE_SPREAD, CODE_SPACE);
+    let (mut s0, mut s1) = (1i128, 0i128);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (s0, s1) = (s1, s0 - q * s1);
+    }
+    s0.rem_euclid(CODE_SPACE)
+}
+
+fn code_check(symbols: &[i128]) -> i128 {
+    symbols
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s * (i as i128 + 2))
+        .sum::<i128>()
+        % CODE_BASE
+}
+
+/// A member's referral code: seven symbols (six of payload and a check symbol that catches a
+/// mistyped or swapped one), stable and unique because it is the customer's id, spread.
+/// `None` for ids beyond the code space.
+pub fn referral_code(customer_id: i64) -> Option<String> {
+    let id = i128::from(customer_id);
+    if !(0..CODE_SPACE).contains(&id) {
+        return None;
+    }
+    let mut x = id * CODE_SPREAD % CODE_SPACE;
+    let mut symbols = [0i128; 6];
+    for s in symbols.iter_mut().rev() {
+        *s = x % CODE_BASE;
+        x /= CODE_BASE;
+    }
+    let check = code_check(&symbols);
+    Some(
+        symbols
+            .iter()
+            .chain(std::iter::once(&check))
+            .map(|s| CODE_ALPHABET[*s as usize] as char)
+            .collect(),
+    )
+}
+
+/// The customer id a referral code stands for, read as people type it (any case, spaces and
+/// dashes ignored); `None` when it is no code: the wrong length, a symbol outside the
+/// alphabet, or a failed check (a card number or a typo is never taken for someone's code).
+pub fn referral_id(code: &str) -> Option<i64> {
+    let symbols: Vec<i128> = code
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .map(|c| {
+            let c = c.to_ascii_uppercase() as u8;
+            CODE_ALPHABET.iter().position(|a| *a == c).map(|p| p as i128)
+        })
+        .collect::<Option<_>>()?;
+    if symbols.len() != 7 || code_check(&symbols[..6]) != symbols[6] {
+        return None;
+    }
+    let x = symbols[..6].iter().fold(0i128, |acc, s| acc * CODE_BASE + s);
+    i64::try_from(x * code_inverse() % CODE_SPACE).ok()
+}
+
+#[cfg(test)]
+mod referral_code_tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_stable_unique_unambiguous_and_read_back() {
+        let mut seen = std::collections::HashSet::new();
+        for id in (1..20_000).chain([CODE_SPACE as i64 - 1, 123_456_789]) {
+            let code = referral_code(id).unwrap();
+            assert_eq!(code.len(), 7);
+            assert!(!code.contains(['0', 'O', '1', 'I', 'L']), "{code}");
+            assert!(seen.insert(code.clone()), "{code} twice");
+            assert_eq!(referral_id(&code), Some(id), "{code}");
+            assert_eq!(referral_id(&code.to_lowercase()), Some(id));
+        }
+        assert_eq!(referral_code(42), referral_code(42));
+        // neighbours do not look alike
+        assert_ne!(referral_code(1).unwrap()[..5], referral_code(2).unwrap()[..5]);
+        assert_eq!(referral_code(CODE_SPACE as i64), None);
+    }
+
+    #[test]
+    fn a_mistyped_or_swapped_symbol_is_no_code() {
+        let code = referral_code(4242).unwrap();
+        let with = |i: usize, c: char| {
+            let mut s: Vec<char> = code.chars().collect();
+            s[i] = c;
+            s.into_iter().collect::<String>()
+        };
+        let other = if code.starts_with('2') { '3' } else { '2' };
+        assert_eq!(referral_id(&with(0, other)), None);
+        let mut swapped: Vec<char> = code.chars().collect();
+        if swapped[1] != swapped[2] {
+            swapped.swap(1, 2);
+            assert_eq!(referral_id(&swapped.into_iter().collect::<String>()), None);
+        }
+        assert_eq!(referral_id("2000 0001"), None);
+        assert_eq!(referral_id(&format!("{}-{}", &code[..3], &code[3..])), Some(4242));
+    }
+}

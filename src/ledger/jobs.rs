@@ -24,6 +24,8 @@ pub struct NightlyReport {
     pub tier_changes: usize,
     pub birthday_bonuses: usize,
     pub referral_bonuses: usize,
+    /// Referrals that pay nobody, and why (an unknown code, one's own code, a cycle).
+    pub referrals_refused: Vec<String>,
     /// Customers warned that points burn soon (once per lot).
     pub expiry_warnings: usize,
     pub offers: super::OffersRefresh,
@@ -174,35 +176,59 @@ impl Ledger {
         Ok(granted.len())
     }
 
-    /// Referral bonuses: when a referred customer's first purchase has passed the return
-    /// window (and is still in force), both sides get their points, once.
+    /// Referral bonuses: when a referred customer's first purchase that was not returned in
+    /// full has passed the return window, both sides get their points, once. The friend's
+    /// code is a referral code (`balance` shows it) or, as before, the referrer's card.
+    /// Self-referral and cycles (A brought by B, B by A: the later one) pay nobody and are
+    /// reported.
     pub fn referral_bonuses(&mut self, rules: &RuleSet, ctx: &IngestContext<'_>) -> Result<usize> {
-        let Some(r) = &rules.referral else { return Ok(0) };
+        Ok(self.referrals(rules, ctx)?.0)
+    }
+
+    /// [`Self::referral_bonuses`], with the referrals refused and why.
+    pub fn referrals(&mut self, rules: &RuleSet, ctx: &IngestContext<'_>) -> Result<(usize, Vec<String>)> {
+        let Some(r) = &rules.referral else {
+            return Ok((0, Vec::new()));
+        };
         let now = ctx.now;
         let settled = ts(now - rules.return_window);
         let tx = self.conn.transaction()?;
         let since = super::accounting::journal_head(&tx)?;
+        // a sale returned in full is no purchase: it pays nobody
         let rows: Vec<(i64, String, i64)> = tx
             .prepare(
                 "SELECT c.id, c.referred_by, MIN(d.occurred_at) FROM customers c \
                  JOIN documents d ON d.customer_id = c.id AND d.kind = 'sale' AND d.applied = 1 \
+                   AND d.total > COALESCE((SELECT SUM(x.total) FROM documents x WHERE x.original_id = d.id \
+                     AND x.kind = 'return' AND x.applied = 1), 0) \
                  WHERE c.referred_by IS NOT NULL GROUP BY c.id HAVING MIN(d.occurred_at) <= ?1",
             )?
             .query_map([settled], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?;
         let mut touched = BTreeSet::new();
         let mut pairs = 0;
+        let mut refused = Vec::new();
         for (referee, code, _first) in rows {
-            let Some(card) = crate::core::identity::normalize_card(&code) else {
+            let Some(referrer) = referrer_of(&tx, &code)? else {
+                refused.push(format!("customer id:{referee}: friend code {code:?} is nobody's"));
                 continue;
             };
-            let referrer: Option<i64> = tx
-                .prepare_cached("SELECT customer_id FROM customer_keys WHERE kind = 'card' AND value = ?1")?
-                .query_row([&card], |row| row.get(0))
-                .optional()?;
-            let Some(referrer) = referrer.filter(|x| *x != referee) else {
+            if referrer == referee {
+                refused.push(format!("customer id:{referee}: gave their own code {code:?}"));
                 continue;
-            };
+            }
+            let back: Option<String> = tx
+                .prepare_cached("SELECT referred_by FROM customers WHERE id = ?1")?
+                .query_row([referrer], |row| row.get(0))?;
+            if let Some(back) = back
+                && referrer_of(&tx, &back)? == Some(referee)
+                && referee > referrer
+            {
+                refused.push(format!(
+                    "customer id:{referee}: referred by id:{referrer}, who was referred by them (a cycle)"
+                ));
+                continue;
+            }
             let referee_key = format!("referral:{referee}:referee");
             let a = grant(
                 &tx,
@@ -212,7 +238,7 @@ impl Ledger {
                     points: r.referee_points,
                     rule: "referral:referee",
                     key: &referee_key,
-                    text: format!("referral bonus: joined on card {code}'s invitation"),
+                    text: format!("referral bonus: joined with friend code {code}"),
                 },
                 now,
             )?;
@@ -237,7 +263,7 @@ impl Ledger {
         }
         finish_write(&tx, since, &touched, ctx)?;
         tx.commit()?;
-        Ok(pairs)
+        Ok((pairs, refused))
     }
 
     /// Records a warning for every lot that burns within the warning window and was not
@@ -268,11 +294,16 @@ impl Ledger {
 
     /// Every nightly job in order: expiry first (so a birthday bonus is not burnt at once).
     pub fn nightly(&mut self, rules: &RuleSet, ctx: &IngestContext<'_>) -> Result<NightlyReport> {
+        let expired_points = self.expire_due(ctx)?;
+        let tier_changes = self.reevaluate_tiers(rules, ctx)?;
+        let birthday_bonuses = self.birthday_bonuses(rules, ctx)?;
+        let (referral_bonuses, referrals_refused) = self.referrals(rules, ctx)?;
         Ok(NightlyReport {
-            expired_points: self.expire_due(ctx)?,
-            tier_changes: self.reevaluate_tiers(rules, ctx)?,
-            birthday_bonuses: self.birthday_bonuses(rules, ctx)?,
-            referral_bonuses: self.referral_bonuses(rules, ctx)?,
+            expired_points,
+            tier_changes,
+            birthday_bonuses,
+            referral_bonuses,
+            referrals_refused,
             expiry_warnings: self.expiry_warnings(ctx)?,
             offers: self.refresh_offers(ctx)?,
         })
@@ -308,4 +339,23 @@ pub struct TierEvent {
     pub to: Option<String>,
     pub at: DateTime<Utc>,
     pub reason: String,
+}
+
+/// The customer a friend code names: a referral code of a known customer, else a card.
+pub(crate) fn referrer_of(conn: &rusqlite::Connection, code: &str) -> Result<Option<i64>> {
+    if let Some(id) = crate::core::identity::referral_id(code) {
+        let known: bool = conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM customers WHERE id = ?1)")?
+            .query_row([id], |r| r.get(0))?;
+        if known {
+            return Ok(Some(id));
+        }
+    }
+    let Some(card) = crate::core::identity::normalize_card(code) else {
+        return Ok(None);
+    };
+    Ok(conn
+        .prepare_cached("SELECT customer_id FROM customer_keys WHERE kind = 'card' AND value = ?1")?
+        .query_row([&card], |row| row.get(0))
+        .optional()?)
 }

@@ -18,6 +18,7 @@ mod jobs;
 mod offers;
 mod opening;
 mod outbox;
+mod people;
 mod query;
 mod reconcile;
 mod report;
@@ -49,6 +50,7 @@ pub use jobs::{NightlyReport, TierEvent};
 pub use offers::{CustomerOffers, OffersRefresh};
 pub use opening::{OpeningReport, OpeningRow, opening_source_from_register};
 pub use outbox::{OutboxFilter, OutboxRow, OutboxState};
+pub use people::{AttributeChange, CustomersReport, Forgotten};
 pub use query::{
     BalanceView, CustomerView, DateRange, HistoryEntry, LastDocument, LedgerIssued, PartnerTotals,
     QuarantineEntry, Summary,

@@ -122,6 +122,9 @@ pub struct BalanceView {
     pub debt: i64,
     /// Tier id; `None` when the program has no tiers.
     pub tier: Option<String>,
+    /// The code a friend gives at the till or on the site to be referred by this customer
+    /// (`core::identity::referral_code`).
+    pub referral_code: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -434,6 +437,7 @@ impl Ledger {
             },
             debt: h.debt,
             tier,
+            referral_code: crate::core::identity::referral_code(id),
         })
     }
 

@@ -490,6 +490,31 @@ ALTER TABLE document_lines ADD COLUMN redeemed INTEGER;
 -- of it (NULL for sales recorded before issue 16: taken as 0)
 ALTER TABLE document_counters ADD COLUMN prior INTEGER;
 "#,
+    // 15 (issue 20): consent, attribute changes by source, forgetting a customer.
+    r#"
+-- consent to service messages and to advertising (38-ФЗ), 1/0, NULL when no source said
+ALTER TABLE customers ADD COLUMN consent_service INTEGER;
+ALTER TABLE customers ADD COLUMN consent_ads INTEGER;
+-- every attribute value a customers file changed, with the value before it (history shows it)
+CREATE TABLE customer_changes (
+    id          INTEGER PRIMARY KEY,
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    at          INTEGER NOT NULL,
+    field       TEXT NOT NULL,
+    old         TEXT,
+    new         TEXT,
+    source      TEXT NOT NULL
+);
+CREATE INDEX customer_changes_customer ON customer_changes(customer_id);
+-- personal data forgotten on request (152-ФЗ): who, when, why
+CREATE TABLE forgotten (
+    id          INTEGER PRIMARY KEY,
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    at          INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    requested_by TEXT NOT NULL
+);
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

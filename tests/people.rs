@@ -1,0 +1,194 @@
+//! Issue 20, the part on main: customer attributes from the shop's own list (a CSV as Excel
+//! saves it, Russian headers), referral codes, and forgetting a customer (152-ФЗ). Each test
+//! starts from the file or the document a shop has; no SQL edits.
+
+mod common;
+
+use chrono::Duration;
+use common::{Env, returned, reversion, sale};
+use kopilka::core::identity::{Email, Phone, referral_code};
+use kopilka::ledger::DateRange;
+
+const PROGRAM: &str = r#"
+[program]
+return_window_days = 14
+[guard]
+max_reward_share_of_margin = "1"
+[[rules]]
+id = "base"
+percent = "5"
+[birthday]
+points = 300
+days_before = 3
+days_after = 7
+[referral]
+referrer_points = 300
+referee_points = 200
+[[closed_programs]]
+id = "club"
+invite_codes = ["CLUB2026"]
+membership_products = ["CLUB-FEE"]
+"#;
+
+fn import(env: &mut Env, csv: &str) -> kopilka::ledger::CustomersReport {
+    let rows = kopilka::migrate::read_customers_csv(csv.as_bytes()).unwrap();
+    let rules = env.rules.clone();
+    env.ledger
+        .import_customers("customers.csv", rows, &rules, env.now)
+        .unwrap()
+}
+
+#[test]
+fn a_birthday_from_the_customers_file_pays_the_birthday_bonus() {
+    let mut env = Env::with_rules(PROGRAM);
+    let today = env.now.date_naive();
+    let csv = format!(
+        "Карта;ФИО;Дата рождения;Согласие на рекламу\n2000 0001;Анна Иванова;{};да\n2000 0002;;31.02.1991;\n",
+        today.format("%d.%m.1990")
+    );
+    let r = import(&mut env, &csv);
+    assert_eq!(r.created, 1);
+    assert_eq!(r.problems.len(), 1);
+    assert!(r.problems[0].1.contains("31.02.1991"), "{:?}", r.problems);
+    assert_eq!(env.run(|l, r, c| l.birthday_bonuses(r, c)).unwrap(), 1);
+    assert_eq!(env.available("20000001"), 300);
+    // the file's values are in history, with the file
+    let changes = env.ledger.attribute_changes("20000001").unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.field == "birthday" && c.source == "csv:customers.csv"),
+        "{changes:?}"
+    );
+    env.assert_verified();
+}
+
+#[test]
+fn a_friend_code_pays_both_after_the_return_window_and_a_returned_purchase_pays_nobody() {
+    let mut env = Env::with_rules(PROGRAM);
+    // the referrer is a member with a code `balance` shows
+    let mut s0 = sale("S0", Some("1001"), &[("A", 1, 1000)]);
+    s0.occurred_at -= Duration::days(60);
+    env.docs(vec![reversion(s0)]);
+    let code = env
+        .ledger
+        .balance("1001", env.now, Duration::days(14))
+        .unwrap()
+        .referral_code
+        .unwrap();
+    assert_eq!(
+        Some(code.clone()),
+        referral_code(env.ledger.customer_ids().unwrap()[0])
+    );
+
+    // two friends come with the code (one typed it in lower case with a dash); one more
+    // gives their own card's code: refused with the reason
+    let r = import(
+        &mut env,
+        &format!(
+            "card,referral_code\n2002,{code}\n2003,{}-{}\n1001,{code}\n2004,ZZZZZZZ\n",
+            code[..3].to_lowercase(),
+            code[3..].to_lowercase()
+        ),
+    );
+    assert_eq!((r.created, r.updated), (3, 0), "{r:?}");
+    assert_eq!(r.problems.len(), 2, "{r:?}");
+    assert!(
+        r.problems.iter().any(|(l, why)| *l == 4 && why.contains("own")),
+        "{r:?}"
+    );
+    assert!(
+        r.problems
+            .iter()
+            .any(|(l, why)| *l == 5 && why.contains("nobody")),
+        "{r:?}"
+    );
+
+    // friend 2002 buys and keeps it; friend 2003 buys and returns it all
+    let mut s1 = sale("S1", Some("2002"), &[("A", 1, 1000)]);
+    s1.occurred_at -= Duration::days(20);
+    let mut s2 = sale("S2", Some("2003"), &[("A", 1, 1000)]);
+    s2.occurred_at -= Duration::days(20);
+    let s2 = reversion(s2);
+    env.docs(vec![reversion(s1), s2.clone()]);
+    env.docs(vec![returned("R2", &s2, &[("A", 1)])]);
+    let before = env.available("1001");
+    assert_eq!(env.run(|l, r, c| l.referral_bonuses(r, c)).unwrap(), 1);
+    assert_eq!(
+        env.available("1001"),
+        before + 300,
+        "paid once, for the purchase kept"
+    );
+    assert_eq!(env.available("2002"), 50 + 200);
+    assert_eq!(env.available("2003"), 0, "a returned first purchase pays nobody");
+    assert_eq!(env.run(|l, r, c| l.referral_bonuses(r, c)).unwrap(), 0, "once");
+    env.assert_verified();
+}
+
+#[test]
+fn an_invite_code_in_the_file_opens_the_closed_program() {
+    let mut env = Env::with_rules(PROGRAM);
+    let r = import(
+        &mut env,
+        "phone;invite_code\n+7 912 345-67-89;CLUB2026\n+7 912 000-00-00;NOPE\n",
+    );
+    assert_eq!(r.created, 2);
+    assert_eq!(r.problems.len(), 1);
+    assert!(r.problems[0].1.contains("opens no program"));
+    let again = import(&mut env, "phone;invite_code\n+7 912 345-67-89;CLUB2026\n");
+    assert_eq!((again.created, again.updated, again.unchanged), (0, 0, 1));
+}
+
+/// The acceptance of `customer forget`: the old phone and e-mail are nowhere in the ledger
+/// file, `ledger verify` is clean, the sums are unchanged.
+#[test]
+fn a_forgotten_customer_leaves_no_phone_or_email_in_the_ledger_file() {
+    let mut env = Env::with_rules(PROGRAM);
+    let mut s1 = sale("S1", None, &[("A", 2, 1500)]);
+    s1.customer.phone = Phone::parse("+7 (912) 345-67-89");
+    s1.customer.email = Email::parse("Anna.Ivanova@example.ru");
+    s1.customer.name = Some("Анна Иванова".into());
+    s1.occurred_at -= Duration::days(20);
+    env.docs(vec![reversion(s1)]);
+    let csv = format!(
+        "phone;name;birthday\n+79123456789;Анна Иванова;{}\n",
+        env.now.date_naive().format("%d.%m.1990")
+    );
+    import(&mut env, &csv);
+    let before = env.ledger.summary(&DateRange::default(), env.now).unwrap();
+    let points = env.available("+79123456789");
+    assert!(points > 0);
+
+    let f = env
+        .ledger
+        .forget_customer("+79123456789", "request of 01.12.2026", "test", env.now)
+        .unwrap();
+    assert_eq!(f.keys_removed, 2);
+    let after = env.ledger.summary(&DateRange::default(), env.now).unwrap();
+    assert_eq!(before, after, "the journal and its sums are unchanged");
+    env.assert_verified();
+    assert!(
+        env.ledger
+            .balance("+79123456789", env.now, Duration::days(14))
+            .is_err()
+    );
+
+    let mut bytes = std::fs::read(&env.path).unwrap();
+    if let Ok(wal) = std::fs::read(env.path.with_extension("db-wal")) {
+        bytes.extend(wal);
+    }
+    for needle in [
+        "9123456789",
+        "anna.ivanova@example.ru",
+        "Anna.Ivanova",
+        "Анна Иванова",
+        "1990",
+    ] {
+        let found = bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+        assert!(!found, "{needle:?} is still in the ledger file");
+    }
+    assert!(
+        env.ledger.forget_customer("1", " ", "test", env.now).is_err(),
+        "a reason is required"
+    );
+}
