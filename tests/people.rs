@@ -192,3 +192,43 @@ fn a_forgotten_customer_leaves_no_phone_or_email_in_the_ledger_file() {
         "a reason is required"
     );
 }
+
+/// A real source format: 1C sends its buyer as a person with `ДатаРождения` (CommerceML
+/// 2.10's `РеквизитыФизЛица`); the birthday bonus follows with no other step. A date that is
+/// no date leaves the birthday out and the sale still counts.
+#[test]
+fn a_birthday_from_a_commerceml_counterparty_pays_the_birthday_bonus() {
+    let mut env = Env::with_rules(PROGRAM);
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/onec/sale-person-birthday-2.10.xml"
+    );
+    let bytes = std::fs::read(path).unwrap();
+    let opts = kopilka::onec::commerceml::Options::new("onec", chrono_tz::Europe::Moscow);
+    let mut docs = Vec::new();
+    kopilka::onec::commerceml::parse(std::io::Cursor::new(bytes), "birthday.xml", &opts, &mut |item| {
+        if let kopilka::onec::commerceml::Item::Document(kopilka::core::document::Incoming::Document(d)) =
+            item
+        {
+            docs.push(d);
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(docs.len(), 2);
+    assert_eq!(
+        docs[0].customer.birthday,
+        chrono::NaiveDate::from_ymd_opt(1988, 3, 2)
+    );
+    assert_eq!(docs[1].customer.birthday, None);
+    let r = env.docs(docs);
+    assert_eq!(r.applied, 2);
+    // env.now is 2026-04-01; the bonus window is 3 days before to 7 after: on 2026-03-02
+    env.now = common::t0();
+    assert_eq!(env.run(|l, r, c| l.birthday_bonuses(r, c)).unwrap(), 1);
+    let b = env
+        .ledger
+        .balance("onec:buyer-1", env.now, Duration::days(14))
+        .unwrap();
+    assert_eq!(b.available + b.pending, 50 + 300);
+}

@@ -541,6 +541,7 @@ enum Tag {
     Party,
     Name,
     FullName,
+    BirthDate,
     Role,
     Contacts,
     Contact,
@@ -593,6 +594,7 @@ impl Tag {
             "Контрагент" => Tag::Party,
             "Наименование" => Tag::Name,
             "ПолноеНаименование" => Tag::FullName,
+            "ДатаРождения" => Tag::BirthDate,
             "Роль" => Tag::Role,
             "Контакты" => Tag::Contacts,
             "Контакт" => Tag::Contact,
@@ -1450,6 +1452,9 @@ struct PartyDraft {
     id: Option<String>,
     name: Option<String>,
     full_name: Option<String>,
+    /// `ДатаРождения` of a person (the XSD's `РеквизитыФизЛица`, `ДатаТип`): the birthday
+    /// bonus's source when 1C sends its counterparties.
+    birth_date: Option<String>,
     role: Option<String>,
     phone: Option<Phone>,
     email: Option<Email>,
@@ -1549,6 +1554,7 @@ impl DocDraft {
             [Parties, Party, Id] => set(&mut self.party.id, text),
             [Parties, Party, Name] => set(&mut self.party.name, text),
             [Parties, Party, FullName] => set(&mut self.party.full_name, text),
+            [Parties, Party, BirthDate] => set(&mut self.party.birth_date, text),
             [Parties, Party, Role] => set(&mut self.party.role, text),
             [Parties, Party, Contacts, Contact, Type] => set(&mut self.party.contact_type, text),
             [Parties, Party, Contacts, Contact, Value] => set(&mut self.party.contact_value, text),
@@ -1929,6 +1935,11 @@ impl DocDraft {
                 onec_id: p.id.map(|i| i.trim().to_string()).filter(|i| !i.is_empty()),
                 amocrm_id: None,
                 name: p.name.or(p.full_name).filter(|n| !n.is_empty()),
+                // a date that is no date (31.02) is left out: the sale still counts
+                birthday: p
+                    .birth_date
+                    .as_deref()
+                    .and_then(|d| chrono::NaiveDate::parse_from_str(d.trim(), "%Y-%m-%d").ok()),
                 ..CustomerIdentity::default()
             },
             None => CustomerIdentity {
