@@ -191,6 +191,7 @@ struct RawClosed {
     id: Option<String>,
     invite_codes: Vec<String>,
     membership_products: Vec<String>,
+    term_days: Option<i64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -626,10 +627,14 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, Report> {
                 "a closed program needs invite_codes or membership_products to join it",
             );
         }
+        let term = c
+            .term_days
+            .map(|_| Duration::days(issues.days(&format!("{path}.term_days"), c.term_days, 365, 1, 3660)));
         closed_programs.push(ClosedProgram {
             id,
             invite_codes: c.invite_codes,
             membership_products: c.membership_products,
+            term,
         });
     }
 

@@ -232,3 +232,46 @@ fn a_birthday_from_a_commerceml_counterparty_pays_the_birthday_bonus() {
         .unwrap();
     assert_eq!(b.available + b.pending, 50 + 300);
 }
+
+/// Memberships bought with a fee lapse after their term, are renewed by buying again (from
+/// the end of the one in force), and end when the fee is returned.
+#[test]
+fn a_bought_membership_lapses_renews_and_ends_with_the_fee_returned() {
+    let mut env = Env::with_rules(&PROGRAM.replace(
+        "membership_products = [\"CLUB-FEE\"]",
+        "membership_products = [\"CLUB-FEE\"]\nterm_days = 30",
+    ));
+    let member = |env: &Env| {
+        env.ledger
+            .balance("5001", env.now, Duration::days(14))
+            .unwrap()
+            .memberships
+    };
+    let mut s1 = sale("S1", Some("5001"), &[("CLUB-FEE", 1, 500)]);
+    s1.occurred_at = env.now - Duration::days(50);
+    env.docs(vec![reversion(s1)]);
+    assert!(member(&env).is_empty(), "bought 50 days ago for 30: lapsed");
+
+    let mut s2 = sale("S2", Some("5001"), &[("CLUB-FEE", 1, 500)]);
+    s2.occurred_at = env.now - Duration::days(10);
+    env.docs(vec![reversion(s2)]);
+    assert_eq!(
+        member(&env),
+        vec![("club".to_string(), Some(env.now + Duration::days(20)))]
+    );
+
+    // renewed early: 30 more days from the end of the one in force
+    let mut s3 = sale("S3", Some("5001"), &[("CLUB-FEE", 1, 500), ("A", 1, 100)]);
+    s3.occurred_at = env.now - Duration::days(5);
+    let s3 = reversion(s3);
+    env.docs(vec![s3.clone()]);
+    assert_eq!(
+        member(&env),
+        vec![("club".to_string(), Some(env.now + Duration::days(50)))]
+    );
+
+    // the renewal's fee returned: the membership ends
+    env.docs(vec![returned("R3", &s3, &[("CLUB-FEE", 1)])]);
+    assert!(member(&env).is_empty());
+    env.assert_verified();
+}

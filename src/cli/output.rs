@@ -50,6 +50,10 @@ pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> a
             "tier_name": tier.map(|t| t.name.clone()),
             "discount_pct": tier.map(|t| t.discount_pct.normalize().to_string()),
             "referral_code": b.referral_code,
+            "memberships": b.memberships.iter().map(|(p, until)| serde_json::json!({
+                "program": p,
+                "until": until.map(|u| u.with_timezone(&tz).date_naive().to_string()),
+            })).collect::<Vec<_>>(),
         }));
     }
     println!("{}", who(&b.customer));
@@ -82,6 +86,16 @@ pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> a
             t.discount_pct.normalize()
         ),
         None => println!("  tier       {:>10}", b.tier.as_deref().unwrap_or("—")),
+    }
+    for (program, until) in &b.memberships {
+        match until {
+            Some(u) => println!(
+                "  member of  {:>10}  until {}",
+                program,
+                u.with_timezone(&tz).date_naive().format("%d.%m.%Y")
+            ),
+            None => println!("  member of  {:>10}", program),
+        }
     }
     if let Some(code) = &b.referral_code {
         println!(

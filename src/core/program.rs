@@ -76,7 +76,8 @@ pub struct Decision {
     pub counters: Vec<(String, Decimal)>,
     /// Vouchers earned: (stamp card, product).
     pub vouchers: Vec<(String, String)>,
-    /// Closed programs this sale enrols the customer in: (program, how).
+    /// Closed programs this sale enrols the customer in (or renews): (program, the
+    /// membership product bought).
     pub memberships: Vec<(String, String)>,
     /// Gross margin of the sale's lines with known cost.
     pub margin: Money,

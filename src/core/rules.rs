@@ -302,6 +302,9 @@ pub struct ClosedProgram {
     pub id: String,
     pub invite_codes: Vec<String>,
     pub membership_products: Vec<String>,
+    /// How long a bought membership lasts (`term_days`); buying again renews it from its end.
+    /// `None`: for good. Memberships by invite code do not lapse.
+    pub term: Option<Duration>,
 }
 
 /// A validated rules file.
@@ -905,16 +908,16 @@ impl Rules for RuleSet {
         };
         d.partner = self.partners.get(&doc.source.system).cloned();
         for p in &self.closed_programs {
-            if customer.memberships.contains(&p.id) {
+            // a membership with a term is renewed by buying again; one for good is not
+            if customer.memberships.contains(&p.id) && p.term.is_none() {
                 continue;
             }
-            if doc
+            if let Some(l) = doc
                 .lines
                 .iter()
-                .any(|l| p.membership_products.contains(&l.product_id))
+                .find(|l| p.membership_products.contains(&l.product_id))
             {
-                d.memberships
-                    .push((p.id.clone(), "membership product bought".into()));
+                d.memberships.push((p.id.clone(), l.product_id.clone()));
             }
         }
         d

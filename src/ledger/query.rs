@@ -125,6 +125,9 @@ pub struct BalanceView {
     /// The code a friend gives at the till or on the site to be referred by this customer
     /// (`core::identity::referral_code`).
     pub referral_code: Option<String>,
+    /// Closed programs the customer is a member of now, with the end of each bought
+    /// membership (`None`: for good).
+    pub memberships: Vec<(String, Option<DateTime<Utc>>)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -438,6 +441,7 @@ impl Ledger {
             debt: h.debt,
             tier,
             referral_code: crate::core::identity::referral_code(id),
+            memberships: super::state::memberships_in_force(&self.conn, id, now)?,
         })
     }
 

@@ -515,6 +515,14 @@ CREATE TABLE forgotten (
     requested_by TEXT NOT NULL
 );
 "#,
+    // 16 (issue 20): bought memberships lapse after their term and end when the fee is returned.
+    r#"
+-- the end of a bought membership (NULL: for good), the sale that bought or last renewed it and
+-- the membership product on it: returning that product ends the membership
+ALTER TABLE memberships ADD COLUMN until INTEGER;
+ALTER TABLE memberships ADD COLUMN document_id INTEGER;
+ALTER TABLE memberships ADD COLUMN product TEXT;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

@@ -114,10 +114,10 @@ pub(crate) fn customer_state(
             }
         }
     }
-    let mut st = conn.prepare_cached("SELECT program FROM memberships WHERE customer_id = ?1")?;
-    state.memberships = st
-        .query_map([c], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+    state.memberships = memberships_in_force(conn, c, at)?
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
     Ok(state)
 }
 
@@ -175,8 +175,12 @@ pub(crate) fn record_sale(
         )?
         .execute(params![c, doc_row, epoch, card, product, ts(doc.occurred_at)])?;
     }
-    for (program, how) in &decision.memberships {
-        join_program(conn, c, program, how, doc.occurred_at)?;
+    for (program, product) in &decision.memberships {
+        let term = rules
+            .rule_set()
+            .and_then(|r| r.closed_programs.iter().find(|p| &p.id == program))
+            .and_then(|p| p.term);
+        buy_membership(conn, c, program, product, term, doc.occurred_at, doc_row)?;
     }
     if let Some(change) = rules.tier_after_sale(state.tier.as_deref(), state.spend_in_window + doc.total) {
         record_tier(conn, c, &change, doc.occurred_at, Some(doc_row))?;
@@ -205,6 +209,69 @@ pub(crate) fn unrecord_sale(conn: &Connection, doc_row: i64, epoch: i64) -> Resu
         "UPDATE documents SET margin = NULL, reward_value = NULL, budget_period = NULL, loss = 0 WHERE id = ?1",
     )?
     .execute([doc_row])?;
+    Ok(())
+}
+
+/// The closed programs a customer is a member of at `at`, with the end of each (`None`: for
+/// good): a bought membership counts until its term ends, and only while the sale that bought
+/// it is in force and its membership product was not returned.
+pub(crate) fn memberships_in_force(
+    conn: &Connection,
+    customer: i64,
+    at: DateTime<Utc>,
+) -> Result<Vec<(String, Option<DateTime<Utc>>)>> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT m.program, m.until FROM memberships m WHERE m.customer_id = ?1 \
+               AND (m.until IS NULL OR m.until > ?2) \
+               AND (m.document_id IS NULL OR (\
+                 EXISTS (SELECT 1 FROM documents d WHERE d.id = m.document_id AND d.applied = 1) \
+                 AND NOT EXISTS (SELECT 1 FROM documents r JOIN document_lines l ON l.document_id = r.id \
+                   WHERE r.original_id = m.document_id AND r.kind = 'return' AND r.applied = 1 \
+                     AND l.product_id = m.product))) \
+             ORDER BY m.program",
+        )?
+        .query_map(params![customer, ts(at)], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows
+        .into_iter()
+        .map(|(p, u)| (p, u.map(super::from_ts)))
+        .collect())
+}
+
+/// A membership bought (or renewed) by a sale: with a term, it runs from the sale, or from
+/// the end of the membership in force when renewed early.
+fn buy_membership(
+    conn: &Connection,
+    c: i64,
+    program: &str,
+    product: &str,
+    term: Option<Duration>,
+    at: DateTime<Utc>,
+    doc_row: i64,
+) -> Result<()> {
+    let current: Option<(Option<i64>, Option<i64>)> = conn
+        .prepare_cached("SELECT until, document_id FROM memberships WHERE customer_id = ?1 AND program = ?2")?
+        .query_row(params![c, program], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let start = match current {
+        // joined by invitation: for good, whatever is bought later
+        Some((None, None)) => return Ok(()),
+        // the same sale again (a new version): from the sale, not from its own end
+        Some((_, Some(d))) if d == doc_row => at,
+        Some((Some(until), _)) if until > ts(at) => super::from_ts(until),
+        _ => at,
+    };
+    let until = term.map(|t| ts(start + t));
+    conn.prepare_cached(
+        "INSERT INTO memberships (customer_id, program, since, how, until, document_id, product) \
+         VALUES (?1, ?2, ?3, 'membership product bought', ?4, ?5, ?6) \
+         ON CONFLICT (customer_id, program) DO UPDATE SET until = excluded.until, \
+           document_id = excluded.document_id, product = excluded.product, how = excluded.how",
+    )?
+    .execute(params![c, program, ts(at), until, doc_row, product])?;
     Ok(())
 }
 
