@@ -821,12 +821,13 @@ async fn handle(
     if !inbound.is_zero() {
         tokio::time::sleep(inbound).await;
     }
-    let arrived = Instant::now();
     let path = uri.path().to_string();
     let query = uri.query().unwrap_or("").to_string();
     let mut retry_after: Option<u64> = None;
     let (answer, fault, request_id) = {
         let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+        // taken under the lock, so the window holds arrivals in order
+        let arrived = Instant::now();
         let at = arrived.saturating_duration_since(s.started);
         let request_id = format!("sim-{:08x}", s.requests.len() + 1);
         // the rate limit counts every arrival in the last second
