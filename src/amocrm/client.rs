@@ -1,23 +1,22 @@
 //! The one HTTP client of an AmoCRM account: every request (the token endpoint included)
-//! passes one rate limiter, carries the bearer token, and is retried, refreshed or halted
-//! according to [`super::classify`].
+//! passes one pacer ([`super::limiter`]), carries the bearer token, and is retried, refreshed
+//! or halted according to [`super::classify`].
 //!
-//! The limiter is `governor` with a burst of 1: requests are evenly spaced at slightly more
-//! than `1 s / requests_per_second`, so no 1-second window — fixed or sliding, however the
-//! vendor counts — ever holds more than the configured number. A token bucket with a burst
-//! equal to the rate could send 8 in one second at 7 requests/s.
+//! One client per process means one pacer per process: the daemon's jobs share it through
+//! one `Connector`, and retries, refreshes and repeats after a 401 wait for it like first
+//! sends. Whatever the pacer waits for, the request is built before its turn so that nothing
+//! but the wire stands between the turn and the send.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::auth::{self, Auth, OAuth, Pair, REAUTH_COMMAND};
+use super::limiter::{JITTER_MARGIN_MS, Pacer, Ticket, WINDOW};
 use super::wire::{Page, Problem, TokenReply};
 use super::{AmoError, Class, ItemError};
 use crate::clock::Clock;
@@ -31,6 +30,8 @@ pub const LOG_BODY_CHARS: usize = 300;
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     pub requests_per_second: u32,
+    /// Jitter on the wire the pacer leaves room for (see [`super::limiter`]).
+    pub jitter_margin: Duration,
     pub timeout: Duration,
     /// Attempts per request on retriable failures before the caller gets the error.
     pub max_attempts: u32,
@@ -51,6 +52,7 @@ impl ClientOptions {
     pub fn from_config(cfg: &AmocrmConfig) -> ClientOptions {
         ClientOptions {
             requests_per_second: cfg.requests_per_second,
+            jitter_margin: Duration::from_millis(JITTER_MARGIN_MS),
             timeout: cfg.timeout,
             max_attempts: 6,
             max_attempts_on_429: 20,
@@ -112,7 +114,7 @@ struct Throttle {
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    limiter: DefaultDirectRateLimiter,
+    limiter: Pacer,
     opts: ClientOptions,
     pub(crate) auth: Auth,
     throttle: Mutex<Throttle>,
@@ -128,16 +130,6 @@ pub struct Send<'a> {
     /// Hand a 504 back at once so the caller can halve its batch (instead of retrying the
     /// same size).
     pub halve_on_504: bool,
-}
-
-fn limiter(rps: u32) -> DefaultDirectRateLimiter {
-    // 5% slower than the limit: requests leave at most every period, so any 1-second window
-    // holds at most `rps` of them even when some arrive a little late at the vendor.
-    let period_ns = 1_000_000_000u64 / u64::from(rps.max(1)) * 21 / 20;
-    let quota = Quota::with_period(Duration::from_nanos(period_ns.max(1)))
-        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-        .allow_burst(NonZeroU32::MIN);
-    RateLimiter::direct(quota)
 }
 
 impl Client {
@@ -172,7 +164,7 @@ impl Client {
         Ok(Client {
             http,
             base: cfg.base_url.trim_end_matches('/').to_string(),
-            limiter: limiter(opts.requests_per_second),
+            limiter: Pacer::new(opts.requests_per_second, WINDOW, opts.jitter_margin),
             opts,
             auth,
             throttle: Mutex::new(Throttle::default()),
@@ -245,7 +237,7 @@ impl Client {
         }
     }
 
-    async fn wait_turn(&self) -> Result<(), AmoError> {
+    async fn wait_turn(&self) -> Result<Ticket, AmoError> {
         loop {
             let (halted, until) = {
                 let t = self.throttle();
@@ -259,12 +251,13 @@ impl Client {
                 _ => break,
             }
         }
-        self.limiter.until_ready().await;
-        // a halt raised while this request waited for its turn stops it too
+        let ticket = self.limiter.acquire().await;
+        // a halt raised while this request waited for its turn stops it too (the unused
+        // turn only makes the next ones wait a little longer)
         if let Some(h) = self.halted() {
             return Err(AmoError::Halted(h));
         }
-        Ok(())
+        Ok(ticket)
     }
 
     /// One HTTP exchange: waits for its turn, sends, reads and classifies the answer.
@@ -275,7 +268,6 @@ impl Client {
         body: Option<&Value>,
         bearer: Option<&Secret>,
     ) -> Result<Option<Value>, AmoError> {
-        self.wait_turn().await?;
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method.clone(), &url);
         if let Some(b) = bearer {
@@ -284,10 +276,21 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        self.stats.sent();
         let m = method.to_string();
-        let resp = match req.send().await {
-            Ok(r) => r,
+        // built (and its body serialised) before the turn: the time from the turn to the
+        // wire must not vary with the body
+        let req = req.build().map_err(|e| AmoError::Transport {
+            method: m.clone(),
+            path: path.into(),
+            detail: e.to_string(),
+        })?;
+        let ticket = self.wait_turn().await?;
+        self.stats.sent();
+        let resp = match self.http.execute(req).await {
+            Ok(r) => {
+                self.limiter.answered(ticket, Instant::now());
+                r
+            }
             Err(e) if e.is_timeout() => {
                 self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                 return Err(AmoError::Timeout {

@@ -1,7 +1,8 @@
-//! Everything that knows AmoCRM's API v4: authentication (`auth`), the rate-limited HTTP
-//! client and its error classes (`client`, [`classify`]), the wire shapes (`wire`), custom
-//! fields (`fields`), matching customers to contacts (`contacts`), the outbox sinks for
-//! contact cards and notes (`sink`, `notes`), and won deals as sales (`deals`).
+//! Everything that knows AmoCRM's API v4: authentication (`auth`), the HTTP client, its
+//! pacer and its error classes (`client`, `limiter`, [`classify`]), the wire shapes
+//! (`wire`), custom fields (`fields`), matching customers to contacts (`contacts`), the
+//! outbox sinks for contact cards and notes (`sink`, `notes`), and won deals as sales
+//! (`deals`).
 //!
 //! Nothing outside this folder sees AmoCRM JSON: deals become core `Document`s, contacts
 //! become links in the ledger. See `../shared/specs/amocrm.md` for the API's behaviour this
@@ -13,6 +14,7 @@ pub mod connector;
 pub mod contacts;
 pub mod deals;
 pub mod fields;
+pub mod limiter;
 pub mod notes;
 pub mod sink;
 pub mod webhook;

@@ -5,11 +5,22 @@
 //! refresh tokens on a controllable clock, plus long-lived tokens; contacts (fuzzy `query`,
 //! create, patch with `request_id`, tags), contact custom fields, leads with pipelines and
 //! statuses, events, notes; paging with `_links.next` and 204 when a page is empty;
-//! problem+json errors with validation errors per `request_id`. A rate limiter answers 429
-//! (every other time as an HTML page) when more than the limit arrive in any 1-second window,
-//! and after repeated violations blocks the account: every call then answers 403 with HTML.
-//! Faults can be injected (a status, an HTML status, a delay past the client's timeout, a
-//! truncated body, a block). Every request is recorded so tests can assert what was sent.
+//! problem+json errors with validation errors per `request_id`. Faults can be injected (a
+//! status, an HTML status, a delay past the client's timeout, a truncated body, a block), and
+//! the wire can be made to jitter. Every request is recorded so tests can assert what was
+//! sent.
+//!
+//! The rate limit follows the spec's "Rate limits — the account can be blocked": "7
+//! requests/second per integration", "Over the limit → 429. Repeated violations → the
+//! account is blocked: every call answers 403, often with an HTML page", and "How the vendor
+//! counts 'per second' is not documented (fixed or sliding window)". Where the source is
+//! silent the simulator takes the strictest reading: the arrival of every request it
+//! receives — every endpoint, the OAuth token endpoint and refused requests included — is
+//! counted, and a request is answered 429 (every other time as an HTML page) when more than
+//! the limit arrived in the 1-second window ending with it, measured here on arrival after
+//! any jitter of the wire. The spec gives no number of violations before the block, so the
+//! count never decays (stricter than any "N per minute"): after `block_after_violations`
+//! 429s in the simulator's life every call answers 403 with HTML.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -145,7 +156,12 @@ struct State {
     events: Vec<SimEvent>,
     notes: Vec<SimNote>,
     requests: Vec<Recorded>,
+    /// Arrivals within the last second, oldest first.
     window: VecDeque<Instant>,
+    /// Each request waits up to this long on its way in and again on its way out.
+    jitter: Option<(Duration, fastrand::Rng)>,
+    /// Access tokens stop working once this many requests have arrived.
+    expire_access_at_request: Option<usize>,
     violations: u32,
     limited: u64,
     blocked: bool,
@@ -287,9 +303,18 @@ pub struct AmoSimBuilder {
     clock: Option<Arc<dyn Clock>>,
     client: (String, String, String),
     long_lived: Vec<(String, DateTime<Utc>)>,
+    jitter: Option<(Duration, u64)>,
 }
 
 impl AmoSimBuilder {
+    /// The wire delays each request by a random 0..`max` on its way in (before the rate
+    /// limit sees it) and again on its way out, drawn from `seed`: requests sent evenly
+    /// arrive unevenly, as across a real network.
+    pub fn network_jitter(mut self, max: Duration, seed: u64) -> Self {
+        self.jitter = Some((max, seed));
+        self
+    }
+
     /// Requests per second the account allows (any 1-second window).
     pub fn requests_per_second(mut self, n: usize) -> Self {
         self.rps = n.max(1);
@@ -378,6 +403,10 @@ impl AmoSimBuilder {
             notes: Vec::new(),
             requests: Vec::new(),
             window: VecDeque::new(),
+            jitter: self
+                .jitter
+                .map(|(max, seed)| (max, fastrand::Rng::with_seed(seed))),
+            expire_access_at_request: None,
             violations: 0,
             limited: 0,
             blocked: false,
@@ -434,6 +463,7 @@ impl AmoSim {
                 "https://shop.example/oauth".into(),
             ),
             long_lived: Vec::new(),
+            jitter: None,
         }
     }
 
@@ -453,6 +483,12 @@ impl AmoSim {
     /// Every access token stops working (as after 24 h, or a revocation by an admin).
     pub fn expire_access_tokens(&self) {
         self.st().oauth.access.clear();
+    }
+
+    /// Every access token issued so far stops working when the `n`-th request (counted
+    /// from the simulator's start) arrives: a revocation in the middle of a run.
+    pub fn expire_access_tokens_at_request(&self, n: usize) {
+        self.st().expire_access_at_request = Some(n);
     }
 
     /// Every refresh token is revoked, and refreshes are refused from now on.
@@ -499,7 +535,7 @@ impl AmoSim {
         self.st().blocked
     }
 
-    /// Requests answered 429 by the rate limiter (injected faults not counted).
+    /// Requests answered 429 by the rate limit (injected faults not counted).
     pub fn rate_limited(&self) -> u64 {
         self.st().limited
     }
@@ -781,12 +817,17 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let arrived = Instant::now();
+    let inbound = jitter(&shared);
+    if !inbound.is_zero() {
+        tokio::time::sleep(inbound).await;
+    }
     let path = uri.path().to_string();
     let query = uri.query().unwrap_or("").to_string();
     let mut retry_after: Option<u64> = None;
     let (answer, fault, request_id) = {
         let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+        // taken under the lock, so the window holds arrivals in order
+        let arrived = Instant::now();
         let at = arrived.saturating_duration_since(s.started);
         let request_id = format!("sim-{:08x}", s.requests.len() + 1);
         // the rate limit counts every arrival in the last second
@@ -798,6 +839,9 @@ async fn handle(
             s.window.pop_front();
         }
         s.window.push_back(arrived);
+        if s.expire_access_at_request == Some(s.requests.len() + 1) {
+            s.oauth.access.clear();
+        }
         let waiting = s.retry_not_before.filter(|t| arrived < *t);
         let fault = if waiting.is_some() {
             None
@@ -848,6 +892,10 @@ async fn handle(
         (answer, fault, request_id)
     };
     let (status, ctype, mut text) = answer;
+    let outbound = jitter(&shared);
+    if !outbound.is_zero() {
+        tokio::time::sleep(outbound).await;
+    }
     match fault {
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
         Some(Fault::Truncated) => {
@@ -866,6 +914,17 @@ async fn handle(
         r.headers_mut().insert(header::RETRY_AFTER, v);
     }
     r
+}
+
+/// One draw of the wire's delay (zero without jitter).
+fn jitter(shared: &Mutex<State>) -> Duration {
+    let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+    match &mut s.jitter {
+        Some((max, rng)) if !max.is_zero() => {
+            Duration::from_micros(rng.u64(..max.as_micros().min(u128::from(u64::MAX)) as u64))
+        }
+        _ => Duration::ZERO,
+    }
 }
 
 fn params(query: &str) -> Vec<(String, String)> {
