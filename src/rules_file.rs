@@ -152,6 +152,7 @@ struct RawStamp {
     count: Option<String>,
     reward_points: Option<i64>,
     reward_product: Option<String>,
+    reward_valid_days: Option<i64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -746,6 +747,13 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, Report> {
                 StampReward::Points(0)
             }
         };
+        let voucher_valid = Duration::days(issues.days(
+            &format!("{path}.reward_valid_days"),
+            r.reward_valid_days,
+            90,
+            1,
+            3660,
+        ));
         stamps.push(StampCard {
             key: format!("stamp:{id}"),
             id,
@@ -753,6 +761,7 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, Report> {
             count,
             filter: f,
             reward,
+            voucher_valid,
         });
     }
 

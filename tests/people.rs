@@ -275,3 +275,57 @@ fn a_bought_membership_lapses_renews_and_ends_with_the_fee_returned() {
     assert!(member(&env).is_empty());
     env.assert_verified();
 }
+
+/// A free-item stamp reward is a voucher with a code and an end; a sale that gives the item
+/// free uses it, once; unposting that sale gives it back; past its end it is expired.
+#[test]
+fn a_free_item_voucher_is_issued_used_once_and_expires() {
+    let mut env = Env::with_rules(&format!(
+        "{PROGRAM}\n[[stamp_cards]]\nid = \"coffee\"\nevery = 3\ninclude_products = [\"K\"]\n\
+         reward_product = \"K-FREE\"\nreward_valid_days = 30\n"
+    ));
+    let vouchers = |env: &Env| {
+        env.ledger
+            .balance("6001", env.now, Duration::days(14))
+            .unwrap()
+            .vouchers
+    };
+    let mut s1 = sale("S1", Some("6001"), &[("K", 3, 200)]);
+    s1.occurred_at = env.now - Duration::days(10);
+    env.docs(vec![reversion(s1)]);
+    let v = vouchers(&env);
+    assert_eq!(v.len(), 1);
+    let code = v[0].code.clone().unwrap();
+    assert!(code.starts_with("V-") && code.len() == 9, "{code}");
+    assert_eq!((v[0].product.as_str(), v[0].state.as_str()), ("K-FREE", "issued"));
+    assert_eq!(v[0].expires_at, Some(env.now + Duration::days(20)));
+    // a friend code it is not
+    assert_eq!(kopilka::core::identity::referral_id(&code), None);
+
+    // the till gives the item free: the voucher is used; a second free one finds none
+    let mut s2 = sale("S2", Some("6001"), &[("K-FREE", 2, 200), ("A", 1, 100)]);
+    s2.lines[0].discount = s2.lines[0].net;
+    s2.lines[0].net = kopilka::core::money::Money(0);
+    s2.total = s2.lines.iter().map(|l| l.net).sum();
+    s2.occurred_at = env.now - Duration::days(5);
+    env.docs(vec![reversion(s2)]);
+    assert_eq!(vouchers(&env)[0].state, "used");
+
+    // unposted in 1C: the voucher is open again
+    env.ingest(vec![kopilka::ledger::Item::Incoming(
+        kopilka::core::document::Incoming::Void {
+            source: kopilka::core::document::SourceRef {
+                system: "onec".into(),
+                doc_id: "S2".into(),
+                version: "void".into(),
+                stamp: None,
+            },
+            reason: kopilka::core::document::VoidReason::Unposted,
+        },
+    )]);
+    assert_eq!(vouchers(&env)[0].state, "issued");
+    // and past its end, expired
+    env.now += Duration::days(21);
+    assert_eq!(vouchers(&env)[0].state, "expired");
+    env.assert_verified();
+}

@@ -50,6 +50,12 @@ pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> a
             "tier_name": tier.map(|t| t.name.clone()),
             "discount_pct": tier.map(|t| t.discount_pct.normalize().to_string()),
             "referral_code": b.referral_code,
+            "vouchers": b.vouchers.iter().map(|v| serde_json::json!({
+                "code": v.code,
+                "product": v.product,
+                "state": v.state,
+                "expires": v.expires_at.map(|u| u.with_timezone(&tz).date_naive().to_string()),
+            })).collect::<Vec<_>>(),
             "memberships": b.memberships.iter().map(|(p, until)| serde_json::json!({
                 "program": p,
                 "until": until.map(|u| u.with_timezone(&tz).date_naive().to_string()),
@@ -86,6 +92,18 @@ pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> a
             t.discount_pct.normalize()
         ),
         None => println!("  tier       {:>10}", b.tier.as_deref().unwrap_or("—")),
+    }
+    for v in &b.vouchers {
+        println!(
+            "  voucher    {:>10}  {} — {}{}",
+            v.code.as_deref().unwrap_or("—"),
+            v.product,
+            v.state,
+            v.expires_at
+                .filter(|_| v.state == "issued")
+                .map(|e| format!(", until {}", e.with_timezone(&tz).date_naive().format("%d.%m.%Y")))
+                .unwrap_or_default()
+        );
     }
     for (program, until) in &b.memberships {
         match until {

@@ -212,6 +212,8 @@ pub struct StampCard {
     pub count: StampCount,
     pub filter: Filter,
     pub reward: StampReward,
+    /// How long a free-item voucher of this card can be used (`reward_valid_days`, 90).
+    pub voucher_valid: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]

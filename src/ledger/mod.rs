@@ -53,7 +53,7 @@ pub use outbox::{OutboxFilter, OutboxRow, OutboxState};
 pub use people::{AttributeChange, CustomersReport, Forgotten};
 pub use query::{
     BalanceView, CustomerView, DateRange, HistoryEntry, LastDocument, LedgerIssued, PartnerTotals,
-    QuarantineEntry, Summary,
+    QuarantineEntry, Summary, VoucherView,
 };
 pub use reconcile::{DayRow, DiffKind, Difference, Reconciliation, SourceDoc};
 pub use report::{LossLine, LossList, ProgramReport};

@@ -128,6 +128,20 @@ pub struct BalanceView {
     /// Closed programs the customer is a member of now, with the end of each bought
     /// membership (`None`: for good).
     pub memberships: Vec<(String, Option<DateTime<Utc>>)>,
+    /// Free-item vouchers, newest first (cancelled ones left out).
+    pub vouchers: Vec<VoucherView>,
+}
+
+/// A free-item voucher as the customer and the till see it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct VoucherView {
+    pub code: Option<String>,
+    pub product: String,
+    /// `issued`, `used` or `expired` (issued and past its end).
+    pub state: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub used_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -442,7 +456,29 @@ impl Ledger {
             tier,
             referral_code: crate::core::identity::referral_code(id),
             memberships: super::state::memberships_in_force(&self.conn, id, now)?,
+            vouchers: self.vouchers_of(id, now)?,
         })
+    }
+
+    fn vouchers_of(&self, id: i64, now: DateTime<Utc>) -> Result<Vec<VoucherView>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT code, product, CASE WHEN state = 'issued' AND expires_at <= ?2 THEN 'expired' ELSE state END, \
+                    issued_at, expires_at, used_at \
+             FROM vouchers WHERE customer_id = ?1 AND state != 'cancelled' ORDER BY issued_at DESC, id DESC",
+        )?;
+        let rows = st
+            .query_map(params![id, ts(now)], |r| {
+                Ok(VoucherView {
+                    code: r.get(0)?,
+                    product: r.get(1)?,
+                    state: r.get(2)?,
+                    issued_at: from_ts(r.get(3)?),
+                    expires_at: r.get::<_, Option<i64>>(4)?.map(from_ts),
+                    used_at: r.get::<_, Option<i64>>(5)?.map(from_ts),
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
     }
 
     pub fn customer_ids(&self) -> Result<Vec<i64>> {

@@ -523,6 +523,19 @@ ALTER TABLE memberships ADD COLUMN until INTEGER;
 ALTER TABLE memberships ADD COLUMN document_id INTEGER;
 ALTER TABLE memberships ADD COLUMN product TEXT;
 "#,
+    // 17 (issue 20): vouchers have a code, an expiry and the sale that used them.
+    r#"
+-- a free-item voucher's code (V-…, what the customer shows at the till), its end, and the sale
+-- that gave the item (the voucher is 'used' while that sale is in force); 'expired' is an
+-- issued voucher past its end, not a stored state
+ALTER TABLE vouchers ADD COLUMN code TEXT;
+ALTER TABLE vouchers ADD COLUMN expires_at INTEGER;
+ALTER TABLE vouchers ADD COLUMN used_document INTEGER;
+ALTER TABLE vouchers ADD COLUMN used_at INTEGER;
+CREATE UNIQUE INDEX vouchers_code ON vouchers(code) WHERE code IS NOT NULL;
+CREATE INDEX vouchers_used ON vouchers(used_document) WHERE used_document IS NOT NULL;
+CREATE INDEX vouchers_open ON vouchers(customer_id, product) WHERE state = 'issued';
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

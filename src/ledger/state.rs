@@ -168,12 +168,28 @@ pub(crate) fn record_sale(
     )?
     .execute(params![doc_row, decision.margin.0, reward_value, period, decision.loss.0, flags])?;
     let Some(c) = customer else { return Ok(()) };
+    use_vouchers(conn, c, doc_row, doc)?;
     for (card, product) in &decision.vouchers {
+        let valid = rules
+            .rule_set()
+            .and_then(|r| r.stamps.iter().find(|s| &s.id == card))
+            .map_or(Duration::days(90), |s| s.voucher_valid);
         conn.prepare_cached(
-            "INSERT INTO vouchers (customer_id, document_id, epoch, card, product, issued_at, state) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'issued')",
+            "INSERT INTO vouchers (customer_id, document_id, epoch, card, product, issued_at, state, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'issued', ?7)",
         )?
-        .execute(params![c, doc_row, epoch, card, product, ts(doc.occurred_at)])?;
+        .execute(params![
+            c,
+            doc_row,
+            epoch,
+            card,
+            product,
+            ts(doc.occurred_at),
+            ts(doc.occurred_at + valid)
+        ])?;
+        let id = conn.last_insert_rowid();
+        conn.prepare_cached("UPDATE vouchers SET code = ?2 WHERE id = ?1")?
+            .execute(params![id, voucher_code(id)])?;
     }
     for (program, product) in &decision.memberships {
         let term = rules
@@ -186,6 +202,38 @@ pub(crate) fn record_sale(
         record_tier(conn, c, &change, doc.occurred_at, Some(doc_row))?;
     }
     let _ = now;
+    Ok(())
+}
+
+/// A voucher's code: `V-` and seven symbols a person cannot misread (the voucher's id,
+/// spread, with a check symbol — never taken for a friend code, which has no prefix).
+pub(crate) fn voucher_code(id: i64) -> String {
+    format!(
+        "V-{}",
+        crate::core::identity::referral_code(id).unwrap_or_else(|| id.to_string())
+    )
+}
+
+/// A sale that gives a voucher's item free (a line of the product at no charge) uses the
+/// customer's oldest open voucher for it, one per unit, once: vouchers issued before the
+/// sale and not past their end.
+fn use_vouchers(conn: &Connection, c: i64, doc_row: i64, doc: &Document) -> Result<()> {
+    for line in doc.lines.iter().filter(|l| l.net.0 == 0) {
+        let units = line.quantity.trunc().to_i64().unwrap_or(0).max(0);
+        for _ in 0..units {
+            let used = conn
+                .prepare_cached(
+                    "UPDATE vouchers SET state = 'used', used_document = ?3, used_at = ?4 WHERE id = \
+                     (SELECT id FROM vouchers WHERE customer_id = ?1 AND product = ?2 AND state = 'issued' \
+                       AND issued_at <= ?4 AND (expires_at IS NULL OR expires_at > ?4) AND document_id != ?3 \
+                      ORDER BY issued_at, id LIMIT 1)",
+                )?
+                .execute(params![c, line.product_id, doc_row, ts(doc.occurred_at)])?;
+            if used == 0 {
+                break;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -205,6 +253,12 @@ pub(crate) fn unrecord_sale(conn: &Connection, doc_row: i64, epoch: i64) -> Resu
         "UPDATE vouchers SET state = 'cancelled' WHERE document_id = ?1 AND epoch = ?2 AND state = 'issued'",
     )?
     .execute(params![doc_row, epoch])?;
+    // the sale that gave a voucher's item is gone: the voucher can be used again
+    conn.prepare_cached(
+        "UPDATE vouchers SET state = 'issued', used_document = NULL, used_at = NULL \
+         WHERE used_document = ?1 AND state = 'used'",
+    )?
+    .execute([doc_row])?;
     conn.prepare_cached(
         "UPDATE documents SET margin = NULL, reward_value = NULL, budget_period = NULL, loss = 0 WHERE id = ?1",
     )?
