@@ -26,10 +26,12 @@ pub enum CardValue {
     LastPurchase,
     Card,
     Offer,
+    /// The member's friend code (issue 20): a manager reads it out, a friend gives it.
+    ReferralCode,
 }
 
 impl CardValue {
-    pub const ALL: [CardValue; 10] = [
+    pub const ALL: [CardValue; 11] = [
         CardValue::Points,
         CardValue::Pending,
         CardValue::Tier,
@@ -40,6 +42,7 @@ impl CardValue {
         CardValue::LastPurchase,
         CardValue::Card,
         CardValue::Offer,
+        CardValue::ReferralCode,
     ];
 
     /// The key in `mappings/amocrm.toml`.
@@ -55,6 +58,7 @@ impl CardValue {
             CardValue::LastPurchase => "last_purchase",
             CardValue::Card => "card",
             CardValue::Offer => "offer",
+            CardValue::ReferralCode => "referral_code",
         }
     }
 
@@ -70,6 +74,7 @@ impl CardValue {
             CardValue::LastPurchase => "KOPILKA_LAST_PURCHASE",
             CardValue::Card => "KOPILKA_CARD",
             CardValue::Offer => "KOPILKA_OFFER",
+            CardValue::ReferralCode => "KOPILKA_FRIEND_CODE",
         }
     }
 
@@ -86,6 +91,7 @@ impl CardValue {
             CardValue::LastPurchase => "Последняя покупка",
             CardValue::Card => "Карта лояльности",
             CardValue::Offer => "Следующее предложение",
+            CardValue::ReferralCode => "Код для друга",
         }
     }
 
@@ -98,7 +104,7 @@ impl CardValue {
             | CardValue::BurnPoints
             | CardValue::Ltv => "numeric",
             CardValue::BurnDate | CardValue::LastPurchase => "date",
-            CardValue::Tier | CardValue::Card | CardValue::Offer => "text",
+            CardValue::Tier | CardValue::Card | CardValue::Offer | CardValue::ReferralCode => "text",
         }
     }
 

@@ -88,6 +88,7 @@ pub fn card_item(f: &CardFigures, fields: &Resolved, rules: &RuleSet, tags: bool
                 None => continue,
             },
             CardValue::Offer => text_value(f.offer.clone()),
+            CardValue::ReferralCode => text_value(crate::core::identity::referral_code(f.customer_id)),
         };
         cf.push(json!({"field_id": id, "values": values}));
     }
