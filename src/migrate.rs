@@ -237,7 +237,7 @@ pub struct CustomerRow {
 /// A row of a customers file, or `(line, reason)` when it cannot be read.
 pub type CustomerCsvRow = Result<CustomerRow, (usize, String)>;
 
-fn parse_birthday(text: &str) -> Result<NaiveDate, String> {
+pub fn parse_birthday(text: &str) -> Result<NaiveDate, String> {
     let t = text.trim();
     let date = NaiveDate::parse_from_str(t, "%d.%m.%Y")
         .or_else(|_| NaiveDate::parse_from_str(t, "%Y-%m-%d"))

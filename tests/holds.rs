@@ -730,3 +730,51 @@ async fn reconcile_counts_the_receipt_not_the_commits_basket() {
         (300000, 300000)
     );
 }
+
+/// Issue 20: a till registers a member with the friend code they came with; the answer is
+/// the new member's own code; a bad birthday is refused with the reason, an own or unknown
+/// friend code is said not to be recorded.
+#[tokio::test]
+async fn a_till_registers_a_member_with_a_friend_code() {
+    let e = env(100, "").await;
+    let friend = e.balance().await["referral_code"].as_str().unwrap().to_string();
+    let (status, v) = e
+        .post(
+            "/v1/customers",
+            json!({"card": "2000000000024", "phone": "+7 912 555-44-33", "birthday": "07.03.1990",
+                   "referral_code": friend, "consent": true}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let own = v["referral_code"].as_str().unwrap().to_string();
+    assert_ne!(own, friend);
+    assert_eq!(v["not_recorded"], json!([]), "{v}");
+    // registering again finds the same member; giving one's own code is not recorded
+    let (status, v) = e
+        .post(
+            "/v1/customers",
+            json!({"card": "2000000000024", "referral_code": own}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["not_recorded"][0].as_str().unwrap().contains("own"), "{v}");
+    let (status, v) = e
+        .post(
+            "/v1/customers",
+            json!({"card": "2000000000031", "birthday": "31.02.1990"}),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("31.02.1990"), "{v}");
+    let changes = e
+        .ledger
+        .run(|l| l.attribute_changes("2000000000024"))
+        .await
+        .unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.field == "referred_by" && c.source == "api"),
+        "{changes:?}"
+    );
+}

@@ -34,7 +34,7 @@ fn import(env: &mut Env, csv: &str) -> kopilka::ledger::CustomersReport {
     let rows = kopilka::migrate::read_customers_csv(csv.as_bytes()).unwrap();
     let rules = env.rules.clone();
     env.ledger
-        .import_customers("customers.csv", rows, &rules, env.now)
+        .import_customers("csv:customers.csv", rows, &rules, env.now)
         .unwrap()
 }
 

@@ -563,7 +563,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let name = f
                     .file_name()
                     .map_or_else(|| f.display().to_string(), |n| n.to_string_lossy().into_owned());
-                let r = ledger.import_customers(&name, rows, &cfg.program, now)?;
+                let r = ledger.import_customers(&format!("csv:{name}"), rows, &cfg.program, now)?;
                 any_problem |= !r.problems.is_empty();
                 output::customers_report(&f.display().to_string(), &r, *json)?;
             }

@@ -39,6 +39,7 @@ pub fn router(ctx: JobContext, rt: Arc<Runtime>) -> Router {
         .route("/report", get(report))
         .route("/v1/customers/{id}/balance", get(balance))
         .route("/v1/quote", post(quote_handler))
+        .route("/v1/customers", post(register))
         .with_state(AppState { ctx: ctx.clone(), rt })
         .merge(super::holds::router(ctx.clone()))
         .merge(super::loyalty_server::router(ctx.clone()).unwrap_or_default())
@@ -325,8 +326,130 @@ async fn balance(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<S
                 "tier": b.tier,
                 "discount_pct": tier.map(|t| t.discount_pct.normalize().to_string()),
                 "point_value_kopecks": s.ctx.cfg.program.point_value.0,
+                "referral_code": b.referral_code,
             }))
             .into_response()
+        }
+        Err(e) => ledger_error(e),
+    }
+}
+
+/// A till or the site registering a member (issue 20): the keys, and what the customer says
+/// at the counter — birthday, the friend code they came with, consent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    #[serde(default)]
+    card: Option<String>,
+    #[serde(default)]
+    phone: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    /// `YYYY-MM-DD` or `ДД.ММ.ГГГГ`.
+    #[serde(default)]
+    birthday: Option<String>,
+    #[serde(default)]
+    referral_code: Option<String>,
+    #[serde(default)]
+    consent: Option<bool>,
+    #[serde(default)]
+    consent_ads: Option<bool>,
+}
+
+/// `POST /v1/customers`: enrols (or finds) the customer by card, phone or e-mail and records
+/// what the body says, as a customers file's row would; answers the customer's id, friend
+/// code and what was not recorded (an unknown or own friend code) — 422 when nothing could be.
+async fn register(State(s): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return *r;
+    }
+    let b: RegisterBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return problem(StatusCode::UNPROCESSABLE_ENTITY, format!("body: {e}")),
+    };
+    let mut identity = crate::core::identity::CustomerIdentity {
+        card: b.card.as_deref().and_then(crate::core::identity::normalize_card),
+        name: b.name.filter(|n| !n.trim().is_empty()),
+        referred_by: b.referral_code.filter(|c| !c.trim().is_empty()),
+        ..Default::default()
+    };
+    if let Some(p) = &b.phone {
+        match crate::core::identity::Phone::parse(p) {
+            Some(p) => identity.phone = Some(p),
+            None => {
+                return problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("phone {p:?} is not a phone number"),
+                );
+            }
+        }
+    }
+    if let Some(e) = &b.email {
+        match crate::core::identity::Email::parse(e) {
+            Some(e) => identity.email = Some(e),
+            None => {
+                return problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("e-mail {e:?} is not an address"),
+                );
+            }
+        }
+    }
+    if let Some(d) = &b.birthday {
+        match crate::migrate::parse_birthday(d) {
+            Ok(d) => identity.birthday = Some(d),
+            Err(why) => return problem(StatusCode::UNPROCESSABLE_ENTITY, why),
+        }
+    }
+    if identity.card.is_none() && identity.phone.is_none() && identity.email.is_none() {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "a card, phone or e-mail is needed",
+        );
+    }
+    let key = identity
+        .card
+        .clone()
+        .or_else(|| identity.phone.as_ref().map(|p| p.as_str().to_string()))
+        .or_else(|| identity.email.as_ref().map(|e| e.as_str().to_string()))
+        .unwrap_or_default();
+    let row = crate::migrate::CustomerRow {
+        line: 1,
+        identity,
+        consent_service: b.consent,
+        consent_ads: b.consent_ads,
+    };
+    let now = s.ctx.clock.now();
+    let cfg = s.ctx.cfg.clone();
+    let warn = cfg.warn_before;
+    let result = s
+        .ctx
+        .ledger
+        .run(move |l| {
+            let r = l.import_customers("api", vec![Ok(row)], &cfg.program, now)?;
+            let b = l.balance(&key, now, warn)?;
+            Ok::<_, crate::ledger::LedgerError>((r, b))
+        })
+        .await;
+    match result {
+        Ok((r, b)) => {
+            let status = if r.created > 0 {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (
+                status,
+                Json(serde_json::json!({
+                    "customer_id": b.customer.id,
+                    "created": r.created > 0,
+                    "referral_code": b.referral_code,
+                    "not_recorded": r.problems.iter().map(|(_, why)| why).collect::<Vec<_>>(),
+                })),
+            )
+                .into_response()
         }
         Err(e) => ledger_error(e),
     }

@@ -49,18 +49,18 @@ pub struct Forgotten {
 const FORGOTTEN: &str = "[forgotten]";
 
 impl Ledger {
-    /// Applies a customers file in one transaction: each row finds or enrols its customer by
-    /// its keys and sets what the row says.
+    /// Applies a customers file (or one registration from the till API) in one transaction:
+    /// each row finds or enrols its customer by its keys and sets what the row says. `source`
+    /// names where the values came from in `history` (`csv:customers.csv`, `api`).
     pub fn import_customers(
         &mut self,
-        file: &str,
+        source: &str,
         rows: Vec<crate::migrate::CustomerCsvRow>,
         rules: &RuleSet,
         now: DateTime<Utc>,
     ) -> Result<CustomersReport> {
         let mut report = CustomersReport::default();
         let tx = self.conn.transaction()?;
-        let source = format!("csv:{file}");
         for row in rows {
             let row = match row {
                 Ok(r) => r,
