@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::client::Send;
 use super::connector::Connector;
 use crate::core::rules::RuleSet;
+use crate::core::words;
 use crate::ledger::{DeliveryError, NOTES_DESTINATION, NoteFacts, OutboxRow, Sink};
 
 /// Notes per request at most.
@@ -33,13 +34,13 @@ pub fn note_text(f: &NoteFacts, rules: &RuleSet, tz: Tz) -> String {
         .unwrap_or_default();
     match f.kind.as_str() {
         "accrual" => format!(
-            "Начислено {} баллов{doc}. {}",
-            f.points,
+            "Начислено {}{doc}. {}",
+            words::points(f.points),
             f.explanation.as_deref().unwrap_or("")
         )
         .trim_end()
         .to_string(),
-        "redemption" => format!("Списано {} баллов в оплату покупки{doc}.", f.points),
+        "redemption" => format!("Списано {} в оплату покупки{doc}.", words::points(f.points)),
         "tier" => format!(
             "Уровень изменён: {} → {}. {}",
             tier_name(rules, f.from_tier.as_deref()),
@@ -51,9 +52,16 @@ pub fn note_text(f: &NoteFacts, rules: &RuleSet, tz: Tz) -> String {
         "expiry" => {
             let date =
                 f.at.and_then(|s| chrono::DateTime::from_timestamp(s, 0))
-                    .map(|d| d.with_timezone(&tz).format("%d.%m.%Y").to_string())
+                    .map(|d| words::date(d.with_timezone(&tz).date_naive()))
                     .unwrap_or_else(|| "скоро".into());
-            format!("{} баллов сгорят {date}, если их не потратить.", f.points)
+            let (verb, them) = match words::plural(f.points, "one", "few", "many") {
+                "one" => ("сгорит", "его"),
+                _ => ("сгорят", "их"),
+            };
+            format!(
+                "{} {verb} {date}, если {them} не потратить.",
+                words::points(f.points)
+            )
         }
         other => format!("kopilka: {other}"),
     }
@@ -128,5 +136,50 @@ impl Sink for NotesSink<'_> {
             }
         }
         results
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(kind: &str, points: i64) -> NoteFacts {
+        NoteFacts {
+            customer_id: 1,
+            kind: kind.into(),
+            points,
+            document: None,
+            explanation: None,
+            from_tier: None,
+            to_tier: None,
+            at: Some(
+                chrono::TimeZone::with_ymd_and_hms(&chrono_tz::Europe::Moscow, 2026, 12, 24, 0, 0, 0)
+                    .unwrap()
+                    .timestamp(),
+            ),
+        }
+    }
+
+    #[test]
+    fn notes_say_points_the_way_a_customer_reads_them() {
+        let rules = RuleSet::flat(
+            rust_decimal::Decimal::from(5),
+            crate::core::money::Money(100),
+            chrono::Duration::days(14),
+            None,
+        );
+        let tz = chrono_tz::Europe::Moscow;
+        let text = |kind: &str, n: i64| note_text(&facts(kind, n), &rules, tz).replace('\u{a0}', " ");
+        assert_eq!(text("accrual", 1), "Начислено 1 балл.");
+        assert_eq!(text("accrual", 1_480), "Начислено 1 480 баллов.");
+        assert_eq!(text("redemption", 22), "Списано 22 балла в оплату покупки.");
+        assert_eq!(
+            text("expiry", 21),
+            "21 балл сгорит 24.12.2026, если его не потратить."
+        );
+        assert_eq!(
+            text("expiry", 480),
+            "480 баллов сгорят 24.12.2026, если их не потратить."
+        );
     }
 }

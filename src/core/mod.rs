@@ -16,3 +16,4 @@ pub mod offers;
 pub mod program;
 pub mod rules;
 pub mod simulate;
+pub mod words;
