@@ -181,6 +181,35 @@ async fn each_configuration_is_read_right_to_the_kopeck_with_its_built_in_mappin
             assert_eq!(paid, spent_in_1c, "{conf:?}: points paid and given back of {a:?}");
         }
         assert!(owners > 10, "{conf:?}: {owners} customers");
+        // issue 20, finding S5: the birth date 1C keeps on the customer reaches the ledger
+        // (Розница 2: natural persons have one, counterparties have no such field)
+        let (mut with, mut without) = (0, 0);
+        for i in 0..r.sim.shop().customers.len() {
+            let Ok(view) = r
+                .ledger
+                .lock()
+                .balance(&format!("onec:{}", r.sim.person_key(i)), now, warn)
+            else {
+                continue;
+            };
+            let expected = r.sim.birthday_in_base(i);
+            assert_eq!(
+                view.customer.birthday,
+                expected.map(|d| d.to_string()),
+                "{conf:?}: customer {i}"
+            );
+            with += usize::from(expected.is_some());
+            without += usize::from(
+                expected.is_none() && kopilka::sim::onec_odata::OdataSim::birthday_of(i).is_some(),
+            );
+        }
+        assert!(with > 3, "{conf:?}: {with} birthdays");
+        if conf == Configuration::Roznica2 {
+            assert!(
+                without > 0,
+                "a counterparty's birth date is not read where there is none"
+            );
+        }
     }
 }
 

@@ -65,14 +65,19 @@ pub struct CustomerView {
     pub email: Option<String>,
     pub onec_id: Option<String>,
     pub amocrm_id: Option<String>,
+    /// `YYYY-MM-DD`, for the birthday bonus.
+    pub birthday: Option<String>,
 }
 
 pub(crate) fn customer_view(conn: &Connection, id: i64) -> Result<CustomerView> {
-    let name: Option<String> =
-        conn.query_row("SELECT name FROM customers WHERE id = ?1", [id], |r| r.get(0))?;
+    let (name, birthday): (Option<String>, Option<String>) =
+        conn.query_row("SELECT name, birthday FROM customers WHERE id = ?1", [id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     let mut v = CustomerView {
         id,
         name,
+        birthday,
         card: None,
         phone: None,
         email: None,

@@ -164,6 +164,20 @@ pub struct PeopleMap {
     pub contact_value: String,
     pub phone_kinds: Vec<String>,
     pub email_kinds: Vec<String>,
+    /// The person's birth date (`ДатаРождения`, finding S5), for the birthday bonus; read
+    /// only from `birth_date_in` when it is given (Розница 2 keeps it on natural persons, not
+    /// on counterparties), else from every set.
+    pub birth_date: Option<String>,
+    pub birth_date_in: Vec<String>,
+}
+
+impl PeopleMap {
+    /// The birth-date field, when `set` has it.
+    pub fn birth_date_of(&self, set: &str) -> Option<&str> {
+        self.birth_date
+            .as_deref()
+            .filter(|_| self.birth_date_in.is_empty() || self.birth_date_in.iter().any(|s| s == set))
+    }
 }
 
 /// What a bonus register dimension refers to.
@@ -371,6 +385,8 @@ struct RawPeople {
     contact_value: Option<String>,
     phone_kinds: Vec<String>,
     email_kinds: Vec<String>,
+    birth_date: Option<String>,
+    birth_date_in: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -758,6 +774,13 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
             ),
             phone_kinds: p.values("people.phone_kinds", &c.phone_kinds),
             email_kinds: p.values("people.email_kinds", &c.email_kinds),
+            birth_date: c.birth_date.as_deref().map(|b| p.name("people.birth_date", b)),
+            birth_date_in: c
+                .birth_date_in
+                .iter()
+                .enumerate()
+                .map(|(i, s)| p.set(&format!("people.birth_date_in[{i}]"), Some(s)))
+                .collect(),
             contacts,
         }
     });

@@ -553,7 +553,8 @@ fn schema(conf: Configuration) -> Vec<SetSchema> {
                 },
                 SetSchema {
                     set: n.people,
-                    props: catalog.clone(),
+                    // S5: ДатаРождения [Catalogs/ФизическиеЛица.xml, Контрагенты.xml (УНФ), Партнеры.xml]
+                    props: with(&catalog, &[("ДатаРождения", T)]),
                     sections: vec![contacts.clone()],
                 },
                 SetSchema {
@@ -659,7 +660,8 @@ fn schema(conf: Configuration) -> Vec<SetSchema> {
                 },
                 SetSchema {
                     set: n.people,
-                    props: catalog.clone(),
+                    // S5: ДатаРождения [Catalogs/ФизическиеЛица.xml, Контрагенты.xml (УНФ), Партнеры.xml]
+                    props: with(&catalog, &[("ДатаРождения", T)]),
                     sections: vec![contacts.clone()],
                 },
                 SetSchema {
@@ -787,7 +789,8 @@ fn schema(conf: Configuration) -> Vec<SetSchema> {
                 },
                 SetSchema {
                     set: n.people,
-                    props: catalog.clone(),
+                    // S5: ДатаРождения [Catalogs/ФизическиеЛица.xml, Контрагенты.xml (УНФ), Партнеры.xml]
+                    props: with(&catalog, &[("ДатаРождения", T)]),
                     sections: vec![contacts.clone()],
                 },
                 SetSchema {
@@ -1356,9 +1359,18 @@ impl Base {
                     ("Представление".to_string(), Val::str(e.as_str().to_uppercase())),
                 ]);
             }
-            let e = base
+            let mut e = base
                 .catalog_item(&person, &format!("{i:09}"), &c.name.clone().unwrap_or_default())
                 .with("КонтактнаяИнформация", Val::Rows(contacts));
+            // a birth date where the catalog has one (Розница 2's counterparties do not)
+            if people_set == n.people
+                && let Some(b) = OdataSim::birthday_of(i)
+            {
+                e = e.with(
+                    "ДатаРождения",
+                    Val::str(format!("{}T00:00:00", b.format("%Y-%m-%d"))),
+                );
+            }
             base.put(people_set, e);
             let card = guid("card", &i.to_string());
             let number = c.card.clone().unwrap_or_default();
@@ -2106,6 +2118,22 @@ impl OdataSim {
     /// The reference 1C keeps customer `i` under (the card owner: a partner, a person or a
     /// counterparty, as the configuration has it): what the base's other channels, its site
     /// orders included, name the same person by.
+    /// The birth date the simulated base holds for customer `i` (every third one), where its
+    /// catalog has the field.
+    pub fn birthday_of(i: usize) -> Option<chrono::NaiveDate> {
+        i.is_multiple_of(3).then(|| {
+            chrono::NaiveDate::from_ymd_opt(1970 + (i % 40) as i32, (i % 12) as u32 + 1, (i % 28) as u32 + 1)
+        })?
+    }
+
+    /// Customer `i`'s birth date as the base holds it: none when their catalog has no such
+    /// field (Розница 2's counterparties).
+    pub fn birthday_in_base(&self, i: usize) -> Option<chrono::NaiveDate> {
+        let base = self.lock();
+        let (_, set) = base.person(i);
+        (set == base.names().people).then(|| OdataSim::birthday_of(i))?
+    }
+
     pub fn person_key(&self, i: usize) -> String {
         self.lock().person(i).0
     }

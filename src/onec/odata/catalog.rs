@@ -51,6 +51,7 @@ struct Person {
     name: Option<String>,
     phone: Option<Phone>,
     email: Option<Email>,
+    birthday: Option<chrono::NaiveDate>,
 }
 
 /// Cards and customers read during one poll. A lookup that found nothing is remembered too,
@@ -99,8 +100,11 @@ fn card_from(m: &CardMap, o: &Obj) -> Card {
     }
 }
 
-fn person_select(m: &PeopleMap) -> String {
+fn person_select(m: &PeopleMap, set: &str) -> String {
     let mut f = vec!["Ref_Key".to_string(), m.name.clone()];
+    if let Some(b) = m.birth_date_of(set) {
+        f.push(b.to_string());
+    }
     if let Some(c) = &m.contacts {
         f.push(format!("{c}/{}", m.contact_kind));
         f.push(format!("{c}/{}", m.contact_value));
@@ -108,7 +112,7 @@ fn person_select(m: &PeopleMap) -> String {
     f.join(",")
 }
 
-fn person_from(m: &PeopleMap, o: &Obj) -> Person {
+fn person_from(m: &PeopleMap, set: &str, o: &Obj) -> Person {
     let mut p = Person {
         name: text(o, &m.name)
             .map(str::trim)
@@ -116,6 +120,12 @@ fn person_from(m: &PeopleMap, o: &Obj) -> Person {
             .map(str::to_string),
         phone: None,
         email: None,
+        // 1C writes an empty date as 0001-01-01T00:00:00
+        birthday: m
+            .birth_date_of(set)
+            .and_then(|f| text(o, f))
+            .and_then(|t| chrono::NaiveDate::parse_from_str(t.get(..10).unwrap_or(t), "%Y-%m-%d").ok())
+            .filter(|d| chrono::Datelike::year(d) > 1),
     };
     let rows = m
         .contacts
@@ -173,10 +183,10 @@ impl Customers {
         if let Some(p) = self.people.get(&cache_key) {
             return Ok(p.clone());
         }
-        let q = [("$select", person_select(m))];
+        let q = [("$select", person_select(m, set))];
         let found = client.object(set, &by_key(set, key), &q).await?;
         let p = match found {
-            Some(o) => Ok(person_from(m, &o)),
+            Some(o) => Ok(person_from(m, set, &o)),
             None => Err(format!("customer {key} is not in {set}")),
         };
         self.people.insert(cache_key, p.clone());
@@ -199,12 +209,12 @@ impl Customers {
             }
         }
         if let Some(m) = &mapping.people {
-            let select = person_select(m);
             for set in m.sets() {
+                let select = person_select(m, set);
                 for o in list_all(client, set, &select, None, "Ref_Key", page).await? {
                     if let Some(k) = reference(&o, "Ref_Key") {
                         self.people
-                            .insert((set.to_string(), k.to_string()), Ok(person_from(m, &o)));
+                            .insert((set.to_string(), k.to_string()), Ok(person_from(m, set, &o)));
                     }
                 }
             }
@@ -245,6 +255,7 @@ impl Customers {
                     id.name = p.name;
                     id.phone = p.phone;
                     id.email = p.email;
+                    id.birthday = p.birthday;
                 }
                 Err(reason) => return Ok(Err(reason)),
             }
@@ -830,7 +841,7 @@ mod tests {
         .as_object()
         .cloned()
         .expect("object");
-        let p = person_from(&people(), &o);
+        let p = person_from(&people(), "Catalog_ФизическиеЛица", &o);
         assert_eq!(p.name.as_deref(), Some("Иван"));
         assert_eq!(p.phone.as_ref().map(Phone::as_str), Some("+79123456789"));
         assert_eq!(p.email.as_ref().map(Email::as_str), Some("ivan@example.ru"));

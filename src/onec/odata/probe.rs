@@ -365,6 +365,9 @@ pub fn check(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
                 continue;
             };
             c.fields(set, &props, &[(pm.name.as_str(), "people.name".to_string())]);
+            if let Some(b) = pm.birth_date_of(set) {
+                c.fields(set, &props, &[(b, "people.birth_date".to_string())]);
+            }
             if let Some(section) = &pm.contacts {
                 c.checked += 1;
                 match c.section(set, &props, section).cloned() {
