@@ -561,3 +561,73 @@ pub fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
     tx.commit()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ledger written by the schema before this round's migrations (12: issue 17) is
+    /// migrated in place, its rows keep their meaning, and the new columns start empty:
+    /// a sale recorded before issue 16 has no redemption spread, no counter prior; a
+    /// membership no end; a voucher no code.
+    #[test]
+    fn a_ledger_of_schema_12_is_migrated_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.db");
+        let mut conn = Connection::open(&path).expect("open");
+        for sql in &MIGRATIONS[..12] {
+            conn.execute_batch(sql).expect("an old migration");
+        }
+        conn.execute_batch(
+            "PRAGMA user_version = 12;
+             INSERT INTO customers (id, created_at, name) VALUES (1, 0, 'Анна');
+             INSERT INTO documents (id, source, doc_id, version, kind, state, epoch, applied, total,
+                                    first_seen_at, updated_at)
+               VALUES (1, 'onec', 'S1', 'v1', 'sale', 'active', 1, 1, 100000, 0, 0);
+             INSERT INTO document_lines (document_id, line_no, product_id, quantity, unit_price, discount, net, service)
+               VALUES (1, 1, 'K', '3', 33333, 0, 100000, 0);
+             INSERT INTO document_counters (document_id, counter, amount) VALUES (1, 'stamp:coffee', 3);
+             INSERT INTO memberships (customer_id, program, since, how) VALUES (1, 'club', 0, 'invite code X');
+             INSERT INTO vouchers (customer_id, document_id, epoch, card, product, issued_at, state)
+               VALUES (1, 1, 1, 'coffee', 'K-FREE', 0, 'issued');",
+        )
+        .expect("old rows");
+        migrate(&mut conn).expect("migrated");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let row: (Option<i64>, Option<i64>, Option<i64>, Option<String>, Option<i64>) = conn
+            .query_row(
+                "SELECT l.redeemed, c.prior, m.until, v.code, x.tier_below_since \
+                 FROM document_lines l, document_counters c, memberships m, vouchers v, customers x",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .expect("new columns");
+        assert_eq!(row, (None, None, None, None, None));
+        let tables: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name IN ('customer_changes', 'forgotten')",
+                [],
+                |r| r.get(0),
+            )
+            .expect("tables");
+        assert_eq!(tables, 2);
+        // and a second run changes nothing
+        migrate(&mut conn).expect("idempotent");
+        drop(conn);
+        // the ledger opens on it and its invariants hold
+        let ledger =
+            crate::ledger::Ledger::open(&path, &crate::ledger::OpenOptions::default()).expect("opens");
+        let balance = ledger
+            .balance("id:1", chrono::Utc::now(), chrono::Duration::days(14))
+            .expect("balance");
+        assert_eq!(
+            balance.memberships.len(),
+            1,
+            "an invite membership stays, for good"
+        );
+        assert_eq!(balance.vouchers.len(), 1);
+    }
+}
