@@ -597,15 +597,17 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
         assert_eq!(version, MIGRATIONS.len() as i64);
-        let row: (Option<i64>, Option<i64>, Option<i64>, Option<String>, Option<i64>) = conn
+        // every column this round added is NULL on the old rows
+        let set: i64 = conn
             .query_row(
-                "SELECT l.redeemed, c.prior, m.until, v.code, x.tier_below_since \
+                "SELECT (l.redeemed IS NOT NULL) + (c.prior IS NOT NULL) + (m.until IS NOT NULL) \
+                   + (v.code IS NOT NULL) + (x.tier_below_since IS NOT NULL) \
                  FROM document_lines l, document_counters c, memberships m, vouchers v, customers x",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| r.get(0),
             )
             .expect("new columns");
-        assert_eq!(row, (None, None, None, None, None));
+        assert_eq!(set, 0);
         let tables: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM sqlite_schema WHERE name IN ('customer_changes', 'forgotten')",
