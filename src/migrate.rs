@@ -114,10 +114,19 @@ fn parse_expiry(text: &str, tz: Tz) -> Result<chrono::DateTime<Utc>, String> {
 }
 
 /// A row of the file: an opening balance, or `(line, reason)` when it cannot be read.
-pub type CsvRow = Result<OpeningRow, (usize, String)>;
+pub type CsvRow = RowOf<OpeningRow>;
 
-/// Reads a balances CSV into opening rows. An `Err` means the file as a whole is unusable.
-pub fn read_balances_csv(bytes: &[u8], tz: Tz) -> Result<Vec<CsvRow>, String> {
+/// A row read into `T`, or `(line, reason)` when it cannot be.
+type RowOf<T> = Result<T, (usize, String)>;
+
+/// Reads a CSV the way both files are read: the header row names the columns (checked by
+/// `needs`), every other row becomes a `T` or `(line, reason)`. An `Err` means the file as a
+/// whole is unusable.
+fn read_csv<T>(
+    bytes: &[u8],
+    needs: impl Fn(&[Column]) -> Result<(), String>,
+    parse: impl Fn(usize, &[Column], &csv::StringRecord) -> Result<T, (usize, String)>,
+) -> Result<Vec<RowOf<T>>, String> {
     let text = decode(bytes);
     let header = text
         .lines()
@@ -138,9 +147,7 @@ pub fn read_balances_csv(bytes: &[u8], tz: Tz) -> Result<Vec<CsvRow>, String> {
         .iter()
         .map(column)
         .collect();
-    if !columns.contains(&Column::Points) {
-        return Err("the header names no points column (points, баллы or остаток)".into());
-    }
+    needs(&columns)?;
     if !columns
         .iter()
         .any(|c| matches!(c, Column::Card | Column::Phone | Column::Email | Column::OnecId))
@@ -163,9 +170,43 @@ pub fn read_balances_csv(bytes: &[u8], tz: Tz) -> Result<Vec<CsvRow>, String> {
         if record.iter().all(|f| f.trim().is_empty()) {
             continue;
         }
-        out.push(row(line, &columns, &record, tz));
+        out.push(parse(line, &columns, &record));
     }
     Ok(out)
+}
+
+/// Reads a balances CSV into opening rows. An `Err` means the file as a whole is unusable.
+pub fn read_balances_csv(bytes: &[u8], tz: Tz) -> Result<Vec<CsvRow>, String> {
+    read_csv(
+        bytes,
+        |columns| {
+            if columns.contains(&Column::Points) {
+                Ok(())
+            } else {
+                Err("the header names no points column (points, баллы or остаток)".into())
+            }
+        },
+        |line, columns, record| row(line, columns, record, tz),
+    )
+}
+
+/// The columns that say who the customer is, the same in every file: `Ok(true)` when `c` is
+/// one of them and `v` went into `identity`.
+fn key_column(c: Column, v: &str, identity: &mut CustomerIdentity) -> Result<bool, String> {
+    match c {
+        Column::Card => identity.card = normalize_card(v),
+        Column::Phone => {
+            identity.phone =
+                Some(Phone::parse(v).ok_or_else(|| format!("phone {v:?} is not a phone number"))?)
+        }
+        Column::Email => {
+            identity.email = Some(Email::parse(v).ok_or_else(|| format!("e-mail {v:?} is not an address"))?)
+        }
+        Column::OnecId => identity.onec_id = Some(v.to_string()),
+        Column::Name => identity.name = Some(v.to_string()),
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 fn row(
@@ -184,27 +225,14 @@ fn row(
         if v.is_empty() {
             continue;
         }
+        if key_column(*c, v, &mut identity).map_err(fail)? {
+            continue;
+        }
         match c {
-            Column::Card => identity.card = normalize_card(v),
-            Column::Phone => {
-                identity.phone =
-                    Some(Phone::parse(v).ok_or_else(|| fail(format!("phone {v:?} is not a phone number")))?)
-            }
-            Column::Email => {
-                identity.email =
-                    Some(Email::parse(v).ok_or_else(|| fail(format!("e-mail {v:?} is not an address")))?)
-            }
-            Column::OnecId => identity.onec_id = Some(v.to_string()),
             Column::Points => points = Some(parse_points(v).map_err(fail)?),
             Column::Expires => expires_at = Some(parse_expiry(v, tz).map_err(fail)?),
             Column::Tier => tier = Some(v.to_string()),
-            Column::Name => identity.name = Some(v.to_string()),
-            Column::Birthday
-            | Column::ReferralCode
-            | Column::InviteCode
-            | Column::ConsentService
-            | Column::ConsentAds
-            | Column::Ignored => {}
+            _ => {}
         }
     }
     let points = points.ok_or_else(|| fail("no points on the row".into()))?;
@@ -235,7 +263,7 @@ pub struct CustomerRow {
 }
 
 /// A row of a customers file, or `(line, reason)` when it cannot be read.
-pub type CustomerCsvRow = Result<CustomerRow, (usize, String)>;
+pub type CustomerCsvRow = RowOf<CustomerRow>;
 
 pub fn parse_birthday(text: &str) -> Result<NaiveDate, String> {
     let t = text.trim();
@@ -264,51 +292,7 @@ fn parse_consent(text: &str) -> Result<bool, String> {
 /// согласие (service messages) and consent_ads/согласие на рекламу. A row that cannot be read
 /// is `(line, reason)`; the rest apply.
 pub fn read_customers_csv(bytes: &[u8]) -> Result<Vec<CustomerCsvRow>, String> {
-    let text = decode(bytes);
-    let header = text
-        .lines()
-        .next()
-        .ok_or("the file is empty: a header row is expected")?;
-    let delimiter = [b';', b',', b'\t']
-        .into_iter()
-        .max_by_key(|d| header.bytes().filter(|b| b == d).count())
-        .unwrap_or(b',');
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .flexible(true)
-        .has_headers(true)
-        .from_reader(text.as_bytes());
-    let columns: Vec<Column> = reader
-        .headers()
-        .map_err(|e| format!("header row: {e}"))?
-        .iter()
-        .map(column)
-        .collect();
-    if !columns
-        .iter()
-        .any(|c| matches!(c, Column::Card | Column::Phone | Column::Email | Column::OnecId))
-    {
-        return Err("the header names no customer column (card, phone, email or onec_id)".into());
-    }
-    let mut out = Vec::new();
-    for (i, record) in reader.records().enumerate() {
-        let line = i + 2;
-        if out.len() >= MAX_ROWS {
-            return Err(format!("more than {MAX_ROWS} rows"));
-        }
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                out.push(Err((line, format!("unreadable row: {e}"))));
-                continue;
-            }
-        };
-        if record.iter().all(|f| f.trim().is_empty()) {
-            continue;
-        }
-        out.push(customer_row(line, &columns, &record));
-    }
-    Ok(out)
+    read_csv(bytes, |_| Ok(()), customer_row)
 }
 
 fn customer_row(
@@ -329,24 +313,16 @@ fn customer_row(
         if v.is_empty() {
             continue;
         }
+        if key_column(*c, v, id).map_err(fail)? {
+            continue;
+        }
         match c {
-            Column::Card => id.card = normalize_card(v),
-            Column::Phone => {
-                id.phone =
-                    Some(Phone::parse(v).ok_or_else(|| fail(format!("phone {v:?} is not a phone number")))?)
-            }
-            Column::Email => {
-                id.email =
-                    Some(Email::parse(v).ok_or_else(|| fail(format!("e-mail {v:?} is not an address")))?)
-            }
-            Column::OnecId => id.onec_id = Some(v.to_string()),
-            Column::Name => id.name = Some(v.to_string()),
             Column::Birthday => id.birthday = Some(parse_birthday(v).map_err(fail)?),
             Column::ReferralCode => id.referred_by = Some(v.to_string()),
             Column::InviteCode => id.invite_code = Some(v.to_string()),
             Column::ConsentService => row.consent_service = Some(parse_consent(v).map_err(fail)?),
             Column::ConsentAds => row.consent_ads = Some(parse_consent(v).map_err(fail)?),
-            Column::Points | Column::Expires | Column::Tier | Column::Ignored => {}
+            _ => {}
         }
     }
     if row.identity.is_empty() {
