@@ -8,6 +8,7 @@ pub mod core;
 pub mod daemon;
 pub mod ledger;
 pub mod migrate;
+pub mod notify;
 pub mod onec;
 pub mod rules_file;
 pub mod scrub;

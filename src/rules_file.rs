@@ -418,6 +418,7 @@ const SECTIONS: &[&str] = &[
     "referral",
     "closed_programs",
     "partners",
+    "notifications",
 ];
 
 /// Parses and validates rules text; `origin` names the file in messages.
@@ -832,6 +833,10 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, Report> {
             }
         }
     }
+    let notify = root
+        .get("notifications")
+        .map(|v| notifications(&mut issues, v))
+        .unwrap_or_default();
     if earn.is_empty() && stamps.is_empty() && thresholds.is_empty() {
         issues.bad(
             "rules",
@@ -875,7 +880,176 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, Report> {
         referral,
         closed_programs,
         partners,
+        notify,
     })
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct RawNotifications {
+    shop: Option<String>,
+    quiet_hours: Option<String>,
+    per_day: Option<u32>,
+    per_week: Option<u32>,
+    max_age_days: Option<i64>,
+    wait_for_address_days: Option<i64>,
+    accrual_min_points: Option<i64>,
+    advertising: Vec<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawTemplate {
+    subject: Option<String>,
+    text: Option<String>,
+}
+
+/// `[notifications]`: events → channels, templates, the quiet window, caps.
+fn notifications(issues: &mut Issues<'_>, v: &toml::Value) -> crate::core::notify::Policy {
+    use crate::core::notify::{Channel, EventKind, Policy, Template, default_template, unknown_placeholders};
+    let r: RawNotifications = issues.read("notifications", v, None, &["events", "templates"]);
+    let mut p = Policy::default();
+    let kinds = || {
+        EventKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let kind = |issues: &mut Issues<'_>, key: &str, name: &str| {
+        let k = EventKind::parse(name);
+        if k.is_none() {
+            issues.bad(key, format!("{name:?} is not an event; events: {}", kinds()));
+        }
+        k
+    };
+    if let Some(shop) = r.shop {
+        p.shop = shop;
+    }
+    match r.quiet_hours.as_deref().map(str::trim) {
+        None => {}
+        Some("" | "none") => p.quiet = None,
+        Some(text) => {
+            let parsed = text.split_once('-').and_then(|(a, b)| {
+                Some((
+                    chrono::NaiveTime::parse_from_str(a.trim(), "%H:%M").ok()?,
+                    chrono::NaiveTime::parse_from_str(b.trim(), "%H:%M").ok()?,
+                ))
+            });
+            match parsed {
+                Some(q) => p.quiet = Some(q),
+                None => issues.bad(
+                    "notifications.quiet_hours",
+                    format!("{text:?} is not a window like \"21:00-09:00\" (local time), or \"none\""),
+                ),
+            }
+        }
+    }
+    if let Some(n) = r.per_day {
+        p.per_day = n;
+    }
+    if let Some(n) = r.per_week {
+        p.per_week = n;
+    }
+    p.max_age = Duration::days(issues.days("notifications.max_age_days", r.max_age_days, 3, 0, 365));
+    p.wait_for_address = Duration::days(issues.days(
+        "notifications.wait_for_address_days",
+        r.wait_for_address_days,
+        7,
+        0,
+        365,
+    ));
+    p.accrual_min_points = r.accrual_min_points.unwrap_or(1).max(0);
+    for (i, name) in r.advertising.iter().enumerate() {
+        if let Some(k) = kind(issues, &format!("notifications.advertising[{i}]"), name) {
+            p.advertising.insert(k);
+        }
+    }
+    if let Some(events) = v.get("events") {
+        match events.as_table() {
+            None => issues.bad(
+                "notifications.events",
+                "must be a table: event = [\"email\", \"telegram\"]",
+            ),
+            Some(t) => {
+                for (name, channels) in t {
+                    let key = format!("notifications.events.{name}");
+                    let Some(k) = kind(issues, &key, name) else {
+                        continue;
+                    };
+                    let Some(list) = channels.as_array() else {
+                        issues.bad(&key, "must be a list of channels: email, telegram, salesbot");
+                        continue;
+                    };
+                    let mut chosen = Vec::new();
+                    for c in list {
+                        match c.as_str().and_then(Channel::parse) {
+                            Some(ch) if !chosen.contains(&ch) => chosen.push(ch),
+                            Some(_) => {}
+                            None => issues.bad(
+                                &key,
+                                format!("{c} is not a channel; channels: email, telegram, salesbot"),
+                            ),
+                        }
+                    }
+                    if !chosen.is_empty() {
+                        p.routes.insert(k, chosen);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(templates) = v.get("templates") {
+        match templates.as_table() {
+            None => issues.bad(
+                "notifications.templates",
+                "must be a table of [notifications.templates.EVENT]",
+            ),
+            Some(t) => {
+                for (name, tv) in t {
+                    let key = format!("notifications.templates.{name}");
+                    let Some(k) = kind(issues, &key, name) else {
+                        continue;
+                    };
+                    let raw: RawTemplate = match tv.clone().try_into() {
+                        Ok(r) => r,
+                        Err(e) => {
+                            issues.bad(&key, e.to_string().replace('\n', " "));
+                            continue;
+                        }
+                    };
+                    let d = default_template(k);
+                    let t = Template {
+                        subject: raw.subject.unwrap_or(d.subject),
+                        text: raw.text.unwrap_or(d.text),
+                    };
+                    for (part, text) in [("subject", &t.subject), ("text", &t.text)] {
+                        let unknown = unknown_placeholders(text);
+                        if !unknown.is_empty() {
+                            issues.bad(
+                                format!("{key}.{part}"),
+                                format!(
+                                    "unknown placeholder {}; known: {}",
+                                    unknown
+                                        .iter()
+                                        .map(|u| format!("{{{u}}}"))
+                                        .collect::<Vec<_>>()
+                                        .join(", "),
+                                    crate::core::notify::PLACEHOLDERS
+                                        .iter()
+                                        .map(|u| format!("{{{u}}}"))
+                                        .collect::<Vec<_>>()
+                                        .join(" ")
+                                ),
+                            );
+                        }
+                    }
+                    p.templates.insert(k, t);
+                }
+            }
+        }
+    }
+    p
 }
 
 /// Reads and validates a rules file.

@@ -339,11 +339,11 @@ pub(super) struct Check<'a> {
 }
 
 impl Check<'_> {
-    fn bad(&mut self, key: &str, message: impl Into<String>) {
+    pub(super) fn bad(&mut self, key: &str, message: impl Into<String>) {
         self.issues.push((key.to_string(), message.into()));
     }
 
-    fn secret(&mut self, key: &str, file: Option<&Path>, env: &str, required: bool) -> Secret {
+    pub(super) fn secret(&mut self, key: &str, file: Option<&Path>, env: &str, required: bool) -> Secret {
         match read_secret(file, env, self.base) {
             Ok(Some(s)) => s,
             Ok(None) => {
@@ -362,7 +362,7 @@ impl Check<'_> {
         }
     }
 
-    fn url(&mut self, key: &str, v: Option<&String>) -> String {
+    pub(super) fn url(&mut self, key: &str, v: Option<&String>) -> String {
         match v {
             None => {
                 self.bad(key, "a URL is required");

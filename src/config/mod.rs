@@ -10,6 +10,7 @@
 
 mod connectors;
 mod holds;
+mod notify;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,6 +26,7 @@ use crate::core::money::Money;
 use crate::core::rules::RuleSet;
 use crate::ledger::{DeliveryPolicy, OpenOptions};
 pub use holds::{HoldMatch, HoldsConfig};
+pub use notify::{EmailConfig, NotifyConfig, SalesbotConfig, SmtpTls, TelegramConfig};
 
 pub use connectors::{
     AmocrmAuth, AmocrmConfig, DiscountServerConfig, Keep, LoyaltyServerConfig, OdataConfig, OnecConfig,
@@ -184,6 +186,7 @@ struct Raw {
     onec: Option<connectors::RawOnec>,
     amocrm: Option<connectors::RawAmocrm>,
     holds: holds::RawHolds,
+    notify: notify::RawNotify,
 }
 
 /// The validated configuration every part of kopilka reads.
@@ -215,6 +218,8 @@ pub struct Config {
     pub accounting: AccountingConfig,
     /// `[holds]`: reservations of points by tills and the site.
     pub holds: HoldsConfig,
+    /// `[notify.*]`: the channels members' messages go out on (issue 21).
+    pub notify: NotifyConfig,
     /// Things that work but are probably not what was meant (a listener off loopback
     /// without TLS in front); `kopilka check` and `kopilka run` print them.
     pub warnings: Vec<Issue>,
@@ -350,7 +355,27 @@ impl Config {
             contact_state: self.amocrm.as_ref().map(|_| "amocrm".to_string()),
             onec_bonus: (self.accounting.postback != Postback::None).then(|| ONEC_BONUS.to_string()),
             onec_system: self.onec.as_ref().map(|o| o.system.clone()),
+            notify: self.notify_plan(),
         }
+    }
+}
+
+impl Config {
+    /// Members' messages as the ledger needs them: none unless a channel is set up and the
+    /// rules file routes an event to it.
+    pub fn notify_plan(&self) -> Option<std::sync::Arc<crate::core::notify::Plan>> {
+        let channels = self.notify.channels();
+        if channels.is_empty() || self.program.notify.routes.is_empty() {
+            return None;
+        }
+        let mut tiers: Vec<&crate::core::rules::Tier> = self.program.tiers.iter().collect();
+        tiers.sort_by_key(|t| t.min_spend);
+        Some(std::sync::Arc::new(crate::core::notify::Plan {
+            policy: self.program.notify.clone(),
+            channels,
+            timezone: self.timezone,
+            tiers: tiers.iter().map(|t| (t.id.clone(), t.name.clone())).collect(),
+        }))
     }
 }
 
@@ -414,7 +439,7 @@ pub const ONEC_ACCOUNTING: &str = "onec:accounting";
 const ENVIRONMENT: &str = "the environment";
 
 const SECTIONS: &[&str] = &[
-    "general", "ledger", "program", "rules", "outbox", "onec", "amocrm", "holds",
+    "general", "ledger", "program", "rules", "outbox", "onec", "amocrm", "holds", "notify",
 ];
 
 /// Environment variables that override the file: `KOPILKA_<SECTION>__<KEY>`. Other
@@ -490,6 +515,7 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Rep
             "accounting" => raw.accounting = section(&name, value, &origins, &mut issues),
             "amocrm" => raw.amocrm = Some(section(&name, value, &origins, &mut issues)),
             "holds" => raw.holds = section(&name, value, &origins, &mut issues),
+            "notify" => raw.notify = section(&name, value, &origins, &mut issues),
             _ => issues.push(Issue {
                 key: name.clone(),
                 origin: origins.of(&name),
@@ -876,6 +902,7 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
     let onec = raw.onec.as_ref().map(|o| connectors::onec(o, &mut check));
     let amocrm = raw.amocrm.as_ref().map(|a| connectors::amocrm(a, &mut check));
     let holds = holds::holds(&raw.holds, &mut check.issues);
+    let notify = notify::notify(&raw.notify, &mut check, amocrm.is_some());
     let mut warnings = Vec::new();
     let mut warn = |key: &str, message: String| {
         warnings.push(Issue {
@@ -962,6 +989,7 @@ fn validate(raw: &Raw, origins: &Origins, base: Option<&Path>) -> Result<Config,
         warnings,
         accounting,
         holds,
+        notify,
     })
 }
 

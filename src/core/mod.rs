@@ -12,6 +12,7 @@ pub mod identity;
 pub mod journal;
 pub mod lots;
 pub mod money;
+pub mod notify;
 pub mod offers;
 pub mod program;
 pub mod rules;

@@ -336,6 +336,8 @@ pub struct RuleSet {
     pub closed_programs: Vec<ClosedProgram>,
     /// Source system → partner id, for the partner (coalition) program.
     pub partners: BTreeMap<String, String>,
+    /// Members' messages: which event goes to which channel in which words (issue 21).
+    pub notify: crate::core::notify::Policy,
 }
 
 impl RuleSet {
@@ -383,6 +385,7 @@ impl RuleSet {
             referral: None,
             closed_programs: Vec::new(),
             partners: BTreeMap::new(),
+            notify: crate::core::notify::Policy::default(),
         }
     }
 

@@ -24,6 +24,16 @@ pub enum DeliveryError {
     /// block, a revoked token). The row stays pending; the run stops at once.
     #[error("halted: {0}")]
     Halt(String),
+    /// Not now, on purpose (a member's quiet hours, a cap, an address still to come): the row
+    /// waits until then and the wait is not an attempt.
+    #[error("held until {until}: {reason}")]
+    Hold {
+        until: chrono::DateTime<chrono::Utc>,
+        reason: String,
+    },
+    /// Never, on purpose (no consent, unsubscribed): the row is dropped with the reason.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// A destination's delivery adapter. Connectors implement it; the loop is shared.
@@ -63,6 +73,10 @@ pub struct DeliveryReport {
     pub delivered: usize,
     pub retried: usize,
     pub dead: usize,
+    /// Rows that wait on purpose (quiet hours, caps, an address to come).
+    pub held: usize,
+    /// Rows dropped on purpose (no consent, unsubscribed).
+    pub refused: usize,
     pub halted: Option<String>,
 }
 
@@ -124,9 +138,15 @@ pub async fn deliver_due<S: Sink>(
         let now = clock.now();
         let mut delivered = Vec::new();
         let mut failed = Vec::new();
+        let mut held = Vec::new();
+        let mut refused = Vec::new();
         for (i, row) in rows.iter().enumerate() {
             match results.get(i) {
                 Some(Ok(())) => delivered.push(row.id),
+                Some(Err(DeliveryError::Hold { until, reason })) => {
+                    held.push((row.id, *until, reason.clone()))
+                }
+                Some(Err(DeliveryError::Refused(why))) => refused.push((row.id, why.clone())),
                 Some(Err(DeliveryError::Halt(why))) => {
                     report.halted = Some(why.clone());
                 }
@@ -157,6 +177,8 @@ pub async fn deliver_due<S: Sink>(
             }
         }
         report.delivered += delivered.len();
+        report.held += held.len();
+        report.refused += refused.len();
         for f in &failed {
             if f.2.is_some() {
                 report.retried += 1;
@@ -170,6 +192,12 @@ pub async fn deliver_due<S: Sink>(
                 l.outbox_mark_delivered(&delivered, now)?;
                 for (id, why, retry_at) in failed {
                     l.outbox_mark_failed(id, &why, retry_at, now)?;
+                }
+                for (id, until, why) in held {
+                    l.notify_hold(id, until, &why, now)?;
+                }
+                for (id, why) in refused {
+                    l.notify_refuse(id, &why, now)?;
                 }
                 Ok(())
             })

@@ -58,6 +58,8 @@ pub struct Destinations {
     /// (points paid with at its till, given back on its returns) and opening balances read
     /// from its register are not posted back to it.
     pub onec_system: Option<String>,
+    /// Members' messages: the policy and the channels set up (issue 21); `None` makes none.
+    pub notify: Option<std::sync::Arc<crate::core::notify::Plan>>,
 }
 
 pub struct IngestContext<'a> {
@@ -1804,6 +1806,7 @@ pub(super) fn finish_write(
     ctx: &IngestContext<'_>,
 ) -> Result<usize> {
     super::accounting::enqueue_bonus_documents(conn, since, ctx)?;
+    super::notify::enqueue_messages(conn, ctx)?;
     enqueue_contact_states(conn, touched, ctx)
 }
 

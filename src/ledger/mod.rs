@@ -15,6 +15,7 @@ mod delivery;
 mod holds;
 mod ingest;
 mod jobs;
+mod notify;
 mod offers;
 mod opening;
 mod outbox;
@@ -47,6 +48,7 @@ pub use ingest::{
     AdjustOutcome, AdjustRequest, Batch, Destinations, IngestContext, IngestReport, Item, Outcome,
 };
 pub use jobs::{NightlyReport, TierEvent};
+pub use notify::{Address, ChannelStatus, Reach};
 pub use offers::{CustomerOffers, OffersRefresh};
 pub use opening::{OpeningReport, OpeningRow, opening_source_from_register};
 pub use outbox::{OutboxFilter, OutboxRow, OutboxState};

@@ -536,6 +536,47 @@ CREATE UNIQUE INDEX vouchers_code ON vouchers(code) WHERE code IS NOT NULL;
 CREATE INDEX vouchers_used ON vouchers(used_document) WHERE used_document IS NOT NULL;
 CREATE INDEX vouchers_open ON vouchers(customer_id, product) WHERE state = 'issued';
 "#,
+    // 18 (issue 21): members' messages — who unsubscribed where, what was sent, Telegram links.
+    r#"
+-- a member's "no more messages on this channel", honoured at once: via names the path
+-- (the e-mail link, the bot's /stop, a person with `kopilka notify unsubscribe`)
+CREATE TABLE unsubscribes (
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    channel     TEXT NOT NULL,
+    at          INTEGER NOT NULL,
+    via         TEXT NOT NULL,
+    PRIMARY KEY (customer_id, channel)
+) WITHOUT ROWID;
+-- each message a channel confirmed, written before the outbox row is marked: a crash between
+-- the two finds it here and does not send it again; the caps count these
+CREATE TABLE notify_sent (
+    outbox_id   INTEGER PRIMARY KEY REFERENCES outbox(id),
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    channel     TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    sent_at     INTEGER NOT NULL
+);
+CREATE INDEX notify_sent_customer ON notify_sent(customer_id, sent_at);
+-- a Telegram chat linked to a member by a one-time code; stopped_at when the member said
+-- /stop or blocked the bot
+CREATE TABLE telegram_chats (
+    chat_id     INTEGER PRIMARY KEY,
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    linked_at   INTEGER NOT NULL,
+    stopped_at  INTEGER
+);
+CREATE INDEX telegram_chats_customer ON telegram_chats(customer_id);
+-- one-time codes that link a chat to a member (shown by `balance`, on the AmoCRM card, in
+-- e-mails); used_at once a chat used it
+CREATE TABLE link_codes (
+    code        TEXT PRIMARY KEY,
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    issued_at   INTEGER NOT NULL,
+    used_at     INTEGER,
+    chat_id     INTEGER
+);
+CREATE INDEX link_codes_customer ON link_codes(customer_id) WHERE used_at IS NULL;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

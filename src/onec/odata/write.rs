@@ -1344,6 +1344,7 @@ mod tests {
             DeliveryError::Retriable(_) => "retriable",
             DeliveryError::Permanent(_) => "permanent",
             DeliveryError::Halt(_) => "halt",
+            DeliveryError::Hold { .. } | DeliveryError::Refused(_) => "on purpose",
         };
         assert_eq!(class(st(503, None)), "retriable");
         assert_eq!(class(Failure::Timeout(Duration::from_secs(1))), "retriable");
