@@ -106,6 +106,9 @@ pub enum Command {
     Ledger(LedgerCommand),
     /// Inspect and act on the outbox (what must still reach 1C or AmoCRM).
     Outbox(OutboxArgs),
+    /// Members' messages per channel: queued, held (quiet hours, caps, no address yet), sent,
+    /// not sent (no consent, unsubscribed) and failed; unsubscribe a member on their request.
+    Notify(NotifyArgs),
     /// Documents that could not be applied, with the reason.
     Quarantine(QuarantineArgs),
     /// Burn the points whose expiry date has come.
@@ -296,6 +299,33 @@ pub struct OutboxArgs {
     pub json: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct NotifyArgs {
+    #[command(subcommand)]
+    pub action: Option<NotifyAction>,
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NotifyAction {
+    /// Messages per channel by outcome (the default).
+    Status,
+    /// Stop a channel's messages to a member (their request by phone or at the till),
+    /// honoured at once: pending messages there are not sent.
+    Unsubscribe {
+        customer: String,
+        #[arg(long)]
+        channel: String,
+    },
+    /// Let a channel's messages reach a member again.
+    Resubscribe {
+        customer: String,
+        #[arg(long)]
+        channel: String,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 pub enum OutboxAction {
     /// Rows, newest first.
@@ -373,6 +403,42 @@ pub fn main_with(cli: Cli) -> ExitCode {
 }
 
 /// The configuration a command runs with (see `--ledger` for the ledger-only mode).
+fn channel_arg(name: &str) -> anyhow::Result<crate::core::notify::Channel> {
+    crate::core::notify::Channel::parse(name)
+        .ok_or_else(|| anyhow::anyhow!("--channel {name:?}: channels are email, telegram, salesbot"))
+}
+
+fn notify(
+    cfg: &Config,
+    ledger: &mut Ledger,
+    a: &NotifyArgs,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<ExitCode> {
+    let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    match a.action.as_ref().unwrap_or(&NotifyAction::Status) {
+        NotifyAction::Status => {
+            let status = ledger.notify_status(now)?;
+            output::notify_status(cfg, &status, a.json)?;
+        }
+        NotifyAction::Unsubscribe { customer, channel } => {
+            let ch = channel_arg(channel)?;
+            let id = ledger.customer_id_of(customer)?;
+            let n = ledger.notify_unsubscribe(id, ch, &format!("cli:{by}"), now)?;
+            println!("customer id:{id} unsubscribed from {ch}; {n} pending messages will not be sent");
+        }
+        NotifyAction::Resubscribe { customer, channel } => {
+            let ch = channel_arg(channel)?;
+            let id = ledger.customer_id_of(customer)?;
+            if ledger.notify_resubscribe(id, ch)? {
+                println!("customer id:{id} receives {ch} messages again");
+            } else {
+                println!("customer id:{id} was not unsubscribed from {ch}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     let mut cfg = match (&cli.config, &cli.ledger) {
         (None, Some(_)) => Config::default(),
@@ -674,6 +740,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load_config(&cli)?;
             let mut ledger = open_existing(&cfg)?;
             outbox(&mut ledger, a, now)
+        }
+        Command::Notify(a) => {
+            let cfg = load_config(&cli)?;
+            let mut ledger = open_existing(&cfg)?;
+            notify(&cfg, &mut ledger, a, now)
         }
         Command::Quarantine(a) => {
             let cfg = load_config(&cli)?;

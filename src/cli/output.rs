@@ -950,3 +950,42 @@ pub fn report(r: &crate::ledger::ProgramReport, tz: Tz) {
         println!("segment {:<20} {:>14}", seg, n);
     }
 }
+
+/// `kopilka notify`: one block per channel, reasons spelled out.
+pub fn notify_status(
+    cfg: &crate::config::Config,
+    status: &[crate::ledger::ChannelStatus],
+    as_json: bool,
+) -> anyhow::Result<()> {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+        return Ok(());
+    }
+    let configured = cfg.notify.channels();
+    if configured.is_empty() {
+        println!("no channel is configured ([notify.email], [notify.telegram], [notify.salesbot])");
+    } else if cfg.program.notify.routes.is_empty() {
+        println!("no event is routed to a channel ([notifications.events] in the rules file)");
+    }
+    if status.is_empty() {
+        println!("no messages yet");
+    }
+    for c in status {
+        println!(
+            "{}: {} sent, {} queued, {} held, {} not sent, {} failed",
+            c.channel,
+            c.sent,
+            c.queued,
+            c.held.values().sum::<i64>(),
+            c.not_sent.values().sum::<i64>(),
+            c.failed
+        );
+        for (reason, n) in &c.held {
+            println!("  held ({reason}): {n}");
+        }
+        for (reason, n) in &c.not_sent {
+            println!("  not sent ({reason}): {n}");
+        }
+    }
+    Ok(())
+}

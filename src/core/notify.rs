@@ -184,7 +184,7 @@ pub fn default_template(kind: EventKind) -> Template {
     let (subject, text) = match kind {
         EventKind::Accrual => (
             "Начислены баллы",
-            "{name}, за покупку {document} начислено {points}. На счёте {balance}.",
+            "{name}, за покупку {document} начислено {points}, их можно потратить с {date}. Сейчас на счёте {balance}.",
         ),
         EventKind::Bonus => (
             "Бонусные баллы",
@@ -544,6 +544,29 @@ pub fn quiet_until(p: &Policy, now: DateTime<Utc>, tz: Tz) -> Option<DateTime<Ut
     Some(resolved.with_timezone(&Utc))
 }
 
+/// The member's own unsubscribe token for a channel: a keyed hash (HKDF-SHA256 of the
+/// installation's secret) of who and where, so a link unsubscribes that member only and
+/// cannot be guessed for another.
+pub fn unsubscribe_token(secret: &[u8], customer_id: i64, channel: Channel) -> String {
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"kopilka unsubscribe"), secret);
+    let mut out = [0u8; 12];
+    let info = format!("{customer_id}:{}", channel.as_str());
+    // 12 bytes is far below HKDF's limit of 255 × 32: expand cannot fail
+    let _ = hk.expand(info.as_bytes(), &mut out);
+    out.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `token` is the member's token, compared in constant time.
+pub fn unsubscribe_token_matches(secret: &[u8], customer_id: i64, channel: Channel, token: &str) -> bool {
+    let expected = unsubscribe_token(secret, customer_id, channel);
+    expected.len() == token.len()
+        && expected
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,13 +725,14 @@ mod tests {
         let anon = Event {
             kind: Some(EventKind::Accrual),
             points: 21,
-            balance: 21,
+            balance: 2,
+            date: NaiveDate::from_ymd_opt(2026, 12, 20),
             ..Event::default()
         };
         let (_, text) = render(&default_template(EventKind::Accrual), &anon, "");
         assert_eq!(
             text.replace('\u{a0}', " "),
-            "Здравствуйте, за покупку начислено 21 балл. На счёте 21 балл."
+            "Здравствуйте, за покупку начислено 21 балл, их можно потратить с 20.12.2026. Сейчас на счёте 2 балла."
         );
         assert_eq!(unknown_placeholders("{points} до {dat}"), vec!["dat".to_string()]);
         for k in EventKind::ALL {
@@ -717,6 +741,16 @@ mod tests {
                 "{k:?}"
             );
         }
+    }
+
+    #[test]
+    fn unsubscribe_tokens_are_per_member_and_channel() {
+        let t = unsubscribe_token(b"secret", 7, Channel::Email);
+        assert_eq!(t.len(), 24);
+        assert!(unsubscribe_token_matches(b"secret", 7, Channel::Email, &t));
+        assert!(!unsubscribe_token_matches(b"secret", 8, Channel::Email, &t));
+        assert!(!unsubscribe_token_matches(b"secret", 7, Channel::Telegram, &t));
+        assert!(!unsubscribe_token_matches(b"other", 7, Channel::Email, &t));
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub fn router(ctx: JobContext, rt: Arc<Runtime>) -> Router {
         .route("/v1/customers/{id}/balance", get(balance))
         .route("/v1/quote", post(quote_handler))
         .route("/v1/customers", post(register))
+        .route("/unsubscribe", get(unsubscribe_page).post(unsubscribe))
         .with_state(AppState { ctx: ctx.clone(), rt })
         .merge(super::holds::router(ctx.clone()))
         .merge(super::loyalty_server::router(ctx.clone()).unwrap_or_default())
@@ -114,10 +115,11 @@ async fn metrics(State(s): State<AppState>) -> Response {
                 l.outbox_counts()?,
                 l.checkpoints()?,
                 l.hold_counts(now)?,
+                l.notify_status(now)?,
             ))
         })
         .await;
-    let (summary, outbox, checkpoints, holds) = match data {
+    let (summary, outbox, checkpoints, holds, messages) = match data {
         Ok(d) => d,
         Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, format!("ledger: {e}")),
     };
@@ -193,6 +195,31 @@ async fn metrics(State(s): State<AppState>) -> Response {
         );
     }
     super::holds::write_metrics(&mut out, &holds);
+    metric(
+        &mut out,
+        "kopilka_messages",
+        "Members' messages by channel and outcome (held and not_sent by reason).",
+        "gauge",
+    );
+    for c in &messages {
+        for (outcome, n) in [("queued", c.queued), ("sent", c.sent), ("failed", c.failed)] {
+            let _ = writeln!(
+                out,
+                "kopilka_messages{{channel=\"{}\",outcome=\"{outcome}\"}} {n}",
+                c.channel
+            );
+        }
+        for (outcome, by) in [("held", &c.held), ("not_sent", &c.not_sent)] {
+            for (reason, n) in by {
+                let _ = writeln!(
+                    out,
+                    "kopilka_messages{{channel=\"{}\",outcome=\"{outcome}\",reason=\"{}\"}} {n}",
+                    c.channel,
+                    reason.replace(['"', '\\', '\n'], " ")
+                );
+            }
+        }
+    }
     let jobs = s.rt.jobs();
     metric(
         &mut out,
@@ -231,6 +258,77 @@ async fn metrics(State(s): State<AppState>) -> Response {
         header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     r
+}
+
+#[derive(Deserialize)]
+struct UnsubscribeQuery {
+    /// The member's id.
+    m: i64,
+    /// The channel (`email`, `telegram`, `salesbot`).
+    c: String,
+    /// The member's token for that channel.
+    t: String,
+}
+
+async fn check_unsubscribe(
+    s: &AppState,
+    q: &UnsubscribeQuery,
+) -> Result<crate::core::notify::Channel, Response> {
+    let Some(channel) = crate::core::notify::Channel::parse(&q.c) else {
+        return Err(problem(StatusCode::NOT_FOUND, "no such channel"));
+    };
+    let secret = s
+        .ctx
+        .ledger
+        .run(|l| l.notify_secret())
+        .await
+        .map_err(|e| problem(StatusCode::INTERNAL_SERVER_ERROR, format!("ledger: {e}")))?;
+    if !crate::core::notify::unsubscribe_token_matches(&secret, q.m, channel, &q.t) {
+        return Err(problem(StatusCode::NOT_FOUND, "this link is not valid"));
+    }
+    Ok(channel)
+}
+
+/// The page an unsubscribe link opens: a button, not the unsubscribe itself, because mail
+/// scanners open links on their own (RFC 8058 §1); the button and a mail client's one-click
+/// both POST.
+async fn unsubscribe_page(State(s): State<AppState>, Query(q): Query<UnsubscribeQuery>) -> Response {
+    if let Err(r) = check_unsubscribe(&s, &q).await {
+        return r;
+    }
+    Html(format!(
+        "<!doctype html><html lang=\"ru\"><meta charset=\"utf-8\"><title>Отписка</title><body>\
+         <form method=\"post\" action=\"?m={}&amp;c={}&amp;t={}\">\
+         <p>Больше не присылать сообщения программы лояльности на этот адрес?</p>\
+         <button type=\"submit\">Отписаться</button></form></body></html>",
+        q.m, q.c, q.t
+    ))
+    .into_response()
+}
+
+/// RFC 8058 one-click (`List-Unsubscribe=One-Click` in the body) and the page's button:
+/// honoured at once, pending messages on the channel are refused.
+async fn unsubscribe(State(s): State<AppState>, Query(q): Query<UnsubscribeQuery>) -> Response {
+    let channel = match check_unsubscribe(&s, &q).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let now = s.ctx.clock.now();
+    let m = q.m;
+    match s
+        .ctx
+        .ledger
+        .run(move |l| l.notify_unsubscribe(m, channel, "unsubscribe link", now))
+        .await
+    {
+        Ok(_) => Html(
+            "<!doctype html><html lang=\"ru\"><meta charset=\"utf-8\"><title>Отписка</title>\
+             <body><p>Готово: сообщений на этот адрес больше не будет.</p></body></html>"
+                .to_string(),
+        )
+        .into_response(),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, format!("ledger: {e}")),
+    }
 }
 
 /// `Err` holds the reply to send (boxed: a response is large).

@@ -10,6 +10,7 @@ pub mod discount_server;
 pub mod holds;
 pub mod http;
 pub mod loyalty_server;
+pub mod notify;
 pub mod registry;
 pub mod report_html;
 pub mod runtime;

@@ -117,6 +117,9 @@ pub fn jobs(cfg: &Config) -> Vec<Arc<dyn Job>> {
     jobs.extend(crate::onec::odata::OdataJob::enabled_by(cfg));
     jobs.extend(crate::onec::odata::write::OdataDeliverJob::enabled_by(cfg));
     jobs.extend(super::amocrm::jobs(cfg));
+    if cfg.notify.email.is_some() {
+        jobs.push(Arc::new(super::notify::EmailJob));
+    }
     jobs.sort_by_key(|j| j.stage());
     jobs
 }

@@ -108,6 +108,16 @@ pub(super) fn enqueue_messages(conn: &Connection, ctx: &IngestContext<'_>) -> Re
                     ..Event::default()
                 });
             e.points += amount.abs();
+            if event == EventKind::Accrual {
+                // the day the points can be spent: after the return window
+                let available: Option<i64> = conn
+                    .prepare_cached("SELECT MAX(available_at) FROM lots WHERE origin_tx = ?1")?
+                    .query_row([id], |r| r.get(0))?;
+                if let Some(a) = available {
+                    let day = from_ts(a).with_timezone(&plan.timezone).date_naive();
+                    e.date = Some(e.date.map_or(day, |d| d.max(day)));
+                }
+            }
         }
         events.extend(grouped.into_values());
     }
@@ -421,6 +431,26 @@ impl Ledger {
             "DELETE FROM unsubscribes WHERE customer_id = ?1 AND channel = ?2",
             params![customer, channel.as_str()],
         )? > 0)
+    }
+
+    /// The installation's secret for members' unsubscribe links, made on first use.
+    pub fn notify_secret(&mut self) -> Result<Vec<u8>> {
+        if let Some(s) = self.meta_get("notify_secret")? {
+            return Ok(s.into_bytes());
+        }
+        let fresh: String = self
+            .conn
+            .query_row("SELECT lower(hex(randomblob(32)))", [], |r| r.get(0))?;
+        self.conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('notify_secret', ?1)",
+            [&fresh],
+        )?;
+        Ok(self.meta_get("notify_secret")?.unwrap_or(fresh).into_bytes())
+    }
+
+    /// A member's id from a card, phone, e-mail or `id:N`, as every command reads it.
+    pub fn customer_id_of(&self, text: &str) -> Result<i64> {
+        super::query::find_customer(&self.conn, text)
     }
 
     /// Messages per channel by outcome.
