@@ -247,3 +247,116 @@ async fn a_full_sync_with_a_refresh_midway_never_gets_a_429_from_a_strict_jitter
     assert_cards_current(&ctx, &sim);
     assert!(conn.client.halted().is_none());
 }
+
+/// The acceptance run of issue 21: a full sync of 1 000 members with a Salesbot message and a
+/// note each, against the same strict, jittery account. Every call — cards, notes, the
+/// message field and the bot runs — shares the one pacer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_with_salesbot_messages_and_notes_never_gets_a_429() {
+    const BOT: i64 = 4_242;
+    let clock = Arc::new(FakeClock::new(t0()));
+    let sim = AmoSim::builder()
+        .requests_per_second(LIMIT_PER_SECOND)
+        .block_after_violations(3)
+        .network_jitter(JITTER_MAX, JITTER_SEED + 1)
+        .clock(clock.clone())
+        .long_lived_token("long-lived-1", t0() + Duration::days(365))
+        .start()
+        .await
+        .unwrap();
+    sim.add_bot(BOT);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "long-lived-1\n").unwrap();
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        "[program]\nreturn_window_days = 0\n[guard]\nmax_reward_share_of_margin = \"1\"\n[[rules]]\nid = \"base\"\n\
+         percent = \"5\"\n[notifications]\nquiet_hours = \"none\"\n[notifications.events]\naccrual = [\"salesbot\"]\n",
+    )
+    .unwrap();
+    let text = format!(
+        "[ledger]\npath = \"{}\"\n[rules]\npath = \"{}\"\n[outbox]\nmax_rows_per_run = 100000\n\
+         [amocrm]\nbase_url = \"{}\"\ntoken_file = \"{}\"\nrequests_per_second = {LIMIT_PER_SECOND}\n\
+         batch_size = {BATCH_CONTACTS}\nnotes = [\"accrual\"]\nnote_accrual_min_points = 1\n\
+         [notify.salesbot]\nbot_id = {BOT}\nbatch = {BATCH_CONTACTS}\n",
+        dir.path().join("ledger.db").display(),
+        dir.path().join("rules.toml").display(),
+        sim.base_url,
+        dir.path().join("token").display(),
+    );
+    let path = dir.path().join("kopilka.toml");
+    std::fs::write(&path, text).unwrap();
+    let cfg = Arc::new(config::load(Some(&path), &[]).unwrap_or_else(|r| panic!("{r}")));
+    let mut opts = ClientOptions::from_config(cfg.amocrm.as_ref().unwrap());
+    opts.backoff_initial = StdDuration::from_millis(20);
+    opts.backoff_max = StdDuration::from_millis(200);
+    let shared = Arc::new(Shared::with_options(opts));
+    let ctx = JobContext {
+        cfg: cfg.clone(),
+        ledger: SharedLedger::new(Ledger::open(&cfg.ledger_path, &cfg.ledger).unwrap()),
+        clock: clock.clone(),
+        cancel: tokio_util::sync::CancellationToken::new(),
+    };
+    // the members agreed to messages in the shop's own list
+    let csv: String = std::iter::once("Телефон;Согласие\n".to_string())
+        .chain((0..CUSTOMERS).map(|i| format!("{};да\n", phone(i))))
+        .collect();
+    let rows = kopilka::migrate::read_customers_csv(csv.as_bytes()).unwrap();
+    ctx.ledger
+        .lock()
+        .import_customers("csv:members.csv", rows, &cfg.program, clock.now())
+        .unwrap();
+    for i in 0..CUSTOMERS {
+        sim.add_contact(&format!("Покупатель {i}"), &[&phone(i)], &[]);
+    }
+    clock.advance(Duration::minutes(5));
+    ingest(
+        &ctx,
+        (0..CUSTOMERS)
+            .map(|i| sale(format!("M{i}"), i, 100 + (i as i64 % 900), clock.now()))
+            .collect(),
+    );
+    // the first run links the contacts; messages wait for the link, then go
+    sync(&ctx, &shared).await;
+    clock.advance(Duration::minutes(20));
+    sync(&ctx, &shared).await;
+
+    let reqs = sim.requests();
+    let runs = sim.bot_runs();
+    println!(
+        "strict limit {LIMIT_PER_SECOND}/s with Salesbot: {} requests ({} salesbot/run, {} notes), {} × 429, \
+         max {} in any 1 s, {} bot runs",
+        reqs.len(),
+        reqs.iter().filter(|r| r.path == "/api/v2/salesbot/run").count(),
+        reqs.iter().filter(|r| r.path == "/api/v4/contacts/notes").count(),
+        sim.rate_limited(),
+        sim.max_requests_in_any_second(),
+        runs.len()
+    );
+    assert_eq!(sim.rate_limited(), 0, "0 × 429");
+    assert!(!sim.is_blocked());
+    assert!(sim.max_requests_in_any_second() <= LIMIT_PER_SECOND);
+    assert_eq!(runs.len(), CUSTOMERS, "one bot run per member");
+    let contacts: std::collections::BTreeSet<i64> = runs.iter().map(|r| r.entity_id).collect();
+    assert_eq!(contacts.len(), CUSTOMERS, "each member once");
+    for r in &runs {
+        assert_eq!((r.bot_id, r.entity_type), (BOT, 1));
+        let m = r.message.as_deref().unwrap_or_default();
+        assert!(
+            m.contains("начислено"),
+            "the bot read the message written before it ran: {m:?}"
+        );
+    }
+    assert_eq!(
+        sim.notes().len(),
+        CUSTOMERS,
+        "a note per accrual for the managers"
+    );
+    assert!(
+        reqs.iter()
+            .filter(|r| r.path == "/api/v2/salesbot/run")
+            .all(|r| r.items() <= BATCH_CONTACTS),
+        "at most the configured batch per run request"
+    );
+    let status = ctx.ledger.lock().notify_status(clock.now()).unwrap();
+    assert_eq!(status[0].sent, CUSTOMERS as i64, "{status:?}");
+}

@@ -30,7 +30,15 @@ impl Connector {
             .amocrm
             .as_ref()
             .ok_or_else(|| AmoError::Setup("the configuration has no [amocrm] section".into()))?;
-        let map = FieldMap::load(amo.mapping.as_deref()).map_err(AmoError::Setup)?;
+        let mut map = FieldMap::load(amo.mapping.as_deref()).map_err(AmoError::Setup)?;
+        if cfg.notify.salesbot.is_none() {
+            // no bot reads it: the cards stay without the message field
+            for (value, target) in &mut map.0 {
+                if *value == fields::CardValue::Message {
+                    *target = None;
+                }
+            }
+        }
         let opts = opts.unwrap_or_else(|| ClientOptions::from_config(amo));
         let client = Client::new(amo, opts, ledger, clock)?;
         Ok(Connector {

@@ -28,10 +28,13 @@ pub enum CardValue {
     Offer,
     /// The member's friend code (issue 20): a manager reads it out, a friend gives it.
     ReferralCode,
+    /// The text of the member's latest message, which the shop's Salesbot sends
+    /// (`{{contact.cf.…}}` in the bot); written only when `[notify.salesbot]` is set.
+    Message,
 }
 
 impl CardValue {
-    pub const ALL: [CardValue; 11] = [
+    pub const ALL: [CardValue; 12] = [
         CardValue::Points,
         CardValue::Pending,
         CardValue::Tier,
@@ -43,6 +46,7 @@ impl CardValue {
         CardValue::Card,
         CardValue::Offer,
         CardValue::ReferralCode,
+        CardValue::Message,
     ];
 
     /// The key in `mappings/amocrm.toml`.
@@ -59,6 +63,7 @@ impl CardValue {
             CardValue::Card => "card",
             CardValue::Offer => "offer",
             CardValue::ReferralCode => "referral_code",
+            CardValue::Message => "message",
         }
     }
 
@@ -75,6 +80,7 @@ impl CardValue {
             CardValue::Card => "KOPILKA_CARD",
             CardValue::Offer => "KOPILKA_OFFER",
             CardValue::ReferralCode => "KOPILKA_FRIEND_CODE",
+            CardValue::Message => "KOPILKA_MESSAGE",
         }
     }
 
@@ -92,6 +98,7 @@ impl CardValue {
             CardValue::Card => "Карта лояльности",
             CardValue::Offer => "Следующее предложение",
             CardValue::ReferralCode => "Код для друга",
+            CardValue::Message => "Сообщение для клиента",
         }
     }
 
@@ -105,6 +112,7 @@ impl CardValue {
             | CardValue::Ltv => "numeric",
             CardValue::BurnDate | CardValue::LastPurchase => "date",
             CardValue::Tier | CardValue::Card | CardValue::Offer | CardValue::ReferralCode => "text",
+            CardValue::Message => "textarea",
         }
     }
 

@@ -100,10 +100,19 @@ impl Sink for NotesSink<'_> {
         let mut sent = Vec::new();
         for (i, f) in &facts {
             let Some(contact) = links.get(&f.customer_id) else {
-                results[*i] = Err(DeliveryError::Retriable(format!(
-                    "customer id:{} has no AmoCRM contact yet",
-                    f.customer_id
-                )));
+                // the note waits for the link without spending attempts, for a week
+                let now = self.conn.client.now();
+                results[*i] = Err(if now - rows[*i].created_at > chrono::Duration::days(7) {
+                    DeliveryError::Refused(format!(
+                        "customer id:{} got no AmoCRM contact within 7 days",
+                        f.customer_id
+                    ))
+                } else {
+                    DeliveryError::Hold {
+                        until: now + crate::core::notify::ADDRESS_RECHECK,
+                        reason: format!("customer id:{} has no AmoCRM contact yet", f.customer_id),
+                    }
+                });
                 continue;
             };
             body.push(json!({

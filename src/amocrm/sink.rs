@@ -89,6 +89,8 @@ pub fn card_item(f: &CardFigures, fields: &Resolved, rules: &RuleSet, tags: bool
             },
             CardValue::Offer => text_value(f.offer.clone()),
             CardValue::ReferralCode => text_value(crate::core::identity::referral_code(f.customer_id)),
+            // written by the Salesbot channel just before it starts the bot
+            CardValue::Message => continue,
         };
         cf.push(json!({"field_id": id, "values": values}));
     }

@@ -43,7 +43,6 @@ struct RawTelegram {
 #[serde(default)]
 struct RawSalesbot {
     bot_id: Option<i64>,
-    message_field: Option<String>,
     batch: Option<usize>,
 }
 
@@ -85,9 +84,9 @@ pub struct TelegramConfig {
 #[derive(Clone, Debug)]
 pub struct SalesbotConfig {
     pub bot_id: i64,
-    /// The contact field the bot's text reads (`{{contact.cf.…}}`): kopilka writes the
-    /// message there before it starts the bot.
-    pub message_field: String,
+    /// Tasks per `salesbot/run` request (AmoCRM takes at most 100). The contact field the
+    /// bot's text reads is the field map's `message` (`KOPILKA_MESSAGE` by default):
+    /// kopilka writes the message there before it starts the bot.
     pub batch: usize,
 }
 
@@ -216,10 +215,6 @@ pub(super) fn notify(raw: &RawNotify, c: &mut Check<'_>, has_amocrm: bool) -> No
         }
         SalesbotConfig {
             bot_id,
-            message_field: s
-                .message_field
-                .clone()
-                .unwrap_or_else(|| "KOPILKA_MESSAGE".into()),
             batch: batch.clamp(1, 100),
         }
     });

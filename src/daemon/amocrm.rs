@@ -132,6 +132,24 @@ impl Job for Deliver {
             } else {
                 Default::default()
             };
+            // members' messages through the shop's Salesbot, after the cards the bot may quote
+            let plan = ctx.cfg.notify_plan();
+            let bots = match (&ctx.cfg.notify.salesbot, plan) {
+                (Some(sb), Some(plan)) if cards.halted.is_none() && noted.halted.is_none() => {
+                    let sink = crate::notify::NotifySink {
+                        ledger: ctx.ledger.clone(),
+                        plan,
+                        clock: ctx.clock.clone(),
+                        transport: crate::notify::salesbot::Salesbot {
+                            conn: conn.clone(),
+                            bot_id: sb.bot_id,
+                            batch: sb.batch,
+                        },
+                    };
+                    deliver_due(&ctx.ledger, &sink, policy, ctx.clock.as_ref()).await?
+                }
+                _ => Default::default(),
+            };
             let summary = format!(
                 "{} linked ({} created), {} ambiguous, {} without contact; {} cards re-queued; cards: {} delivered, \
                  {} retried, {} dead; notes: {} queued, {} delivered, {} retried, {} dead",
@@ -148,12 +166,20 @@ impl Job for Deliver {
                 noted.retried,
                 noted.dead
             );
-            if let Some(h) = cards.halted.or(noted.halted) {
+            let summary = if ctx.cfg.notify.salesbot.is_some() {
+                format!(
+                    "{summary}; salesbot: {} started, {} held, {} not sent, {} retried, {} dead",
+                    bots.delivered, bots.held, bots.refused, bots.retried, bots.dead
+                )
+            } else {
+                summary
+            };
+            if let Some(h) = cards.halted.or(noted.halted).or(bots.halted) {
                 anyhow::bail!("amocrm sync is halted: {h} ({summary})");
             }
             Ok(JobOutcome {
                 summary,
-                pending: cards.retried + noted.retried > 0,
+                pending: cards.retried + noted.retried + bots.retried > 0,
             })
         })
     }

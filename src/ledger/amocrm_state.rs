@@ -20,6 +20,8 @@ use crate::core::lots;
 
 /// The outbox destination of contact-card notes (the contact state goes to `amocrm`).
 pub const NOTES_DESTINATION: &str = "amocrm:notes";
+/// Events older than this when first seen make no note (history, not news).
+pub const NOTE_MAX_AGE: chrono::Duration = chrono::Duration::days(3);
 /// The checkpoint of the events poll; moved only together with the sales it yields.
 pub const EVENTS_CHECKPOINT: &str = "amocrm:events";
 
@@ -544,8 +546,10 @@ impl Ledger {
     /// Queues contact notes for what happened since the last call: accruals of at least
     /// `accrual_min_points`, redemptions, tier changes and expiry warnings (each only when
     /// its kind is in `kinds`). Cursors live in `checkpoints` and move in the same
-    /// transaction as the rows they cover. The first call only sets the cursors: a ledger
-    /// that gains an AmoCRM connection does not flood every contact with its history.
+    /// transaction as the rows they cover. Only events of the last [`NOTE_MAX_AGE`] make
+    /// notes: a ledger that gains an AmoCRM connection, or imports years of receipts, does
+    /// not flood every contact with its history — and what happened just before the first
+    /// run (expiry warnings made before the contacts were linked) is not lost.
     pub fn amocrm_queue_notes(
         &mut self,
         kinds: &[String],
@@ -568,10 +572,11 @@ impl Ledger {
             |r| r.get(0),
         )?;
         let (j0, t0, w0) = (
-            cursor("amocrm:notes:journal")?,
-            cursor("amocrm:notes:tier")?,
-            cursor("amocrm:notes:expiry")?,
+            cursor("amocrm:notes:journal")?.or(Some(0)),
+            cursor("amocrm:notes:tier")?.or(Some(0)),
+            cursor("amocrm:notes:expiry")?.or(Some(0)),
         );
+        let oldest = ts(now - NOTE_MAX_AGE);
         let mut notes: Vec<(String, NoteFacts)> = Vec::new();
         let want = |k: &str| kinds.iter().any(|x| x == k);
         if let Some(j0) = j0 {
@@ -579,9 +584,10 @@ impl Ledger {
                 "SELECT j.id, j.kind, j.customer_id, j.amount, j.explanation, d.number, d.source, d.doc_id \
                  FROM journal j LEFT JOIN documents d ON d.id = j.document_id \
                  WHERE j.id > ?1 AND j.id <= ?2 AND j.role = 'effect' AND j.kind IN ('accrual', 'redemption') \
+                   AND j.effective_at >= ?3 \
                  ORDER BY j.id",
             )?;
-            let rows = st.query_map(params![j0, journal_max], |r| {
+            let rows = st.query_map(params![j0, journal_max, oldest], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
@@ -629,9 +635,9 @@ impl Ledger {
         if let Some(t0) = t0.filter(|_| want("tier")) {
             let mut st = tx.prepare(
                 "SELECT id, customer_id, from_tier, to_tier, at, reason FROM tier_events WHERE id > ?1 AND id <= ?2 \
-                 ORDER BY id",
+                 AND at >= ?3 ORDER BY id",
             )?;
-            let rows = st.query_map(params![t0, tier_max], |r| {
+            let rows = st.query_map(params![t0, tier_max, oldest], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     NoteFacts {
@@ -654,9 +660,10 @@ impl Ledger {
         if let Some(w0) = w0.filter(|_| want("expiry")) {
             let mut st = tx.prepare(
                 "SELECT customer_id, SUM(points), MIN(expires_at), warned_at FROM expiry_warnings \
-                 WHERE warned_at > ?1 AND warned_at <= ?2 GROUP BY customer_id, warned_at ORDER BY warned_at, customer_id",
+                 WHERE warned_at > ?1 AND warned_at <= ?2 AND warned_at >= ?3 \
+                 GROUP BY customer_id, warned_at ORDER BY warned_at, customer_id",
             )?;
-            let rows = st.query_map(params![w0, warn_max], |r| {
+            let rows = st.query_map(params![w0, warn_max, oldest], |r| {
                 Ok((
                     r.get::<_, i64>(3)?,
                     NoteFacts {

@@ -126,6 +126,16 @@ pub struct SimNote {
     pub text: String,
 }
 
+/// A Salesbot started on a contact, with what the bot's text could read at that moment: the
+/// value of the message field kopilka writes (`KOPILKA_MESSAGE`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimBotRun {
+    pub bot_id: i64,
+    pub entity_id: i64,
+    pub entity_type: i64,
+    pub message: Option<String>,
+}
+
 struct OAuthState {
     client_id: String,
     client_secret: String,
@@ -155,6 +165,9 @@ struct State {
     pipelines: BTreeMap<i64, Vec<i64>>,
     events: Vec<SimEvent>,
     notes: Vec<SimNote>,
+    /// Salesbots the account has (ids), and the runs started.
+    bots: BTreeSet<i64>,
+    bot_runs: Vec<SimBotRun>,
     requests: Vec<Recorded>,
     /// Arrivals within the last second, oldest first.
     window: VecDeque<Instant>,
@@ -401,6 +414,8 @@ impl AmoSimBuilder {
             pipelines: BTreeMap::new(),
             events: Vec::new(),
             notes: Vec::new(),
+            bots: BTreeSet::new(),
+            bot_runs: Vec::new(),
             requests: Vec::new(),
             window: VecDeque::new(),
             jitter: self
@@ -745,6 +760,15 @@ impl AmoSim {
         self.st().notes.clone()
     }
 
+    /// A Salesbot the shop built (AmoCRM → Salesbot); its id is what kopilka is configured with.
+    pub fn add_bot(&self, id: i64) {
+        self.st().bots.insert(id);
+    }
+
+    pub fn bot_runs(&self) -> Vec<SimBotRun> {
+        self.st().bot_runs.clone()
+    }
+
     /// A contact's phones as stored.
     pub fn phones(&self, contact: i64) -> Vec<String> {
         let s = self.st();
@@ -1033,7 +1057,8 @@ fn route(
     if path == "/oauth2/access_token" && method == Method::POST {
         return token_endpoint(s, body);
     }
-    if !path.starts_with("/api/v4/") {
+    let salesbot = path == "/api/v2/salesbot/run";
+    if !path.starts_with("/api/v4/") && !salesbot {
         return problem(404, "Not Found", "unknown path");
     }
     let bearer = headers
@@ -1056,6 +1081,13 @@ fn route(
             Err(_) => return problem(400, "Bad Request", "the body is not JSON"),
         }
     };
+    if salesbot {
+        return if method == Method::POST {
+            run_bots(s, &body)
+        } else {
+            problem(405, "Method Not Allowed", "POST a list of tasks")
+        };
+    }
     match (method.as_str(), parts.as_slice()) {
         ("GET", ["account"]) => ok(json!({"id": 31_000_000, "name": "Simulated shop", "subdomain": "sim"})),
         ("GET", ["contacts", "custom_fields"]) => {
@@ -1462,6 +1494,61 @@ fn create_fields(s: &mut State, body: &Value) -> (u16, String, String) {
         s.fields.push(f);
     }
     ok(json!({"_embedded": {"custom_fields": out}}))
+}
+
+/// `POST /api/v2/salesbot/run` as `../shared/specs/amocrm.md` ("Salesbot") reports it: a
+/// JSON array of tasks `{bot_id, entity_id, entity_type}` (1 contact, 2 lead), at most 100;
+/// an unknown bot answers the plain text «Бот не найден» — with a 200, the strictest reading
+/// of a source that gives the text and not the status (a client that trusts the status alone
+/// would think the bot ran). A task for a contact that does not exist is refused with 400.
+fn run_bots(s: &mut State, body: &Value) -> (u16, String, String) {
+    let Some(items) = body.as_array() else {
+        return problem(400, "Bad Request", "a JSON array of tasks is expected");
+    };
+    if items.is_empty() || items.len() > 100 {
+        return problem(400, "Bad Request", "between 1 and 100 tasks per request");
+    }
+    let mut runs = Vec::new();
+    for t in items {
+        let (Some(bot), Some(entity), Some(kind)) = (
+            t.get("bot_id").and_then(Value::as_i64),
+            t.get("entity_id").and_then(Value::as_i64),
+            t.get("entity_type").and_then(Value::as_i64),
+        ) else {
+            return problem(
+                400,
+                "Bad Request",
+                "each task needs bot_id, entity_id and entity_type as numbers",
+            );
+        };
+        if !s.bots.contains(&bot) {
+            return (200, "text/html; charset=utf-8".into(), "Бот не найден".into());
+        }
+        if kind != 1 && kind != 2 {
+            return problem(400, "Bad Request", "entity_type is 1 (contact) or 2 (lead)");
+        }
+        if kind == 1 && !s.contacts.contains_key(&entity) {
+            return problem(400, "Bad Request", &format!("contact {entity} not found"));
+        }
+        let message = s.field_by_code("KOPILKA_MESSAGE").map(|f| f.id).and_then(|f| {
+            s.contacts
+                .get(&entity)?
+                .fields
+                .get(&f)?
+                .first()?
+                .get("value")?
+                .as_str()
+                .map(str::to_string)
+        });
+        runs.push(SimBotRun {
+            bot_id: bot,
+            entity_id: entity,
+            entity_type: kind,
+            message,
+        });
+    }
+    s.bot_runs.extend(runs);
+    ok(json!({"success": true}))
 }
 
 fn add_notes(s: &mut State, body: &Value) -> (u16, String, String) {
