@@ -121,13 +121,23 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
         .start()
         .await
         .context("starting the AmoCRM simulator")?;
+    // the shop's Salesbot in AmoCRM and its mail relay, for members' messages
+    amo.add_bot(DEMO_BOT);
+    let smtp = crate::sim::smtp::SmtpSim::start()
+        .await
+        .context("starting the SMTP server")?;
 
     // the configuration a shop would write, pointed at the simulators
     std::fs::write(dir.join("odata-password"), onec.password())?;
     std::fs::write(dir.join("site-password"), "1c-exchange")?;
     std::fs::write(dir.join("amocrm-token"), token)?;
     std::fs::write(dir.join("api-token"), "demo-till-token")?;
-    std::fs::write(dir.join("rules.toml"), include_str!("../../config/rules.toml"))?;
+    // the shipped rules; the demo runs at any hour, so its members have no quiet hours
+    std::fs::write(
+        dir.join("rules.toml"),
+        include_str!("../../config/rules.toml")
+            .replace("quiet_hours = \"21:00-09:00\"", "quiet_hours = \"none\""),
+    )?;
     let cfg_text = format!(
         r#"[general]
 timezone = "Europe/Moscow"
@@ -155,6 +165,13 @@ password_file = "site-password"
 base_url = "{amocrm}"
 token_file = "amocrm-token"
 requests_per_second = 50
+[notify.email]
+host = "127.0.0.1"
+port = {smtp}
+tls = "none"
+from = "Чайный дом <bonus@shop.example>"
+[notify.salesbot]
+bot_id = {bot}
 [accounting]
 entity = "{org}"
 postback = "odata"
@@ -171,6 +188,8 @@ api_token_file = "api-token"
         user = onec.user(),
         amocrm = amo.base_url,
         org = crate::sim::onec_odata::ORGANIZATION,
+        smtp = smtp.port,
+        bot = DEMO_BOT,
     );
     let cfg_path = dir.join("kopilka.toml");
     std::fs::write(&cfg_path, cfg_text)?;
@@ -212,6 +231,36 @@ api_token_file = "api-token"
                 .filter_map(|(name, r)| r.err().map(|e| format!("{label}: {name}: {e:#}")))
                 .collect::<Vec<_>>()
         }
+    };
+
+    // the shop's own member list: who agreed to messages (every third declined)
+    let mut agreed = 0;
+    let members = {
+        let mut csv = String::from("Карта;Телефон;Почта;ФИО;Согласие\n");
+        for (i, c) in onec.shop().customers.iter().enumerate() {
+            let Some(card) = &c.card else { continue };
+            agreed += usize::from(i % 3 != 2);
+            csv.push_str(&format!(
+                "{card};{};{};{};{}\n",
+                c.phone
+                    .as_ref()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default(),
+                c.email
+                    .as_ref()
+                    .map(|e| e.as_str().to_string())
+                    .unwrap_or_default(),
+                c.name.clone().unwrap_or_default(),
+                if i % 3 == 2 { "нет" } else { "да" }
+            ));
+        }
+        let rows = crate::migrate::read_customers_csv(csv.as_bytes())
+            .map_err(|e| anyhow::anyhow!("members list: {e}"))?;
+        let rules = cfg.program.clone();
+        let now = clock.now();
+        ledger
+            .run(move |l| l.import_customers("csv:members.csv", rows, &rules, now))
+            .await?
     };
 
     p.show("first poll of 1C over OData, contacts to AmoCRM");
@@ -274,6 +323,11 @@ api_token_file = "api-token"
         onec.add_return(k);
     }
     onec.add_sales((a.sales / 20).max(5), None);
+    // and this morning's sales: news the members hear about (older events make no message)
+    let this_morning = (clock.now() - chrono::Duration::hours(2))
+        .with_timezone(&cfg.timezone)
+        .naive_local();
+    onec.add_sales(8, Some(this_morning));
     let before_bad = onec.truth();
     let mut bad_malformed = 0;
     if let Some(mut bad) = keys.get(20).and_then(|k| onec.entity(RECEIPTS, k)) {
@@ -352,6 +406,12 @@ api_token_file = "api-token"
             .count();
         (rows.len(), in_1c)
     };
+
+    // members' messages: what each channel's far side received
+    let mails = smtp.mailbox();
+    let bot_runs = amo.bot_runs();
+    let status_now = clock.now();
+    let messages = ledger.run(move |l| l.notify_status(status_now)).await?;
 
     p.show("checking the ledger against 1C and AmoCRM");
     let now = clock.now();
@@ -443,6 +503,42 @@ api_token_file = "api-token"
     println!(
         "1C holds {bonus_in_1c} of {bonus_rows} bonus documents kopilka wrote over OData (posted, one per movement)"
     );
+    println!(
+        "members: {} from the shop's list ({} agreed to messages)",
+        members.created + members.updated,
+        agreed
+    );
+    for c in &messages {
+        println!(
+            "messages by {}: {} sent, {} held, {} not sent ({}), {} failed",
+            c.channel,
+            c.sent,
+            c.held.values().sum::<i64>(),
+            c.not_sent.values().sum::<i64>(),
+            c.not_sent
+                .iter()
+                .map(|(r, n)| format!("{r}: {n}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+            c.failed
+        );
+    }
+    if let Some(m) = mails.first() {
+        println!(
+            "an e-mail as the mail server received it — To: {}; Message-ID: {}\n  {}",
+            m.to.join(", "),
+            m.header("Message-ID").unwrap_or_default(),
+            m.text().lines().next().unwrap_or_default().replace('\u{a0}', " ")
+        );
+    }
+    if let Some(r) = bot_runs.first() {
+        println!(
+            "a Salesbot run as AmoCRM received it — bot {} on contact {}, the message field read:\n  {}",
+            r.bot_id,
+            r.entity_id,
+            r.message.clone().unwrap_or_default().replace('\u{a0}', " ")
+        );
+    }
     println!("unexplained differences: {unexplained}");
     println!(
         "ledger verify: {}",
@@ -467,7 +563,9 @@ api_token_file = "api-token"
         && site_stats.checkauth_refused == 0
         && site_stats.files_rejected == 0
         && bonus_rows > 0
-        && bonus_in_1c == bonus_rows;
+        && bonus_in_1c == bonus_rows
+        && !mails.is_empty()
+        && !bot_runs.is_empty();
     println!(
         "demo: {}",
         if ok {
@@ -492,6 +590,9 @@ struct TillOutcome {
 /// says: a hold for the basket, then its commit; meanwhile a second till asking for the whole
 /// balance of the same card is refused, so the points cannot be spent twice. Over kopilka's
 /// own HTTP API on loopback, with the `/v1` token.
+/// The demo shop's Salesbot in the simulated AmoCRM.
+const DEMO_BOT: i64 = 7_001;
+
 async fn till_pays(ctx: &JobContext, shop: &crate::sim::sales::Shop) -> anyhow::Result<TillOutcome> {
     let app = crate::daemon::http::router(
         ctx.clone(),

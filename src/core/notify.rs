@@ -257,6 +257,7 @@ pub fn render(t: &Template, e: &Event, shop: &str) -> (String, String) {
             .map(str::trim)
             .filter(|n| !n.is_empty())
             .map(first_name)
+            .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "Здравствуйте".to_string());
         for (k, v) in [
             ("points", words::points(e.points)),
@@ -284,13 +285,21 @@ pub fn render(t: &Template, e: &Event, shop: &str) -> (String, String) {
     (fill(&t.subject), fill(&t.text))
 }
 
-/// «Иванова Мария Петровна» → «Мария»: 1C keeps ФИО surname first; a single word is kept.
+/// How to greet a member by the name on file: «Иванова Мария Петровна» (ФИО, as 1C keeps
+/// it: surname, given name, patronymic) → «Мария»; any other shape is used whole («Анна
+/// Иванова», «Мария»), and a name with digits in it («Покупатель 180», a placeholder a till
+/// typed) is not a name: the greeting falls back to «Здравствуйте».
 fn first_name(full: &str) -> String {
     let parts: Vec<&str> = full.split_whitespace().collect();
+    if parts.iter().any(|p| p.chars().any(|c| c.is_ascii_digit())) {
+        return String::new();
+    }
+    const PATRONYMIC: &[&str] = &["вич", "вна", "чна", "ична", "оглы", "кызы", "улы", "кизи"];
     match parts.as_slice() {
-        [_, given, ..] => (*given).to_string(),
-        [one] => (*one).to_string(),
-        [] => String::new(),
+        [_, given, third] if PATRONYMIC.iter().any(|e| third.to_lowercase().ends_with(e)) => {
+            (*given).to_string()
+        }
+        _ => parts.join(" "),
     }
 }
 
@@ -735,6 +744,21 @@ mod tests {
             "Здравствуйте, за покупку начислено 21 балл, их можно потратить с 20.12.2026. Сейчас на счёте 2 балла."
         );
         assert_eq!(unknown_placeholders("{points} до {dat}"), vec!["dat".to_string()]);
+        for (name, greeting) in [
+            ("Иванова Мария Петровна", "Мария"),
+            ("Мамедов Эльдар Рауф оглы", "Мамедов Эльдар Рауф оглы"),
+            ("Анна Иванова", "Анна Иванова"),
+            ("Покупатель 180", "Здравствуйте"),
+            ("  ", "Здравствуйте"),
+        ] {
+            let e = Event {
+                kind: Some(EventKind::TierUp),
+                name: Some(name.into()),
+                ..Event::default()
+            };
+            let (_, text) = render(&default_template(EventKind::TierUp), &e, "");
+            assert!(text.starts_with(&format!("{greeting}, ")), "{name}: {text}");
+        }
         for k in EventKind::ALL {
             assert!(
                 unknown_placeholders(&default_template(k).text).is_empty(),
