@@ -586,8 +586,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&f)?);
             } else {
                 println!(
-                    "customer id:{} forgotten: {} phone/e-mail keys removed, {} texts scrubbed; the journal is unchanged",
-                    f.customer_id, f.keys_removed, f.rows_scrubbed
+                    "customer id:{} forgotten: {} phone/e-mail keys removed, {} Telegram chats unlinked, {} texts scrubbed; \
+                     the journal is unchanged",
+                    f.customer_id, f.keys_removed, f.telegram_chats_removed, f.rows_scrubbed
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -7,3 +7,4 @@ pub mod onec_odata;
 pub mod onec_orders;
 pub mod onec_site;
 pub mod sales;
+pub mod telegram;
