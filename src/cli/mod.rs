@@ -534,10 +534,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Balance(a) => {
             let cfg = load_config(&cli)?;
-            let ledger = open_existing(&cfg)?;
+            let mut ledger = open_existing(&cfg)?;
             let b = ledger.balance(&a.customer, now, cfg.warn_before)?;
             let tier = b.tier.as_deref().and_then(|t| cfg.program.tier(t));
-            output::balance(&b, tier, a.json, cfg.timezone)?;
+            // the code the member sends the bot; made here, the one place staff look a member up
+            let link_code = match cfg.notify.telegram {
+                Some(_) => Some(ledger.telegram_link_code(b.customer.id, now)?),
+                None => None,
+            };
+            let bot = cfg
+                .notify
+                .telegram
+                .as_ref()
+                .and_then(|t| t.bot_username.as_deref());
+            output::balance(
+                &b,
+                tier,
+                link_code.as_deref().map(|c| (c, bot)),
+                a.json,
+                cfg.timezone,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::History(a) => {

@@ -14,6 +14,7 @@ pub mod registry;
 pub mod report_html;
 pub mod runtime;
 pub mod serve;
+pub mod telegram;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -117,6 +117,7 @@ pub fn jobs(cfg: &Config) -> Vec<Arc<dyn Job>> {
     jobs.extend(crate::onec::odata::OdataJob::enabled_by(cfg));
     jobs.extend(crate::onec::odata::write::OdataDeliverJob::enabled_by(cfg));
     jobs.extend(super::amocrm::jobs(cfg));
+    jobs.extend(super::telegram::jobs(cfg));
     jobs.sort_by_key(|j| j.stage());
     jobs
 }

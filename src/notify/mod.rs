@@ -5,6 +5,7 @@
 //! row is marked, so a crash between the two never sends it twice.
 
 pub mod email;
+pub mod telegram;
 
 use std::future::Future;
 use std::sync::Arc;
