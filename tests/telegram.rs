@@ -502,3 +502,82 @@ async fn forgetting_a_member_unlinks_their_chat() {
     let after = h.ask(555, "/balance").await;
     assert!(after.starts_with("Сначала привяжите чат"), "{after}");
 }
+
+#[test]
+fn balance_shows_the_link_code_only_when_the_bot_is_configured() {
+    let kopilka = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kopilka"))
+            .args(args)
+            .env_remove("KOPILKA_CONFIG")
+            .env_remove("KOPILKA_LEDGER")
+            .env_remove("KOPILKA_TELEGRAM_TOKEN")
+            .output()
+            .expect("kopilka runs")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let demo = kopilka(&[
+        "demo",
+        "--sales",
+        "200",
+        "--customers",
+        "20",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(demo.status.success(), "{}", String::from_utf8_lossy(&demo.stderr));
+    let db = dir.path().join("kopilka.db");
+    let token = dir.path().join("telegram.token");
+    std::fs::write(&token, "123456:test-token\n").unwrap();
+    let with_bot = dir.path().join("with-bot.toml");
+    std::fs::write(
+        &with_bot,
+        format!(
+            "[ledger]\npath = {:?}\n[notify.telegram]\ntoken_file = {:?}\nbot_username = \"shop_bonus_bot\"\n",
+            db.display().to_string(),
+            token.display().to_string()
+        ),
+    )
+    .unwrap();
+    let balance = |cfg: &std::path::Path, json: bool| {
+        let mut args = vec!["--config", cfg.to_str().unwrap(), "balance", "200000000000"];
+        if json {
+            args.push("--json");
+        }
+        let out = kopilka(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let v: serde_json::Value = serde_json::from_str(&balance(&with_bot, true)).unwrap();
+    let code = v["telegram_link_code"].as_str().unwrap().to_string();
+    assert_eq!(
+        kopilka::core::bot::normalize_code(&code).as_deref(),
+        Some(code.as_str())
+    );
+    let text = balance(&with_bot, false);
+    assert!(text.contains(&code) && text.contains("@shop_bonus_bot"), "{text}");
+    // the same code until it is used
+    let again: serde_json::Value = serde_json::from_str(&balance(&with_bot, true)).unwrap();
+    assert_eq!(again["telegram_link_code"], code.as_str());
+
+    let without = dir.path().join("without-bot.toml");
+    std::fs::write(
+        &without,
+        format!("[ledger]\npath = {:?}\n", db.display().to_string()),
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&balance(&without, true)).unwrap();
+    assert!(v.get("telegram_link_code").is_none(), "{v}");
+    assert!(!balance(&without, false).contains(&code));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bot_runs_every_few_seconds_unless_configured_otherwise() {
+    let h = Harness::new().await;
+    let jobs = kopilka::daemon::registry::jobs(&h.cfg);
+    let job = jobs
+        .iter()
+        .find(|j| j.name() == "notify:telegram")
+        .expect("enabled by [notify.telegram]");
+    let s = kopilka::daemon::runtime::schedule_for(&h.cfg, job.as_ref());
+    assert_eq!(s.source(), "*/3 * * * * *");
+}

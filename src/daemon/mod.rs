@@ -59,6 +59,11 @@ pub trait Job: Send + Sync {
     /// Polls run before deliveries in `once`, so what a poll queues is delivered the
     /// same run.
     fn stage(&self) -> Stage;
+    /// The schedule when `[daemon.schedule]` names none, if the stage's is wrong for the job
+    /// (a bot that answers people must run more often than once a minute).
+    fn default_schedule(&self) -> Option<&'static str> {
+        None
+    }
     fn run<'a>(&'a self, ctx: &'a JobContext) -> JobFuture<'a>;
 }
 

@@ -14,7 +14,7 @@ use crate::notify::NotifySink;
 use crate::notify::telegram::{Api, ApiError, ReplySink, Telegram, answer_updates};
 
 /// How long one run waits for a member's message when none is waiting: short, because the
-/// scheduler runs the job again (`[daemon.schedule]` sets how often).
+/// scheduler runs the job again soon (`default_schedule`; `[daemon.schedule]` overrides it).
 const POLL_PER_RUN: Duration = Duration::from_secs(1);
 
 pub struct TelegramJob {
@@ -45,6 +45,12 @@ impl Job for TelegramJob {
 
     fn stage(&self) -> Stage {
         Stage::Deliver
+    }
+
+    /// Every 3 seconds: with the second each run waits for updates, a member is answered
+    /// within about 4 seconds.
+    fn default_schedule(&self) -> Option<&'static str> {
+        Some("*/3 * * * * *")
     }
 
     fn run<'a>(&'a self, ctx: &'a JobContext) -> JobFuture<'a> {
