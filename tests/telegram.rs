@@ -554,7 +554,12 @@ fn balance_shows_the_link_code_only_when_the_bot_is_configured() {
         Some(code.as_str())
     );
     let text = balance(&with_bot, false);
-    assert!(text.contains(&code) && text.contains("@shop_bonus_bot"), "{text}");
+    assert!(
+        text.contains(&code)
+            && text.contains("@shop_bonus_bot")
+            && text.contains(&format!("https://t.me/shop_bonus_bot?start={code}")),
+        "{text}"
+    );
     // the same code until it is used
     let again: serde_json::Value = serde_json::from_str(&balance(&with_bot, true)).unwrap();
     assert_eq!(again["telegram_link_code"], code.as_str());

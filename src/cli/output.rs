@@ -133,12 +133,17 @@ pub fn balance(
         );
     }
     if let Some((code, bot)) = telegram {
-        let bot = bot.map(|b| format!("@{}", b.trim_start_matches('@')));
-        println!(
-            "  telegram   {:>10}  (the member sends it to {} to link the chat; used once)",
-            code,
-            bot.as_deref().unwrap_or("the shop's bot")
-        );
+        match bot.map(|b| b.trim_start_matches('@')) {
+            // the deep link passes the code as /start's payload: one tap links the chat
+            Some(b) => println!(
+                "  telegram   {:>10}  (the member sends it to @{b} or opens https://t.me/{b}?start={code}; used once)",
+                code
+            ),
+            None => println!(
+                "  telegram   {:>10}  (the member sends it to the shop's bot to link the chat; used once)",
+                code
+            ),
+        }
     }
     Ok(())
 }
