@@ -461,6 +461,31 @@ fn open_existing(cfg: &Config) -> anyhow::Result<Ledger> {
         .with_context(|| format!("opening {}", cfg.ledger_path.display()))
 }
 
+/// Asks Telegram who the bot is (`getMe`): proves the token and names the bot members look for.
+fn probe_telegram(t: &config::TelegramConfig) -> anyhow::Result<bool> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let api = crate::notify::telegram::Api::new(t, std::sync::Arc::new(SystemClock))?;
+    match rt.block_on(api.get_me()) {
+        Ok(name) => {
+            println!("  probe: telegram bot @{name} answers");
+            if let Some(configured) = t.bot_username.as_deref()
+                && !configured.trim_start_matches('@').eq_ignore_ascii_case(&name)
+            {
+                println!(
+                    "  warning: notify.telegram.bot_username is {configured:?}, but the token is @{name}'s"
+                );
+            }
+            Ok(true)
+        }
+        Err(e) => {
+            println!("  probe: telegram: {e}");
+            Ok(false)
+        }
+    }
+}
+
 fn os_user() -> String {
     std::env::var("SUDO_USER")
         .or_else(|_| std::env::var("USER"))
@@ -512,16 +537,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 p.stamps.len(),
                 p.thresholds.len()
             );
+            let mut failed = false;
             if *probe && cfg.onec.as_ref().is_some_and(|o| o.odata.is_some()) {
                 let report = crate::onec::odata::probe_blocking(&cfg).context("odata probe")?;
                 print!("{report}");
-                if !report.ok() {
-                    return Ok(ExitCode::from(1));
-                }
-            } else if *probe {
-                println!("  probe: [onec.odata] is not configured; nothing to probe");
+                failed |= !report.ok();
             }
-            Ok(ExitCode::SUCCESS)
+            if *probe && let Some(t) = &cfg.notify.telegram {
+                failed |= !probe_telegram(t)?;
+            }
+            if *probe && cfg.onec.as_ref().is_none_or(|o| o.odata.is_none()) && cfg.notify.telegram.is_none()
+            {
+                println!(
+                    "  probe: neither [onec.odata] nor [notify.telegram] is configured; nothing to probe"
+                );
+            }
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Import { files, json } => {
             let cfg = load_config(&cli)?;
@@ -600,10 +635,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Balance(a) => {
             let cfg = load_config(&cli)?;
-            let ledger = open_existing(&cfg)?;
+            let mut ledger = open_existing(&cfg)?;
             let b = ledger.balance(&a.customer, now, cfg.warn_before)?;
             let tier = b.tier.as_deref().and_then(|t| cfg.program.tier(t));
-            output::balance(&b, tier, a.json, cfg.timezone)?;
+            // the code the member sends the bot; made here, the one place staff look a member up
+            let link_code = match cfg.notify.telegram {
+                Some(_) => Some(ledger.telegram_link_code(b.customer.id, now)?),
+                None => None,
+            };
+            let bot = cfg
+                .notify
+                .telegram
+                .as_ref()
+                .and_then(|t| t.bot_username.as_deref());
+            output::balance(
+                &b,
+                tier,
+                link_code.as_deref().map(|c| (c, bot)),
+                a.json,
+                cfg.timezone,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::History(a) => {
@@ -652,8 +703,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&f)?);
             } else {
                 println!(
-                    "customer id:{} forgotten: {} phone/e-mail keys removed, {} texts scrubbed; the journal is unchanged",
-                    f.customer_id, f.keys_removed, f.rows_scrubbed
+                    "customer id:{} forgotten: {} phone/e-mail keys removed, {} Telegram chats unlinked, {} texts scrubbed; \
+                     the journal is unchanged",
+                    f.customer_id, f.keys_removed, f.telegram_chats_removed, f.rows_scrubbed
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -32,9 +32,16 @@ fn who(c: &CustomerView) -> String {
     parts.join("  ")
 }
 
-pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> anyhow::Result<()> {
+/// `telegram`: the member's link code and the bot's `@username`, when the bot is configured.
+pub fn balance(
+    b: &BalanceView,
+    tier: Option<&Tier>,
+    telegram: Option<(&str, Option<&str>)>,
+    as_json: bool,
+    tz: Tz,
+) -> anyhow::Result<()> {
     if as_json {
-        return json(&serde_json::json!({
+        let mut v = serde_json::json!({
             "customer": b.customer,
             "available": b.available,
             "held": b.held,
@@ -60,7 +67,11 @@ pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> a
                 "program": p,
                 "until": until.map(|u| u.with_timezone(&tz).date_naive().to_string()),
             })).collect::<Vec<_>>(),
-        }));
+        });
+        if let Some((code, _)) = telegram {
+            v["telegram_link_code"] = code.into();
+        }
+        return json(&v);
     }
     println!("{}", who(&b.customer));
     println!("  available  {:>10}", b.available);
@@ -120,6 +131,19 @@ pub fn balance(b: &BalanceView, tier: Option<&Tier>, as_json: bool, tz: Tz) -> a
             "  friend code {:>9}  (a friend gives it when they join: both earn by the rules)",
             code
         );
+    }
+    if let Some((code, bot)) = telegram {
+        match bot.map(|b| b.trim_start_matches('@')) {
+            // the deep link passes the code as /start's payload: one tap links the chat
+            Some(b) => println!(
+                "  telegram   {:>10}  (the member sends it to @{b} or opens https://t.me/{b}?start={code}; used once)",
+                code
+            ),
+            None => println!(
+                "  telegram   {:>10}  (the member sends it to the shop's bot to link the chat; used once)",
+                code
+            ),
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! `tests/core_purity.rs` fails the build if an I/O crate is imported here.
 
 pub mod backoff;
+pub mod bot;
 pub mod clawback;
 pub mod clock;
 pub mod document;

@@ -472,7 +472,10 @@ pub fn decide(p: &Policy, m: &Message, r: &Recipient, now: DateTime<Utc>, tz: Tz
             reason: "no consent to advertising (38-ФЗ)".into(),
         };
     }
-    if !m.advertising && r.consent_service != Some(true) && !r.opted_in_channel {
+    // on Telegram the link is the consent: a member who has not linked yet may still do so,
+    // so the message waits for the link (below) instead of being refused for want of consent
+    let consent_to_come = m.channel == Channel::Telegram && !r.has_address;
+    if !m.advertising && r.consent_service != Some(true) && !r.opted_in_channel && !consent_to_come {
         return Decision::Refuse {
             reason: match r.consent_service {
                 Some(false) => "the member refused service messages".into(),
@@ -643,6 +646,39 @@ mod tests {
         assert!(matches!(
             decide(&p, &msg(false), &gone, noon, MSK),
             Decision::Refuse { reason } if reason.contains("unsubscribed from email")
+        ));
+    }
+
+    #[test]
+    fn telegram_without_consent_waits_for_the_link_that_gives_it() {
+        let p = Policy::default();
+        let noon = utc("2026-12-06T09:00:00Z");
+        let m = Message {
+            channel: Channel::Telegram,
+            ..msg(false)
+        };
+        let unlinked = Recipient {
+            consent_service: None,
+            has_address: false,
+            ..Recipient::default()
+        };
+        assert!(matches!(
+            decide(&p, &m, &unlinked, noon, MSK),
+            Decision::Hold { reason, .. } if reason == "waiting for the member to link the Telegram bot"
+        ));
+        // e-mail has no such path: no consent is a refusal
+        assert!(matches!(
+            decide(&p, &msg(false), &unlinked, noon, MSK),
+            Decision::Refuse { reason } if reason.contains("no consent")
+        ));
+        // advertising still needs its own consent
+        let ad = Message {
+            channel: Channel::Telegram,
+            ..msg(true)
+        };
+        assert!(matches!(
+            decide(&p, &ad, &unlinked, noon, MSK),
+            Decision::Refuse { .. }
         ));
     }
 

@@ -15,6 +15,7 @@ pub mod registry;
 pub mod report_html;
 pub mod runtime;
 pub mod serve;
+pub mod telegram;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -59,6 +60,11 @@ pub trait Job: Send + Sync {
     /// Polls run before deliveries in `once`, so what a poll queues is delivered the
     /// same run.
     fn stage(&self) -> Stage;
+    /// The schedule when `[daemon.schedule]` names none, if the stage's is wrong for the job
+    /// (a bot that answers people must run more often than once a minute).
+    fn default_schedule(&self) -> Option<&'static str> {
+        None
+    }
     fn run<'a>(&'a self, ctx: &'a JobContext) -> JobFuture<'a>;
 }
 

@@ -120,6 +120,7 @@ pub fn jobs(cfg: &Config) -> Vec<Arc<dyn Job>> {
     if cfg.notify.email.is_some() {
         jobs.push(Arc::new(super::notify::EmailJob));
     }
+    jobs.extend(super::telegram::jobs(cfg));
     jobs.sort_by_key(|j| j.stage());
     jobs
 }

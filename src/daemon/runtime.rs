@@ -103,6 +103,11 @@ pub fn schedule_for(cfg: &Config, job: &dyn Job) -> cron::Schedule {
     if let Some(s) = cfg.daemon.schedule.get(job.name()) {
         return s.clone();
     }
+    if let Some(own) = job.default_schedule()
+        && let Ok(s) = cron::Schedule::from_str(own)
+    {
+        return s;
+    }
     let default = match job.stage() {
         Stage::Poll => "0 * * * * *",
         Stage::Deliver => "30 * * * * *",

@@ -25,6 +25,7 @@ mod reconcile;
 mod report;
 mod schema;
 mod state;
+mod telegram;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -59,6 +60,10 @@ pub use query::{
 };
 pub use reconcile::{DayRow, DiffKind, Difference, Reconciliation, SourceDoc};
 pub use report::{LossLine, LossList, ProgramReport};
+pub use telegram::{
+    BotSettings, ChatMessage, REPLIES as TELEGRAM_REPLIES, Reply as TelegramReply,
+    UPDATES as TELEGRAM_UPDATES,
+};
 pub use verify::Violation;
 
 #[derive(Debug, thiserror::Error)]

@@ -23,7 +23,7 @@ const TIER: &str = "notify:tier";
 const EXPIRY: &str = "notify:expiry";
 const VOUCHER: &str = "notify:voucher";
 
-fn cursor(conn: &Connection, key: &str) -> Result<i64> {
+pub(super) fn cursor(conn: &Connection, key: &str) -> Result<i64> {
     Ok(conn
         .prepare_cached("SELECT cursor FROM checkpoints WHERE source = ?1")?
         .query_row([key], |r| r.get::<_, String>(0))
@@ -32,7 +32,7 @@ fn cursor(conn: &Connection, key: &str) -> Result<i64> {
         .unwrap_or(0))
 }
 
-fn set_cursor(conn: &Connection, key: &str, value: i64, now: DateTime<Utc>) -> Result<()> {
+pub(super) fn set_cursor(conn: &Connection, key: &str, value: i64, now: DateTime<Utc>) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO checkpoints (source, cursor, updated_at) VALUES (?1, ?2, ?3) \
          ON CONFLICT (source) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
@@ -253,6 +253,32 @@ pub(super) fn enqueue_messages(conn: &Connection, ctx: &IngestContext<'_>) -> Re
     Ok(added)
 }
 
+/// Records an unsubscribe and refuses the member's pending messages on the channel, inside the
+/// caller's transaction (the bot's `/stop` answers in the same one).
+pub(super) fn unsubscribe(
+    conn: &Connection,
+    customer: i64,
+    channel: Channel,
+    via: &str,
+    now: DateTime<Utc>,
+) -> Result<usize> {
+    conn.execute(
+        "INSERT INTO unsubscribes (customer_id, channel, at, via) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (customer_id, channel) DO NOTHING",
+        params![customer, channel.as_str(), ts(now), via],
+    )?;
+    Ok(conn.execute(
+        "UPDATE outbox SET state = 'dropped', note = ?3, updated_at = ?4 \
+         WHERE destination = ?1 AND state = 'pending' AND json_extract(payload, '$.customer_id') = ?2",
+        params![
+            channel.destination(),
+            customer,
+            format!("{REFUSED}unsubscribed from {channel}"),
+            ts(now)
+        ],
+    )?)
+}
+
 /// Where a channel reaches a member.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
@@ -406,21 +432,7 @@ impl Ledger {
         now: DateTime<Utc>,
     ) -> Result<usize> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO unsubscribes (customer_id, channel, at, via) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (customer_id, channel) DO NOTHING",
-            params![customer, channel.as_str(), ts(now), via],
-        )?;
-        let refused = tx.execute(
-            "UPDATE outbox SET state = 'dropped', note = ?3, updated_at = ?4 \
-             WHERE destination = ?1 AND state = 'pending' AND json_extract(payload, '$.customer_id') = ?2",
-            params![
-                channel.destination(),
-                customer,
-                format!("{REFUSED}unsubscribed from {channel}"),
-                ts(now)
-            ],
-        )?;
+        let refused = unsubscribe(&tx, customer, channel, via, now)?;
         tx.commit()?;
         Ok(refused)
     }

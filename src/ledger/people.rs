@@ -44,6 +44,8 @@ pub struct Forgotten {
     /// Rows whose text held the customer's phone, e-mail or name, now replaced.
     pub rows_scrubbed: usize,
     pub keys_removed: usize,
+    /// Telegram chats unlinked (a chat id is personal data; the member can link again).
+    pub telegram_chats_removed: usize,
 }
 
 const FORGOTTEN: &str = "[forgotten]";
@@ -266,6 +268,7 @@ impl Ledger {
                 }
             }
         }
+        let telegram_chats_removed = super::telegram::forget(&tx, id, now)?;
         tx.execute(
             "INSERT INTO forgotten (customer_id, at, reason, requested_by) VALUES (?1, ?2, ?3, ?4)",
             params![id, ts(now), reason, by],
@@ -280,6 +283,7 @@ impl Ledger {
             customer_id: id,
             rows_scrubbed,
             keys_removed,
+            telegram_chats_removed,
         })
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod email;
 pub mod salesbot;
+pub mod telegram;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -8,3 +8,4 @@ pub mod onec_orders;
 pub mod onec_site;
 pub mod sales;
 pub mod smtp;
+pub mod telegram;
