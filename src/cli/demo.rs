@@ -126,11 +126,16 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let smtp = crate::sim::smtp::SmtpSim::start()
         .await
         .context("starting the SMTP server")?;
+    let bot_token = "7001:demo-bot-token";
+    let telegram = crate::sim::telegram::TelegramSim::start(bot_token, Arc::new(SystemClock))
+        .await
+        .context("starting the Telegram Bot API stand-in")?;
 
     // the configuration a shop would write, pointed at the simulators
     std::fs::write(dir.join("odata-password"), onec.password())?;
     std::fs::write(dir.join("site-password"), "1c-exchange")?;
     std::fs::write(dir.join("amocrm-token"), token)?;
+    std::fs::write(dir.join("telegram-token"), bot_token)?;
     std::fs::write(dir.join("api-token"), "demo-till-token")?;
     // the shipped rules; the demo runs at any hour, so its members have no quiet hours
     std::fs::write(
@@ -172,6 +177,10 @@ tls = "none"
 from = "Чайный дом <bonus@shop.example>"
 [notify.salesbot]
 bot_id = {bot}
+[notify.telegram]
+token_file = "telegram-token"
+api_url = "{telegram}"
+bot_username = "chaynyi_dom_bot"
 [accounting]
 entity = "{org}"
 postback = "odata"
@@ -190,6 +199,7 @@ api_token_file = "api-token"
         org = crate::sim::onec_odata::ORGANIZATION,
         smtp = smtp.port,
         bot = DEMO_BOT,
+        telegram = telegram.base_url,
     );
     let cfg_path = dir.join("kopilka.toml");
     std::fs::write(&cfg_path, cfg_text)?;
@@ -363,7 +373,34 @@ api_token_file = "api-token"
 
     p.show("second poll of 1C, changes applied");
     failures.extend(jobs("second run").await);
-    p.show("deliveries: AmoCRM contacts and notes, nightly jobs, postings");
+    // a member whose message waits for the Telegram link opens the bot with the code the
+    // shop gave them (`kopilka balance` shows it): the waiting message follows the link
+    let waiting = ledger
+        .run(|l| {
+            l.outbox_list(&crate::ledger::OutboxFilter {
+                destination: Some(crate::core::notify::Channel::Telegram.destination().to_string()),
+                state: Some(crate::ledger::OutboxState::Pending),
+                ..Default::default()
+            })
+        })
+        .await?;
+    let chat = 500_100;
+    let linked = match waiting
+        .iter()
+        .find_map(|r| serde_json::from_str::<crate::core::notify::Message>(&r.payload).ok())
+    {
+        Some(m) => {
+            let now = clock.now();
+            let code = ledger
+                .run(move |l| l.telegram_link_code(m.customer_id, now))
+                .await?;
+            telegram.user_says(chat, &format!("/start {code}"));
+            Some(m.customer_id)
+        }
+        None => None,
+    };
+
+    p.show("deliveries: AmoCRM contacts and notes, Telegram, e-mail, nightly jobs, postings");
     failures.extend(jobs("third run").await);
 
     p.show("1C's next scheduled exchange; bonus documents in 1C over OData");
@@ -410,6 +447,7 @@ api_token_file = "api-token"
     // members' messages: what each channel's far side received
     let mails = smtp.mailbox();
     let bot_runs = amo.bot_runs();
+    let chat_texts = telegram.texts_to(chat);
     let status_now = clock.now();
     let messages = ledger.run(move |l| l.notify_status(status_now)).await?;
 
@@ -531,6 +569,14 @@ api_token_file = "api-token"
             m.text().lines().next().unwrap_or_default().replace('\u{a0}', " ")
         );
     }
+    if let Some(customer) = linked {
+        println!(
+            "the Telegram chat of member id:{customer}, linked with a one-time code, as the Bot API received it:"
+        );
+        for t in &chat_texts {
+            println!("  {}", t.replace('\u{a0}', " ").replace('\n', " / "));
+        }
+    }
     if let Some(r) = bot_runs.first() {
         println!(
             "a Salesbot run as AmoCRM received it — bot {} on contact {}, the message field read:\n  {}",
@@ -565,7 +611,8 @@ api_token_file = "api-token"
         && bonus_rows > 0
         && bonus_in_1c == bonus_rows
         && !mails.is_empty()
-        && !bot_runs.is_empty();
+        && !bot_runs.is_empty()
+        && chat_texts.len() >= 2;
     println!(
         "demo: {}",
         if ok {
