@@ -561,6 +561,9 @@ api_token_file = "api-token"
             c.failed
         );
     }
+    if mails.is_empty() {
+        println!("e-mail: no member with an address and consent had an e-mail event in this run");
+    }
     if let Some(m) = mails.first() {
         println!(
             "an e-mail as the mail server received it — To: {}; Message-ID: {}\n  {}",
@@ -610,9 +613,10 @@ api_token_file = "api-token"
         && site_stats.files_rejected == 0
         && bonus_rows > 0
         && bonus_in_1c == bonus_rows
-        && !mails.is_empty()
-        && !bot_runs.is_empty()
-        && chat_texts.len() >= 2;
+        && messages.iter().all(|c| c.failed == 0)
+        && messages.iter().map(|c| c.sent).sum::<i64>() > 0
+        && mails.len() as i64 == messages.iter().find(|c| c.channel == "email").map_or(0, |c| c.sent)
+        && bot_runs.len() as i64 == messages.iter().find(|c| c.channel == "salesbot").map_or(0, |c| c.sent);
     println!(
         "demo: {}",
         if ok {
