@@ -894,6 +894,7 @@ struct RawNotifications {
     max_age_days: Option<i64>,
     wait_for_address_days: Option<i64>,
     accrual_min_points: Option<i64>,
+    near_tier_percent: Option<i64>,
     advertising: Vec<String>,
 }
 
@@ -960,6 +961,16 @@ fn notifications(issues: &mut Issues<'_>, v: &toml::Value) -> crate::core::notif
         365,
     ));
     p.accrual_min_points = r.accrual_min_points.unwrap_or(1).max(0);
+    p.near_tier_percent = r.near_tier_percent.unwrap_or(20);
+    if !(1..=100).contains(&p.near_tier_percent) {
+        issues.bad(
+            "notifications.near_tier_percent",
+            format!(
+                "{} is outside 1..=100 (percent of the next tier's threshold)",
+                p.near_tier_percent
+            ),
+        );
+    }
     for (i, name) in r.advertising.iter().enumerate() {
         if let Some(k) = kind(issues, &format!("notifications.advertising[{i}]"), name) {
             p.advertising.insert(k);

@@ -33,6 +33,7 @@ per_week = 6
 [notifications.events]
 accrual = ["email"]
 welcome = ["email"]
+available = ["email"]
 "#;
 
 const CUSTOMERS: &str = "Карта;Почта;ФИО;Согласие\n\
@@ -61,6 +62,8 @@ async fn shop() -> Shop {
         channels: vec![Channel::Email],
         timezone: chrono_tz::Europe::Moscow,
         tiers: Vec::new(),
+        tier_spend: Vec::new(),
+        tier_window: Duration::days(365),
     });
     env.dest.notify = Some(plan.clone());
     let rows = kopilka::migrate::read_customers_csv(CUSTOMERS.as_bytes()).unwrap();
@@ -291,4 +294,28 @@ async fn a_backfill_of_old_sales_greets_nobody() {
     assert_eq!(s.deliver().await.delivered, 0);
     assert!(s.smtp.received().is_empty());
     assert!(s.status().sent == 0 && s.status().queued == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_that_pass_the_return_window_are_announced_once() {
+    let mut s = shop().await;
+    s.buy("S11", "1001", 1_000);
+    assert_eq!(s.deliver().await.delivered, 1, "the accrual");
+    // fifteen days later the night's jobs write (expiry): the points are usable now
+    let later = noon() + Duration::days(15);
+    s.env.now = later;
+    s.clock.set(later);
+    s.env.expire();
+    s.env.expire();
+    assert_eq!(
+        s.deliver().await.delivered,
+        1,
+        "one announcement, however many writes"
+    );
+    let got = s.smtp.received();
+    let text = got[1].text().replace('\u{a0}', " ");
+    assert!(
+        text.starts_with("Анна, 50 баллов за покупки теперь можно тратить. На счёте 50 баллов."),
+        "{text}"
+    );
 }

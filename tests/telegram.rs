@@ -289,7 +289,7 @@ async fn an_accrual_reaches_the_linked_chat_exactly_once() {
     assert_eq!(news.len(), 1, "{texts:#?}");
     assert_eq!(
         news[0].replace('\u{a0}', " "),
-        "Здравствуйте, за покупку №N-S1 начислено 100 баллов. На счёте 50 баллов."
+        "Здравствуйте, за покупку №N-S1 начислено 100 баллов, их можно потратить с 15.04.2026. Сейчас на счёте 50 баллов."
     );
     let rows = h.rows("notify:telegram");
     assert_eq!(rows.len(), 1);

@@ -615,8 +615,16 @@ api_token_file = "api-token"
         && bonus_in_1c == bonus_rows
         && messages.iter().all(|c| c.failed == 0)
         && messages.iter().map(|c| c.sent).sum::<i64>() > 0
-        && mails.len() as i64 == messages.iter().find(|c| c.channel == "email").map_or(0, |c| c.sent)
-        && bot_runs.len() as i64 == messages.iter().find(|c| c.channel == "salesbot").map_or(0, |c| c.sent);
+        && mails.len() as i64
+            == messages
+                .iter()
+                .find(|c| c.channel == "email")
+                .map_or(0, |c| c.sent)
+        && bot_runs.len() as i64
+            == messages
+                .iter()
+                .find(|c| c.channel == "salesbot")
+                .map_or(0, |c| c.sent);
     println!(
         "demo: {}",
         if ok {

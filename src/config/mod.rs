@@ -375,6 +375,8 @@ impl Config {
             channels,
             timezone: self.timezone,
             tiers: tiers.iter().map(|t| (t.id.clone(), t.name.clone())).collect(),
+            tier_spend: tiers.iter().map(|t| t.min_spend.0).collect(),
+            tier_window: self.program.tier_policy.window,
         }))
     }
 }

@@ -38,10 +38,14 @@ pub enum EventKind {
     Welcome,
     /// A free-item voucher was issued.
     Voucher,
+    /// Points earned earlier passed the return window and can be spent now.
+    Available,
+    /// A purchase brought the member close to the next tier (advertising: it invites to buy).
+    NearTier,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 10] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::Accrual,
         EventKind::Bonus,
         EventKind::Redemption,
@@ -52,6 +56,8 @@ impl EventKind {
         EventKind::Birthday,
         EventKind::Welcome,
         EventKind::Voucher,
+        EventKind::Available,
+        EventKind::NearTier,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +72,8 @@ impl EventKind {
             EventKind::Birthday => "birthday",
             EventKind::Welcome => "welcome",
             EventKind::Voucher => "voucher",
+            EventKind::Available => "available",
+            EventKind::NearTier => "near_tier",
         }
     }
 
@@ -139,6 +147,8 @@ pub struct Event {
     pub code: Option<String>,
     /// What the voucher gives (the product's name).
     pub item: Option<String>,
+    /// Kopecks: the spend still missing to the next tier.
+    pub amount: Option<i64>,
     /// The document number the event came from, as the member sees it on the receipt.
     pub document: Option<String>,
     pub name: Option<String>,
@@ -177,6 +187,7 @@ pub const PLACEHOLDERS: &[&str] = &[
     "name",
     "friend_code",
     "shop",
+    "amount",
 ];
 
 /// The built-in Russian wording of each event.
@@ -218,6 +229,14 @@ pub fn default_template(kind: EventKind) -> Template {
         EventKind::Voucher => (
             "Подарок за покупки",
             "{name}, вам подарок: {item}. Код {code}, действует до {date}.",
+        ),
+        EventKind::Available => (
+            "Баллы можно тратить",
+            "{name}, {points} за покупки теперь можно тратить. На счёте {balance}.",
+        ),
+        EventKind::NearTier => (
+            "Почти новый уровень",
+            "{name}, до уровня «{tier}» осталось купить на {amount}.",
         ),
     };
     Template {
@@ -273,6 +292,7 @@ pub fn render(t: &Template, e: &Event, shop: &str) -> (String, String) {
             ("name", name),
             ("friend_code", e.friend_code.clone().unwrap_or_default()),
             ("shop", shop.to_string()),
+            ("amount", words::rubles(e.amount.unwrap_or(0))),
         ] {
             out = out.replace(&format!("{{{k}}}"), &v);
         }
@@ -327,6 +347,9 @@ pub struct Policy {
     pub wait_for_address: Duration,
     /// Accruals smaller than this are not worth a message.
     pub accrual_min_points: i64,
+    /// "Close to the next tier": the spend missing is at most this share (percent) of the
+    /// tier's threshold.
+    pub near_tier_percent: i64,
     /// The shop's name in messages.
     pub shop: String,
 }
@@ -346,6 +369,7 @@ impl Default for Policy {
             max_age: Duration::days(3),
             wait_for_address: Duration::days(7),
             accrual_min_points: 1,
+            near_tier_percent: 20,
             shop: "лояльности".into(),
         }
     }
@@ -382,7 +406,8 @@ impl Policy {
                 customer_id: e.customer_id,
                 channel: *c,
                 kind,
-                advertising: self.advertising.contains(&kind),
+                // an invitation to spend more is advertising whatever the template says
+                advertising: kind == EventKind::NearTier || self.advertising.contains(&kind),
                 at: e.at.timestamp(),
                 subject: subject.clone(),
                 text: text.clone(),
@@ -401,6 +426,10 @@ pub struct Plan {
     pub timezone: Tz,
     /// (id, name), lowest first.
     pub tiers: Vec<(String, String)>,
+    /// Each tier's spend threshold (kopecks), in the order of `tiers`, and the window the
+    /// spend is counted over: what "close to the next tier" is measured against.
+    pub tier_spend: Vec<i64>,
+    pub tier_window: Duration,
 }
 
 impl Plan {
@@ -411,6 +440,19 @@ impl Plan {
                 .unwrap_or(0)
         };
         rank(to) > rank(from)
+    }
+
+    /// The next tier above `current` for a spend, and what is missing to it, when the
+    /// missing part is at most `near_tier_percent` of its threshold.
+    pub fn near_tier(&self, current: Option<&str>, spend: i64, percent: i64) -> Option<(String, i64)> {
+        let rank = current.and_then(|t| self.tiers.iter().position(|(id, _)| id == t));
+        let start = rank.map_or(0, |r| r + 1);
+        // the first tier above the current one that the spend has not reached yet
+        let (i, threshold) = (start..self.tiers.len())
+            .filter_map(|i| self.tier_spend.get(i).map(|t| (i, *t)))
+            .find(|(_, t)| *t > spend)?;
+        let missing = threshold - spend;
+        (missing * 100 <= threshold * percent).then(|| (self.tiers[i].1.clone(), missing))
     }
 
     pub fn tier_name(&self, id: &str) -> String {
@@ -801,6 +843,45 @@ mod tests {
                 "{k:?}"
             );
         }
+    }
+
+    #[test]
+    fn near_the_next_tier_is_within_a_share_of_its_threshold() {
+        let plan = Plan {
+            policy: Policy::default(),
+            channels: Vec::new(),
+            timezone: MSK,
+            tiers: vec![
+                ("base".into(), "Базовый".into()),
+                ("silver".into(), "Серебряный".into()),
+                ("gold".into(), "Золотой".into()),
+            ],
+            tier_spend: vec![0, 3_000_000, 10_000_000],
+            tier_window: Duration::days(365),
+        };
+        assert_eq!(
+            plan.near_tier(None, 2_500_000, 20),
+            Some(("Серебряный".into(), 500_000))
+        );
+        assert_eq!(
+            plan.near_tier(Some("base"), 2_500_000, 20),
+            Some(("Серебряный".into(), 500_000))
+        );
+        assert_eq!(
+            plan.near_tier(None, 2_000_000, 20),
+            None,
+            "10 000 ₽ short is not near"
+        );
+        assert_eq!(
+            plan.near_tier(Some("silver"), 8_500_000, 20),
+            Some(("Золотой".into(), 1_500_000))
+        );
+        assert_eq!(
+            plan.near_tier(Some("gold"), 9_999_999, 20),
+            None,
+            "no tier above gold"
+        );
+        assert!(plan.is_up(Some("base"), Some("gold")) && !plan.is_up(Some("gold"), Some("silver")));
     }
 
     #[test]

@@ -22,6 +22,8 @@ const JOURNAL: &str = "notify:journal";
 const TIER: &str = "notify:tier";
 const EXPIRY: &str = "notify:expiry";
 const VOUCHER: &str = "notify:voucher";
+/// A time, not an id: points that became available after it were announced.
+const AVAILABLE: &str = "notify:available";
 
 pub(super) fn cursor(conn: &Connection, key: &str) -> Result<i64> {
     Ok(conn
@@ -225,6 +227,69 @@ pub(super) fn enqueue_messages(conn: &Connection, ctx: &IngestContext<'_>) -> Re
         }
     }
 
+    // points that passed the return window since the last look (a lot that was usable at
+    // once is announced by its accrual)
+    let a0 = match cursor(conn, AVAILABLE)? {
+        0 => ts(now),
+        t => t,
+    };
+    let a_now = ts(now);
+    if a_now > a0 {
+        let mut st = conn.prepare_cached(
+            "SELECT customer_id, SUM(amount), MAX(available_at) FROM lots \
+             WHERE available_at > ?1 AND available_at <= ?2 AND available_at > earned_at AND available_at >= ?3 \
+             GROUP BY customer_id ORDER BY customer_id",
+        )?;
+        let rows = st.query_map(params![a0, a_now, oldest], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        })?;
+        for row in rows {
+            let (customer, points, at) = row?;
+            events.push(Event {
+                kind: Some(EventKind::Available),
+                customer_id: customer,
+                key: format!("available:{customer}:{at}"),
+                at: from_ts(at),
+                points,
+                ..Event::default()
+            });
+        }
+    }
+
+    // a purchase that brought the member close to the next tier: once a month per tier
+    if plan.policy.routes.contains_key(&EventKind::NearTier) && !plan.tiers.is_empty() {
+        let near: Vec<Event> = events
+            .iter()
+            .filter(|e| e.kind == Some(EventKind::Accrual))
+            .map(|e| -> Result<Option<Event>> {
+                let tier: Option<String> = conn
+                    .prepare_cached("SELECT tier FROM customers WHERE id = ?1")?
+                    .query_row([e.customer_id], |r| r.get(0))
+                    .optional()?
+                    .flatten();
+                let spend =
+                    super::state::spend_between(conn, e.customer_id, e.at - plan.tier_window, e.at, -1)?;
+                Ok(plan
+                    .near_tier(tier.as_deref(), spend.0, plan.policy.near_tier_percent)
+                    .map(|(name, missing)| Event {
+                        kind: Some(EventKind::NearTier),
+                        customer_id: e.customer_id,
+                        key: format!(
+                            "near_tier:{}:{name}:{}",
+                            e.customer_id,
+                            e.at.with_timezone(&plan.timezone).format("%Y-%m")
+                        ),
+                        at: e.at,
+                        tier: Some(name),
+                        amount: Some(missing),
+                        ..Event::default()
+                    }))
+            })
+            .filter_map(|r| r.transpose())
+            .collect::<Result<_>>()?;
+        events.extend(near);
+    }
+
     let mut added = 0;
     for mut e in events {
         let Some(kind) = e.kind else { continue };
@@ -247,7 +312,13 @@ pub(super) fn enqueue_messages(conn: &Connection, ctx: &IngestContext<'_>) -> Re
             added += usize::from(super::outbox::enqueue(conn, dest, &key, None, &payload, now)?.is_some());
         }
     }
-    for (key, value) in [(JOURNAL, jmax), (TIER, tmax), (EXPIRY, wmax), (VOUCHER, vmax)] {
+    for (key, value) in [
+        (JOURNAL, jmax),
+        (TIER, tmax),
+        (EXPIRY, wmax),
+        (VOUCHER, vmax),
+        (AVAILABLE, a_now.max(a0)),
+    ] {
         set_cursor(conn, key, value, now)?;
     }
     Ok(added)
