@@ -577,6 +577,14 @@ CREATE TABLE link_codes (
 );
 CREATE INDEX link_codes_customer ON link_codes(customer_id) WHERE used_at IS NULL;
 "#,
+    // 19 (issue 21): what the message cursors look up at the end of every write transaction,
+    // by index rather than by scanning every lot and warning.
+    r#"
+-- lots that become usable after a waiting period, by when (the "available" message)
+CREATE INDEX lots_available ON lots(available_at) WHERE available_at > earned_at;
+-- the newest expiry warning (the message and note cursors)
+CREATE INDEX expiry_warnings_at ON expiry_warnings(warned_at);
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

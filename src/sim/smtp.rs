@@ -84,7 +84,9 @@ fn decode_qp(s: &str) -> String {
     while i < b.len() {
         if b[i] == b'='
             && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&raw[i + 1..i + 3], 16)
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
         {
             bytes.push(v);
             i += 3;
