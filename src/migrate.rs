@@ -8,7 +8,7 @@
 //! without BOM) or windows-1251. A row that cannot be read is reported with its line
 //! number and the reason; the rest apply.
 
-use chrono::{Datelike, NaiveDate, TimeZone, Utc};
+use chrono::{NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 
 use crate::core::identity::{CustomerIdentity, Email, Phone, normalize_card};
@@ -265,26 +265,7 @@ pub struct CustomerRow {
 /// A row of a customers file, or `(line, reason)` when it cannot be read.
 pub type CustomerCsvRow = RowOf<CustomerRow>;
 
-pub fn parse_birthday(text: &str) -> Result<NaiveDate, String> {
-    let t = text.trim();
-    let date = NaiveDate::parse_from_str(t, "%d.%m.%Y")
-        .or_else(|_| NaiveDate::parse_from_str(t, "%Y-%m-%d"))
-        .map_err(|_| format!("birthday {t:?} is not a date (ДД.ММ.ГГГГ or YYYY-MM-DD)"))?;
-    if date.year() < 1900 {
-        return Err(format!("birthday {t:?} is before 1900"));
-    }
-    Ok(date)
-}
-
-fn parse_consent(text: &str) -> Result<bool, String> {
-    match text.trim().to_lowercase().as_str() {
-        "1" | "yes" | "y" | "true" | "да" | "д" | "+" | "согласен" | "согласна" => {
-            Ok(true)
-        }
-        "0" | "no" | "n" | "false" | "нет" | "н" | "-" | "отказ" => Ok(false),
-        other => Err(format!("consent {other:?} is neither yes nor no (да/нет, 1/0)")),
-    }
-}
+pub use crate::core::identity::{parse_birthday, parse_consent};
 
 /// Reads a customers CSV (header names in English or Russian, as [`read_balances_csv`]): card,
 /// phone, email, name/фио, birthday/дата рождения (`ДД.ММ.ГГГГ` or ISO), referral_code/код

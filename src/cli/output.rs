@@ -160,14 +160,23 @@ pub fn history(
     }
     println!("{}", who(c));
     for ch in changes {
-        println!(
-            "  {}  {} = {} (was {}) from {}",
-            local(ch.at, tz),
-            ch.field,
-            ch.new.as_deref().unwrap_or("—"),
-            ch.old.as_deref().unwrap_or("—"),
-            ch.source
-        );
+        match &ch.refused {
+            None => println!(
+                "  {}  {} = {} (was {}) from {}",
+                local(ch.at, tz),
+                ch.field,
+                ch.new.as_deref().unwrap_or("—"),
+                ch.old.as_deref().unwrap_or("—"),
+                ch.source
+            ),
+            Some(why) => println!(
+                "  {}  {} ≠ {} from {}: refused, {why}",
+                local(ch.at, tz),
+                ch.field,
+                ch.new.as_deref().unwrap_or("—"),
+                ch.source
+            ),
+        }
     }
     println!(
         "{:>7}  {:<16}  {:<10}  {:>8}  {:<28}  explanation",

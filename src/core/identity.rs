@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use chrono::{Datelike, NaiveDate};
+
 /// A phone number in E.164 (`+79123456789`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Phone(String);
@@ -405,5 +407,31 @@ mod referral_code_tests {
         }
         assert_eq!(referral_id("2000 0001"), None);
         assert_eq!(referral_id(&format!("{}-{}", &code[..3], &code[3..])), Some(4242));
+    }
+}
+
+/// A birthday as people type it (`ДД.ММ.ГГГГ` or ISO `YYYY-MM-DD`): the customers file and an
+/// AmoCRM text field read it alike, so `31.02.1991` is refused with the same words wherever
+/// it was typed.
+pub fn parse_birthday(text: &str) -> Result<NaiveDate, String> {
+    let t = text.trim();
+    let date = NaiveDate::parse_from_str(t, "%d.%m.%Y")
+        .or_else(|_| NaiveDate::parse_from_str(t, "%Y-%m-%d"))
+        .map_err(|_| format!("birthday {t:?} is not a date (ДД.ММ.ГГГГ or YYYY-MM-DD)"))?;
+    if date.year() < 1900 {
+        return Err(format!("birthday {t:?} is before 1900"));
+    }
+    Ok(date)
+}
+
+/// A consent flag as a spreadsheet or a CRM holds it (да/нет, 1/0, true/false): anything
+/// else is refused rather than read as "no", since a wrong "yes" sends advertising unasked.
+pub fn parse_consent(text: &str) -> Result<bool, String> {
+    match text.trim().to_lowercase().as_str() {
+        "1" | "yes" | "y" | "true" | "да" | "д" | "+" | "согласен" | "согласна" => {
+            Ok(true)
+        }
+        "0" | "no" | "n" | "false" | "нет" | "н" | "-" | "отказ" => Ok(false),
+        other => Err(format!("consent {other:?} is neither yes nor no (да/нет, 1/0)")),
     }
 }

@@ -53,7 +53,9 @@ pub use notify::{Address, ChannelStatus, Reach};
 pub use offers::{CustomerOffers, OffersRefresh};
 pub use opening::{OpeningReport, OpeningRow, opening_source_from_register};
 pub use outbox::{OutboxFilter, OutboxRow, OutboxState};
-pub use people::{AttributeChange, CustomersReport, Forgotten};
+pub use people::{
+    AttributeChange, Attributes, AttributesReport, CustomersReport, Forgotten, Precedence, Unreadable,
+};
 pub use query::{
     BalanceView, CustomerView, DateRange, HistoryEntry, LastDocument, LedgerIssued, PartnerTotals,
     QuarantineEntry, Summary, VoucherView,

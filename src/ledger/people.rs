@@ -2,15 +2,18 @@
 //! shop's own list (`kopilka import-customers`), and forgetting a member's personal data on
 //! request (152-ФЗ) while the journal and its sums stay as they were.
 //!
-//! Precedence: a source (1C, AmoCRM, a document) fills a customer's name, birthday and friend
-//! code only where the ledger has none; the customers file — the shop's own list, typed by a
-//! person — sets them. Every value it changes is recorded in `customer_changes` with the old
-//! value and the file, and `kopilka history` shows it.
+//! Precedence ([`Precedence`]): the customers file — the shop's own list, typed by a person —
+//! sets a customer's name, birthday, friend code and consents. AmoCRM's contact fields
+//! (`[sources]` in `mappings/amocrm.toml`) fill what no source set and follow their own later
+//! edits, but never replace a value the file (or a document, when the customer was first
+//! seen) set. Every value applied is recorded in `customer_changes` with the old value and
+//! the source; every value refused (an unknown or own friend code, a date that is not one, a
+//! conflict lost) too, with the reason, so `kopilka history` shows both.
 
 use std::collections::BTreeSet;
 
-use chrono::{DateTime, Utc};
-use rusqlite::{OptionalExtension, params};
+use chrono::{DateTime, NaiveDate, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use super::{Ledger, LedgerError, Result, ts};
@@ -35,6 +38,10 @@ pub struct AttributeChange {
     pub old: Option<String>,
     pub new: Option<String>,
     pub source: String,
+    /// Why the value was not applied (`new` is the value as the source held it, `old` what
+    /// the customer kept); absent when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// What `kopilka customer forget` removed.
@@ -50,6 +57,75 @@ pub struct Forgotten {
 
 const FORGOTTEN: &str = "[forgotten]";
 
+/// How a source's values meet the values the ledger already has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precedence {
+    /// The customers file and the till's registration: a person typed the shop's own list,
+    /// so its values replace whatever another source said.
+    Sets,
+    /// AmoCRM: fills what no source has set, and keeps following the values it set itself
+    /// (a manager correcting a birthday on the card), but never replaces a value another
+    /// source set — a CRM card is edited by many hands, the shop's list by one.
+    FillsEmptyOrOwn,
+}
+
+/// A value a source holds that cannot be read: as it was written, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    pub text: String,
+    pub reason: String,
+}
+
+/// What one source says of one customer; `None` where it says nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attributes {
+    pub name: Option<String>,
+    pub birthday: Option<std::result::Result<NaiveDate, Unreadable>>,
+    /// The friend code the customer came with.
+    pub referral_code: Option<String>,
+    pub invite_code: Option<String>,
+    pub consent_service: Option<std::result::Result<bool, Unreadable>>,
+    pub consent_ads: Option<std::result::Result<bool, Unreadable>>,
+}
+
+/// What applying one source's attributes did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct AttributesReport {
+    pub changed: usize,
+    pub unchanged: usize,
+    /// (customer id, reason) for each value refused; each is in the customer's history too.
+    pub refused: Vec<(i64, String)>,
+    /// Values left as another source set them (the conflict is in the customer's history).
+    pub kept: usize,
+}
+
+/// What applying one customer's attributes did.
+#[derive(Default)]
+struct Applied {
+    changed: bool,
+    /// Reasons of the values refused.
+    problems: Vec<String>,
+    /// Values another source owns, left as they were.
+    kept: usize,
+}
+
+/// What setting one attribute did.
+#[derive(PartialEq, Eq)]
+enum Set {
+    Changed,
+    Unchanged,
+    /// Another source owns the value: kept, the conflict recorded.
+    Kept,
+}
+
+/// The source and rules a batch of attributes is applied with.
+struct Applying<'a> {
+    source: &'a str,
+    precedence: Precedence,
+    rules: &'a RuleSet,
+    now: DateTime<Utc>,
+}
+
 impl Ledger {
     /// Applies a customers file (or one registration from the till API) in one transaction:
     /// each row finds or enrols its customer by its keys and sets what the row says. `source`
@@ -62,6 +138,12 @@ impl Ledger {
         now: DateTime<Utc>,
     ) -> Result<CustomersReport> {
         let mut report = CustomersReport::default();
+        let how = Applying {
+            source,
+            precedence: Precedence::Sets,
+            rules,
+            now,
+        };
         let tx = self.conn.transaction()?;
         for row in rows {
             let row = match row {
@@ -84,74 +166,21 @@ impl Ledger {
                     .push((row.line, "no key to find the customer by".into()));
                 continue;
             };
-            let mut changed = false;
-            let mut set = |field: &str, new: Option<String>| -> Result<()> {
-                let Some(new) = new else { return Ok(()) };
-                let old: Option<String> = tx
-                    .prepare_cached(&format!(
-                        "SELECT CAST({field} AS TEXT) FROM customers WHERE id = ?1"
-                    ))?
-                    .query_row([c], |r| r.get(0))?;
-                if old.as_deref() == Some(new.as_str()) {
-                    return Ok(());
-                }
-                tx.prepare_cached(&format!("UPDATE customers SET {field} = ?2 WHERE id = ?1"))?
-                    .execute(params![c, new])?;
-                tx.prepare_cached(
-                    "INSERT INTO customer_changes (customer_id, at, field, old, new, source) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![c, ts(now), field, old, new, source])?;
-                changed = true;
-                Ok(())
+            let attributes = Attributes {
+                name: row.identity.name.clone(),
+                birthday: row.identity.birthday.map(Ok),
+                referral_code: row.identity.referred_by.clone(),
+                invite_code: row.identity.invite_code.clone(),
+                consent_service: row.consent_service.map(Ok),
+                consent_ads: row.consent_ads.map(Ok),
             };
-            set("name", row.identity.name.clone())?;
-            set("birthday", row.identity.birthday.map(|b| b.to_string()))?;
-            if let Some(code) = &row.identity.referred_by {
-                match super::jobs::referrer_of(&tx, code)? {
-                    None => report.problems.push((
-                        row.line,
-                        format!("friend code {code:?} is nobody's: not recorded"),
-                    )),
-                    Some(r) if r == c => report.problems.push((
-                        row.line,
-                        format!("friend code {code:?} is the customer's own: not recorded"),
-                    )),
-                    Some(_) => set("referred_by", Some(code.clone()))?,
-                }
-            }
-            set(
-                "consent_service",
-                row.consent_service.map(|b| i64::from(b).to_string()),
-            )?;
-            set("consent_ads", row.consent_ads.map(|b| i64::from(b).to_string()))?;
-            if let Some(code) = &row.identity.invite_code {
-                match crate::core::rules::membership_for_invite(rules, code) {
-                    Some(program) => {
-                        let before: bool = tx
-                            .prepare_cached(
-                                "SELECT EXISTS (SELECT 1 FROM memberships WHERE customer_id = ?1 AND program = ?2)",
-                            )?
-                            .query_row(params![c, program], |r| r.get(0))?;
-                        if !before {
-                            super::state::join_program(
-                                &tx,
-                                c,
-                                &program,
-                                &format!("invite code {code}"),
-                                now,
-                            )?;
-                            changed = true;
-                        }
-                    }
-                    None => report
-                        .problems
-                        .push((row.line, format!("invite code {code:?} opens no program"))),
-                }
-            }
+            let applied = apply_attributes(&tx, c, &attributes, &how)?;
+            report
+                .problems
+                .extend(applied.problems.into_iter().map(|p| (row.line, p)));
             if created {
                 report.created += 1;
-            } else if changed {
+            } else if applied.changed {
                 report.updated += 1;
             } else {
                 report.unchanged += 1;
@@ -161,11 +190,46 @@ impl Ledger {
         Ok(report)
     }
 
+    /// Applies what a source other than the customers file says of customers it is linked
+    /// to (AmoCRM contact fields), in one transaction. A value that cannot be used is
+    /// refused for that customer only, with the reason in their history; the rest apply.
+    pub fn apply_attributes(
+        &mut self,
+        source: &str,
+        precedence: Precedence,
+        items: Vec<(i64, Attributes)>,
+        rules: &RuleSet,
+        now: DateTime<Utc>,
+    ) -> Result<AttributesReport> {
+        let how = Applying {
+            source,
+            precedence,
+            rules,
+            now,
+        };
+        let mut report = AttributesReport::default();
+        let tx = self.conn.transaction()?;
+        for (c, attributes) in items {
+            let applied = apply_attributes(&tx, c, &attributes, &how)?;
+            if applied.changed {
+                report.changed += 1;
+            } else {
+                report.unchanged += 1;
+            }
+            report.kept += applied.kept;
+            report
+                .refused
+                .extend(applied.problems.into_iter().map(|p| (c, p)));
+        }
+        tx.commit()?;
+        Ok(report)
+    }
+
     /// The attribute changes recorded for a customer, oldest first.
     pub fn attribute_changes(&self, customer: &str) -> Result<Vec<AttributeChange>> {
         let id = super::query::find_customer(&self.conn, customer)?;
         let mut st = self.conn.prepare(
-            "SELECT at, field, old, new, source FROM customer_changes WHERE customer_id = ?1 ORDER BY id",
+            "SELECT at, field, old, new, source, refused FROM customer_changes WHERE customer_id = ?1 ORDER BY id",
         )?;
         let rows = st
             .query_map([id], |r| {
@@ -175,6 +239,7 @@ impl Ledger {
                     old: r.get(2)?,
                     new: r.get(3)?,
                     source: r.get(4)?,
+                    refused: r.get(5)?,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
@@ -239,9 +304,10 @@ impl Ledger {
             [id],
         )?;
         tx.execute(
-            "UPDATE customer_changes SET old = NULL, new = NULL WHERE customer_id = ?1 \
+            "UPDATE customer_changes SET old = NULL, new = NULL, \
+             refused = CASE WHEN refused IS NULL THEN NULL ELSE ?2 END WHERE customer_id = ?1 \
              AND field IN ('name', 'birthday')",
-            [id],
+            params![id, FORGOTTEN],
         )?;
         let tables: Vec<String> = tx
             .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")?
@@ -286,4 +352,201 @@ impl Ledger {
             telegram_chats_removed,
         })
     }
+}
+
+/// Applies one source's attributes to customer `c`. Every value refused or kept is also
+/// recorded in the customer's history.
+fn apply_attributes(tx: &Connection, c: i64, a: &Attributes, how: &Applying<'_>) -> Result<Applied> {
+    let mut out = Applied::default();
+    let mut problems = Vec::new();
+    let mut refuse = |field: &str, text: &str, reason: String| -> Result<()> {
+        if record_refusal(tx, c, field, text, &reason, how)? {
+            tracing::warn!(
+                customer = c,
+                field,
+                source = how.source,
+                reason,
+                "A customer attribute was refused."
+            );
+        }
+        problems.push(reason);
+        Ok(())
+    };
+    let mut set = |field: &str, new: &str| -> Result<()> {
+        match set_attribute(tx, c, field, new, how)? {
+            Set::Changed => out.changed = true,
+            Set::Kept => out.kept += 1,
+            Set::Unchanged => {}
+        }
+        Ok(())
+    };
+    let mut joined = false;
+    if let Some(name) = &a.name {
+        set("name", name)?;
+    }
+    match &a.birthday {
+        Some(Ok(b)) => set("birthday", &b.to_string())?,
+        Some(Err(u)) => refuse("birthday", &u.text, u.reason.clone())?,
+        None => {}
+    }
+    if let Some(code) = &a.referral_code {
+        match super::jobs::referrer_of(tx, code)? {
+            None => refuse(
+                "referred_by",
+                code,
+                format!("friend code {code:?} is nobody's: not recorded"),
+            )?,
+            Some(r) if r == c => refuse(
+                "referred_by",
+                code,
+                format!("friend code {code:?} is the customer's own: not recorded"),
+            )?,
+            Some(r) => {
+                // the same friend written another way (lower case, a dash, the card) is no change
+                let current: Option<String> = tx
+                    .prepare_cached("SELECT referred_by FROM customers WHERE id = ?1")?
+                    .query_row([c], |row| row.get(0))?;
+                let same = match &current {
+                    Some(cur) => super::jobs::referrer_of(tx, cur)? == Some(r),
+                    None => false,
+                };
+                if !same {
+                    set("referred_by", code)?;
+                }
+            }
+        }
+    }
+    for (field, value) in [
+        ("consent_service", &a.consent_service),
+        ("consent_ads", &a.consent_ads),
+    ] {
+        match value {
+            Some(Ok(b)) => set(field, if *b { "1" } else { "0" })?,
+            Some(Err(u)) => refuse(field, &u.text, u.reason.clone())?,
+            None => {}
+        }
+    }
+    if let Some(code) = &a.invite_code {
+        match crate::core::rules::membership_for_invite(how.rules, code) {
+            Some(program) => {
+                let before: bool = tx
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM memberships WHERE customer_id = ?1 AND program = ?2)",
+                    )?
+                    .query_row(params![c, program], |r| r.get(0))?;
+                if !before {
+                    super::state::join_program(tx, c, &program, &format!("invite code {code}"), how.now)?;
+                    joined = true;
+                }
+            }
+            None => refuse(
+                "invite_code",
+                code,
+                format!("invite code {code:?} opens no program"),
+            )?,
+        }
+    }
+    out.changed |= joined;
+    out.problems = problems;
+    Ok(out)
+}
+
+/// The current value of a customer's attribute, as text.
+fn current_value(tx: &Connection, c: i64, field: &str) -> Result<Option<String>> {
+    Ok(tx
+        .prepare_cached(&format!(
+            "SELECT CAST({field} AS TEXT) FROM customers WHERE id = ?1"
+        ))?
+        .query_row([c], |r| r.get(0))?)
+}
+
+/// The source that last set a customer's attribute (`None`: none recorded — empty, or filled
+/// from a document when the customer was first seen).
+fn last_setter(tx: &Connection, c: i64, field: &str) -> Result<Option<String>> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT source FROM customer_changes WHERE customer_id = ?1 AND field = ?2 \
+             AND refused IS NULL ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row(params![c, field], |r| r.get(0))
+        .optional()?)
+}
+
+/// Sets an attribute when the source's precedence allows it, recording the change with the
+/// value before it. A value another source owns is kept, and the conflict is recorded as a
+/// refusal so `history` shows both.
+fn set_attribute(tx: &Connection, c: i64, field: &str, new: &str, how: &Applying<'_>) -> Result<Set> {
+    let old = current_value(tx, c, field)?;
+    let owner = last_setter(tx, c, field)?;
+    if old.as_deref() == Some(new) {
+        // the file confirms a value another source set: from now on it is the file's, so
+        // a later edit in AmoCRM does not replace what the shop's list says
+        if how.precedence == Precedence::Sets && owner.as_deref().is_some_and(|o| o != how.source) {
+            record_change(tx, c, field, (old.as_deref(), Some(new)), None, how)?;
+        }
+        return Ok(Set::Unchanged);
+    }
+    if how.precedence == Precedence::FillsEmptyOrOwn
+        && let Some(kept) = &old
+        && owner.as_deref() != Some(how.source)
+    {
+        let by = owner.unwrap_or_else(|| "a document".into());
+        let reason = format!(
+            "kept {kept:?} set by {by}: {} only fills values no other source set",
+            how.source
+        );
+        record_refusal(tx, c, field, new, &reason, how)?;
+        return Ok(Set::Kept);
+    }
+    tx.prepare_cached(&format!("UPDATE customers SET {field} = ?2 WHERE id = ?1"))?
+        .execute(params![c, new])?;
+    record_change(tx, c, field, (old.as_deref(), Some(new)), None, how)?;
+    Ok(Set::Changed)
+}
+
+/// Records a value refused, unless the same value was refused for the same reason last
+/// time (a contact read at every poll must not fill the history with one complaint).
+/// Returns whether it recorded.
+fn record_refusal(
+    tx: &Connection,
+    c: i64,
+    field: &str,
+    value: &str,
+    reason: &str,
+    how: &Applying<'_>,
+) -> Result<bool> {
+    let last: Option<(Option<String>, Option<String>)> = tx
+        .prepare_cached(
+            "SELECT new, refused FROM customer_changes WHERE customer_id = ?1 AND field = ?2 \
+             AND source = ?3 ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row(params![c, field, how.source], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if last == Some((Some(value.to_string()), Some(reason.to_string()))) {
+        return Ok(false);
+    }
+    // an invite code is not kept on the customer (it makes a membership): nothing to show as kept
+    let old = if field == "invite_code" {
+        None
+    } else {
+        current_value(tx, c, field)?
+    };
+    record_change(tx, c, field, (old.as_deref(), Some(value)), Some(reason), how)?;
+    Ok(true)
+}
+
+fn record_change(
+    tx: &Connection,
+    c: i64,
+    field: &str,
+    (old, new): (Option<&str>, Option<&str>),
+    refused: Option<&str>,
+    how: &Applying<'_>,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO customer_changes (customer_id, at, field, old, new, source, refused) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![c, ts(how.now), field, old, new, how.source, refused])?;
+    Ok(())
 }

@@ -585,6 +585,13 @@ CREATE INDEX lots_available ON lots(available_at) WHERE available_at > earned_at
 -- the newest expiry warning (the message and note cursors)
 CREATE INDEX expiry_warnings_at ON expiry_warnings(warned_at);
 "#,
+    // 20 (issue 20): attributes read from AmoCRM contacts; a value refused stays in history.
+    r#"
+-- why a source's value was not applied (an unknown or own friend code, a date that is not
+-- one, a value another source owns); NULL on the rows that changed the customer. `new` holds
+-- the value as the source had it, `old` what the customer kept
+ALTER TABLE customer_changes ADD COLUMN refused TEXT;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka
