@@ -628,10 +628,36 @@ impl AmoSim {
 
     /// A manager sets a field (by code) on a contact: recorded as an event when it changes.
     pub fn set_contact_field(&self, contact: i64, code: &str, value: &str) -> bool {
+        self.set_contact_value(contact, code, json!(value))
+    }
+
+    /// A field the shop created in AmoCRM's settings (not through the API): a `birthday`,
+    /// a `checkbox`, a `text` field managers fill. Returns its id.
+    pub fn add_field(&self, name: &str, code: &str, kind: &str) -> i64 {
         let mut s = self.st();
-        let Some(f) = s.field_by_code(code).map(|f| f.id) else {
+        let id = s.id();
+        s.fields.push(SimField {
+            id,
+            name: name.into(),
+            code: Some(code.into()),
+            kind: kind.into(),
+            is_api_only: false,
+        });
+        id
+    }
+
+    /// A manager sets a field (by code) to a value as the account stores it: Unix seconds
+    /// for a `date` or `birthday` field (what the card's date picker stores), `true`/`false`
+    /// for a checkbox, text otherwise. A value the field's type cannot hold is refused, as
+    /// the card's form refuses it: returns false.
+    pub fn set_contact_value(&self, contact: i64, code: &str, value: Value) -> bool {
+        let mut s = self.st();
+        let Some((f, kind)) = s.field_by_code(code).map(|f| (f.id, f.kind.clone())) else {
             return false;
         };
+        if !value_fits(&kind, &value) {
+            return false;
+        }
         let now = s.now();
         let Some(c) = s.contacts.get_mut(&contact) else {
             return false;
@@ -1241,6 +1267,35 @@ fn token_endpoint(s: &mut State, body: &[u8]) -> (u16, String, String) {
     }
 }
 
+/// Contact field types: the spec's ("Custom fields": `numeric`, `text`, `select`, `date`
+/// in Unix seconds, `checkbox`, `url`), the `textarea` and `multitext` of PHONE and EMAIL,
+/// and `birthday` and `date_time`, which the official PHP library (amocrm/amocrm-api-php,
+/// `BirthdayCustomFieldValueModel extends DateCustomFieldValueModel`) reads like `date`.
+const FIELD_TYPES: [&str; 10] = [
+    "numeric",
+    "text",
+    "select",
+    "date",
+    "birthday",
+    "date_time",
+    "checkbox",
+    "url",
+    "textarea",
+    "multitext",
+];
+
+/// Whether a value can be stored in a field of this type. The spec gives dates as Unix
+/// seconds and is silent on anything else, so a date-like field takes an integer only, and a
+/// checkbox a boolean only: stricter than the client needs.
+fn value_fits(kind: &str, v: &Value) -> bool {
+    match kind {
+        "date" | "birthday" | "date_time" => v.is_i64(),
+        "checkbox" => v.is_boolean(),
+        "numeric" => v.is_number() || v.as_str().is_some_and(|t| t.trim().parse::<f64>().is_ok()),
+        _ => true,
+    }
+}
+
 fn items_of(body: &Value) -> Option<&Vec<Value>> {
     body.as_array()
 }
@@ -1277,7 +1332,22 @@ fn check_fields(s: &State, item: &Value, rid: &str, errors: &mut Vec<(String, St
                 ));
             }
             match cf.get("values") {
-                Some(Value::Null) | Some(Value::Array(_)) => {}
+                Some(Value::Null) => {}
+                Some(Value::Array(values)) => {
+                    let kind = field_of(s, cf)
+                        .and_then(|id| s.fields.iter().find(|f| f.id == id))
+                        .map(|f| f.kind.as_str())
+                        .unwrap_or("text");
+                    for (k, v) in values.iter().enumerate() {
+                        if !v.get("value").is_some_and(|x| value_fits(kind, x)) {
+                            errors.push((
+                                rid.into(),
+                                "InvalidType".into(),
+                                format!("custom_fields_values.{j}.values.{k}.value"),
+                            ));
+                        }
+                    }
+                }
                 _ => errors.push((
                     rid.into(),
                     "InvalidType".into(),
@@ -1454,18 +1524,7 @@ fn create_fields(s: &mut State, body: &Value) -> (u16, String, String) {
     for (i, item) in items.iter().enumerate() {
         let rid = request_id(item, i);
         let kind = item.get("type").and_then(Value::as_str).unwrap_or("");
-        if ![
-            "numeric",
-            "text",
-            "select",
-            "date",
-            "checkbox",
-            "url",
-            "textarea",
-            "multitext",
-        ]
-        .contains(&kind)
-        {
+        if !FIELD_TYPES.contains(&kind) {
             errors.push((rid.clone(), "NotSupportedChoice".into(), "type".into()));
         }
         if item.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
