@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::AmoError;
 use super::client::{Client, ClientOptions};
-use super::fields::{self, FieldMap, Resolved};
+use super::fields::{self, FieldMap, Resolved, Sources};
 use crate::clock::Clock;
 use crate::config::{AmocrmConfig, Config};
 use crate::ledger::{IngestContext, Ledger, SharedLedger};
@@ -14,6 +14,8 @@ pub struct Connector {
     pub cfg: Arc<Config>,
     pub client: Client,
     pub map: FieldMap,
+    /// The contact fields read as customer attributes (`[sources]`).
+    pub sources: Sources,
     resolved: tokio::sync::Mutex<Option<Resolved>>,
 }
 
@@ -30,7 +32,7 @@ impl Connector {
             .amocrm
             .as_ref()
             .ok_or_else(|| AmoError::Setup("the configuration has no [amocrm] section".into()))?;
-        let mut map = FieldMap::load(amo.mapping.as_deref()).map_err(AmoError::Setup)?;
+        let (mut map, sources) = fields::load_mapping(amo.mapping.as_deref()).map_err(AmoError::Setup)?;
         if cfg.notify.salesbot.is_none() {
             // no bot reads it: the cards stay without the message field
             for (value, target) in &mut map.0 {
@@ -45,6 +47,7 @@ impl Connector {
             cfg,
             client,
             map,
+            sources,
             resolved: tokio::sync::Mutex::new(None),
         })
     }
@@ -91,7 +94,7 @@ impl Connector {
         if let Some(r) = guard.as_ref() {
             return Ok(r.clone());
         }
-        let list = fields::list(&self.client).await?;
+        let mut list = fields::list(&self.client).await?;
         let mut r = fields::resolve(&self.map, &list);
         if !r.missing.is_empty() {
             let created = fields::create_missing(&self.client, &r.missing).await?;
@@ -99,11 +102,15 @@ impl Connector {
                 created = created.len(),
                 "created the missing kopilka fields in AmoCRM"
             );
-            let list = fields::list(&self.client).await?;
+            list = fields::list(&self.client).await?;
             r = fields::resolve(&self.map, &list);
             for (v, t) in &r.missing {
                 tracing::warn!(value = v.key(), target = ?t, "an AmoCRM field in the field map does not exist; the value is not written");
             }
+        }
+        (r.sources, r.missing_sources) = fields::resolve_sources(&self.sources, &list);
+        for (v, t) in &r.missing_sources {
+            tracing::error!(attribute = v.key(), target = ?t, "A contact field named in [sources] of the AmoCRM field map does not exist; the attribute is not read until the map or the account is fixed.");
         }
         *guard = Some(r.clone());
         Ok(r)

@@ -13,12 +13,13 @@ use std::collections::{BTreeSet, HashMap};
 use serde_json::{Value, json};
 
 use super::AmoError;
+use super::attributes::attributes_of;
 use super::client::Send;
 use super::connector::Connector;
 use super::fields::{CardValue, Resolved};
 use super::wire::{Contact, Page};
 use crate::core::identity::{Email, Phone, normalize_card};
-use crate::ledger::CustomerKeys;
+use crate::ledger::{Attributes, CustomerKeys};
 
 /// Above this many customers to match in one run, all contacts are read once (250 a page)
 /// instead of searching three times per customer.
@@ -142,6 +143,12 @@ pub struct MatchReport {
     pub ambiguous: usize,
     pub not_found: usize,
     pub conflicts: usize,
+    /// Customers whose attributes the linked contacts' `[sources]` fields changed.
+    pub attributes_changed: usize,
+    /// Values refused (each in its customer's history).
+    pub attributes_refused: usize,
+    /// Values another source set, kept (the conflict in the customer's history).
+    pub attributes_kept: usize,
 }
 
 /// Percent-encodes a query parameter value.
@@ -156,10 +163,27 @@ pub fn enc(v: &str) -> String {
     out
 }
 
+/// Attributes read from the contacts seen while matching, by contact id: a contact read
+/// to match is not read again to learn the customer's birthday.
+type SeenAttributes = HashMap<i64, Attributes>;
+
+/// Keeps what these contacts' source fields say, when `[sources]` names any.
+fn note_attributes(conn: &Connector, fields: &Resolved, list: &[Contact], seen: &mut SeenAttributes) {
+    if fields.sources.is_empty() {
+        return;
+    }
+    for c in list {
+        if let Some(a) = attributes_of(c, &fields.sources, conn.cfg.timezone) {
+            seen.insert(c.id, a);
+        }
+    }
+}
+
 async fn search(
     conn: &Connector,
     query: &str,
-    card_field: Option<i64>,
+    fields: &Resolved,
+    seen: &mut SeenAttributes,
 ) -> Result<Vec<ContactKeys>, AmoError> {
     let list: Vec<Contact> = conn
         .client
@@ -168,6 +192,8 @@ async fn search(
             "contacts",
         )
         .await?;
+    note_attributes(conn, fields, &list, seen);
+    let card_field = fields.id(CardValue::Card);
     Ok(list.iter().map(|c| ContactKeys::of(c, card_field)).collect())
 }
 
@@ -176,7 +202,8 @@ async fn search(
 async fn candidates_by_search(
     conn: &Connector,
     customer: &CustomerKeys,
-    card_field: Option<i64>,
+    fields: &Resolved,
+    seen: &mut SeenAttributes,
 ) -> Result<Vec<ContactKeys>, AmoError> {
     let mut found: HashMap<i64, ContactKeys> = HashMap::new();
     let probe = |found: &HashMap<i64, ContactKeys>| {
@@ -184,7 +211,7 @@ async fn candidates_by_search(
         !matches!(decide(customer, &list, false), Decision::Nothing)
     };
     for card in &customer.cards {
-        for c in search(conn, card, card_field).await? {
+        for c in search(conn, card, fields, seen).await? {
             found.insert(c.id, c);
         }
     }
@@ -192,7 +219,7 @@ async fn candidates_by_search(
         return Ok(found.into_values().collect());
     }
     for phone in customer.phones.iter().filter_map(|p| Phone::parse(p)) {
-        for c in search(conn, phone.last_ten(), card_field).await? {
+        for c in search(conn, phone.last_ten(), fields, seen).await? {
             found.insert(c.id, c);
         }
     }
@@ -200,7 +227,7 @@ async fn candidates_by_search(
         return Ok(found.into_values().collect());
     }
     for email in &customer.emails {
-        for c in search(conn, email, card_field).await? {
+        for c in search(conn, email, fields, seen).await? {
             found.insert(c.id, c);
         }
     }
@@ -214,11 +241,13 @@ struct Index {
 }
 
 impl Index {
-    async fn read(conn: &Connector, card_field: Option<i64>) -> Result<Index, AmoError> {
+    async fn read(conn: &Connector, fields: &Resolved, seen: &mut SeenAttributes) -> Result<Index, AmoError> {
         let list: Vec<Contact> = conn
             .client
             .get_all("/api/v4/contacts?limit=250", "contacts")
             .await?;
+        note_attributes(conn, fields, &list, seen);
+        let card_field = fields.id(CardValue::Card);
         let contacts: Vec<ContactKeys> = list.iter().map(|c| ContactKeys::of(c, card_field)).collect();
         let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, c) in contacts.iter().enumerate() {
@@ -312,9 +341,9 @@ pub async fn match_unlinked(conn: &Connector) -> Result<MatchReport, AmoError> {
         return Ok(report);
     }
     let fields = conn.fields().await?;
-    let card_field = fields.id(CardValue::Card);
+    let mut seen = SeenAttributes::new();
     let index = if todo.len() > SEARCH_AT_MOST_CUSTOMERS {
-        Some(Index::read(conn, card_field).await?)
+        Some(Index::read(conn, &fields, &mut seen).await?)
     } else {
         None
     };
@@ -324,7 +353,7 @@ pub async fn match_unlinked(conn: &Connector) -> Result<MatchReport, AmoError> {
     for customer in todo {
         let candidates = match &index {
             Some(ix) => ix.candidates(&customer),
-            None => candidates_by_search(conn, &customer, card_field).await?,
+            None => candidates_by_search(conn, &customer, &fields, &mut seen).await?,
         };
         match decide(&customer, &candidates, create) {
             Decision::Link { contact, by } => links.push((customer, contact, by)),
@@ -391,18 +420,30 @@ pub async fn match_unlinked(conn: &Connector) -> Result<MatchReport, AmoError> {
             }
         }
     }
-    apply_links(conn, links, &mut report).await?;
+    let linked = apply_links(conn, links, &mut report).await?;
+    // the contacts just linked: what their cards say of the customer (a contact kopilka
+    // created carries nothing a manager typed)
+    let read: Vec<(i64, Attributes)> = linked
+        .into_iter()
+        .filter_map(|contact| seen.remove(&contact).map(|a| (contact, a)))
+        .collect();
+    let applied = super::attributes::apply(conn, read).await?;
+    report.attributes_changed = applied.changed;
+    report.attributes_refused = applied.refused.len();
+    report.attributes_kept = applied.kept;
     Ok(report)
 }
 
 /// Links per ledger transaction.
 const LINKS_PER_TRANSACTION: usize = 1000;
 
+/// Links the matches; returns the contacts linked.
 async fn apply_links(
     conn: &Connector,
     links: Vec<(CustomerKeys, i64, &'static str)>,
     report: &mut MatchReport,
-) -> Result<(), AmoError> {
+) -> Result<Vec<i64>, AmoError> {
+    let mut linked_contacts = Vec::new();
     for chunk in links.chunks(LINKS_PER_TRANSACTION) {
         let pairs: Vec<(i64, i64)> = chunk
             .iter()
@@ -413,6 +454,7 @@ async fn apply_links(
             .await?;
         for ((customer, contact, by), linked) in chunk.iter().zip(done) {
             if linked {
+                linked_contacts.push(*contact);
                 if *by == "created" {
                     report.created += 1;
                 } else {
@@ -430,7 +472,7 @@ async fn apply_links(
             }
         }
     }
-    Ok(())
+    Ok(linked_contacts)
 }
 
 async fn conflict(conn: &Connector, customer: i64, contact: i64, by: &str) -> Result<(), AmoError> {

@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
 use super::AmoError;
+use super::attributes::attributes_of;
 use super::connector::Connector;
 use super::contacts::{ContactKeys, relink_changed};
 use super::fields::CardValue;
@@ -36,19 +37,27 @@ pub struct PollReport {
     pub relinked: usize,
     pub applied: usize,
     pub unchanged: usize,
+    /// Customers whose attributes their contact's `[sources]` fields changed.
+    pub attributes_changed: usize,
+    /// Attribute values refused (each in its customer's history).
+    pub attributes_refused: usize,
+    /// Attribute values another source set, kept (the conflict in the customer's history).
+    pub attributes_kept: usize,
 }
 
 /// Event types polled: status changes and price edits of leads, contacts added, and edits
-/// of the contact fields that identify a customer (`custom_field_<id>_value_changed`).
-/// Lead events only when deals are read (`pipelines` configured).
-pub fn event_types(deals: bool, phone: Option<i64>, email: Option<i64>, card: Option<i64>) -> Vec<String> {
+/// of the contact fields that identify a customer or hold their attributes
+/// (`custom_field_<id>_value_changed`; `fields` are the ids: phone, e-mail, card, then the
+/// `[sources]` fields). Lead events only when deals are read (`pipelines` configured).
+pub fn event_types(deals: bool, fields: &[i64]) -> Vec<String> {
     let mut t = Vec::new();
     if deals {
         t.push("lead_status_changed".to_string());
         t.push("sale_field_changed".to_string());
     }
     t.push("contact_added".to_string());
-    for id in [phone, email, card].into_iter().flatten() {
+    let mut seen = BTreeSet::new();
+    for id in fields.iter().filter(|id| seen.insert(**id)) {
         t.push(format!("custom_field_{id}_value_changed"));
     }
     t
@@ -183,12 +192,12 @@ pub async fn poll(conn: &Connector) -> Result<PollReport, AmoError> {
         .unwrap_or_else(|| now.timestamp());
     let from = cursor - amo.overlap.num_seconds();
     let fields = conn.fields().await?;
-    let types = event_types(
-        !amo.pipelines.is_empty(),
-        fields.phone,
-        fields.email,
-        fields.id(CardValue::Card),
-    );
+    let watched: Vec<i64> = [fields.phone, fields.email, fields.id(CardValue::Card)]
+        .into_iter()
+        .flatten()
+        .chain(fields.sources.iter().map(|f| f.id))
+        .collect();
+    let types = event_types(!amo.pipelines.is_empty(), &watched);
     let path = format!(
         "/api/v4/events?filter[type]={}&filter[created_at][from]={from}&limit={}",
         types.join(","),
@@ -221,14 +230,25 @@ pub async fn poll(conn: &Connector) -> Result<PollReport, AmoError> {
     let card_event = fields
         .id(CardValue::Card)
         .map(|id| format!("custom_field_{id}_value_changed"));
-    let contacts = contacts_to_read(conn, contact_events, card_event).await?;
+    let source_events: BTreeSet<String> = fields
+        .sources
+        .iter()
+        .map(|f| format!("custom_field_{}_value_changed", f.id))
+        .collect();
+    let contacts = contacts_to_read(conn, contact_events, card_event, source_events).await?;
+    let tz = conn.cfg.timezone;
+    let mut attributes = Vec::new();
     // contacts first: a card typed into a contact decides whose sale a won deal is
     for id in &contacts {
         if let Some(v) = conn.client.get(&format!("/api/v4/contacts/{id}")).await?
             && let Ok(c) = serde_json::from_value::<Contact>(v)
-            && relink_changed(conn, &c).await?
         {
-            report.relinked += 1;
+            if relink_changed(conn, &c).await? {
+                report.relinked += 1;
+            }
+            if let Some(a) = attributes_of(&c, &fields.sources, tz) {
+                attributes.push((c.id, a));
+            }
         }
     }
     let mut items = Vec::new();
@@ -316,20 +336,43 @@ pub async fn poll(conn: &Connector) -> Result<PollReport, AmoError> {
         .await?;
     report.applied = r.applied + r.new_versions + r.voided;
     report.unchanged = r.unchanged + r.stale;
+    // a won deal's contact, read for the sale, is linked to its customer now: what its
+    // card says of them applies too
+    let read: BTreeSet<i64> = attributes.iter().map(|(id, _)| *id).collect();
+    for c in cache.values().flatten() {
+        if !read.contains(&c.id)
+            && let Some(a) = attributes_of(c, &fields.sources, tz)
+        {
+            attributes.push((c.id, a));
+        }
+    }
+    let applied = super::attributes::apply(conn, attributes).await?;
+    report.attributes_changed = applied.changed;
+    report.attributes_refused = applied.refused.len();
+    report.attributes_kept = applied.kept;
     Ok(report)
 }
 
-/// The contacts whose events may change a link. A contact already linked is skipped
-/// (kopilka's own writes come back as events too) unless a card number was typed into it
-/// that belongs to another customer: reading every contact behind every event would crawl
-/// the account, which AmoCRM penalises.
+/// The contacts whose events may change a link or a customer's attributes. A contact
+/// already linked is skipped (kopilka's own writes come back as events too) unless a card
+/// number was typed into it that belongs to another customer, or a `[sources]` field of it
+/// changed (kopilka never writes those): reading every contact behind every event would
+/// crawl the account, which AmoCRM penalises.
 async fn contacts_to_read(
     conn: &Connector,
     events: BTreeMap<i64, Vec<&Event>>,
     card_event: Option<String>,
+    source_events: BTreeSet<String>,
 ) -> Result<BTreeSet<i64>, AmoError> {
     let mut plan: Vec<(i64, Vec<String>)> = Vec::new();
+    let mut attributes_changed = BTreeSet::new();
     for (contact, list) in events {
+        if list
+            .iter()
+            .any(|e| e.kind.as_ref().is_some_and(|k| source_events.contains(k)))
+        {
+            attributes_changed.insert(contact);
+        }
         let cards: Vec<String> = list
             .iter()
             .filter(|e| card_event.is_some() && e.kind == card_event)
@@ -351,6 +394,10 @@ async fn contacts_to_read(
                     read.insert(contact);
                     continue;
                 };
+                if attributes_changed.contains(&contact) {
+                    read.insert(contact);
+                    continue;
+                }
                 let mine = l.customer_keys_of(owner)?.cards;
                 if cards.iter().any(|c| !mine.contains(c)) {
                     read.insert(contact);

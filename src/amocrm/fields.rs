@@ -123,6 +123,64 @@ impl CardValue {
     }
 }
 
+/// A customer attribute kopilka reads from a contact card (`[sources]` in the field map)
+/// and never writes: the shop's managers type it, kopilka follows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SourceValue {
+    Birthday,
+    /// The friend code the customer came with (another member's code, or their card).
+    ReferralCode,
+    InviteCode,
+    ConsentService,
+    ConsentAds,
+}
+
+impl SourceValue {
+    pub const ALL: [SourceValue; 5] = [
+        SourceValue::Birthday,
+        SourceValue::ReferralCode,
+        SourceValue::InviteCode,
+        SourceValue::ConsentService,
+        SourceValue::ConsentAds,
+    ];
+
+    /// The key in `[sources]`.
+    pub fn key(self) -> &'static str {
+        match self {
+            SourceValue::Birthday => "birthday",
+            SourceValue::ReferralCode => "referral_code",
+            SourceValue::InviteCode => "invite_code",
+            SourceValue::ConsentService => "consent_service",
+            SourceValue::ConsentAds => "consent_ads",
+        }
+    }
+
+    /// The field types whose values kopilka can read for this attribute: a birthday from
+    /// AmoCRM's `birthday` or `date` field (Unix seconds) or from text a manager typed;
+    /// consents from a checkbox, or text such as «да»/«нет».
+    pub fn readable_types(self) -> &'static [&'static str] {
+        match self {
+            SourceValue::Birthday => &["birthday", "date", "date_time", "text"],
+            SourceValue::ReferralCode | SourceValue::InviteCode => &["text", "textarea", "numeric"],
+            SourceValue::ConsentService | SourceValue::ConsentAds => &["checkbox", "text"],
+        }
+    }
+}
+
+/// The contact fields kopilka reads (`[sources]`). None is read unless named: a guessed
+/// code could set a thousand birthdays from a field that means something else.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sources(pub Vec<(SourceValue, Target)>);
+
+/// A source field found in the account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceField {
+    pub value: SourceValue,
+    pub id: i64,
+    /// The field's AmoCRM type (`birthday`, `date`, `text`, `checkbox`…).
+    pub kind: Option<String>,
+}
+
 /// Where a value is written: a field id, or a field code.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -149,58 +207,113 @@ impl FieldMap {
     /// Reads `[fields]` from a mapping file; absent keys keep their default code. Every
     /// problem is reported at once.
     pub fn load(path: Option<&Path>) -> Result<FieldMap, String> {
-        let Some(path) = path else {
-            return Ok(FieldMap::default());
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the amocrm field map {}: {e}", path.display()))?;
-        FieldMap::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        load_mapping(path).map(|(map, _)| map)
     }
 
     pub fn parse(text: &str) -> Result<FieldMap, String> {
-        let table: toml::Table = text.parse().map_err(|e| format!("not valid TOML: {e}"))?;
-        let mut map = FieldMap::default();
-        let mut problems = Vec::new();
-        for k in table.keys() {
-            if k != "fields" {
-                problems.push(format!("unknown section {k:?} (expected [fields])"));
-            }
+        parse_mapping(text).map(|(map, _)| map)
+    }
+}
+
+/// Reads the whole field map file: what kopilka writes (`[fields]`) and what it reads
+/// (`[sources]`). Every problem is reported at once, each with the file and its key.
+pub fn load_mapping(path: Option<&Path>) -> Result<(FieldMap, Sources), String> {
+    let Some(path) = path else {
+        return Ok((FieldMap::default(), Sources::default()));
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the amocrm field map {}: {e}", path.display()))?;
+    parse_mapping(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A field id, a field code, or `None` for `false`; `Err` says what the value should be.
+fn target_of(v: &toml::Value) -> Result<Option<Target>, String> {
+    match v {
+        toml::Value::Integer(i) if *i > 0 => Ok(Some(Target::Id(*i))),
+        toml::Value::String(s) if !s.trim().is_empty() => Ok(Some(Target::Code(s.trim().to_string()))),
+        toml::Value::Boolean(false) => Ok(None),
+        other => Err(format!(
+            "{other} is not a field id (a positive number), a field code (text) or false"
+        )),
+    }
+}
+
+pub fn parse_mapping(text: &str) -> Result<(FieldMap, Sources), String> {
+    let table: toml::Table = text.parse().map_err(|e| format!("not valid TOML: {e}"))?;
+    let mut map = FieldMap::default();
+    let mut sources = Sources::default();
+    let mut problems = Vec::new();
+    for k in table.keys() {
+        if k != "fields" && k != "sources" {
+            problems.push(format!("unknown section {k:?} (expected [fields] or [sources])"));
         }
-        if let Some(fields) = table.get("fields") {
-            let Some(fields) = fields.as_table() else {
-                return Err("fields must be a table".into());
+    }
+    if let Some(fields) = table.get("fields") {
+        let Some(fields) = fields.as_table() else {
+            return Err("fields must be a table".into());
+        };
+        for (k, v) in fields {
+            let Some(value) = CardValue::ALL.iter().find(|c| c.key() == k) else {
+                problems.push(format!(
+                    "fields.{k}: unknown value; one of {}",
+                    CardValue::ALL.map(CardValue::key).join(", ")
+                ));
+                continue;
             };
-            for (k, v) in fields {
-                let Some(value) = CardValue::ALL.iter().find(|c| c.key() == k) else {
-                    problems.push(format!(
-                        "fields.{k}: unknown value; one of {}",
-                        CardValue::ALL.map(CardValue::key).join(", ")
-                    ));
+            let target = match target_of(v) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(format!("fields.{k}: {e}"));
                     continue;
-                };
-                let target = match v {
-                    toml::Value::Integer(i) if *i > 0 => Some(Target::Id(*i)),
-                    toml::Value::String(s) if !s.trim().is_empty() => {
-                        Some(Target::Code(s.trim().to_string()))
-                    }
-                    toml::Value::Boolean(false) => None,
-                    other => {
-                        problems.push(format!(
-                            "fields.{k}: {other} is not a field id (a positive number), a field code (text) or false"
-                        ));
-                        continue;
-                    }
-                };
-                if let Some(slot) = map.0.iter_mut().find(|(c, _)| c == value) {
-                    slot.1 = target;
                 }
+            };
+            if let Some(slot) = map.0.iter_mut().find(|(c, _)| c == value) {
+                slot.1 = target;
             }
         }
-        if problems.is_empty() {
-            Ok(map)
-        } else {
-            Err(problems.join("; "))
+    }
+    if let Some(table) = table.get("sources") {
+        let Some(table) = table.as_table() else {
+            return Err("sources must be a table".into());
+        };
+        for (k, v) in table {
+            let Some(value) = SourceValue::ALL.iter().find(|c| c.key() == k) else {
+                problems.push(format!(
+                    "sources.{k}: unknown attribute; one of {}",
+                    SourceValue::ALL.map(SourceValue::key).join(", ")
+                ));
+                continue;
+            };
+            let target = match target_of(v) {
+                Ok(Some(t)) => t,
+                Ok(None) => continue,
+                Err(e) => {
+                    problems.push(format!("sources.{k}: {e}"));
+                    continue;
+                }
+            };
+            // kopilka's own writes would come back as the customer's values (their own friend
+            // code as the code they came with), so a field cannot be both
+            let written = map.0.iter().find(|(_, t)| match (t, &target) {
+                (Some(Target::Id(a)), Target::Id(b)) => a == b,
+                (Some(Target::Code(a)), Target::Code(b)) => a.eq_ignore_ascii_case(b),
+                _ => false,
+            });
+            if let Some((by, _)) = written {
+                problems.push(format!(
+                    "sources.{k}: kopilka writes this field (fields.{}); name the field managers type the {} into",
+                    by.key(),
+                    k.replace('_', " ")
+                ));
+                continue;
+            }
+            sources.0.push((*value, target));
         }
+    }
+    if problems.is_empty() {
+        Ok((map, sources))
+    } else {
+        Err(problems.join("; "))
     }
 }
 
@@ -212,12 +325,41 @@ pub struct Resolved {
     pub missing: Vec<(CardValue, Target)>,
     pub phone: Option<i64>,
     pub email: Option<i64>,
+    /// The contact fields kopilka reads attributes from (`[sources]`), found in the account.
+    pub sources: Vec<SourceField>,
+    /// Source fields named in the map that the account does not have (never created: they
+    /// are the shop's fields).
+    pub missing_sources: Vec<(SourceValue, Target)>,
 }
 
 impl Resolved {
     pub fn id(&self, v: CardValue) -> Option<i64> {
         self.ids.iter().find(|(c, _)| *c == v).map(|(_, id)| *id)
     }
+}
+
+/// Finds the source fields in the account's field list.
+pub fn resolve_sources(
+    sources: &Sources,
+    fields: &[CustomField],
+) -> (Vec<SourceField>, Vec<(SourceValue, Target)>) {
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for (value, target) in &sources.0 {
+        let field = fields.iter().find(|f| match target {
+            Target::Id(id) => f.id == *id,
+            Target::Code(c) => f.code.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(c)),
+        });
+        match field {
+            Some(f) => found.push(SourceField {
+                value: *value,
+                id: f.id,
+                kind: f.kind.clone(),
+            }),
+            None => missing.push((*value, target.clone())),
+        }
+    }
+    (found, missing)
 }
 
 /// Every contact field of the account.
@@ -306,5 +448,31 @@ mod tests {
             e.contains("fields.balance") && e.contains("fields.points") && e.contains("\"other\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sources_are_read_only_where_named_and_never_from_a_written_field() {
+        let (_, none) = parse_mapping("[fields]\n").unwrap();
+        assert!(none.0.is_empty(), "nothing is read unless named");
+        let (_, s) =
+            parse_mapping("[sources]\nbirthday = \"BIRTHDAY\"\nconsent_ads = 77\ninvite_code = false\n")
+                .unwrap();
+        assert_eq!(
+            s.0,
+            vec![
+                (SourceValue::Birthday, Target::Code("BIRTHDAY".into())),
+                (SourceValue::ConsentAds, Target::Id(77)),
+            ]
+        );
+        let e = parse_mapping(
+            "[sources]\nbirthdate = \"B\"\nreferral_code = \"kopilka_friend_code\"\nconsent_ads = 0\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("sources.birthdate: unknown attribute"), "{e}");
+        assert!(
+            e.contains("sources.referral_code: kopilka writes this field (fields.referral_code)"),
+            "{e}"
+        );
+        assert!(e.contains("sources.consent_ads: 0 is not a field id"), "{e}");
     }
 }

@@ -1,13 +1,14 @@
 //! Everything that knows AmoCRM's API v4: authentication (`auth`), the HTTP client, its
 //! pacer and its error classes (`client`, `limiter`, [`classify`]), the wire shapes
 //! (`wire`), custom fields (`fields`), matching customers to contacts (`contacts`), the
-//! outbox sinks for contact cards and notes (`sink`, `notes`), and won deals as sales
-//! (`deals`).
+//! outbox sinks for contact cards and notes (`sink`, `notes`), won deals as sales
+//! (`deals`), and customer attributes read from contact fields (`attributes`).
 //!
 //! Nothing outside this folder sees AmoCRM JSON: deals become core `Document`s, contacts
 //! become links in the ledger. See `../shared/specs/amocrm.md` for the API's behaviour this
 //! code follows, and ARCHITECTURE.md for where it sits.
 
+pub mod attributes;
 pub mod auth;
 pub mod client;
 pub mod connector;

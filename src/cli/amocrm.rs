@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use super::{Cli, load_config};
 use crate::amocrm::Connector;
 use crate::amocrm::fields::{self, CardValue, Target};
+use crate::amocrm::wire::CustomField;
 use crate::clock::SystemClock;
 use crate::ledger::{Ledger, SharedLedger};
 
@@ -100,9 +101,16 @@ pub fn run(cli: &Cli, a: &AmocrmArgs) -> anyhow::Result<ExitCode> {
                     .filter(|f| !f.code.as_deref().is_some_and(|c| ours.contains(&c)))
                     .count();
                 println!("({} other contact fields in the account)", others);
-                anyhow::Ok(())
-            })?;
-            Ok(ExitCode::SUCCESS)
+                let problems = print_sources(&conn, &list);
+                anyhow::Ok(problems)
+            })
+            .map(|problems| {
+                if problems == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            })
         }
         AmocrmAction::Unmatched { json } => {
             let cfg = load_config(cli)?;
@@ -132,4 +140,70 @@ pub fn run(cli: &Cli, a: &AmocrmArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `kopilka check --probe`: AmoCRM answers with the configured token, and every field
+/// `[sources]` names exists with a type kopilka can read (a missing one is named).
+pub fn probe(cli: &Cli) -> anyhow::Result<bool> {
+    let (rt, conn) = connector(cli)?;
+    match rt.block_on(fields::list(&conn.client)) {
+        Ok(list) => {
+            println!(
+                "  probe: amocrm {} answers ({} contact fields)",
+                conn.client.base_url(),
+                list.len()
+            );
+            Ok(print_sources(&conn, &list) == 0)
+        }
+        Err(e) => {
+            println!("  probe: amocrm: {e}");
+            Ok(false)
+        }
+    }
+}
+
+/// Lists the contact fields read as customer attributes (`[sources]`): each one's field, and
+/// whether the account has it with a type kopilka can read. Returns the number of problems
+/// (a missing field, a type that cannot hold the value), so the command fails on them.
+fn print_sources(conn: &Connector, list: &[CustomField]) -> usize {
+    if conn.sources.0.is_empty() {
+        println!("no contact field is read as a customer attribute ([sources] names none)");
+        return 0;
+    }
+    let (found, missing) = fields::resolve_sources(&conn.sources, list);
+    println!("{:<16} {:<24} {:>10}  state", "reads", "field", "id");
+    let mut problems = 0;
+    for (value, target) in &conn.sources.0 {
+        let shown = match target {
+            Target::Id(i) => format!("id {i}"),
+            Target::Code(c) => c.clone(),
+        };
+        let (id, state) = match found.iter().find(|f| f.value == *value) {
+            Some(f) => {
+                let kind = f.kind.as_deref().unwrap_or("?");
+                if value.readable_types().contains(&kind) {
+                    (f.id.to_string(), format!("ok ({kind})"))
+                } else {
+                    problems += 1;
+                    (
+                        f.id.to_string(),
+                        format!(
+                            "type {kind} cannot hold it (one of {})",
+                            value.readable_types().join(", ")
+                        ),
+                    )
+                }
+            }
+            None => {
+                problems += 1;
+                debug_assert!(missing.iter().any(|(v, _)| v == value));
+                (
+                    "-".into(),
+                    "missing: the account has no such contact field".into(),
+                )
+            }
+        };
+        println!("{:<16} {:<24} {:>10}  {state}", value.key(), shown, id);
+    }
+    problems
 }

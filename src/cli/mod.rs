@@ -537,7 +537,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 p.stamps.len(),
                 p.thresholds.len()
             );
+            if let Some(amo) = &cfg.amocrm {
+                // the field map is read when the AmoCRM jobs start; a bad key must fail here first
+                match crate::amocrm::fields::load_mapping(amo.mapping.as_deref()) {
+                    Ok((_, sources)) => println!(
+                        "  amocrm field map: {} ({} contact fields read as customer attributes)",
+                        amo.mapping
+                            .as_ref()
+                            .map_or("built-in codes".to_string(), |m| m.display().to_string()),
+                        sources.0.len()
+                    ),
+                    Err(e) => {
+                        println!("  error: {e}");
+                        return Ok(ExitCode::from(78));
+                    }
+                }
+            }
             let mut failed = false;
+            if *probe && cfg.amocrm.is_some() {
+                failed |= !amocrm::probe(&cli)?;
+            }
             if *probe && cfg.onec.as_ref().is_some_and(|o| o.odata.is_some()) {
                 let report = crate::onec::odata::probe_blocking(&cfg).context("odata probe")?;
                 print!("{report}");
@@ -546,10 +565,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if *probe && let Some(t) = &cfg.notify.telegram {
                 failed |= !probe_telegram(t)?;
             }
-            if *probe && cfg.onec.as_ref().is_none_or(|o| o.odata.is_none()) && cfg.notify.telegram.is_none()
+            if *probe
+                && cfg.onec.as_ref().is_none_or(|o| o.odata.is_none())
+                && cfg.notify.telegram.is_none()
+                && cfg.amocrm.is_none()
             {
                 println!(
-                    "  probe: neither [onec.odata] nor [notify.telegram] is configured; nothing to probe"
+                    "  probe: none of [onec.odata], [notify.telegram] and [amocrm] is configured; nothing to probe"
                 );
             }
             Ok(if failed {

@@ -80,8 +80,17 @@ impl Job for Events {
             conn.client.bearer().await.context("amocrm token")?;
             let r = poll(&conn).await.context("polling amocrm events")?;
             Ok(JobOutcome::done(format!(
-                "{} events ({} new): {} won deals, {} reversed, {} applied, {} contacts relinked",
-                r.events, r.new_events, r.sales, r.voids, r.applied, r.relinked
+                "{} events ({} new): {} won deals, {} reversed, {} applied, {} contacts relinked, \
+                 {} customers' attributes changed, {} refused, {} kept",
+                r.events,
+                r.new_events,
+                r.sales,
+                r.voids,
+                r.applied,
+                r.relinked,
+                r.attributes_changed,
+                r.attributes_refused,
+                r.attributes_kept
             )))
         })
     }
@@ -151,12 +160,16 @@ impl Job for Deliver {
                 _ => Default::default(),
             };
             let summary = format!(
-                "{} linked ({} created), {} ambiguous, {} without contact; {} cards re-queued; cards: {} delivered, \
+                "{} linked ({} created), {} ambiguous, {} without contact; attributes: {} customers changed, \
+                 {} refused, {} kept; {} cards re-queued; cards: {} delivered, \
                  {} retried, {} dead; notes: {} queued, {} delivered, {} retried, {} dead",
                 m.linked + m.created,
                 m.created,
                 m.ambiguous,
                 m.not_found,
+                m.attributes_changed,
+                m.attributes_refused,
+                m.attributes_kept,
                 requeued,
                 cards.delivered,
                 cards.retried,
