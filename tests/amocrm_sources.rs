@@ -68,6 +68,11 @@ struct World {
 /// birthday field, `text` for a field managers type dates into), and kopilka configured to
 /// read them.
 async fn world(birthday_type: &str) -> World {
+    world_with(birthday_type, "").await
+}
+
+/// [`world`] with more of the rules file (`extra` is appended to it).
+async fn world_with(birthday_type: &str, extra: &str) -> World {
     let clock = Arc::new(FakeClock::new(t0()));
     let sim = AmoSim::builder()
         .clock(clock.clone())
@@ -82,7 +87,7 @@ async fn world(birthday_type: &str) -> World {
     sim.add_field("Согласие на рекламу", "CONSENT_ADS", "checkbox");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), "long-lived-1\n").unwrap();
-    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    std::fs::write(dir.path().join("rules.toml"), format!("{RULES}{extra}")).unwrap();
     std::fs::write(dir.path().join("amocrm.toml"), SOURCES).unwrap();
     let text = format!(
         "[general]\ntimezone = \"Europe/Moscow\"\n[ledger]\npath = \"{}\"\n[rules]\npath = \"{}\"\n\
@@ -582,4 +587,117 @@ async fn check_names_a_bad_source_key_and_the_probe_a_missing_field() {
         text.contains("amocrm.toml") && text.contains("sources.birthdate"),
         "{text}"
     );
+}
+
+/// The voucher's whole life as the shop sees it: the sixth coffee earns a free one; the
+/// contact card lists it (code, item, last day) and a note tells the manager; the till gives
+/// the item free in a 1C sale and the voucher is used — once, however often 1C sends the
+/// sale again, and a second free line finds no other voucher; the card's list empties. A
+/// second voucher left unused expires: `balance` says so and the card stops listing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voucher_reaches_the_card_is_used_once_by_a_1c_sale_and_expires() {
+    let w = world_with(
+        "birthday",
+        "[[stamp_cards]]\nid = \"coffee\"\nevery = 6\ninclude_products = [\"P1\"]\n\
+         reward_product = \"P1\"\nreward_valid_days = 30\n",
+    )
+    .await;
+    // the product as 1C's catalog names it
+    w.ctx_run(|l, _| {
+        l.upsert_catalog(
+            &[kopilka::ledger::CatalogItem::Product {
+                id: "P1".into(),
+                name: "Кофе".into(),
+                article: None,
+                group: None,
+                service: false,
+                deleted: false,
+            }],
+            w.now(),
+        )
+    })
+    .unwrap();
+    let contact = w.sim.add_contact("Анна", &["+7 912 000-00-07"], &[]);
+    let phone = Some("+79120000007");
+    let six = |id: &str, at| {
+        let mut d = sale(id, None, phone, 600, at);
+        d.lines[0].quantity = Decimal::from(6);
+        d.lines[0].unit_price = Money(10_000);
+        d.source.version = content_version(&d);
+        d
+    };
+    w.ingest(vec![six("S1", w.now() - Duration::hours(3))]);
+    let vouchers = |w: &World| {
+        w.ctx_run(|l, _| l.balance("+79120000007", w.now(), Duration::days(14)))
+            .unwrap()
+            .vouchers
+    };
+    let v = vouchers(&w);
+    assert_eq!(v.len(), 1, "{v:?}");
+    let code = v[0].code.clone().unwrap();
+    assert_eq!(v[0].state, "issued");
+
+    let out = w.deliver().await;
+    let card = w.sim.field_value(contact, "KOPILKA_VOUCHERS").unwrap_or_default();
+    let until = (w.now() - Duration::hours(3) + Duration::days(30))
+        .with_timezone(&chrono_tz::Europe::Moscow)
+        .format("%d.%m.%Y")
+        .to_string();
+    assert_eq!(card, format!("{code} — Кофе, до {until}"), "{out}");
+    let notes: Vec<String> = w
+        .sim
+        .notes()
+        .into_iter()
+        .filter(|n| n.entity_id == contact && n.text.contains("купон"))
+        .map(|n| n.text)
+        .collect();
+    assert_eq!(
+        notes,
+        vec![format!(
+            "Выдан купон на подарок: Кофе, код {code}, действует до {until}. Клиент называет код на кассе."
+        )]
+    );
+    // the note was delivered: the voucher is `sent`
+    assert_eq!(vouchers(&w)[0].state, "sent");
+
+    // the till gives one coffee free; 1C sends the sale twice (a re-scan)
+    let free = |id: &str, units: i64| {
+        let mut d = sale(id, None, phone, 100, w.now() - Duration::hours(1));
+        d.lines[0].quantity = Decimal::from(units);
+        d.lines[0].discount = d.lines[0].net;
+        d.lines[0].net = Money(0);
+        d.total = Money(0);
+        d.source.version = content_version(&d);
+        d
+    };
+    w.ingest(vec![free("S2", 1)]);
+    w.ingest(vec![free("S2", 1)]);
+    let v = vouchers(&w);
+    assert_eq!((v.len(), v[0].state.as_str()), (1, "used"), "{v:?}");
+    // another free coffee finds no open voucher: nothing more is used
+    w.ingest(vec![free("S3", 1)]);
+    let v = vouchers(&w);
+    assert_eq!(v.iter().filter(|v| v.state == "used").count(), 1, "{v:?}");
+    let out = w.deliver().await;
+    assert_eq!(w.sim.field_value(contact, "KOPILKA_VOUCHERS"), None, "{out}");
+
+    // six more: a second voucher, never used; 31 days on it has expired
+    w.ingest(vec![six("S4", w.now())]);
+    w.deliver().await;
+    assert!(
+        w.sim
+            .field_value(contact, "KOPILKA_VOUCHERS")
+            .is_some_and(|t| t.starts_with("V-") && !t.contains(&code)),
+    );
+    w.clock.advance(Duration::days(31));
+    let report = w.ctx_run(|l, c| l.nightly(&w.cfg.program, c)).unwrap();
+    assert_eq!(report.vouchers_expired, 1, "{report:?}");
+    let states: Vec<String> = vouchers(&w).into_iter().map(|v| v.state).collect();
+    assert_eq!(states, vec!["expired", "used"]);
+    w.deliver().await;
+    assert_eq!(w.sim.field_value(contact, "KOPILKA_VOUCHERS"), None);
+    // the expired one is not announced again, nor used by a late free line
+    w.ingest(vec![free("S5", 1)]);
+    let states: Vec<String> = vouchers(&w).into_iter().map(|v| v.state).collect();
+    assert_eq!(states, vec!["expired", "used"]);
 }

@@ -28,13 +28,16 @@ pub enum CardValue {
     Offer,
     /// The member's friend code (issue 20): a manager reads it out, a friend gives it.
     ReferralCode,
+    /// The member's open gift vouchers (code, item, last day), which a manager reads out and
+    /// the till accepts; cleared as they are used or expire.
+    Vouchers,
     /// The text of the member's latest message, which the shop's Salesbot sends
     /// (`{{contact.cf.…}}` in the bot); written only when `[notify.salesbot]` is set.
     Message,
 }
 
 impl CardValue {
-    pub const ALL: [CardValue; 12] = [
+    pub const ALL: [CardValue; 13] = [
         CardValue::Points,
         CardValue::Pending,
         CardValue::Tier,
@@ -46,6 +49,7 @@ impl CardValue {
         CardValue::Card,
         CardValue::Offer,
         CardValue::ReferralCode,
+        CardValue::Vouchers,
         CardValue::Message,
     ];
 
@@ -63,6 +67,7 @@ impl CardValue {
             CardValue::Card => "card",
             CardValue::Offer => "offer",
             CardValue::ReferralCode => "referral_code",
+            CardValue::Vouchers => "vouchers",
             CardValue::Message => "message",
         }
     }
@@ -80,6 +85,7 @@ impl CardValue {
             CardValue::Card => "KOPILKA_CARD",
             CardValue::Offer => "KOPILKA_OFFER",
             CardValue::ReferralCode => "KOPILKA_FRIEND_CODE",
+            CardValue::Vouchers => "KOPILKA_VOUCHERS",
             CardValue::Message => "KOPILKA_MESSAGE",
         }
     }
@@ -98,6 +104,7 @@ impl CardValue {
             CardValue::Card => "Карта лояльности",
             CardValue::Offer => "Следующее предложение",
             CardValue::ReferralCode => "Код для друга",
+            CardValue::Vouchers => "Подарки по купонам",
             CardValue::Message => "Сообщение для клиента",
         }
     }
@@ -112,7 +119,7 @@ impl CardValue {
             | CardValue::Ltv => "numeric",
             CardValue::BurnDate | CardValue::LastPurchase => "date",
             CardValue::Tier | CardValue::Card | CardValue::Offer | CardValue::ReferralCode => "text",
-            CardValue::Message => "textarea",
+            CardValue::Vouchers | CardValue::Message => "textarea",
         }
     }
 

@@ -63,6 +63,22 @@ pub fn note_text(f: &NoteFacts, rules: &RuleSet, tz: Tz) -> String {
                 words::points(f.points)
             )
         }
+        "voucher" => {
+            let until =
+                f.at.and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+                    .map(|d| {
+                        format!(
+                            ", действует до {}",
+                            words::date(d.with_timezone(&tz).date_naive())
+                        )
+                    })
+                    .unwrap_or_default();
+            format!(
+                "Выдан купон на подарок: {}, код {}{until}. Клиент называет код на кассе.",
+                f.explanation.as_deref().unwrap_or("товар"),
+                f.document.as_deref().unwrap_or("—")
+            )
+        }
         other => format!("kopilka: {other}"),
     }
 }

@@ -63,6 +63,25 @@ fn rubles(kopecks: i64) -> String {
     format!("{sign}{}.{:02}", k / 100, k % 100)
 }
 
+/// One line per open voucher («V-7KQ3MZP — Капучино, до 12.03.2027»); `None` clears the
+/// field once the last one is used or expires.
+fn vouchers_text(f: &CardFigures, rules: &RuleSet) -> Option<String> {
+    let lines: Vec<String> = f
+        .vouchers
+        .iter()
+        .map(|v| match v.expires_at {
+            Some(e) => format!(
+                "{} — {}, до {}",
+                v.code,
+                v.item,
+                crate::core::words::date(e.with_timezone(&rules.timezone).date_naive())
+            ),
+            None => format!("{} — {}", v.code, v.item),
+        })
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
 /// The PATCH item for one contact (without `id` and `request_id`), and its tags.
 pub fn card_item(f: &CardFigures, fields: &Resolved, rules: &RuleSet, tags: bool) -> Value {
     let tier = f.tier.as_deref().and_then(|t| rules.tier(t));
@@ -89,6 +108,7 @@ pub fn card_item(f: &CardFigures, fields: &Resolved, rules: &RuleSet, tags: bool
             },
             CardValue::Offer => text_value(f.offer.clone()),
             CardValue::ReferralCode => text_value(crate::core::identity::referral_code(f.customer_id)),
+            CardValue::Vouchers => text_value(vouchers_text(f, rules)),
             // written by the Salesbot channel just before it starts the bot
             CardValue::Message => continue,
         };

@@ -845,8 +845,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
-                    "expired {} points; {} tier changes; {} birthday bonuses; {} referral pairs rewarded",
-                    r.expired_points, r.tier_changes, r.birthday_bonuses, r.referral_bonuses
+                    "expired {} points; {} tier changes; {} birthday bonuses; {} referral pairs rewarded; {} vouchers expired",
+                    r.expired_points,
+                    r.tier_changes,
+                    r.birthday_bonuses,
+                    r.referral_bonuses,
+                    r.vouchers_expired
                 );
                 for why in &r.referrals_refused {
                     println!("referral refused: {why}");

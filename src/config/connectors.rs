@@ -327,7 +327,7 @@ pub struct AmocrmConfig {
     pub backoff_max: std::time::Duration,
     /// Field map (`mappings/amocrm.toml`); built-in codes when absent.
     pub mapping: Option<PathBuf>,
-    /// Which notes to write on contacts: accrual, redemption, tier, expiry.
+    /// Which notes to write on contacts: accrual, redemption, tier, expiry, voucher.
     pub notes: Vec<String>,
     pub note_accrual_min_points: i64,
     pub tags: bool,
@@ -724,13 +724,14 @@ pub(super) fn amocrm(raw: &RawAmocrm, c: &mut Check<'_>) -> AmocrmConfig {
             "redemption".into(),
             "tier".into(),
             "expiry".into(),
+            "voucher".into(),
         ]
     });
     for n in &notes {
-        if !["accrual", "redemption", "tier", "expiry"].contains(&n.as_str()) {
+        if !["accrual", "redemption", "tier", "expiry", "voucher"].contains(&n.as_str()) {
             c.bad(
                 "amocrm.notes",
-                format!("{n:?} is not one of accrual, redemption, tier, expiry"),
+                format!("{n:?} is not one of accrual, redemption, tier, expiry, voucher"),
             );
         }
     }

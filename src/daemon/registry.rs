@@ -30,8 +30,13 @@ impl Job for Nightly {
                 })
                 .await?;
             Ok(JobOutcome::done(format!(
-                "expired {} points, {} tier changes, {} birthday and {} referral bonuses, {} expiry warnings",
-                r.expired_points, r.tier_changes, r.birthday_bonuses, r.referral_bonuses, r.expiry_warnings
+                "expired {} points, {} tier changes, {} birthday and {} referral bonuses, {} expiry warnings, {} vouchers expired",
+                r.expired_points,
+                r.tier_changes,
+                r.birthday_bonuses,
+                r.referral_bonuses,
+                r.expiry_warnings,
+                r.vouchers_expired
             )))
         })
     }

@@ -67,6 +67,17 @@ pub struct CardFigures {
     /// Lifetime value: sales in force minus returns in force, in kopecks.
     pub ltv_kopecks: i64,
     pub last_purchase: Option<DateTime<Utc>>,
+    /// Gift vouchers the member can still use, oldest first.
+    pub vouchers: Vec<OpenVoucher>,
+}
+
+/// A voucher as the card shows it: what the member says at the till, what it gives, until when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenVoucher {
+    pub code: String,
+    /// The product's name (its id when the catalog does not know it).
+    pub item: String,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// The sealed token pair of an account as stored.
@@ -432,6 +443,22 @@ impl Ledger {
                 .query_row([c], |r| r.get(0))
                 .optional()?;
             let (ltv, last) = self.ltv_of(c)?;
+            let vouchers = self
+                .conn
+                .prepare_cached(
+                    "SELECT v.code, COALESCE(p.name, v.product), v.expires_at FROM vouchers v \
+                     LEFT JOIN catalog_products p ON p.id = v.product \
+                     WHERE v.customer_id = ?1 AND v.state = 'issued' AND v.code IS NOT NULL \
+                       AND (v.expires_at IS NULL OR v.expires_at > ?2) ORDER BY v.issued_at, v.id",
+                )?
+                .query_map(params![c, ts(now)], |r| {
+                    Ok(OpenVoucher {
+                        code: r.get(0)?,
+                        item: r.get(1)?,
+                        expires_at: r.get::<_, Option<i64>>(2)?.map(from_ts),
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
             out.push(CardFigures {
                 customer_id: c,
                 name,
@@ -446,6 +473,7 @@ impl Ledger {
                 card,
                 ltv_kopecks: ltv,
                 last_purchase: last,
+                vouchers,
             });
         }
         Ok(out)
@@ -571,11 +599,13 @@ impl Ledger {
             [],
             |r| r.get(0),
         )?;
+        let voucher_max: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM vouchers", [], |r| r.get(0))?;
         let (j0, t0, w0) = (
             cursor("amocrm:notes:journal")?.or(Some(0)),
             cursor("amocrm:notes:tier")?.or(Some(0)),
             cursor("amocrm:notes:expiry")?.or(Some(0)),
         );
+        let v0 = cursor("amocrm:notes:voucher")?.unwrap_or(0);
         let oldest = ts(now - NOTE_MAX_AGE);
         let mut notes: Vec<(String, NoteFacts)> = Vec::new();
         let want = |k: &str| kinds.iter().any(|x| x == k);
@@ -686,6 +716,33 @@ impl Ledger {
                 ));
             }
         }
+        if want("voucher") && voucher_max > v0 {
+            // a voucher's note names its code, item and last day (`document`, `explanation`, `at`)
+            let mut st = tx.prepare(
+                "SELECT v.id, v.customer_id, v.code, COALESCE(p.name, v.product), v.expires_at FROM vouchers v \
+                 LEFT JOIN catalog_products p ON p.id = v.product \
+                 WHERE v.id > ?1 AND v.id <= ?2 AND v.issued_at >= ?3 AND v.state = 'issued' ORDER BY v.id",
+            )?;
+            let rows = st.query_map(params![v0, voucher_max, oldest], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    NoteFacts {
+                        customer_id: r.get(1)?,
+                        kind: "voucher".into(),
+                        points: 0,
+                        document: r.get(2)?,
+                        explanation: r.get(3)?,
+                        from_tier: None,
+                        to_tier: None,
+                        at: r.get(4)?,
+                    },
+                ))
+            })?;
+            for row in rows {
+                let (id, facts) = row?;
+                notes.push((format!("{NOTES_DESTINATION}:voucher:{id}"), facts));
+            }
+        }
         let mut n = 0;
         for (key, facts) in &notes {
             let payload = serde_json::to_string(facts)
@@ -698,6 +755,7 @@ impl Ledger {
             ("amocrm:notes:journal", journal_max),
             ("amocrm:notes:tier", tier_max),
             ("amocrm:notes:expiry", warn_max),
+            ("amocrm:notes:voucher", voucher_max),
         ] {
             tx.prepare_cached(
                 "INSERT INTO checkpoints (source, cursor, updated_at) VALUES (?1, ?2, ?3) \

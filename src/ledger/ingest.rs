@@ -1830,6 +1830,14 @@ pub(super) fn enqueue_contact_states(
         let (tier, segment, offer): (Option<String>, Option<String>, Option<String>) = conn
             .prepare_cached("SELECT tier, segment, offer FROM customers WHERE id = ?1")?
             .query_row([c], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        // the card lists open vouchers: a free line that used one changes it without a journal entry
+        let vouchers: Vec<i64> = conn
+            .prepare_cached(
+                "SELECT id FROM vouchers WHERE customer_id = ?1 AND state = 'issued' \
+                   AND (expires_at IS NULL OR expires_at > ?2) ORDER BY id",
+            )?
+            .query_map(params![c, ts(ctx.now)], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         let payload = serde_json::json!({
             "customer_id": c,
             "available": f.available,
@@ -1840,6 +1848,7 @@ pub(super) fn enqueue_contact_states(
             "tier": tier,
             "segment": segment,
             "offer": offer,
+            "vouchers": vouchers,
             "as_of_tx": last_tx,
         });
         let inserted = super::outbox::enqueue(

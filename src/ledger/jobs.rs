@@ -28,6 +28,9 @@ pub struct NightlyReport {
     pub referrals_refused: Vec<String>,
     /// Customers warned that points burn soon (once per lot).
     pub expiry_warnings: usize,
+    /// Gift vouchers that reached their end since the last run (their cards no longer list
+    /// them).
+    pub vouchers_expired: usize,
     pub offers: super::OffersRefresh,
 }
 
@@ -292,6 +295,32 @@ impl Ledger {
         Ok(customers.len())
     }
 
+    /// Gift vouchers past their end since the last look: `expired` is read from the end date,
+    /// not stored, so nothing else would tell the AmoCRM card to stop showing them; their
+    /// holders' cards are queued in the same transaction as the cursor.
+    pub fn vouchers_expired(&mut self, ctx: &IngestContext<'_>) -> Result<usize> {
+        const CURSOR: &str = "vouchers:expired";
+        let now = ctx.now;
+        let tx = self.conn.transaction()?;
+        let since = super::accounting::journal_head(&tx)?;
+        let last = super::notify::cursor(&tx, CURSOR)?;
+        let mut expired = 0;
+        let mut customers = BTreeSet::new();
+        {
+            let mut st = tx.prepare(
+                "SELECT customer_id FROM vouchers WHERE state = 'issued' AND expires_at > ?1 AND expires_at <= ?2",
+            )?;
+            for c in st.query_map(params![last, ts(now)], |r| r.get::<_, i64>(0))? {
+                customers.insert(c?);
+                expired += 1;
+            }
+        }
+        super::notify::set_cursor(&tx, CURSOR, ts(now), now)?;
+        finish_write(&tx, since, &customers, ctx)?;
+        tx.commit()?;
+        Ok(expired)
+    }
+
     /// Every nightly job in order: expiry first (so a birthday bonus is not burnt at once).
     pub fn nightly(&mut self, rules: &RuleSet, ctx: &IngestContext<'_>) -> Result<NightlyReport> {
         let expired_points = self.expire_due(ctx)?;
@@ -305,6 +334,7 @@ impl Ledger {
             referral_bonuses,
             referrals_refused,
             expiry_warnings: self.expiry_warnings(ctx)?,
+            vouchers_expired: self.vouchers_expired(ctx)?,
             offers: self.refresh_offers(ctx)?,
         })
     }

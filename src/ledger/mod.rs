@@ -37,7 +37,8 @@ use rusqlite::{Connection, OpenFlags};
 
 pub use accounting::{Books, HistoryPosting, Posting, PostingKind, PostingRecord, movement_of};
 pub use amocrm_state::{
-    CardFigures, CustomerKeys, EVENTS_CHECKPOINT, NOTES_DESTINATION, NoteFacts, StoredTokens, Unmatched,
+    CardFigures, CustomerKeys, EVENTS_CHECKPOINT, NOTES_DESTINATION, NoteFacts, OpenVoucher, StoredTokens,
+    Unmatched,
 };
 pub use catalog::{CatalogItem, CatalogReport, CostPolicy};
 pub use delivery::{DeliveryError, DeliveryPolicy, DeliveryReport, SharedLedger, Sink, deliver_due};

@@ -142,7 +142,8 @@ pub struct BalanceView {
 pub struct VoucherView {
     pub code: Option<String>,
     pub product: String,
-    /// `issued`, `used` or `expired` (issued and past its end).
+    /// `issued`; `sent` once a note on the AmoCRM card or a message to the member about it
+    /// was delivered; `used`; or `expired` (issued or sent, and past its end).
     pub state: String,
     pub issued_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
@@ -467,9 +468,13 @@ impl Ledger {
 
     fn vouchers_of(&self, id: i64, now: DateTime<Utc>) -> Result<Vec<VoucherView>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT code, product, CASE WHEN state = 'issued' AND expires_at <= ?2 THEN 'expired' ELSE state END, \
+            "SELECT code, product, CASE WHEN state = 'issued' AND expires_at <= ?2 THEN 'expired' \
+                      WHEN state = 'issued' AND EXISTS (SELECT 1 FROM outbox o WHERE o.state = 'delivered' \
+                        AND o.idem_key IN ('amocrm:notes:voucher:' || v.id, 'notify:email:voucher:' || v.id, \
+                          'notify:telegram:voucher:' || v.id, 'notify:salesbot:voucher:' || v.id)) THEN 'sent' \
+                      ELSE state END, \
                     issued_at, expires_at, used_at \
-             FROM vouchers WHERE customer_id = ?1 AND state != 'cancelled' ORDER BY issued_at DESC, id DESC",
+             FROM vouchers v WHERE customer_id = ?1 AND state != 'cancelled' ORDER BY issued_at DESC, id DESC",
         )?;
         let rows = st
             .query_map(params![id, ts(now)], |r| {
