@@ -123,6 +123,36 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
         .context("starting the AmoCRM simulator")?;
     // the shop's Salesbot in AmoCRM and its mail relay, for members' messages
     amo.add_bot(DEMO_BOT);
+    // the field where managers type the friend code a new customer came with
+    amo.add_field("Код друга, с которым пришёл", "FRIEND_CODE_USED", "text");
+    // the shop's own programs, as 1C holds them: a gift tea for every ten teas (a product
+    // added to the catalog for it) and a club whose card is sold for a month at a time
+    let tz = onec.timezone();
+    let now_local = |days: i64| {
+        (chrono::Utc::now() - chrono::Duration::days(days))
+            .with_timezone(&tz)
+            .naive_local()
+    };
+    let gift = onec.add_product(
+        "GIFT-TEA",
+        "Чай в подарок, 50 г",
+        "gifts",
+        Money(15_000),
+        Money(6_000),
+    );
+    let club = onec.add_product(
+        "CLUB-MONTH",
+        "Клубная карта «Чайный клуб», месяц",
+        "club",
+        Money(50_000),
+        Money(0),
+    );
+    // one member bought the club card 45 days ago and never again (lapsed 15 days ago),
+    // another 10 days ago (in force)
+    let club_buyers = [(3usize, 45i64), (4, 10)];
+    for (i, days) in club_buyers {
+        onec.add_sale_of(i, &[("CLUB-MONTH", 1, false)], now_local(days));
+    }
     let smtp = crate::sim::smtp::SmtpSim::start()
         .await
         .context("starting the SMTP server")?;
@@ -138,10 +168,14 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     std::fs::write(dir.join("telegram-token"), bot_token)?;
     std::fs::write(dir.join("api-token"), "demo-till-token")?;
     // the shipped rules; the demo runs at any hour, so its members have no quiet hours
+    std::fs::write(dir.join("rules.toml"), demo_rules(&gift, &club))?;
+    // the field map, with the one field the shop's managers fill in for kopilka to read
     std::fs::write(
-        dir.join("rules.toml"),
-        include_str!("../../config/rules.toml")
-            .replace("quiet_hours = \"21:00-09:00\"", "quiet_hours = \"none\""),
+        dir.join("amocrm.toml"),
+        include_str!("../../mappings/amocrm.toml").replace(
+            "# referral_code   = \"FRIEND_CODE_USED\"",
+            "referral_code = \"FRIEND_CODE_USED\"",
+        ),
     )?;
     let cfg_text = format!(
         r#"[general]
@@ -170,6 +204,7 @@ password_file = "site-password"
 base_url = "{amocrm}"
 token_file = "amocrm-token"
 requests_per_second = 50
+mapping = "amocrm.toml"
 [notify.email]
 host = "127.0.0.1"
 port = {smtp}
@@ -338,6 +373,9 @@ api_token_file = "api-token"
         .with_timezone(&cfg.timezone)
         .naive_local();
     onec.add_sales(8, Some(this_morning));
+    // and what people did for the event programs: a friend code typed in AmoCRM, a birth
+    // date typed in 1C, a gift tea taken free
+    let programs = programs_from_the_shop(&ctx, &onec, &amo).await?;
     let before_bad = onec.truth();
     let mut bad_malformed = 0;
     if let Some(mut bad) = keys.get(20).and_then(|k| onec.entity(RECEIPTS, k)) {
@@ -475,6 +513,7 @@ api_token_file = "api-token"
         })
         .await?;
     let violations = ledger.run(|l| l.verify()).await?;
+    let prog = ledger.run(move |l| l.programs_report(now)).await?;
     let cards = ledger.run(|l| l.customer_ids()).await?;
     let mut contacts_checked = 0;
     let mut contacts_equal = 0;
@@ -588,6 +627,40 @@ api_token_file = "api-token"
             r.message.clone().unwrap_or_default().replace('\u{a0}', " ")
         );
     }
+    println!("programs, from what people did in the simulators (no SQL):");
+    match &programs.referral {
+        Some((code, from, to, contact)) => println!(
+            "  referral: card {from}'s friend code {code} (from its AmoCRM card) typed on contact {contact} of card {to} \
+             → {} pair(s) paid, {} points",
+            prog.referral_pairs, prog.referral_points
+        ),
+        None => println!("  referral: no two members had AmoCRM contacts to plant one"),
+    }
+    match &programs.birthday {
+        Some((card, date)) => println!(
+            "  birthday: ДатаРождения {} typed in 1C for card {card}, who bought this morning → {} birthday bonus(es), {} points",
+            date.format("%d.%m.%Y"),
+            prog.birthday_bonuses,
+            prog.birthday_points
+        ),
+        None => println!("  birthday: no member without a birth date to plant one"),
+    }
+    println!(
+        "  vouchers (a free gift tea for every ten teas): {} issued, {} sent, {} used{}, {} expired",
+        prog.vouchers_issued,
+        prog.vouchers_sent,
+        prog.vouchers_used,
+        programs
+            .voucher
+            .as_ref()
+            .map(|(code, card)| format!(" ({code} of card {card} at the till this morning)"))
+            .unwrap_or_default(),
+        prog.vouchers_expired
+    );
+    println!(
+        "  club memberships (a month each, sold in 1C): {} in force, {} lapsed, {} ended by a returned fee",
+        prog.memberships_in_force, prog.memberships_lapsed, prog.memberships_ended
+    );
     println!("unexplained differences: {unexplained}");
     println!(
         "ledger verify: {}",
@@ -613,6 +686,14 @@ api_token_file = "api-token"
         && site_stats.files_rejected == 0
         && bonus_rows > 0
         && bonus_in_1c == bonus_rows
+        && programs.referral.is_some()
+        && prog.referral_pairs > 0
+        && programs.birthday.is_some()
+        && prog.birthday_bonuses > 0
+        && programs.voucher.is_some()
+        && prog.vouchers_used > 0
+        && prog.memberships_lapsed > 0
+        && prog.memberships_in_force > 0
         && messages.iter().all(|c| c.failed == 0)
         && messages.iter().map(|c| c.sent).sum::<i64>() > 0
         && mails.len() as i64
@@ -637,6 +718,125 @@ api_token_file = "api-token"
         println!("files kept in {}", dir.display());
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The shipped rules as the demo shop runs them: no quiet hours (the demo runs at any hour),
+/// the club card sold for a month at a time, and a gift tea for every ten teas bought —
+/// products named by their 1C keys, folders by their codes, as for an OData base.
+fn demo_rules(gift: &str, club: &str) -> String {
+    let mut rules = include_str!("../../config/rules.toml")
+        .replace("quiet_hours = \"21:00-09:00\"", "quiet_hours = \"none\"")
+        .replace(
+            "membership_products = [\"CLUB-FEE\"]",
+            &format!(
+                "membership_products = [\"{club}\"]            # «Клубная карта», 1C key\nterm_days = 30"
+            ),
+        );
+    rules.push_str(&format!(
+        "\n# every tenth tea (1C's folder «tea») earns a free 50 g pack of the gift tea\n\
+         [[stamp_cards]]\nid = \"gift-tea\"\nevery = 10\ncount = \"items\"\ninclude_categories = [\"tea\"]\n\
+         reward_product = \"{gift}\"\nreward_valid_days = 60\n"
+    ));
+    rules
+}
+
+/// What the demo's people did to reach the event programs, each in a simulator, never in
+/// the ledger: a manager typed a member's friend code on a friend's AmoCRM contact; a cashier
+/// typed a member's birth date into 1C and the member bought something; a member holding a
+/// gift-tea voucher took the tea free at the till.
+#[derive(Default)]
+struct Planted {
+    /// (friend code, the referrer's card, the friend's card, the friend's contact)
+    referral: Option<(String, String, String, i64)>,
+    /// (card, the birth date typed)
+    birthday: Option<(String, chrono::NaiveDate)>,
+    /// (voucher code, card)
+    voucher: Option<(String, String)>,
+}
+
+async fn programs_from_the_shop(
+    ctx: &JobContext,
+    onec: &crate::sim::onec_odata::OdataSim,
+    amo: &AmoSim,
+) -> anyhow::Result<Planted> {
+    let shop = onec.shop();
+    let now = ctx.clock.now();
+    let tz = ctx.cfg.timezone;
+    let morning = (now - chrono::Duration::hours(3))
+        .with_timezone(&tz)
+        .naive_local();
+    let warn = ctx.cfg.warn_before;
+    let cards: Vec<Option<String>> = shop.customers.iter().map(|c| c.card.clone()).collect();
+    let views = ctx
+        .ledger
+        .run(move |l| {
+            Ok::<_, crate::ledger::LedgerError>(
+                cards
+                    .iter()
+                    .map(|c| c.as_ref().and_then(|c| l.balance(c, now, warn).ok()))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await?;
+    let mut planted = Planted::default();
+
+    // the friend code a member gives: as kopilka published it on their AmoCRM card (members
+    // further down the list, so the demo's other scenes keep their own people)
+    let linked: Vec<(usize, i64)> = views
+        .iter()
+        .enumerate()
+        .skip(20)
+        .filter_map(|(i, v)| {
+            let contact = v.as_ref()?.customer.amocrm_id.as_ref()?.parse::<i64>().ok()?;
+            Some((i, contact))
+        })
+        .take(2)
+        .collect();
+    if let [(a, contact_a), (b, contact_b)] = linked[..]
+        && let Some(code) = amo.field_value(contact_a, "KOPILKA_FRIEND_CODE")
+        && amo.set_contact_field(contact_b, "FRIEND_CODE_USED", &code)
+    {
+        planted.referral = Some((
+            code,
+            shop.customers[a].card.clone().unwrap_or_default(),
+            shop.customers[b].card.clone().unwrap_or_default(),
+            contact_b,
+        ));
+    }
+
+    // a birth date typed into 1C for a member the ledger has none for, who then buys
+    let today = now.with_timezone(&tz).date_naive();
+    let born = chrono::NaiveDate::from_ymd_opt(
+        1990,
+        chrono::Datelike::month(&today),
+        chrono::Datelike::day(&today),
+    )
+    .unwrap_or_else(|| today - chrono::Duration::days(365 * 36));
+    let regular = shop.products.first().map(|p| p.id.clone()).unwrap_or_default();
+    for (i, v) in views.iter().enumerate().skip(40) {
+        let Some(v) = v else { continue };
+        if v.customer.birthday.is_none() && onec.set_birthday(i, born) {
+            onec.add_sale_of(i, &[(regular.as_str(), 1, false)], morning);
+            planted.birthday = Some((v.customer.card.clone().unwrap_or_default(), born));
+            break;
+        }
+    }
+
+    // a member with an open gift-tea voucher takes the tea free at the till
+    for (i, v) in views.iter().enumerate().skip(60) {
+        let Some(v) = v else { continue };
+        if let Some(code) = v
+            .vouchers
+            .iter()
+            .find(|x| x.state == "issued" || x.state == "sent")
+            .and_then(|x| x.code.clone())
+        {
+            onec.add_sale_of(i, &[("GIFT-TEA", 1, true)], morning);
+            planted.voucher = Some((code, v.customer.card.clone().unwrap_or_default()));
+            break;
+        }
+    }
+    Ok(planted)
 }
 
 /// What the till step did: a line for the report, and what went wrong if anything.

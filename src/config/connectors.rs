@@ -753,7 +753,11 @@ pub(super) fn amocrm(raw: &RawAmocrm, c: &mut Check<'_>) -> AmocrmConfig {
         backoff_max: std::time::Duration::from_millis(
             raw.backoff_max_ms.unwrap_or(60_000).clamp(1, 3_600_000),
         ),
-        mapping: raw.mapping.clone(),
+        // a relative path is the config file's neighbour, as the rules file is
+        mapping: raw.mapping.as_ref().map(|m| match c.base {
+            Some(b) if m.is_relative() => b.join(m),
+            _ => m.clone(),
+        }),
         notes,
         note_accrual_min_points: raw.note_accrual_min_points.unwrap_or(100),
         tags: raw.tags.unwrap_or(true),

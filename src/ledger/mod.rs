@@ -59,7 +59,7 @@ pub use people::{
 };
 pub use query::{
     BalanceView, CustomerView, DateRange, HistoryEntry, LastDocument, LedgerIssued, PartnerTotals,
-    QuarantineEntry, Summary, VoucherView,
+    ProgramsReport, QuarantineEntry, Summary, VoucherView,
 };
 pub use reconcile::{DayRow, DiffKind, Difference, Reconciliation, SourceDoc};
 pub use report::{LossLine, LossList, ProgramReport};

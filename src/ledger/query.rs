@@ -868,3 +868,91 @@ impl Ledger {
             .collect::<rusqlite::Result<_>>()?)
     }
 }
+
+/// What the event programs did, for the demo and `kopilka summary`: how many referral
+/// pairs and birthday bonuses were paid, the vouchers by state and the memberships.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ProgramsReport {
+    pub referral_pairs: i64,
+    pub referral_points: i64,
+    pub birthday_bonuses: i64,
+    pub birthday_points: i64,
+    pub vouchers_issued: i64,
+    /// Of the issued ones: announced by a delivered note or message, not used, not expired.
+    pub vouchers_sent: i64,
+    pub vouchers_used: i64,
+    pub vouchers_expired: i64,
+    pub memberships_in_force: i64,
+    /// Bought memberships whose term ended and were not renewed.
+    pub memberships_lapsed: i64,
+    /// Bought memberships whose fee was returned (or its sale unposted).
+    pub memberships_ended: i64,
+}
+
+impl Ledger {
+    pub fn programs_report(&self, now: DateTime<Utc>) -> Result<ProgramsReport> {
+        let mut r = ProgramsReport::default();
+        let (n, p): (i64, i64) = self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM journal \
+             WHERE role = 'effect' AND rule = 'referral:referee' AND reverses IS NULL",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        let referrer: i64 = self.conn.query_row(
+            "SELECT COALESCE(SUM(amount), 0) FROM journal \
+             WHERE role = 'effect' AND rule = 'referral:referrer' AND reverses IS NULL",
+            [],
+            |row| row.get(0),
+        )?;
+        (r.referral_pairs, r.referral_points) = (n, p + referrer);
+        (r.birthday_bonuses, r.birthday_points) = self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM journal \
+             WHERE role = 'effect' AND rule = 'birthday' AND reverses IS NULL",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        (r.vouchers_issued, r.vouchers_used, r.vouchers_expired) = self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(state = 'used'), 0), \
+                    COALESCE(SUM(state = 'issued' AND expires_at <= ?1), 0) \
+             FROM vouchers WHERE state != 'cancelled'",
+            [ts(now)],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )?;
+        r.vouchers_sent = self.conn.query_row(
+            "SELECT COUNT(*) FROM vouchers v WHERE v.state = 'issued' AND (v.expires_at IS NULL OR v.expires_at > ?1) \
+               AND EXISTS (SELECT 1 FROM outbox o WHERE o.state = 'delivered' \
+                 AND o.idem_key IN ('amocrm:notes:voucher:' || v.id, 'notify:email:voucher:' || v.id, \
+                   'notify:telegram:voucher:' || v.id, 'notify:salesbot:voucher:' || v.id))",
+            [ts(now)],
+            |row| row.get(0),
+        )?;
+        let customers: Vec<i64> = self
+            .conn
+            .prepare("SELECT DISTINCT customer_id FROM memberships")?
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for c in customers {
+            let in_force = super::state::memberships_in_force(&self.conn, c, now)?;
+            let bought: Vec<(String, Option<i64>)> = self
+                .conn
+                .prepare_cached("SELECT program, until FROM memberships WHERE customer_id = ?1")?
+                .query_map([c], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (program, until) in bought {
+                if in_force.iter().any(|(p, _)| *p == program) {
+                    r.memberships_in_force += 1;
+                } else if until.is_some_and(|u| u <= ts(now))
+                    && super::state::memberships_in_force(&self.conn, c, from_ts(until.unwrap_or(0) - 1))?
+                        .iter()
+                        .any(|(p, _)| *p == program)
+                {
+                    // in force just before its end: the term ran out
+                    r.memberships_lapsed += 1;
+                } else {
+                    r.memberships_ended += 1;
+                }
+            }
+        }
+        Ok(r)
+    }
+}

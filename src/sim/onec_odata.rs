@@ -2255,6 +2255,127 @@ impl OdataSim {
         (0..n).map(|_| b.new_sale(at)).collect()
     }
 
+    /// A product the shop added to 1C's catalog (`Catalog_Номенклатура`, with its retail and
+    /// cost prices), in a new folder `category`; random sales never pick it. Its key is what
+    /// kopilka sees as the product id.
+    pub fn add_product(&self, id: &str, name: &str, category: &str, price: Money, cost: Money) -> String {
+        let mut b = self.lock();
+        let key = guid("product", id);
+        let group = guid("group", category);
+        if b.sets.get(PRODUCTS).is_none_or(|s| !s.contains_key(&group)) {
+            let e = b
+                .catalog_item(&group, category, category)
+                .with("Parent_Key", Val::str(EMPTY))
+                .with("IsFolder", Val::Bool(true))
+                .with("Артикул", Val::str(""))
+                .with("ТипНоменклатуры", Val::str(""));
+            b.put(PRODUCTS, e);
+        }
+        let e = b
+            .catalog_item(&key, id, name)
+            .with("Parent_Key", Val::str(group))
+            .with("IsFolder", Val::Bool(false))
+            .with("Артикул", Val::str(id))
+            .with("ТипНоменклатуры", Val::str("Товар"));
+        b.put(PRODUCTS, e);
+        let n = b.names();
+        let period = local_text(b.shop.start.with_timezone(&b.tz).naive_local() - ChronoDuration::days(30));
+        for (ty, value) in [("Розничная", price), ("Закупочная", cost)] {
+            let e = Entity::new(format!("price:{id}:{ty}"))
+                .with("Period", Val::str(&period))
+                .with("Номенклатура_Key", Val::str(&key))
+                .with(n.price_variant, Val::str(EMPTY))
+                .with(n.price_type, Val::str(guid("price-type", ty)))
+                .with("Цена", Val::money(value));
+            b.put(n.prices, e);
+        }
+        b.shop.products.push(crate::sim::sales::Product {
+            id: id.to_string(),
+            name: name.to_string(),
+            category: category.to_string(),
+            price,
+            cost,
+            service: false,
+        });
+        key
+    }
+
+    /// A receipt of customer `i` at `at` (naive local) with the given lines: (product id as
+    /// the shop knows it, quantity, given free — a 100 % discount, as a cashier gives a gift
+    /// item). Returns the receipt's key.
+    pub fn add_sale_of(&self, i: usize, lines: &[(&str, i64, bool)], at: NaiveDateTime) -> Option<String> {
+        let mut b = self.lock();
+        let n = b.next_doc;
+        b.next_doc += 1;
+        let mut rng = fastrand::Rng::with_seed(n as u64);
+        let mut d = b.shop.sale(&mut rng, n, 1, Some(i), 0);
+        let mut out = Vec::with_capacity(lines.len());
+        for (id, qty, free) in lines {
+            let p = b.shop.products.iter().find(|p| p.id == *id)?;
+            let gross = p.price.0 * qty;
+            let discount = if *free { gross } else { 0 };
+            out.push(crate::core::document::Line {
+                product_id: p.id.clone(),
+                name: p.name.clone(),
+                category: Some(p.category.clone()),
+                category_parents: Vec::new(),
+                quantity: Decimal::from(*qty),
+                unit_price: p.price,
+                discount: Money(discount),
+                net: Money(gross - discount),
+                unit_cost: Some(p.cost),
+                service: false,
+            });
+        }
+        d.lines = out;
+        d.total = d.lines.iter().map(|l| l.net).sum();
+        d.occurred_at = instant(at, b.tz);
+        let key = guid("doc", &d.source.doc_id);
+        let (rows, total) = b.sale_rows(&d);
+        let names = b.names();
+        let mut e = b.head(&key, &d.number.clone().unwrap_or_default(), at, total);
+        for (f, v) in b.customer_fields(Some(i)) {
+            e.set(f, v);
+        }
+        match b.conf {
+            Configuration::Roznica2 => {
+                e.set("ВидОперации", Val::str("Продажа"));
+                e.set("Магазин_Key", Val::str(guid("store", "Тверская")));
+                e.set("КассаККМ_Key", Val::str(guid("till", "1")));
+                e.set("ЧекККМПродажа_Key", Val::str(EMPTY));
+            }
+            Configuration::Unf => e.set("КассаККМ_Key", Val::str(guid("till", "1"))),
+            Configuration::Ut11 => {
+                e.set("КассаККМ_Key", Val::str(guid("till", "1")));
+                e.set("Склад_Key", Val::str(guid("store", "Тверская")));
+            }
+        }
+        e.set(names.rows, Val::Rows(rows));
+        b.put(RECEIPTS, e);
+        Some(key)
+    }
+
+    /// A cashier types customer `i`'s birth date into their card in 1C (`ДатаРождения`,
+    /// finding S5, where the catalog has it): a new `DataVersion`. `false` when the customer's
+    /// catalog has no such field (Розница 2's counterparties).
+    pub fn set_birthday(&self, i: usize, date: chrono::NaiveDate) -> bool {
+        let mut b = self.lock();
+        let (key, set) = b.person(i);
+        if set != b.names().people {
+            return false;
+        }
+        let dv = b.data_version();
+        let Some(e) = b.sets.get_mut(set).and_then(|s| s.get_mut(&key)) else {
+            return false;
+        };
+        e.set(
+            "ДатаРождения",
+            Val::str(format!("{}T00:00:00", date.format("%Y-%m-%d"))),
+        );
+        e.set("DataVersion", dv);
+        true
+    }
+
     /// A later return of one unit of a sale's first line, on the configuration's return
     /// document (Розница 2: `ВозвратТоваровОтПокупателя`, the sale named per line).
     pub fn add_return(&self, sale_key: &str) -> Option<String> {
