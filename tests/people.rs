@@ -221,8 +221,31 @@ fn a_birthday_from_a_commerceml_counterparty_pays_the_birthday_bonus() {
         chrono::NaiveDate::from_ymd_opt(1988, 3, 2)
     );
     assert_eq!(docs[1].customer.birthday, None);
-    let r = env.docs(docs);
+    let r = env.docs(docs.clone());
     assert_eq!(r.applied, 2);
+    // the date that is no date is said on its customer, once however often 1C sends it
+    env.docs(docs.clone());
+    let changes = env.ledger.attribute_changes("onec:buyer-2").unwrap();
+    let refused: Vec<_> = changes
+        .iter()
+        .filter(|c| c.field == "birthday" && c.refused.is_some())
+        .map(|c| (c.new.clone(), c.source.clone(), c.refused.clone().unwrap()))
+        .collect();
+    assert_eq!(
+        refused,
+        vec![(
+            Some("1990-02-31".to_string()),
+            "onec".to_string(),
+            "ДатаРождения \"1990-02-31\" is not a date (the XSD's ДатаТип: YYYY-MM-DD)".to_string()
+        )]
+    );
+    assert!(
+        env.ledger
+            .attribute_changes("onec:buyer-1")
+            .unwrap()
+            .iter()
+            .all(|c| c.refused.is_none())
+    );
     // env.now is 2026-04-01; the bonus window is 3 days before to 7 after: on 2026-03-02
     env.now = common::t0();
     assert_eq!(env.run(|l, r, c| l.birthday_bonuses(r, c)).unwrap(), 1);

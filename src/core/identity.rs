@@ -139,6 +139,9 @@ pub struct CustomerIdentity {
     pub referred_by: Option<String>,
     /// An invite code for a closed program.
     pub invite_code: Option<String>,
+    /// Values the source gave that cannot be used — (field, the text as given, why) — such as
+    /// a birth date of 31.02: the document still counts, and the customer's history says so.
+    pub unreadable: Vec<(String, String, String)>,
 }
 
 /// One key of a customer, as stored in the ledger's `customer_keys`.

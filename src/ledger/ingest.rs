@@ -1227,6 +1227,9 @@ impl Run<'_, '_> {
         let Some((c, created)) = resolve_customer(conn, &d.customer, now)? else {
             return Ok(None);
         };
+        for (field, text, reason) in &d.customer.unreadable {
+            super::people::refuse_from_source(conn, c, &d.source.system, field, text, reason, now)?;
+        }
         if let Some(code) = &d.customer.invite_code
             && let Some(program) = self.ctx.rules.membership_for_invite(code)
         {

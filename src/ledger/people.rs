@@ -515,12 +515,26 @@ fn record_refusal(
     reason: &str,
     how: &Applying<'_>,
 ) -> Result<bool> {
+    refuse_from_source(tx, c, how.source, field, value, reason, how.now)
+}
+
+/// [`record_refusal`] for a value a document's source gave (a CommerceML birth date of
+/// 31.02), outside an attributes import.
+pub(super) fn refuse_from_source(
+    tx: &Connection,
+    c: i64,
+    source: &str,
+    field: &str,
+    value: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<bool> {
     let last: Option<(Option<String>, Option<String>)> = tx
         .prepare_cached(
             "SELECT new, refused FROM customer_changes WHERE customer_id = ?1 AND field = ?2 \
              AND source = ?3 ORDER BY id DESC LIMIT 1",
         )?
-        .query_row(params![c, field, how.source], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(params![c, field, source], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     if last == Some((Some(value.to_string()), Some(reason.to_string()))) {
         return Ok(false);
@@ -531,7 +545,11 @@ fn record_refusal(
     } else {
         current_value(tx, c, field)?
     };
-    record_change(tx, c, field, (old.as_deref(), Some(value)), Some(reason), how)?;
+    tx.prepare_cached(
+        "INSERT INTO customer_changes (customer_id, at, field, old, new, source, refused) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![c, ts(now), field, old, value, source, reason])?;
     Ok(true)
 }
 

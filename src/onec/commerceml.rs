@@ -1935,11 +1935,25 @@ impl DocDraft {
                 onec_id: p.id.map(|i| i.trim().to_string()).filter(|i| !i.is_empty()),
                 amocrm_id: None,
                 name: p.name.or(p.full_name).filter(|n| !n.is_empty()),
-                // a date that is no date (31.02) is left out: the sale still counts
+                // a date that is no date (31.02) is left out and said on the customer: the
+                // sale still counts
                 birthday: p
                     .birth_date
                     .as_deref()
                     .and_then(|d| chrono::NaiveDate::parse_from_str(d.trim(), "%Y-%m-%d").ok()),
+                unreadable: p
+                    .birth_date
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty() && chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_err())
+                    .map(|d| {
+                        vec![(
+                            "birthday".to_string(),
+                            d.to_string(),
+                            format!("ДатаРождения {d:?} is not a date (the XSD's ДатаТип: YYYY-MM-DD)"),
+                        )]
+                    })
+                    .unwrap_or_default(),
                 ..CustomerIdentity::default()
             },
             None => CustomerIdentity {

@@ -84,6 +84,7 @@ impl Shop {
                 ),
                 referred_by: None,
                 invite_code: None,
+                unreadable: Vec::new(),
             })
             .collect();
         Shop {
