@@ -272,6 +272,10 @@ pub struct OdataConfig {
     /// The bonus program (`Catalog_БонусныеПрограммыЛояльности` description or key) for
     /// `import-balances --from-1c`, when the base has several.
     pub bonus_program: Option<String>,
+    /// The mapping names an additional attribute for the tier (`[attributes] tier`), so tier
+    /// changes are queued for 1C. Read from the mapping when the configuration is: the
+    /// ledger queues rows only for a destination that will deliver them.
+    pub publishes_tier: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -511,11 +515,19 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
                 format!("{timeout} is outside 1..=3600"),
             );
         }
+        let mapping = o.mapping.clone().unwrap_or_else(|| "roznica".into());
+        // a mapping that cannot be read is reported where it is used (the poll, `check
+        // --probe`); here it only means no tier is published
+        let publishes_tier = crate::onec::mapping::load(&mapping, c.base)
+            .ok()
+            .and_then(|m| m.attributes)
+            .is_some_and(|a| a.tier.is_some());
         OdataConfig {
             url,
             user,
             password,
-            mapping: o.mapping.clone().unwrap_or_else(|| "roznica".into()),
+            publishes_tier,
+            mapping,
             page_size,
             overlap: chrono::Duration::minutes(overlap),
             timeout: std::time::Duration::from_secs(timeout),

@@ -356,6 +356,12 @@ impl Config {
             onec_bonus: (self.accounting.postback != Postback::None).then(|| ONEC_BONUS.to_string()),
             onec_system: self.onec.as_ref().map(|o| o.system.clone()),
             notify: self.notify_plan(),
+            onec_tier: self
+                .onec
+                .as_ref()
+                .and_then(|o| o.odata.as_ref())
+                .filter(|o| o.publishes_tier)
+                .map(|_| ONEC_TIER.to_string()),
         }
     }
 }
@@ -436,6 +442,8 @@ impl Origins {
 pub const ONEC_BONUS: &str = "onec:bonus";
 /// Outbox destination of daily accounting postings for 1C.
 pub const ONEC_ACCOUNTING: &str = "onec:accounting";
+/// Outbox destination of customers' tiers for 1C (an additional attribute of the customer).
+pub const ONEC_TIER: &str = "onec:tier";
 
 /// How the `config` crate names values that came from environment variables.
 const ENVIRONMENT: &str = "the environment";

@@ -60,6 +60,9 @@ pub struct Destinations {
     pub onec_system: Option<String>,
     /// Members' messages: the policy and the channels set up (issue 21); `None` makes none.
     pub notify: Option<std::sync::Arc<crate::core::notify::Plan>>,
+    /// Destination of customers' tiers for 1C (an additional attribute of the customer), when
+    /// the OData mapping names where they go.
+    pub onec_tier: Option<String>,
 }
 
 pub struct IngestContext<'a> {
@@ -1810,7 +1813,59 @@ pub(super) fn finish_write(
 ) -> Result<usize> {
     super::accounting::enqueue_bonus_documents(conn, since, ctx)?;
     super::notify::enqueue_messages(conn, ctx)?;
+    enqueue_onec_tiers(conn, ctx)?;
     enqueue_contact_states(conn, touched, ctx)
+}
+
+/// The checkpoint of the tier changes already queued for 1C (a `tier_events` id).
+const ONEC_TIER_CURSOR: &str = "onec:tier";
+
+/// Queues each tier change since the cursor for 1C: one row per customer and change, keyed
+/// by the change, coalesced per customer so only the newest tier is written. A customer 1C
+/// does not know (no 1C key yet) gets none: there is no object to hold it. Changes made
+/// before the destination was configured are queued the first time (coalesced, the newest
+/// per customer), so a base that starts publishing gets every current tier.
+fn enqueue_onec_tiers(conn: &Connection, ctx: &IngestContext<'_>) -> Result<usize> {
+    let Some(dest) = &ctx.destinations.onec_tier else {
+        return Ok(0);
+    };
+    let from = super::notify::cursor(conn, ONEC_TIER_CURSOR)?;
+    let rows: Vec<(i64, i64, Option<String>)> = conn
+        .prepare_cached("SELECT id, customer_id, to_tier FROM tier_events WHERE id > ?1 ORDER BY id")?
+        .query_map([from], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let Some(last) = rows.last().map(|r| r.0) else {
+        return Ok(0);
+    };
+    let mut n = 0;
+    for (event, c, tier) in rows {
+        let key: Option<String> = conn
+            .prepare_cached(
+                "SELECT value FROM customer_keys WHERE customer_id = ?1 AND kind = 'onec' ORDER BY value LIMIT 1",
+            )?
+            .query_row([c], |r| r.get(0))
+            .optional()?;
+        let Some(onec_id) = key else {
+            continue;
+        };
+        let payload = serde_json::json!({
+            "customer_id": c,
+            "onec_id": onec_id,
+            "tier": tier,
+            "tier_event": event,
+        });
+        let inserted = super::outbox::enqueue(
+            conn,
+            dest,
+            &format!("{dest}:{c}:{event}"),
+            Some(&format!("tier:{c}")),
+            &payload.to_string(),
+            ctx.now,
+        )?;
+        n += usize::from(inserted.is_some());
+    }
+    super::notify::set_cursor(conn, ONEC_TIER_CURSOR, last, ctx.now)?;
+    Ok(n)
 }
 
 /// Queues the visible state of each touched customer for the contact destination, if one

@@ -225,6 +225,15 @@ impl Ledger {
         Ok(report)
     }
 
+    /// The customer a source's key names (`onec`, a 1C reference), if any.
+    pub fn customer_of_key(&self, kind: &str, value: &str) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT customer_id FROM customer_keys WHERE kind = ?1 AND value = ?2")?
+            .query_row(params![kind, value], |r| r.get(0))
+            .optional()?)
+    }
+
     /// The attribute changes recorded for a customer, oldest first.
     pub fn attribute_changes(&self, customer: &str) -> Result<Vec<AttributeChange>> {
         let id = super::query::find_customer(&self.conn, customer)?;

@@ -51,6 +51,9 @@ pub struct Mapping {
     pub bonus_document: Option<BonusDocumentMap>,
     /// The document the daily accounting postings become over OData.
     pub accounting_document: Option<AccountingDocumentMap>,
+    /// 1C's additional attributes of the `[people]` catalogs: what kopilka reads from them
+    /// and where it publishes the tier.
+    pub attributes: Option<AttributesMap>,
 }
 
 /// One document type: a till receipt, a return, a sale invoice.
@@ -177,6 +180,86 @@ impl PeopleMap {
         self.birth_date
             .as_deref()
             .filter(|_| self.birth_date_in.is_empty() || self.birth_date_in.iter().any(|s| s == set))
+    }
+}
+
+/// A customer attribute kopilka reads from a 1C additional attribute: the same keys as
+/// `[sources]` in `mappings/amocrm.toml`, so a shop names the same things in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttributeKey {
+    Birthday,
+    ReferralCode,
+    InviteCode,
+    ConsentService,
+    ConsentAds,
+}
+
+impl AttributeKey {
+    pub const ALL: [AttributeKey; 5] = [
+        AttributeKey::Birthday,
+        AttributeKey::ReferralCode,
+        AttributeKey::InviteCode,
+        AttributeKey::ConsentService,
+        AttributeKey::ConsentAds,
+    ];
+
+    /// The key as the mapping file spells it.
+    pub fn key(self) -> &'static str {
+        match self {
+            AttributeKey::Birthday => "birthday",
+            AttributeKey::ReferralCode => "referral_code",
+            AttributeKey::InviteCode => "invite_code",
+            AttributeKey::ConsentService => "consent_service",
+            AttributeKey::ConsentAds => "consent_ads",
+        }
+    }
+}
+
+/// 1C's additional attributes (`ДополнительныеРеквизиты`, the «Свойства» subsystem of БСП):
+/// a tabular section on each people catalog whose rows name a property of a chart of
+/// characteristic types and hold its value. A shop adds properties in 1C's own forms, so
+/// they are named here by the title a person sees, never by a key kopilka would have to be
+/// told; the title is looked up in the chart once per run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttributesMap {
+    /// The tabular section (`ДополнительныеРеквизиты`).
+    pub section: String,
+    /// The row's reference to the property (`Свойство_Key`).
+    pub property: String,
+    /// The row's value (`Значение`): composite, so read and written with its `_Type`.
+    pub value: String,
+    /// The chart of characteristic types the properties are in.
+    pub properties: String,
+    /// The chart's fields a title is compared with, in order: what the form shows
+    /// (`Заголовок`), the standard `Description` (the title, or «title (set)» for older
+    /// properties), the programmatic name (`Имя`).
+    pub title_fields: Vec<String>,
+    /// Attributes read, each with its property's title.
+    pub sources: Vec<(AttributeKey, String)>,
+    /// The property kopilka writes the customer's tier name to.
+    pub tier: Option<String>,
+}
+
+impl AttributesMap {
+    /// Whether anything is read from the section.
+    pub fn reads(&self) -> bool {
+        !self.sources.is_empty()
+    }
+
+    /// The `_Type` companion of the value field.
+    pub fn value_type(&self) -> String {
+        type_field(&self.value)
+    }
+
+    /// Every title named, with the mapping key that names it.
+    pub fn titles(&self) -> Vec<(String, &str)> {
+        let mut out: Vec<(String, &str)> = self
+            .sources
+            .iter()
+            .map(|(k, t)| (format!("attributes.sources.{}", k.key()), t.as_str()))
+            .collect();
+        out.extend(self.tier.as_deref().map(|t| ("attributes.tier".to_string(), t)));
+        out
     }
 }
 
@@ -313,6 +396,29 @@ struct RawMapping {
     bonus: Option<RawBonus>,
     bonus_document: Option<RawBonusDocument>,
     accounting_document: Option<RawAccountingDocument>,
+    attributes: Option<RawAttributes>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawAttributes {
+    section: Option<String>,
+    property: Option<String>,
+    value: Option<String>,
+    properties: Option<String>,
+    title_fields: Vec<String>,
+    sources: RawSources,
+    tier: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawSources {
+    birthday: Option<String>,
+    referral_code: Option<String>,
+    invite_code: Option<String>,
+    consent_service: Option<String>,
+    consent_ads: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -835,6 +941,12 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
         .accounting_document
         .as_ref()
         .map(|d| accounting_document(d, p));
+    let attributes = raw.attributes.as_ref().map(|a| {
+        if raw.people.is_none() {
+            p.bad("attributes", "needs a [people] table: the attributes are the customers'");
+        }
+        attributes(a, p)
+    });
     Mapping {
         origin: origin.to_string(),
         configuration: raw.configuration.clone().unwrap_or_else(|| origin.to_string()),
@@ -846,6 +958,70 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
         bonus,
         bonus_document,
         accounting_document,
+        attributes,
+    }
+}
+
+/// A property's title as 1C's form takes it: any text but empty, at most the chart's
+/// `Description` length (150).
+fn title(p: &mut Problems, key: &str, value: &str) -> String {
+    let v = value.trim();
+    if v.is_empty() || v.chars().count() > 150 {
+        p.bad(key, format!("{value:?} is not a property title (1 to 150 characters)"));
+    }
+    v.to_string()
+}
+
+fn attributes(a: &RawAttributes, p: &mut Problems) -> AttributesMap {
+    let s = &a.sources;
+    let mut sources = Vec::new();
+    for (key, v) in AttributeKey::ALL.into_iter().zip([
+        &s.birthday,
+        &s.referral_code,
+        &s.invite_code,
+        &s.consent_service,
+        &s.consent_ads,
+    ]) {
+        if let Some(v) = v {
+            sources.push((key, title(p, &format!("attributes.sources.{}", key.key()), v)));
+        }
+    }
+    let tier = a.tier.as_deref().map(|t| title(p, "attributes.tier", t));
+    if let Some(t) = &tier
+        && let Some((k, _)) = sources.iter().find(|(_, s)| s.to_lowercase() == t.to_lowercase())
+    {
+        // kopilka never writes what it reads: its own tier would come back as the shop's value
+        p.bad(
+            "attributes.tier",
+            format!("{t:?} is also read as attributes.sources.{}", k.key()),
+        );
+    }
+    let title_fields = if a.title_fields.is_empty() {
+        vec!["Заголовок".to_string(), "Description".to_string(), "Имя".to_string()]
+    } else {
+        p.names("attributes.title_fields", &a.title_fields)
+    };
+    AttributesMap {
+        section: p.name(
+            "attributes.section",
+            a.section.as_deref().unwrap_or("ДополнительныеРеквизиты"),
+        ),
+        property: p.name(
+            "attributes.property",
+            a.property.as_deref().unwrap_or("Свойство_Key"),
+        ),
+        value: p.name("attributes.value", a.value.as_deref().unwrap_or("Значение")),
+        properties: p.set(
+            "attributes.properties",
+            Some(
+                &a.properties
+                    .clone()
+                    .unwrap_or_else(|| "ChartOfCharacteristicTypes_ДополнительныеРеквизитыИСведения".into()),
+            ),
+        ),
+        title_fields,
+        sources,
+        tier,
     }
 }
 

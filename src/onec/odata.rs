@@ -26,6 +26,7 @@
 //!   exception in configuration code), an HTML page in place of JSON and malformed JSON are
 //!   permanent. A refused login is its own error naming the user and the URL.
 
+pub mod attributes;
 pub mod catalog;
 pub mod job;
 pub mod json;

@@ -408,6 +408,12 @@ pub const BONUS_RECORDS: &str = "AccumulationRegister_БонусныеБаллы
 /// `Проводки` section an extension adds, as kopilka's mappings name it).
 pub const ACCOUNTING_DOCUMENTS: &str = "Document_ОперацияБух";
 pub const ORGANIZATIONS: &str = "Catalog_Организации";
+/// The chart of the additional attributes' properties (БСП «Свойства»).
+pub const PROPERTIES: &str = "ChartOfCharacteristicTypes_ДополнительныеРеквизитыИСведения";
+/// The values of list properties.
+pub const PROPERTY_VALUES: &str = "Catalog_ЗначенияСвойствОбъектов";
+/// The people catalogs' tabular section of additional attributes.
+pub const EXTRA: &str = "ДополнительныеРеквизиты";
 pub const ACCOUNTS: &str = "ChartOfAccounts_Хозрасчетный";
 /// The legal entity the simulated base has.
 pub const ORGANIZATION: &str = "ООО «Ромашка»";
@@ -470,6 +476,20 @@ fn schema(conf: Configuration) -> Vec<SetSchema> {
     let contacts = (
         "КонтактнаяИнформация",
         vec![("LineNumber", I), ("Тип", S), ("Представление", S)],
+    );
+    // БСП «Свойства»: the section every people catalog of the three dumps has
+    // [Catalogs/Партнеры.xml (УТ 11), Catalogs/Контрагенты.xml (УНФ), Catalogs/ФизическиеЛица.xml
+    // and Catalogs/Контрагенты.xml (Розница 2)]; Значение is of the characteristic's type, so
+    // OData publishes it composite, with Значение_Type
+    let extra = (
+        "ДополнительныеРеквизиты",
+        vec![
+            ("LineNumber", I),
+            ("Свойство_Key", G),
+            ("Значение", S),
+            ("Значение_Type", S),
+            ("ТекстоваяСтрока", S),
+        ],
     );
     let register: Props = vec![
         ("Period", T),
@@ -555,12 +575,12 @@ fn schema(conf: Configuration) -> Vec<SetSchema> {
                     set: n.people,
                     // S5: ДатаРождения [Catalogs/ФизическиеЛица.xml, Контрагенты.xml (УНФ), Партнеры.xml]
                     props: with(&catalog, &[("ДатаРождения", T)]),
-                    sections: vec![contacts.clone()],
+                    sections: vec![contacts.clone(), extra.clone()],
                 },
                 SetSchema {
                     set: "Catalog_Контрагенты",
                     props: catalog.clone(),
-                    sections: vec![contacts.clone()],
+                    sections: vec![contacts.clone(), extra.clone()],
                 },
                 SetSchema {
                     set: n.bonus_documents,
@@ -662,7 +682,7 @@ fn schema(conf: Configuration) -> Vec<SetSchema> {
                     set: n.people,
                     // S5: ДатаРождения [Catalogs/ФизическиеЛица.xml, Контрагенты.xml (УНФ), Партнеры.xml]
                     props: with(&catalog, &[("ДатаРождения", T)]),
-                    sections: vec![contacts.clone()],
+                    sections: vec![contacts.clone(), extra.clone()],
                 },
                 SetSchema {
                     set: n.bonus_documents,
@@ -791,7 +811,7 @@ fn schema(conf: Configuration) -> Vec<SetSchema> {
                     set: n.people,
                     // S5: ДатаРождения [Catalogs/ФизическиеЛица.xml, Контрагенты.xml (УНФ), Партнеры.xml]
                     props: with(&catalog, &[("ДатаРождения", T)]),
-                    sections: vec![contacts.clone()],
+                    sections: vec![contacts.clone(), extra.clone()],
                 },
                 SetSchema {
                     set: n.bonus_documents,
@@ -894,6 +914,30 @@ fn schema(conf: Configuration) -> Vec<SetSchema> {
         SetSchema {
             set: ORGANIZATIONS,
             props: catalog.clone(),
+            sections: vec![],
+        },
+        // [ChartsOfCharacteristicTypes/ДополнительныеРеквизитыИСведения.xml], the same in the
+        // three dumps: no code (CodeLength 0), the title a form shows in Заголовок, the
+        // programmatic name in Имя
+        SetSchema {
+            set: PROPERTIES,
+            props: vec![
+                ("Ref_Key", G),
+                ("DataVersion", S),
+                ("DeletionMark", B),
+                ("Description", S),
+                ("Predefined", B),
+                ("Заголовок", S),
+                ("Имя", S),
+                ("ЭтоДополнительноеСведение", B),
+                ("НаборСвойств_Key", G),
+            ],
+            sections: vec![],
+        },
+        // [Catalogs/ЗначенияСвойствОбъектов.xml]: the values of a list property, owned by it
+        SetSchema {
+            set: PROPERTY_VALUES,
+            props: with(&catalog, &[("Owner_Key", G), ("Parent_Key", G), ("IsFolder", B)]),
             sections: vec![],
         },
         SetSchema {
@@ -1168,6 +1212,8 @@ struct Base {
     refuse_posting: Option<String>,
     /// Documents created by POST, for their numbers.
     created: u64,
+    /// Objects changed by PATCH.
+    patched: u64,
     /// POST ignores the client's `Ref_Key` and assigns its own (a configuration that does
     /// not keep client keys: open in the spec).
     own_keys: bool,
@@ -1269,6 +1315,7 @@ impl Base {
             spacing: ChronoDuration::minutes(b.spacing_minutes),
             refuse_posting: None,
             created: 0,
+            patched: 0,
             own_keys: false,
         };
         let n = base.names();
@@ -1361,7 +1408,8 @@ impl Base {
             }
             let mut e = base
                 .catalog_item(&person, &format!("{i:09}"), &c.name.clone().unwrap_or_default())
-                .with("КонтактнаяИнформация", Val::Rows(contacts));
+                .with("КонтактнаяИнформация", Val::Rows(contacts))
+                .with(EXTRA, Val::Rows(Vec::new()));
             // a birth date where the catalog has one (Розница 2's counterparties do not)
             if people_set == n.people
                 && let Some(b) = OdataSim::birthday_of(i)
@@ -2438,6 +2486,101 @@ impl OdataSim {
 
     /// From now on every `Post` action is refused with this reason (500, code `-1`), until
     /// called with `None`.
+    /// Adds a property to the chart of additional attributes, as a shop does in 1C's form
+    /// (title in `Заголовок` and `Description`); returns its key.
+    pub fn add_property(&self, title: &str) -> String {
+        let mut b = self.lock();
+        let key = guid("property", title);
+        let dv = b.data_version();
+        let e = Entity::new(key.clone())
+            .with("Ref_Key", Val::str(&key))
+            .with("DataVersion", dv)
+            .with("DeletionMark", Val::Bool(false))
+            .with("Description", Val::str(title))
+            .with("Predefined", Val::Bool(false))
+            .with("Заголовок", Val::str(title))
+            .with("Имя", Val::str(""))
+            .with("ЭтоДополнительноеСведение", Val::Bool(false))
+            .with("НаборСвойств_Key", Val::str(EMPTY));
+        b.put(PROPERTIES, e);
+        key
+    }
+
+    /// Adds an item to a list property's values; returns its key.
+    pub fn add_property_value(&self, property: &str, name: &str) -> String {
+        let mut b = self.lock();
+        let key = guid("value", &format!("{property}/{name}"));
+        let e = b
+            .catalog_item(&key, "", name)
+            .with("Owner_Key", Val::str(property))
+            .with("Parent_Key", Val::str(EMPTY))
+            .with("IsFolder", Val::Bool(false));
+        b.put(PROPERTY_VALUES, e);
+        key
+    }
+
+    /// Sets a person's additional attribute as a user does in its form: the row of the
+    /// property is replaced or added, the others stay. `ty` is the value's OData type
+    /// (`Edm.String`, `Edm.DateTime`, `StandardODATA.Catalog_ЗначенияСвойствОбъектов`).
+    pub fn set_attribute(&self, person: &str, property: &str, value: &str, ty: &str) -> bool {
+        let mut b = self.lock();
+        let n = b.names();
+        let dv = b.data_version();
+        for set in std::iter::once(n.people).chain(n.people_other) {
+            let Some(e) = b.sets.get_mut(set).and_then(|m| m.get_mut(person)) else {
+                continue;
+            };
+            let mut rows = match e.get(EXTRA) {
+                Some(Val::Rows(r)) => r.clone(),
+                _ => Vec::new(),
+            };
+            rows.retain(|r| row_text(r, "Свойство_Key") != property);
+            rows.push(vec![
+                ("LineNumber".into(), Val::str((rows.len() + 1).to_string())),
+                ("Свойство_Key".into(), Val::str(property)),
+                ("Значение".into(), Val::str(value)),
+                ("Значение_Type".into(), Val::str(ty)),
+                ("ТекстоваяСтрока".into(), Val::str("")),
+            ]);
+            for (i, r) in rows.iter_mut().enumerate() {
+                r[0].1 = Val::str((i + 1).to_string());
+            }
+            e.set(EXTRA, Val::Rows(rows));
+            e.set("DataVersion", dv);
+            return true;
+        }
+        false
+    }
+
+    /// A person's additional attributes: (property key, value, value type) per row.
+    pub fn attributes_of(&self, person: &str) -> Vec<(String, String, String)> {
+        let b = self.lock();
+        let n = b.names();
+        std::iter::once(n.people)
+            .chain(n.people_other)
+            .find_map(|set| b.sets.get(set).and_then(|m| m.get(person)))
+            .and_then(|e| match e.get(EXTRA) {
+                Some(Val::Rows(r)) => Some(
+                    r.iter()
+                        .map(|row| {
+                            (
+                                row_text(row, "Свойство_Key").to_string(),
+                                row_text(row, "Значение").to_string(),
+                                row_text(row, "Значение_Type").to_string(),
+                            )
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// Objects changed by PATCH so far.
+    pub fn patches(&self) -> u64 {
+        self.lock().patched
+    }
+
     pub fn refuse_posting(&self, reason: Option<&str>) {
         self.lock().refuse_posting = reason.map(str::to_string);
     }
@@ -3096,6 +3239,8 @@ fn route(
         answer(b, s, &resource, query, headers)
     } else if method == Method::POST {
         write(b, s, &resource, body)
+    } else if method == Method::PATCH {
+        patch(b, s, &resource, body)
     } else {
         return Outcome::Now(odata_error(405, "6", "Метод не поддерживается симулятором"));
     };
@@ -3517,6 +3662,92 @@ fn create(b: &mut Base, root: &str, set: &str, body: &[u8]) -> Reply {
         location: Some(format!("{root}/{set}(guid'{key}')")),
         ..reply
     }
+}
+
+/// `PATCH /Set(guid'…')` of a catalog item, as the standard interface changes an object:
+/// the properties given replace theirs, unknown names are ignored, and a tabular section
+/// given replaces the whole section — its rows not sent are gone (a book on 1C's REST
+/// interfaces, rutlib.com/book/43553/p/65: «данные табличной части нужно перезаписывать
+/// полностью»; rows cannot be added one by one, code 13), every row with its `LineNumber`.
+/// Answers 200 with the object; 404 (code 9) for an unknown key.
+fn patch(b: &mut Base, s: &Served, resource: &str, body: &[u8]) -> Reply {
+    let root = format!("http://{}/{}/odata/standard.odata", s.addr, s.publication);
+    let Some((set, key)) = resource
+        .split_once("(guid'")
+        .and_then(|(set, rest)| rest.strip_suffix("')").map(|k| (set.to_string(), k.to_lowercase())))
+    else {
+        return odata_error(400, "6", &format!("Неверный адрес ресурса: {resource}"));
+    };
+    if b.hidden_sets.contains(&set) || !set.starts_with("Catalog_") {
+        return odata_error(404, "9", &format!("Не найден ресурс {set}"));
+    }
+    let Some(sch) = schema(b.conf).into_iter().find(|x| x.set == set) else {
+        return odata_error(404, "9", &format!("Не найден ресурс {set}"));
+    };
+    if !b.sets.get(&set).is_some_and(|m| m.contains_key(&key)) {
+        return odata_error(404, "9", &format!("Не найден объект {set}(guid'{key}')"));
+    }
+    let text = String::from_utf8_lossy(body);
+    let fields = match crate::onec::odata::json::parse(&text) {
+        Ok(serde_json::Value::Object(o)) => o,
+        _ => return odata_error(400, "14", "Тело запроса не является объектом JSON"),
+    };
+    let hidden = |scope: &str, p: &str| b.hidden_props.contains(&(scope.to_string(), p.to_string()));
+    let mut changes: Vec<(String, Val)> = Vec::new();
+    for (p, ty) in &sch.props {
+        if matches!(*p, "Ref_Key" | "DataVersion" | "Predefined") || hidden(&set, p) {
+            continue;
+        }
+        if let Some(v) = fields.get(*p) {
+            match from_json(ty, v) {
+                Ok(v) => changes.push((p.to_string(), v)),
+                Err(why) => return odata_error(400, "14", &format!("Неверное значение свойства {p}: {why}")),
+            }
+        }
+    }
+    for (section, props) in &sch.sections {
+        let scope = format!("{set}.{section}");
+        let rows = match fields.get(*section).filter(|_| !hidden(&set, section)) {
+            None => continue,
+            Some(serde_json::Value::Array(rows)) => rows.clone(),
+            Some(_) => return odata_error(400, "14", &format!("{section}: ожидается массив строк")),
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let Some(r) = r.as_object() else {
+                return odata_error(400, "14", &format!("{section}: строка не является объектом"));
+            };
+            if !r.contains_key("LineNumber") {
+                return odata_error(500, "0", "Произошла внутренняя ошибка OData сервиса");
+            }
+            let mut row = Vec::with_capacity(props.len());
+            for (p, ty) in props {
+                let given = r.get(*p).filter(|_| !hidden(&scope, p));
+                match given.map(|v| from_json(ty, v)).transpose() {
+                    Ok(v) => row.push((p.to_string(), v.unwrap_or_else(|| default_val(ty)))),
+                    Err(why) => {
+                        return odata_error(
+                            400,
+                            "14",
+                            &format!("Неверное значение свойства {section}.{p}: {why}"),
+                        );
+                    }
+                }
+            }
+            out.push(row);
+        }
+        changes.push((section.to_string(), Val::Rows(out)));
+    }
+    b.patched += 1;
+    let dv = b.data_version();
+    let Some(e) = b.sets.get_mut(&set).and_then(|m| m.get_mut(&key)) else {
+        return odata_error(404, "9", &format!("Не найден объект {set}(guid'{key}')"));
+    };
+    for (p, v) in changes {
+        e.set(&p, v);
+    }
+    e.set("DataVersion", dv);
+    json_response(200, entity_json(&root, &set, e))
 }
 
 /// Why the configuration's posting code would refuse the document, if it would.

@@ -21,7 +21,7 @@ use super::{OdataClient, OdataError, by_key, datetime_literal};
 use crate::core::identity::{CustomerIdentity, Email, Phone};
 use crate::core::money::Money;
 use crate::ledger::{Batch, CatalogItem, IngestContext, LedgerError, OpeningRow, SharedLedger};
-use crate::onec::mapping::{self, BonusHolder, CardMap, Mapping, MappingError, PeopleMap};
+use crate::onec::mapping::{self, AttributesMap, BonusHolder, CardMap, Mapping, MappingError, PeopleMap};
 
 /// More holders than this in the bonus register and whole catalogs are read instead of one
 /// request per holder.
@@ -52,6 +52,8 @@ struct Person {
     phone: Option<Phone>,
     email: Option<Email>,
     birthday: Option<chrono::NaiveDate>,
+    /// Its additional attribute rows, when the mapping reads any.
+    attributes: Vec<super::attributes::Row>,
 }
 
 /// Cards and customers read during one poll. A lookup that found nothing is remembered too,
@@ -61,6 +63,9 @@ struct Person {
 pub(crate) struct Customers {
     cards: HashMap<String, Result<Card, String>>,
     people: HashMap<(String, String), Result<Person, String>>,
+    /// The attribute rows of the customers documents named since the last
+    /// [`Customers::take_attributes`], by 1C key.
+    attributes: HashMap<String, Vec<super::attributes::Row>>,
 }
 
 fn card_select(m: &CardMap) -> String {
@@ -100,8 +105,11 @@ fn card_from(m: &CardMap, o: &Obj) -> Card {
     }
 }
 
-fn person_select(m: &PeopleMap, set: &str) -> String {
+fn person_select(m: &PeopleMap, set: &str, attrs: Option<&AttributesMap>) -> String {
     let mut f = vec!["Ref_Key".to_string(), m.name.clone()];
+    if let Some(a) = attrs.filter(|a| a.reads()) {
+        f.extend(super::attributes::select(a));
+    }
     if let Some(b) = m.birth_date_of(set) {
         f.push(b.to_string());
     }
@@ -112,8 +120,12 @@ fn person_select(m: &PeopleMap, set: &str) -> String {
     f.join(",")
 }
 
-fn person_from(m: &PeopleMap, set: &str, o: &Obj) -> Person {
+fn person_from(m: &PeopleMap, set: &str, attrs: Option<&AttributesMap>, o: &Obj) -> Person {
     let mut p = Person {
+        attributes: attrs
+            .filter(|a| a.reads())
+            .map(|a| super::attributes::rows_of(a, o))
+            .unwrap_or_default(),
         name: text(o, &m.name)
             .map(str::trim)
             .filter(|s| !s.is_empty())
@@ -176,17 +188,17 @@ impl Customers {
         &mut self,
         client: &OdataClient,
         m: &PeopleMap,
-        set: &str,
-        key: &str,
+        attrs: Option<&AttributesMap>,
+        (set, key): (&str, &str),
     ) -> Result<Result<Person, String>, OdataError> {
         let cache_key = (set.to_string(), key.to_string());
         if let Some(p) = self.people.get(&cache_key) {
             return Ok(p.clone());
         }
-        let q = [("$select", person_select(m, set))];
+        let q = [("$select", person_select(m, set, attrs))];
         let found = client.object(set, &by_key(set, key), &q).await?;
         let p = match found {
-            Some(o) => Ok(person_from(m, set, &o)),
+            Some(o) => Ok(person_from(m, set, attrs, &o)),
             None => Err(format!("customer {key} is not in {set}")),
         };
         self.people.insert(cache_key, p.clone());
@@ -209,17 +221,25 @@ impl Customers {
             }
         }
         if let Some(m) = &mapping.people {
+            let attrs = mapping.attributes.as_ref();
             for set in m.sets() {
-                let select = person_select(m, set);
+                let select = person_select(m, set, attrs);
                 for o in list_all(client, set, &select, None, "Ref_Key", page).await? {
                     if let Some(k) = reference(&o, "Ref_Key") {
-                        self.people
-                            .insert((set.to_string(), k.to_string()), Ok(person_from(m, set, &o)));
+                        self.people.insert(
+                            (set.to_string(), k.to_string()),
+                            Ok(person_from(m, set, attrs, &o)),
+                        );
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// The attribute rows of the customers read since the last call, by 1C key.
+    pub(crate) fn take_attributes(&mut self) -> Vec<(String, Vec<super::attributes::Row>)> {
+        self.attributes.drain().collect()
     }
 
     /// The customer a document names by its card and/or customer reference. `Ok(Err(_))` is
@@ -249,8 +269,11 @@ impl Customers {
             _ => None,
         };
         if let Some((m, set, key)) = target {
-            match self.person(client, m, set, key).await? {
+            match self.person(client, m, mapping.attributes.as_ref(), (set, key)).await? {
                 Ok(p) => {
+                    if !p.attributes.is_empty() {
+                        self.attributes.insert(key.to_string(), p.attributes.clone());
+                    }
                     id.onec_id = Some(key.to_string());
                     id.name = p.name;
                     id.phone = p.phone;
@@ -841,7 +864,7 @@ mod tests {
         .as_object()
         .cloned()
         .expect("object");
-        let p = person_from(&people(), "Catalog_ФизическиеЛица", &o);
+        let p = person_from(&people(), "Catalog_ФизическиеЛица", None, &o);
         assert_eq!(p.name.as_deref(), Some("Иван"));
         assert_eq!(p.phone.as_ref().map(Phone::as_str), Some("+79123456789"));
         assert_eq!(p.email.as_ref().map(Email::as_str), Some("ivan@example.ru"));

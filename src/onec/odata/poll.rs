@@ -116,6 +116,10 @@ pub struct PollReport {
     /// A limit or a shutdown cut the poll short: the next one continues.
     pub pending: bool,
     pub warnings: Vec<String>,
+    /// Customers whose additional attributes in 1C changed something in the ledger.
+    pub attributes_changed: usize,
+    /// Values of additional attributes refused (each in its customer's history).
+    pub attributes_refused: usize,
 }
 
 impl PollReport {
@@ -140,6 +144,12 @@ impl PollReport {
             s.push_str(&format!(
                 "; catalog: {} products, {} groups, {} prices",
                 c.products, c.groups, c.prices
+            ));
+        }
+        if self.attributes_changed + self.attributes_refused > 0 {
+            s.push_str(&format!(
+                "; attributes: {} customers changed, {} values refused",
+                self.attributes_changed, self.attributes_refused
             ));
         }
         if self.pending {
@@ -180,6 +190,11 @@ pub(crate) struct State {
     seeded_from: Option<NaiveDateTime>,
     /// Products read by the catalog sync: `Ref_Key` → (`DataVersion`, name).
     pub(crate) products: HashMap<String, (String, String)>,
+    /// The additional attributes the mapping reads, found in 1C's chart of properties once
+    /// per poller (a property added in 1C later needs a restart, as a changed mapping does).
+    properties: Option<super::attributes::Resolved>,
+    /// Names of the list values (`Catalog_ЗначенияСвойствОбъектов` items) read so far.
+    value_names: HashMap<(String, String), String>,
 }
 
 enum KnownUpdate {
@@ -1189,6 +1204,8 @@ impl OdataPoller {
             .await?;
         run.report.rejected += rejected;
         run.report.add(&report);
+        // after the documents: a customer seen for the first time exists now
+        self.apply_attributes(st, run).await?;
         // the ledger counts a rejection as quarantined; the report keeps them apart
         run.report.quarantined = run.report.quarantined.saturating_sub(rejected);
         for u in updates {
@@ -1200,6 +1217,82 @@ impl OdataPoller {
                     st.known.remove(&k);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Applies what the additional attributes of the customers read since the last batch
+    /// say, with the precedence of a filling source. A chart of properties that cannot be
+    /// read, or a title it lacks, is a warning: the documents flow either way.
+    async fn apply_attributes(&self, st: &mut State, run: &mut Run<'_>) -> Result<(), OdataError> {
+        let Some(am) = self.mapping.attributes.as_ref().filter(|a| a.reads()) else {
+            return Ok(());
+        };
+        let read = run.customers.take_attributes();
+        if read.is_empty() {
+            return Ok(());
+        }
+        if st.properties.is_none() {
+            let page = self.odata.page_size.max(1) as usize;
+            match super::attributes::resolve(&self.client, am, page).await {
+                Ok(r) => {
+                    for (key, title) in &r.missing {
+                        run.warn(format!(
+                            "additional attribute {title:?} ({key}) is not in {}: not read",
+                            am.properties
+                        ));
+                    }
+                    st.properties = Some(r);
+                }
+                Err(e @ (OdataError::Unauthorized { .. } | OdataError::Ledger(_))) => return Err(e),
+                Err(e) if e.class() == ErrorClass::Retriable => return Err(e),
+                Err(e) => {
+                    run.warn(format!("additional attributes not read: {e}"));
+                    st.properties = Some(Default::default());
+                }
+            }
+        }
+        let resolved = st.properties.clone().unwrap_or_default();
+        let mut items = Vec::new();
+        for (key, rows) in read {
+            super::attributes::value_names(&self.client, &resolved, &rows, &mut st.value_names).await?;
+            if let Some(a) = super::attributes::attributes_of(&resolved, &rows, &st.value_names) {
+                items.push((key, a));
+            }
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        let cfg = self.cfg.clone();
+        let source = self.system.clone();
+        let now = run.now;
+        let report = run
+            .ledger
+            .run(move |l| {
+                let mut linked = Vec::with_capacity(items.len());
+                for (key, a) in items {
+                    if let Some(c) = l.customer_of_key("onec", &key)? {
+                        linked.push((c, a));
+                    }
+                }
+                l.apply_attributes(
+                    &source,
+                    crate::ledger::Precedence::FillsEmptyOrOwn,
+                    linked,
+                    &cfg.program,
+                    now,
+                )
+            })
+            .await?;
+        run.report.attributes_changed += report.changed;
+        run.report.attributes_refused += report.refused.len();
+        if report.changed > 0 || !report.refused.is_empty() {
+            tracing::info!(
+                changed = report.changed,
+                refused = report.refused.len(),
+                kept = report.kept,
+                "Customer attributes read from 1C's additional attributes."
+            );
         }
         Ok(())
     }

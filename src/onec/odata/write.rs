@@ -60,7 +60,7 @@ use super::{
     ErrorClass, Failure, MAX_BODY_BYTES, OdataClient, OdataError, Received, RetryPolicy, by_key, classify,
     datetime_literal, not_json, status_failure,
 };
-use crate::config::{Config, ONEC_ACCOUNTING, ONEC_BONUS, OdataConfig, Postback};
+use crate::config::{Config, ONEC_ACCOUNTING, ONEC_BONUS, ONEC_TIER, OdataConfig, Postback};
 use crate::core::identity::normalize_card;
 use crate::core::money::Money;
 use crate::daemon::{Job, JobContext, JobFuture, JobOutcome, Stage};
@@ -211,6 +211,8 @@ struct Cache {
     program: Option<Option<String>>,
     organizations: HashMap<String, String>,
     accounts: HashMap<String, String>,
+    /// The keys of the tier's property, found in the chart by its title.
+    tier_properties: Option<Vec<String>>,
 }
 
 /// What the writer did, for the job's summary and benchmarks.
@@ -222,6 +224,8 @@ pub struct WriteStats {
     pub found: usize,
     /// Documents posted by the `Post` action.
     pub posted: usize,
+    /// Customers whose tier attribute was written by a PATCH.
+    pub tiers_written: usize,
 }
 
 /// Creates and posts kopilka's documents in one 1C base. Build one per run: card, program,
@@ -235,6 +239,7 @@ pub struct OdataWriter {
     created: AtomicUsize,
     found: AtomicUsize,
     posted: AtomicUsize,
+    tiers_written: AtomicUsize,
 }
 
 impl std::fmt::Debug for OdataWriter {
@@ -292,11 +297,27 @@ impl OdataClient {
         query: &[(&str, String)],
         body: Option<&str>,
     ) -> Result<(u16, String), Failure> {
+        self.send_once(reqwest::Method::POST, resource, query, body).await
+    }
+
+    /// PATCHes an object once with a JSON body (the properties and whole tabular sections to
+    /// replace).
+    pub(crate) async fn patch_once(&self, resource: &str, body: &str) -> Result<(u16, String), Failure> {
+        self.send_once(reqwest::Method::PATCH, resource, &[], Some(body)).await
+    }
+
+    async fn send_once(
+        &self,
+        method: reqwest::Method,
+        resource: &str,
+        query: &[(&str, String)],
+        body: Option<&str>,
+    ) -> Result<(u16, String), Failure> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let url = self.wire_url(resource, query, true);
         let mut req = self
             .http
-            .post(&url)
+            .request(method, &url)
             .basic_auth(&self.user, Some(self.password.expose()))
             .header(reqwest::header::ACCEPT, "application/json");
         req = match body {
@@ -354,6 +375,7 @@ impl OdataWriter {
             created: AtomicUsize::new(0),
             found: AtomicUsize::new(0),
             posted: AtomicUsize::new(0),
+            tiers_written: AtomicUsize::new(0),
         })
     }
 
@@ -366,6 +388,7 @@ impl OdataWriter {
             created: self.created.load(Ordering::Relaxed),
             found: self.found.load(Ordering::Relaxed),
             posted: self.posted.load(Ordering::Relaxed),
+            tiers_written: self.tiers_written.load(Ordering::Relaxed),
         }
     }
 
@@ -374,6 +397,14 @@ impl OdataWriter {
         OdataSink {
             writer: self,
             destination: ONEC_BONUS,
+        }
+    }
+
+    /// The sink of customers' tiers (`onec:tier`).
+    pub fn tier_sink(&self) -> OdataSink<'_> {
+        OdataSink {
+            writer: self,
+            destination: ONEC_TIER,
         }
     }
 
@@ -419,6 +450,9 @@ impl OdataWriter {
                 row.id, row.idem_key
             ))
         })?;
+        if row.destination == ONEC_TIER {
+            return self.deliver_tier(row, &payload).await;
+        }
         let plan = self.plan(row, &payload)?;
         let mut found = None;
         if row.attempts > 0 {
@@ -1115,6 +1149,147 @@ impl OdataWriter {
     }
 
     /// The key of the live entity of `set` whose `field` equals `value` (trimmed).
+    /// Writes a customer's tier name to the additional attribute `[attributes] tier` of their
+    /// 1C object. A PATCH replaces a tabular section whole, so the section is read first and
+    /// written back with only the tier's row set (added, changed, or removed when the customer
+    /// has no tier): the shop's other attributes stay. A row already saying the tier is
+    /// success without a write, so a repeated delivery changes nothing. Between the read and
+    /// the write a person could edit the same customer in 1C; 1C ignores `If-Match`
+    /// (`shared/specs/onec.md`), so that edit of the section would be lost — the window is
+    /// one GET and one PATCH.
+    async fn deliver_tier(&self, row: &OutboxRow, p: &Value) -> Result<(), DeliveryError> {
+        let what = format!("tier row {} ({})", row.id, row.idem_key);
+        let (Some(am), Some(people)) = (
+            self.mapping.attributes.as_ref().filter(|a| a.tier.is_some()),
+            self.mapping.people.as_ref(),
+        ) else {
+            return Err(DeliveryError::Halt(format!(
+                "{what}: mapping {} names no [attributes] tier (and [people]) to write it to",
+                self.mapping.origin
+            )));
+        };
+        let title = am.tier.clone().unwrap_or_default();
+        let Some(onec_id) = p.get("onec_id").and_then(Value::as_str).and_then(guid_text) else {
+            return Err(DeliveryError::Permanent(format!("{what}: the payload names no 1C key")));
+        };
+        let tier = p.get("tier").and_then(Value::as_str);
+        let name = tier.map(|id| {
+            self.cfg
+                .program
+                .tiers
+                .iter()
+                .find(|t| t.id == id)
+                .map_or_else(|| id.to_string(), |t| t.name.clone())
+        });
+        let candidates = self.tier_properties(am).await?;
+        if candidates.is_empty() {
+            return Err(DeliveryError::Halt(format!(
+                "{what}: additional attribute {title:?} (attributes.tier) is not in {}: create it in 1C \
+                 (a string property of the customers' set) or correct the mapping",
+                am.properties
+            )));
+        }
+        let select = [("$select", format!("Ref_Key,{}", am.section))];
+        let mut found = None;
+        for set in people.sets() {
+            let got = self
+                .client
+                .object(set, &by_key(set, &onec_id), &select)
+                .await
+                .map_err(|e| from_odata(e, &what))?;
+            if let Some(o) = got {
+                found = Some((set, o));
+                break;
+            }
+        }
+        let Some((set, person)) = found else {
+            return Err(DeliveryError::Permanent(format!(
+                "{what}: customer {onec_id} is in none of {}",
+                people.sets().collect::<Vec<_>>().join(", ")
+            )));
+        };
+        let mut rows: Vec<json::Obj> = person
+            .get(&am.section)
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(|x| x.as_object().cloned()).collect())
+            .unwrap_or_default();
+        let holds = |r: &json::Obj, k: &str| reference(r, &am.property).is_some_and(|x| x.eq_ignore_ascii_case(k));
+        // two properties may share the title (one per catalog's set): the one this customer
+        // already has, else the only one
+        let property = match candidates.as_slice() {
+            [one] => one.clone(),
+            many => match many.iter().find(|k| rows.iter().any(|r| holds(r, k))) {
+                Some(k) => k.clone(),
+                None => {
+                    return Err(DeliveryError::Halt(format!(
+                        "{what}: {} properties are titled {title:?} ({}); give the customers' one a title of its own",
+                        many.len(),
+                        many.join(", ")
+                    )));
+                }
+            },
+        };
+        let value_type = am.value_type();
+        let current = rows.iter().position(|r| holds(r, &property));
+        match (&name, current) {
+            (Some(n), Some(i))
+                if text(&rows[i], &am.value).map(str::trim) == Some(n.as_str())
+                    && text(&rows[i], &value_type).is_none_or(|t| t == "Edm.String") =>
+            {
+                return Ok(());
+            }
+            (None, None) => return Ok(()),
+            (Some(n), Some(i)) => {
+                rows[i].insert(am.value.clone(), Value::String(n.clone()));
+                rows[i].insert(value_type.clone(), Value::String("Edm.String".into()));
+            }
+            (Some(n), None) => {
+                let line = rows
+                    .iter()
+                    .filter_map(|r| text(r, "LineNumber").and_then(|t| t.trim().parse::<i64>().ok()))
+                    .max()
+                    .unwrap_or(0)
+                    + 1;
+                let mut r = json::Obj::new();
+                r.insert("LineNumber".into(), Value::String(line.to_string()));
+                r.insert(am.property.clone(), Value::String(property.clone()));
+                r.insert(am.value.clone(), Value::String(n.clone()));
+                r.insert(value_type.clone(), Value::String("Edm.String".into()));
+                rows.push(r);
+            }
+            (None, Some(i)) => {
+                rows.remove(i);
+            }
+        }
+        let mut body = json::Obj::new();
+        body.insert(
+            am.section.clone(),
+            Value::Array(rows.into_iter().map(Value::Object).collect()),
+        );
+        let body = Value::Object(body).to_string();
+        let resource = by_key(set, &onec_id);
+        let url = self.client.readable_url(&resource, &[]);
+        self.client
+            .patch_once(&resource, &body)
+            .await
+            .map_err(|f| from_failure(&f, &what, &url))?;
+        self.tiers_written.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The keys of the tier's property, read from the chart once per writer.
+    async fn tier_properties(&self, am: &mapping::AttributesMap) -> Result<Vec<String>, DeliveryError> {
+        if let Some(k) = self.cache().tier_properties.clone() {
+            return Ok(k);
+        }
+        let page = self.odata.page_size.max(1) as usize;
+        let r = super::attributes::resolve(&self.client, am, page)
+            .await
+            .map_err(|e| from_odata(e, &format!("reading {}", am.properties)))?;
+        self.cache().tier_properties = Some(r.tier.clone());
+        Ok(r.tier)
+    }
+
     async fn lookup(&self, set: &str, field: &str, value: &str) -> Result<Option<String>, DeliveryError> {
         let q = [
             ("$select", format!("Ref_Key,DeletionMark,{field}")),
@@ -1200,10 +1375,12 @@ impl OdataDeliverJob {
         }
     }
 
-    /// The job, when `[accounting] postback = "odata"` and `[onec.odata]` is configured.
+    /// The job, when `[onec.odata]` is configured and `[accounting] postback = "odata"` or the
+    /// mapping publishes the tier (`[attributes] tier`).
     pub fn enabled_by(cfg: &Config) -> Option<Arc<dyn Job>> {
-        let odata = cfg.onec.as_ref().and_then(|o| o.odata.as_ref()).is_some();
-        (odata && cfg.accounting.postback == Postback::Odata)
+        let odata = cfg.onec.as_ref().and_then(|o| o.odata.as_ref());
+        let tiers = odata.is_some_and(|o| o.publishes_tier);
+        (odata.is_some() && (cfg.accounting.postback == Postback::Odata || tiers))
             .then(|| Arc::new(OdataDeliverJob::default()) as Arc<dyn Job>)
     }
 
@@ -1243,11 +1420,18 @@ impl Job for OdataDeliverJob {
     fn run<'a>(&'a self, ctx: &'a JobContext) -> JobFuture<'a> {
         Box::pin(async move {
             let writer = OdataWriter::with_retry(ctx.cfg.clone(), self.retry.clone().unwrap_or_default())?;
-            self.check_names(&writer).await?;
             let policy = &ctx.cfg.delivery;
             let clock = ctx.clock.as_ref();
-            let bonus = deliver_due(&ctx.ledger, &writer.bonus_sink(), policy, clock).await?;
-            let postings = deliver_due(&ctx.ledger, &writer.accounting_sink(), policy, clock).await?;
+            let (mut bonus, mut postings, mut tiers) =
+                (DeliveryReport::default(), DeliveryReport::default(), DeliveryReport::default());
+            if ctx.cfg.accounting.postback == Postback::Odata {
+                self.check_names(&writer).await?;
+                bonus = deliver_due(&ctx.ledger, &writer.bonus_sink(), policy, clock).await?;
+                postings = deliver_due(&ctx.ledger, &writer.accounting_sink(), policy, clock).await?;
+            }
+            if writer.odata.publishes_tier {
+                tiers = deliver_due(&ctx.ledger, &writer.tier_sink(), policy, clock).await?;
+            }
             let s = writer.stats();
             let part = |r: &DeliveryReport| {
                 format!(
@@ -1256,22 +1440,23 @@ impl Job for OdataDeliverJob {
                 )
             };
             let summary = format!(
-                "bonus documents: {}; postings: {}; {} created, {} found already, {} posted; {} requests",
+                "bonus documents: {}; postings: {}; tiers: {}; {} created, {} found already, {} posted, {} tiers written; {} requests",
                 part(&bonus),
                 part(&postings),
+                part(&tiers),
                 s.created,
                 s.found,
                 s.posted,
+                s.tiers_written,
                 writer.client().requests_sent()
             );
-            if let Some(h) = bonus.halted.or(postings.halted) {
+            if let Some(h) = [&bonus, &postings, &tiers].iter().find_map(|r| r.halted.as_ref()) {
                 anyhow::bail!("1C OData delivery is halted: {h} ({summary})");
             }
             let limit = policy.max_rows_per_run;
+            let busy = |r: &DeliveryReport| r.retried > 0 || r.delivered + r.retried + r.dead >= limit;
             Ok(JobOutcome {
-                pending: bonus.retried + postings.retried > 0
-                    || bonus.delivered + bonus.retried + bonus.dead >= limit
-                    || postings.delivered + postings.retried + postings.dead >= limit,
+                pending: busy(&bonus) || busy(&postings) || busy(&tiers),
                 summary,
             })
         })
