@@ -382,7 +382,37 @@ pub fn check(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
                     None => c.miss(format!("tabular section {set}.{section}"), "people.contacts"),
                 }
             }
+            // the additional attributes, only when something is read or written through them
+            if let Some(am) = mapping.attributes.as_ref().filter(|a| a.reads() || a.tier.is_some()) {
+                c.checked += 1;
+                match c.section(set, &props, &am.section).cloned() {
+                    Some(rows) => {
+                        let value_type = am.value_type();
+                        c.fields(
+                            &format!("{set}.{}", am.section),
+                            &rows,
+                            &[
+                                (am.property.as_str(), "attributes.property".to_string()),
+                                (am.value.as_str(), "attributes.value".to_string()),
+                                (value_type.as_str(), "attributes.value (a composite value)".to_string()),
+                            ],
+                        );
+                    }
+                    None => c.miss(format!("tabular section {set}.{}", am.section), "attributes.section"),
+                }
+            }
         }
+    }
+    if let Some(am) = mapping.attributes.as_ref().filter(|a| a.reads() || a.tier.is_some())
+        && let Some(props) = c.set(&am.properties, "attributes.properties").cloned()
+    {
+        let f: Vec<(&str, String)> = am
+            .title_fields
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), format!("attributes.title_fields[{i}]")))
+            .collect();
+        c.fields(&am.properties, &props, &f);
     }
     if let Some(b) = &mapping.bonus {
         c.checked += 1;
@@ -557,7 +587,20 @@ pub async fn probe(cfg: &Config) -> Result<ProbeReport, OdataError> {
         attempts: 1,
     })?;
     let writing = cfg.accounting.postback == crate::config::Postback::Odata;
-    let (checked, missing) = check_all(&mapping, &schema, writing);
+    let (mut checked, mut missing) = check_all(&mapping, &schema, writing);
+    // the properties are data, not metadata: each title named must be in the chart
+    if let Some(am) = mapping.attributes.as_ref().filter(|a| a.reads() || a.tier.is_some())
+        && schema.sets.contains_key(&am.properties)
+    {
+        let resolved = super::attributes::resolve(&client, am, odata.page_size.max(1) as usize).await?;
+        checked += am.titles().len();
+        for (key, title) in resolved.missing {
+            missing.push(Missing {
+                what: format!("additional attribute {title:?} in {}", am.properties),
+                needed_by: key,
+            });
+        }
+    }
     Ok(ProbeReport {
         url: client.base().to_string(),
         mapping: mapping.origin.clone(),
