@@ -68,7 +68,10 @@ fn mapping_text(sim: &OdataSim, sources: &[(&str, &str)], tier: Option<&str>) ->
     for (k, v) in sources {
         extra.push_str(&format!("{k} = {v:?}\n"));
     }
-    let mut text = text.replace("[attributes.sources]\n", &format!("[attributes.sources]\n{extra}"));
+    let mut text = text.replace(
+        "[attributes.sources]\n",
+        &format!("[attributes.sources]\n{extra}"),
+    );
     if let Some(t) = tier {
         text = text.replace("# tier = \"Уровень лояльности\"", &format!("tier = {t:?}"));
     }
@@ -160,12 +163,20 @@ impl Rig {
             .poll(&self.ledger, self.now(), &CancellationToken::new())
             .await
             .unwrap_or_else(|e| panic!("poll: {e}"));
-        assert_eq!((report.rejected, report.quarantined), (0, 0), "{}", report.summary());
+        assert_eq!(
+            (report.rejected, report.quarantined),
+            (0, 0),
+            "{}",
+            report.summary()
+        );
         report
     }
 
     fn customer(&self, person: &str) -> Option<i64> {
-        self.ledger.lock().customer_of_key("onec", person).expect("lookup")
+        self.ledger
+            .lock()
+            .customer_of_key("onec", person)
+            .expect("lookup")
     }
 }
 
@@ -217,42 +228,72 @@ async fn a_friend_code_typed_in_1c_pays_both_and_ones_own_code_is_refused() {
         r.poll().await;
 
         // the referrer: someone who bought in the history; the friend and the cheat buy now
-        let first = r.sim.sale_keys().into_iter().find_map(|k| person_of(&r.sim, &k)).expect("a buyer");
+        let first = r
+            .sim
+            .sale_keys()
+            .into_iter()
+            .find_map(|k| person_of(&r.sim, &k))
+            .expect("a buyer");
         let referrer = r.customer(&first).expect("in the ledger");
-        let got = new_buyers(&r.sim, 2, std::slice::from_ref(&first), |p| r.customer(p).is_some());
+        let got = new_buyers(&r.sim, 2, std::slice::from_ref(&first), |p| {
+            r.customer(p).is_some()
+        });
         let (friend, cheat) = (got[0].clone(), got[1].clone());
         let cheat_id = r.customer(&cheat).expect("known");
         let code = |id: i64| referral_code(id).expect("a code");
         // a manager types the codes on the customers' cards in 1C
         let friend_key = r.sim.add_property("Код друга"); // the same property: its key
-        assert!(r.sim.set_attribute(&friend, &friend_key, &code(referrer), "Edm.String"));
+        assert!(
+            r.sim
+                .set_attribute(&friend, &friend_key, &code(referrer), "Edm.String")
+        );
         assert!(r.sim.set_attribute(&friend, &colour, "зелёный", "Edm.String"));
-        assert!(r.sim.set_attribute(&cheat, &friend_key, &code(cheat_id), "Edm.String"));
+        assert!(
+            r.sim
+                .set_attribute(&cheat, &friend_key, &code(cheat_id), "Edm.String")
+        );
         let bday = r.sim.add_property("День рождения");
         assert!(r.sim.set_attribute(&cheat, &bday, "31.02.1990", "Edm.String"));
 
         let report = r.poll().await;
-        assert!(report.applied >= 2, "{conf:?}: the cheat's receipt flows: {}", report.summary());
+        assert!(
+            report.applied >= 2,
+            "{conf:?}: the cheat's receipt flows: {}",
+            report.summary()
+        );
         assert!(report.attributes_refused >= 2, "{conf:?}: {}", report.summary());
 
         let friend_id = r.customer(&friend).expect("known");
-        let l = r.ledger.lock();
-        let changes = l.attribute_changes(&format!("id:{friend_id}")).expect("history");
+        let history = |id: i64| {
+            r.ledger
+                .lock()
+                .attribute_changes(&format!("id:{id}"))
+                .expect("history")
+        };
+        let changes = history(friend_id);
         assert!(
             changes
                 .iter()
                 .any(|c| c.field == "referred_by" && c.source == "onec" && c.refused.is_none()),
             "{conf:?}: {changes:?}"
         );
-        assert!(!changes.iter().any(|c| c.new.as_deref() == Some("зелёный")), "{conf:?}");
-        let cheat_changes = l.attribute_changes(&format!("id:{cheat_id}")).expect("history");
-        let refused: Vec<&str> = cheat_changes.iter().filter_map(|c| c.refused.as_deref()).collect();
+        assert!(
+            !changes.iter().any(|c| c.new.as_deref() == Some("зелёный")),
+            "{conf:?}"
+        );
+        let cheat_changes = history(cheat_id);
+        let refused: Vec<&str> = cheat_changes
+            .iter()
+            .filter_map(|c| c.refused.as_deref())
+            .collect();
         assert!(
             refused.iter().any(|r| r.contains("the customer's own")),
             "{conf:?}: {cheat_changes:?}"
         );
-        assert!(refused.iter().any(|r| r.contains("not a date")), "{conf:?}: {cheat_changes:?}");
-        drop(l);
+        assert!(
+            refused.iter().any(|r| r.contains("not a date")),
+            "{conf:?}: {cheat_changes:?}"
+        );
 
         // the same values read again are not refused twice
         r.sim.add_sales(3, None);
@@ -300,7 +341,12 @@ async fn the_tier_is_written_to_the_customers_attribute_and_the_rest_survive() {
         r.mapping(&[], Some("Уровень лояльности"));
         assert!(r.cfg.destinations().onec_tier.is_some(), "{conf:?}");
         // the shop's own attributes on every customer's card
-        let people: BTreeSet<String> = r.sim.sale_keys().iter().filter_map(|k| person_of(&r.sim, k)).collect();
+        let people: BTreeSet<String> = r
+            .sim
+            .sale_keys()
+            .iter()
+            .filter_map(|k| person_of(&r.sim, k))
+            .collect();
         for p in &people {
             assert!(r.sim.set_attribute(p, &colour, "зелёный", "Edm.String"));
         }
@@ -316,25 +362,45 @@ async fn the_tier_is_written_to_the_customers_attribute_and_the_rest_survive() {
                 .expect("outbox")
         };
         let queued = rows(&r);
-        let pending: Vec<_> = queued.iter().filter(|x| x.state == OutboxState::Pending).collect();
-        let superseded = queued.iter().filter(|x| x.state == OutboxState::Superseded).count();
+        let pending: Vec<_> = queued
+            .iter()
+            .filter(|x| x.state == OutboxState::Pending)
+            .collect();
+        let superseded = queued
+            .iter()
+            .filter(|x| x.state == OutboxState::Superseded)
+            .count();
         // customers went base → silver → gold within the history: only the newest is written
         assert!(superseded > 0, "{conf:?}: {} rows", queued.len());
         let mut per_customer: BTreeMap<String, usize> = BTreeMap::new();
         for x in &pending {
-            *per_customer.entry(x.coalesce_key.clone().unwrap_or_default()).or_default() += 1;
+            *per_customer
+                .entry(x.coalesce_key.clone().unwrap_or_default())
+                .or_default() += 1;
         }
-        assert!(per_customer.values().all(|n| *n == 1), "{conf:?}: {per_customer:?}");
+        assert!(
+            per_customer.values().all(|n| *n == 1),
+            "{conf:?}: {per_customer:?}"
+        );
 
         let writer = OdataWriter::new(r.cfg.clone()).expect("writer");
         let clock = FakeClock::new(r.now());
         let report = deliver_due(&r.ledger, &writer.tier_sink(), &r.cfg.delivery, &clock)
             .await
             .expect("delivery");
-        assert_eq!((report.delivered, report.dead), (pending.len(), 0), "{conf:?}: {report:?}");
-        assert_eq!(r.sim.patches(), pending.len() as u64, "{conf:?}: one PATCH per customer");
+        assert_eq!(
+            (report.delivered, report.dead),
+            (pending.len(), 0),
+            "{conf:?}: {report:?}"
+        );
+        assert_eq!(
+            r.sim.patches(),
+            pending.len() as u64,
+            "{conf:?}: one PATCH per customer"
+        );
 
-        let names: BTreeMap<&str, &str> = [("base", "Базовый"), ("silver", "Серебряный"), ("gold", "Золотой")].into();
+        let names: BTreeMap<&str, &str> =
+            [("base", "Базовый"), ("silver", "Серебряный"), ("gold", "Золотой")].into();
         let mut checked = 0;
         for p in &people {
             let Some(id) = r.customer(p) else { continue };
@@ -347,7 +413,11 @@ async fn the_tier_is_written_to_the_customers_attribute_and_the_rest_survive() {
             let Some(tier) = tier else { continue };
             let attrs = r.sim.attributes_of(p);
             assert!(
-                attrs.contains(&(level.clone(), names[tier.as_str()].to_string(), "Edm.String".into())),
+                attrs.contains(&(
+                    level.clone(),
+                    names[tier.as_str()].to_string(),
+                    "Edm.String".into()
+                )),
                 "{conf:?} {p}: {attrs:?}"
             );
             assert!(
@@ -361,17 +431,34 @@ async fn the_tier_is_written_to_the_customers_attribute_and_the_rest_survive() {
 
         // delivered again (an answer lost): the row already says it, nothing is written
         let before = r.sim.patches();
-        for x in rows(&r).iter().filter(|x| x.state == OutboxState::Delivered).take(2) {
+        for x in rows(&r)
+            .iter()
+            .filter(|x| x.state == OutboxState::Delivered)
+            .take(2)
+        {
             writer.deliver_row(x).await.expect("again");
         }
         assert_eq!(r.sim.patches(), before, "{conf:?}");
 
         // a later change: the newest tier replaces the old one in the same row
-        let buyer = new_buyers(&r.sim, 1, &[], |p| r.customer(p).is_some()).pop().expect("buyer");
+        let buyer = new_buyers(&r.sim, 1, &[], |p| r.customer(p).is_some())
+            .pop()
+            .expect("buyer");
         let id = r.customer(&buyer).expect("known");
-        let was = r.ledger.lock().balance_of(id, r.now(), Duration::days(30)).expect("balance").tier;
+        let was = r
+            .ledger
+            .lock()
+            .balance_of(id, r.now(), Duration::days(30))
+            .expect("balance")
+            .tier;
         let mut spent = 0;
-        while r.ledger.lock().balance_of(id, r.now(), Duration::days(30)).expect("balance").tier == was
+        while r
+            .ledger
+            .lock()
+            .balance_of(id, r.now(), Duration::days(30))
+            .expect("balance")
+            .tier
+            == was
             && spent < 40
         {
             // the buyer comes back until the tier moves (or is at the top already)
@@ -384,7 +471,12 @@ async fn the_tier_is_written_to_the_customers_attribute_and_the_rest_survive() {
             }
             r.poll().await;
         }
-        let now_tier = r.ledger.lock().balance_of(id, r.now(), Duration::days(30)).expect("balance").tier;
+        let now_tier = r
+            .ledger
+            .lock()
+            .balance_of(id, r.now(), Duration::days(30))
+            .expect("balance")
+            .tier;
         let clock = FakeClock::new(r.now());
         deliver_due(&r.ledger, &writer.tier_sink(), &r.cfg.delivery, &clock)
             .await
@@ -392,7 +484,11 @@ async fn the_tier_is_written_to_the_customers_attribute_and_the_rest_survive() {
         let attrs = r.sim.attributes_of(&buyer);
         let want = names[now_tier.as_deref().expect("a tier")];
         assert_eq!(
-            attrs.iter().filter(|(p, _, _)| *p == level).map(|(_, v, _)| v.as_str()).collect::<Vec<_>>(),
+            attrs
+                .iter()
+                .filter(|(p, _, _)| *p == level)
+                .map(|(_, v, _)| v.as_str())
+                .collect::<Vec<_>>(),
             vec![want],
             "{conf:?}: {attrs:?}"
         );

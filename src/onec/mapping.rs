@@ -943,7 +943,10 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
         .map(|d| accounting_document(d, p));
     let attributes = raw.attributes.as_ref().map(|a| {
         if raw.people.is_none() {
-            p.bad("attributes", "needs a [people] table: the attributes are the customers'");
+            p.bad(
+                "attributes",
+                "needs a [people] table: the attributes are the customers'",
+            );
         }
         attributes(a, p)
     });
@@ -967,7 +970,10 @@ fn convert(raw: &RawMapping, origin: &str, p: &mut Problems) -> Mapping {
 fn title(p: &mut Problems, key: &str, value: &str) -> String {
     let v = value.trim();
     if v.is_empty() || v.chars().count() > 150 {
-        p.bad(key, format!("{value:?} is not a property title (1 to 150 characters)"));
+        p.bad(
+            key,
+            format!("{value:?} is not a property title (1 to 150 characters)"),
+        );
     }
     v.to_string()
 }
@@ -997,7 +1003,11 @@ fn attributes(a: &RawAttributes, p: &mut Problems) -> AttributesMap {
         );
     }
     let title_fields = if a.title_fields.is_empty() {
-        vec!["Заголовок".to_string(), "Description".to_string(), "Имя".to_string()]
+        vec![
+            "Заголовок".to_string(),
+            "Description".to_string(),
+            "Имя".to_string(),
+        ]
     } else {
         p.names("attributes.title_fields", &a.title_fields)
     };

@@ -3672,10 +3672,10 @@ fn create(b: &mut Base, root: &str, set: &str, body: &[u8]) -> Reply {
 /// Answers 200 with the object; 404 (code 9) for an unknown key.
 fn patch(b: &mut Base, s: &Served, resource: &str, body: &[u8]) -> Reply {
     let root = format!("http://{}/{}/odata/standard.odata", s.addr, s.publication);
-    let Some((set, key)) = resource
-        .split_once("(guid'")
-        .and_then(|(set, rest)| rest.strip_suffix("')").map(|k| (set.to_string(), k.to_lowercase())))
-    else {
+    let Some((set, key)) = resource.split_once("(guid'").and_then(|(set, rest)| {
+        rest.strip_suffix("')")
+            .map(|k| (set.to_string(), k.to_lowercase()))
+    }) else {
         return odata_error(400, "6", &format!("Неверный адрес ресурса: {resource}"));
     };
     if b.hidden_sets.contains(&set) || !set.starts_with("Catalog_") {

@@ -179,7 +179,10 @@ fn unreadable(row: &Row, reason: String) -> Unreadable {
 /// A birthday as a date property (`Edm.DateTime`, the empty date is no value) or a string one
 /// holds it.
 fn birthday(row: &Row) -> Result<NaiveDate, Unreadable> {
-    let is_date = row.ty.as_deref().is_some_and(|t| t.eq_ignore_ascii_case("Edm.DateTime"));
+    let is_date = row
+        .ty
+        .as_deref()
+        .is_some_and(|t| t.eq_ignore_ascii_case("Edm.DateTime"));
     let date = if is_date {
         NaiveDate::parse_from_str(row.value.get(..10).unwrap_or(&row.value), "%Y-%m-%d")
             .map_err(|_| unreadable(row, format!("birthday {} is not a date", row.value)))?
@@ -247,7 +250,11 @@ pub async fn value_names(
     names: &mut HashMap<(String, String), String>,
 ) -> Result<(), OdataError> {
     for row in rows {
-        if !resolved.sources.iter().any(|(_, keys)| keys.contains(&row.property)) {
+        if !resolved
+            .sources
+            .iter()
+            .any(|(_, keys)| keys.contains(&row.property))
+        {
             continue;
         }
         let Some(set) = reference_set(row) else {
@@ -279,7 +286,10 @@ mod tests {
             "# referral_code   = \"Код друга\"",
             "referral_code = \"Код друга\"\nbirthday = \"День рождения\"\nconsent_ads = \"Рассылка\"",
         );
-        mapping::parse(&text, "test").expect("mapping").attributes.expect("attributes")
+        mapping::parse(&text, "test")
+            .expect("mapping")
+            .attributes
+            .expect("attributes")
     }
 
     fn row(p: &str, v: &str, t: &str) -> Row {
@@ -303,17 +313,29 @@ mod tests {
         .map(|t| serde_json::from_str::<Value>(t).expect("json").as_object().cloned().expect("obj"))
         .collect();
         let r = match_titles(&m, &chart);
-        assert_eq!(r.missing, vec![("attributes.sources.consent_ads".to_string(), "Рассылка".to_string())]);
+        assert_eq!(
+            r.missing,
+            vec![(
+                "attributes.sources.consent_ads".to_string(),
+                "Рассылка".to_string()
+            )]
+        );
         let rows = vec![
             row("b", "abcd", "Edm.String"),
             row("c", "1990-02-31", "Edm.String"),
         ];
         let a = attributes_of(&r, &rows, &HashMap::new()).expect("values");
         assert_eq!(a.referral_code.as_deref(), Some("abcd"));
-        assert!(matches!(a.birthday, Some(Err(ref u)) if u.reason.contains("not a date")), "{a:?}");
+        assert!(
+            matches!(a.birthday, Some(Err(ref u)) if u.reason.contains("not a date")),
+            "{a:?}"
+        );
         let rows = vec![row("c", "1990-05-14T00:00:00", "Edm.DateTime")];
         let a = attributes_of(&r, &rows, &HashMap::new()).expect("values");
-        assert_eq!(a.birthday, Some(Ok(NaiveDate::from_ymd_opt(1990, 5, 14).expect("date"))));
+        assert_eq!(
+            a.birthday,
+            Some(Ok(NaiveDate::from_ymd_opt(1990, 5, 14).expect("date")))
+        );
         assert!(attributes_of(&r, &[row("x", "1", "Edm.String")], &HashMap::new()).is_none());
     }
 

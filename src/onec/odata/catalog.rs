@@ -269,7 +269,10 @@ impl Customers {
             _ => None,
         };
         if let Some((m, set, key)) = target {
-            match self.person(client, m, mapping.attributes.as_ref(), (set, key)).await? {
+            match self
+                .person(client, m, mapping.attributes.as_ref(), (set, key))
+                .await?
+            {
                 Ok(p) => {
                     if !p.attributes.is_empty() {
                         self.attributes.insert(key.to_string(), p.attributes.clone());

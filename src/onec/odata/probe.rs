@@ -383,7 +383,11 @@ pub fn check(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
                 }
             }
             // the additional attributes, only when something is read or written through them
-            if let Some(am) = mapping.attributes.as_ref().filter(|a| a.reads() || a.tier.is_some()) {
+            if let Some(am) = mapping
+                .attributes
+                .as_ref()
+                .filter(|a| a.reads() || a.tier.is_some())
+            {
                 c.checked += 1;
                 match c.section(set, &props, &am.section).cloned() {
                     Some(rows) => {
@@ -394,16 +398,25 @@ pub fn check(mapping: &Mapping, schema: &Schema) -> (usize, Vec<Missing>) {
                             &[
                                 (am.property.as_str(), "attributes.property".to_string()),
                                 (am.value.as_str(), "attributes.value".to_string()),
-                                (value_type.as_str(), "attributes.value (a composite value)".to_string()),
+                                (
+                                    value_type.as_str(),
+                                    "attributes.value (a composite value)".to_string(),
+                                ),
                             ],
                         );
                     }
-                    None => c.miss(format!("tabular section {set}.{}", am.section), "attributes.section"),
+                    None => c.miss(
+                        format!("tabular section {set}.{}", am.section),
+                        "attributes.section",
+                    ),
                 }
             }
         }
     }
-    if let Some(am) = mapping.attributes.as_ref().filter(|a| a.reads() || a.tier.is_some())
+    if let Some(am) = mapping
+        .attributes
+        .as_ref()
+        .filter(|a| a.reads() || a.tier.is_some())
         && let Some(props) = c.set(&am.properties, "attributes.properties").cloned()
     {
         let f: Vec<(&str, String)> = am
@@ -589,7 +602,10 @@ pub async fn probe(cfg: &Config) -> Result<ProbeReport, OdataError> {
     let writing = cfg.accounting.postback == crate::config::Postback::Odata;
     let (mut checked, mut missing) = check_all(&mapping, &schema, writing);
     // the properties are data, not metadata: each title named must be in the chart
-    if let Some(am) = mapping.attributes.as_ref().filter(|a| a.reads() || a.tier.is_some())
+    if let Some(am) = mapping
+        .attributes
+        .as_ref()
+        .filter(|a| a.reads() || a.tier.is_some())
         && schema.sets.contains_key(&am.properties)
     {
         let resolved = super::attributes::resolve(&client, am, odata.page_size.max(1) as usize).await?;

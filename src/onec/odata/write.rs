@@ -303,7 +303,8 @@ impl OdataClient {
     /// PATCHes an object once with a JSON body (the properties and whole tabular sections to
     /// replace).
     pub(crate) async fn patch_once(&self, resource: &str, body: &str) -> Result<(u16, String), Failure> {
-        self.send_once(reqwest::Method::PATCH, resource, &[], Some(body)).await
+        self.send_once(reqwest::Method::PATCH, resource, &[], Some(body))
+            .await
     }
 
     async fn send_once(
@@ -1170,7 +1171,9 @@ impl OdataWriter {
         };
         let title = am.tier.clone().unwrap_or_default();
         let Some(onec_id) = p.get("onec_id").and_then(Value::as_str).and_then(guid_text) else {
-            return Err(DeliveryError::Permanent(format!("{what}: the payload names no 1C key")));
+            return Err(DeliveryError::Permanent(format!(
+                "{what}: the payload names no 1C key"
+            )));
         };
         let tier = p.get("tier").and_then(Value::as_str);
         let name = tier.map(|id| {
@@ -1213,7 +1216,8 @@ impl OdataWriter {
             .and_then(Value::as_array)
             .map(|r| r.iter().filter_map(|x| x.as_object().cloned()).collect())
             .unwrap_or_default();
-        let holds = |r: &json::Obj, k: &str| reference(r, &am.property).is_some_and(|x| x.eq_ignore_ascii_case(k));
+        let holds =
+            |r: &json::Obj, k: &str| reference(r, &am.property).is_some_and(|x| x.eq_ignore_ascii_case(k));
         // two properties may share the title (one per catalog's set): the one this customer
         // already has, else the only one
         let property = match candidates.as_slice() {
@@ -1422,8 +1426,11 @@ impl Job for OdataDeliverJob {
             let writer = OdataWriter::with_retry(ctx.cfg.clone(), self.retry.clone().unwrap_or_default())?;
             let policy = &ctx.cfg.delivery;
             let clock = ctx.clock.as_ref();
-            let (mut bonus, mut postings, mut tiers) =
-                (DeliveryReport::default(), DeliveryReport::default(), DeliveryReport::default());
+            let (mut bonus, mut postings, mut tiers) = (
+                DeliveryReport::default(),
+                DeliveryReport::default(),
+                DeliveryReport::default(),
+            );
             if ctx.cfg.accounting.postback == Postback::Odata {
                 self.check_names(&writer).await?;
                 bonus = deliver_due(&ctx.ledger, &writer.bonus_sink(), policy, clock).await?;
