@@ -4,9 +4,10 @@
 //!
 //! Precedence ([`Precedence`]): the customers file — the shop's own list, typed by a person —
 //! sets a customer's name, birthday, friend code and consents. AmoCRM's contact fields
-//! (`[sources]` in `mappings/amocrm.toml`) fill what no source set and follow their own later
-//! edits, but never replace a value the file (or a document, when the customer was first
-//! seen) set. Every value applied is recorded in `customer_changes` with the old value and
+//! (`[sources]` in `mappings/amocrm.toml`) and 1C's additional attributes
+//! (`[attributes.sources]` in the OData mapping) fill what no source set and follow their own
+//! later edits, but never replace a value the file (or a document, when the customer was
+//! first seen) set. Every value applied is recorded in `customer_changes` with the old value and
 //! the source; every value refused (an unknown or own friend code, a date that is not one, a
 //! conflict lost) too, with the reason, so `kopilka history` shows both.
 
