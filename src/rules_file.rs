@@ -193,6 +193,7 @@ struct RawClosed {
     invite_codes: Vec<String>,
     membership_products: Vec<String>,
     term_days: Option<i64>,
+    invite_limit: Option<i64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -632,11 +633,28 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, Report> {
         let term = c
             .term_days
             .map(|_| Duration::days(issues.days(&format!("{path}.term_days"), c.term_days, 365, 1, 3660)));
+        let invite_limit = match c.invite_limit {
+            Some(n) if !(1..=10_000_000).contains(&n) => {
+                issues.bad(
+                    format!("{path}.invite_limit"),
+                    format!("{n} is outside 1..=10000000 customers"),
+                );
+                None
+            }
+            n => n.map(|n| n as u32),
+        };
+        if invite_limit.is_some() && c.invite_codes.is_empty() {
+            issues.bad(
+                format!("{path}.invite_limit"),
+                "invite_limit counts uses of invite_codes, and the program has none",
+            );
+        }
         closed_programs.push(ClosedProgram {
             id,
             invite_codes: c.invite_codes,
             membership_products: c.membership_products,
             term,
+            invite_limit,
         });
     }
 

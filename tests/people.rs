@@ -139,6 +139,62 @@ fn an_invite_code_in_the_file_opens_the_closed_program() {
     assert_eq!((again.created, again.updated, again.unchanged), (0, 0, 1));
 }
 
+/// An invitation passed around past its `invite_limit` is refused on the customer who brought
+/// it, with the reason in history — from the customers file and from a sale's customer alike —
+/// and the sale still counts. A member reading their code again is no new use.
+#[test]
+fn an_invitation_past_its_limit_is_refused_and_the_sale_still_counts() {
+    let mut env = Env::with_rules(&PROGRAM.replace(
+        "invite_codes = [\"CLUB2026\"]",
+        "invite_codes = [\"CLUB2026\"]\ninvite_limit = 2",
+    ));
+    let members = |env: &Env, who: &str| {
+        env.ledger
+            .balance(who, env.now, Duration::days(14))
+            .unwrap()
+            .memberships
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect::<Vec<_>>()
+    };
+    let r = import(
+        &mut env,
+        "phone;invite_code\n+7 912 345-67-81;CLUB2026\n+7 912 345-67-82;club2026\n+7 912 345-67-82;CLUB2026\n+7 912 345-67-83;CLUB2026\n",
+    );
+    let reasons: Vec<&str> = r.problems.iter().map(|p| p.1.as_str()).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("opens no program"), "{reasons:?}");
+    assert_eq!(
+        reasons[1],
+        "invite code \"CLUB2026\" has brought in its 2 members of \"club\" (invite_limit): not joined"
+    );
+    assert_eq!(members(&env, "+79123456781"), vec!["club".to_string()]);
+    assert_eq!(members(&env, "+79123456782"), vec!["club".to_string()]);
+    assert!(members(&env, "+79123456783").is_empty());
+    let again = import(&mut env, "phone;invite_code\n+7 912 345-67-81;CLUB2026\n");
+    assert_eq!((again.created, again.updated, again.unchanged), (0, 0, 1));
+
+    // the same code on a sale's customer: refused there too, once however often 1C sends it
+    let mut s = sale("S1", Some("7001"), &[("A", 1, 100)]);
+    s.customer.invite_code = Some("CLUB2026".into());
+    assert_eq!(env.docs(vec![s.clone()]).applied, 1);
+    env.docs(vec![s]);
+    assert!(members(&env, "7001").is_empty());
+    let refused: Vec<String> = env
+        .ledger
+        .attribute_changes("7001")
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.field == "invite_code")
+        .filter_map(|c| c.refused)
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].contains("invite_limit"), "{refused:?}");
+    let b = env.ledger.balance("7001", env.now, Duration::days(14)).unwrap();
+    assert_eq!(b.available + b.pending, 5, "5% of 100 ₽ earned all the same");
+    env.assert_verified();
+}
+
 /// The acceptance of `customer forget`: the old phone and e-mail are nowhere in the ledger
 /// file, `ledger verify` is clean, the sums are unchanged.
 #[test]

@@ -139,6 +139,11 @@ pub trait Rules: Send + Sync {
         None
     }
 
+    /// How many customers one invite code of the program may bring in (`None`: no limit).
+    fn invite_limit(&self, _program: &str) -> Option<u32> {
+        None
+    }
+
     /// Points for joining the program (given once per customer).
     fn enrolment_points(&self) -> i64 {
         0

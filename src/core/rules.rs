@@ -307,6 +307,10 @@ pub struct ClosedProgram {
     /// How long a bought membership lasts (`term_days`); buying again renews it from its end.
     /// `None`: for good. Memberships by invite code do not lapse.
     pub term: Option<Duration>,
+    /// How many customers one invite code may bring in (`invite_limit`): an invitation passed
+    /// around past it is refused on the customer who brought it, with the reason. `None`: no
+    /// limit.
+    pub invite_limit: Option<u32>,
 }
 
 /// A validated rules file.
@@ -969,6 +973,13 @@ impl Rules for RuleSet {
 
     fn membership_for_invite(&self, code: &str) -> Option<String> {
         membership_for_invite(self, code)
+    }
+
+    fn invite_limit(&self, program: &str) -> Option<u32> {
+        self.closed_programs
+            .iter()
+            .find(|p| p.id == program)
+            .and_then(|p| p.invite_limit)
     }
 
     fn enrolment_points(&self) -> i64 {

@@ -1234,9 +1234,9 @@ impl Run<'_, '_> {
             super::people::refuse_from_source(conn, c, &d.source.system, field, text, reason, now)?;
         }
         if let Some(code) = &d.customer.invite_code
-            && let Some(program) = self.ctx.rules.membership_for_invite(code)
+            && let Err(reason) = state::join_by_invite(conn, c, self.ctx.rules, code, d.occurred_at)?
         {
-            state::join_program(conn, c, &program, &format!("invite code {code}"), d.occurred_at)?;
+            super::people::refuse_from_source(conn, c, &d.source.system, "invite_code", code, &reason, now)?;
         }
         let points = self.ctx.rules.enrolment_points();
         if created && points > 0 {

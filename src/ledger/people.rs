@@ -437,23 +437,9 @@ fn apply_attributes(tx: &Connection, c: i64, a: &Attributes, how: &Applying<'_>)
         }
     }
     if let Some(code) = &a.invite_code {
-        match crate::core::rules::membership_for_invite(how.rules, code) {
-            Some(program) => {
-                let before: bool = tx
-                    .prepare_cached(
-                        "SELECT EXISTS (SELECT 1 FROM memberships WHERE customer_id = ?1 AND program = ?2)",
-                    )?
-                    .query_row(params![c, program], |r| r.get(0))?;
-                if !before {
-                    super::state::join_program(tx, c, &program, &format!("invite code {code}"), how.now)?;
-                    joined = true;
-                }
-            }
-            None => refuse(
-                "invite_code",
-                code,
-                format!("invite code {code:?} opens no program"),
-            )?,
+        match super::state::join_by_invite(tx, c, how.rules, code, how.now)? {
+            Ok(now_joined) => joined |= now_joined,
+            Err(reason) => refuse("invite_code", code, reason)?,
         }
     }
     out.changed |= joined;

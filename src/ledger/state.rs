@@ -343,6 +343,42 @@ pub(crate) fn join_program(
     Ok(())
 }
 
+/// Joins a customer to the closed program an invite code opens: `Ok(true)` joined now,
+/// `Ok(false)` a member already, `Err(reason)` refused — a code that opens nothing, or one that
+/// has brought in its `invite_limit` of members already (an invitation passed around). The
+/// reason is the same each time, so a document read again records no second refusal.
+pub(crate) fn join_by_invite(
+    conn: &Connection,
+    c: i64,
+    rules: &dyn crate::core::program::Rules,
+    code: &str,
+    at: DateTime<Utc>,
+) -> Result<std::result::Result<bool, String>> {
+    let Some(program) = rules.membership_for_invite(code) else {
+        return Ok(Err(format!("invite code {code:?} opens no program")));
+    };
+    let member: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM memberships WHERE customer_id = ?1 AND program = ?2)")?
+        .query_row(params![c, program], |r| r.get(0))?;
+    if member {
+        return Ok(Ok(false));
+    }
+    let how = format!("invite code {code}");
+    if let Some(limit) = rules.invite_limit(&program) {
+        // memberships is small (one row per member of a closed program): a scan is fine
+        let used: i64 = conn
+            .prepare_cached("SELECT COUNT(*) FROM memberships WHERE program = ?1 AND how = ?2")?
+            .query_row(params![program, how], |r| r.get(0))?;
+        if used >= i64::from(limit) {
+            return Ok(Err(format!(
+                "invite code {code:?} has brought in its {limit} members of {program:?} (invite_limit): not joined"
+            )));
+        }
+    }
+    join_program(conn, c, &program, &how, at)?;
+    Ok(Ok(true))
+}
+
 pub(crate) fn record_tier(
     conn: &Connection,
     c: i64,
