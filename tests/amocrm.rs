@@ -922,7 +922,7 @@ async fn a_won_deal_earns_points_a_reopened_one_is_reversed_and_replays_change_n
     // issue 20: the member's friend code is on the card, the one `balance` shows
     assert_eq!(
         w.sim.field_value(contact, "KOPILKA_FRIEND_CODE"),
-        kopilka::core::identity::referral_code(customer)
+        w.ctx.ledger.lock().referral_code(customer).unwrap()
     );
     assert!(
         w.sim.notes().iter().any(|n| n.entity_id == contact
@@ -1122,13 +1122,14 @@ async fn the_amocrm_commands_authorise_and_create_the_fields() {
     );
     let out = kopilka(vec!["amocrm".into(), "fields".into(), "--create".into()]).await;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(text.contains("created 11 fields"), "{text}");
+    assert!(text.contains("created 12 fields"), "{text}");
     assert!(!text.contains("missing"), "{text}");
     for code in [
         "KOPILKA_POINTS",
         "KOPILKA_OFFER",
         "KOPILKA_CARD",
         "KOPILKA_FRIEND_CODE",
+        "KOPILKA_VOUCHERS",
     ] {
         assert!(w.sim.field_codes().iter().any(|c| c == code));
     }

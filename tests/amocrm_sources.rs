@@ -419,7 +419,7 @@ async fn bad_values_are_refused_on_their_customer_with_the_reason_and_the_rest_f
             .refused
             .as_deref()
             .unwrap()
-            .contains("nobody's")
+            .contains("no member's of this program")
     );
     assert!(
         hc.iter()

@@ -53,6 +53,11 @@ async fn env(points: i64) -> Env {
 
 /// The same with more of `[onec]` (an `[onec.odata]` section) and the files it names.
 async fn env_with(onec_extra: &str, files: &[(&str, &str)], points: i64) -> Env {
+    env_full("[program]\nreturn_window_days = 0\n", onec_extra, files, points).await
+}
+
+/// The same with the program's section too (`[rules] path = …` for a rules file in `files`).
+async fn env_full(program: &str, onec_extra: &str, files: &[(&str, &str)], points: i64) -> Env {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ds.pass"), PASSWORD).unwrap();
     for (name, text) in files {
@@ -62,7 +67,7 @@ async fn env_with(onec_extra: &str, files: &[(&str, &str)], points: i64) -> Env 
     std::fs::write(
         &path,
         format!(
-            "[general]\ntimezone = \"Europe/Moscow\"\n[ledger]\npath = \"{}\"\n[program]\nreturn_window_days = 0\n\
+            "[general]\ntimezone = \"Europe/Moscow\"\n[ledger]\npath = \"{}\"\n{program}\
              [onec]\nsystem = \"onec\"\n[onec.discount_server]\nuser = \"{USER}\"\npassword_file = \"ds.pass\"\n{onec_extra}",
             dir.path().join("k.db").display()
         ),
@@ -807,7 +812,7 @@ fn bad_settings_name_their_key() {
         &path,
         format!(
             "[ledger]\npath = \"{}\"\n[onec]\n[onec.discount_server]\nuser = \"\"\npath = \"ws/x?wsdl\"\n\
-             public_url = \"ftp://user:pw@host/ws\"\n",
+             public_url = \"ftp://user:pw@host/ws\"\nvoucher_discount = \"Подарок по купону\"\n",
             dir.path().join("k.db").display()
         ),
     )
@@ -818,6 +823,7 @@ fn bad_settings_name_their_key() {
         "onec.discount_server.password_file",
         "onec.discount_server.path",
         "onec.discount_server.public_url",
+        "onec.discount_server.voucher_discount",
     ] {
         assert!(err.contains(key), "{key} in {err}");
     }
@@ -825,4 +831,168 @@ fn bad_settings_name_their_key() {
         !err.contains("pw@"),
         "a password in the URL is never echoed: {err}"
     );
+}
+
+/// A kopilka voucher at Розница's till. The cashier types its code; `ПолучитьСкидкиПоКупону`
+/// answers one active row of the shop's gift discount (`voucher_discount`) until the voucher's
+/// end, as `ДисконтныйСервер.ТаблицаСкидокДляКупона` reads it (DeZargo/1c_retail_apple
+/// @ 896da2e1 `CommonModules/ДисконтныйСервер/Ext/Module.bsl` l. 545-590). After the receipt
+/// Розница pushes the sale, then the coupons its register moved, state «Применена» (l. 423-475):
+/// the voucher with that code is used, once — the one the cashier typed, not the oldest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voucher_code_at_the_till_turns_on_the_shop_s_gift_discount_once() {
+    const DISCOUNT: &str = "3f2a8e10-5b1c-11ef-9c5e-0242ac120002";
+    const GIFT_RECEIPT: &str = "0b5e8d3a-1111-2222-3333-999955556666";
+    let rules = format!(
+        "[program]\nreturn_window_days = 0\n[[rules]]\nid = \"base\"\npercent = \"5\"\n\
+         [[stamp_cards]]\nid = \"gift\"\nevery = 2\ncount = \"items\"\nreward_product = \"{ITEM2}\"\nreward_valid_days = 30\n"
+    );
+    let e = env_full(
+        "[rules]\npath = \"rules.toml\"\n",
+        &format!("voucher_discount = \"{DISCOUNT}\"\n"),
+        &[("rules.toml", rules.as_str())],
+        0,
+    )
+    .await;
+    // two receipts of two items each: two vouchers for the gift
+    e.push(sales("ЧекККМ", SALE, &[row(CARD, ITEM, ZERO, "1000", "2")]))
+        .await;
+    e.push(sales("ЧекККМ", RETURN, &[row(CARD, ITEM, ZERO, "1000", "2")]))
+        .await;
+    let vouchers = || async {
+        let now = e.clock.now();
+        let key = card_key(CARD);
+        let mut v = e
+            .ledger
+            .run(move |l| l.balance(&key, now, Duration::days(14)))
+            .await
+            .unwrap()
+            .vouchers;
+        v.reverse(); // oldest first
+        v.into_iter()
+            .map(|v| (v.code.unwrap(), v.state, v.expires_at))
+            .collect::<Vec<_>>()
+    };
+    let v = vouchers().await;
+    assert_eq!(v.len(), 2, "{v:?}");
+    let (older, newer) = (v[0].0.clone(), v[1].0.clone());
+    assert!(v.iter().all(|x| x.1 == "issued"), "{v:?}");
+
+    let ask = |code: String| {
+        let e = &e;
+        async move {
+            let (status, reply) = e
+                .call(
+                    "ПолучитьСкидкиПоКупону",
+                    envelope(
+                        "ПолучитьСкидкиПоКупону",
+                        &[
+                            param("КодКупона", &code),
+                            param("ДатаЗапроса", "2026-11-02T12:15:00"),
+                        ],
+                    ),
+                )
+                .await;
+            assert_eq!(status, 200, "{reply}");
+            reply
+        }
+    };
+    // the cashier types the newer code, in lower case
+    let reply = ask(newer.to_lowercase()).await;
+    assert_eq!(texts(&reply, "ИдентификаторСкидки"), [DISCOUNT], "{reply}");
+    assert_eq!(texts(&reply, "КодКупона"), [newer.as_str()]);
+    assert_eq!(texts(&reply, "Состояние"), ["Активна"]);
+    assert_eq!(texts(&reply, "ИдентификаторМагазина"), [ZERO]);
+    let end = v[1]
+        .2
+        .unwrap()
+        .with_timezone(&chrono_tz::Europe::Moscow)
+        .format("%Y-%m-%dT%H:%M:%S")
+        .to_string();
+    assert_eq!(texts(&reply, "ПериодДействия"), [end]);
+    // no code of kopilka's: the empty table 1C reads as "no discounts"
+    for other in ["V-ZZZZZZZ", CARD, ""] {
+        let reply = ask(other.to_string()).await;
+        assert!(texts(&reply, "СтрокиТаблицы").is_empty(), "{other}: {reply}");
+    }
+
+    // the receipt: the gift free and a paid item; then the coupons Розница's register moved
+    let gift = || {
+        sales(
+            "ЧекККМ",
+            GIFT_RECEIPT,
+            &[
+                row(CARD, ITEM2, ZERO, "0", "1"),
+                row(CARD, VARIANT, ZERO, "300", "1"),
+            ],
+        )
+    };
+    // (the gift receipt's own two items earn a third voucher, left aside here)
+    let states = || async {
+        vouchers()
+            .await
+            .into_iter()
+            .filter(|v| v.0 == older || v.0 == newer)
+            .map(|v| (v.0, v.1))
+            .collect::<Vec<_>>()
+    };
+    e.push(gift()).await;
+    assert_eq!(
+        states().await,
+        vec![
+            (older.clone(), "used".to_string()),
+            (newer.clone(), "issued".to_string())
+        ],
+        "the sale alone takes the oldest, as a till without codes does"
+    );
+    let coupons = envelope(
+        "ОбновитьДанныеОКупонах",
+        &[
+            param("ТипДокумента", "ЧекККМ"),
+            param("ИдентификаторДокумента", GIFT_RECEIPT),
+            param(
+                "ТаблицаКупонов",
+                &format!(
+                    "<m:СтрокиТаблицы><m:Период>2026-11-02T12:16:00</m:Период>\
+                     <m:ИдентификаторСкидки>{DISCOUNT}</m:ИдентификаторСкидки><m:КодКупона>{newer}</m:КодКупона>\
+                     <m:Состояние>Применена</m:Состояние><m:ИдентификаторМагазина></m:ИдентификаторМагазина>\
+                     <m:ПериодДействия>0001-01-01T00:00:00</m:ПериодДействия></m:СтрокиТаблицы>"
+                ),
+            ),
+        ],
+    );
+    for _ in 0..2 {
+        let (status, reply) = e.call("ОбновитьДанныеОКупонах", coupons.clone()).await;
+        assert_eq!(
+            (status, texts(&reply, "return")),
+            (200, vec!["true".to_string()]),
+            "{reply}"
+        );
+    }
+    let expected = vec![
+        (older.clone(), "issued".to_string()),
+        (newer.clone(), "used".to_string()),
+    ];
+    assert_eq!(
+        states().await,
+        expected,
+        "the typed code is used, the older one open again"
+    );
+    let reply = ask(newer.clone()).await;
+    assert!(texts(&reply, "СтрокиТаблицы").is_empty(), "used: {reply}");
+    assert_eq!(texts(&ask(older.clone()).await, "КодКупона"), [older.as_str()]);
+
+    // the receipt sent again, then edited: the till's word stands, no other voucher is taken
+    e.push(gift()).await;
+    e.push(sales(
+        "ЧекККМ",
+        GIFT_RECEIPT,
+        &[
+            row(CARD, ITEM2, ZERO, "0", "1"),
+            row(CARD, VARIANT, ZERO, "350", "1"),
+        ],
+    ))
+    .await;
+    assert_eq!(states().await, expected);
+    e.verify().await;
 }

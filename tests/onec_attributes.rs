@@ -12,7 +12,6 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, NaiveDateTime, TimeZone, Utc};
 use kopilka::clock::FakeClock;
 use kopilka::config::{self, Config, ONEC_TIER};
-use kopilka::core::identity::referral_code;
 use kopilka::ledger::{Ledger, OutboxFilter, OutboxState, SharedLedger, deliver_due};
 use kopilka::onec::mapping::BUILT_IN;
 use kopilka::onec::odata::write::OdataWriter;
@@ -240,7 +239,7 @@ async fn a_friend_code_typed_in_1c_pays_both_and_ones_own_code_is_refused() {
         });
         let (friend, cheat) = (got[0].clone(), got[1].clone());
         let cheat_id = r.customer(&cheat).expect("known");
-        let code = |id: i64| referral_code(id).expect("a code");
+        let code = |id: i64| r.ledger.lock().referral_code(id).unwrap().expect("a code");
         // a manager types the codes on the customers' cards in 1C
         let friend_key = r.sim.add_property("Код друга"); // the same property: its key
         assert!(

@@ -6,7 +6,7 @@ mod common;
 
 use chrono::Duration;
 use common::{Env, returned, reversion, sale};
-use kopilka::core::identity::{Email, Phone, referral_code};
+use kopilka::core::identity::{Email, Phone};
 use kopilka::ledger::DateRange;
 
 const PROGRAM: &str = r#"
@@ -78,7 +78,9 @@ fn a_friend_code_pays_both_after_the_return_window_and_a_returned_purchase_pays_
         .unwrap();
     assert_eq!(
         Some(code.clone()),
-        referral_code(env.ledger.customer_ids().unwrap()[0])
+        env.ledger
+            .referral_code(env.ledger.customer_ids().unwrap()[0])
+            .unwrap()
     );
 
     // two friends come with the code (one typed it in lower case with a dash); one more
@@ -100,7 +102,7 @@ fn a_friend_code_pays_both_after_the_return_window_and_a_returned_purchase_pays_
     assert!(
         r.problems
             .iter()
-            .any(|(l, why)| *l == 5 && why.contains("nobody")),
+            .any(|(l, why)| *l == 5 && why.contains("no member's of this program")),
         "{r:?}"
     );
 
@@ -137,6 +139,35 @@ fn an_invite_code_in_the_file_opens_the_closed_program() {
     assert!(r.problems[0].1.contains("opens no program"));
     let again = import(&mut env, "phone;invite_code\n+7 912 345-67-89;CLUB2026\n");
     assert_eq!((again.created, again.updated, again.unchanged), (0, 0, 1));
+}
+
+/// A friend code from another shop's kopilka names nobody here, though both shops have a
+/// member with the same id: each ledger draws its own code key when it is made.
+#[test]
+fn a_friend_code_of_another_program_is_refused() {
+    let mut here = Env::with_rules(PROGRAM);
+    let mut there = Env::with_rules(PROGRAM);
+    here.docs(vec![sale("S0", Some("1001"), &[("A", 1, 1000)])]);
+    there.docs(vec![sale("S0", Some("3001"), &[("A", 1, 1000)])]);
+    let ours = here.ledger.balance("1001", here.now, Duration::days(14)).unwrap();
+    let theirs = there
+        .ledger
+        .balance("3001", there.now, Duration::days(14))
+        .unwrap();
+    assert_eq!(ours.customer.id, theirs.customer.id, "the same id in both shops");
+    let code = theirs.referral_code.unwrap();
+    assert_ne!(Some(code.clone()), ours.referral_code);
+    let r = import(&mut here, &format!("card,referral_code\n2002,{code}\n"));
+    assert_eq!(r.created, 1);
+    assert_eq!(r.problems.len(), 1, "{r:?}");
+    assert!(r.problems[0].1.contains("no member's of this program"), "{r:?}");
+    let refused = here.ledger.attribute_changes("2002").unwrap();
+    assert!(
+        refused.iter().any(|c| c.field == "referred_by"
+            && c.new.as_deref() == Some(code.as_str())
+            && c.refused.is_some()),
+        "{refused:?}"
+    );
 }
 
 /// An invitation passed around past its `invite_limit` is refused on the customer who brought
@@ -379,7 +410,10 @@ fn a_free_item_voucher_is_issued_used_once_and_expires() {
     assert_eq!((v[0].product.as_str(), v[0].state.as_str()), ("K-FREE", "issued"));
     assert_eq!(v[0].expires_at, Some(env.now + Duration::days(20)));
     // a friend code it is not
-    assert_eq!(kopilka::core::identity::referral_id(&code), None);
+    let key =
+        kopilka::core::identity::CodeKey::parse(&env.ledger.meta_get("friend_code_key").unwrap().unwrap())
+            .unwrap();
+    assert_eq!(kopilka::core::identity::referral_id(&code, key), None);
 
     // the till gives the item free: the voucher is used; a second free one finds none
     let mut s2 = sale("S2", Some("6001"), &[("K-FREE", 2, 200), ("A", 1, 100)]);

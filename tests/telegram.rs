@@ -214,7 +214,8 @@ async fn a_member_links_with_a_code_and_reads_their_points() {
     );
     assert!(!history.contains("200"), "another member's movement: {history}");
     let friend = h.ask(555, "/friend").await;
-    let friend_code = kopilka::core::identity::referral_code(h.customer("1001")).unwrap();
+    let member = h.customer("1001");
+    let friend_code = h.ledger.lock().referral_code(member).unwrap().unwrap();
     assert!(friend.contains(&friend_code), "{friend}");
     let expiring = h.ask(555, "/expiring").await;
     assert!(expiring.contains("сгор"), "{expiring}");

@@ -107,7 +107,7 @@ pub fn card_item(f: &CardFigures, fields: &Resolved, rules: &RuleSet, tags: bool
                 None => continue,
             },
             CardValue::Offer => text_value(f.offer.clone()),
-            CardValue::ReferralCode => text_value(crate::core::identity::referral_code(f.customer_id)),
+            CardValue::ReferralCode => text_value(f.friend_code.clone()),
             CardValue::Vouchers => text_value(vouchers_text(f, rules)),
             // written by the Salesbot channel just before it starts the bot
             CardValue::Message => continue,

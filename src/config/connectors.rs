@@ -116,6 +116,7 @@ pub(super) struct RawDiscountServer {
     pub path: Option<String>,
     pub public_url: Option<String>,
     pub record_sales: Option<bool>,
+    pub voucher_discount: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -236,6 +237,10 @@ pub struct DiscountServerConfig {
     /// is set: the poll reads the same receipts (with prices and points paid) under another
     /// source, and both would count.
     pub record_sales: bool,
+    /// The GUID of the shop's discount in 1C («Скидки (наценки)», a one-time discount by
+    /// coupon that gives the gift) that a kopilka voucher's code turns on at the till
+    /// (`ПолучитьСкидкиПоКупону`). `None`: codes are not answered (the register stays 1C's).
+    pub voucher_discount: Option<String>,
 }
 
 /// How long files kopilka keeps for people (`processed/`, `rejected/`) stay: the oldest go
@@ -641,12 +646,25 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
                 ),
             }
         }
+        let voucher_discount = d.voucher_discount.as_ref().map(|g| g.trim().to_ascii_lowercase());
+        if let Some(g) = &voucher_discount
+            && (uuid::Uuid::parse_str(g).is_err() || g.len() != 36 || g.chars().all(|c| c == '0' || c == '-'))
+        {
+            c.bad(
+                "onec.discount_server.voucher_discount",
+                format!(
+                    "{g:?} is not the GUID of a discount (Справочник «Скидки (наценки)»: the Ref_Key, \
+                     like 3f2a8e10-5b1c-11ef-9c5e-0242ac120002)"
+                ),
+            );
+        }
         DiscountServerConfig {
             user,
             password,
             path,
             public_url,
             record_sales: d.record_sales.unwrap_or(raw.odata.is_none()),
+            voucher_discount,
         }
     });
     OnecConfig {

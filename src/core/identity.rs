@@ -304,46 +304,75 @@ const CODE_ALPHABET: &[u8; 31] = b"23456789ABCDEFGHJKMNPQRSTUVWXYZ";
 const CODE_BASE: i128 = 31;
 /// Six symbols of payload: 31⁶ ≈ 887 million customers.
 const CODE_SPACE: i128 = 887_503_681;
-/// Ids are spread over the space by multiplying with a number prime to it, so consecutive
-/// customers do not get consecutive (guessable) codes.
-const CODE_SPREAD: i128 = 387_420_489;
 
-fn code_inverse() -> i128 {
-    // extended Euclid: CODE_SPREAD⁻¹ mod CODE_SPACE
-    let (mut r0, mut r1) = (CODE_SPREAD, CODE_SPACE);
-    let (mut s0, mut s1) = (1i128, 0i128);
-    while r1 != 0 {
-        let q = r0 / r1;
-        (r0, r1) = (r1, r0 - q * r1);
-        (s0, s1) = (s1, s0 - q * s1);
-    }
-    s0.rem_euclid(CODE_SPACE)
+/// What makes one program's codes its own. Ids are spread over the code space by multiplying
+/// with a number prime to it (consecutive customers do not get consecutive, guessable codes)
+/// and the check symbol is shifted; each ledger draws both once (its `meta` row
+/// `friend_code_key`), so a friend code of another shop's program — another kopilka — fails
+/// the check (30 times in 31) or names a random id nobody here has, instead of decoding to
+/// one of this shop's members.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeKey {
+    spread: i128,
+    shift: i128,
 }
 
-fn code_check(symbols: &[i128]) -> i128 {
-    symbols
-        .iter()
-        .enumerate()
-        .map(|(i, s)| s * (i as i128 + 2))
-        .sum::<i128>()
-        % CODE_BASE
+impl CodeKey {
+    /// The key of ledgers made before keys were drawn (their codes are published and stay),
+    /// and of voucher codes, which are looked up as stored.
+    pub const SHIPPED: CodeKey = CodeKey {
+        spread: 387_420_489,
+        shift: 0,
+    };
+
+    /// Reads `spread:shift` as stored in `meta`; `None` for anything else (a spread that is
+    /// not prime to the space would give two customers one code).
+    pub fn parse(text: &str) -> Option<CodeKey> {
+        let (a, b) = text.split_once(':')?;
+        let spread: i128 = a.trim().parse().ok()?;
+        let shift: i128 = b.trim().parse().ok()?;
+        ((1..CODE_SPACE).contains(&spread) && spread % CODE_BASE != 0 && (0..CODE_BASE).contains(&shift))
+            .then_some(CodeKey { spread, shift })
+    }
+
+    fn inverse(&self) -> i128 {
+        // extended Euclid: spread⁻¹ mod CODE_SPACE
+        let (mut r0, mut r1) = (self.spread, CODE_SPACE);
+        let (mut s0, mut s1) = (1i128, 0i128);
+        while r1 != 0 {
+            let q = r0 / r1;
+            (r0, r1) = (r1, r0 - q * r1);
+            (s0, s1) = (s1, s0 - q * s1);
+        }
+        s0.rem_euclid(CODE_SPACE)
+    }
+
+    fn check(&self, symbols: &[i128]) -> i128 {
+        (symbols
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s * (i as i128 + 2))
+            .sum::<i128>()
+            + self.shift)
+            % CODE_BASE
+    }
 }
 
 /// A member's referral code: seven symbols (six of payload and a check symbol that catches a
-/// mistyped or swapped one), stable and unique because it is the customer's id, spread.
-/// `None` for ids beyond the code space.
-pub fn referral_code(customer_id: i64) -> Option<String> {
+/// mistyped or swapped one), stable and unique because it is the customer's id, spread by
+/// the program's key. `None` for ids beyond the code space.
+pub fn referral_code(customer_id: i64, key: CodeKey) -> Option<String> {
     let id = i128::from(customer_id);
     if !(0..CODE_SPACE).contains(&id) {
         return None;
     }
-    let mut x = id * CODE_SPREAD % CODE_SPACE;
+    let mut x = id * key.spread % CODE_SPACE;
     let mut symbols = [0i128; 6];
     for s in symbols.iter_mut().rev() {
         *s = x % CODE_BASE;
         x /= CODE_BASE;
     }
-    let check = code_check(&symbols);
+    let check = key.check(&symbols);
     Some(
         symbols
             .iter()
@@ -354,9 +383,10 @@ pub fn referral_code(customer_id: i64) -> Option<String> {
 }
 
 /// The customer id a referral code stands for, read as people type it (any case, spaces and
-/// dashes ignored); `None` when it is no code: the wrong length, a symbol outside the
-/// alphabet, or a failed check (a card number or a typo is never taken for someone's code).
-pub fn referral_id(code: &str) -> Option<i64> {
+/// dashes ignored); `None` when it is no code of this program: the wrong length, a symbol
+/// outside the alphabet, or a failed check (a card number, a typo or, mostly, another
+/// program's code is never taken for someone's code).
+pub fn referral_id(code: &str, key: CodeKey) -> Option<i64> {
     let symbols: Vec<i128> = code
         .chars()
         .filter(|c| !c.is_whitespace() && *c != '-')
@@ -365,51 +395,80 @@ pub fn referral_id(code: &str) -> Option<i64> {
             CODE_ALPHABET.iter().position(|a| *a == c).map(|p| p as i128)
         })
         .collect::<Option<_>>()?;
-    if symbols.len() != 7 || code_check(&symbols[..6]) != symbols[6] {
+    if symbols.len() != 7 || key.check(&symbols[..6]) != symbols[6] {
         return None;
     }
     let x = symbols[..6].iter().fold(0i128, |acc, s| acc * CODE_BASE + s);
-    i64::try_from(x * code_inverse() % CODE_SPACE).ok()
+    i64::try_from(x * key.inverse() % CODE_SPACE).ok()
 }
 
 #[cfg(test)]
 mod referral_code_tests {
     use super::*;
 
+    const K: CodeKey = CodeKey::SHIPPED;
+
     #[test]
     fn codes_are_stable_unique_unambiguous_and_read_back() {
         let mut seen = std::collections::HashSet::new();
         for id in (1..20_000).chain([CODE_SPACE as i64 - 1, 123_456_789]) {
-            let code = referral_code(id).unwrap();
+            let code = referral_code(id, K).unwrap();
             assert_eq!(code.len(), 7);
             assert!(!code.contains(['0', 'O', '1', 'I', 'L']), "{code}");
             assert!(seen.insert(code.clone()), "{code} twice");
-            assert_eq!(referral_id(&code), Some(id), "{code}");
-            assert_eq!(referral_id(&code.to_lowercase()), Some(id));
+            assert_eq!(referral_id(&code, K), Some(id), "{code}");
+            assert_eq!(referral_id(&code.to_lowercase(), K), Some(id));
         }
-        assert_eq!(referral_code(42), referral_code(42));
+        assert_eq!(referral_code(42, K), referral_code(42, K));
         // neighbours do not look alike
-        assert_ne!(referral_code(1).unwrap()[..5], referral_code(2).unwrap()[..5]);
-        assert_eq!(referral_code(CODE_SPACE as i64), None);
+        assert_ne!(
+            referral_code(1, K).unwrap()[..5],
+            referral_code(2, K).unwrap()[..5]
+        );
+        assert_eq!(referral_code(CODE_SPACE as i64, K), None);
     }
 
     #[test]
     fn a_mistyped_or_swapped_symbol_is_no_code() {
-        let code = referral_code(4242).unwrap();
+        let code = referral_code(4242, K).unwrap();
         let with = |i: usize, c: char| {
             let mut s: Vec<char> = code.chars().collect();
             s[i] = c;
             s.into_iter().collect::<String>()
         };
         let other = if code.starts_with('2') { '3' } else { '2' };
-        assert_eq!(referral_id(&with(0, other)), None);
+        assert_eq!(referral_id(&with(0, other), K), None);
         let mut swapped: Vec<char> = code.chars().collect();
         if swapped[1] != swapped[2] {
             swapped.swap(1, 2);
-            assert_eq!(referral_id(&swapped.into_iter().collect::<String>()), None);
+            assert_eq!(referral_id(&swapped.into_iter().collect::<String>(), K), None);
         }
-        assert_eq!(referral_id("2000 0001"), None);
-        assert_eq!(referral_id(&format!("{}-{}", &code[..3], &code[3..])), Some(4242));
+        assert_eq!(referral_id("2000 0001", K), None);
+        assert_eq!(
+            referral_id(&format!("{}-{}", &code[..3], &code[3..]), K),
+            Some(4242)
+        );
+    }
+
+    /// Another program's codes are not this one's members: of 20 000 codes of a ledger with
+    /// another key, those that pass this ledger's check (about one in 31) name ids spread over
+    /// the whole space, none of this shop's 20 000 customers.
+    #[test]
+    fn another_program_s_codes_do_not_name_this_program_s_members() {
+        let other = CodeKey::parse("123456791:17").unwrap();
+        let mut passed = 0;
+        for id in 1..20_000 {
+            let code = referral_code(id, other).unwrap();
+            assert_eq!(referral_id(&code, other), Some(id));
+            if let Some(here) = referral_id(&code, K) {
+                passed += 1;
+                assert!(here >= 20_000, "{code} of id {id} there is {here} here");
+            }
+        }
+        assert!(passed < 20_000 / 20, "{passed} of 20 000 passed the check");
+        assert_eq!(CodeKey::parse("31:0"), None, "not prime to the space");
+        assert_eq!(CodeKey::parse("5:31"), None);
+        assert_eq!(CodeKey::parse("x"), None);
     }
 }
 

@@ -729,8 +729,9 @@ async fn soap_handler(State(state): State<Ds>, headers: HeaderMap, body: Bytes) 
             sales(&state, op).await.map(|_| reply(name, None, "true"))
         }
         // kopilka accrues by its own rules: Розница's movements are not recorded (README)
-        "ОбновитьДанныеОБонусах" | "ОбновитьДанныеОКупонах" => {
-            Ok(reply(name, None, "true"))
+        "ОбновитьДанныеОБонусах" => Ok(reply(name, None, "true")),
+        "ОбновитьДанныеОКупонах" => {
+            coupons_used(&state, op).await.map(|_| reply(name, None, "true"))
         }
         "ПолучитьОстатокБонусов" => balance(&state, op).await.map(|(points, date)| {
             reply(
@@ -779,7 +780,9 @@ async fn soap_handler(State(state): State<Ds>, headers: HeaderMap, body: Bytes) 
                 reply(name, Some("РезультатЗапросаОПоследнейПокупке"), &inner)
             })
         }
-        "ПолучитьСкидкиПоКупону" => Ok(reply(name, Some("ТаблицаКупонов"), "")),
+        "ПолучитьСкидкиПоКупону" => coupon(&state, op)
+            .await
+            .map(|rows| reply(name, Some("ТаблицаКупонов"), &rows)),
         other => {
             tracing::warn!(operation = %other, "discount server operation unknown");
             return fault(true, &format!("kopilka does not serve the operation {other:?}"));
@@ -1035,6 +1038,99 @@ async fn sales(ds: &Ds, op: &El) -> Result<IngestReport, String> {
         .map_err(|e: LedgerError| e.to_string())?;
     tracing::info!(outcomes = ?report.outcomes, "Розница pushed a document");
     Ok(report)
+}
+
+/// `ПолучитьСкидкиПоКупону`: a cashier typed a code. For an open kopilka voucher the answer is
+/// one active row of the shop's gift discount (`voucher_discount`), from the voucher's issue
+/// to its end; Розница then applies that discount as it applies its own coupons
+/// (`СкидкиНаценкиСерверПереопределяемый.СкидкиДляКупона`, `ДисконтныйСервер` `DS:545-590`:
+/// `ИдентификаторСкидки` names a «Скидки (наценки)» item, `Состояние` an enum value name,
+/// `ИдентификаторМагазина` a shop or none). Any other code — used, expired, the shop's own
+/// coupons, no `voucher_discount` — gets the empty table 1C reads as "no discounts".
+async fn coupon(ds: &Ds, op: &El) -> Result<String, String> {
+    let ctx = &ds.ctx;
+    let Some(discount) = discount_config(ctx).and_then(|d| d.voucher_discount) else {
+        return Ok(String::new());
+    };
+    let code = op.value("КодКупона").to_string();
+    if code.is_empty() || code.len() > 64 {
+        return Ok(String::new());
+    }
+    let tz = ctx.cfg.timezone;
+    let at = local_date(op.value("ДатаЗапроса"))
+        .and_then(|d| d.and_local_timezone(tz).earliest())
+        .map_or_else(|| ctx.clock.now(), |d| d.with_timezone(&chrono::Utc));
+    let found = ctx
+        .ledger
+        .run(move |l| l.open_voucher(&code, at))
+        .await
+        .map_err(|e: LedgerError| e.to_string())?;
+    let Some(v) = found else {
+        return Ok(String::new());
+    };
+    let local =
+        |t: chrono::DateTime<chrono::Utc>| t.with_timezone(&tz).format("%Y-%m-%dT%H:%M:%S").to_string();
+    Ok(format!(
+        "<m:СтрокиТаблицы><m:Период>{}</m:Период><m:ИдентификаторСкидки>{discount}</m:ИдентификаторСкидки>\
+         <m:КодКупона>{}</m:КодКупона><m:Состояние>Активна</m:Состояние>\
+         <m:ИдентификаторМагазина>{ZERO_GUID}</m:ИдентификаторМагазина>\
+         <m:ПериодДействия>{}</m:ПериодДействия></m:СтрокиТаблицы>",
+        local(v.issued_at),
+        esc(&v.code),
+        v.expires_at
+            .map_or_else(|| "0001-01-01T00:00:00".to_string(), local),
+    ))
+}
+
+/// `ОбновитьДанныеОКупонах`: after a receipt, Розница reports the coupons its register moved
+/// (`DS:423-475`); a row «Применена» with a kopilka voucher's code marks that voucher used by
+/// the receipt, once. Rows of the shop's own coupons and other states change nothing.
+async fn coupons_used(ds: &Ds, op: &El) -> Result<(), String> {
+    let ctx = &ds.ctx;
+    let document = op.value("ИдентификаторДокумента").to_ascii_lowercase();
+    let tz = ctx.cfg.timezone;
+    let now = ctx.clock.now();
+    let used: Vec<(String, chrono::DateTime<chrono::Utc>)> = op
+        .child("ТаблицаКупонов")
+        .map(|t| {
+            t.children
+                .iter()
+                .filter(|c| c.name == "СтрокиТаблицы")
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.value("Состояние") == "Применена" && !r.value("КодКупона").is_empty())
+        .map(|r| {
+            let at = local_date(r.value("Период"))
+                .and_then(|d| d.and_local_timezone(tz).earliest())
+                .map_or(now, |d| d.with_timezone(&chrono::Utc));
+            (r.value("КодКупона").to_string(), at)
+        })
+        .collect();
+    if used.is_empty() || !is_guid(&document) {
+        return Ok(());
+    }
+    let cfg = ctx.cfg.clone();
+    let applied = ctx
+        .ledger
+        .run(move |l| {
+            let dest = cfg.destinations();
+            let ictx = cfg.ingest_context(now, &dest);
+            let mut applied = Vec::new();
+            for (code, at) in &used {
+                if l.apply_voucher_code(code, &document, *at, &ictx)? {
+                    applied.push(code.clone());
+                }
+            }
+            Ok::<_, LedgerError>(applied)
+        })
+        .await
+        .map_err(|e: LedgerError| e.to_string())?;
+    if !applied.is_empty() {
+        tracing::info!(codes = ?applied, "Розница used kopilka's vouchers at the till");
+    }
+    Ok(())
 }
 
 /// The card's free points now (0 for a card kopilka or 1C does not know) and the date to

@@ -69,6 +69,8 @@ pub struct CardFigures {
     pub last_purchase: Option<DateTime<Utc>>,
     /// Gift vouchers the member can still use, oldest first.
     pub vouchers: Vec<OpenVoucher>,
+    /// The member's friend code in this program.
+    pub friend_code: Option<String>,
 }
 
 /// A voucher as the card shows it: what the member says at the till, what it gives, until when.
@@ -423,6 +425,7 @@ impl Ledger {
         warn_before: chrono::Duration,
     ) -> Result<Vec<CardFigures>> {
         let mut out = Vec::with_capacity(customers.len());
+        let key = super::code_key(&self.conn)?;
         for &c in customers {
             let h = holdings(&self.conn, c)?;
             let f = lots::figures(&h, now, warn_before);
@@ -474,6 +477,7 @@ impl Ledger {
                 ltv_kopecks: ltv,
                 last_purchase: last,
                 vouchers,
+                friend_code: crate::core::identity::referral_code(c, key),
             });
         }
         Ok(out)

@@ -213,7 +213,9 @@ impl Ledger {
         let mut refused = Vec::new();
         for (referee, code, _first) in rows {
             let Some(referrer) = referrer_of(&tx, &code)? else {
-                refused.push(format!("customer id:{referee}: friend code {code:?} is nobody's"));
+                refused.push(format!(
+                    "customer id:{referee}: friend code {code:?} is no member's of this program"
+                ));
                 continue;
             };
             if referrer == referee {
@@ -321,6 +323,81 @@ impl Ledger {
         Ok(expired)
     }
 
+    /// The open voucher a code names at `at` — issued, not past its end — as a till asks for it
+    /// when a cashier types the code (Розница's `ПолучитьСкидкиПоКупону`). Read as people type
+    /// it: any case, spaces around ignored.
+    pub fn open_voucher(&self, code: &str, at: DateTime<Utc>) -> Result<Option<TillVoucher>> {
+        let code = code.trim().to_uppercase();
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT code, issued_at, expires_at FROM vouchers WHERE code = ?1 AND state = 'issued' \
+                 AND issued_at <= ?2 AND (expires_at IS NULL OR expires_at > ?2)",
+            )?
+            .query_row(params![code, ts(at)], |r| {
+                Ok(TillVoucher {
+                    code: r.get(0)?,
+                    issued_at: from_ts(r.get(1)?),
+                    expires_at: r.get::<_, Option<i64>>(2)?.map(from_ts),
+                })
+            })
+            .optional()?)
+    }
+
+    /// The till says it used a voucher's code on its receipt `document` (Розница's
+    /// `ОбновитьДанныеОКупонах`, state «Применена»): the voucher is used, once — a second
+    /// report, or a code that is used, cancelled or not kopilka's, changes nothing (`false`).
+    /// When the receipt is in the ledger already and gave the item free by another open
+    /// voucher (the oldest, as a sale without a code does), that use moves to the code the
+    /// cashier typed and the other voucher opens again. The holder's AmoCRM card is queued in
+    /// the same transaction.
+    pub fn apply_voucher_code(
+        &mut self,
+        code: &str,
+        document: &str,
+        at: DateTime<Utc>,
+        ctx: &IngestContext<'_>,
+    ) -> Result<bool> {
+        let code = code.trim().to_uppercase();
+        let document = document.trim().to_lowercase();
+        let tx = self.conn.transaction()?;
+        let since = super::accounting::journal_head(&tx)?;
+        let found: Option<(i64, i64, String, String)> = tx
+            .prepare_cached("SELECT id, customer_id, product, state FROM vouchers WHERE code = ?1")?
+            .query_row([&code], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .optional()?;
+        let Some((id, customer, product, state)) = found else {
+            return Ok(false);
+        };
+        if state != "issued" {
+            return Ok(false);
+        }
+        let doc_row: Option<i64> = tx
+            .prepare_cached(
+                // the holder's receipts (by index): a voucher given to someone else links at
+                // that receipt's arrival instead
+                "SELECT id FROM documents WHERE customer_id = ?2 AND lower(doc_id) = ?1 \
+                 AND state = 'active' AND kind = 'sale' LIMIT 1",
+            )?
+            .query_row(params![document, customer], |r| r.get(0))
+            .optional()?;
+        if let Some(doc_row) = doc_row {
+            tx.prepare_cached(
+                "UPDATE vouchers SET state = 'issued', used_document = NULL, used_at = NULL WHERE id = \
+                 (SELECT id FROM vouchers WHERE used_document = ?1 AND product = ?2 AND customer_id = ?3 \
+                    AND state = 'used' AND used_by IS NULL ORDER BY issued_at DESC, id DESC LIMIT 1)",
+            )?
+            .execute(params![doc_row, product, customer])?;
+        }
+        tx.prepare_cached(
+            "UPDATE vouchers SET state = 'used', used_by = ?2, used_document = ?3, used_at = ?4 WHERE id = ?1",
+        )?
+        .execute(params![id, document, doc_row, ts(at)])?;
+        finish_write(&tx, since, &BTreeSet::from([customer]), ctx)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     /// Every nightly job in order: expiry first (so a birthday bonus is not burnt at once).
     pub fn nightly(&mut self, rules: &RuleSet, ctx: &IngestContext<'_>) -> Result<NightlyReport> {
         let expired_points = self.expire_due(ctx)?;
@@ -363,6 +440,14 @@ impl Ledger {
     }
 }
 
+/// A voucher as a till sees it: the code the cashier typed, since when and until when it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TillVoucher {
+    pub code: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct TierEvent {
     pub from: Option<String>,
@@ -373,7 +458,7 @@ pub struct TierEvent {
 
 /// The customer a friend code names: a referral code of a known customer, else a card.
 pub(crate) fn referrer_of(conn: &rusqlite::Connection, code: &str) -> Result<Option<i64>> {
-    if let Some(id) = crate::core::identity::referral_id(code) {
+    if let Some(id) = crate::core::identity::referral_id(code, super::code_key(conn)?) {
         let known: bool = conn
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM customers WHERE id = ?1)")?
             .query_row([id], |r| r.get(0))?;

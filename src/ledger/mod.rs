@@ -49,7 +49,7 @@ pub use holds::{
 pub use ingest::{
     AdjustOutcome, AdjustRequest, Batch, Destinations, IngestContext, IngestReport, Item, Outcome,
 };
-pub use jobs::{NightlyReport, TierEvent};
+pub use jobs::{NightlyReport, TierEvent, TillVoucher};
 pub use notify::{Address, ChannelStatus, Reach};
 pub use offers::{CustomerOffers, OffersRefresh};
 pub use opening::{OpeningReport, OpeningRow, opening_source_from_register};
@@ -197,6 +197,14 @@ impl Ledger {
         ledger_uid(&self.conn)
     }
 
+    /// A member's friend code in this program (`None` for an id beyond the code space).
+    pub fn referral_code(&self, customer_id: i64) -> Result<Option<String>> {
+        Ok(crate::core::identity::referral_code(
+            customer_id,
+            code_key(&self.conn)?,
+        ))
+    }
+
     /// A value of the ledger's `meta` table (job bookkeeping, watermarks).
     pub fn meta_get(&self, key: &str) -> Result<Option<String>> {
         use rusqlite::OptionalExtension;
@@ -275,6 +283,20 @@ impl LedgerStore for Ledger {
     fn checkpoint(&self, source: &str) -> Result<Option<String>> {
         Ledger::checkpoint(self, source)
     }
+}
+
+/// This program's friend-code key ([`crate::core::identity::CodeKey`]), drawn by migration
+/// 21; a ledger whose row was lost or spoiled keeps working with the shipped key.
+pub(crate) fn code_key(conn: &rusqlite::Connection) -> Result<crate::core::identity::CodeKey> {
+    use rusqlite::OptionalExtension;
+    let text: Option<String> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'friend_code_key'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(text
+        .as_deref()
+        .and_then(crate::core::identity::CodeKey::parse)
+        .unwrap_or(crate::core::identity::CodeKey::SHIPPED))
 }
 
 /// This ledger's random id, part of the keys of what kopilka writes to 1C: two ledgers (a

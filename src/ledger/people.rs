@@ -404,7 +404,9 @@ fn apply_attributes(tx: &Connection, c: i64, a: &Attributes, how: &Applying<'_>)
             None => refuse(
                 "referred_by",
                 code,
-                format!("friend code {code:?} is nobody's: not recorded"),
+                format!(
+                    "friend code {code:?} is no member's of this program (a typo, or another program's code): not recorded"
+                ),
             )?,
             Some(r) if r == c => refuse(
                 "referred_by",

@@ -460,7 +460,7 @@ impl Ledger {
             },
             debt: h.debt,
             tier,
-            referral_code: crate::core::identity::referral_code(id),
+            referral_code: self.referral_code(id)?,
             memberships: super::state::memberships_in_force(&self.conn, id, now)?,
             vouchers: self.vouchers_of(id, now)?,
         })

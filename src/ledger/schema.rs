@@ -592,6 +592,22 @@ CREATE INDEX expiry_warnings_at ON expiry_warnings(warned_at);
 -- the value as the source had it, `old` what the customer kept
 ALTER TABLE customer_changes ADD COLUMN refused TEXT;
 "#,
+    // 21 (issue 20): this program's friend-code key. A ledger that has customers keeps the key
+    // its codes were made with (they are on AmoCRM cards and in members' hands); a new one
+    // draws its own, so another kopilka's codes do not name its members. The spread is
+    // q·31 + r, r in 1..=30: prime to 31⁶.
+    r#"
+INSERT OR IGNORE INTO meta (key, value)
+SELECT 'friend_code_key',
+       CASE WHEN EXISTS (SELECT 1 FROM customers) THEN '387420489:0'
+            ELSE ((abs(random() % 28629151) * 31) + 1 + abs(random() % 30)) || ':' || abs(random() % 31)
+       END;
+"#,
+    // 22 (issue 20): a voucher the till used by its code (Розница's discount server) names the
+    // till's receipt, so the receipt arriving later counts that voucher, not another one.
+    r#"
+ALTER TABLE vouchers ADD COLUMN used_by TEXT;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka
@@ -687,5 +703,37 @@ mod tests {
             "an invite membership stays, for good"
         );
         assert_eq!(balance.vouchers.len(), 1);
+        // its friend codes are the ones published before: the shipped key
+        assert_eq!(
+            balance.referral_code,
+            crate::core::identity::referral_code(1, crate::core::identity::CodeKey::SHIPPED)
+        );
+    }
+
+    /// A new ledger draws a key of its own, a valid one, and keeps it.
+    #[test]
+    fn a_new_ledger_draws_its_own_friend_code_key() {
+        let keys: Vec<String> = (0..5)
+            .map(|_| {
+                let mut conn = Connection::open_in_memory().expect("open");
+                migrate(&mut conn).expect("migrated");
+                let key: String = conn
+                    .query_row("SELECT value FROM meta WHERE key = 'friend_code_key'", [], |r| {
+                        r.get(0)
+                    })
+                    .expect("a key");
+                assert!(crate::core::identity::CodeKey::parse(&key).is_some(), "{key}");
+                migrate(&mut conn).expect("idempotent");
+                let again: String = conn
+                    .query_row("SELECT value FROM meta WHERE key = 'friend_code_key'", [], |r| {
+                        r.get(0)
+                    })
+                    .expect("a key");
+                assert_eq!(again, key);
+                key
+            })
+            .collect();
+        let distinct: std::collections::BTreeSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), 5, "{keys:?}");
     }
 }

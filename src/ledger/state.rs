@@ -210,7 +210,8 @@ pub(crate) fn record_sale(
 pub(crate) fn voucher_code(id: i64) -> String {
     format!(
         "V-{}",
-        crate::core::identity::referral_code(id).unwrap_or_else(|| id.to_string())
+        crate::core::identity::referral_code(id, crate::core::identity::CodeKey::SHIPPED)
+            .unwrap_or_else(|| id.to_string())
     )
 }
 
@@ -218,8 +219,28 @@ pub(crate) fn voucher_code(id: i64) -> String {
 /// customer's oldest open voucher for it, one per unit, once: vouchers issued before the
 /// sale and not past their end.
 fn use_vouchers(conn: &Connection, c: i64, doc_row: i64, doc: &Document) -> Result<()> {
+    // vouchers the till used by code on this very receipt count first, once each
+    conn.prepare_cached(
+        "UPDATE vouchers SET used_document = ?2 WHERE used_by = lower(?1) AND used_document IS NULL AND state = 'used'",
+    )?
+    .execute(params![doc.source.doc_id, doc_row])?;
+    let mut by_till: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    {
+        let mut st = conn.prepare_cached(
+            "SELECT product, COUNT(*) FROM vouchers WHERE used_document = ?1 AND used_by IS NOT NULL GROUP BY product",
+        )?;
+        for r in st.query_map([doc_row], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (p, n) = r?;
+            by_till.insert(p, n);
+        }
+    }
     for line in doc.lines.iter().filter(|l| l.net.0 == 0) {
-        let units = line.quantity.trunc().to_i64().unwrap_or(0).max(0);
+        let mut units = line.quantity.trunc().to_i64().unwrap_or(0).max(0);
+        if let Some(n) = by_till.get_mut(&line.product_id) {
+            let taken = (*n).min(units);
+            *n -= taken;
+            units -= taken;
+        }
         for _ in 0..units {
             let used = conn
                 .prepare_cached(
@@ -253,10 +274,16 @@ pub(crate) fn unrecord_sale(conn: &Connection, doc_row: i64, epoch: i64) -> Resu
         "UPDATE vouchers SET state = 'cancelled' WHERE document_id = ?1 AND epoch = ?2 AND state = 'issued'",
     )?
     .execute(params![doc_row, epoch])?;
-    // the sale that gave a voucher's item is gone: the voucher can be used again
+    // the sale that gave a voucher's item is gone: the voucher can be used again — unless the
+    // till said it used the voucher's code on that receipt: that stands, and the receipt's next
+    // version links it again
     conn.prepare_cached(
         "UPDATE vouchers SET state = 'issued', used_document = NULL, used_at = NULL \
-         WHERE used_document = ?1 AND state = 'used'",
+         WHERE used_document = ?1 AND state = 'used' AND used_by IS NULL",
+    )?
+    .execute([doc_row])?;
+    conn.prepare_cached(
+        "UPDATE vouchers SET used_document = NULL WHERE used_document = ?1 AND used_by IS NOT NULL",
     )?
     .execute([doc_row])?;
     conn.prepare_cached(

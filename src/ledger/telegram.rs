@@ -224,9 +224,7 @@ impl Ledger {
                 Effect::None,
             ),
             (Some(Command::Friend), Some((customer, _))) => (
-                Some(bot::friend(
-                    crate::core::identity::referral_code(customer).as_deref(),
-                )),
+                Some(bot::friend(self.referral_code(customer)?.as_deref())),
                 Effect::None,
             ),
         };
