@@ -343,6 +343,94 @@ fn a_birthday_from_a_commerceml_counterparty_pays_the_birthday_bonus() {
     assert_eq!(b.available + b.pending, 50 + 300);
 }
 
+/// A real source format: a site's order form asked for a friend code and a birthday, and the
+/// site wrote them as document requisites (`[onec] referral_requisite`, `birthday_requisite`).
+/// The friend pays both after the return window; a code that is nobody's and a date of 31.02
+/// are refused on that customer with the reason, and the sale still counts.
+#[test]
+fn a_friend_code_and_a_birthday_in_a_document_s_requisites_reach_the_programs() {
+    let mut env = Env::with_rules(PROGRAM);
+    let mut s0 = sale("S0", Some("1001"), &[("A", 1, 1000)]);
+    s0.occurred_at -= Duration::days(60);
+    env.docs(vec![reversion(s0)]);
+    let code = env
+        .ledger
+        .balance("1001", env.now, Duration::days(14))
+        .unwrap()
+        .referral_code
+        .unwrap();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/onec/site-orders-friend-code.xml"
+    );
+    let xml = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("FRIEND-CODE-HERE", &code);
+    let mut opts = kopilka::onec::commerceml::Options::new("onec", chrono_tz::Europe::Moscow);
+    opts.referral_requisite = Some("Код друга".into());
+    opts.birthday_requisite = Some("Дата рождения".into());
+    let mut docs = Vec::new();
+    kopilka::onec::commerceml::parse(
+        std::io::Cursor::new(xml.into_bytes()),
+        "orders.xml",
+        &opts,
+        &mut |item| {
+            if let kopilka::onec::commerceml::Item::Document(kopilka::core::document::Incoming::Document(d)) =
+                item
+            {
+                docs.push(d);
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(docs.len(), 2);
+    assert_eq!(env.docs(docs.clone()).applied, 2, "both sales count");
+    env.docs(docs);
+
+    let friend = env
+        .ledger
+        .balance("onec:site-7", env.now, Duration::days(14))
+        .unwrap();
+    assert_eq!(friend.customer.birthday.as_deref(), Some("1991-03-07"));
+    let set = env.ledger.attribute_changes("onec:site-7").unwrap();
+    assert!(
+        set.iter().any(|c| c.field == "referred_by"
+            && c.new.as_deref() == Some(code.as_str())
+            && c.refused.is_none()),
+        "{set:?}"
+    );
+    let refused: Vec<(String, String)> = env
+        .ledger
+        .attribute_changes("onec:site-8")
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| c.refused.map(|r| (c.field, r)))
+        .collect();
+    assert_eq!(
+        refused.len(),
+        2,
+        "once each, however often the file is read: {refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|(f, r)| f == "referred_by" && r.contains("no member's of this program"))
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|(f, r)| f == "birthday" && r.starts_with("requisite \"Дата рождения\"")),
+        "{refused:?}"
+    );
+
+    // 2026-03-01 is past the 14-day window on 2026-04-01: both sides are paid, once
+    let before = env.available("1001");
+    assert_eq!(env.run(|l, r, c| l.referral_bonuses(r, c)).unwrap(), 1);
+    assert_eq!(env.available("1001"), before + 300);
+    env.assert_verified();
+}
+
 /// Memberships bought with a fee lapse after their term, are renewed by buying again (from
 /// the end of the one in force), and end when the fee is returned.
 #[test]

@@ -1227,9 +1227,34 @@ impl Run<'_, '_> {
     /// program gives one) and joined to a closed program when they bring its invite code.
     fn customer_for(&mut self, conn: &Connection, d: &Document) -> Result<Option<i64>> {
         let now = self.ctx.now;
-        let Some((c, created)) = resolve_customer(conn, &d.customer, now)? else {
+        // a friend code a document names is checked (own, nobody's) and kept in history like
+        // any source's, not written as it came
+        let stripped;
+        let identity = if d.customer.referred_by.is_some() {
+            stripped = CustomerIdentity {
+                referred_by: None,
+                ..d.customer.clone()
+            };
+            &stripped
+        } else {
+            &d.customer
+        };
+        let Some((c, created)) = resolve_customer(conn, identity, now)? else {
             return Ok(None);
         };
+        if let Some(code) = &d.customer.referred_by {
+            super::people::apply_from_document(
+                conn,
+                c,
+                &d.source.system,
+                &super::people::Attributes {
+                    referral_code: Some(code.clone()),
+                    ..Default::default()
+                },
+                self.ctx.rules,
+                now,
+            )?;
+        }
         for (field, text, reason) in &d.customer.unreadable {
             super::people::refuse_from_source(conn, c, &d.source.system, field, text, reason, now)?;
         }

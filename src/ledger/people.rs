@@ -123,8 +123,29 @@ enum Set {
 struct Applying<'a> {
     source: &'a str,
     precedence: Precedence,
-    rules: &'a RuleSet,
+    rules: &'a dyn crate::core::program::Rules,
     now: DateTime<Utc>,
+}
+
+/// What a document says of its customer beyond its keys (a friend code in a CommerceML
+/// requisite), applied inside the document's transaction like any filling source: a value
+/// that cannot be used is refused for that customer, with the reason in history.
+pub(super) fn apply_from_document(
+    tx: &Connection,
+    c: i64,
+    source: &str,
+    attributes: &Attributes,
+    rules: &dyn crate::core::program::Rules,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let how = Applying {
+        source,
+        precedence: Precedence::FillsEmptyOrOwn,
+        rules,
+        now,
+    };
+    apply_attributes(tx, c, attributes, &how)?;
+    Ok(())
 }
 
 impl Ledger {

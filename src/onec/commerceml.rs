@@ -90,6 +90,11 @@ pub struct Options {
     pub card_requisite: Option<String>,
     /// A requisite holding the points the customer paid with (a whole number).
     pub points_requisite: Option<String>,
+    /// Requisites a site or 1C writes on a document for its customer (issue 20): the friend
+    /// code they came with, an invite code, a birthday (`ДД.ММ.ГГГГ` or ISO).
+    pub referral_requisite: Option<String>,
+    pub invite_requisite: Option<String>,
+    pub birthday_requisite: Option<String>,
     pub limits: Limits,
 }
 
@@ -102,6 +107,9 @@ impl Options {
             return_link_requisite: None,
             card_requisite: None,
             points_requisite: None,
+            referral_requisite: None,
+            invite_requisite: None,
+            birthday_requisite: None,
             limits: Limits::default(),
         }
     }
@@ -1509,6 +1517,10 @@ struct DocDraft {
     link: Option<String>,
     card: Option<String>,
     card_fallback: Option<String>,
+    /// The customer requisites named in [`Options`]: friend code, invite code, birthday.
+    referral: Option<String>,
+    invite: Option<String>,
+    birthday: Option<String>,
     points: Option<String>,
 }
 
@@ -1650,6 +1662,12 @@ impl DocDraft {
             self.points = Some(value);
         } else if configured(&opts.card_requisite) {
             self.card = Some(value);
+        } else if configured(&opts.referral_requisite) {
+            self.referral = Some(value).filter(|v| !v.trim().is_empty());
+        } else if configured(&opts.invite_requisite) {
+            self.invite = Some(value).filter(|v| !v.trim().is_empty());
+        } else if configured(&opts.birthday_requisite) {
+            self.birthday = Some(value).filter(|v| !v.trim().is_empty());
         } else if key_eq(name, "Проведен") {
             self.posted = Some(value);
         } else if key_eq(name, "ПометкаУдаления") {
@@ -1927,7 +1945,7 @@ impl DocDraft {
             .as_deref()
             .and_then(normalize_card)
             .or_else(|| self.card_fallback.as_deref().and_then(normalize_card));
-        let customer = match party {
+        let mut customer = match party {
             Some(p) => CustomerIdentity {
                 card,
                 phone: p.phone,
@@ -1961,6 +1979,25 @@ impl DocDraft {
                 ..CustomerIdentity::default()
             },
         };
+        // what the document's requisites say of its customer (a site's order form, a field
+        // the shop added): a birthday fills one the counterparty does not give
+        customer.referred_by = self.referral.take().map(|v| v.trim().to_string());
+        customer.invite_code = self.invite.take().map(|v| v.trim().to_string());
+        if let Some(text) = self.birthday.take() {
+            match crate::core::identity::parse_birthday(&text) {
+                Ok(d) => {
+                    customer.birthday.get_or_insert(d);
+                }
+                Err(reason) => customer.unreadable.push((
+                    "birthday".to_string(),
+                    text.trim().to_string(),
+                    format!(
+                        "requisite {:?}: {reason}",
+                        ctx.opts.birthday_requisite.as_deref().unwrap_or_default()
+                    ),
+                )),
+            }
+        }
         let original = match kind {
             DocKind::Return => self
                 .link

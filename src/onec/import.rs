@@ -98,6 +98,9 @@ impl ImportSettings {
             parse.card_requisite = o.card_requisite.clone();
             parse.return_link_requisite = o.return_link_requisite.clone();
             parse.points_requisite = o.points_requisite.clone();
+            parse.referral_requisite = o.referral_requisite.clone();
+            parse.invite_requisite = o.invite_requisite.clone();
+            parse.birthday_requisite = o.birthday_requisite.clone();
             cost = o.cost_price_type.clone().map(|price_type| CostPolicy {
                 price_type,
                 backfill: o.cost_backfill,
