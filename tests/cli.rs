@@ -131,6 +131,23 @@ fn ledger_commands_need_only_the_ledger_file() {
 
     let out = kopilka(&["--ledger", &db, "history", "200000000000"]);
     assert!(text(&out.stdout).contains("duplicate bonus"));
+    // the demo's gift tea taken free with a voucher: `history` shows the voucher used
+    let used = (0..20).find_map(|i| {
+        let card = format!("2000{i:08}");
+        let out = kopilka(&["--ledger", &db, "history", &card, "--json"]);
+        let h: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let code = h["vouchers"].as_array()?.iter().find(|v| v["state"] == "used")?["code"]
+            .as_str()?
+            .to_string();
+        Some((card, code))
+    });
+    let (card, code) = used.expect("a member who used a voucher in the demo");
+    let out = text(&kopilka(&["--ledger", &db, "history", &card]).stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&format!("voucher {code}")) && l.contains(": used")),
+        "{out}"
+    );
     let out = kopilka(&["--ledger", &db, "ledger", "verify"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     let out = kopilka(&["--ledger", &db, "outbox", "list", "--json"]);

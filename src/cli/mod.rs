@@ -684,7 +684,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ledger = open_existing(&cfg)?;
             let (c, entries) = ledger.history(&a.customer)?;
             let changes = ledger.attribute_changes(&a.customer)?;
-            output::history(&c, &entries, &changes, a.json, cfg.timezone)?;
+            let vouchers = ledger.balance(&a.customer, now, cfg.warn_before)?.vouchers;
+            output::history(&c, &entries, &changes, &vouchers, a.json, cfg.timezone)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::ImportCustomers { files, json } => {

@@ -152,13 +152,34 @@ pub fn history(
     c: &CustomerView,
     entries: &[HistoryEntry],
     changes: &[crate::ledger::AttributeChange],
+    vouchers: &[crate::ledger::VoucherView],
     as_json: bool,
     tz: Tz,
 ) -> anyhow::Result<()> {
     if as_json {
-        return json(&serde_json::json!({ "customer": c, "entries": entries, "attribute_changes": changes }));
+        return json(&serde_json::json!({
+            "customer": c,
+            "entries": entries,
+            "attribute_changes": changes,
+            "vouchers": vouchers,
+        }));
     }
     println!("{}", who(c));
+    // a voucher moves no points, so the journal below does not show it: its own lines
+    for v in vouchers.iter().rev() {
+        println!(
+            "  {}  voucher {} for {}: {}{}",
+            local(v.issued_at, tz),
+            v.code.as_deref().unwrap_or("—"),
+            v.product,
+            v.state,
+            match (v.used_at, v.expires_at) {
+                (Some(u), _) => format!(" {}", local(u, tz)),
+                (None, Some(e)) => format!(", until {}", local(e, tz)),
+                (None, None) => String::new(),
+            }
+        );
+    }
     for ch in changes {
         match &ch.refused {
             None => println!(
