@@ -857,9 +857,12 @@ async fn programs_from_the_shop(
     // a member with an open gift-tea voucher takes the tea free at the till
     for (i, v) in views.iter().enumerate().skip(at(60)) {
         let Some(v) = v else { continue };
+        // the oldest open one: a free line without a typed code uses that (balance lists the
+        // newest first)
         if let Some(code) = v
             .vouchers
             .iter()
+            .rev()
             .find(|x| x.state == "issued" || x.state == "sent")
             .and_then(|x| x.code.clone())
         {

@@ -60,6 +60,7 @@ pub fn balance(
             "vouchers": b.vouchers.iter().map(|v| serde_json::json!({
                 "code": v.code,
                 "product": v.product,
+                "item": v.item,
                 "state": v.state,
                 "expires": v.expires_at.map(|u| u.with_timezone(&tz).date_naive().to_string()),
             })).collect::<Vec<_>>(),
@@ -108,7 +109,7 @@ pub fn balance(
         println!(
             "  voucher    {:>10}  {} — {}{}",
             v.code.as_deref().unwrap_or("—"),
-            v.product,
+            v.item,
             v.state,
             v.expires_at
                 .filter(|_| v.state == "issued")
@@ -171,7 +172,7 @@ pub fn history(
             "  {}  voucher {} for {}: {}{}",
             local(v.issued_at, tz),
             v.code.as_deref().unwrap_or("—"),
-            v.product,
+            v.item,
             v.state,
             match (v.used_at, v.expires_at) {
                 (Some(u), _) => format!(" {}", local(u, tz)),

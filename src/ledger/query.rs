@@ -148,6 +148,8 @@ pub struct VoucherView {
     pub issued_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub used_at: Option<DateTime<Utc>>,
+    /// The product's name as the catalog knows it (its id when it does not).
+    pub item: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -473,7 +475,8 @@ impl Ledger {
                         AND o.idem_key IN ('amocrm:notes:voucher:' || v.id, 'notify:email:voucher:' || v.id, \
                           'notify:telegram:voucher:' || v.id, 'notify:salesbot:voucher:' || v.id)) THEN 'sent' \
                       ELSE state END, \
-                    issued_at, expires_at, used_at \
+                    issued_at, expires_at, used_at, \
+                    COALESCE((SELECT p.name FROM catalog_products p WHERE p.id = v.product), v.product) \
              FROM vouchers v WHERE customer_id = ?1 AND state != 'cancelled' ORDER BY issued_at DESC, id DESC",
         )?;
         let rows = st
@@ -485,6 +488,7 @@ impl Ledger {
                     issued_at: from_ts(r.get(3)?),
                     expires_at: r.get::<_, Option<i64>>(4)?.map(from_ts),
                     used_at: r.get::<_, Option<i64>>(5)?.map(from_ts),
+                    item: r.get(6)?,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
