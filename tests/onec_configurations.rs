@@ -204,6 +204,49 @@ async fn each_configuration_is_read_right_to_the_kopeck_with_its_built_in_mappin
             );
         }
         assert!(with > 3, "{conf:?}: {with} birthdays");
+        // and it pays the birthday bonus on the day, with no other step (issue 20)
+        let (i, born) = (0..r.sim.shop().customers.len())
+            .find_map(|i| {
+                let born = r.sim.birthday_in_base(i)?;
+                r.ledger
+                    .lock()
+                    .balance(&format!("onec:{}", r.sim.person_key(i)), now, warn)
+                    .ok()
+                    .map(|_| (i, born))
+            })
+            .expect("a customer with a birth date in 1C");
+        let mut rules = r.cfg.program.clone();
+        rules.birthday = Some(kopilka::core::rules::Birthday {
+            points: 300,
+            days_before: 0,
+            days_after: 0,
+        });
+        let day = chrono::NaiveDate::from_ymd_opt(
+            2026,
+            chrono::Datelike::month(&born),
+            chrono::Datelike::day(&born),
+        )
+        .unwrap_or_else(|| chrono::NaiveDate::from_ymd_opt(2026, 3, 1).expect("a date"));
+        let noon = day
+            .and_hms_opt(12, 0, 0)
+            .expect("noon")
+            .and_local_timezone(chrono_tz::Europe::Moscow)
+            .single()
+            .expect("one noon")
+            .with_timezone(&Utc);
+        let key = format!("onec:{}", r.sim.person_key(i));
+        let dest = r.cfg.destinations();
+        let paid = r
+            .ledger
+            .lock()
+            .birthday_bonuses(&rules, &r.cfg.ingest_context(noon, &dest))
+            .expect("birthday job");
+        assert!(paid >= 1, "{conf:?}");
+        let (_, entries) = r.ledger.lock().history(&key).expect("history");
+        assert!(
+            entries.iter().any(|e| e.kind == "bonus" && e.points == 300),
+            "{conf:?}: customer {i} born {born}: {entries:?}"
+        );
         if conf == Configuration::Roznica2 {
             assert!(
                 without > 0,
