@@ -804,6 +804,13 @@ fn local_date(text: &str) -> Option<NaiveDateTime> {
         .filter(|d| chrono::Datelike::year(d) > 1)
 }
 
+/// A 1C local dateTime as an instant in the shop's zone; `None` for 1C's empty date.
+fn instant(text: &str, tz: chrono_tz::Tz) -> Option<chrono::DateTime<chrono::Utc>> {
+    local_date(text)
+        .and_then(|d| d.and_local_timezone(tz).earliest())
+        .map(|d| d.with_timezone(&chrono::Utc))
+}
+
 /// An `xs:decimal` (`-120.5`, `3`) in kopecks; more than two decimals is not money.
 pub fn kopecks(text: &str) -> Option<i64> {
     let d = xs_decimal(text)?;
@@ -1057,9 +1064,7 @@ async fn coupon(ds: &Ds, op: &El) -> Result<String, String> {
         return Ok(String::new());
     }
     let tz = ctx.cfg.timezone;
-    let at = local_date(op.value("ДатаЗапроса"))
-        .and_then(|d| d.and_local_timezone(tz).earliest())
-        .map_or_else(|| ctx.clock.now(), |d| d.with_timezone(&chrono::Utc));
+    let at = instant(op.value("ДатаЗапроса"), tz).unwrap_or_else(|| ctx.clock.now());
     let found = ctx
         .ledger
         .run(move |l| l.open_voucher(&code, at))
@@ -1102,9 +1107,7 @@ async fn coupons_used(ds: &Ds, op: &El) -> Result<(), String> {
         .into_iter()
         .filter(|r| r.value("Состояние") == "Применена" && !r.value("КодКупона").is_empty())
         .map(|r| {
-            let at = local_date(r.value("Период"))
-                .and_then(|d| d.and_local_timezone(tz).earliest())
-                .map_or(now, |d| d.with_timezone(&chrono::Utc));
+            let at = instant(r.value("Период"), tz).unwrap_or(now);
             (r.value("КодКупона").to_string(), at)
         })
         .collect();

@@ -291,6 +291,7 @@ pub(super) fn enqueue_messages(conn: &Connection, ctx: &IngestContext<'_>) -> Re
     }
 
     let mut added = 0;
+    let key = super::code_key(conn)?;
     for mut e in events {
         let Some(kind) = e.kind else { continue };
         if !plan.policy.routes.contains_key(&kind) {
@@ -303,7 +304,7 @@ pub(super) fn enqueue_messages(conn: &Connection, ctx: &IngestContext<'_>) -> Re
             .query_row([e.customer_id], |r| r.get::<_, Option<String>>(0))
             .optional()?
             .flatten();
-        e.friend_code = crate::core::identity::referral_code(e.customer_id, super::code_key(conn)?);
+        e.friend_code = crate::core::identity::referral_code(e.customer_id, key);
         for m in plan.policy.messages(&e, &plan.channels, now) {
             let dest = m.channel.destination();
             let payload = serde_json::to_string(&m)

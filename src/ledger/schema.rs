@@ -607,6 +607,8 @@ SELECT 'friend_code_key',
     // till's receipt, so the receipt arriving later counts that voucher, not another one.
     r#"
 ALTER TABLE vouchers ADD COLUMN used_by TEXT;
+-- every sale looks its receipt up here: an index lookup, not a scan of every voucher
+CREATE INDEX vouchers_used_by ON vouchers(used_by) WHERE used_by IS NOT NULL;
 "#,
 ];
 

@@ -219,13 +219,15 @@ pub(crate) fn voucher_code(id: i64) -> String {
 /// customer's oldest open voucher for it, one per unit, once: vouchers issued before the
 /// sale and not past their end.
 fn use_vouchers(conn: &Connection, c: i64, doc_row: i64, doc: &Document) -> Result<()> {
-    // vouchers the till used by code on this very receipt count first, once each
-    conn.prepare_cached(
-        "UPDATE vouchers SET used_document = ?2 WHERE used_by = lower(?1) AND used_document IS NULL AND state = 'used'",
-    )?
-    .execute(params![doc.source.doc_id, doc_row])?;
+    // vouchers the till used by code on this very receipt count first, once each (an
+    // unposted version unlinked them, so a receipt with any links them again here)
+    let linked = conn
+        .prepare_cached(
+            "UPDATE vouchers SET used_document = ?2 WHERE used_by = ?1 AND used_document IS NULL AND state = 'used'",
+        )?
+        .execute(params![doc.source.doc_id.to_lowercase(), doc_row])?;
     let mut by_till: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
-    {
+    if linked > 0 {
         let mut st = conn.prepare_cached(
             "SELECT product, COUNT(*) FROM vouchers WHERE used_document = ?1 AND used_by IS NOT NULL GROUP BY product",
         )?;

@@ -1946,34 +1946,35 @@ impl DocDraft {
             .and_then(normalize_card)
             .or_else(|| self.card_fallback.as_deref().and_then(normalize_card));
         let mut customer = match party {
-            Some(p) => CustomerIdentity {
-                card,
-                phone: p.phone,
-                email: p.email,
-                onec_id: p.id.map(|i| i.trim().to_string()).filter(|i| !i.is_empty()),
-                amocrm_id: None,
-                name: p.name.or(p.full_name).filter(|n| !n.is_empty()),
+            Some(p) => {
                 // a date that is no date (31.02) is left out and said on the customer: the
                 // sale still counts
-                birthday: p
-                    .birth_date
-                    .as_deref()
-                    .and_then(|d| chrono::NaiveDate::parse_from_str(d.trim(), "%Y-%m-%d").ok()),
-                unreadable: p
-                    .birth_date
-                    .as_deref()
-                    .map(str::trim)
-                    .filter(|d| !d.is_empty() && chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_err())
-                    .map(|d| {
-                        vec![(
-                            "birthday".to_string(),
-                            d.to_string(),
-                            format!("ДатаРождения {d:?} is not a date (the XSD's ДатаТип: YYYY-MM-DD)"),
-                        )]
-                    })
-                    .unwrap_or_default(),
-                ..CustomerIdentity::default()
-            },
+                let (birthday, unreadable) = match p.birth_date.as_deref().map(str::trim) {
+                    Some(d) if !d.is_empty() => match chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d") {
+                        Ok(date) => (Some(date), Vec::new()),
+                        Err(_) => (
+                            None,
+                            vec![(
+                                "birthday".to_string(),
+                                d.to_string(),
+                                format!("ДатаРождения {d:?} is not a date (the XSD's ДатаТип: YYYY-MM-DD)"),
+                            )],
+                        ),
+                    },
+                    _ => (None, Vec::new()),
+                };
+                CustomerIdentity {
+                    card,
+                    phone: p.phone,
+                    email: p.email,
+                    onec_id: p.id.map(|i| i.trim().to_string()).filter(|i| !i.is_empty()),
+                    amocrm_id: None,
+                    name: p.name.or(p.full_name).filter(|n| !n.is_empty()),
+                    birthday,
+                    unreadable,
+                    ..CustomerIdentity::default()
+                }
+            }
             None => CustomerIdentity {
                 card,
                 ..CustomerIdentity::default()

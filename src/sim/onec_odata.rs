@@ -3543,6 +3543,46 @@ fn from_json(ty: &str, v: &serde_json::Value) -> Result<Val, String> {
     }
 }
 
+/// A tabular section's rows as a POST or PATCH body gives them, read alike by both: each row
+/// an object with `LineNumber` (1C's OData fails inside without it), each property of its type
+/// or the type's empty value. `Err` is the answer 1C gives.
+fn section_rows(
+    section: &str,
+    props: &[(&'static str, &'static str)],
+    rows: &[serde_json::Value],
+    hidden: impl Fn(&str) -> bool,
+) -> Result<Vec<Vec<(String, Val)>>, Reply> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let Some(r) = r.as_object() else {
+            return Err(odata_error(
+                400,
+                "14",
+                &format!("{section}: строка не является объектом"),
+            ));
+        };
+        if !r.contains_key("LineNumber") {
+            return Err(odata_error(500, "0", "Произошла внутренняя ошибка OData сервиса"));
+        }
+        let mut row = Vec::with_capacity(props.len());
+        for (p, ty) in props {
+            let given = r.get(*p).filter(|_| !hidden(p));
+            match given.map(|v| from_json(ty, v)).transpose() {
+                Ok(v) => row.push((p.to_string(), v.unwrap_or_else(|| default_val(ty)))),
+                Err(why) => {
+                    return Err(odata_error(
+                        400,
+                        "14",
+                        &format!("Неверное значение свойства {section}.{p}: {why}"),
+                    ));
+                }
+            }
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
 fn default_val(ty: &str) -> Val {
     match ty {
         D => Val::Num("0".into()),
@@ -3619,30 +3659,10 @@ fn create(b: &mut Base, root: &str, set: &str, body: &[u8]) -> Reply {
             Some(serde_json::Value::Array(rows)) => rows.clone(),
             Some(_) => return odata_error(400, "14", &format!("{section}: ожидается массив строк")),
         };
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let Some(r) = r.as_object() else {
-                return odata_error(400, "14", &format!("{section}: строка не является объектом"));
-            };
-            if !r.contains_key("LineNumber") {
-                return odata_error(500, "0", "Произошла внутренняя ошибка OData сервиса");
-            }
-            let mut row = Vec::with_capacity(props.len());
-            for (p, ty) in props {
-                let given = r.get(*p).filter(|_| !hidden(&scope, p));
-                match given.map(|v| from_json(ty, v)).transpose() {
-                    Ok(v) => row.push((p.to_string(), v.unwrap_or_else(|| default_val(ty)))),
-                    Err(why) => {
-                        return odata_error(
-                            400,
-                            "14",
-                            &format!("Неверное значение свойства {section}.{p}: {why}"),
-                        );
-                    }
-                }
-            }
-            out.push(row);
-        }
+        let out = match section_rows(section, props, &rows, |p| hidden(&scope, p)) {
+            Ok(out) => out,
+            Err(reply) => return reply,
+        };
         e.set(section, Val::Rows(out));
     }
     b.created += 1;
@@ -3712,30 +3732,10 @@ fn patch(b: &mut Base, s: &Served, resource: &str, body: &[u8]) -> Reply {
             Some(serde_json::Value::Array(rows)) => rows.clone(),
             Some(_) => return odata_error(400, "14", &format!("{section}: ожидается массив строк")),
         };
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let Some(r) = r.as_object() else {
-                return odata_error(400, "14", &format!("{section}: строка не является объектом"));
-            };
-            if !r.contains_key("LineNumber") {
-                return odata_error(500, "0", "Произошла внутренняя ошибка OData сервиса");
-            }
-            let mut row = Vec::with_capacity(props.len());
-            for (p, ty) in props {
-                let given = r.get(*p).filter(|_| !hidden(&scope, p));
-                match given.map(|v| from_json(ty, v)).transpose() {
-                    Ok(v) => row.push((p.to_string(), v.unwrap_or_else(|| default_val(ty)))),
-                    Err(why) => {
-                        return odata_error(
-                            400,
-                            "14",
-                            &format!("Неверное значение свойства {section}.{p}: {why}"),
-                        );
-                    }
-                }
-            }
-            out.push(row);
-        }
+        let out = match section_rows(section, props, &rows, |p| hidden(&scope, p)) {
+            Ok(out) => out,
+            Err(reply) => return reply,
+        };
         changes.push((section.to_string(), Val::Rows(out)));
     }
     b.patched += 1;
