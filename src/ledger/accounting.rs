@@ -654,95 +654,96 @@ pub(crate) fn enqueue_bonus_documents(
         return Ok(0);
     };
     let mut st = conn.prepare_cached(
-        "SELECT j.id, j.kind, j.amount, j.effective_at, j.customer_id, j.reverses, j.explanation, \
+        "SELECT j.id, j.kind, d.source, (SELECT r.kind FROM journal r WHERE r.id = j.reverses) \
+         FROM journal j LEFT JOIN documents d ON d.id = j.document_id WHERE j.id > ?1 AND j.amount != 0 ORDER BY j.id",
+    )?;
+    let rows: Vec<(i64, String, Option<String>, Option<String>)> = st
+        .query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let onec = ctx.destinations.onec_system.as_deref();
+    let register = onec.map(crate::ledger::opening_source_from_register);
+    let pv = ctx.rules.point_value().0;
+    let uid = super::ledger_uid(conn)?;
+    let mut n = 0;
+    for (id, kind, source, reversed_kind) in rows {
+        let paid_in_1c = kind == "redemption" || reversed_kind.as_deref() == Some("redemption");
+        if paid_in_1c && onec.is_some() && source.as_deref() == onec {
+            continue;
+        }
+        let payload = BonusRef {
+            tx_id: id,
+            point_value: pv,
+            register: register.clone(),
+        };
+        if super::outbox::enqueue(
+            conn,
+            dest,
+            &format!("onec:bonus:{uid}:tx{id}"),
+            None,
+            &serde_json::to_string(&payload).unwrap_or_default(),
+            ctx.now,
+        )?
+        .is_some()
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// What a bonus document's outbox row stores: the journal transaction and the two values of
+/// the moment it was queued (the point's value under the rules of the day, and which opening
+/// balances came from 1C's register). Everything else the document says is in the journal,
+/// its postings and lots, which never change, so it is rendered when the row is read
+/// ([`render_bonus_payload`]) instead of being copied into every row: the full payload was
+/// ≈ 400 bytes per transaction, the outbox's largest part (issue 19).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BonusRef {
+    tx_id: i64,
+    point_value: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    register: Option<String>,
+}
+
+/// The bonus document's payload for a stored row: the compact reference rendered from the
+/// ledger, or the row as it is when it was written whole (before the compact form).
+pub(crate) fn render_bonus_payload(conn: &Connection, stored: &str) -> Result<Option<String>> {
+    let Ok(r) = serde_json::from_str::<BonusRef>(stored) else {
+        return Ok(None);
+    };
+    let mut st = conn.prepare_cached(
+        "SELECT j.kind, j.amount, j.effective_at, j.customer_id, j.reverses, j.explanation, \
            d.source, d.doc_id, d.number, (SELECT MAX(expires_at) FROM lots WHERE origin_tx = j.id), \
            (SELECT value FROM customer_keys WHERE customer_id = j.customer_id AND kind = 'card' LIMIT 1), \
            (SELECT value FROM customer_keys WHERE customer_id = j.customer_id AND kind = 'onec' LIMIT 1), \
-           (SELECT r.kind FROM journal r WHERE r.id = j.reverses), \
            (SELECT COALESCE(-SUM(p.amount), 0) FROM postings p JOIN lots l ON l.id = p.lot_id \
               WHERE p.tx_id = j.id AND p.amount < 0 AND l.expires_at IS NOT NULL), \
            (SELECT COALESCE(-SUM(p.amount), 0) FROM postings p JOIN lots l ON l.id = p.lot_id \
               JOIN journal o ON o.id = l.origin_tx \
               WHERE p.tx_id = j.id AND p.amount < 0 AND l.expires_at IS NOT NULL \
                 AND o.kind = 'opening' AND o.actor = ?2) \
-         FROM journal j LEFT JOIN documents d ON d.id = j.document_id WHERE j.id > ?1 AND j.amount != 0 ORDER BY j.id",
+         FROM journal j LEFT JOIN documents d ON d.id = j.document_id WHERE j.id = ?1",
     )?;
-    let onec = ctx.destinations.onec_system.as_deref();
-    let register_source = onec.map(crate::ledger::opening_source_from_register);
-    type Row = (
-        i64,
-        String,
-        i64,
-        i64,
-        i64,
-        Option<i64>,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<i64>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        i64,
-        i64,
-    );
-    let rows: Vec<Row> = st
-        .query_map(params![since, register_source], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-                r.get(8)?,
-                r.get(9)?,
-                r.get(10)?,
-                r.get(11)?,
-                r.get(12)?,
-                r.get(13)?,
-                r.get(14)?,
-                r.get(15)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    let pv = ctx.rules.point_value().0;
-    let uid = super::ledger_uid(conn)?;
-    let mut n = 0;
-    for (
-        id,
-        kind,
-        amount,
-        at,
-        customer,
-        reverses,
-        explanation,
-        source,
-        doc_id,
-        number,
-        expires,
-        card,
-        onec_id,
-        reversed_kind,
-        from_burning,
-        from_burning_1c,
-    ) in rows
-    {
-        let paid_in_1c = kind == "redemption" || reversed_kind.as_deref() == Some("redemption");
-        if paid_in_1c && onec.is_some() && source.as_deref() == onec {
-            continue;
-        }
-        let summary = serde_json::from_str::<crate::core::journal::Explanation>(&explanation)
-            .map(|e| e.summary)
-            .unwrap_or(explanation);
-        let payload = serde_json::json!({
-            "tx_id": id,
+    let payload = st.query_row(params![r.tx_id, r.register], |row| {
+        let kind: String = row.get(0)?;
+        let amount: i64 = row.get(1)?;
+        let at: i64 = row.get(2)?;
+        let customer: i64 = row.get(3)?;
+        let reverses: Option<i64> = row.get(4)?;
+        let explanation: String = row.get(5)?;
+        let source: Option<String> = row.get(6)?;
+        let doc_id: Option<String> = row.get(7)?;
+        let number: Option<String> = row.get(8)?;
+        let expires: Option<i64> = row.get(9)?;
+        let card: Option<String> = row.get(10)?;
+        let onec_id: Option<String> = row.get(11)?;
+        let from_burning: i64 = row.get(12)?;
+        let from_burning_1c: i64 = row.get(13)?;
+        Ok(serde_json::json!({
+            "tx_id": r.tx_id,
             "kind": kind,
             "points": amount,
-            "amount_kopecks": amount.saturating_mul(pv),
+            "amount_kopecks": amount.saturating_mul(r.point_value),
             "at": from_ts(at).to_rfc3339(),
             "expires_at": expires.map(|e| from_ts(e).to_rfc3339()),
             "customer_id": customer,
@@ -752,22 +753,10 @@ pub(crate) fn enqueue_bonus_documents(
             "from_burning": from_burning,
             "from_burning_1c": from_burning_1c,
             "document": {"source": source, "doc_id": doc_id, "number": number},
-            "comment": summary,
-        });
-        if super::outbox::enqueue(
-            conn,
-            dest,
-            &format!("onec:bonus:{uid}:tx{id}"),
-            None,
-            &payload.to_string(),
-            ctx.now,
-        )?
-        .is_some()
-        {
-            n += 1;
-        }
-    }
-    Ok(n)
+            "comment": crate::core::journal::Explanation::from_stored(&explanation).summary,
+        }))
+    })?;
+    Ok(Some(payload.to_string()))
 }
 
 /// The newest journal id, to find what a write added.

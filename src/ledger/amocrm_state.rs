@@ -643,9 +643,7 @@ impl Ledger {
                 if !keep {
                     continue;
                 }
-                let summary = serde_json::from_str::<crate::core::journal::Explanation>(&explanation)
-                    .map(|e| e.summary)
-                    .unwrap_or(explanation);
+                let summary = crate::core::journal::Explanation::from_stored(&explanation).summary;
                 let document = match (number, source, doc_id) {
                     (Some(n), _, _) => Some(n),
                     (None, Some(s), Some(d)) => Some(format!("{s}:{d}")),

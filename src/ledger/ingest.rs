@@ -224,8 +224,7 @@ pub(super) struct LotDates {
 /// the transaction sums to zero by construction.
 pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateTime<Utc>) -> Result<i64> {
     let amount: i64 = t.moves.iter().map(|m| m.amount).sum();
-    let explanation = serde_json::to_string(t.explanation)
-        .map_err(|e| LedgerError::Corrupt(format!("explanation not serialisable: {e}")))?;
+    let explanation = t.explanation.to_stored();
     conn.prepare_cached(
         "INSERT INTO journal (kind, role, customer_id, document_id, epoch, reverses, amount, \
          effective_at, recorded_at, explanation, actor, idem_key, partner, rule) \
@@ -413,20 +412,21 @@ fn quarantine_resolve(conn: &Connection, source: &str, doc_ref: &str, now: DateT
     Ok(())
 }
 
-fn record_version(
-    conn: &Connection,
-    doc: i64,
-    version: &str,
-    action: &str,
-    now: DateTime<Utc>,
-) -> Result<()> {
+/// Keeps the version a document is about to leave, with what it did and when the document
+/// last changed on it. The current version lives in `documents` alone: a backfill's sales
+/// have one version each, and a row per sale repeating `documents.version` cost 69 bytes
+/// and an insert per sale (issue 19). Called before the document row takes the new version.
+fn record_left_version(conn: &Connection, doc: i64) -> Result<()> {
     conn.prepare_cached(
-        "INSERT OR IGNORE INTO document_versions (document_id, version, seen_at, action) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT OR IGNORE INTO document_versions (document_id, version, seen_at, action) \
+         SELECT id, version, updated_at, CASE state WHEN 'void' THEN COALESCE(void_reason, 'void') ELSE 'applied' END \
+         FROM documents WHERE id = ?1",
     )?
-    .execute(params![doc, version, ts(now), action])?;
+    .execute([doc])?;
     Ok(())
 }
 
+/// Whether `version` is one the document has left (the current one is compared first).
 fn version_seen(conn: &Connection, doc: i64, version: &str) -> Result<bool> {
     Ok(conn
         .prepare_cached("SELECT 1 FROM document_versions WHERE document_id = ?1 AND version = ?2")?
@@ -1322,6 +1322,9 @@ impl Run<'_, '_> {
             Incoming::Document(d) => {
                 let customer = self.customer_for(conn, d)?;
                 let mut dependents = Vec::new();
+                if let Some(ex) = &existing {
+                    record_left_version(conn, ex.id)?;
+                }
                 if let Some(ex) = &existing
                     && ex.state == "active"
                 {
@@ -1329,7 +1332,6 @@ impl Run<'_, '_> {
                     self.cancel_effects(conn, &doc_by_id(conn, ex.id)?, "replaced by a new version")?;
                 }
                 let id = write_document(conn, existing.as_ref().map(|e| e.id), d, customer, now)?;
-                record_version(conn, id, &d.source.version, "applied", now)?;
                 match d.kind {
                     DocKind::Sale => {
                         self.apply_sale(conn, id, d, customer)?;
@@ -1375,7 +1377,7 @@ impl Run<'_, '_> {
         existing: Option<DocRow>,
     ) -> Result<Outcome> {
         let now = self.ctx.now;
-        let id = match existing {
+        match existing {
             None => {
                 conn.prepare_cached(
                     "INSERT INTO documents (source, doc_id, version, state, void_reason, first_seen_at, updated_at, stamp) \
@@ -1389,9 +1391,9 @@ impl Run<'_, '_> {
                     ts(now),
                     source.stamp
                 ])?;
-                conn.last_insert_rowid()
             }
             Some(ex) => {
+                record_left_version(conn, ex.id)?;
                 let mut dependents = Vec::new();
                 if ex.state == "active" {
                     dependents = self.suspend_related(conn, &ex)?;
@@ -1405,10 +1407,8 @@ impl Run<'_, '_> {
                 for dep in dependents {
                     self.apply_return(conn, dep)?;
                 }
-                ex.id
             }
-        };
-        record_version(conn, id, &source.version, reason.as_str(), now)?;
+        }
         Ok(Outcome::Voided)
     }
 }

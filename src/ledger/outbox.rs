@@ -143,9 +143,10 @@ impl Ledger {
             "SELECT {COLS} FROM outbox WHERE destination = ?1 AND state = 'pending' AND next_attempt_at <= ?2 \
              ORDER BY id LIMIT ?3"
         ))?;
-        Ok(st
+        let rows = st
             .query_map(params![destination, ts(now), limit as i64], row)?
-            .collect::<rusqlite::Result<_>>()?)
+            .collect::<rusqlite::Result<_>>()?;
+        self.rendered(rows)
     }
 
     /// The earliest time a pending row of the destination becomes due.
@@ -203,7 +204,7 @@ impl Ledger {
             "SELECT {COLS} FROM outbox WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR destination = ?2) \
              ORDER BY id DESC LIMIT ?3"
         ))?;
-        Ok(st
+        let rows = st
             .query_map(
                 params![
                     filter.state.map(OutboxState::as_str),
@@ -212,14 +213,31 @@ impl Ledger {
                 ],
                 row,
             )?
-            .collect::<rusqlite::Result<_>>()?)
+            .collect::<rusqlite::Result<_>>()?;
+        self.rendered(rows)
     }
 
     pub fn outbox_show(&self, id: i64) -> Result<OutboxRow> {
-        self.conn
+        let r = self
+            .conn
             .query_row(&format!("SELECT {COLS} FROM outbox WHERE id = ?1"), [id], row)
             .optional()?
-            .ok_or(LedgerError::UnknownOutboxRow(id))
+            .ok_or(LedgerError::UnknownOutboxRow(id))?;
+        Ok(self.rendered(vec![r])?.remove(0))
+    }
+
+    /// Rows as their consumers read them: a bonus document's compact reference to its journal
+    /// transaction becomes the document's full payload (see
+    /// [`super::accounting::render_bonus_payload`]); every other row is as stored.
+    fn rendered(&self, mut rows: Vec<OutboxRow>) -> Result<Vec<OutboxRow>> {
+        for r in &mut rows {
+            if r.destination == crate::config::ONEC_BONUS
+                && let Some(full) = super::accounting::render_bonus_payload(&self.conn, &r.payload)?
+            {
+                r.payload = full;
+            }
+        }
+        Ok(rows)
     }
 
     /// Counts per destination and state, for status pages and metrics.

@@ -522,7 +522,7 @@ impl Ledger {
                     number: r.get(8)?,
                     reverses: r.get(9)?,
                     actor: r.get(10)?,
-                    explanation: serde_json::from_str(&text).unwrap_or_else(|_| Explanation::text(text)),
+                    explanation: Explanation::from_stored(&text),
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -440,13 +440,15 @@ impl Ledger {
             let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             };
-            // bonus documents, by their journal transaction's day
+            // bonus documents, by their journal transaction's day; their key carries this
+            // ledger's id since migration 9 ('onec:bonus:tx<id>' before it)
+            let uid = super::ledger_uid(&self.conn)?;
             let mut st = self.conn.prepare(
                 "SELECT j.effective_at, o.state, o.destination, o.idem_key, o.last_error FROM journal j \
-                 JOIN outbox o ON o.idem_key = 'onec:bonus:tx' || j.id \
+                 JOIN outbox o ON o.idem_key IN ('onec:bonus:' || ?3 || ':tx' || j.id, 'onec:bonus:tx' || j.id) \
                  WHERE j.effective_at >= ?1 AND j.effective_at < ?2",
             )?;
-            for row in st.query_map(params![ts(start), ts(end)], read)? {
+            for row in st.query_map(params![ts(start), ts(end), uid], read)? {
                 let (at, state, dest, key, error) = row?;
                 count(day_of(from_ts(at)), &state, dest, key, error);
             }
@@ -475,10 +477,11 @@ impl Ledger {
                 "SELECT o.created_at, o.state, o.destination, o.idem_key, o.last_error FROM outbox o \
                  WHERE o.destination LIKE 'onec:%' AND o.created_at >= ?1 AND o.created_at < ?2 \
                  AND NOT EXISTS (SELECT 1 FROM accounting_postings p WHERE p.outbox_id = o.id) \
-                 AND NOT (o.idem_key LIKE 'onec:bonus:tx%' AND EXISTS \
-                   (SELECT 1 FROM journal j WHERE 'onec:bonus:tx' || j.id = o.idem_key))",
+                 AND NOT (o.idem_key LIKE 'onec:bonus:%tx%' AND EXISTS \
+                   (SELECT 1 FROM journal j WHERE j.id = CAST(substr(o.idem_key, instr(o.idem_key, ':tx') + 3) AS INTEGER) \
+                      AND o.idem_key IN ('onec:bonus:' || ?3 || ':tx' || j.id, 'onec:bonus:tx' || j.id)))",
             )?;
-            for row in st.query_map(params![ts(start), ts(end)], read)? {
+            for row in st.query_map(params![ts(start), ts(end), uid], read)? {
                 let (at, state, dest, key, error) = row?;
                 count(day_of(from_ts(at)), &state, dest, key, error);
             }

@@ -610,6 +610,12 @@ ALTER TABLE vouchers ADD COLUMN used_by TEXT;
 -- every sale looks its receipt up here: an index lookup, not a scan of every voucher
 CREATE INDEX vouchers_used_by ON vouchers(used_by) WHERE used_by IS NOT NULL;
 "#,
+    // 23 (issue 19): `document_versions` keeps the versions a document has left; its current
+    // version is in `documents` alone. The rows repeating the current version go.
+    r#"
+DELETE FROM document_versions WHERE EXISTS
+    (SELECT 1 FROM documents d WHERE d.id = document_versions.document_id AND d.version = document_versions.version);
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

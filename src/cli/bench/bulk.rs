@@ -161,10 +161,6 @@ impl Builder {
             self.built.lines += 1;
         }
         conn.prepare_cached(
-            "INSERT INTO document_versions (document_id, version, seen_at, action) VALUES (?1, ?2, ?3, 'applied')",
-        )?
-        .execute(params![doc, d.source.version, recorded])?;
-        conn.prepare_cached(
             "INSERT INTO source_log (source, doc_id, version, kind, occurred_at, total, in_force, seen_at) \
              VALUES (?1, ?2, ?3, 'sale', ?4, ?5, 1, ?6)",
         )?

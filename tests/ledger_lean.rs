@@ -1,0 +1,201 @@
+//! Issue 19, "store less": the compact forms the ledger now writes (explanations under short
+//! keys, a bonus document's outbox row as a reference to its journal transaction, only the
+//! versions a document left in `document_versions`), and a ledger written in the previous
+//! forms migrated in place with nothing a person sees changed and `ledger verify` clean.
+
+mod common;
+
+use common::*;
+use kopilka::core::journal::Explanation;
+use kopilka::ledger::{Ledger, OpenOptions, OutboxFilter, Outcome};
+
+/// What a person can see of the ledger: every customer's history and balance, and every
+/// outbox row with the payload its consumer reads.
+fn visible(l: &Ledger, env_now: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
+    let mut out = Vec::new();
+    for c in ["C1", "C2"] {
+        let (_, entries) = l.history(c).unwrap();
+        let b = l.balance(c, env_now, chrono::Duration::days(14)).unwrap();
+        out.push(serde_json::json!({"history": entries, "available": b.available, "pending": b.pending}));
+    }
+    let rows = l.outbox_list(&OutboxFilter::default()).unwrap();
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|r| serde_json::json!([r.id, r.destination, r.idem_key, r.state, r.payload]))
+        .collect();
+    out.push(serde_json::json!(rows));
+    serde_json::json!(out)
+}
+
+fn with_bonus_documents() -> Env {
+    let mut env = Env::new();
+    env.dest.onec_bonus = Some("onec:bonus".into());
+    env
+}
+
+#[test]
+fn a_bonus_document_row_stores_a_reference_and_reads_whole() {
+    let mut env = with_bonus_documents();
+    env.docs(vec![sale("S1", Some("C1"), &[("P1", 2, 1000)])]);
+    let conn = rusqlite::Connection::open(&env.path).unwrap();
+    let stored: String = conn
+        .query_row(
+            "SELECT payload FROM outbox WHERE destination = 'onec:bonus'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(stored.len() < 80, "{stored}");
+    let rows = env
+        .ledger
+        .outbox_list(&OutboxFilter {
+            destination: Some("onec:bonus".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let p: serde_json::Value = serde_json::from_str(&rows[0].payload).unwrap();
+    assert_eq!(p["kind"], "accrual");
+    assert_eq!(p["points"], 100);
+    assert_eq!(
+        p["amount_kopecks"], 10_000,
+        "1 point = 1 ruble under the test rules"
+    );
+    assert_eq!(p["card"], "C1");
+    assert_eq!(p["document"]["doc_id"], "S1");
+    assert_eq!(p["document"]["number"], "N-S1");
+    assert!(p["expires_at"].is_string(), "{p}");
+    assert!(!p["comment"].as_str().unwrap().is_empty(), "{p}");
+    // the row as the delivery reads it, and the row by id
+    assert_eq!(
+        env.ledger.outbox_show(rows[0].id).unwrap().payload,
+        rows[0].payload
+    );
+    let due = env.ledger.outbox_due("onec:bonus", 10, env.now).unwrap();
+    assert_eq!(due[0].payload, rows[0].payload);
+}
+
+#[test]
+fn only_the_versions_a_document_left_are_kept() {
+    let mut env = Env::new();
+    let s1 = sale("S1", Some("C1"), &[("P1", 2, 1000), ("P2", 1, 500)]);
+    env.docs(vec![s1.clone(), sale("S2", Some("C2"), &[("P1", 1, 1000)])]);
+    let conn = rusqlite::Connection::open(&env.path).unwrap();
+    let count = |conn: &rusqlite::Connection| -> i64 {
+        conn.query_row("SELECT COUNT(*) FROM document_versions", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(
+        count(&conn),
+        0,
+        "a document's one version is in `documents` alone"
+    );
+    let mut edited = s1.clone();
+    edited.lines.pop();
+    edited.total = edited.lines.iter().map(|l| l.net).sum();
+    let edited = reversion(edited);
+    assert_eq!(env.docs(vec![edited.clone()]).outcomes[0].1, Outcome::NewVersion);
+    let kept: (String, String) = conn
+        .query_row("SELECT version, action FROM document_versions", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(kept, (s1.source.version.clone(), "applied".into()));
+    // both versions are recognised: the current one unchanged, the left one stale
+    assert_eq!(env.docs(vec![edited]).outcomes[0].1, Outcome::Unchanged);
+    assert_eq!(env.docs(vec![s1]).outcomes[0].1, Outcome::Stale);
+    assert_eq!(env.available("C1"), 100);
+    env.assert_verified();
+}
+
+/// A ledger as the previous schema (22) wrote it: every version of a document in
+/// `document_versions`, explanations under their long keys, bonus documents' payloads whole.
+/// Built by writing with today's code and turning each compact form back into the old one
+/// (the facts are the same; only their form differs), then opened by today's kopilka.
+#[test]
+fn a_ledger_in_the_previous_forms_migrates_in_place() {
+    let mut env = with_bonus_documents();
+    let s1 = sale("S1", Some("C1"), &[("P1", 2, 1000), ("P2", 1, 500)]);
+    env.docs(vec![s1.clone(), sale("S2", Some("C2"), &[("P1", 3, 700)])]);
+    let mut edited = s1.clone();
+    edited.lines.pop();
+    edited.total = edited.lines.iter().map(|l| l.net).sum();
+    env.docs(vec![reversion(edited)]);
+    env.assert_verified();
+    let now = env.now;
+    let before = visible(&env.ledger, now);
+    let rendered: Vec<(i64, String)> = env
+        .ledger
+        .outbox_list(&OutboxFilter {
+            destination: Some("onec:bonus".into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id, r.payload))
+        .collect();
+    assert!(
+        rendered.len() >= 3,
+        "accruals, and the reversal of the edited sale"
+    );
+    let path = env.path.clone();
+    let Env {
+        dir: _dir, ledger, ..
+    } = env;
+    drop(ledger);
+
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "INSERT OR IGNORE INTO document_versions (document_id, version, seen_at, action) \
+         SELECT id, version, first_seen_at, 'applied' FROM documents",
+        [],
+    )
+    .unwrap();
+    let explanations: Vec<(i64, String)> = conn
+        .prepare("SELECT id, explanation FROM journal")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (id, text) in explanations {
+        let long = serde_json::to_string(&Explanation::from_stored(&text)).unwrap();
+        assert!(long.contains("\"summary\""));
+        conn.execute(
+            "UPDATE journal SET explanation = ?2 WHERE id = ?1",
+            rusqlite::params![id, long],
+        )
+        .unwrap();
+    }
+    for (id, payload) in &rendered {
+        conn.execute(
+            "UPDATE outbox SET payload = ?2 WHERE id = ?1",
+            rusqlite::params![id, payload],
+        )
+        .unwrap();
+    }
+    conn.execute_batch("PRAGMA user_version = 22").unwrap();
+    let versions: i64 = conn
+        .query_row("SELECT COUNT(*) FROM document_versions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(versions, 3, "two current versions and the one S1 left");
+    drop(conn);
+
+    let ledger = Ledger::open(&path, &OpenOptions::default()).unwrap();
+    assert!(
+        ledger.verify().unwrap().is_empty(),
+        "{:#?}",
+        ledger.verify().unwrap()
+    );
+    assert_eq!(visible(&ledger, now), before, "what a person sees is unchanged");
+    drop(ledger);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let (version, left): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT user_version FROM pragma_user_version), COUNT(*) FROM document_versions",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((version, left), (23, 1), "only the version S1 left stays");
+}
