@@ -24,6 +24,20 @@ fn visible(l: &Ledger, env_now: chrono::DateTime<chrono::Utc>) -> serde_json::Va
         .map(|r| serde_json::json!([r.id, r.destination, r.idem_key, r.state, r.payload]))
         .collect();
     out.push(serde_json::json!(rows));
+    // reconcile against what the sources said at ingest (files cannot be asked again)
+    let entities = std::collections::BTreeMap::new();
+    let books = kopilka::ledger::Books {
+        default_entity: "ООО Копилка",
+        entities: &entities,
+        tz: chrono_tz::Europe::Moscow,
+        point_value_kopecks: 100,
+        destination: Some("onec:accounting"),
+        history: kopilka::ledger::HistoryPosting::Opening,
+    };
+    let day = t0().date_naive();
+    let r = l.reconcile(day, day, &books, day, None).unwrap();
+    assert_eq!(r.truth, "recorded at ingest");
+    out.push(serde_json::json!([r.days, r.differences]));
     serde_json::json!(out)
 }
 
@@ -90,6 +104,13 @@ fn only_the_versions_a_document_left_are_kept() {
         0,
         "a document's one version is in `documents` alone"
     );
+    let logged: i64 = conn
+        .query_row("SELECT COUNT(*) FROM source_log", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        logged, 0,
+        "what the source said of an applied document is the document"
+    );
     let mut edited = s1.clone();
     edited.lines.pop();
     edited.total = edited.lines.iter().map(|l| l.net).sum();
@@ -121,6 +142,13 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     edited.lines.pop();
     edited.total = edited.lines.iter().map(|l| l.net).sum();
     env.docs(vec![reversion(edited)]);
+    // a document the ledger could not take: what its source said stays in `source_log`
+    let mut bad = sale("BAD", Some("C2"), &[("P1", 1, 100)]);
+    bad.currency = "USD".into();
+    assert!(matches!(
+        env.docs(vec![reversion(bad)]).outcomes[0].1,
+        Outcome::Quarantined(_)
+    ));
     env.assert_verified();
     let now = env.now;
     let before = visible(&env.ledger, now);
@@ -174,6 +202,12 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         )
         .unwrap();
     }
+    conn.execute(
+        "INSERT OR IGNORE INTO source_log (source, doc_id, version, kind, occurred_at, total, in_force, seen_at) \
+         SELECT source, doc_id, version, kind, occurred_at, total, state = 'active', updated_at FROM documents",
+        [],
+    )
+    .unwrap();
     conn.execute_batch("PRAGMA user_version = 22").unwrap();
     let versions: i64 = conn
         .query_row("SELECT COUNT(*) FROM document_versions", [], |r| r.get(0))
@@ -198,4 +232,12 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         )
         .unwrap();
     assert_eq!((version, left), (23, 1), "only the version S1 left stays");
+    let logged: Vec<String> = conn
+        .prepare("SELECT doc_id FROM source_log")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(logged, ["BAD"], "only what the ledger could not take");
 }

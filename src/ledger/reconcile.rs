@@ -3,7 +3,8 @@
 //!
 //! The source's truth is either re-read from it (the 1C OData connector lists the period's
 //! documents) or, where the source cannot be asked again (files), what the source said at
-//! ingest (`source_log`). Every difference names the document causing it as 1C shows it
+//! ingest (the documents as the ledger holds them, overlaid by `source_log`: what a source
+//! said of a document the ledger could not take). Every difference names the document causing it as 1C shows it
 //! (kind, number, date, then the id): missing in the ledger, changed after posting,
 //! quarantined (on the document's own date), dead-lettered on the way back to 1C. A business
 //! day whose movements no posting carries is a difference too, so is a day whose posting no
@@ -200,12 +201,18 @@ impl Ledger {
             }
             None => {
                 out.truth = "recorded at ingest".into();
+                // what the ledger holds as each source sent it, overlaid by what a source said
+                // of a document the ledger could not take (`source_log`, quarantined ones)
                 let mut st = self.conn.prepare(
                     "SELECT source, doc_id, version, kind, occurred_at, total, in_force FROM source_log \
-                     WHERE occurred_at >= ?1 AND occurred_at < ?2",
+                     WHERE occurred_at >= ?1 AND occurred_at < ?2 \
+                     UNION ALL \
+                     SELECT d.source, d.doc_id, d.version, d.kind, d.occurred_at, d.total, d.state = 'active' \
+                     FROM documents d WHERE d.occurred_at >= ?1 AND d.occurred_at < ?2 AND d.source != ?3 \
+                     AND NOT EXISTS (SELECT 1 FROM source_log s WHERE s.source = d.source AND s.doc_id = d.doc_id)",
                 )?;
                 recorded = st
-                    .query_map(params![ts(start), ts(end)], |r| {
+                    .query_map(params![ts(start), ts(end), super::API_SOURCE], |r| {
                         Ok(SourceDoc {
                             source: r.get(0)?,
                             doc_id: r.get(1)?,

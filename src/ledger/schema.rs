@@ -615,6 +615,11 @@ CREATE INDEX vouchers_used_by ON vouchers(used_by) WHERE used_by IS NOT NULL;
     r#"
 DELETE FROM document_versions WHERE EXISTS
     (SELECT 1 FROM documents d WHERE d.id = document_versions.document_id AND d.version = document_versions.version);
+-- `source_log` keeps what a source said of a document the ledger could not take as it came;
+-- `documents` holds the rest, so a row repeating its document goes
+DELETE FROM source_log WHERE EXISTS
+    (SELECT 1 FROM documents d WHERE d.source = source_log.source AND d.doc_id = source_log.doc_id
+       AND d.version = source_log.version);
 "#,
 ];
 

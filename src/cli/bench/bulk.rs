@@ -160,18 +160,6 @@ impl Builder {
             ])?;
             self.built.lines += 1;
         }
-        conn.prepare_cached(
-            "INSERT INTO source_log (source, doc_id, version, kind, occurred_at, total, in_force, seen_at) \
-             VALUES (?1, ?2, ?3, 'sale', ?4, ?5, 1, ?6)",
-        )?
-        .execute(params![
-            d.source.system,
-            d.source.doc_id,
-            d.source.version,
-            at,
-            d.total.0,
-            recorded
-        ])?;
         self.built.sales += 1;
         let Some(c) = customer else { return Ok(()) };
         if redeem > 0
