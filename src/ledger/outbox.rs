@@ -3,7 +3,10 @@
 //!
 //! Rows are never deleted: a delivered row stays `delivered`, a coalesced one `superseded`
 //! (pointing at the row that replaced it), a hopeless one `dead` with its last error, one a
-//! person gave up on `dropped` with their reason.
+//! person gave up on `dropped` with their reason. A superseded row that was never attempted
+//! keeps its key, times and successor but not its body: nothing can send it any more, and a
+//! backfill of 50,000 customers supersedes a card state for almost every sale (≈ 200 bytes a
+//! sale kept for nothing, issue 19). One that was attempted keeps its body with its error.
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -108,7 +111,8 @@ pub(crate) fn enqueue(
     let id = conn.last_insert_rowid();
     if let Some(key) = coalesce_key {
         conn.prepare_cached(
-            "UPDATE outbox INDEXED BY outbox_coalesce SET state = 'superseded', superseded_by = ?1, updated_at = ?2 \
+            "UPDATE outbox INDEXED BY outbox_coalesce SET state = 'superseded', superseded_by = ?1, updated_at = ?2, \
+             payload = CASE WHEN attempts = 0 THEN '' ELSE payload END \
              WHERE destination = ?3 AND coalesce_key = ?4 AND state = 'pending' AND id != ?1",
         )?
         .execute(params![id, ts(now), destination, key])?;
