@@ -248,24 +248,51 @@ fn a_superseded_row_never_attempted_keeps_its_key_but_not_its_body() {
     let now = env.now;
     let l = &mut env.ledger;
     let first = l
-        .outbox_enqueue("amocrm", "card-1-v1", Some("contact:1"), r#"{"available":1}"#, now)
+        .outbox_enqueue(
+            "amocrm",
+            "card-1-v1",
+            Some("contact:1"),
+            r#"{"available":1}"#,
+            now,
+        )
         .unwrap()
         .unwrap();
     let tried = l
-        .outbox_enqueue("amocrm", "card-2-v1", Some("contact:2"), r#"{"available":2}"#, now)
+        .outbox_enqueue(
+            "amocrm",
+            "card-2-v1",
+            Some("contact:2"),
+            r#"{"available":2}"#,
+            now,
+        )
         .unwrap()
         .unwrap();
     l.outbox_mark_failed(tried, "503", Some(now), now).unwrap();
     let second = l
-        .outbox_enqueue("amocrm", "card-1-v2", Some("contact:1"), r#"{"available":3}"#, now)
+        .outbox_enqueue(
+            "amocrm",
+            "card-1-v2",
+            Some("contact:1"),
+            r#"{"available":3}"#,
+            now,
+        )
         .unwrap()
         .unwrap();
-    l.outbox_enqueue("amocrm", "card-2-v2", Some("contact:2"), r#"{"available":4}"#, now)
-        .unwrap()
-        .unwrap();
+    l.outbox_enqueue(
+        "amocrm",
+        "card-2-v2",
+        Some("contact:2"),
+        r#"{"available":4}"#,
+        now,
+    )
+    .unwrap()
+    .unwrap();
     let row = l.outbox_show(first).unwrap();
     assert_eq!(row.state, kopilka::ledger::OutboxState::Superseded);
-    assert_eq!((row.idem_key.as_str(), row.superseded_by), ("card-1-v1", Some(second)));
+    assert_eq!(
+        (row.idem_key.as_str(), row.superseded_by),
+        ("card-1-v1", Some(second))
+    );
     assert_eq!(row.payload, "", "never sent, and nothing can send it now");
     let row = l.outbox_show(tried).unwrap();
     assert_eq!(row.state, kopilka::ledger::OutboxState::Superseded);
