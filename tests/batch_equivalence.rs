@@ -23,7 +23,8 @@ const RULES: &str = include_str!("../config/rules.toml");
 fn env() -> Env {
     let mut env = Env::with_rules(RULES);
     env.dest.onec_bonus = Some("onec:bonus".into());
-    env.now = chrono::Utc::now();
+    // the history runs from 2026-01-10 for about three days (`sim::sales::Shop`)
+    env.now = chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 3, 1, 12, 0, 0).unwrap();
     env
 }
 
