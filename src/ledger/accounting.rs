@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use super::ingest::IngestContext;
@@ -706,7 +706,9 @@ struct BonusRef {
 }
 
 /// The bonus document's payload for a stored row: the compact reference rendered from the
-/// ledger, or the row as it is when it was written whole (before the compact form).
+/// ledger, or `None` — keep the row as stored — when it was written whole (before the
+/// compact form) or names no journal transaction (journal rows are never deleted, so only a
+/// damaged ledger has one; it must not keep the destination's other due rows from loading).
 pub(crate) fn render_bonus_payload(conn: &Connection, stored: &str) -> Result<Option<String>> {
     let Ok(r) = serde_json::from_str::<BonusRef>(stored) else {
         return Ok(None);
@@ -755,8 +757,8 @@ pub(crate) fn render_bonus_payload(conn: &Connection, stored: &str) -> Result<Op
             "document": {"source": source, "doc_id": doc_id, "number": number},
             "comment": crate::core::journal::Explanation::from_stored(&explanation).summary,
         }))
-    })?;
-    Ok(Some(payload.to_string()))
+    });
+    Ok(payload.optional()?.map(|p| p.to_string()))
 }
 
 /// The newest journal id, to find what a write added.

@@ -1324,12 +1324,10 @@ impl Run<'_, '_> {
                 let mut dependents = Vec::new();
                 if let Some(ex) = &existing {
                     record_left_version(conn, ex.id)?;
-                }
-                if let Some(ex) = &existing
-                    && ex.state == "active"
-                {
-                    dependents = self.suspend_related(conn, ex)?;
-                    self.cancel_effects(conn, &doc_by_id(conn, ex.id)?, "replaced by a new version")?;
+                    if ex.state == "active" {
+                        dependents = self.suspend_related(conn, ex)?;
+                        self.cancel_effects(conn, &doc_by_id(conn, ex.id)?, "replaced by a new version")?;
+                    }
                 }
                 let id = write_document(conn, existing.as_ref().map(|e| e.id), d, customer, now)?;
                 match d.kind {
@@ -1793,8 +1791,6 @@ impl Ledger {
     }
 }
 
-/// Records what the source said about a document (for reconciliation): every version the
-/// ledger applied or quarantined, never a replayed older one.
 /// What a source said about a document the ledger could not take as it came (quarantined):
 /// `reconcile` reads the source's side from `documents` and overlays these rows. A document
 /// the ledger holds as the source sent it needs no row here — the row repeated `documents`

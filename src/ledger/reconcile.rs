@@ -4,11 +4,11 @@
 //! The source's truth is either re-read from it (the 1C OData connector lists the period's
 //! documents) or, where the source cannot be asked again (files), what the source said at
 //! ingest (the documents as the ledger holds them, overlaid by `source_log`: what a source
-//! said of a document the ledger could not take). Every difference names the document causing it as 1C shows it
-//! (kind, number, date, then the id): missing in the ledger, changed after posting,
-//! quarantined (on the document's own date), dead-lettered on the way back to 1C. A business
-//! day whose movements no posting carries is a difference too, so is a day whose posting no
-//! longer equals its movements.
+//! said of a document the ledger could not take). Every difference names the document
+//! causing it as 1C shows it (kind, number, date, then the id): missing in the ledger,
+//! changed after posting, quarantined (on the document's own date), dead-lettered on the way
+//! back to 1C. A business day whose movements no posting carries is a difference too, so is
+//! a day whose posting no longer equals its movements.
 
 use std::collections::{BTreeMap, HashMap};
 
