@@ -9,6 +9,7 @@ pub mod bot;
 pub mod clawback;
 pub mod clock;
 pub mod document;
+pub mod effects;
 pub mod identity;
 pub mod journal;
 pub mod lots;

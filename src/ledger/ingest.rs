@@ -18,12 +18,13 @@ use crate::core::document::Line;
 use crate::core::document::{
     DocKind, Document, DocumentLimits, Incoming, Rejected, SourceRef, VoidReason, content_version, validate,
 };
+use crate::core::effects::{self, Committed, SaleEffects};
 use crate::core::identity::CustomerIdentity;
 use crate::core::journal::{Account, Explanation, Flag, TxKind};
 use crate::core::lots::{self, Holdings, Lot, Move, Target};
 use crate::core::money::Money;
 use crate::core::program::{Rules, SoldLine, return_clawback, return_recredit};
-use crate::core::rules::{NegativeBalance, ReturnClawback};
+use crate::core::rules::ReturnClawback;
 
 /// One unit of work from one source.
 #[derive(Debug, Default)]
@@ -212,12 +213,7 @@ pub(super) struct NewTx<'a> {
     pub(super) new_lot: Option<LotDates>,
 }
 
-#[derive(Clone, Copy, Debug)]
-pub(super) struct LotDates {
-    pub(super) earned: DateTime<Utc>,
-    pub(super) available: DateTime<Utc>,
-    pub(super) expires: Option<DateTime<Utc>>,
-}
+pub(super) use crate::core::effects::LotDates;
 
 /// Writes one journal transaction with its postings, and moves lots and debt accordingly.
 /// The customer side is `moves`; the counter-account takes the opposite of their sum, so
@@ -639,6 +635,8 @@ impl Run<'_, '_> {
         Ok(())
     }
 
+    /// Loads what the core needs to know of the customer, asks it what the sale causes
+    /// ([`effects::sale_effects`]) and writes that value: nothing is read in between.
     fn apply_sale(
         &mut self,
         conn: &Connection,
@@ -653,7 +651,31 @@ impl Run<'_, '_> {
             None => Holdings::default(),
         };
         let state = state::customer_state(conn, rules, customer, d, doc_id, &h)?;
-        let decision = rules.evaluate(d, &state, self.ctx.now);
+        let committed = match customer {
+            Some(c) => {
+                // points a till already spent through a committed hold count once
+                let (points, holds) = super::holds::covered_by_commits(conn, c, doc_id, d)?;
+                Committed { points, holds }
+            }
+            None => Committed::default(),
+        };
+        let fx = effects::sale_effects(rules, d, &state, &h, &committed, self.ctx.now);
+        self.write_sale(conn, doc_id, epoch, customer, d, &fx, &mut h)
+    }
+
+    /// Writes what [`effects::sale_effects`] decided for a sale.
+    #[allow(clippy::too_many_arguments)]
+    fn write_sale(
+        &mut self,
+        conn: &Connection,
+        doc_id: i64,
+        epoch: i64,
+        customer: Option<i64>,
+        d: &Document,
+        fx: &SaleEffects,
+        h: &mut Holdings,
+    ) -> Result<()> {
+        let decision = &fx.decision;
         set_line_points(conn, doc_id, &decision.line_points)?;
         if !decision.line_redeemed.is_empty() {
             let mut st = conn.prepare_cached(
@@ -664,125 +686,34 @@ impl Run<'_, '_> {
             }
         }
         self.flags.extend(decision.flags.iter().cloned());
-        let partner = d.partner.as_deref().or(decision.partner.as_deref());
-        let mut issued = 0;
         if let Some(c) = customer {
-            let now = self.ctx.now;
-            let lot = LotDates {
-                earned: d.occurred_at,
-                available: decision.available_at.unwrap_or(d.occurred_at),
-                expires: decision.expires_at,
-            };
-            // points a till already spent through a committed hold count once
-            let (covered, holds) = super::holds::covered_by_commits(conn, c, doc_id, d)?;
-            let redeem = (d.points_redeemed.0 - covered).max(0);
-            if redeem > 0 {
-                let moves = lots::plan_debit(&h, redeem, &[], d.occurred_at);
-                let explanation = Explanation::text(if holds.is_empty() {
-                    format!(
-                        "{} points paid at the till on {}",
-                        d.points_redeemed,
-                        document_label(d)
-                    )
-                } else {
-                    format!(
-                        "{} points paid at the till on {}, {covered} of them already through hold {holds:?}",
-                        d.points_redeemed,
-                        document_label(d)
-                    )
-                });
+            for tx in &fx.txs {
                 post(
                     conn,
                     NewTx {
-                        kind: TxKind::Redemption,
+                        kind: tx.kind,
                         role: "effect",
                         customer_id: c,
                         document_id: Some(doc_id),
                         epoch: Some(epoch),
                         reverses: None,
                         effective_at: d.occurred_at,
-                        explanation: &explanation,
-                        actor: None,
+                        explanation: &tx.explanation,
+                        actor: tx.actor,
                         idem_key: None,
-                        partner,
-                        rule: None,
-                        counter: Account::Redemption,
-                        moves,
-                        new_lot: None,
+                        partner: if tx.partner { fx.partner.as_deref() } else { None },
+                        rule: tx.rule.as_deref(),
+                        counter: tx.counter,
+                        moves: tx.moves.clone(),
+                        new_lot: tx.new_lot,
                     },
-                    &mut h,
-                    now,
+                    h,
+                    self.ctx.now,
                 )?;
-                self.settle_debt(conn, c, &mut h, Some((doc_id, epoch)), d.occurred_at)?;
-            }
-            if decision.accrual > 0 {
-                let mut explanation = decision.explanation.clone();
-                explanation.flags = decision.flags.clone();
-                let moves = lots::plan_credit(&h, decision.accrual, &[]);
-                post(
-                    conn,
-                    NewTx {
-                        kind: TxKind::Accrual,
-                        role: "effect",
-                        customer_id: c,
-                        document_id: Some(doc_id),
-                        epoch: Some(epoch),
-                        reverses: None,
-                        effective_at: d.occurred_at,
-                        explanation: &explanation,
-                        actor: None,
-                        idem_key: None,
-                        partner,
-                        rule: None,
-                        counter: Account::Expense,
-                        moves,
-                        new_lot: Some(lot),
-                    },
-                    &mut h,
-                    now,
-                )?;
-                issued += decision.accrual;
-            }
-            for bonus in &decision.bonuses {
-                let moves = lots::plan_credit(&h, bonus.points, &[]);
-                post(
-                    conn,
-                    NewTx {
-                        kind: TxKind::Bonus,
-                        role: "effect",
-                        customer_id: c,
-                        document_id: Some(doc_id),
-                        epoch: Some(epoch),
-                        reverses: None,
-                        effective_at: d.occurred_at,
-                        explanation: &bonus.explanation,
-                        actor: None,
-                        idem_key: None,
-                        partner,
-                        rule: Some(&bonus.rule),
-                        counter: Account::Expense,
-                        moves,
-                        new_lot: Some(lot),
-                    },
-                    &mut h,
-                    now,
-                )?;
-                issued += bonus.points;
             }
             self.touched.insert(c);
         }
-        state::record_sale(
-            conn,
-            rules,
-            doc_id,
-            epoch,
-            customer,
-            d,
-            &decision,
-            &state,
-            issued,
-            self.ctx.now,
-        )?;
+        state::record_sale(conn, doc_id, epoch, customer, d, fx)?;
         set_applied(conn, doc_id, true)?;
         Ok(())
     }
@@ -796,37 +727,26 @@ impl Run<'_, '_> {
         doc: Option<(i64, i64)>,
         at: DateTime<Utc>,
     ) -> Result<()> {
-        let forgive = match self.ctx.rules.negative_balance() {
-            NegativeBalance::Allow => 0,
-            NegativeBalance::Cap(cap) => (h.debt - cap).max(0),
-            NegativeBalance::WriteOff => h.debt,
-        };
-        if forgive <= 0 {
+        let Some(w) = effects::debt_write_off(self.ctx.rules.negative_balance(), h) else {
             return Ok(());
-        }
-        let explanation = Explanation::text(format!(
-            "{forgive} owed points written off by the negative-balance policy"
-        ));
+        };
         post(
             conn,
             NewTx {
-                kind: TxKind::WriteOff,
+                kind: w.kind,
                 role: "effect",
                 customer_id: customer,
                 document_id: doc.map(|d| d.0),
                 epoch: doc.map(|d| d.1),
                 reverses: None,
                 effective_at: at,
-                explanation: &explanation,
-                actor: Some("policy:negative_balance"),
+                explanation: &w.explanation,
+                actor: w.actor,
                 idem_key: None,
                 partner: None,
                 rule: None,
-                counter: Account::Expense,
-                moves: vec![Move {
-                    target: Target::Debt,
-                    amount: forgive,
-                }],
+                counter: w.counter,
+                moves: w.moves,
                 new_lot: None,
             },
             h,
@@ -1493,13 +1413,6 @@ fn doc_label(d: &DocRow) -> String {
     match &d.number {
         Some(n) => format!("№{n} ({}:{})", d.source, d.doc_id),
         None => format!("{}:{}", d.source, d.doc_id),
-    }
-}
-
-fn document_label(d: &Document) -> String {
-    match &d.number {
-        Some(n) => format!("№{n} ({}:{})", d.source.system, d.source.doc_id),
-        None => format!("{}:{}", d.source.system, d.source.doc_id),
     }
 }
 

@@ -11,9 +11,10 @@ use rust_decimal::prelude::ToPrimitive;
 
 use super::{Result, ts};
 use crate::core::document::Document;
+use crate::core::effects::SaleEffects;
 use crate::core::lots::{self, Holdings};
 use crate::core::money::Money;
-use crate::core::program::{BudgetState, CustomerState, Decision, Rules};
+use crate::core::program::{BudgetState, CustomerState, Rules};
 
 /// Bounds of the local day `at` falls in.
 fn local_day(rules: &dyn Rules, at: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
@@ -121,36 +122,30 @@ pub(crate) fn customer_state(
     Ok(state)
 }
 
-/// Records what an applied sale leaves for later ones. `reward_points` is everything the
-/// sale issued (accrual and bonuses).
-#[allow(clippy::too_many_arguments)]
+/// Writes the bookkeeping a sale's effects leave for later sales: its counter shares, its
+/// place in the budget, the document row's figures, vouchers used and earned, memberships
+/// bought, the tier reached.
 pub(crate) fn record_sale(
     conn: &Connection,
-    rules: &dyn Rules,
     doc_row: i64,
     epoch: i64,
     customer: Option<i64>,
     doc: &Document,
-    decision: &Decision,
-    state: &CustomerState,
-    reward_points: i64,
-    now: DateTime<Utc>,
+    fx: &SaleEffects,
 ) -> Result<()> {
+    let decision = &fx.decision;
     conn.prepare_cached("DELETE FROM document_counters WHERE document_id = ?1")?
         .execute([doc_row])?;
     let mut ins = conn.prepare_cached(
         "INSERT INTO document_counters (document_id, counter, amount, prior) VALUES (?1, ?2, ?3, ?4) \
          ON CONFLICT (document_id, counter) DO UPDATE SET amount = amount + excluded.amount",
     )?;
-    for (key, amount) in rules.counter_contributions(doc, decision) {
-        if amount != 0 {
-            let prior = state.counters.get(&key).and_then(|v| v.trunc().to_i64());
-            ins.execute(params![doc_row, key, amount, prior])?;
-        }
+    for c in &fx.counters {
+        ins.execute(params![doc_row, c.key, c.amount, c.prior])?;
     }
-    let reward_value = reward_points.saturating_mul(rules.point_value().0);
-    let period = rules.budget_period_key(doc.occurred_at);
-    if let Some(p) = &period {
+    let reward_value = fx.reward_value.0;
+    let period = &fx.budget_period;
+    if let Some(p) = period {
         conn.prepare_cached(
             "INSERT INTO period_totals (period, margin, issued_value) VALUES (?1, ?2, ?3) \
              ON CONFLICT (period) DO UPDATE SET margin = margin + excluded.margin, \
@@ -169,11 +164,7 @@ pub(crate) fn record_sale(
     .execute(params![doc_row, decision.margin.0, reward_value, period, decision.loss.0, flags])?;
     let Some(c) = customer else { return Ok(()) };
     use_vouchers(conn, c, doc_row, doc)?;
-    for (card, product) in &decision.vouchers {
-        let valid = rules
-            .rule_set()
-            .and_then(|r| r.stamps.iter().find(|s| &s.id == card))
-            .map_or(Duration::days(90), |s| s.voucher_valid);
+    for v in &fx.vouchers {
         conn.prepare_cached(
             "INSERT INTO vouchers (customer_id, document_id, epoch, card, product, issued_at, state, expires_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'issued', ?7)",
@@ -182,26 +173,21 @@ pub(crate) fn record_sale(
             c,
             doc_row,
             epoch,
-            card,
-            product,
+            v.card,
+            v.product,
             ts(doc.occurred_at),
-            ts(doc.occurred_at + valid)
+            ts(doc.occurred_at + v.valid)
         ])?;
         let id = conn.last_insert_rowid();
         conn.prepare_cached("UPDATE vouchers SET code = ?2 WHERE id = ?1")?
             .execute(params![id, voucher_code(id)])?;
     }
-    for (program, product) in &decision.memberships {
-        let term = rules
-            .rule_set()
-            .and_then(|r| r.closed_programs.iter().find(|p| &p.id == program))
-            .and_then(|p| p.term);
-        buy_membership(conn, c, program, product, term, doc.occurred_at, doc_row)?;
+    for m in &fx.memberships {
+        buy_membership(conn, c, &m.program, &m.product, m.term, doc.occurred_at, doc_row)?;
     }
-    if let Some(change) = rules.tier_after_sale(state.tier.as_deref(), state.spend_in_window + doc.total) {
-        record_tier(conn, c, &change, doc.occurred_at, Some(doc_row))?;
+    if let Some(change) = &fx.tier {
+        record_tier(conn, c, change, doc.occurred_at, Some(doc_row))?;
     }
-    let _ = now;
     Ok(())
 }
 
