@@ -30,6 +30,8 @@ const MAX_ZIP_UNCOMPRESSED_BYTES: u64 = 16 << 30;
 const MAX_ZIP_RATIO: u64 = 500;
 /// Catalog entries stored per transaction.
 const CATALOG_BATCH: usize = 5_000;
+/// Items parsed ahead of the ledger: enough to keep both cores busy, a few megabytes at most.
+const PIPELINE_ITEMS: usize = 512;
 
 /// How far an import has come, for a person watching a long backfill (`kopilka import` on a
 /// terminal draws it): bytes of XML read (of `total` known so far) and documents applied.
@@ -304,7 +306,7 @@ fn import_zip(
 }
 
 /// Imports one CommerceML stream.
-pub fn import_reader<R: std::io::BufRead>(
+pub fn import_reader<R: std::io::BufRead + Send>(
     ledger: &mut Ledger,
     reader: R,
     label: &str,
@@ -352,67 +354,83 @@ pub fn import_reader<R: std::io::BufRead>(
             }
             Ok::<(), LedgerError>(())
         };
-    let info: FileInfo = {
-        let mut on_item = |item: Item| -> Result<(), String> {
-            let step = (|| -> Result<(), LedgerError> {
-                match item {
-                    Item::Document(inc) => {
-                        seen += 1;
-                        batch.push(crate::ledger::Item::Incoming(inc));
-                    }
-                    Item::Rejected(r) => {
-                        seen += 1;
-                        batch.push(crate::ledger::Item::Rejected(r));
-                    }
-                    Item::Group(g) => catalog.push(CatalogItem::Group {
-                        id: g.id,
-                        name: g.name,
-                        parent: g.parent,
-                    }),
-                    Item::Product(p) => catalog.push(CatalogItem::Product {
-                        id: p.id,
-                        name: p.name,
-                        article: p.article,
-                        group: p.groups.into_iter().next(),
-                        service: p.service,
-                        deleted: p.deleted,
-                    }),
-                    Item::PriceType(t) => catalog.push(CatalogItem::PriceType {
-                        id: t.id,
-                        name: t.name,
-                        currency: t.currency,
-                    }),
-                    Item::Offer(o) => offers.push(o),
-                }
-                if batch.len() >= settings.batch_documents {
-                    flush(ledger, &mut batch, seen, &mut report)?;
-                }
-                if catalog.len() >= CATALOG_BATCH {
-                    report.catalog_items += catalog.len();
-                    ledger.upsert_catalog(&std::mem::take(&mut catalog), now)?;
-                }
-                Ok(())
-            })();
-            step.map_err(|e| {
-                let text = e.to_string();
+    let mut take = |item: Item| -> Result<(), LedgerError> {
+        match item {
+            Item::Document(inc) => {
+                seen += 1;
+                batch.push(crate::ledger::Item::Incoming(inc));
+            }
+            Item::Rejected(r) => {
+                seen += 1;
+                batch.push(crate::ledger::Item::Rejected(r));
+            }
+            Item::Group(g) => catalog.push(CatalogItem::Group {
+                id: g.id,
+                name: g.name,
+                parent: g.parent,
+            }),
+            Item::Product(p) => catalog.push(CatalogItem::Product {
+                id: p.id,
+                name: p.name,
+                article: p.article,
+                group: p.groups.into_iter().next(),
+                service: p.service,
+                deleted: p.deleted,
+            }),
+            Item::PriceType(t) => catalog.push(CatalogItem::PriceType {
+                id: t.id,
+                name: t.name,
+                currency: t.currency,
+            }),
+            Item::Offer(o) => offers.push(o),
+        }
+        if batch.len() >= settings.batch_documents {
+            flush(ledger, &mut batch, seen, &mut report)?;
+        }
+        if catalog.len() >= CATALOG_BATCH {
+            report.catalog_items += catalog.len();
+            ledger.upsert_catalog(&std::mem::take(&mut catalog), now)?;
+        }
+        Ok(())
+    };
+    let reader = Counting {
+        inner: reader,
+        progress: settings.progress.as_deref(),
+    };
+    // The parse runs on a thread of its own, a bounded channel ahead of the ledger: the
+    // second core reads the XML while this one writes, and the channel bounds what waits in
+    // memory. When the ledger fails, dropping the receiver stops the parse at its next item.
+    let (to_ledger, items) = std::sync::mpsc::sync_channel::<Item>(PIPELINE_ITEMS);
+    let parsed = std::thread::scope(|s| {
+        let parser = s.spawn(move || {
+            let mut send = |item: Item| {
+                to_ledger
+                    .send(item)
+                    .map_err(|_| "the ledger stopped taking documents".to_string())
+            };
+            commerceml::parse(reader, label, &settings.parse, &mut send)
+        });
+        for item in items {
+            if let Err(e) = take(item) {
                 failure = Some(e);
-                text
-            })
-        };
-        let reader = Counting {
-            inner: reader,
-            progress: settings.progress.as_deref(),
-        };
-        match commerceml::parse(reader, label, &settings.parse, &mut on_item) {
-            Ok(info) => info,
-            Err(e) => {
-                if let Some(f) = failure.take() {
-                    return Err(ImportError::Ledger(f));
-                }
-                return Err(ImportError::Unreadable(e.to_string()));
+                break;
             }
         }
+        parser.join()
+    });
+    let info: FileInfo = match parsed {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) => {
+            if let Some(f) = failure.take() {
+                return Err(ImportError::Ledger(f));
+            }
+            return Err(ImportError::Unreadable(e.to_string()));
+        }
+        Err(panic) => std::panic::resume_unwind(panic),
     };
+    if let Some(f) = failure.take() {
+        return Err(ImportError::Ledger(f));
+    }
     flush(ledger, &mut batch, seen, &mut report)?;
     let valid_from = info.generated_at.unwrap_or(now);
     for o in offers {
