@@ -519,3 +519,54 @@ fn an_unknown_tier_in_opening_balances_is_refused_with_its_line() {
         "nothing stored for it"
     );
 }
+
+/// The parse runs on its own thread ahead of the ledger (issue 19). When the ledger fails
+/// part-way — here a trigger, installed from outside, that breaks the checkpoint of the tenth
+/// batch of 100 — the import stops with the ledger's error instead of parsing on or hanging,
+/// the nine batches before stay (each with its checkpoint), the failed one leaves nothing,
+/// and the next import of the same file applies the rest exactly once.
+#[test]
+fn a_ledger_failure_part_way_stops_the_parse_and_keeps_the_batches_before() {
+    let mut env = env("");
+    let shop = Shop::generate(3, 300, 500);
+    let spec = GenerateSpec {
+        seed: 11,
+        sales: 3_000,
+        returns: 0,
+        malformed: 0,
+        lines: 3,
+    };
+    let (truth, bytes) = generate(&shop, spec, WriterOptions::default(), Vec::new()).unwrap();
+    let path = env.write("documents.xml", &bytes);
+    let outside = rusqlite::Connection::open(&env.cfg.ledger_path).unwrap();
+    for event in ["INSERT", "UPDATE"] {
+        outside
+            .execute_batch(&format!(
+                "CREATE TRIGGER break_{event} AFTER {event} ON checkpoints WHEN NEW.cursor LIKE '%#1000' \
+                 BEGIN SELECT json('{{'); END;"
+            ))
+            .unwrap();
+    }
+    let mut settings = ImportSettings::from_config(&env.cfg);
+    settings.batch_documents = 100;
+    let now = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+    let err = import_path(&mut env.ledger, &path, &settings, &env.cfg, now).expect_err("the ledger fails");
+    assert!(
+        matches!(err, kopilka::onec::import::ImportError::Ledger(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("malformed JSON"), "{err}");
+    assert_eq!(env.summary().sales_count, 900);
+    env.verified();
+    outside
+        .execute_batch("DROP TRIGGER break_INSERT; DROP TRIGGER break_UPDATE;")
+        .unwrap();
+    let r = import_path(&mut env.ledger, &path, &settings, &env.cfg, now).unwrap();
+    assert_eq!((r.applied, r.unchanged), (2_100, 900), "{r:?}");
+    let s = env.summary();
+    assert_eq!(
+        (s.sales_count, s.sales_total_kopecks),
+        (truth.sales, truth.net_total)
+    );
+    env.verified();
+}
