@@ -156,7 +156,7 @@ fn queue_card(
     let Some(dest) = &ctx.destinations.contact_state else {
         return Ok(false);
     };
-    if enqueue_contact_states(conn, &BTreeSet::from([customer]), ctx)? > 0 {
+    if enqueue_contact_states(conn, &BTreeSet::from([customer]), ctx, &Default::default())? > 0 {
         return Ok(true);
     }
     let payload = serde_json::json!({"customer_id": customer, "reason": why}).to_string();

@@ -619,6 +619,7 @@ impl Ledger {
             ctx: s.ingest,
             touched: BTreeSet::from([hold.customer_id]),
             flags: Vec::new(),
+            held: Default::default(),
         };
         run.settle_debt(&tx, hold.customer_id, &mut h, Some((doc_id, 1)), now)?;
         finish_write(&tx, since, &run.touched, s.ingest)?;

@@ -275,10 +275,12 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
                     m.amount
                 ])?;
                 let id = conn.last_insert_rowid();
+                // the dates as stored (whole seconds), so holdings kept in memory plan
+                // exactly as holdings read back would
                 new_lot = Some(Lot {
                     id,
-                    available_at: available,
-                    expires_at: expires,
+                    available_at: from_ts(ts(available)),
+                    expires_at: expires.map(|e| from_ts(ts(e))),
                     remaining: 0,
                 });
                 Some(id)
@@ -540,6 +542,11 @@ pub(super) struct Run<'a, 'b> {
     pub(super) ctx: &'a IngestContext<'b>,
     pub(super) touched: BTreeSet<i64>,
     pub(super) flags: Vec<Flag>,
+    /// Holdings of customers exactly as the sales of this batch left them, so the next sale
+    /// of the same customer in the batch, and the card states queued at its end, need not
+    /// read them again. Only a sale puts a customer here; every other path that moves points
+    /// takes the customer out first, and a document that fails empties it.
+    pub(super) held: HashMap<i64, Holdings>,
 }
 
 impl Run<'_, '_> {
@@ -583,7 +590,7 @@ impl Run<'_, '_> {
                 .query_row([tx_id], |r| r.get(0))?;
             let counter = Account::parse(&counter)
                 .ok_or_else(|| LedgerError::Corrupt(format!("tx {tx_id}: unknown account {counter}")))?;
-            let mut h = holdings(conn, customer)?;
+            let mut h = self.holdings_to_move(conn, customer)?;
             let moves = if amount > 0 {
                 let prefer: Vec<i64> = conn
                     .prepare_cached(
@@ -647,7 +654,10 @@ impl Run<'_, '_> {
         let epoch = bump_epoch(conn, doc_id)?;
         let rules = self.ctx.rules;
         let mut h = match customer {
-            Some(c) => holdings(conn, c)?,
+            Some(c) => match self.held.remove(&c) {
+                Some(h) => h,
+                None => holdings(conn, c)?,
+            },
             None => Holdings::default(),
         };
         let state = state::customer_state(conn, rules, customer, d, doc_id, &h)?;
@@ -660,7 +670,18 @@ impl Run<'_, '_> {
             None => Committed::default(),
         };
         let fx = effects::sale_effects(rules, d, &state, &h, &committed, self.ctx.now);
-        self.write_sale(conn, doc_id, epoch, customer, d, &fx, &mut h)
+        self.write_sale(conn, doc_id, epoch, customer, d, &fx, &mut h)?;
+        if let Some(c) = customer {
+            self.held.insert(c, h);
+        }
+        Ok(())
+    }
+
+    /// A customer's holdings for a path other than a sale, which will move points: read
+    /// from the ledger, and the batch's copy dropped, as it will no longer be exact.
+    fn holdings_to_move(&mut self, conn: &Connection, customer: i64) -> Result<Holdings> {
+        self.held.remove(&customer);
+        holdings(conn, customer)
     }
 
     /// Writes what [`effects::sale_effects`] decided for a sale.
@@ -730,6 +751,7 @@ impl Run<'_, '_> {
         let Some(w) = effects::debt_write_off(self.ctx.rules.negative_balance(), h) else {
             return Ok(());
         };
+        self.held.remove(&customer);
         post(
             conn,
             NewTx {
@@ -825,7 +847,7 @@ impl Run<'_, '_> {
         };
         let now = self.ctx.now;
         let at = ret.occurred_at.map(from_ts).unwrap_or(now);
-        let mut h = holdings(conn, customer)?;
+        let mut h = self.holdings_to_move(conn, customer)?;
         let effect_tx = |kind: &str| -> Result<Option<i64>> {
             Ok(conn
                 .prepare_cached(
@@ -1185,7 +1207,7 @@ impl Run<'_, '_> {
         }
         let points = self.ctx.rules.enrolment_points();
         if created && points > 0 {
-            let mut h = holdings(conn, c)?;
+            let mut h = self.holdings_to_move(conn, c)?;
             let explanation = Explanation::text(format!("welcome bonus for joining: {points} points"));
             let key = format!("welcome:{c}");
             let (_, expires) = self.ctx.rules.lot_times(d.occurred_at);
@@ -1447,6 +1469,7 @@ impl Ledger {
         let since = super::accounting::journal_head(&tx)?;
         let mut report = IngestReport::default();
         let mut touched = BTreeSet::new();
+        let mut held = HashMap::new();
         for item in &batch.items {
             match item {
                 Item::Rejected(r) => {
@@ -1510,6 +1533,7 @@ impl Ledger {
                         ctx,
                         touched: BTreeSet::new(),
                         flags: Vec::new(),
+                        held: std::mem::take(&mut held),
                     };
                     let applied = if careful {
                         let sp = tx.savepoint()?;
@@ -1525,6 +1549,9 @@ impl Ledger {
                     };
                     match applied {
                         Ok(outcome) => {
+                            // a document that failed rolled back what it wrote: its batch
+                            // copy of holdings is not kept (`held` stays empty)
+                            held = std::mem::take(&mut run.held);
                             if outcome != Outcome::Stale {
                                 quarantine_resolve(&tx, &src.system, &doc_ref, now)?;
                                 log_source_applied(&tx, inc)?;
@@ -1561,7 +1588,7 @@ impl Ledger {
             )?
             .execute(params![batch.source, cursor, ts(now)])?;
         }
-        report.outbox_rows = finish_write(&tx, since, &touched, ctx)?;
+        report.outbox_rows = finish_write_held(&tx, since, &touched, ctx, &held)?;
         tx.commit()?;
         Ok(report)
     }
@@ -1615,6 +1642,7 @@ impl Ledger {
             ctx,
             touched: BTreeSet::new(),
             flags: Vec::new(),
+            held: HashMap::new(),
         };
         let tx_id = post(
             &tx,
@@ -1757,10 +1785,21 @@ pub(super) fn finish_write(
     touched: &BTreeSet<i64>,
     ctx: &IngestContext<'_>,
 ) -> Result<usize> {
+    finish_write_held(conn, since, touched, ctx, &HashMap::new())
+}
+
+/// [`finish_write`] with the holdings a batch's sales left (`Run::held`), exact as written.
+fn finish_write_held(
+    conn: &Connection,
+    since: i64,
+    touched: &BTreeSet<i64>,
+    ctx: &IngestContext<'_>,
+    held: &HashMap<i64, Holdings>,
+) -> Result<usize> {
     super::accounting::enqueue_bonus_documents(conn, since, ctx)?;
     super::notify::enqueue_messages(conn, ctx)?;
     enqueue_onec_tiers(conn, ctx)?;
-    enqueue_contact_states(conn, touched, ctx)
+    enqueue_contact_states(conn, touched, ctx, held)
 }
 
 /// The checkpoint of the tier changes already queued for 1C (a `tier_events` id).
@@ -1820,14 +1859,22 @@ pub(super) fn enqueue_contact_states(
     conn: &Connection,
     touched: &BTreeSet<i64>,
     ctx: &IngestContext<'_>,
+    held: &HashMap<i64, Holdings>,
 ) -> Result<usize> {
     let Some(dest) = &ctx.destinations.contact_state else {
         return Ok(0);
     };
     let mut n = 0;
     for c in touched {
-        let h = holdings(conn, *c)?;
-        let f = lots::figures(&h, ctx.now, ctx.warn_before);
+        let read;
+        let h = match held.get(c) {
+            Some(h) => h,
+            None => {
+                read = holdings(conn, *c)?;
+                &read
+            }
+        };
+        let f = lots::figures(h, ctx.now, ctx.warn_before);
         let last_tx: i64 = conn
             .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM journal WHERE customer_id = ?1")?
             .query_row([c], |r| r.get(0))?;
