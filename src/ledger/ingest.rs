@@ -1549,8 +1549,9 @@ impl Ledger {
                     };
                     match applied {
                         Ok(outcome) => {
-                            // a document that failed rolled back what it wrote: its batch
-                            // copy of holdings is not kept (`held` stays empty)
+                            // the copy of holdings goes on to the next document only from
+                            // one that was applied; after a failure (its savepoint rolled
+                            // back) `held` stays empty
                             held = std::mem::take(&mut run.held);
                             if outcome != Outcome::Stale {
                                 quarantine_resolve(&tx, &src.system, &doc_ref, now)?;
