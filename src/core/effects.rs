@@ -311,6 +311,11 @@ mod tests {
         }
     }
 
+    /// What a sale causes under the default 5 % program.
+    fn flat(doc: &Document, state: &CustomerState, h: &Holdings, committed: &Committed) -> SaleEffects {
+        sale_effects(&FlatPercent::default(), doc, state, h, committed, doc.occurred_at)
+    }
+
     fn moves(tx: &PlannedTx) -> Vec<(Target, i64)> {
         tx.moves.iter().map(|m| (m.target, m.amount)).collect()
     }
@@ -342,14 +347,7 @@ mod tests {
             lots: vec![lot(7, 150)],
             debt: 0,
         };
-        let fx = sale_effects(
-            &FlatPercent::default(),
-            &doc,
-            &member(),
-            &h,
-            &Committed::default(),
-            doc.occurred_at,
-        );
+        let fx = flat(&doc, &member(), &h, &Committed::default());
         let kinds: Vec<TxKind> = fx.txs.iter().map(|t| t.kind).collect();
         assert_eq!(kinds, [TxKind::Redemption, TxKind::Accrual]);
         assert_eq!(moves(&fx.txs[0]), [(Target::Lot(7), -150), (Target::Debt, -50)]);
@@ -418,27 +416,13 @@ mod tests {
             points: 200,
             holds: vec![3],
         };
-        let fx = sale_effects(
-            &FlatPercent::default(),
-            &doc,
-            &member(),
-            &h,
-            &all,
-            doc.occurred_at,
-        );
+        let fx = flat(&doc, &member(), &h, &all);
         assert!(fx.txs.iter().all(|t| t.kind != TxKind::Redemption));
         let part = Committed {
             points: 120,
             holds: vec![3],
         };
-        let fx = sale_effects(
-            &FlatPercent::default(),
-            &doc,
-            &member(),
-            &h,
-            &part,
-            doc.occurred_at,
-        );
+        let fx = flat(&doc, &member(), &h, &part);
         assert_eq!(moves(&fx.txs[0]), [(Target::Lot(7), -80)]);
         assert!(
             fx.txs[0]
@@ -455,21 +439,19 @@ mod tests {
     #[test]
     fn an_anonymous_sale_moves_no_points() {
         let doc = sample();
-        let fx = sale_effects(
-            &FlatPercent::default(),
+        let fx = flat(
             &doc,
             &CustomerState::default(),
             &Holdings::default(),
             &Committed::default(),
-            doc.occurred_at,
         );
         assert!(fx.txs.is_empty());
         assert_eq!((fx.issued, fx.reward_value), (0, Money(0)));
         assert!(fx.vouchers.is_empty() && fx.memberships.is_empty() && fx.tier.is_none());
     }
 
-    /// Bonuses after an accrual each fill their own lot; the placeholders the plan used never
-    /// reach a move (a move names a new lot as `NewLot`, never by id).
+    /// The ids the plan gives the lots it creates never reach a move (a move names a new lot
+    /// as `NewLot`, never by id), and the moves add up to the holdings' change.
     #[test]
     fn planned_moves_never_name_a_placeholder_lot() {
         let mut doc = sample();
@@ -478,14 +460,7 @@ mod tests {
             lots: vec![lot(7, 10)],
             debt: 5,
         };
-        let fx = sale_effects(
-            &FlatPercent::default(),
-            &doc,
-            &member(),
-            &h,
-            &Committed::default(),
-            doc.occurred_at,
-        );
+        let fx = flat(&doc, &member(), &h, &Committed::default());
         for tx in &fx.txs {
             for m in &tx.moves {
                 if let Target::Lot(id) = m.target {

@@ -15,6 +15,7 @@ use super::ingest::{IngestContext, NewTx, Run, finish_write, post, write_documen
 use super::query::{find_customer, holdings};
 use super::{CostPolicy, Ledger, LedgerError, from_ts, ts};
 use crate::core::document::{DocKind, Document, Line, SourceRef};
+use crate::core::effects::Committed;
 use crate::core::journal::{Account, Explanation, TxKind};
 use crate::core::lots;
 use crate::core::money::{Money, Points};
@@ -740,20 +741,20 @@ pub(crate) fn covered_by_commits(
     customer: i64,
     doc_row: i64,
     d: &Document,
-) -> super::Result<(i64, Vec<i64>)> {
+) -> super::Result<Committed> {
     let points = d.points_redeemed.0;
     if points <= 0 || d.source.system == API_SOURCE {
-        return Ok((0, Vec::new()));
+        return Ok(Committed::default());
     }
     let matched: Vec<(i64, i64)> = conn
         .prepare_cached("SELECT id, committed_points FROM holds WHERE matched_document = ?1 ORDER BY id")?
         .query_map([doc_row], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
     if !matched.is_empty() {
-        return Ok((
-            matched.iter().map(|m| m.1).sum(),
-            matched.iter().map(|m| m.0).collect(),
-        ));
+        return Ok(Committed {
+            points: matched.iter().map(|m| m.1).sum(),
+            holds: matched.iter().map(|m| m.0).collect(),
+        });
     }
     let by_reference: Option<(i64, i64)> = match &d.number {
         Some(number) => conn
@@ -778,9 +779,12 @@ pub(crate) fn covered_by_commits(
             .optional()?,
     };
     let Some((hold, committed)) = found else {
-        return Ok((0, Vec::new()));
+        return Ok(Committed::default());
     };
     conn.prepare_cached("UPDATE holds SET matched_document = ?2 WHERE id = ?1")?
         .execute(params![hold, doc_row])?;
-    Ok((committed, vec![hold]))
+    Ok(Committed {
+        points: committed,
+        holds: vec![hold],
+    })
 }

@@ -662,11 +662,8 @@ impl Run<'_, '_> {
         };
         let state = state::customer_state(conn, rules, customer, d, doc_id, &h)?;
         let committed = match customer {
-            Some(c) => {
-                // points a till already spent through a committed hold count once
-                let (points, holds) = super::holds::covered_by_commits(conn, c, doc_id, d)?;
-                Committed { points, holds }
-            }
+            // points a till already spent through a committed hold count once
+            Some(c) => super::holds::covered_by_commits(conn, c, doc_id, d)?,
             None => Committed::default(),
         };
         let fx = effects::sale_effects(rules, d, &state, &h, &committed, self.ctx.now);

@@ -418,19 +418,12 @@ pub fn import_reader<R: std::io::BufRead + Send>(
         }
         parser.join()
     });
-    let info: FileInfo = match parsed {
-        Ok(Ok(info)) => info,
-        Ok(Err(e)) => {
-            if let Some(f) = failure.take() {
-                return Err(ImportError::Ledger(f));
-            }
-            return Err(ImportError::Unreadable(e.to_string()));
-        }
-        Err(panic) => std::panic::resume_unwind(panic),
-    };
-    if let Some(f) = failure.take() {
+    let parsed = parsed.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    // the ledger's failure first: the parse error that follows it only says it was stopped
+    if let Some(f) = failure {
         return Err(ImportError::Ledger(f));
     }
+    let info: FileInfo = parsed.map_err(|e| ImportError::Unreadable(e.to_string()))?;
     flush(ledger, &mut batch, seen, &mut report)?;
     let valid_from = info.generated_at.unwrap_or(now);
     for o in offers {
