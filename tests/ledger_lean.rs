@@ -179,15 +179,15 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         [],
     )
     .unwrap();
-    let explanations: Vec<(i64, String)> = conn
+    let explanations: Vec<(i64, Vec<u8>)> = conn
         .prepare("SELECT id, explanation FROM journal")
         .unwrap()
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    for (id, text) in explanations {
-        let long = serde_json::to_string(&Explanation::from_stored(&text)).unwrap();
+    for (id, packed) in explanations {
+        let long = serde_json::to_string(&Explanation::from_packed(&packed)).unwrap();
         assert!(long.contains("\"summary\""));
         conn.execute(
             "UPDATE journal SET explanation = ?2 WHERE id = ?1",

@@ -7,7 +7,7 @@ mod common;
 use chrono::Duration;
 use common::{Env, returned, reversion, sale};
 use kopilka::core::identity::{Email, Phone};
-use kopilka::ledger::DateRange;
+use kopilka::ledger::{AdjustRequest, DateRange};
 
 const PROGRAM: &str = r#"
 [program]
@@ -242,9 +242,26 @@ fn a_forgotten_customer_leaves_no_phone_or_email_in_the_ledger_file() {
         env.now.date_naive().format("%d.%m.1990")
     );
     import(&mut env, &csv);
+    // a person's typed reason names the customer: the explanation is stored packed
+    // (deflated), so a scrub of the file's text alone would not reach it
+    env.adjust(&AdjustRequest {
+        customer: "+79123456789".into(),
+        points: 7,
+        reason: "call from +79123456789, anna.ivanova@example.ru".into(),
+        key: None,
+        by: "accountant".into(),
+    })
+    .unwrap();
     let before = env.ledger.summary(&DateRange::default(), env.now).unwrap();
     let points = env.available("+79123456789");
     assert!(points > 0);
+    let (_, entries) = env.ledger.history("+79123456789").unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.explanation.summary.contains("anna.ivanova@example.ru")),
+        "{entries:#?}"
+    );
 
     let f = env
         .ledger
@@ -258,6 +275,16 @@ fn a_forgotten_customer_leaves_no_phone_or_email_in_the_ledger_file() {
         env.ledger
             .balance("+79123456789", env.now, Duration::days(14))
             .is_err()
+    );
+
+    let (_, entries) = env.ledger.history(&format!("id:{}", f.customer_id)).unwrap();
+    let texts: Vec<&str> = entries.iter().map(|e| e.explanation.summary.as_str()).collect();
+    assert!(
+        texts.iter().any(|t| t.contains("[forgotten]"))
+            && !texts
+                .iter()
+                .any(|t| t.contains("ivanova") || t.contains("9123456789")),
+        "{texts:#?}"
     );
 
     let mut bytes = std::fs::read(&env.path).unwrap();

@@ -732,7 +732,7 @@ pub(crate) fn render_bonus_payload(conn: &Connection, stored: &str) -> Result<Op
         let at: i64 = row.get(2)?;
         let customer: i64 = row.get(3)?;
         let reverses: Option<i64> = row.get(4)?;
-        let explanation: String = row.get(5)?;
+        let comment = super::explanation_at(row, 5)?.summary;
         let source: Option<String> = row.get(6)?;
         let doc_id: Option<String> = row.get(7)?;
         let number: Option<String> = row.get(8)?;
@@ -755,7 +755,7 @@ pub(crate) fn render_bonus_payload(conn: &Connection, stored: &str) -> Result<Op
             "from_burning": from_burning,
             "from_burning_1c": from_burning_1c,
             "document": {"source": source, "doc_id": doc_id, "number": number},
-            "comment": crate::core::journal::Explanation::from_stored(&explanation).summary,
+            "comment": comment,
         }))
     });
     Ok(payload.optional()?.map(|p| p.to_string()))

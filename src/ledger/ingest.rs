@@ -220,7 +220,7 @@ pub(super) use crate::core::effects::LotDates;
 /// the transaction sums to zero by construction.
 pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateTime<Utc>) -> Result<i64> {
     let amount: i64 = t.moves.iter().map(|m| m.amount).sum();
-    let explanation = t.explanation.to_stored();
+    let explanation = t.explanation.pack();
     conn.prepare_cached(
         "INSERT INTO journal (kind, role, customer_id, document_id, epoch, reverses, amount, \
          effective_at, recorded_at, explanation, actor, idem_key, partner, rule) \

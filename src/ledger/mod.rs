@@ -35,6 +35,8 @@ use chrono::{DateTime, TimeZone, Utc};
 
 use rusqlite::{Connection, OpenFlags};
 
+use crate::core::journal::Explanation;
+
 pub use accounting::{Books, HistoryPosting, Posting, PostingKind, PostingRecord, movement_of};
 pub use amocrm_state::{
     CardFigures, CustomerKeys, EVENTS_CHECKPOINT, NOTES_DESTINATION, NoteFacts, OpenVoucher, StoredTokens,
@@ -132,6 +134,16 @@ pub struct Ledger {
 
 pub(crate) fn ts(t: DateTime<Utc>) -> i64 {
     t.timestamp()
+}
+
+/// A journal row's explanation as any version stored it: packed (a blob) since issue 19's
+/// last schema, text before.
+pub(crate) fn explanation_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Explanation> {
+    Ok(match r.get_ref(i)? {
+        rusqlite::types::ValueRef::Blob(b) => Explanation::from_packed(b),
+        rusqlite::types::ValueRef::Text(t) => Explanation::from_stored(&String::from_utf8_lossy(t)),
+        _ => Explanation::default(),
+    })
 }
 
 pub(crate) fn from_ts(secs: i64) -> DateTime<Utc> {

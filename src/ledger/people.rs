@@ -18,6 +18,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use super::{Ledger, LedgerError, Result, ts};
+use crate::core::journal::Explanation;
 use crate::core::rules::RuleSet;
 
 /// What importing a customers file did.
@@ -358,13 +359,15 @@ impl Ledger {
                     rows_scrubbed += tx.execute(
                         &format!(
                             "UPDATE \"{table}\" SET \"{column}\" = REPLACE(REPLACE(\"{column}\", ?1, ?3), ?2, ?3) \
-                             WHERE instr(\"{column}\", ?1) > 0 OR instr(\"{column}\", ?2) > 0"
+                             WHERE typeof(\"{column}\") = 'text' \
+                               AND (instr(\"{column}\", ?1) > 0 OR instr(\"{column}\", ?2) > 0)"
                         ),
                         params![needle, lower, FORGOTTEN],
                     )?;
                 }
             }
         }
+        rows_scrubbed += scrub_packed_explanations(&tx, &needles)?;
         let telegram_chats_removed = super::telegram::forget(&tx, id, now)?;
         tx.execute(
             "INSERT INTO forgotten (customer_id, at, reason, requested_by) VALUES (?1, ?2, ?3, ?4)",
@@ -383,6 +386,37 @@ impl Ledger {
             telegram_chats_removed,
         })
     }
+}
+
+/// The journal's explanations are packed (deflated, issue 19), so the text scrub above
+/// cannot see into them: each is unpacked, scrubbed as text and packed again. A manual
+/// adjustment's reason is typed by a person and may name anyone, so every packed row is
+/// read, not only the customer's — forgetting is rare, and a full pass is what it costs.
+fn scrub_packed_explanations(tx: &Connection, needles: &BTreeSet<String>) -> Result<usize> {
+    let mut changed = Vec::new();
+    {
+        let mut st = tx.prepare("SELECT id, explanation FROM journal WHERE typeof(explanation) = 'blob'")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let stored = super::explanation_at(r, 1)?.to_stored();
+            let mut scrubbed = stored.clone();
+            for needle in needles {
+                scrubbed = scrubbed
+                    .replace(needle.as_str(), FORGOTTEN)
+                    .replace(&needle.to_lowercase(), FORGOTTEN);
+            }
+            if scrubbed != stored {
+                changed.push((r.get::<_, i64>(0)?, Explanation::from_stored(&scrubbed).pack()));
+            }
+        }
+    }
+    for (id, packed) in &changed {
+        tx.execute(
+            "UPDATE journal SET explanation = ?2 WHERE id = ?1",
+            params![id, packed],
+        )?;
+    }
+    Ok(changed.len())
 }
 
 /// Applies one source's attributes to customer `c`. Every value refused or kept is also

@@ -509,7 +509,6 @@ impl Ledger {
         )?;
         let entries = st
             .query_map([id], |r| {
-                let text: String = r.get(11)?;
                 Ok(HistoryEntry {
                     tx_id: r.get(0)?,
                     kind: r.get(1)?,
@@ -522,7 +521,7 @@ impl Ledger {
                     number: r.get(8)?,
                     reverses: r.get(9)?,
                     actor: r.get(10)?,
-                    explanation: Explanation::from_stored(&text),
+                    explanation: super::explanation_at(r, 11)?,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
