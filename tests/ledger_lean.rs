@@ -41,6 +41,19 @@ fn visible(l: &Ledger, env_now: chrono::DateTime<chrono::Utc>) -> serde_json::Va
     serde_json::json!(out)
 }
 
+/// Every line as `document_lines` shows it, each column as text.
+fn lines(conn: &rusqlite::Connection) -> Vec<String> {
+    conn.prepare(
+        "SELECT concat_ws('|', document_id, line_no, product_id, name, category, quantity, unit_price, \
+         discount, net, unit_cost, service, points, redeemed) FROM document_lines ORDER BY document_id, line_no",
+    )
+    .unwrap()
+    .query_map([], |r| r.get(0))
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
 fn with_bonus_documents() -> Env {
     let mut env = Env::new();
     env.dest.onec_bonus = Some("onec:bonus".into());
@@ -173,6 +186,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     drop(ledger);
 
     let conn = rusqlite::Connection::open(&path).unwrap();
+    let lines_before = lines(&conn);
     conn.execute(
         "INSERT OR IGNORE INTO document_versions (document_id, version, seen_at, action) \
          SELECT id, version, first_seen_at, 'applied' FROM documents",
@@ -208,6 +222,22 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         [],
     )
     .unwrap();
+    // lines named their product by its text on every line
+    conn.execute_batch(
+        "CREATE TABLE lines_22 (
+             document_id INTEGER NOT NULL REFERENCES documents(id),
+             line_no INTEGER NOT NULL, product_id TEXT NOT NULL, name TEXT, category TEXT,
+             quantity TEXT NOT NULL, unit_price INTEGER NOT NULL, discount INTEGER NOT NULL,
+             net INTEGER NOT NULL, unit_cost INTEGER, service INTEGER NOT NULL,
+             points INTEGER NOT NULL DEFAULT 0, redeemed INTEGER,
+             PRIMARY KEY (document_id, line_no)) WITHOUT ROWID;
+         INSERT INTO lines_22 SELECT * FROM document_lines;
+         DROP VIEW document_lines;
+         DROP TABLE document_line_rows;
+         DROP TABLE line_products;
+         ALTER TABLE lines_22 RENAME TO document_lines;",
+    )
+    .unwrap();
     conn.execute_batch("PRAGMA user_version = 22").unwrap();
     let versions: i64 = conn
         .query_row("SELECT COUNT(*) FROM document_versions", [], |r| r.get(0))
@@ -231,7 +261,20 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, left), (23, 1), "only the version S1 left stays");
+    assert_eq!((version, left), (24, 1), "only the version S1 left stays");
+    assert_eq!(lines(&conn), lines_before, "every line reads as it did");
+    let (lines, products): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM document_line_rows), (SELECT COUNT(*) FROM line_products)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (lines, products),
+        (2, 1),
+        "S1's line left after the edit and S2's: both name P1, stored once"
+    );
     let logged: Vec<String> = conn
         .prepare("SELECT doc_id FROM source_log")
         .unwrap()

@@ -464,7 +464,7 @@ pub(super) fn write_document(
                 ts(now),
                 d.source.stamp
             ])?;
-            conn.prepare_cached("DELETE FROM document_lines WHERE document_id = ?1")?
+            conn.prepare_cached("DELETE FROM document_line_rows WHERE document_id = ?1")?
                 .execute([id])?;
             id
         }
@@ -495,16 +495,15 @@ pub(super) fn write_document(
         }
     };
     let mut ins = conn.prepare_cached(
-        "INSERT INTO document_lines (document_id, line_no, product_id, name, category, quantity, unit_price, \
-         discount, net, unit_cost, service) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO document_line_rows (document_id, line_no, product, quantity, unit_price, \
+         discount, net, unit_cost, service) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     for (i, l) in d.lines.iter().enumerate() {
+        let product = line_product(conn, &l.product_id, Some(&l.name), l.category.as_deref())?;
         ins.execute(params![
             id,
             i as i64 + 1,
-            l.product_id,
-            l.name,
-            l.category,
+            product,
             l.quantity.normalize().to_string(),
             l.unit_price.0,
             l.discount.0,
@@ -516,9 +515,34 @@ pub(super) fn write_document(
     Ok(id)
 }
 
+/// The key of a product as a line named it (id, name, group), stored once in
+/// `line_products` however many lines name it. Read from the ledger each time, not cached:
+/// a document that fails rolls back the row it added, and a cache would outlive it.
+pub(crate) fn line_product(
+    conn: &Connection,
+    product_id: &str,
+    name: Option<&str>,
+    category: Option<&str>,
+) -> Result<i64> {
+    let found: Option<i64> = conn
+        .prepare_cached(
+            "SELECT id FROM line_products INDEXED BY line_products_said \
+             WHERE product_id = ?1 AND name IS ?2 AND category IS ?3",
+        )?
+        .query_row(params![product_id, name, category], |r| r.get(0))
+        .optional()?;
+    if let Some(id) = found {
+        return Ok(id);
+    }
+    conn.prepare_cached("INSERT INTO line_products (product_id, name, category) VALUES (?1, ?2, ?3)")?
+        .execute(params![product_id, name, category])?;
+    Ok(conn.last_insert_rowid())
+}
+
 fn set_line_points(conn: &Connection, doc: i64, points: &[i64]) -> Result<()> {
-    let mut st =
-        conn.prepare_cached("UPDATE document_lines SET points = ?3 WHERE document_id = ?1 AND line_no = ?2")?;
+    let mut st = conn.prepare_cached(
+        "UPDATE document_line_rows SET points = ?3 WHERE document_id = ?1 AND line_no = ?2",
+    )?;
     for (i, p) in points.iter().enumerate() {
         st.execute(params![doc, i as i64 + 1, p])?;
     }
@@ -697,7 +721,7 @@ impl Run<'_, '_> {
         set_line_points(conn, doc_id, &decision.line_points)?;
         if !decision.line_redeemed.is_empty() {
             let mut st = conn.prepare_cached(
-                "UPDATE document_lines SET redeemed = ?3 WHERE document_id = ?1 AND line_no = ?2",
+                "UPDATE document_line_rows SET redeemed = ?3 WHERE document_id = ?1 AND line_no = ?2",
             )?;
             for (i, r) in decision.line_redeemed.iter().enumerate() {
                 st.execute(params![doc_id, i as i64 + 1, (*r != 0).then_some(*r)])?;

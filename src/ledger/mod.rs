@@ -48,6 +48,7 @@ pub use holds::{
     API_SOURCE, CommitAnswer, CommitRequest, HoldError, HoldMatching, HoldRequest, HoldResult, HoldSettings,
     HoldView, QuoteAnswer, QuoteLineAnswer, SpendableView,
 };
+pub(crate) use ingest::line_product;
 pub use ingest::{
     AdjustOutcome, AdjustRequest, Batch, Destinations, IngestContext, IngestReport, Item, Outcome,
 };

@@ -621,6 +621,48 @@ DELETE FROM source_log WHERE EXISTS
     (SELECT 1 FROM documents d WHERE d.source = source_log.source AND d.doc_id = source_log.doc_id
        AND d.version = source_log.version);
 "#,
+    // 24 (issue 19): a line names its product by an integer key. The product's id, name and
+    // category as lines named them are stored once, in `line_products`, not on every line
+    // (a 1C product id is a 36-character GUID; with its name and group that was most of a
+    // line). `document_lines` stays, as a view, for every query that reads lines.
+    r#"
+CREATE TABLE line_products (
+    id         INTEGER PRIMARY KEY,
+    product_id TEXT NOT NULL,
+    name       TEXT,
+    category   TEXT
+);
+-- a line's product is found by what the line said (`IS`: a missing name or group matches
+-- only a missing one)
+CREATE INDEX line_products_said ON line_products(product_id, name, category);
+INSERT INTO line_products (product_id, name, category)
+    SELECT DISTINCT product_id, name, category FROM document_lines ORDER BY product_id;
+CREATE TABLE document_line_rows (
+    document_id INTEGER NOT NULL REFERENCES documents(id),
+    line_no     INTEGER NOT NULL,
+    product     INTEGER NOT NULL REFERENCES line_products(id),
+    quantity    TEXT NOT NULL,
+    unit_price  INTEGER NOT NULL,
+    discount    INTEGER NOT NULL,
+    net         INTEGER NOT NULL,
+    unit_cost   INTEGER,
+    service     INTEGER NOT NULL,
+    -- points earned (sale) or taken back (return) by this line in the current epoch
+    points      INTEGER NOT NULL DEFAULT 0,
+    redeemed    INTEGER,
+    PRIMARY KEY (document_id, line_no)
+) WITHOUT ROWID;
+INSERT INTO document_line_rows
+    SELECT l.document_id, l.line_no, p.id, l.quantity, l.unit_price, l.discount, l.net, l.unit_cost,
+           l.service, l.points, l.redeemed
+    FROM document_lines l JOIN line_products p
+      ON p.product_id = l.product_id AND p.name IS l.name AND p.category IS l.category;
+DROP TABLE document_lines;
+CREATE VIEW document_lines AS
+    SELECT l.document_id, l.line_no, p.product_id, p.name, p.category, l.quantity, l.unit_price,
+           l.discount, l.net, l.unit_cost, l.service, l.points, l.redeemed
+    FROM document_line_rows l JOIN line_products p ON p.id = l.product;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

@@ -139,17 +139,17 @@ impl Builder {
         ])?;
         let doc = conn.last_insert_rowid();
         let mut line = conn.prepare_cached(
-            "INSERT INTO document_lines (document_id, line_no, product_id, name, category, quantity, unit_price, \
-             discount, net, unit_cost, service, points) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT INTO document_line_rows (document_id, line_no, product, quantity, unit_price, \
+             discount, net, unit_cost, service, points) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
         for (i, l) in d.lines.iter().enumerate() {
             let points = if i == 0 { accrual } else { 0 };
+            let product =
+                crate::ledger::line_product(conn, &l.product_id, Some(&l.name), l.category.as_deref())?;
             line.execute(params![
                 doc,
                 i as i64 + 1,
-                l.product_id,
-                l.name,
-                l.category,
+                product,
                 l.quantity.normalize().to_string(),
                 l.unit_price.0,
                 l.discount.0,
