@@ -212,16 +212,36 @@ async fn coalescing_keeps_only_the_newest_row_per_key() {
     let sink = Scripted::default();
     let a1 = enqueue(&l, "contact-1-v1", Some("contact:1"), &clock).unwrap();
     let b1 = enqueue(&l, "contact-2-v1", Some("contact:2"), &clock).unwrap();
+    {
+        use kopilka::clock::Clock;
+        let now = clock.now();
+        // the first state was tried once and failed: it has a history worth keeping
+        l.lock().outbox_mark_failed(a1, "503", Some(now), now).unwrap();
+    }
     let a2 = enqueue(&l, "contact-1-v2", Some("contact:1"), &clock).unwrap();
+    assert_eq!(state(&l, a1), OutboxState::Superseded);
+    assert_eq!(l.lock().outbox_show(a1).unwrap().superseded_by, Some(a2));
     let a3 = enqueue(&l, "contact-1-v3", Some("contact:1"), &clock).unwrap();
     assert_eq!(
         enqueue(&l, "contact-1-v3", Some("contact:1"), &clock),
         None,
         "same key twice is one row"
     );
-    assert_eq!(state(&l, a1), OutboxState::Superseded);
-    assert_eq!(state(&l, a2), OutboxState::Superseded);
-    assert_eq!(l.lock().outbox_show(a1).unwrap().superseded_by, Some(a2));
+    // the second state was never attempted: no one has it and nothing can send it now
+    assert!(
+        l.lock().outbox_show(a2).is_err(),
+        "a state never attempted is replaced"
+    );
+    let a1_row = l.lock().outbox_show(a1).unwrap();
+    assert_eq!(
+        (
+            a1_row.superseded_by,
+            a1_row.last_error.as_deref(),
+            a1_row.payload.is_empty()
+        ),
+        (Some(a3), Some("503"), false),
+        "the attempted one stays, with its body and error, pointing at the newest"
+    );
     let r = deliver_due(&l, &sink, &policy(), &clock).await.unwrap();
     assert_eq!(r.delivered, 2);
     assert_eq!(sink.sends_of("contact-1-v1") + sink.sends_of("contact-1-v2"), 0);
@@ -237,7 +257,41 @@ async fn coalescing_keeps_only_the_newest_row_per_key() {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(superseded.len(), 2, "nothing is deleted");
+    assert_eq!(
+        superseded.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [a1],
+        "what was attempted is kept"
+    );
+    assert!(l.lock().verify().unwrap().is_empty());
+}
+
+/// A pusher that read a state just before a newer one replaced it: its mark finds no row
+/// (a no-op), and the newer state is sent on the next turn — at least once, the newest.
+#[tokio::test]
+async fn a_state_replaced_while_being_sent_is_followed_by_the_newer_one() {
+    let (_d, _p, l, clock) = setup();
+    let sink = Scripted::default();
+    let a1 = enqueue(&l, "contact-1-v1", Some("contact:1"), &clock).unwrap();
+    let rows = {
+        use kopilka::clock::Clock;
+        l.lock().outbox_due("test", 10, clock.now()).unwrap()
+    };
+    assert_eq!(rows.len(), 1);
+    let a2 = enqueue(&l, "contact-1-v2", Some("contact:1"), &clock).unwrap();
+    {
+        use kopilka::clock::Clock;
+        assert!(sink.deliver(&rows).await.iter().all(Result::is_ok));
+        l.lock().outbox_mark_delivered(&[a1], clock.now()).unwrap();
+    }
+    assert!(l.lock().outbox_show(a1).is_err());
+    assert_eq!(state(&l, a2), OutboxState::Pending, "the newer state still goes");
+    let r = deliver_due(&l, &sink, &policy(), &clock).await.unwrap();
+    assert_eq!(r.delivered, 1);
+    assert_eq!(
+        (sink.sends_of("contact-1-v1"), sink.sends_of("contact-1-v2")),
+        (1, 1)
+    );
+    assert!(l.lock().verify().unwrap().is_empty());
 }
 
 #[tokio::test]

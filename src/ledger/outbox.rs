@@ -1,12 +1,14 @@
 //! The outbox: everything that must reach 1C or AmoCRM, written in the same transaction as
 //! the entries that cause it and delivered at least once with its idempotency key.
 //!
-//! Rows are never deleted: a delivered row stays `delivered`, a coalesced one `superseded`
-//! (pointing at the row that replaced it), a hopeless one `dead` with its last error, one a
-//! person gave up on `dropped` with their reason. A superseded row that was never attempted
-//! keeps its key, times and successor but not its body: nothing can send it any more, and a
-//! backfill of 50,000 customers supersedes a card state for almost every sale (≈ 200 bytes a
-//! sale kept for nothing, issue 19). One that was attempted keeps its body with its error.
+//! Rows are kept: a delivered row stays `delivered`, a coalesced one `superseded` (pointing at
+//! the row that replaced it, with the body and error of its attempts), a hopeless one `dead`
+//! with its last error, one a person gave up on `dropped` with their reason. The one row that
+//! goes is a state that was never attempted when a newer state of the same coalescing key
+//! arrives: no one has had it, its body would never be sent, and a backfill queues one per
+//! customer per batch — kept, they were ≈ 100 bytes a sale holding nothing (issue 19). A
+//! pusher that read it just before marks a row that is gone (a no-op) and sends the newer
+//! one on its next turn.
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -110,9 +112,24 @@ pub(crate) fn enqueue(
     }
     let id = conn.last_insert_rowid();
     if let Some(key) = coalesce_key {
+        let unsent: Vec<i64> = conn
+            .prepare_cached(
+                "SELECT id FROM outbox INDEXED BY outbox_coalesce \
+                 WHERE destination = ?1 AND coalesce_key = ?2 AND state = 'pending' AND attempts = 0 AND id != ?3",
+            )?
+            .query_map(params![destination, key, id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for old in unsent {
+            // an attempted row superseded by it before now points at its successor
+            conn.prepare_cached(
+                "UPDATE outbox INDEXED BY outbox_successor SET superseded_by = ?2 WHERE superseded_by = ?1",
+            )?
+            .execute(params![old, id])?;
+            conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                .execute([old])?;
+        }
         conn.prepare_cached(
-            "UPDATE outbox INDEXED BY outbox_coalesce SET state = 'superseded', superseded_by = ?1, updated_at = ?2, \
-             payload = CASE WHEN attempts = 0 THEN '' ELSE payload END \
+            "UPDATE outbox INDEXED BY outbox_coalesce SET state = 'superseded', superseded_by = ?1, updated_at = ?2 \
              WHERE destination = ?3 AND coalesce_key = ?4 AND state = 'pending' AND id != ?1",
         )?
         .execute(params![id, ts(now), destination, key])?;

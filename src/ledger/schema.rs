@@ -663,6 +663,11 @@ CREATE VIEW document_lines AS
            l.discount, l.net, l.unit_cost, l.service, l.points, l.redeemed
     FROM document_line_rows l JOIN line_products p ON p.id = l.product;
 "#,
+    // 25 (issue 19): a coalesced state never attempted is replaced, not kept as a bodiless
+    // `superseded` row; a row that pointed at it is pointed at its successor, found here
+    r#"
+CREATE INDEX outbox_successor ON outbox(superseded_by) WHERE superseded_by IS NOT NULL;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka
