@@ -100,6 +100,19 @@ fn a_bonus_document_row_stores_a_reference_and_reads_whole() {
     );
     let due = env.ledger.outbox_due("onec:bonus", 10, env.now).unwrap();
     assert_eq!(due[0].payload, rows[0].payload);
+    // the reference under the long names a version before wrote reads the same
+    let short: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    let long = serde_json::json!({"tx_id": short["t"], "point_value": short["v"], "register": short["r"]});
+    assert!(stored.len() < long.to_string().len(), "{stored}");
+    conn.execute(
+        "UPDATE outbox SET payload = ?1 WHERE destination = 'onec:bonus'",
+        [long.to_string()],
+    )
+    .unwrap();
+    assert_eq!(
+        env.ledger.outbox_show(rows[0].id).unwrap().payload,
+        rows[0].payload
+    );
 }
 
 #[test]

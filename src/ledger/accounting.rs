@@ -696,12 +696,20 @@ pub(crate) fn enqueue_bonus_documents(
 /// balances came from 1C's register). Everything else the document says is in the journal,
 /// its postings and lots, which never change, so it is rendered when the row is read
 /// ([`render_bonus_payload`]) instead of being copied into every row: the full payload was
-/// ≈ 400 bytes per transaction, the outbox's largest part (issue 19).
+/// ≈ 400 bytes per transaction, the outbox's largest part (issue 19). Its keys are one
+/// letter (one such row is queued per movement); rows written under the long names read too.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct BonusRef {
+    #[serde(rename = "t", alias = "tx_id")]
     tx_id: i64,
+    #[serde(rename = "v", alias = "point_value")]
     point_value: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "r",
+        alias = "register",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     register: Option<String>,
 }
 
