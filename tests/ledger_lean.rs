@@ -235,7 +235,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         [],
     )
     .unwrap();
-    // lines named their product by its text on every line; no index found a row's successor
+    // lines named their product by its text on every line; the outbox's indexes as they were
     conn.execute_batch(
         "CREATE TABLE lines_22 (
              document_id INTEGER NOT NULL REFERENCES documents(id),
@@ -249,7 +249,9 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
          DROP TABLE document_line_rows;
          DROP TABLE line_products;
          ALTER TABLE lines_22 RENAME TO document_lines;
-         DROP INDEX outbox_successor;",
+         DROP INDEX outbox_successor;
+         DROP INDEX outbox_dead;
+         CREATE INDEX outbox_state ON outbox(state, id);",
     )
     .unwrap();
     conn.execute_batch("PRAGMA user_version = 22").unwrap();
