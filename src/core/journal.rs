@@ -412,6 +412,16 @@ impl Explanation {
 mod stored_tests {
     use super::*;
 
+    /// The per-check part of an accrual: no line, a fixed rate.
+    fn visit_bonus() -> ExplanationItem {
+        ExplanationItem {
+            rule: "visit-bonus".into(),
+            rate: Some("10 per check".into()),
+            points: 10,
+            ..Default::default()
+        }
+    }
+
     fn accrual() -> Explanation {
         Explanation {
             summary: "1468 points on 29198.25, 1 point = 1.00".into(),
@@ -428,12 +438,7 @@ mod stored_tests {
                     points: 275,
                     note: Some("a note".into()),
                 },
-                ExplanationItem {
-                    rule: "visit-bonus".into(),
-                    rate: Some("10 per check".into()),
-                    points: 10,
-                    ..Default::default()
-                },
+                visit_bonus(),
             ],
             flags: vec![Flag::new("no_margin", "a line with no margin earned nothing")],
         }
@@ -517,12 +522,7 @@ mod stored_tests {
                     0,
                 ),
                 line(5, "coffee-7", 996_000, "7% × 1.5", None, 747),
-                ExplanationItem {
-                    rule: "visit-bonus".into(),
-                    rate: Some("10 per check".into()),
-                    points: 10,
-                    ..Default::default()
-                },
+                visit_bonus(),
             ],
             flags: vec![Flag::new("no_margin", "a line with no margin earned nothing")],
         };
