@@ -545,6 +545,49 @@ mod stored_tests {
         }
     }
 
+    /// Rows packed by this version must read in every later one. This blob was deflated once
+    /// against `DICTIONARY_V1` by another implementation (Python's zlib, raw deflate with
+    /// `zdict`), so it pins what the format means, not one library's output; the dictionary's
+    /// checksum pins every byte of it (a change anywhere shifts or breaks what old rows refer
+    /// to). A new dictionary needs a new tag.
+    #[test]
+    fn a_row_packed_against_the_first_dictionary_reads_for_good() {
+        // a zlib stream reports the dictionary's Adler-32 (a raw one does not compute it)
+        let mut c = Compress::new(Compression::default(), true);
+        let adler = c.set_dictionary(DICTIONARY_V1.as_bytes()).unwrap();
+        assert_eq!(
+            (DICTIONARY_V1.len(), adler),
+            (1446, 0xc079_e20c),
+            "DICTIONARY_V1 changed: rows packed with tag 1 no longer read"
+        );
+        const PACKED: &[u8] = &[
+            1, 131, 58, 222, 20, 217, 241, 198, 16, 199, 147, 233, 90, 71, 136, 181, 198, 40, 206, 85, 34,
+            50, 104, 141, 193, 65, 107, 8, 214, 9, 138, 69, 83, 96, 52, 82, 146, 220, 0,
+        ];
+        let e = Explanation::from_packed(PACKED);
+        assert_eq!(
+            e,
+            Explanation {
+                summary: "150 points on 3000.00, 1 point = 1.00".into(),
+                items: vec![ExplanationItem {
+                    rule: "base-cashback".into(),
+                    line: Some(1),
+                    product: Some("A".into()),
+                    base_kopecks: Some(300_000),
+                    rate: Some("5%".into()),
+                    cap: Some("max_reward_share_of_margin".into()),
+                    capped_by: Some(3),
+                    margin_kopecks: Some(1000),
+                    points: 150,
+                    note: None,
+                }],
+                flags: vec![Flag::new("no_margin", "a line with no margin earned nothing")],
+            }
+        );
+        // and this version packs the same explanation to something that reads the same
+        assert_eq!(Explanation::from_packed(&e.pack()), e);
+    }
+
     #[test]
     fn a_damaged_or_unknown_packed_explanation_reads_as_a_sentence_saying_so() {
         let mut packed = accrual().pack();
