@@ -344,32 +344,25 @@ thread_local! {
 impl Explanation {
     /// What the journal's `explanation` column holds: the compact form, deflated against
     /// [`DICTIONARY_V1`] and tagged. Rows written before (text) still read: see
-    /// [`Explanation::from_packed`].
-    pub fn pack(&self) -> Vec<u8> {
+    /// [`Explanation::from_packed`]. `None` only if deflate fails, which on bytes in memory
+    /// is a bug: the caller stores the compact text instead (`to_stored`), which reads too.
+    pub fn pack(&self) -> Option<Vec<u8>> {
         let text = self.to_stored();
         let mut out = Vec::with_capacity(text.len() + 64);
         out.push(PACKED_V1);
         PACKER.with(|p| {
             let mut p = p.borrow_mut();
             p.reset();
-            // setting a dictionary on a freshly reset stream cannot fail
-            let _ = p.set_dictionary(DICTIONARY_V1.as_bytes());
-            let start = p.total_in();
+            p.set_dictionary(DICTIONARY_V1.as_bytes()).ok()?;
             loop {
-                let consumed = (p.total_in() - start) as usize;
-                match p.compress_vec(&text.as_bytes()[consumed..], &mut out, FlushCompress::Finish) {
-                    Ok(Status::StreamEnd) => break,
+                let consumed = usize::try_from(p.total_in()).ok()?;
+                match p.compress_vec(text.as_bytes().get(consumed..)?, &mut out, FlushCompress::Finish) {
+                    Ok(Status::StreamEnd) => return Some(out),
                     Ok(_) if out.capacity() < 1 << 22 => out.reserve(text.len().max(64)),
-                    _ => {
-                        // deflate of bytes in memory has no failure but a bug: keep the text
-                        out.clear();
-                        out.extend_from_slice(text.as_bytes());
-                        break;
-                    }
+                    _ => return None,
                 }
             }
-        });
-        out
+        })
     }
 
     /// Reads a packed explanation. A blob that does not inflate (a damaged file) reads as a
@@ -526,7 +519,7 @@ mod stored_tests {
             ],
             flags: vec![Flag::new("no_margin", "a line with no margin earned nothing")],
         };
-        let packed = e.pack();
+        let packed = e.pack().unwrap();
         assert_eq!(packed[0], PACKED_V1);
         assert_eq!(Explanation::from_packed(&packed), e);
         let stored = e.to_stored().len();
@@ -541,7 +534,7 @@ mod stored_tests {
             Explanation::default(),
             accrual(),
         ] {
-            assert_eq!(Explanation::from_packed(&e.pack()), e);
+            assert_eq!(Explanation::from_packed(&e.pack().unwrap()), e);
         }
     }
 
@@ -585,12 +578,12 @@ mod stored_tests {
             }
         );
         // and this version packs the same explanation to something that reads the same
-        assert_eq!(Explanation::from_packed(&e.pack()), e);
+        assert_eq!(Explanation::from_packed(&e.pack().unwrap()), e);
     }
 
     #[test]
     fn a_damaged_or_unknown_packed_explanation_reads_as_a_sentence_saying_so() {
-        let mut packed = accrual().pack();
+        let mut packed = accrual().pack().unwrap();
         let unreadable = Explanation::text("(the stored explanation could not be read)");
         let cut = packed.len() / 2;
         assert_eq!(Explanation::from_packed(&packed[..cut]), unreadable);

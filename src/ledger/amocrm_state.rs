@@ -627,14 +627,14 @@ impl Ledger {
                     r.get::<_, String>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
-                    super::explanation_at(r, 4)?.summary,
+                    r.get::<_, rusqlite::types::Value>(4)?,
                     r.get::<_, Option<String>>(5)?,
                     r.get::<_, Option<String>>(6)?,
                     r.get::<_, Option<String>>(7)?,
                 ))
             })?;
             for row in rows {
-                let (id, kind, customer, amount, summary, number, source, doc_id) = row?;
+                let (id, kind, customer, amount, explanation, number, source, doc_id) = row?;
                 let points = amount.abs();
                 let keep = match kind.as_str() {
                     "accrual" => want("accrual") && points >= accrual_min_points,
@@ -643,6 +643,7 @@ impl Ledger {
                 if !keep {
                     continue;
                 }
+                let summary = super::explanation_of((&explanation).into()).summary;
                 let document = match (number, source, doc_id) {
                     (Some(n), _, _) => Some(n),
                     (None, Some(s), Some(d)) => Some(format!("{s}:{d}")),

@@ -220,7 +220,7 @@ pub(super) use crate::core::effects::LotDates;
 /// the transaction sums to zero by construction.
 pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateTime<Utc>) -> Result<i64> {
     let amount: i64 = t.moves.iter().map(|m| m.amount).sum();
-    let explanation = t.explanation.pack();
+    let explanation = super::explanation_column(t.explanation);
     conn.prepare_cached(
         "INSERT INTO journal (kind, role, customer_id, document_id, epoch, reverses, amount, \
          effective_at, recorded_at, explanation, actor, idem_key, partner, rule) \
@@ -499,7 +499,7 @@ pub(super) fn write_document(
          discount, net, unit_cost, service) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     for (i, l) in d.lines.iter().enumerate() {
-        let product = line_product(conn, &l.product_id, Some(&l.name), l.category.as_deref())?;
+        let product = line_product(conn, &l.product_id, &l.name, l.category.as_deref())?;
         ins.execute(params![
             id,
             i as i64 + 1,
@@ -521,7 +521,7 @@ pub(super) fn write_document(
 pub(crate) fn line_product(
     conn: &Connection,
     product_id: &str,
-    name: Option<&str>,
+    name: &str,
     category: Option<&str>,
 ) -> Result<i64> {
     let found: Option<i64> = conn

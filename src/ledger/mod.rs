@@ -140,11 +140,24 @@ pub(crate) fn ts(t: DateTime<Utc>) -> i64 {
 /// A journal row's explanation as any version stored it: packed (a blob) since issue 19's
 /// last schema, text before.
 pub(crate) fn explanation_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Explanation> {
-    Ok(match r.get_ref(i)? {
+    Ok(explanation_of(r.get_ref(i)?))
+}
+
+pub(crate) fn explanation_of(v: rusqlite::types::ValueRef<'_>) -> Explanation {
+    match v {
         rusqlite::types::ValueRef::Blob(b) => Explanation::from_packed(b),
         rusqlite::types::ValueRef::Text(t) => Explanation::from_stored(&String::from_utf8_lossy(t)),
         _ => Explanation::default(),
-    })
+    }
+}
+
+/// What the journal's `explanation` column is given: the packed form, or the compact text if
+/// packing failed (both read through [`explanation_at`]).
+pub(crate) fn explanation_column(e: &Explanation) -> rusqlite::types::Value {
+    match e.pack() {
+        Some(packed) => rusqlite::types::Value::Blob(packed),
+        None => rusqlite::types::Value::Text(e.to_stored()),
+    }
 }
 
 pub(crate) fn from_ts(secs: i64) -> DateTime<Utc> {

@@ -406,14 +406,17 @@ fn scrub_packed_explanations(tx: &Connection, needles: &BTreeSet<String>) -> Res
                     .replace(&needle.to_lowercase(), FORGOTTEN);
             }
             if scrubbed != stored {
-                changed.push((r.get::<_, i64>(0)?, Explanation::from_stored(&scrubbed).pack()));
+                changed.push((
+                    r.get::<_, i64>(0)?,
+                    super::explanation_column(&Explanation::from_stored(&scrubbed)),
+                ));
             }
         }
     }
-    for (id, packed) in &changed {
+    for (id, value) in &changed {
         tx.execute(
             "UPDATE journal SET explanation = ?2 WHERE id = ?1",
-            params![id, packed],
+            params![id, value],
         )?;
     }
     Ok(changed.len())

@@ -144,8 +144,7 @@ impl Builder {
         )?;
         for (i, l) in d.lines.iter().enumerate() {
             let points = if i == 0 { accrual } else { 0 };
-            let product =
-                crate::ledger::line_product(conn, &l.product_id, Some(&l.name), l.category.as_deref())?;
+            let product = crate::ledger::line_product(conn, &l.product_id, &l.name, l.category.as_deref())?;
             line.execute(params![
                 doc,
                 i as i64 + 1,
