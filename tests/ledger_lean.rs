@@ -41,6 +41,20 @@ fn visible(l: &Ledger, env_now: chrono::DateTime<chrono::Utc>) -> serde_json::Va
     serde_json::json!(out)
 }
 
+/// Every posting in its transaction's order: (transaction, account, customer, lot, amount).
+type Posting = (i64, String, Option<i64>, Option<i64>, i64);
+
+fn postings(conn: &rusqlite::Connection) -> Vec<Posting> {
+    conn.prepare("SELECT tx_id, account, customer_id, lot_id, amount FROM postings ORDER BY tx_id, leg")
+        .unwrap()
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 /// Every line as `document_lines` shows it, each column as text.
 fn lines(conn: &rusqlite::Connection) -> Vec<String> {
     conn.prepare(
@@ -254,6 +268,44 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
          CREATE INDEX outbox_state ON outbox(state, id);",
     )
     .unwrap();
+    // schema 25's forms: postings by their own id, counters naming themselves on every row,
+    // bonus documents' keys whole, and the indexes migration 26 replaced
+    let postings_before = postings(&conn);
+    assert!(postings_before.len() >= 6, "two legs per movement");
+    conn.execute_batch(
+        "CREATE TABLE postings_25 (
+             id INTEGER PRIMARY KEY, tx_id INTEGER NOT NULL REFERENCES journal(id),
+             account TEXT NOT NULL, customer_id INTEGER REFERENCES customers(id),
+             lot_id INTEGER REFERENCES lots(id), amount INTEGER NOT NULL);
+         INSERT INTO postings_25 (tx_id, account, customer_id, lot_id, amount)
+             SELECT tx_id, account, customer_id, lot_id, amount FROM postings ORDER BY tx_id, leg;
+         DROP TABLE postings;
+         ALTER TABLE postings_25 RENAME TO postings;
+         CREATE INDEX postings_tx ON postings(tx_id);
+         CREATE INDEX postings_lot ON postings(lot_id) WHERE lot_id IS NOT NULL;
+         CREATE INDEX lots_origin ON lots(origin_tx);
+         CREATE TABLE counters_25 (
+             document_id INTEGER NOT NULL REFERENCES documents(id), counter TEXT NOT NULL,
+             amount INTEGER NOT NULL, prior INTEGER,
+             PRIMARY KEY (document_id, counter)) WITHOUT ROWID;
+         INSERT INTO counters_25 SELECT document_id, counter, amount, prior FROM document_counters;
+         DROP VIEW document_counters;
+         DROP TABLE document_counter_rows;
+         DROP TABLE counter_names;
+         ALTER TABLE counters_25 RENAME TO document_counters;
+         INSERT INTO document_counters (document_id, counter, amount, prior) VALUES (1, 'stamp:coffee', 3, 2);
+         UPDATE outbox SET idem_key = 'onec:bonus:' || (SELECT value FROM meta WHERE key = 'ledger_uid')
+             || ':tx' || substr(idem_key, 3) WHERE idem_key LIKE 'b:%';
+         DROP INDEX outbox_onec_created;
+         CREATE INDEX outbox_onec_created ON outbox(created_at) WHERE destination LIKE 'onec:%';
+         DROP INDEX documents_customer;
+         CREATE INDEX documents_customer ON documents(customer_id);
+         CREATE INDEX documents_customer_time ON documents(customer_id, occurred_at) WHERE kind = 'sale';
+         DROP INDEX journal_customer;
+         CREATE INDEX journal_customer ON journal(customer_id);
+         CREATE INDEX journal_bonus ON journal(customer_id, rule) WHERE rule IS NOT NULL;",
+    )
+    .unwrap();
     conn.execute_batch("PRAGMA user_version = 22").unwrap();
     let versions: i64 = conn
         .query_row("SELECT COUNT(*) FROM document_versions", [], |r| r.get(0))
@@ -277,7 +329,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, left), (25, 1), "only the version S1 left stays");
+    assert_eq!((version, left), (26, 1), "only the version S1 left stays");
     assert_eq!(lines(&conn), lines_before, "every line reads as it did");
     let (lines, products): (i64, i64) = conn
         .query_row(
@@ -299,6 +351,16 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         .collect::<Result<_, _>>()
         .unwrap();
     assert_eq!(logged, ["BAD"], "only what the ledger could not take");
+    let postings_after = postings(&conn);
+    assert_eq!(postings_after, postings_before, "every posting, in its order");
+    let counter: (i64, String, i64, Option<i64>) = conn
+        .query_row(
+            "SELECT document_id, counter, amount, prior FROM document_counters",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(counter, (1, "stamp:coffee".into(), 3, Some(2)));
 }
 
 #[test]

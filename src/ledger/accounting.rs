@@ -661,9 +661,7 @@ pub(crate) fn enqueue_bonus_documents(
         .query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<rusqlite::Result<_>>()?;
     let onec = ctx.destinations.onec_system.as_deref();
-    let register = onec.map(crate::ledger::opening_source_from_register);
     let pv = ctx.rules.point_value().0;
-    let uid = super::ledger_uid(conn)?;
     let mut n = 0;
     for (id, kind, source, reversed_kind) in rows {
         let paid_in_1c = kind == "redemption" || reversed_kind.as_deref() == Some("redemption");
@@ -671,14 +669,15 @@ pub(crate) fn enqueue_bonus_documents(
             continue;
         }
         let payload = BonusRef {
-            tx_id: id,
+            tx_id: None,
             point_value: pv,
-            register: register.clone(),
+            register: None,
+            system: onec.map(str::to_string),
         };
         if super::outbox::enqueue(
             conn,
             dest,
-            &format!("onec:bonus:{uid}:tx{id}"),
+            &super::outbox::bonus_key_stored(id),
             None,
             &serde_json::to_string(&payload).unwrap_or_default(),
             ctx.now,
@@ -698,10 +697,17 @@ pub(crate) fn enqueue_bonus_documents(
 /// ([`render_bonus_payload`]) instead of being copied into every row: the full payload was
 /// ≈ 400 bytes per transaction, the outbox's largest part (issue 19). Its keys are one
 /// letter (one such row is queued per movement); rows written under the long names read too.
+/// Since migration 26 the transaction is in the row's key (`b:<id>`) and not repeated here,
+/// and the register is named by its 1C system (`s`), not spelled out (`r`).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct BonusRef {
-    #[serde(rename = "t", alias = "tx_id")]
-    tx_id: i64,
+    #[serde(
+        rename = "t",
+        alias = "tx_id",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    tx_id: Option<i64>,
     #[serde(rename = "v", alias = "point_value")]
     point_value: i64,
     #[serde(
@@ -711,19 +717,34 @@ struct BonusRef {
         skip_serializing_if = "Option::is_none"
     )]
     register: Option<String>,
+    #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
+    system: Option<String>,
 }
 
 /// The bonus document's payload for a stored row: the compact reference rendered from the
 /// ledger, or `None` — keep the row as stored — when it was written whole (before the
 /// compact form) or names no journal transaction (journal rows are never deleted, so only a
 /// damaged ledger has one; it must not keep the destination's other due rows from loading).
-pub(crate) fn render_bonus_payload(conn: &Connection, stored: &str) -> Result<Option<String>> {
+/// `key_tx` is the transaction the row's key names when it is stored short.
+pub(crate) fn render_bonus_payload(
+    conn: &Connection,
+    stored: &str,
+    key_tx: Option<i64>,
+) -> Result<Option<String>> {
     let Ok(r) = serde_json::from_str::<BonusRef>(stored) else {
         return Ok(None);
     };
+    let Some(tx_id) = r.tx_id.or(key_tx) else {
+        return Ok(None);
+    };
+    let register = r.register.or_else(|| {
+        r.system
+            .as_deref()
+            .map(crate::ledger::opening_source_from_register)
+    });
     let mut st = conn.prepare_cached(
         "SELECT j.kind, j.amount, j.effective_at, j.customer_id, j.reverses, j.explanation, \
-           d.source, d.doc_id, d.number, (SELECT MAX(expires_at) FROM lots WHERE origin_tx = j.id), \
+           d.source, d.doc_id, d.number, (SELECT MAX(l.expires_at) FROM postings p JOIN lots l ON l.id = p.lot_id WHERE p.tx_id = j.id AND l.origin_tx = j.id), \
            (SELECT value FROM customer_keys WHERE customer_id = j.customer_id AND kind = 'card' LIMIT 1), \
            (SELECT value FROM customer_keys WHERE customer_id = j.customer_id AND kind = 'onec' LIMIT 1), \
            (SELECT COALESCE(-SUM(p.amount), 0) FROM postings p JOIN lots l ON l.id = p.lot_id \
@@ -734,7 +755,7 @@ pub(crate) fn render_bonus_payload(conn: &Connection, stored: &str) -> Result<Op
                 AND o.kind = 'opening' AND o.actor = ?2) \
          FROM journal j LEFT JOIN documents d ON d.id = j.document_id WHERE j.id = ?1",
     )?;
-    let payload = st.query_row(params![r.tx_id, r.register], |row| {
+    let payload = st.query_row(params![tx_id, register], |row| {
         let kind: String = row.get(0)?;
         let amount: i64 = row.get(1)?;
         let at: i64 = row.get(2)?;
@@ -750,7 +771,7 @@ pub(crate) fn render_bonus_payload(conn: &Connection, stored: &str) -> Result<Op
         let from_burning: i64 = row.get(12)?;
         let from_burning_1c: i64 = row.get(13)?;
         Ok(serde_json::json!({
-            "tx_id": r.tx_id,
+            "tx_id": tx_id,
             "kind": kind,
             "points": amount,
             "amount_kopecks": amount.saturating_mul(r.point_value),

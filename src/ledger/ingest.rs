@@ -156,6 +156,12 @@ struct DocRow {
     original_id: Option<i64>,
 }
 
+/// The lots a transaction opened. They are found through the transaction's postings (stored
+/// by transaction, each naming its lot), not through an index of every lot by its origin
+/// (migration 26).
+pub(crate) const LOTS_OF_TX: &str = "SELECT l.id FROM postings p JOIN lots l ON l.id = p.lot_id \
+     WHERE p.tx_id = ?1 AND l.origin_tx = ?1 ORDER BY p.leg";
+
 const DOC_COLS: &str = "id, source, doc_id, version, stamp, kind, state, applied, epoch, number, occurred_at, \
      customer_id, total, points_redeemed, original_ref, original_id";
 
@@ -245,8 +251,9 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
     let tx_id = conn.last_insert_rowid();
     let mut new_lot = None;
     let mut insert_posting = conn.prepare_cached(
-        "INSERT INTO postings (tx_id, account, customer_id, lot_id, amount) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO postings (tx_id, leg, account, customer_id, lot_id, amount) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
+    let mut leg = 0_i64;
     for m in &t.moves {
         let lot_id = match m.target {
             Target::Lot(id) => {
@@ -291,8 +298,10 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
                 None
             }
         };
+        leg += 1;
         insert_posting.execute(params![
             tx_id,
+            leg,
             Account::Customer.as_str(),
             t.customer_id,
             lot_id,
@@ -301,6 +310,7 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
     }
     insert_posting.execute(params![
         tx_id,
+        leg + 1,
         t.counter.as_str(),
         Option::<i64>::None,
         Option::<i64>::None,
@@ -618,7 +628,7 @@ impl Run<'_, '_> {
             let moves = if amount > 0 {
                 let prefer: Vec<i64> = conn
                     .prepare_cached(
-                        "SELECT lot_id FROM postings WHERE tx_id = ?1 AND lot_id IS NOT NULL AND amount > 0 ORDER BY id",
+                        "SELECT lot_id FROM postings WHERE tx_id = ?1 AND lot_id IS NOT NULL AND amount > 0 ORDER BY leg",
                     )?
                     .query_map([tx_id], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
@@ -883,7 +893,7 @@ impl Run<'_, '_> {
             && let Some(accrual) = effect_tx("accrual")?
         {
             let prefer: Vec<i64> = conn
-                .prepare_cached("SELECT id FROM lots WHERE origin_tx = ?1")?
+                .prepare_cached(LOTS_OF_TX)?
                 .query_map([accrual], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             let moves = lots::plan_debit(&h, claw, &prefer, at);
@@ -1018,19 +1028,19 @@ impl Run<'_, '_> {
             .prepare_cached("SELECT counter, amount FROM document_counters WHERE document_id = ?1")?
             .query_map([orig.id], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        conn.prepare_cached("DELETE FROM document_counters WHERE document_id = ?1")?
+        conn.prepare_cached("DELETE FROM document_counter_rows WHERE document_id = ?1")?
             .execute([ret.id])?;
         let Some(rules) = self.ctx.rules.rule_set() else {
             return Ok(());
         };
         let mut ins = conn.prepare_cached(
-            "INSERT INTO document_counters (document_id, counter, amount) VALUES (?1, ?2, ?3) \
+            "INSERT INTO document_counter_rows (document_id, counter, amount) VALUES (?1, ?2, ?3) \
              ON CONFLICT (document_id, counter) DO UPDATE SET amount = amount + excluded.amount",
         )?;
         for (key, amount) in
             clawback::return_counters(rules, &sale_lines, &sale_counters, &returned_before, &returning)
         {
-            ins.execute(params![ret.id, key, amount])?;
+            ins.execute(params![ret.id, state::counter_id(conn, &key)?, amount])?;
         }
         if rules.returns == ReturnClawback::GoodsOnly {
             return Ok(());
@@ -1112,7 +1122,7 @@ impl Run<'_, '_> {
         }
         for tb in clawback::event_takebacks(rules, &rewards, &after) {
             let prefer: Vec<i64> = conn
-                .prepare_cached("SELECT id FROM lots WHERE origin_tx = ?1")?
+                .prepare_cached(LOTS_OF_TX)?
                 .query_map([tb.tx], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             let moves = lots::plan_debit(h, tb.points, &prefer, at);
@@ -1442,7 +1452,7 @@ fn restorable(conn: &Connection, tx_id: i64) -> Result<Vec<(i64, i64)>> {
     Ok(conn
         .prepare_cached(
             "SELECT p.lot_id, MIN(-SUM(p.amount), l.amount - l.remaining) FROM postings p JOIN lots l ON l.id = p.lot_id \
-             WHERE p.tx_id = ?1 AND p.lot_id IS NOT NULL AND p.amount < 0 GROUP BY p.lot_id ORDER BY MAX(p.id) DESC",
+             WHERE p.tx_id = ?1 AND p.lot_id IS NOT NULL AND p.amount < 0 GROUP BY p.lot_id ORDER BY MAX(p.leg) DESC",
         )?
         .query_map([tx_id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?)

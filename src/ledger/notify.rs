@@ -113,7 +113,7 @@ pub(super) fn enqueue_messages(conn: &Connection, ctx: &IngestContext<'_>) -> Re
             if event == EventKind::Accrual {
                 // the day the points can be spent: after the return window
                 let available: Option<i64> = conn
-                    .prepare_cached("SELECT MAX(available_at) FROM lots WHERE origin_tx = ?1")?
+                    .prepare_cached("SELECT MAX(l.available_at) FROM postings p JOIN lots l ON l.id = p.lot_id WHERE p.tx_id = ?1 AND l.origin_tx = ?1")?
                     .query_row([id], |r| r.get(0))?;
                 if let Some(a) = available {
                     let day = from_ts(a).with_timezone(&plan.timezone).date_naive();

@@ -101,7 +101,7 @@ impl Ledger {
             // earlier kopilka keyed a file's rows by its name (`opening:csv:<file>:<customer>`)
             let prior: Option<(i64, Option<i64>, Option<String>)> = tx
                 .prepare_cached(
-                    "SELECT j.amount, (SELECT MAX(expires_at) FROM lots WHERE origin_tx = j.id), j.actor \
+                    "SELECT j.amount, (SELECT MAX(l.expires_at) FROM postings p JOIN lots l ON l.id = p.lot_id WHERE p.tx_id = j.id AND l.origin_tx = j.id), j.actor \
                      FROM journal j WHERE j.kind = 'opening' AND j.customer_id = ?1 \
                      AND (j.idem_key = ?2 OR j.idem_key LIKE ?3) ORDER BY j.id LIMIT 1",
                 )?

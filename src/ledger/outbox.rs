@@ -91,6 +91,25 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
     })
 }
 
+/// How a bonus document's key is stored since migration 26: `b:` and its journal
+/// transaction. The key 1C and every reader see — `onec:bonus:<ledger id>:tx<id>`, in 1C's
+/// comment marker and the document id made from it — is spelled out when the row is read
+/// ([`bonus_key_read`]): the ledger id is the same on every row, and storing it on each (and
+/// in the unique index over keys) cost ≈ 70 bytes per sale, one such row being queued per
+/// movement (issue 19). Rows queued before keep the key they were stored with.
+pub(crate) const BONUS_KEY_STORED: &str = "b:";
+
+pub(crate) fn bonus_key_stored(tx: i64) -> String {
+    format!("{BONUS_KEY_STORED}{tx}")
+}
+
+/// The key a bonus document's row is read by: a stored short key spelled out with this
+/// ledger's id, any other key as stored.
+pub(crate) fn bonus_key_read(uid: &str, stored: &str) -> Option<String> {
+    let tx = stored.strip_prefix(BONUS_KEY_STORED)?;
+    Some(format!("onec:bonus:{uid}:tx{tx}"))
+}
+
 /// Adds a row unless its idempotency key exists already (returns `None` then). With a
 /// coalescing key, older pending rows of the same destination and key are superseded.
 pub(crate) fn enqueue(
@@ -249,13 +268,29 @@ impl Ledger {
 
     /// Rows as their consumers read them: a bonus document's compact reference to its journal
     /// transaction becomes the document's full payload (see
-    /// [`super::accounting::render_bonus_payload`]); every other row is as stored.
+    /// [`super::accounting::render_bonus_payload`]) and its short key the full one
+    /// ([`bonus_key_read`]); every other row is as stored.
     fn rendered(&self, mut rows: Vec<OutboxRow>) -> Result<Vec<OutboxRow>> {
+        let mut uid = None;
         for r in &mut rows {
-            if r.destination == crate::config::ONEC_BONUS
-                && let Some(full) = super::accounting::render_bonus_payload(&self.conn, &r.payload)?
-            {
+            if r.destination != crate::config::ONEC_BONUS {
+                continue;
+            }
+            let key_tx = r
+                .idem_key
+                .strip_prefix(BONUS_KEY_STORED)
+                .and_then(|t| t.parse::<i64>().ok());
+            if let Some(full) = super::accounting::render_bonus_payload(&self.conn, &r.payload, key_tx)? {
                 r.payload = full;
+            }
+            if key_tx.is_some() {
+                let uid = match &uid {
+                    Some(u) => u,
+                    None => uid.insert(super::ledger_uid(&self.conn)?),
+                };
+                if let Some(key) = bonus_key_read(uid, &r.idem_key) {
+                    r.idem_key = key;
+                }
             }
         }
         Ok(rows)

@@ -448,11 +448,14 @@ impl Ledger {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             };
             // bonus documents, by their journal transaction's day; their key carries this
-            // ledger's id since migration 9 ('onec:bonus:tx<id>' before it)
+            // ledger's id since migration 9 ('onec:bonus:tx<id>' before it) and is stored
+            // short since migration 26 ('b:<id>', read as the full one)
             let uid = super::ledger_uid(&self.conn)?;
             let mut st = self.conn.prepare(
-                "SELECT j.effective_at, o.state, o.destination, o.idem_key, o.last_error FROM journal j \
-                 JOIN outbox o ON o.idem_key IN ('onec:bonus:' || ?3 || ':tx' || j.id, 'onec:bonus:tx' || j.id) \
+                "SELECT j.effective_at, o.state, o.destination, \
+                   CASE WHEN o.idem_key = 'b:' || j.id THEN 'onec:bonus:' || ?3 || ':tx' || j.id ELSE o.idem_key END, \
+                   o.last_error FROM journal j \
+                 JOIN outbox o ON o.idem_key IN ('b:' || j.id, 'onec:bonus:' || ?3 || ':tx' || j.id, 'onec:bonus:tx' || j.id) \
                  WHERE j.effective_at >= ?1 AND j.effective_at < ?2",
             )?;
             for row in st.query_map(params![ts(start), ts(end), uid], read)? {
@@ -479,16 +482,16 @@ impl Ledger {
                     count(day, &state, dest, key, error);
                 }
             }
-            // anything else for 1C (no journal transaction or posting behind it): its day made
+            // anything else for 1C (no journal transaction or posting behind it): its day made.
+            // Every bonus document names a journal transaction (`ledger verify` checks it), so
+            // none is here — and the index this reads by holds none (migration 26).
             let mut st = self.conn.prepare(
                 "SELECT o.created_at, o.state, o.destination, o.idem_key, o.last_error FROM outbox o \
-                 WHERE o.destination LIKE 'onec:%' AND o.created_at >= ?1 AND o.created_at < ?2 \
-                 AND NOT EXISTS (SELECT 1 FROM accounting_postings p WHERE p.outbox_id = o.id) \
-                 AND NOT (o.idem_key LIKE 'onec:bonus:%tx%' AND EXISTS \
-                   (SELECT 1 FROM journal j WHERE j.id = CAST(substr(o.idem_key, instr(o.idem_key, ':tx') + 3) AS INTEGER) \
-                      AND o.idem_key IN ('onec:bonus:' || ?3 || ':tx' || j.id, 'onec:bonus:tx' || j.id)))",
+                 WHERE o.destination LIKE 'onec:%' AND o.destination != 'onec:bonus' \
+                 AND o.created_at >= ?1 AND o.created_at < ?2 \
+                 AND NOT EXISTS (SELECT 1 FROM accounting_postings p WHERE p.outbox_id = o.id)",
             )?;
-            for row in st.query_map(params![ts(start), ts(end), uid], read)? {
+            for row in st.query_map(params![ts(start), ts(end)], read)? {
                 let (at, state, dest, key, error) = row?;
                 count(day_of(from_ts(at)), &state, dest, key, error);
             }

@@ -672,6 +672,64 @@ CREATE INDEX outbox_successor ON outbox(superseded_by) WHERE superseded_by IS NO
 DROP INDEX outbox_state;
 CREATE INDEX outbox_dead ON outbox(id) WHERE state = 'dead';
 "#,
+    // 26 (issue 19): postings are found by their transaction, so they are stored by it —
+    // (transaction, leg) is their key and the separate index over `tx_id` goes. A lot's
+    // origin is found through its transaction's postings (which name the lot), so
+    // `lots_origin` goes too. A counter's name is stored once, in `counter_names`;
+    // `document_counters` stays, as a view, for every query that reads counters by name.
+    // The 1C rows the reconciliation lists by the day they were made are those with no
+    // journal transaction or posting behind them: the bonus documents (one per movement,
+    // most of the outbox) leave that index.
+    r#"
+CREATE TABLE postings_by_tx (
+    tx_id       INTEGER NOT NULL REFERENCES journal(id),
+    -- the posting's place in its transaction, from 1, in the order they were written
+    leg         INTEGER NOT NULL,
+    account     TEXT NOT NULL,
+    customer_id INTEGER REFERENCES customers(id),
+    lot_id      INTEGER REFERENCES lots(id),
+    amount      INTEGER NOT NULL,
+    PRIMARY KEY (tx_id, leg)
+) WITHOUT ROWID;
+INSERT INTO postings_by_tx (tx_id, leg, account, customer_id, lot_id, amount)
+    SELECT tx_id, row_number() OVER (PARTITION BY tx_id ORDER BY id), account, customer_id, lot_id, amount
+    FROM postings ORDER BY tx_id, id;
+DROP TABLE postings;
+ALTER TABLE postings_by_tx RENAME TO postings;
+CREATE INDEX postings_lot ON postings(lot_id) WHERE lot_id IS NOT NULL;
+DROP INDEX lots_origin;
+CREATE TABLE counter_names (
+    id   INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+);
+INSERT INTO counter_names (name) SELECT DISTINCT counter FROM document_counters ORDER BY counter;
+CREATE TABLE document_counter_rows (
+    document_id INTEGER NOT NULL REFERENCES documents(id),
+    counter     INTEGER NOT NULL REFERENCES counter_names(id),
+    amount      INTEGER NOT NULL,
+    -- what the counter held when the sale added to it (issue 16)
+    prior       INTEGER,
+    PRIMARY KEY (document_id, counter)
+) WITHOUT ROWID;
+INSERT INTO document_counter_rows (document_id, counter, amount, prior)
+    SELECT c.document_id, n.id, c.amount, c.prior
+    FROM document_counters c JOIN counter_names n ON n.name = c.counter;
+DROP TABLE document_counters;
+CREATE VIEW document_counters AS
+    SELECT c.document_id, n.name AS counter, c.amount, c.prior
+    FROM document_counter_rows c JOIN counter_names n ON n.id = c.counter;
+DROP INDEX outbox_onec_created;
+CREATE INDEX outbox_onec_created ON outbox(created_at)
+    WHERE destination LIKE 'onec:%' AND destination != 'onec:bonus';
+-- a customer's documents and entries each had two indexes, one a prefix of the other's
+-- column list (partial); one full index serves both kinds of query
+DROP INDEX documents_customer;
+DROP INDEX documents_customer_time;
+CREATE INDEX documents_customer ON documents(customer_id, occurred_at);
+DROP INDEX journal_customer;
+DROP INDEX journal_bonus;
+CREATE INDEX journal_customer ON journal(customer_id, rule);
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

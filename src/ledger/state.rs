@@ -12,6 +12,7 @@ use rust_decimal::prelude::ToPrimitive;
 use super::{Result, ts};
 use crate::core::document::Document;
 use crate::core::effects::SaleEffects;
+use crate::core::journal::TxKind;
 use crate::core::lots::{self, Holdings};
 use crate::core::money::Money;
 use crate::core::program::{BudgetState, CustomerState, Rules};
@@ -94,8 +95,9 @@ pub(crate) fn customer_state(
         let from = window.map_or(i64::MIN, |w| ts(at - w));
         let v: i64 = conn
             .prepare_cached(
-                "SELECT COALESCE(SUM(c.amount), 0) FROM document_counters c JOIN documents d ON d.id = c.document_id \
-                 WHERE d.customer_id = ?1 AND d.applied = 1 AND c.counter = ?2 AND d.id != ?3 \
+                "SELECT COALESCE(SUM(c.amount), 0) FROM document_counter_rows c JOIN documents d ON d.id = c.document_id \
+                 WHERE d.customer_id = ?1 AND d.applied = 1 AND c.counter = (SELECT id FROM counter_names WHERE name = ?2) \
+                 AND d.id != ?3 \
                  AND d.occurred_at >= ?4 AND d.occurred_at <= ?5",
             )?
             .query_row(params![c, key, doc_row, from, ts(at)], |r| r.get(0))?;
@@ -122,6 +124,21 @@ pub(crate) fn customer_state(
     Ok(state)
 }
 
+/// A counter's key in `counter_names`, added on first use. Not cached in memory: a
+/// document that fails rolls back the name it added.
+pub(crate) fn counter_id(conn: &Connection, name: &str) -> Result<i64> {
+    let found: Option<i64> = conn
+        .prepare_cached("SELECT id FROM counter_names WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?;
+    if let Some(id) = found {
+        return Ok(id);
+    }
+    conn.prepare_cached("INSERT INTO counter_names (name) VALUES (?1)")?
+        .execute([name])?;
+    Ok(conn.last_insert_rowid())
+}
+
 /// Writes the bookkeeping a sale's effects leave for later sales: its counter shares, its
 /// place in the budget, the document row's figures, vouchers used and earned, memberships
 /// bought, the tier reached.
@@ -134,14 +151,14 @@ pub(crate) fn record_sale(
     fx: &SaleEffects,
 ) -> Result<()> {
     let decision = &fx.decision;
-    conn.prepare_cached("DELETE FROM document_counters WHERE document_id = ?1")?
+    conn.prepare_cached("DELETE FROM document_counter_rows WHERE document_id = ?1")?
         .execute([doc_row])?;
     let mut ins = conn.prepare_cached(
-        "INSERT INTO document_counters (document_id, counter, amount, prior) VALUES (?1, ?2, ?3, ?4) \
+        "INSERT INTO document_counter_rows (document_id, counter, amount, prior) VALUES (?1, ?2, ?3, ?4) \
          ON CONFLICT (document_id, counter) DO UPDATE SET amount = amount + excluded.amount",
     )?;
     for c in &fx.counters {
-        ins.execute(params![doc_row, c.key, c.amount, c.prior])?;
+        ins.execute(params![doc_row, counter_id(conn, &c.key)?, c.amount, c.prior])?;
     }
     let reward_value = fx.reward_value.0;
     let period = &fx.budget_period;
@@ -153,7 +170,10 @@ pub(crate) fn record_sale(
         )?
         .execute(params![p, decision.margin.0, reward_value])?;
     }
-    let flags = if decision.flags.is_empty() {
+    // the flags travel in the accrual's explanation; the document row keeps them only when
+    // no accrual carries them — a sale that earned nothing says why here, once (issue 19)
+    let carried = customer.is_some() && fx.txs.iter().any(|t| t.kind == TxKind::Accrual);
+    let flags = if decision.flags.is_empty() || carried {
         None
     } else {
         serde_json::to_string(&decision.flags).ok()

@@ -20,7 +20,7 @@ const CHECKS: &[(&str, &str)] = &[
     (
         "transaction has postings",
         "SELECT 'tx ' || j.id || ' (' || j.kind || ') has fewer than two postings' FROM journal j \
-         LEFT JOIN postings p ON p.tx_id = j.id GROUP BY j.id HAVING COUNT(p.id) < 2",
+         LEFT JOIN postings p ON p.tx_id = j.id GROUP BY j.id HAVING COUNT(p.tx_id) < 2",
     ),
     (
         "transaction amount equals its customer postings",
@@ -30,7 +30,7 @@ const CHECKS: &[(&str, &str)] = &[
     ),
     (
         "customer postings belong to the transaction's customer",
-        "SELECT 'posting ' || p.id || ' of tx ' || j.id || ' is for customer ' || p.customer_id || ', not ' || j.customer_id \
+        "SELECT 'posting ' || p.leg || ' of tx ' || j.id || ' is for customer ' || p.customer_id || ', not ' || j.customer_id \
          FROM postings p JOIN journal j ON j.id = p.tx_id WHERE p.account = 'customer' AND p.customer_id IS NOT j.customer_id",
     ),
     (
@@ -44,7 +44,7 @@ const CHECKS: &[(&str, &str)] = &[
     ),
     (
         "lot belongs to its customer",
-        "SELECT 'posting ' || p.id || ' moves lot ' || l.id || ' of customer ' || l.customer_id || ' for customer ' || p.customer_id \
+        "SELECT 'posting ' || p.leg || ' of tx ' || p.tx_id || ' moves lot ' || l.id || ' of customer ' || l.customer_id || ' for customer ' || p.customer_id \
          FROM postings p JOIN lots l ON l.id = p.lot_id WHERE p.customer_id IS NOT l.customer_id",
     ),
     (
@@ -109,6 +109,13 @@ const CHECKS: &[(&str, &str)] = &[
         "active documents are applied",
         "SELECT 'document ' || source || ':' || doc_id || ' is ' || state || ' with applied = ' || applied FROM documents \
          WHERE (state = 'active') != (applied = 1)",
+    ),
+    (
+        "every bonus document names a journal transaction",
+        "SELECT 'outbox row ' || o.id || ' (' || o.idem_key || ') names no journal transaction' FROM outbox o \
+         WHERE o.destination = 'onec:bonus' AND NOT EXISTS (SELECT 1 FROM journal j \
+           WHERE j.id = CAST(CASE WHEN o.idem_key LIKE 'b:%' THEN substr(o.idem_key, 3) \
+                                 ELSE substr(o.idem_key, instr(o.idem_key, ':tx') + 3) END AS INTEGER))",
     ),
     (
         "outbox rows are in a known state",

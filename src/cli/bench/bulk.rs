@@ -242,7 +242,8 @@ impl Builder {
         amount: i64,
     ) -> anyhow::Result<()> {
         conn.prepare_cached(
-            "INSERT INTO postings (tx_id, account, customer_id, lot_id, amount) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO postings (tx_id, leg, account, customer_id, lot_id, amount) \
+             VALUES (?1, (SELECT COUNT(*) + 1 FROM postings WHERE tx_id = ?1), ?2, ?3, ?4, ?5)",
         )?
         .execute(params![tx, account.as_str(), customer, lot, amount])?;
         self.built.postings += 1;
