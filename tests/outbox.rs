@@ -339,3 +339,46 @@ async fn ingest_queues_contact_states_in_the_same_transaction() {
     let r = env.docs(vec![sale("S1", Some("C1"), &[("P1", 1, 1000)])]);
     assert_eq!(r.outbox_rows, 0);
 }
+
+/// The watchdog's and `/healthz`'s count, through the two partial indexes, says exactly what
+/// the full count says of pending and dead rows, per destination — and nothing of the rows
+/// delivered, superseded or dropped, which it never reads.
+#[test]
+fn the_open_counts_are_the_full_counts_of_pending_and_dead_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Ledger::open(&dir.path().join("ledger.db"), &OpenOptions::default()).unwrap();
+    let now = chrono::Utc::now();
+    let mut ids = Vec::new();
+    for (dest, key) in [
+        ("amocrm", "a1"),
+        ("amocrm", "a2"),
+        ("amocrm", "a3"),
+        ("onec:bonus", "b:1"),
+        ("onec:bonus", "b:2"),
+        ("onec:bonus", "b:3"),
+        ("onec:bonus", "b:4"),
+    ] {
+        ids.push(l.outbox_enqueue(dest, key, None, "{}", now).unwrap().unwrap());
+    }
+    l.outbox_mark_delivered(&[ids[0], ids[3]], now).unwrap();
+    l.outbox_mark_failed(ids[1], "410 Gone", None, now).unwrap();
+    l.outbox_mark_failed(ids[4], "500", None, now).unwrap();
+    l.outbox_mark_failed(ids[5], "500", None, now).unwrap();
+    l.outbox_drop(ids[6], "by hand", now).unwrap();
+    let full = l.outbox_counts().unwrap();
+    let want: Vec<_> = full
+        .iter()
+        .filter(|(_, s, _)| matches!(s, OutboxState::Pending | OutboxState::Dead))
+        .cloned()
+        .collect();
+    assert_eq!(
+        want,
+        vec![
+            ("amocrm".to_string(), OutboxState::Dead, 1),
+            ("amocrm".to_string(), OutboxState::Pending, 1),
+            ("onec:bonus".to_string(), OutboxState::Dead, 2),
+        ],
+        "{full:?}"
+    );
+    assert_eq!(l.outbox_open_counts().unwrap(), want);
+}

@@ -74,7 +74,7 @@ async fn healthz(State(s): State<AppState>) -> Response {
     let dead = s
         .ctx
         .ledger
-        .run(|l| l.outbox_counts())
+        .run(|l| l.outbox_open_counts())
         .await
         .map(|c| {
             c.iter()

@@ -334,7 +334,7 @@ pub async fn run(
             }
             let now = clock2.now();
             let pending = ledger2
-                .run(|l| l.outbox_counts())
+                .run(|l| l.outbox_open_counts())
                 .await
                 .map(|c| {
                     c.iter()
