@@ -103,11 +103,29 @@ pub(crate) fn bonus_key_stored(tx: i64) -> String {
     format!("{BONUS_KEY_STORED}{tx}")
 }
 
-/// The key a bonus document's row is read by: a stored short key spelled out with this
-/// ledger's id, any other key as stored.
-pub(crate) fn bonus_key_read(uid: &str, stored: &str) -> Option<String> {
-    let tx = stored.strip_prefix(BONUS_KEY_STORED)?;
-    Some(format!("onec:bonus:{uid}:tx{tx}"))
+/// The transaction a bonus document's short key names, `None` for a key stored whole.
+fn bonus_key_tx(stored: &str) -> Option<i64> {
+    stored.strip_prefix(BONUS_KEY_STORED)?.parse().ok()
+}
+
+/// The key a bonus document's row is read by, spelled out from the transaction its short
+/// key names and this ledger's id.
+pub(crate) fn bonus_key_read(uid: &str, tx: i64) -> String {
+    format!("onec:bonus:{uid}:tx{tx}")
+}
+
+/// Rows of (destination, state, count), as both outbox counts return them.
+fn counts(st: &mut rusqlite::Statement<'_>) -> Result<Vec<(String, OutboxState, i64)>> {
+    Ok(st
+        .query_map([], |r| {
+            let s: String = r.get(1)?;
+            Ok((
+                r.get(0)?,
+                OutboxState::parse(&s).unwrap_or(OutboxState::Dead),
+                r.get(2)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?)
 }
 
 /// Adds a row unless its idempotency key exists already (returns `None` then). With a
@@ -276,21 +294,16 @@ impl Ledger {
             if r.destination != crate::config::ONEC_BONUS {
                 continue;
             }
-            let key_tx = r
-                .idem_key
-                .strip_prefix(BONUS_KEY_STORED)
-                .and_then(|t| t.parse::<i64>().ok());
+            let key_tx = bonus_key_tx(&r.idem_key);
             if let Some(full) = super::accounting::render_bonus_payload(&self.conn, &r.payload, key_tx)? {
                 r.payload = full;
             }
-            if key_tx.is_some() {
+            if let Some(tx) = key_tx {
                 let uid = match &uid {
                     Some(u) => u,
                     None => uid.insert(super::ledger_uid(&self.conn)?),
                 };
-                if let Some(key) = bonus_key_read(uid, &r.idem_key) {
-                    r.idem_key = key;
-                }
+                r.idem_key = bonus_key_read(uid, tx);
             }
         }
         Ok(rows)
@@ -309,16 +322,7 @@ impl Ledger {
              UNION ALL SELECT destination, 'dead', COUNT(*) FROM outbox INDEXED BY outbox_dead WHERE state = 'dead' \
              GROUP BY destination ORDER BY 1, 2",
         )?;
-        Ok(st
-            .query_map([], |r| {
-                let s: String = r.get(1)?;
-                Ok((
-                    r.get(0)?,
-                    OutboxState::parse(&s).unwrap_or(OutboxState::Dead),
-                    r.get(2)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<_>>()?)
+        counts(&mut st)
     }
 
     /// Counts per destination and state (every state), for `/status`, `/metrics` and
@@ -328,16 +332,7 @@ impl Ledger {
         let mut st = self.conn.prepare(
             "SELECT destination, state, COUNT(*) FROM outbox GROUP BY destination, state ORDER BY 1, 2",
         )?;
-        Ok(st
-            .query_map([], |r| {
-                let s: String = r.get(1)?;
-                Ok((
-                    r.get(0)?,
-                    OutboxState::parse(&s).unwrap_or(OutboxState::Dead),
-                    r.get(2)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<_>>()?)
+        counts(&mut st)
     }
 
     /// Puts a dead row back in the queue, due now, keeping its attempt history.
