@@ -306,6 +306,20 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
          CREATE INDEX journal_bonus ON journal(customer_id, rule) WHERE rule IS NOT NULL;",
     )
     .unwrap();
+    // schema 27's kept totals, made again from the rows by the migration
+    let triggers: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'totals_%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(triggers.len(), 16, "{triggers:?}");
+    for t in triggers {
+        conn.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
+    }
+    conn.execute_batch("DROP TABLE totals; DROP INDEX customers_debt; DROP INDEX outbox_notify_open;")
+        .unwrap();
     conn.execute_batch("PRAGMA user_version = 22").unwrap();
     let versions: i64 = conn
         .query_row("SELECT COUNT(*) FROM document_versions", [], |r| r.get(0))
@@ -329,7 +343,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, left), (26, 1), "only the version S1 left stays");
+    assert_eq!((version, left), (27, 1), "only the version S1 left stays");
     assert_eq!(lines(&conn), lines_before, "every line reads as it did");
     let (lines, products): (i64, i64) = conn
         .query_row(
@@ -421,4 +435,119 @@ fn a_state_never_attempted_is_replaced_and_one_attempted_is_kept_with_its_body()
     );
     assert_eq!(l.outbox_show(second).unwrap().payload, r#"{"available":3}"#);
     env.assert_verified();
+}
+
+/// The outbox counted from its rows, as `outbox_counts` reported it before the totals were
+/// kept: (destination, state, rows).
+fn outbox_counted(conn: &rusqlite::Connection) -> Vec<(String, String, i64)> {
+    conn.prepare("SELECT destination, state, COUNT(*) FROM outbox GROUP BY 1, 2 ORDER BY 1, 2")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// The all-time summary and the outbox counts a monitor reads come from totals kept as rows
+/// are written (schema 27); they must read exactly as the rows count them, through every
+/// change that moves a total: sales, a return that leaves its customer in debt, a void, a
+/// lot waiting out the rules' delay and one earned ahead of the clock under rules without
+/// one, deliveries and a dead row. A total tampered with shows in `ledger verify` and in the summary, which is how the
+/// test knows the summary reads the kept totals at all.
+#[test]
+fn the_kept_totals_read_as_the_rows_count_them() {
+    use kopilka::core::document::{Incoming, VoidReason};
+    use kopilka::core::money::Points;
+    use kopilka::ledger::{DateRange, Item};
+    let mut env = with_bonus_documents();
+    let s1 = sale("S1", Some("C1"), &[("P1", 2, 1000), ("P2", 1, 500)]);
+    let s2 = sale("S2", Some("C2"), &[("P1", 4, 1000)]);
+    let s4 = sale("S4", Some("C2"), &[("P2", 1, 500)]);
+    env.docs(vec![s1.clone(), s2.clone(), s4.clone()]);
+    // C2 spends every point S2 earned, then returns S2: the points taken back are owed
+    let held = env.available("C2");
+    assert!(held > 0);
+    let mut spend = sale("S5", Some("C2"), &[("P2", 1, 500)]);
+    spend.occurred_at = t0() + chrono::Duration::days(20);
+    spend.points_redeemed = Points(held);
+    let spend = reversion(spend);
+    // a recent sale's lot waits out the rules' delay (found through `lots_available`)
+    let mut recent = sale("S6", Some("C1"), &[("P2", 2, 500)]);
+    recent.occurred_at = env.now - chrono::Duration::days(1);
+    env.docs(vec![
+        spend,
+        returned("R1", &s1, &[("P2", 1)]),
+        returned("R2", &s2, &[("P1", 4)]),
+        reversion(recent),
+    ]);
+    // under rules without a delay, a sale dated ahead of the clock: its lot waits until
+    // then although it was available when earned
+    env.rules = kopilka::core::rules::RuleSet::flat(
+        rust_decimal::Decimal::from(5),
+        kopilka::core::money::Money(100),
+        chrono::Duration::zero(),
+        None,
+    );
+    let mut ahead = sale("S3", Some("C1"), &[("P1", 1, 1000)]);
+    ahead.occurred_at = env.now + chrono::Duration::days(2);
+    env.docs(vec![reversion(ahead)]);
+    let mut unposted = s4.source.clone();
+    unposted.version = "unposted-1".into();
+    env.ingest(vec![Item::Incoming(Incoming::Void {
+        source: unposted,
+        reason: VoidReason::Unposted,
+    })]);
+    let due = env.ledger.outbox_due("onec:bonus", 100, env.now).unwrap();
+    assert!(due.len() >= 3, "{due:?}");
+    let ids: Vec<i64> = due[1..].iter().map(|r| r.id).collect();
+    env.ledger.outbox_mark_delivered(&ids, env.now).unwrap();
+    env.ledger
+        .outbox_mark_failed(due[0].id, "1C refused it", None, env.now)
+        .unwrap();
+    env.assert_verified();
+
+    let conn = rusqlite::Connection::open(&env.path).unwrap();
+    let all = DateRange::default();
+    let mut pending = Vec::new();
+    for days in [0, 3, 30] {
+        let now = env.now + chrono::Duration::days(days);
+        let kept = env.ledger.summary(&all, now).unwrap();
+        assert_eq!(kept, env.ledger.summary_counted(&all, now).unwrap(), "at {now}");
+        pending.push(kept.points_pending);
+    }
+    // both lots wait now, S6's alone in three days (S3's came), neither in a month
+    assert!(
+        pending[0] > pending[1] && pending[1] > 0 && pending[2] == 0,
+        "{pending:?}"
+    );
+    let s = env.ledger.summary(&all, env.now).unwrap();
+    assert_eq!(
+        (s.sales_count, s.returns_count, s.voided_documents),
+        (5, 2, 1),
+        "{s:?}"
+    );
+    assert!(s.points_debt > 0, "the return leaves C2 owing: {s:?}");
+    let counts: Vec<(String, String, i64)> = env
+        .ledger
+        .outbox_counts()
+        .unwrap()
+        .into_iter()
+        .map(|(d, st, n)| (d, st.as_str().to_string(), n))
+        .collect();
+    assert_eq!(counts, outbox_counted(&conn));
+    assert!(counts.iter().any(|(_, st, _)| st == "dead"), "{counts:?}");
+    assert!(counts.iter().any(|(_, st, _)| st == "delivered"), "{counts:?}");
+
+    // a kept total that disagrees with the rows: verify names it, and the summary shows it
+    conn.execute(
+        "UPDATE totals SET n = n + 1 WHERE name = 'documents:active:sale'",
+        [],
+    )
+    .unwrap();
+    let v = env.ledger.verify().unwrap();
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].check, "kept totals equal the rows they count");
+    assert!(v[0].detail.contains("documents:active:sale"), "{v:#?}");
+    assert_eq!(env.ledger.summary(&all, env.now).unwrap().sales_count, 6);
+    assert_eq!(env.ledger.summary_counted(&all, env.now).unwrap().sales_count, 5);
 }

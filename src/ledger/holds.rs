@@ -719,14 +719,24 @@ impl Ledger {
     }
 
     /// Holds by outcome (`held`, `committed`, `cancelled`, `expired`) as of `now`.
+    /// From the kept totals; a hold still `held` past its expiry (the job closes it within
+    /// minutes) is counted as expired, read through the index of live holds.
     pub fn hold_counts(&self, now: DateTime<Utc>) -> super::Result<Vec<(String, i64)>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT CASE WHEN state = 'held' AND expires_at <= ?1 THEN 'expired' ELSE state END AS s, COUNT(*) \
-             FROM holds GROUP BY s ORDER BY s",
-        )?;
-        Ok(st
-            .query_map([ts(now)], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?)
+        let mut counts: std::collections::BTreeMap<String, i64> = super::totals::kept(&self.conn, "holds:")?
+            .into_iter()
+            .map(|(state, n, _)| (state, n))
+            .collect();
+        let lapsed: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM holds INDEXED BY holds_live WHERE state = 'held' AND expires_at <= ?1",
+            )?
+            .query_row([ts(now)], |r| r.get(0))?;
+        if lapsed > 0 {
+            *counts.entry("held".into()).or_default() -= lapsed;
+            *counts.entry("expired".into()).or_default() += lapsed;
+        }
+        Ok(counts.into_iter().filter(|(_, n)| *n != 0).collect())
     }
 }
 

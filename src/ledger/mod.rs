@@ -26,6 +26,7 @@ mod report;
 mod schema;
 mod state;
 mod telegram;
+mod totals;
 mod verify;
 
 use std::path::{Path, PathBuf};

@@ -540,21 +540,27 @@ impl Ledger {
     /// Messages per channel by outcome.
     pub fn notify_status(&self, now: DateTime<Utc>) -> Result<Vec<ChannelStatus>> {
         let mut out: BTreeMap<Channel, ChannelStatus> = BTreeMap::new();
-        let mut st = self.conn.prepare(
-            "SELECT destination, state, note, next_attempt_at > ?1, COUNT(*) FROM outbox \
-             WHERE destination LIKE 'notify:%' GROUP BY 1, 2, 3, 4",
+        // sent messages are counted in the kept totals; the rest (waiting, failed, not
+        // sent, each with its reason) through the index that holds only them
+        let mut st = self.conn.prepare_cached(
+            "SELECT destination, state, note, next_attempt_at > ?1, COUNT(*) FROM outbox INDEXED BY outbox_notify_open \
+             WHERE destination LIKE 'notify:%' AND state != 'delivered' GROUP BY 1, 2, 3, 4",
         )?;
-        let rows = st.query_map([ts(now)], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, bool>(3)?,
-                r.get::<_, i64>(4)?,
-            ))
-        })?;
-        for row in rows {
-            let (dest, state, note, later, n) = row?;
+        let mut rows = st
+            .query_map([ts(now)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, bool>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for (rest, n, _) in super::totals::kept(&self.conn, "outbox:delivered:notify:")? {
+            rows.push((format!("notify:{rest}"), "delivered".into(), None, false, n));
+        }
+        for (dest, state, note, later, n) in rows {
             let Some(channel) = Channel::from_destination(&dest) else {
                 continue;
             };

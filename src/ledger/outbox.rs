@@ -326,13 +326,21 @@ impl Ledger {
     }
 
     /// Counts per destination and state (every state), for `/status`, `/metrics` and
-    /// `kopilka outbox list`: reads the whole outbox, so kopilka's own timers do not call it
-    /// (a Prometheus scrape of `/metrics` pays it).
+    /// `kopilka outbox list`, from the kept totals (a count of every row took 1.6 s and
+    /// 117 MiB on 1.5M rows).
     pub fn outbox_counts(&self) -> Result<Vec<(String, OutboxState, i64)>> {
-        let mut st = self.conn.prepare(
-            "SELECT destination, state, COUNT(*) FROM outbox GROUP BY destination, state ORDER BY 1, 2",
-        )?;
-        counts(&mut st)
+        let mut out: Vec<(String, String, i64)> = super::totals::kept(&self.conn, "outbox:")?
+            .into_iter()
+            .filter_map(|(rest, n, _)| {
+                let (state, destination) = rest.split_once(':')?;
+                Some((destination.to_string(), state.to_string(), n))
+            })
+            .collect();
+        out.sort();
+        Ok(out
+            .into_iter()
+            .map(|(d, s, n)| (d, OutboxState::parse(&s).unwrap_or(OutboxState::Dead), n))
+            .collect())
     }
 
     /// Puts a dead row back in the queue, due now, keeping its attempt history.

@@ -229,7 +229,32 @@ pub struct Summary {
     pub voided_documents: i64,
 }
 
+pub(super) fn unresolved_quarantine(c: &Connection) -> Result<i64> {
+    Ok(c.query_row(
+        "SELECT COUNT(*) FROM quarantine WHERE resolved_at IS NULL",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
 impl Summary {
+    /// Adds the sum of one kind of journal entry to the flow it is (a redemption, expiry
+    /// or reversal is stored negative and reported as the points it took).
+    pub(super) fn add_flow(&mut self, kind: &str, sum: i64) -> Result<()> {
+        match kind {
+            "accrual" => self.points_accrued = sum,
+            "redemption" => self.points_redeemed = -sum,
+            "expiry" => self.points_expired = -sum,
+            "reversal" => self.points_reversed = -sum,
+            "adjustment" => self.points_adjusted = sum,
+            "opening" => self.points_opening = sum,
+            "bonus" => self.points_bonus = sum,
+            "writeoff" => self.points_written_off = sum,
+            other => return Err(LedgerError::Corrupt(format!("unknown journal kind {other}"))),
+        }
+        Ok(())
+    }
+
     /// The left side of the identity (README): what customers held at the start plus every
     /// flow of the period; equal to `points_pending + points_available`.
     pub fn identity_left(&self) -> i64 {
@@ -531,7 +556,18 @@ impl Ledger {
     /// Totals for a period of business dates. Flows (sales, points accrued, …) count what
     /// happened in the period; `points_pending`/`points_available` are balances at the end
     /// of the period (`now` when it is open-ended).
+    /// All time (no bounds) is read from the totals the ledger keeps (`totals.rs`), so a
+    /// monitor can ask for it often; [`Ledger::summary_counted`] gives the same figures
+    /// counted from the rows.
     pub fn summary(&self, range: &DateRange, now: DateTime<Utc>) -> Result<Summary> {
+        if range.from.is_none() && range.to.is_none() {
+            return self.summary_kept(now);
+        }
+        self.summary_counted(range, now)
+    }
+
+    /// The summary counted from the rows themselves, whatever the period.
+    pub fn summary_counted(&self, range: &DateRange, now: DateTime<Utc>) -> Result<Summary> {
         let (from, to) = range.bounds();
         let c = &self.conn;
         let mut s = Summary::default();
@@ -562,17 +598,7 @@ impl Ledger {
         })?;
         for row in rows {
             let (kind, sum) = row?;
-            match kind.as_str() {
-                "accrual" => s.points_accrued = sum,
-                "redemption" => s.points_redeemed = -sum,
-                "expiry" => s.points_expired = -sum,
-                "reversal" => s.points_reversed = -sum,
-                "adjustment" => s.points_adjusted = sum,
-                "opening" => s.points_opening = sum,
-                "bonus" => s.points_bonus = sum,
-                "writeoff" => s.points_written_off = sum,
-                other => return Err(LedgerError::Corrupt(format!("unknown journal kind {other}"))),
-            }
+            s.add_flow(&kind, sum)?;
         }
         // a customer exists from their first document (a backfill creates them all at once,
         // yet they bought long before); one with no document from when kopilka learnt of them
@@ -608,11 +634,7 @@ impl Ledger {
                 Ok(())
             },
         )?;
-        s.quarantined = c.query_row(
-            "SELECT COUNT(*) FROM quarantine WHERE resolved_at IS NULL",
-            [],
-            |r| r.get(0),
-        )?;
+        s.quarantined = unresolved_quarantine(c)?;
         Ok(s)
     }
 

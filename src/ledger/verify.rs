@@ -118,6 +118,28 @@ const CHECKS: &[(&str, &str)] = &[
                                  ELSE substr(o.idem_key, instr(o.idem_key, ':tx') + 3) END AS INTEGER))",
     ),
     (
+        "kept totals equal the rows they count",
+        "WITH counted (name, n, amount) AS ( \
+           SELECT 'documents:' || state || ':' || COALESCE(kind, ''), COUNT(*), SUM(total) FROM documents GROUP BY 1 \
+           UNION ALL SELECT 'journal:' || kind, COUNT(*), SUM(amount) FROM journal GROUP BY 1 \
+           UNION ALL SELECT 'outbox:' || state || ':' || destination, COUNT(*), 0 FROM outbox GROUP BY 1 \
+           UNION ALL SELECT 'holds:' || state, COUNT(*), 0 FROM holds GROUP BY 1 \
+           UNION ALL SELECT 'customers', COUNT(*), 0 FROM customers \
+           UNION ALL SELECT 'lots:undelayed_earned', 0, NULL) \
+         SELECT 'total ' || c.name || ' kept as ' || COALESCE(t.n, 'nothing') || ' rows, ' || COALESCE(t.amount, 0) || \
+           ' but counted ' || c.n || ' rows, ' || COALESCE(c.amount, 'any amount') \
+         FROM counted c LEFT JOIN totals t ON t.name = c.name \
+         WHERE t.name IS NULL AND (c.n != 0 OR c.name IN ('customers', 'lots:undelayed_earned')) \
+           OR t.n != c.n OR t.amount != COALESCE(c.amount, t.amount) \
+         UNION ALL \
+         SELECT 'total ' || t.name || ' kept as ' || t.n || ' rows, ' || t.amount || ' but no such rows exist' \
+         FROM totals t WHERE (t.n != 0 OR t.amount != 0) AND NOT EXISTS (SELECT 1 FROM counted c WHERE c.name = t.name) \
+         UNION ALL \
+         SELECT 'total lots:undelayed_earned kept as ' || t.amount || ' but a lot available when earned was earned at ' || l.m \
+         FROM totals t, (SELECT MAX(earned_at) AS m FROM lots WHERE available_at <= earned_at) l \
+         WHERE t.name = 'lots:undelayed_earned' AND l.m > t.amount",
+    ),
+    (
         "outbox rows are in a known state",
         "SELECT 'outbox row ' || id || ' superseded without a successor' FROM outbox \
          WHERE state = 'superseded' AND superseded_by IS NULL",
