@@ -443,7 +443,24 @@ fn version_seen(conn: &Connection, doc: i64, version: &str) -> Result<bool> {
         .is_some())
 }
 
+/// Writes a document and its lines, the points on them to be set later (a return's, when
+/// it is applied) or never (a till's redemption).
 pub(super) fn write_document(
+    conn: &Connection,
+    existing: Option<i64>,
+    d: &Document,
+    customer: Option<i64>,
+    now: DateTime<Utc>,
+) -> Result<i64> {
+    let id = write_document_row(conn, existing, d, customer, now)?;
+    insert_lines(conn, id, d, &[], &[])?;
+    Ok(id)
+}
+
+/// Writes a document without its lines (an earlier version's lines go): a sale's lines are
+/// written once its effects are known, each with the points it earned and paid, rather
+/// than written and then updated line by line.
+fn write_document_row(
     conn: &Connection,
     existing: Option<i64>,
     d: &Document,
@@ -504,9 +521,15 @@ pub(super) fn write_document(
             conn.last_insert_rowid()
         }
     };
+    Ok(id)
+}
+
+/// A document's lines with the points each earned (or, on a return, took back) and paid;
+/// a line beyond `points` has none, one beyond `redeemed` paid none.
+fn insert_lines(conn: &Connection, id: i64, d: &Document, points: &[i64], redeemed: &[i64]) -> Result<()> {
     let mut ins = conn.prepare_cached(
         "INSERT INTO document_line_rows (document_id, line_no, product, quantity, unit_price, \
-         discount, net, unit_cost, service) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+         discount, net, unit_cost, service, points, redeemed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?;
     for (i, l) in d.lines.iter().enumerate() {
         let product = line_product(conn, &l.product_id, &l.name, l.category.as_deref())?;
@@ -519,10 +542,12 @@ pub(super) fn write_document(
             l.discount.0,
             l.net.0,
             l.unit_cost.map(|c| c.0),
-            l.service
+            l.service,
+            points.get(i).copied().unwrap_or(0),
+            redeemed.get(i).copied().filter(|r| *r != 0),
         ])?;
     }
-    Ok(id)
+    Ok(())
 }
 
 /// The key of a product as a line named it (id, name, group), stored once in
@@ -728,15 +753,7 @@ impl Run<'_, '_> {
         h: &mut Holdings,
     ) -> Result<()> {
         let decision = &fx.decision;
-        set_line_points(conn, doc_id, &decision.line_points)?;
-        if !decision.line_redeemed.is_empty() {
-            let mut st = conn.prepare_cached(
-                "UPDATE document_line_rows SET redeemed = ?3 WHERE document_id = ?1 AND line_no = ?2",
-            )?;
-            for (i, r) in decision.line_redeemed.iter().enumerate() {
-                st.execute(params![doc_id, i as i64 + 1, (*r != 0).then_some(*r)])?;
-            }
-        }
+        insert_lines(conn, doc_id, d, &decision.line_points, &decision.line_redeemed)?;
         self.flags.extend(decision.flags.iter().cloned());
         if let Some(c) = customer {
             for tx in &fx.txs {
@@ -1302,7 +1319,12 @@ impl Run<'_, '_> {
                         self.cancel_effects(conn, &doc_by_id(conn, ex.id)?, "replaced by a new version")?;
                     }
                 }
-                let id = write_document(conn, existing.as_ref().map(|e| e.id), d, customer, now)?;
+                let existing = existing.as_ref().map(|e| e.id);
+                let id = match d.kind {
+                    // the sale's lines are written with its effects (`write_sale`)
+                    DocKind::Sale => write_document_row(conn, existing, d, customer, now)?,
+                    DocKind::Return => write_document(conn, existing, d, customer, now)?,
+                };
                 match d.kind {
                     DocKind::Sale => {
                         self.apply_sale(conn, id, d, customer)?;

@@ -326,8 +326,8 @@ impl Ledger {
     }
 
     /// Counts per destination and state (every state), for `/status`, `/metrics` and
-    /// `kopilka outbox list`, from the kept totals (a count of every row took 1.6 s and
-    /// 117 MiB on 1.5M rows).
+    /// `kopilka outbox list`: pending rows through the index that holds only them, the rest
+    /// from the kept totals (a count of every row took 1.6 s and 117 MiB on 1.5M rows).
     pub fn outbox_counts(&self) -> Result<Vec<(String, OutboxState, i64)>> {
         let mut out: Vec<(String, String, i64)> = super::totals::kept(&self.conn, "outbox:")?
             .into_iter()
@@ -336,6 +336,13 @@ impl Ledger {
                 Some((destination.to_string(), state.to_string(), n))
             })
             .collect();
+        let mut st = self.conn.prepare_cached(
+            "SELECT destination, COUNT(*) FROM outbox INDEXED BY outbox_due WHERE state = 'pending' GROUP BY destination",
+        )?;
+        for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (destination, n) = row?;
+            out.push((destination, "pending".into(), n));
+        }
         out.sort();
         Ok(out
             .into_iter()

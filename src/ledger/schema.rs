@@ -738,7 +738,8 @@ CREATE INDEX journal_customer ON journal(customer_id, rule);
     // never do.
     r#"
 CREATE TABLE totals (
-    -- 'documents:<state>:<kind>', 'journal:<kind>', 'outbox:<state>:<destination>',
+    -- 'documents:<state>:<kind>', 'journal:<kind>', 'outbox:<state>:<destination>' (every
+    -- state but pending),
     -- 'holds:<state>', 'customers', 'lots:undelayed_earned'
     name   TEXT PRIMARY KEY,
     n      INTEGER NOT NULL,
@@ -749,7 +750,8 @@ CREATE TABLE totals (
 INSERT INTO totals
     SELECT 'documents:' || state || ':' || COALESCE(kind, ''), COUNT(*), SUM(total) FROM documents GROUP BY 1;
 INSERT INTO totals SELECT 'journal:' || kind, COUNT(*), SUM(amount) FROM journal GROUP BY 1;
-INSERT INTO totals SELECT 'outbox:' || state || ':' || destination, COUNT(*), 0 FROM outbox GROUP BY 1;
+INSERT INTO totals SELECT 'outbox:' || state || ':' || destination, COUNT(*), 0 FROM outbox
+    WHERE state != 'pending' GROUP BY 1;
 INSERT INTO totals SELECT 'holds:' || state, COUNT(*), 0 FROM holds GROUP BY 1;
 INSERT INTO totals SELECT 'customers', COUNT(*), 0 FROM customers;
 INSERT INTO totals SELECT 'lots:undelayed_earned', 0, COALESCE(MAX(earned_at), 0) FROM lots
@@ -787,18 +789,20 @@ CREATE TRIGGER totals_journal_delete AFTER DELETE ON journal BEGIN
         ON CONFLICT (name) DO UPDATE SET n = n + excluded.n, amount = amount + excluded.amount;
 END;
 
-CREATE TRIGGER totals_outbox_insert AFTER INSERT ON outbox BEGIN
+-- pending rows are not kept: `outbox_due` holds exactly them (a sale queues two or three
+-- and replaces one; counting them here cost the import 3 % more)
+CREATE TRIGGER totals_outbox_insert AFTER INSERT ON outbox WHEN NEW.state != 'pending' BEGIN
     INSERT INTO totals VALUES ('outbox:' || NEW.state || ':' || NEW.destination, 1, 0)
         ON CONFLICT (name) DO UPDATE SET n = n + excluded.n;
 END;
 CREATE TRIGGER totals_outbox_update AFTER UPDATE OF state, destination ON outbox
 WHEN OLD.state IS NOT NEW.state OR OLD.destination IS NOT NEW.destination BEGIN
-    INSERT INTO totals VALUES ('outbox:' || OLD.state || ':' || OLD.destination, -1, 0)
+    INSERT INTO totals SELECT 'outbox:' || OLD.state || ':' || OLD.destination, -1, 0 WHERE OLD.state != 'pending'
         ON CONFLICT (name) DO UPDATE SET n = n + excluded.n;
-    INSERT INTO totals VALUES ('outbox:' || NEW.state || ':' || NEW.destination, 1, 0)
+    INSERT INTO totals SELECT 'outbox:' || NEW.state || ':' || NEW.destination, 1, 0 WHERE NEW.state != 'pending'
         ON CONFLICT (name) DO UPDATE SET n = n + excluded.n;
 END;
-CREATE TRIGGER totals_outbox_delete AFTER DELETE ON outbox BEGIN
+CREATE TRIGGER totals_outbox_delete AFTER DELETE ON outbox WHEN OLD.state != 'pending' BEGIN
     INSERT INTO totals VALUES ('outbox:' || OLD.state || ':' || OLD.destination, -1, 0)
         ON CONFLICT (name) DO UPDATE SET n = n + excluded.n;
 END;

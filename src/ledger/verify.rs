@@ -122,7 +122,8 @@ const CHECKS: &[(&str, &str)] = &[
         "WITH counted (name, n, amount) AS ( \
            SELECT 'documents:' || state || ':' || COALESCE(kind, ''), COUNT(*), SUM(total) FROM documents GROUP BY 1 \
            UNION ALL SELECT 'journal:' || kind, COUNT(*), SUM(amount) FROM journal GROUP BY 1 \
-           UNION ALL SELECT 'outbox:' || state || ':' || destination, COUNT(*), 0 FROM outbox GROUP BY 1 \
+           UNION ALL SELECT 'outbox:' || state || ':' || destination, COUNT(*), 0 FROM outbox \
+             WHERE state != 'pending' GROUP BY 1 \
            UNION ALL SELECT 'holds:' || state, COUNT(*), 0 FROM holds GROUP BY 1 \
            UNION ALL SELECT 'customers', COUNT(*), 0 FROM customers \
            UNION ALL SELECT 'lots:undelayed_earned', 0, NULL) \
