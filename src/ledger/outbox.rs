@@ -336,12 +336,10 @@ impl Ledger {
                 Some((destination.to_string(), state.to_string(), n))
             })
             .collect();
-        let mut st = self.conn.prepare_cached(
-            "SELECT destination, COUNT(*) FROM outbox INDEXED BY outbox_due WHERE state = 'pending' GROUP BY destination",
-        )?;
-        for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-            let (destination, n) = row?;
-            out.push((destination, "pending".into(), n));
+        for (destination, state, n) in self.outbox_open_counts()? {
+            if state == OutboxState::Pending {
+                out.push((destination, state.as_str().into(), n));
+            }
         }
         out.sort();
         Ok(out
