@@ -8,7 +8,7 @@
 //! are read through indexes that hold only the rows still waiting. `ledger verify` recounts
 //! every kept total from the rows.
 //!
-//! The cost, measured: importing 20,000 sales takes about 5 % longer (the triggers on
+//! The cost, measured: importing 20,000 sales takes 5–10 % longer (the triggers on
 //! documents and journal rows); a `/metrics` scrape of a 1M-sale ledger 0.09 s (its 1.55M
 //! pending rows counted through `outbox_due`), not 2.7 s, and a till's request behind it
 //! waits 1 ms, not 2.5 s (BENCHMARKS.md).
