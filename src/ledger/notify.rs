@@ -557,8 +557,9 @@ impl Ledger {
                 ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        for (rest, n, _) in super::totals::kept(&self.conn, "outbox:delivered:notify:")? {
-            rows.push((format!("notify:{rest}"), "delivered".into(), None, false, n));
+        // every destination's sent rows; those not a channel's are skipped below
+        for (destination, n, _) in super::totals::kept(&self.conn, "outbox:delivered:")? {
+            rows.push((destination, "delivered".into(), None, false, n));
         }
         for (dest, state, note, later, n) in rows {
             let Some(channel) = Channel::from_destination(&dest) else {

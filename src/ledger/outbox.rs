@@ -329,23 +329,24 @@ impl Ledger {
     /// `kopilka outbox list`: pending rows through the index that holds only them, the rest
     /// from the kept totals (a count of every row took 1.6 s and 117 MiB on 1.5M rows).
     pub fn outbox_counts(&self) -> Result<Vec<(String, OutboxState, i64)>> {
-        let mut out: Vec<(String, String, i64)> = super::totals::kept(&self.conn, "outbox:")?
+        let mut out: Vec<(String, OutboxState, i64)> = super::totals::kept(&self.conn, "outbox:")?
             .into_iter()
             .filter_map(|(rest, n, _)| {
                 let (state, destination) = rest.split_once(':')?;
-                Some((destination.to_string(), state.to_string(), n))
+                Some((
+                    destination.to_string(),
+                    OutboxState::parse(state).unwrap_or(OutboxState::Dead),
+                    n,
+                ))
             })
             .collect();
-        for (destination, state, n) in self.outbox_open_counts()? {
-            if state == OutboxState::Pending {
-                out.push((destination, state.as_str().into(), n));
-            }
-        }
-        out.sort();
-        Ok(out
-            .into_iter()
-            .map(|(d, s, n)| (d, OutboxState::parse(&s).unwrap_or(OutboxState::Dead), n))
-            .collect())
+        out.extend(
+            self.outbox_open_counts()?
+                .into_iter()
+                .filter(|(_, state, _)| *state == OutboxState::Pending),
+        );
+        out.sort_by(|a, b| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));
+        Ok(out)
     }
 
     /// Puts a dead row back in the queue, due now, keeping its attempt history.

@@ -38,40 +38,35 @@ pub(super) fn kept(conn: &Connection, prefix: &str) -> Result<Vec<(String, i64, 
 impl Ledger {
     /// The all-time summary from the kept totals: the same figures `summary` counts from the
     /// rows for a period, since an all-time flow is a whole-table sum and every balance is
-    /// the sum of every entry. Only the split of balances into pending and available is
-    /// read, through the index of lots that became available later than they were earned.
+    /// the sum of every entry. What is read besides: the split of balances into pending and
+    /// available (through the index of lots that became available later than they were
+    /// earned), the debt (through the customers who owe) and the open quarantine.
     pub(super) fn summary_kept(&self, now: DateTime<Utc>) -> Result<Summary> {
         let c = &self.conn;
         let mut s = Summary::default();
-        let mut sales = 0;
-        for (rest, n, amount) in kept(c, "documents:")? {
-            match rest.split_once(':') {
-                Some(("active", "sale")) => {
+        let (mut sales, mut balance, mut undelayed_earned) = (0, 0, i64::MIN);
+        for (name, n, amount) in kept(c, "")? {
+            let (group, rest) = name.split_once(':').unwrap_or((name.as_str(), ""));
+            match (group, rest.split_once(':')) {
+                ("journal", _) => {
+                    s.add_flow(rest, amount)?;
+                    balance += amount;
+                }
+                ("documents", Some(("active", "sale"))) => {
                     s.sales_count = n;
                     sales = amount;
                 }
-                Some(("active", "return")) => {
+                ("documents", Some(("active", "return"))) => {
                     s.returns_count = n;
                     s.returns_total_kopecks = amount;
                 }
-                Some(("void", _)) => s.voided_documents += n,
+                ("documents", Some(("void", _))) => s.voided_documents += n,
+                ("customers", _) => s.customers = n,
+                ("lots", _) if rest == "undelayed_earned" => undelayed_earned = amount,
                 _ => {}
             }
         }
         s.sales_total_kopecks = sales - s.returns_total_kopecks;
-        let mut balance = 0;
-        for (kind, _, amount) in kept(c, "journal:")? {
-            s.add_flow(&kind, amount)?;
-            balance += amount;
-        }
-        let mut undelayed_earned = i64::MIN;
-        for (name, n, amount) in kept(c, "")? {
-            match name.as_str() {
-                "customers" => s.customers = n,
-                "lots:undelayed_earned" => undelayed_earned = amount,
-                _ => {}
-            }
-        }
         let now = ts(now);
         let mut pending: i64 = c
             .prepare_cached(
