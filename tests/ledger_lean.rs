@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use kopilka::core::journal::Explanation;
+use kopilka::core::journal::{Explanation, LineFacts};
 use kopilka::ledger::{Ledger, OpenOptions, OutboxFilter, Outcome};
 
 /// What a person can see of the ledger: every customer's history and balance, and every
@@ -220,15 +220,29 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         [],
     )
     .unwrap();
-    let explanations: Vec<(i64, Vec<u8>)> = conn
-        .prepare("SELECT id, explanation FROM journal")
+    let explanations: Vec<(i64, Vec<u8>, Option<i64>)> = conn
+        .prepare("SELECT id, explanation, document_id FROM journal")
         .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    for (id, packed) in explanations {
-        let long = serde_json::to_string(&Explanation::from_packed(&packed)).unwrap();
+    for (id, packed, document) in explanations {
+        // the old form spelled out what the explanation now leaves to the document's lines
+        let line = |n: u32| {
+            conn.query_row(
+                "SELECT product_id, net FROM document_lines WHERE document_id = ?1 AND line_no = ?2",
+                rusqlite::params![document, n],
+                |r| {
+                    Ok(LineFacts {
+                        product: r.get(0)?,
+                        net: r.get(1)?,
+                    })
+                },
+            )
+            .ok()
+        };
+        let long = serde_json::to_string(&Explanation::from_packed_with(&packed, line)).unwrap();
         assert!(long.contains("\"summary\""));
         conn.execute(
             "UPDATE journal SET explanation = ?2 WHERE id = ?1",
@@ -550,4 +564,84 @@ fn the_kept_totals_read_as_the_rows_count_them() {
     assert!(v[0].detail.contains("documents:active:sale"), "{v:#?}");
     assert_eq!(env.ledger.summary(&all, env.now).unwrap().sales_count, 6);
     assert_eq!(env.ledger.summary_counted(&all, env.now).unwrap().sales_count, 5);
+}
+
+/// An accrual's item for a line as `history` shows it: (line, product, base).
+type LineItem = (Option<u32>, Option<String>, Option<i64>);
+
+/// Every accrual's items for lines, in the journal's order.
+fn accrual_lines(env: &Env, customer: &str) -> Vec<Vec<LineItem>> {
+    let (_, entries) = env.ledger.history(customer).unwrap();
+    entries
+        .iter()
+        .filter(|e| e.kind == "accrual")
+        .map(|e| {
+            e.explanation
+                .items
+                .iter()
+                .filter(|i| i.line.is_some())
+                .map(|i| (i.line, i.product.clone(), i.base_kopecks))
+                .collect()
+        })
+        .collect()
+}
+
+/// Issue 19, "no fact copied into three tables": an accrual's items leave their line's
+/// product and net to the document's stored line, and `history` shows them as before; a new
+/// version of the document (new lines) leaves the earlier accrual saying what it was made
+/// against.
+#[test]
+fn an_accrual_leaves_its_lines_facts_to_the_lines_and_keeps_them_when_they_change() {
+    let mut env = Env::new();
+    let s1 = sale("S1", Some("C1"), &[("P1", 2, 1000), ("P2", 1, 500)]);
+    env.docs(vec![s1.clone()]);
+    let first = vec![
+        (Some(1), Some("P1".to_string()), Some(200_000)),
+        (Some(2), Some("P2".to_string()), Some(50_000)),
+    ];
+    assert_eq!(accrual_lines(&env, "C1"), vec![first.clone()]);
+    // the stored row does not repeat them: read without the lines, the values are missing
+    let conn = rusqlite::Connection::open(&env.path).unwrap();
+    let packed = |conn: &rusqlite::Connection, id: i64| -> Vec<u8> {
+        conn.query_row("SELECT explanation FROM journal WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    let accrual: i64 = conn
+        .query_row("SELECT id FROM journal WHERE kind = 'accrual'", [], |r| r.get(0))
+        .unwrap();
+    let bare = Explanation::from_packed(&packed(&conn, accrual));
+    let line_items: Vec<_> = bare.items.iter().filter(|i| i.line.is_some()).collect();
+    assert_eq!(line_items.len(), 2);
+    assert!(
+        line_items
+            .iter()
+            .all(|i| i.product.is_none() && i.base_kopecks.is_none())
+    );
+
+    // a new version with other lines: the first accrual is cancelled and still names the
+    // lines it was made against, the new one names the new lines
+    let mut edited = s1.clone();
+    edited.lines[1] = sale("x", None, &[("P3", 3, 300)]).lines[0].clone();
+    edited.total = edited.lines.iter().map(|l| l.net).sum();
+    assert_eq!(
+        env.docs(vec![reversion(edited)]).outcomes[0].1,
+        Outcome::NewVersion
+    );
+    let second = vec![
+        (Some(1), Some("P1".to_string()), Some(200_000)),
+        (Some(2), Some("P3".to_string()), Some(90_000)),
+    ];
+    assert_eq!(accrual_lines(&env, "C1"), vec![first, second]);
+    // the first one now holds its facts itself (the lines it was made against are gone)
+    let whole = Explanation::from_packed(&packed(&conn, accrual));
+    assert!(
+        whole
+            .items
+            .iter()
+            .filter(|i| i.line.is_some())
+            .all(|i| i.product.is_some() && i.base_kopecks.is_some())
+    );
+    env.assert_verified();
 }

@@ -229,27 +229,56 @@ struct StoredItem {
     n: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     o: Option<String>,
+    /// `1`: the product and base are the named line's own product and net, which the
+    /// document's stored line holds; they are not repeated here (see [`LineFacts`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    e: Option<u8>,
+}
+
+/// What a document's line says of itself that an explanation item naming the line repeats:
+/// the product and the money paid for it. An accrual names every line with both (≈ 90 of its
+/// ≈ 220 packed bytes, the journal's largest column; issue 19), and the ledger holds them in
+/// `document_line_rows` anyway. So an item whose product and base are exactly its line's is
+/// stored with a mark instead of the two values, and filled from the line when read. Only a
+/// document's own lines, while they are the ones the entry was made against: the ledger
+/// writes the values back into the stored explanation before a new version replaces them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LineFacts {
+    pub product: String,
+    pub net: i64,
 }
 
 impl Explanation {
     /// What the journal's `explanation` column holds.
     pub fn to_stored(&self) -> String {
+        self.to_stored_against(|_| None)
+    }
+
+    /// The stored form, leaving out of every item what `line` says its line holds (see
+    /// [`LineFacts`]); an item whose values differ from its line's keeps them.
+    pub fn to_stored_against<'a>(&self, line: impl Fn(u32) -> Option<(&'a str, i64)>) -> String {
         let stored = Stored {
             s: self.summary.clone(),
             i: self
                 .items
                 .iter()
-                .map(|x| StoredItem {
-                    r: x.rule.clone(),
-                    l: x.line,
-                    p: x.product.clone(),
-                    b: x.base_kopecks,
-                    t: x.rate.clone(),
-                    c: x.cap.clone(),
-                    cb: x.capped_by,
-                    m: x.margin_kopecks,
-                    n: x.points,
-                    o: x.note.clone(),
+                .map(|x| {
+                    let own = x.line.and_then(&line).is_some_and(|(product, net)| {
+                        x.product.as_deref() == Some(product) && x.base_kopecks == Some(net)
+                    });
+                    StoredItem {
+                        r: x.rule.clone(),
+                        l: x.line,
+                        p: if own { None } else { x.product.clone() },
+                        b: if own { None } else { x.base_kopecks },
+                        t: x.rate.clone(),
+                        c: x.cap.clone(),
+                        cb: x.capped_by,
+                        m: x.margin_kopecks,
+                        n: x.points,
+                        o: x.note.clone(),
+                        e: own.then_some(1),
+                    }
                 })
                 .collect(),
             f: self
@@ -263,25 +292,39 @@ impl Explanation {
     }
 
     /// Reads the column in any form it was ever written in: the compact form, the long-key
-    /// JSON of earlier versions, or plain text (taken as the summary).
+    /// JSON of earlier versions, or plain text (taken as the summary). Items stored against
+    /// their line read without product and base: see [`Explanation::from_stored_with`].
     pub fn from_stored(text: &str) -> Explanation {
+        Explanation::from_stored_with(text, |_| None)
+    }
+
+    /// Reads the column, taking the product and base an item left to its line from `line`
+    /// (the document's stored lines). `line` is asked only for such items, so a reader can
+    /// load the lines lazily; an item whose line it does not give reads without them.
+    pub fn from_stored_with(text: &str, mut line: impl FnMut(u32) -> Option<LineFacts>) -> Explanation {
         if let Ok(s) = serde_json::from_str::<Stored>(text) {
             return Explanation {
                 summary: s.s,
                 items: s
                     .i
                     .into_iter()
-                    .map(|x| ExplanationItem {
-                        rule: x.r,
-                        line: x.l,
-                        product: x.p,
-                        base_kopecks: x.b,
-                        rate: x.t,
-                        cap: x.c,
-                        capped_by: x.cb,
-                        margin_kopecks: x.m,
-                        points: x.n,
-                        note: x.o,
+                    .map(|x| {
+                        let (product, base_kopecks) = match x.e.zip(x.l).and_then(|(_, l)| line(l)) {
+                            Some(f) => (Some(f.product), Some(f.net)),
+                            None => (x.p, x.b),
+                        };
+                        ExplanationItem {
+                            rule: x.r,
+                            line: x.l,
+                            product,
+                            base_kopecks,
+                            rate: x.t,
+                            cap: x.c,
+                            capped_by: x.cb,
+                            margin_kopecks: x.m,
+                            points: x.n,
+                            note: x.o,
+                        }
                     })
                     .collect(),
                 flags: s
@@ -347,7 +390,12 @@ impl Explanation {
     /// [`Explanation::from_packed`]. `None` only if deflate fails, which on bytes in memory
     /// is a bug: the caller stores the compact text instead (`to_stored`), which reads too.
     pub fn pack(&self) -> Option<Vec<u8>> {
-        let text = self.to_stored();
+        self.pack_against(|_| None)
+    }
+
+    /// Packs the stored form made against the document's lines ([`Explanation::to_stored_against`]).
+    pub fn pack_against<'a>(&self, line: impl Fn(u32) -> Option<(&'a str, i64)>) -> Option<Vec<u8>> {
+        let text = self.to_stored_against(line);
         let mut out = Vec::with_capacity(text.len() + 64);
         out.push(PACKED_V1);
         PACKER.with(|p| {
@@ -369,11 +417,19 @@ impl Explanation {
     /// sentence saying so, never a panic. Text rows (every version before) go through
     /// [`Explanation::from_stored`].
     pub fn from_packed(bytes: &[u8]) -> Explanation {
-        Explanation::unpack(bytes)
-            .unwrap_or_else(|| Explanation::text("(the stored explanation could not be read)"))
+        Explanation::from_packed_with(bytes, |_| None)
     }
 
-    fn unpack(bytes: &[u8]) -> Option<Explanation> {
+    /// Reads a packed explanation, filling items stored against their line from `line` (as
+    /// [`Explanation::from_stored_with`]).
+    pub fn from_packed_with(bytes: &[u8], line: impl FnMut(u32) -> Option<LineFacts>) -> Explanation {
+        match Explanation::inflate(bytes) {
+            Some(text) => Explanation::from_stored_with(&text, line),
+            None => Explanation::text("(the stored explanation could not be read)"),
+        }
+    }
+
+    fn inflate(bytes: &[u8]) -> Option<String> {
         let (&tag, body) = bytes.split_first()?;
         if tag != PACKED_V1 {
             return None;
@@ -397,7 +453,7 @@ impl Explanation {
                 return None; // cut short
             }
         }
-        Some(Explanation::from_stored(std::str::from_utf8(&out).ok()?))
+        String::from_utf8(out).ok()
     }
 }
 
@@ -535,6 +591,77 @@ mod stored_tests {
             accrual(),
         ] {
             assert_eq!(Explanation::from_packed(&e.pack().unwrap()), e);
+        }
+    }
+
+    /// An item that repeats its line's product and net leaves them to the line and reads
+    /// back whole when the line is given; one whose base differs (points paid on the line)
+    /// keeps its own; an item without a line, or a line the reader does not give, is as stored.
+    #[test]
+    fn an_item_leaves_to_its_line_only_what_the_line_holds() {
+        let e = accrual_of_three_lines();
+        let lines = [("P00962", 366_700), ("P01583", 439_550), ("P00888", 550_350)];
+        let line = |n: u32| lines.get(n as usize - 1).copied();
+        let facts = |n: u32| {
+            lines.get(n as usize - 1).map(|(p, net)| LineFacts {
+                product: p.to_string(),
+                net: *net,
+            })
+        };
+        let stored = e.to_stored_against(line);
+        assert!(
+            !stored.contains("P00962") && !stored.contains("366700"),
+            "{stored}"
+        );
+        assert!(
+            stored.contains("P01583") && stored.contains("400000"),
+            "line 2 paid with points: its base is its own: {stored}"
+        );
+        assert!(stored.len() < e.to_stored().len());
+        assert_eq!(Explanation::from_stored_with(&stored, facts), e);
+        let packed = e.pack_against(line).unwrap();
+        assert!(packed.len() < e.pack().unwrap().len());
+        assert_eq!(Explanation::from_packed_with(&packed, facts), e);
+        // read without the lines: the left-out values are missing, nothing else changes
+        let bare = Explanation::from_packed(&packed);
+        assert_eq!(bare.items[0].product, None);
+        assert_eq!(bare.items[0].base_kopecks, None);
+        assert_eq!(bare.items[1], e.items[1]);
+        assert_eq!(bare.items[3], e.items[3]);
+        assert_eq!(bare.summary, e.summary);
+        // an item stored whole never asks for its line; one stored against it asks once
+        let mut asked = Vec::new();
+        Explanation::from_stored_with(&e.to_stored(), |n| {
+            asked.push(n);
+            None
+        });
+        assert!(asked.is_empty());
+        Explanation::from_stored_with(&stored, |n| {
+            asked.push(n);
+            None
+        });
+        assert_eq!(asked, [1, 3]);
+    }
+
+    fn accrual_of_three_lines() -> Explanation {
+        let item = |l: u32, p: &str, base: i64, points: i64| ExplanationItem {
+            rule: "base-cashback".into(),
+            line: Some(l),
+            product: Some(p.into()),
+            base_kopecks: Some(base),
+            rate: Some("5%".into()),
+            points,
+            ..Default::default()
+        };
+        Explanation {
+            summary: "668 points on 13566.00, 1 point = 1.00".into(),
+            items: vec![
+                item(1, "P00962", 366_700, 183),
+                item(2, "P01583", 400_000, 200),
+                item(3, "P00888", 550_350, 275),
+                visit_bonus(),
+            ],
+            flags: vec![],
         }
     }
 

@@ -605,6 +605,7 @@ impl Ledger {
                 reverses: None,
                 effective_at: now,
                 explanation: &explanation,
+                lines: &[],
                 actor: None,
                 idem_key: Some(&key),
                 partner: None,

@@ -208,6 +208,9 @@ pub(super) struct NewTx<'a> {
     pub(super) reverses: Option<i64>,
     pub(super) effective_at: DateTime<Utc>,
     pub(super) explanation: &'a Explanation,
+    /// The lines of the document being written with the entry, which its explanation's
+    /// items may leave their product and base to (`LineFacts`); empty for any other entry.
+    pub(super) lines: &'a [Line],
     pub(super) actor: Option<&'a str>,
     pub(super) idem_key: Option<&'a str>,
     pub(super) partner: Option<&'a str>,
@@ -226,7 +229,7 @@ pub(super) use crate::core::effects::LotDates;
 /// the transaction sums to zero by construction.
 pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateTime<Utc>) -> Result<i64> {
     let amount: i64 = t.moves.iter().map(|m| m.amount).sum();
-    let explanation = super::explanation_column(t.explanation);
+    let explanation = super::explanation_column_against(t.explanation, t.lines);
     conn.prepare_cached(
         "INSERT INTO journal (kind, role, customer_id, document_id, epoch, reverses, amount, \
          effective_at, recorded_at, explanation, actor, idem_key, partner, rule) \
@@ -491,6 +494,7 @@ fn write_document_row(
                 ts(now),
                 d.source.stamp
             ])?;
+            super::explanations_off_lines(conn, id)?;
             conn.prepare_cached("DELETE FROM document_line_rows WHERE document_id = ?1")?
                 .execute([id])?;
             id
@@ -678,6 +682,7 @@ impl Run<'_, '_> {
                     reverses: Some(tx_id),
                     effective_at: from_ts(effective),
                     explanation: &explanation,
+                    lines: &[],
                     actor: None,
                     idem_key: None,
                     partner: partner.as_deref(),
@@ -768,6 +773,7 @@ impl Run<'_, '_> {
                         reverses: None,
                         effective_at: d.occurred_at,
                         explanation: &tx.explanation,
+                        lines: &d.lines,
                         actor: tx.actor,
                         idem_key: None,
                         partner: if tx.partner { fx.partner.as_deref() } else { None },
@@ -811,6 +817,7 @@ impl Run<'_, '_> {
                 reverses: None,
                 effective_at: at,
                 explanation: &w.explanation,
+                lines: &[],
                 actor: w.actor,
                 idem_key: None,
                 partner: None,
@@ -930,6 +937,7 @@ impl Run<'_, '_> {
                     reverses: Some(accrual),
                     effective_at: at,
                     explanation: &explanation,
+                    lines: &[],
                     actor: None,
                     idem_key: None,
                     partner: None,
@@ -991,6 +999,7 @@ impl Run<'_, '_> {
                         reverses: Some(redemption),
                         effective_at: at,
                         explanation: &explanation,
+                        lines: &[],
                         actor: None,
                         idem_key: None,
                         partner: None,
@@ -1161,6 +1170,7 @@ impl Run<'_, '_> {
                     reverses: Some(tb.tx),
                     effective_at: at,
                     explanation: &explanation,
+                    lines: &[],
                     actor: None,
                     idem_key: None,
                     partner: None,
@@ -1271,6 +1281,7 @@ impl Run<'_, '_> {
                     reverses: None,
                     effective_at: d.occurred_at,
                     explanation: &explanation,
+                    lines: &[],
                     actor: None,
                     idem_key: Some(&key),
                     partner: None,
@@ -1709,6 +1720,7 @@ impl Ledger {
                 reverses: None,
                 effective_at: now,
                 explanation: &explanation,
+                lines: &[],
                 actor: Some(&req.by),
                 idem_key: idem.as_deref(),
                 partner: None,
@@ -1767,6 +1779,7 @@ impl Ledger {
                     reverses: None,
                     effective_at: now,
                     explanation: &explanation,
+                    lines: &[],
                     actor: None,
                     idem_key: None,
                     partner: None,

@@ -34,9 +34,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, params};
 
-use crate::core::journal::Explanation;
+use crate::core::document::Line;
+use crate::core::journal::{Explanation, LineFacts};
 
 pub use accounting::{Books, HistoryPosting, Posting, PostingKind, PostingRecord, movement_of};
 pub use amocrm_state::{
@@ -152,13 +153,97 @@ pub(crate) fn explanation_of(v: rusqlite::types::ValueRef<'_>) -> Explanation {
     }
 }
 
+/// A journal row's explanation with the items stored against their line filled from the
+/// document's lines (`LineFacts`), read only if the row has such an item. What shows an
+/// explanation item by item (`history`, forgetting a person) reads through this; a reader of
+/// the summary alone needs no lines ([`explanation_of`]).
+pub(crate) fn explanation_read(
+    conn: &Connection,
+    v: rusqlite::types::ValueRef<'_>,
+    document: Option<i64>,
+) -> rusqlite::Result<Explanation> {
+    let mut lines: Option<rusqlite::Result<Vec<LineFacts>>> = None;
+    let mut fill = |n: u32| -> Option<LineFacts> {
+        let doc = document?;
+        let read = lines.get_or_insert_with(|| line_facts(conn, doc));
+        let at = usize::try_from(n).ok()?.checked_sub(1)?;
+        read.as_ref().ok()?.get(at).cloned()
+    };
+    let e = match v {
+        rusqlite::types::ValueRef::Blob(b) => Explanation::from_packed_with(b, &mut fill),
+        rusqlite::types::ValueRef::Text(t) => {
+            Explanation::from_stored_with(&String::from_utf8_lossy(t), &mut fill)
+        }
+        _ => Explanation::default(),
+    };
+    match lines {
+        Some(Err(e)) => Err(e),
+        _ => Ok(e),
+    }
+}
+
+/// A document's lines as explanations name them, by line number from 1 (numbers are written
+/// 1, 2, … without gaps).
+fn line_facts(conn: &Connection, document: i64) -> rusqlite::Result<Vec<LineFacts>> {
+    conn.prepare_cached(
+        "SELECT p.product_id, l.net FROM document_line_rows l JOIN line_products p ON p.id = l.product \
+         WHERE l.document_id = ?1 ORDER BY l.line_no",
+    )?
+    .query_map([document], |r| {
+        Ok(LineFacts {
+            product: r.get(0)?,
+            net: r.get(1)?,
+        })
+    })?
+    .collect()
+}
+
 /// What the journal's `explanation` column is given: the packed form, or the compact text if
 /// packing failed (both read through [`explanation_at`]).
 pub(crate) fn explanation_column(e: &Explanation) -> rusqlite::types::Value {
-    match e.pack() {
+    explanation_column_against(e, &[])
+}
+
+/// The column for an entry of the document whose `lines` are being written with it: items
+/// that repeat their line's product and net leave them to the line (`LineFacts`).
+pub(crate) fn explanation_column_against(e: &Explanation, lines: &[Line]) -> rusqlite::types::Value {
+    let line = |n: u32| {
+        let l = lines.get(usize::try_from(n).ok()?.checked_sub(1)?)?;
+        Some((l.product_id.as_str(), l.net.0))
+    };
+    match e.pack_against(line) {
         Some(packed) => rusqlite::types::Value::Blob(packed),
-        None => rusqlite::types::Value::Text(e.to_stored()),
+        None => rusqlite::types::Value::Text(e.to_stored_against(line)),
     }
+}
+
+/// Writes the line facts back into the explanations of `document`'s entries that left them
+/// to its lines, before a new version of the document replaces the lines: an entry keeps
+/// saying what it was made against. Reads the document's entries through `journal_document`;
+/// only a document that changes pays it.
+pub(crate) fn explanations_off_lines(conn: &Connection, document: i64) -> Result<()> {
+    let rows: Vec<(i64, rusqlite::types::Value)> = conn
+        .prepare_cached("SELECT id, explanation FROM journal WHERE document_id = ?1")?
+        .query_map([document], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let facts = line_facts(conn, document)?;
+    for (id, value) in rows {
+        let mut left = false;
+        let fill = |n: u32| {
+            left = true;
+            facts.get(usize::try_from(n).ok()?.checked_sub(1)?).cloned()
+        };
+        let e = match &value {
+            rusqlite::types::Value::Blob(b) => Explanation::from_packed_with(b, fill),
+            rusqlite::types::Value::Text(t) => Explanation::from_stored_with(t, fill),
+            _ => continue,
+        };
+        if left {
+            conn.prepare_cached("UPDATE journal SET explanation = ?2 WHERE id = ?1")?
+                .execute(params![id, explanation_column(&e)])?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn from_ts(secs: i64) -> DateTime<Utc> {

@@ -395,10 +395,12 @@ impl Ledger {
 fn scrub_packed_explanations(tx: &Connection, needles: &BTreeSet<String>) -> Result<usize> {
     let mut changed = Vec::new();
     {
-        let mut st = tx.prepare("SELECT id, explanation FROM journal WHERE typeof(explanation) = 'blob'")?;
+        let mut st = tx
+            .prepare("SELECT id, explanation, document_id FROM journal WHERE typeof(explanation) = 'blob'")?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
-            let stored = super::explanation_at(r, 1)?.to_stored();
+            // whole, its lines' facts filled in: a row rewritten here keeps them itself
+            let stored = super::explanation_read(tx, r.get_ref(1)?, r.get(2)?)?.to_stored();
             let mut scrubbed = stored.clone();
             for needle in needles {
                 scrubbed = scrubbed

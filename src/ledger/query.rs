@@ -529,7 +529,7 @@ impl Ledger {
         let id = find_customer(&self.conn, customer)?;
         let mut st = self.conn.prepare(
             "SELECT j.id, j.kind, j.role, j.amount, j.effective_at, j.recorded_at, d.source, d.doc_id, d.number, \
-             j.reverses, j.actor, j.explanation FROM journal j LEFT JOIN documents d ON d.id = j.document_id \
+             j.reverses, j.actor, j.explanation, j.document_id FROM journal j LEFT JOIN documents d ON d.id = j.document_id \
              WHERE j.customer_id = ?1 ORDER BY j.id",
         )?;
         let entries = st
@@ -546,7 +546,7 @@ impl Ledger {
                     number: r.get(8)?,
                     reverses: r.get(9)?,
                     actor: r.get(10)?,
-                    explanation: super::explanation_at(r, 11)?,
+                    explanation: super::explanation_read(&self.conn, r.get_ref(11)?, r.get(12)?)?,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
