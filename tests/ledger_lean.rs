@@ -175,7 +175,9 @@ fn only_the_versions_a_document_left_are_kept() {
 /// (the facts are the same; only their form differs), then opened by today's kopilka.
 #[test]
 fn a_ledger_in_the_previous_forms_migrates_in_place() {
-    let mut env = with_bonus_documents();
+    // the shipped rules: a welcome bonus, so the journal names a rule
+    let mut env = Env::with_rules(include_str!("../config/rules.toml"));
+    env.dest.onec_bonus = Some("onec:bonus".into());
     let s1 = sale("S1", Some("C1"), &[("P1", 2, 1000), ("P2", 1, 500)]);
     env.docs(vec![s1.clone(), sale("S2", Some("C2"), &[("P1", 3, 700)])]);
     let mut edited = s1.clone();
@@ -263,6 +265,46 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         [],
     )
     .unwrap();
+    // schema 27's journal named a bonus's rule by its text (rebuilt: a column under a foreign
+    // key cannot be dropped, so foreign keys are off while it is; the journal's kept-totals
+    // triggers go with the old table, as the ones below do anyway)
+    let rules_before: Vec<(i64, String)> = conn
+        .prepare("SELECT j.id, n.name FROM journal j JOIN rule_names n ON n.id = j.rule_id ORDER BY j.id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!rules_before.is_empty(), "a bonus was given");
+    let journal_28: String = conn
+        .query_row("SELECT sql FROM sqlite_master WHERE name = 'journal'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let journal_27 = journal_28
+        .replacen("CREATE TABLE journal", "CREATE TABLE journal_27", 1)
+        .replacen("rule_id INTEGER REFERENCES rule_names(id)", "rule TEXT", 1);
+    assert_ne!(journal_27, journal_28.replacen("journal", "journal_27", 1));
+    conn.execute_batch(&format!(
+        "PRAGMA foreign_keys = OFF;
+         {journal_27};
+         INSERT INTO journal_27 (id, kind, role, customer_id, document_id, epoch, reverses, amount, effective_at,
+             recorded_at, explanation, actor, idem_key, partner, rule)
+             SELECT j.id, j.kind, j.role, j.customer_id, j.document_id, j.epoch, j.reverses, j.amount,
+                 j.effective_at, j.recorded_at, j.explanation, j.actor, j.idem_key, j.partner, n.name
+             FROM journal j LEFT JOIN rule_names n ON n.id = j.rule_id;
+         DROP TABLE journal;
+         ALTER TABLE journal_27 RENAME TO journal;
+         DROP TABLE rule_names;
+         CREATE INDEX journal_document ON journal(document_id, epoch) WHERE document_id IS NOT NULL;
+         CREATE INDEX journal_reverses ON journal(reverses) WHERE reverses IS NOT NULL;
+         CREATE INDEX journal_effective ON journal(effective_at);
+         CREATE INDEX journal_customer ON journal(customer_id, rule);
+         DROP INDEX outbox_due;
+         CREATE INDEX outbox_due ON outbox(destination, next_attempt_at, id) WHERE state = 'pending';
+         PRAGMA foreign_keys = ON;"
+    ))
+    .unwrap();
     // lines named their product by its text on every line; the outbox's indexes as they were
     conn.execute_batch(
         "CREATE TABLE lines_22 (
@@ -328,7 +370,11 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(triggers.len(), 16, "{triggers:?}");
+    assert_eq!(
+        triggers.len(),
+        13,
+        "the journal's three went with its rebuild: {triggers:?}"
+    );
     for t in triggers {
         conn.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
     }
@@ -357,7 +403,15 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, left), (27, 1), "only the version S1 left stays");
+    assert_eq!((version, left), (28, 1), "only the version S1 left stays");
+    let rules_after: Vec<(i64, String)> = conn
+        .prepare("SELECT j.id, n.name FROM journal j JOIN rule_names n ON n.id = j.rule_id ORDER BY j.id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rules_after, rules_before, "every bonus names its rule by key");
     assert_eq!(lines(&conn), lines_before, "every line reads as it did");
     let (lines, products): (i64, i64) = conn
         .query_row(

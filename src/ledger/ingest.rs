@@ -232,7 +232,7 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
     let explanation = super::explanation_column_against(t.explanation, t.lines);
     conn.prepare_cached(
         "INSERT INTO journal (kind, role, customer_id, document_id, epoch, reverses, amount, \
-         effective_at, recorded_at, explanation, actor, idem_key, partner, rule) \
+         effective_at, recorded_at, explanation, actor, idem_key, partner, rule_id) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
@@ -249,7 +249,7 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
         t.actor,
         t.idem_key,
         t.partner,
-        t.rule,
+        t.rule.map(|r| rule_id(conn, r)).transpose()?,
     ])?;
     let tx_id = conn.last_insert_rowid();
     let mut new_lot = None;
@@ -321,6 +321,21 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
     ])?;
     h.apply(&t.moves, new_lot);
     Ok(tx_id)
+}
+
+/// A rule's key in `rule_names`, added on first use (not cached: a document that fails rolls
+/// back the name it added).
+fn rule_id(conn: &Connection, name: &str) -> Result<i64> {
+    let found: Option<i64> = conn
+        .prepare_cached("SELECT id FROM rule_names WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?;
+    if let Some(id) = found {
+        return Ok(id);
+    }
+    conn.prepare_cached("INSERT INTO rule_names (name) VALUES (?1)")?
+        .execute([name])?;
+    Ok(conn.last_insert_rowid())
 }
 
 /// Finds the customer a document names, creating one on first sight. Keys are tried in
@@ -1076,7 +1091,8 @@ impl Run<'_, '_> {
             Ok(conn
                 .prepare_cached(
                     "SELECT COALESCE(-SUM(j.amount), 0) FROM journal j JOIN documents d ON d.id = j.document_id \
-                     WHERE j.reverses = ?1 AND j.role = 'effect' AND j.rule IS ?2 AND d.applied = 1 \
+                     WHERE j.reverses = ?1 AND j.role = 'effect' \
+                     AND j.rule_id IS (SELECT n.id FROM rule_names n WHERE n.name = ?2) AND d.applied = 1 \
                      AND d.epoch = j.epoch AND d.id != ?3",
                 )?
                 .query_row(params![tx, rule, ret.id], |r| r.get(0))?)
@@ -1084,8 +1100,9 @@ impl Run<'_, '_> {
         let mut rewards = Vec::new();
         let effects: Vec<(i64, String, i64, Option<String>)> = conn
             .prepare_cached(
-                "SELECT id, kind, amount, rule FROM journal WHERE document_id = ?1 AND epoch = ?2 \
-                 AND role = 'effect' AND kind IN ('accrual', 'bonus') ORDER BY id",
+                "SELECT j.id, j.kind, j.amount, n.name FROM journal j LEFT JOIN rule_names n ON n.id = j.rule_id \
+                 WHERE j.document_id = ?1 AND j.epoch = ?2 \
+                 AND j.role = 'effect' AND j.kind IN ('accrual', 'bonus') ORDER BY j.id",
             )?
             .query_map(params![orig.id, orig.epoch], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))

@@ -67,9 +67,9 @@ pub(super) fn enqueue_messages(conn: &Connection, ctx: &IngestContext<'_>) -> Re
         // one event per customer, document and kind: a sale's accrual rows are one message
         let mut grouped: BTreeMap<(i64, i64, EventKind), Event> = BTreeMap::new();
         let mut st = conn.prepare_cached(
-            "SELECT j.id, j.kind, j.rule, j.customer_id, j.amount, j.effective_at, j.document_id, d.number, \
+            "SELECT j.id, j.kind, n.name, j.customer_id, j.amount, j.effective_at, j.document_id, d.number, \
                     d.doc_id, d.kind \
-             FROM journal j LEFT JOIN documents d ON d.id = j.document_id \
+             FROM journal j LEFT JOIN documents d ON d.id = j.document_id LEFT JOIN rule_names n ON n.id = j.rule_id \
              WHERE j.id > ?1 AND j.id <= ?2 AND j.role = 'effect' \
                AND j.kind IN ('accrual', 'redemption', 'reversal', 'bonus') AND j.effective_at >= ?3 \
              ORDER BY j.id",

@@ -919,20 +919,23 @@ impl Ledger {
         let mut r = ProgramsReport::default();
         let (n, p): (i64, i64) = self.conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM journal \
-             WHERE role = 'effect' AND rule = 'referral:referee' AND reverses IS NULL",
+             WHERE role = 'effect' AND rule_id = (SELECT id FROM rule_names WHERE name = 'referral:referee') \
+             AND reverses IS NULL",
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
         let referrer: i64 = self.conn.query_row(
             "SELECT COALESCE(SUM(amount), 0) FROM journal \
-             WHERE role = 'effect' AND rule = 'referral:referrer' AND reverses IS NULL",
+             WHERE role = 'effect' AND rule_id = (SELECT id FROM rule_names WHERE name = 'referral:referrer') \
+             AND reverses IS NULL",
             [],
             |row| row.get(0),
         )?;
         (r.referral_pairs, r.referral_points) = (n, p + referrer);
         (r.birthday_bonuses, r.birthday_points) = self.conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM journal \
-             WHERE role = 'effect' AND rule = 'birthday' AND reverses IS NULL",
+             WHERE role = 'effect' AND rule_id = (SELECT id FROM rule_names WHERE name = 'birthday') \
+             AND reverses IS NULL",
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;

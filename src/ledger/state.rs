@@ -105,7 +105,8 @@ pub(crate) fn customer_state(
         if let Some(w) = window {
             let awarded: bool = conn
                 .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM journal j WHERE j.customer_id = ?1 AND j.rule = ?2 \
+                    "SELECT EXISTS (SELECT 1 FROM journal j WHERE j.customer_id = ?1 \
+                     AND j.rule_id = (SELECT n.id FROM rule_names n WHERE n.name = ?2) \
                      AND j.role = 'effect' AND j.kind = 'bonus' AND j.effective_at >= ?3 \
                      AND NOT EXISTS (SELECT 1 FROM journal x WHERE x.reverses = j.id AND (x.role = 'cancel' \
                        OR EXISTS (SELECT 1 FROM documents xd WHERE xd.id = x.document_id AND xd.applied = 1 \
