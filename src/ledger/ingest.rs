@@ -1086,13 +1086,16 @@ impl Run<'_, '_> {
         if rules.returns == ReturnClawback::GoodsOnly {
             return Ok(());
         }
-        // what earlier returns in force already took back of a transaction (by rule)
+        // what earlier returns in force already took back of a transaction (by rule; a rule
+        // no entry has named yet has no key, and must match nothing rather than the rule-less)
         let taken = |tx: i64, rule: Option<&str>| -> Result<i64> {
             Ok(conn
                 .prepare_cached(
                     "SELECT COALESCE(-SUM(j.amount), 0) FROM journal j JOIN documents d ON d.id = j.document_id \
                      WHERE j.reverses = ?1 AND j.role = 'effect' \
-                     AND j.rule_id IS (SELECT n.id FROM rule_names n WHERE n.name = ?2) AND d.applied = 1 \
+                     AND CASE WHEN ?2 IS NULL THEN j.rule_id IS NULL \
+                         ELSE j.rule_id = (SELECT n.id FROM rule_names n WHERE n.name = ?2) END \
+                     AND d.applied = 1 \
                      AND d.epoch = j.epoch AND d.id != ?3",
                 )?
                 .query_row(params![tx, rule, ret.id], |r| r.get(0))?)
