@@ -68,6 +68,16 @@ fn lines(conn: &rusqlite::Connection) -> Vec<String> {
     .unwrap()
 }
 
+/// Every journal entry that names a rule, with the rule's name.
+fn bonus_rules(conn: &rusqlite::Connection) -> Vec<(i64, String)> {
+    conn.prepare("SELECT j.id, n.name FROM journal j JOIN rule_names n ON n.id = j.rule_id ORDER BY j.id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 fn with_bonus_documents() -> Env {
     let mut env = Env::new();
     env.dest.onec_bonus = Some("onec:bonus".into());
@@ -268,13 +278,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     // schema 27's journal named a bonus's rule by its text (rebuilt: a column under a foreign
     // key cannot be dropped, so foreign keys are off while it is; the journal's kept-totals
     // triggers go with the old table, as the ones below do anyway)
-    let rules_before: Vec<(i64, String)> = conn
-        .prepare("SELECT j.id, n.name FROM journal j JOIN rule_names n ON n.id = j.rule_id ORDER BY j.id")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let rules_before = bonus_rules(&conn);
     assert!(!rules_before.is_empty(), "a bonus was given");
     let journal_28: String = conn
         .query_row("SELECT sql FROM sqlite_master WHERE name = 'journal'", [], |r| {
@@ -404,13 +408,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         )
         .unwrap();
     assert_eq!((version, left), (28, 1), "only the version S1 left stays");
-    let rules_after: Vec<(i64, String)> = conn
-        .prepare("SELECT j.id, n.name FROM journal j JOIN rule_names n ON n.id = j.rule_id ORDER BY j.id")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let rules_after = bonus_rules(&conn);
     assert_eq!(rules_after, rules_before, "every bonus names its rule by key");
     assert_eq!(lines(&conn), lines_before, "every line reads as it did");
     let (lines, products): (i64, i64) = conn

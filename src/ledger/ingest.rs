@@ -249,7 +249,7 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
         t.actor,
         t.idem_key,
         t.partner,
-        t.rule.map(|r| rule_id(conn, r)).transpose()?,
+        t.rule.map(|r| super::state::rule_id(conn, r)).transpose()?,
     ])?;
     let tx_id = conn.last_insert_rowid();
     let mut new_lot = None;
@@ -321,21 +321,6 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
     ])?;
     h.apply(&t.moves, new_lot);
     Ok(tx_id)
-}
-
-/// A rule's key in `rule_names`, added on first use (not cached: a document that fails rolls
-/// back the name it added).
-fn rule_id(conn: &Connection, name: &str) -> Result<i64> {
-    let found: Option<i64> = conn
-        .prepare_cached("SELECT id FROM rule_names WHERE name = ?1")?
-        .query_row([name], |r| r.get(0))
-        .optional()?;
-    if let Some(id) = found {
-        return Ok(id);
-    }
-    conn.prepare_cached("INSERT INTO rule_names (name) VALUES (?1)")?
-        .execute([name])?;
-    Ok(conn.last_insert_rowid())
 }
 
 /// Finds the customer a document names, creating one on first sight. Keys are tried in

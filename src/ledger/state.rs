@@ -125,17 +125,27 @@ pub(crate) fn customer_state(
     Ok(state)
 }
 
-/// A counter's key in `counter_names`, added on first use. Not cached in memory: a
-/// document that fails rolls back the name it added.
+/// A counter's key in `counter_names`, added on first use.
 pub(crate) fn counter_id(conn: &Connection, name: &str) -> Result<i64> {
+    name_key(conn, "counter_names", name)
+}
+
+/// A rule's key in `rule_names` (the rule behind a bonus), added on first use.
+pub(crate) fn rule_id(conn: &Connection, name: &str) -> Result<i64> {
+    name_key(conn, "rule_names", name)
+}
+
+/// A name's key in one of the tables that store a name once (`id`, `name`), added on first
+/// use. Not cached in memory: a document that fails rolls back the name it added.
+fn name_key(conn: &Connection, table: &'static str, name: &str) -> Result<i64> {
     let found: Option<i64> = conn
-        .prepare_cached("SELECT id FROM counter_names WHERE name = ?1")?
+        .prepare_cached(&format!("SELECT id FROM {table} WHERE name = ?1"))?
         .query_row([name], |r| r.get(0))
         .optional()?;
     if let Some(id) = found {
         return Ok(id);
     }
-    conn.prepare_cached("INSERT INTO counter_names (name) VALUES (?1)")?
+    conn.prepare_cached(&format!("INSERT INTO {table} (name) VALUES (?1)"))?
         .execute([name])?;
     Ok(conn.last_insert_rowid())
 }
