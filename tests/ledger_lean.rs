@@ -278,6 +278,20 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     // schema 27's journal named a bonus's rule by its text (rebuilt: a column under a foreign
     // key cannot be dropped, so foreign keys are off while it is; the journal's kept-totals
     // triggers go with the old table, as the ones below do anyway)
+    // schema 28's postings named their account by its word
+    conn.execute_batch(
+        "CREATE TABLE postings_28 (
+             tx_id INTEGER NOT NULL REFERENCES journal(id), leg INTEGER NOT NULL,
+             account TEXT NOT NULL, customer_id INTEGER REFERENCES customers(id),
+             lot_id INTEGER REFERENCES lots(id), amount INTEGER NOT NULL,
+             PRIMARY KEY (tx_id, leg)) WITHOUT ROWID;
+         INSERT INTO postings_28 SELECT tx_id, leg, account, customer_id, lot_id, amount FROM postings;
+         DROP VIEW postings;
+         DROP TABLE posting_rows;
+         ALTER TABLE postings_28 RENAME TO postings;
+         CREATE INDEX postings_lot ON postings(lot_id) WHERE lot_id IS NOT NULL;",
+    )
+    .unwrap();
     let rules_before = bonus_rules(&conn);
     assert!(!rules_before.is_empty(), "a bonus was given");
     let journal_28: String = conn
@@ -407,7 +421,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, left), (28, 1), "only the version S1 left stays");
+    assert_eq!((version, left), (29, 1), "only the version S1 left stays");
     let rules_after = bonus_rules(&conn);
     assert_eq!(rules_after, rules_before, "every bonus names its rule by key");
     assert_eq!(lines(&conn), lines_before, "every line reads as it did");

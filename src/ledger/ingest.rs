@@ -254,7 +254,7 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
     let tx_id = conn.last_insert_rowid();
     let mut new_lot = None;
     let mut insert_posting = conn.prepare_cached(
-        "INSERT INTO postings (tx_id, leg, account, customer_id, lot_id, amount) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO posting_rows (tx_id, leg, account, customer_id, lot_id, amount) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
     let mut leg = 0_i64;
     for m in &t.moves {
@@ -305,7 +305,7 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
         insert_posting.execute(params![
             tx_id,
             leg,
-            Account::Customer.as_str(),
+            super::account_code(Account::Customer),
             t.customer_id,
             lot_id,
             m.amount
@@ -314,7 +314,7 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
     insert_posting.execute(params![
         tx_id,
         leg + 1,
-        t.counter.as_str(),
+        super::account_code(t.counter),
         Option::<i64>::None,
         Option::<i64>::None,
         -amount

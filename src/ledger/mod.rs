@@ -37,7 +37,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OpenFlags, params};
 
 use crate::core::document::Line;
-use crate::core::journal::{Explanation, LineFacts};
+use crate::core::journal::{Account, Explanation, LineFacts};
 
 pub use accounting::{Books, HistoryPosting, Posting, PostingKind, PostingRecord, movement_of};
 pub use amocrm_state::{
@@ -150,6 +150,19 @@ pub(crate) fn explanation_of(v: rusqlite::types::ValueRef<'_>) -> Explanation {
         rusqlite::types::ValueRef::Blob(b) => Explanation::from_packed(b),
         rusqlite::types::ValueRef::Text(t) => Explanation::from_stored(&String::from_utf8_lossy(t)),
         _ => Explanation::default(),
+    }
+}
+
+/// How `posting_rows` stores an account (migration 29): a code fixed forever, which the view
+/// `postings` — what every query reads — spells out as `Account::as_str`.
+pub(crate) fn account_code(a: Account) -> i64 {
+    match a {
+        Account::Customer => 0,
+        Account::Expense => 1,
+        Account::Redemption => 2,
+        Account::Breakage => 3,
+        Account::Adjustment => 4,
+        Account::Opening => 5,
     }
 }
 
@@ -422,4 +435,35 @@ pub(crate) fn ledger_uid(conn: &rusqlite::Connection) -> Result<String> {
     Ok(conn
         .prepare_cached("SELECT value FROM meta WHERE key = 'ledger_uid'")?
         .query_row([], |r| r.get(0))?)
+}
+
+#[cfg(test)]
+mod account_code_tests {
+    use super::*;
+
+    /// The codes `posting_rows` stores and the words the view `postings` gives back are one
+    /// mapping: every account reads back as itself.
+    #[test]
+    fn every_account_reads_back_through_the_view_as_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("l.db"), &OpenOptions::default()).unwrap();
+        let conn = &ledger.conn;
+        conn.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
+        for (leg, a) in Account::ALL.into_iter().enumerate() {
+            conn.execute(
+                "INSERT INTO posting_rows (tx_id, leg, account, amount) VALUES (1, ?1, ?2, 0)",
+                params![leg as i64, account_code(a)],
+            )
+            .unwrap();
+        }
+        let read: Vec<String> = conn
+            .prepare("SELECT account FROM postings WHERE tx_id = 1 ORDER BY leg")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let words: Vec<&str> = Account::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(read, words);
+    }
 }

@@ -865,6 +865,37 @@ CREATE INDEX journal_customer ON journal(customer_id, rule_id);
 DROP INDEX outbox_due;
 CREATE INDEX outbox_due ON outbox(destination, next_attempt_at) WHERE state = 'pending';
 "#,
+    // 29 (issue 19): a posting names its account by a code fixed forever (0 customer,
+    // 1 expense, 2 redemption, 3 breakage, 4 adjustment, 5 opening) instead of the word: the
+    // two commonest take no byte at all in a record, and every movement writes two or three
+    // postings (≈ 8 bytes each). `postings` is now a view spelling the word out, which every
+    // query reads; the ledger writes `posting_rows` (`ledger::account_code`).
+    r#"
+CREATE TABLE posting_rows (
+    tx_id       INTEGER NOT NULL REFERENCES journal(id),
+    -- the posting's place in its transaction, from 1, in the order they were written
+    leg         INTEGER NOT NULL,
+    account     INTEGER NOT NULL CHECK (account BETWEEN 0 AND 5),
+    customer_id INTEGER REFERENCES customers(id),
+    lot_id      INTEGER REFERENCES lots(id),
+    amount      INTEGER NOT NULL,
+    PRIMARY KEY (tx_id, leg)
+) WITHOUT ROWID;
+INSERT INTO posting_rows (tx_id, leg, account, customer_id, lot_id, amount)
+    SELECT tx_id, leg,
+        CASE account WHEN 'customer' THEN 0 WHEN 'expense' THEN 1 WHEN 'redemption' THEN 2
+            WHEN 'breakage' THEN 3 WHEN 'adjustment' THEN 4 WHEN 'opening' THEN 5 END,
+        customer_id, lot_id, amount
+    FROM postings ORDER BY tx_id, leg;
+DROP TABLE postings;
+CREATE INDEX postings_lot ON posting_rows(lot_id) WHERE lot_id IS NOT NULL;
+CREATE VIEW postings AS
+    SELECT tx_id, leg,
+        CASE account WHEN 0 THEN 'customer' WHEN 1 THEN 'expense' WHEN 2 THEN 'redemption'
+            WHEN 3 THEN 'breakage' WHEN 4 THEN 'adjustment' WHEN 5 THEN 'opening' END AS account,
+        customer_id, lot_id, amount
+    FROM posting_rows;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

@@ -242,10 +242,16 @@ impl Builder {
         amount: i64,
     ) -> anyhow::Result<()> {
         conn.prepare_cached(
-            "INSERT INTO postings (tx_id, leg, account, customer_id, lot_id, amount) \
-             VALUES (?1, (SELECT COUNT(*) + 1 FROM postings WHERE tx_id = ?1), ?2, ?3, ?4, ?5)",
+            "INSERT INTO posting_rows (tx_id, leg, account, customer_id, lot_id, amount) \
+             VALUES (?1, (SELECT COUNT(*) + 1 FROM posting_rows WHERE tx_id = ?1), ?2, ?3, ?4, ?5)",
         )?
-        .execute(params![tx, account.as_str(), customer, lot, amount])?;
+        .execute(params![
+            tx,
+            crate::ledger::account_code(account),
+            customer,
+            lot,
+            amount
+        ])?;
         self.built.postings += 1;
         Ok(())
     }
