@@ -278,6 +278,26 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     // schema 27's journal named a bonus's rule by its text (rebuilt: a column under a foreign
     // key cannot be dropped, so foreign keys are off while it is; the journal's kept-totals
     // triggers go with the old table, as the ones below do anyway)
+    // schema 29's lines stored every net
+    conn.execute_batch(
+        "CREATE TABLE line_rows_29 (
+             document_id INTEGER NOT NULL REFERENCES documents(id), line_no INTEGER NOT NULL,
+             product INTEGER NOT NULL REFERENCES line_products(id), quantity TEXT NOT NULL,
+             unit_price INTEGER NOT NULL, discount INTEGER NOT NULL, net INTEGER NOT NULL,
+             unit_cost INTEGER, service INTEGER NOT NULL, points INTEGER NOT NULL DEFAULT 0,
+             redeemed INTEGER, PRIMARY KEY (document_id, line_no)) WITHOUT ROWID;
+         INSERT INTO line_rows_29 SELECT l.document_id, l.line_no, l.product, l.quantity, l.unit_price,
+             l.discount, v.net, l.unit_cost, l.service, l.points, l.redeemed
+             FROM document_line_rows l JOIN document_lines v USING (document_id, line_no);
+         DROP VIEW document_lines;
+         DROP TABLE document_line_rows;
+         ALTER TABLE line_rows_29 RENAME TO document_line_rows;
+         CREATE VIEW document_lines AS
+             SELECT l.document_id, l.line_no, p.product_id, p.name, p.category, l.quantity, l.unit_price,
+                    l.discount, l.net, l.unit_cost, l.service, l.points, l.redeemed
+             FROM document_line_rows l JOIN line_products p ON p.id = l.product;",
+    )
+    .unwrap();
     // schema 28's postings named their account by its word
     conn.execute_batch(
         "CREATE TABLE postings_28 (
@@ -421,7 +441,18 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, left), (29, 1), "only the version S1 left stays");
+    assert_eq!((version, left), (30, 1), "only the version S1 left stays");
+    let worked_out: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM document_line_rows WHERE net IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        worked_out > 0,
+        "the migration leaves whole-quantity nets to the view"
+    );
     let rules_after = bonus_rules(&conn);
     assert_eq!(rules_after, rules_before, "every bonus names its rule by key");
     assert_eq!(lines(&conn), lines_before, "every line reads as it did");
@@ -709,5 +740,49 @@ fn an_accrual_leaves_its_lines_facts_to_the_lines_and_keeps_them_when_they_chang
             .filter(|i| i.line.is_some())
             .all(|i| i.product.is_some() && i.base_kopecks.is_some())
     );
+    env.assert_verified();
+}
+
+/// Issue 19: a line's net is stored only where the view cannot work it out exactly — a
+/// quantity that is not a whole number, or a net that is not quantity × price − discount (a
+/// source rounding its own way); `document_lines` reads every net as the document said it.
+#[test]
+fn a_lines_net_is_stored_only_where_it_is_not_worked_out() {
+    let mut env = Env::new();
+    let mut s = sale(
+        "S1",
+        Some("C1"),
+        &[("P1", 2, 1000), ("P2", 1, 500), ("P3", 3, 333)],
+    );
+    s.lines[0].discount = kopilka::core::money::Money(5_000);
+    s.lines[0].net = kopilka::core::money::Money(195_000);
+    s.lines[1].quantity = "1.5".parse().unwrap();
+    s.lines[1].net = kopilka::core::money::Money(75_000);
+    // 3 × 333.00 = 999.00, the source says 998.99
+    s.lines[2].net = kopilka::core::money::Money(99_899);
+    s.total = s.lines.iter().map(|l| l.net).sum();
+    env.docs(vec![reversion(s.clone())]);
+    let conn = rusqlite::Connection::open(&env.path).unwrap();
+    let stored: Vec<Option<i64>> = conn
+        .prepare("SELECT net FROM document_line_rows ORDER BY line_no")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(stored, [None, Some(75_000), Some(99_899)]);
+    let read: Vec<i64> = conn
+        .prepare("SELECT net FROM document_lines ORDER BY line_no")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let said: Vec<i64> = s.lines.iter().map(|l| l.net.0).collect();
+    assert_eq!(read, said);
+    // and the accrual's items, which leave their base to these lines, read it back
+    let items = accrual_lines(&env, "C1");
+    let bases: Vec<Option<i64>> = items[0].iter().map(|i| i.2).collect();
+    assert_eq!(bases, said.iter().map(|n| Some(*n)).collect::<Vec<_>>());
     env.assert_verified();
 }

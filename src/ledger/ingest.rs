@@ -537,14 +537,15 @@ fn insert_lines(conn: &Connection, id: i64, d: &Document, points: &[i64], redeem
     )?;
     for (i, l) in d.lines.iter().enumerate() {
         let product = line_product(conn, &l.product_id, &l.name, l.category.as_deref())?;
+        let quantity = l.quantity.normalize().to_string();
         ins.execute(params![
             id,
             i as i64 + 1,
             product,
-            l.quantity.normalize().to_string(),
+            quantity,
             l.unit_price.0,
             l.discount.0,
-            l.net.0,
+            stored_net(&quantity, l.unit_price.0, l.discount.0, l.net.0),
             l.unit_cost.map(|c| c.0),
             l.service,
             points.get(i).copied().unwrap_or(0),
@@ -552,6 +553,20 @@ fn insert_lines(conn: &Connection, id: i64, d: &Document, points: &[i64], redeem
         ])?;
     }
     Ok(())
+}
+
+/// What `document_line_rows.net` holds (migration 30): nothing where the net is the
+/// quantity — digits only, as stored — times the unit price less the discount, which
+/// `document_lines` works out the same way (checked arithmetic here, so SQLite's integer
+/// sum never overflows into a float); the net itself otherwise.
+fn stored_net(quantity: &str, unit_price: i64, discount: i64, net: i64) -> Option<i64> {
+    let whole = !quantity.is_empty() && quantity.len() <= 15 && quantity.bytes().all(|b| b.is_ascii_digit());
+    let worked_out = whole
+        .then(|| quantity.parse::<i64>().ok())
+        .flatten()
+        .and_then(|q| q.checked_mul(unit_price))
+        .and_then(|v| v.checked_sub(discount));
+    (worked_out != Some(net)).then_some(net)
 }
 
 /// The key of a product as a line named it (id, name, group), stored once in

@@ -198,17 +198,14 @@ pub(crate) fn explanation_read(
 /// A document's lines as explanations name them, by line number from 1 (numbers are written
 /// 1, 2, … without gaps).
 fn line_facts(conn: &Connection, document: i64) -> rusqlite::Result<Vec<LineFacts>> {
-    conn.prepare_cached(
-        "SELECT p.product_id, l.net FROM document_line_rows l JOIN line_products p ON p.id = l.product \
-         WHERE l.document_id = ?1 ORDER BY l.line_no",
-    )?
-    .query_map([document], |r| {
-        Ok(LineFacts {
-            product: r.get(0)?,
-            net: r.get(1)?,
-        })
-    })?
-    .collect()
+    conn.prepare_cached("SELECT product_id, net FROM document_lines WHERE document_id = ?1 ORDER BY line_no")?
+        .query_map([document], |r| {
+            Ok(LineFacts {
+                product: r.get(0)?,
+                net: r.get(1)?,
+            })
+        })?
+        .collect()
 }
 
 /// What the journal's `explanation` column is given: the packed form, or the compact text if

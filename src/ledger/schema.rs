@@ -896,6 +896,42 @@ CREATE VIEW postings AS
         customer_id, lot_id, amount
     FROM posting_rows;
 "#,
+    // 30 (issue 19): a line's net is stored only where it is not its quantity times its
+    // unit price less its discount with the quantity a whole number (`NULL` then; nearly
+    // every line of goods sold by the piece); `document_lines`, which every query reads,
+    // works it out. The sum is exact: whole kopecks and a whole quantity.
+    r#"
+CREATE TABLE line_rows_30 (
+    document_id INTEGER NOT NULL REFERENCES documents(id),
+    line_no     INTEGER NOT NULL,
+    product     INTEGER NOT NULL REFERENCES line_products(id),
+    quantity    TEXT NOT NULL,
+    unit_price  INTEGER NOT NULL,
+    discount    INTEGER NOT NULL,
+    -- NULL: quantity (digits only) × unit_price − discount, as `document_lines` reads it
+    net         INTEGER CHECK (net IS NOT NULL OR (quantity != '' AND quantity NOT GLOB '*[^0-9]*')),
+    unit_cost   INTEGER,
+    service     INTEGER NOT NULL,
+    -- points earned (sale) or taken back (return) by this line in the current epoch
+    points      INTEGER NOT NULL DEFAULT 0,
+    redeemed    INTEGER,
+    PRIMARY KEY (document_id, line_no)
+) WITHOUT ROWID;
+INSERT INTO line_rows_30
+    SELECT document_id, line_no, product, quantity, unit_price, discount,
+           CASE WHEN quantity != '' AND quantity NOT GLOB '*[^0-9]*' AND length(quantity) <= 15
+                 AND net = CAST(quantity AS INTEGER) * unit_price - discount THEN NULL ELSE net END,
+           unit_cost, service, points, redeemed
+    FROM document_line_rows ORDER BY document_id, line_no;
+DROP VIEW document_lines;
+DROP TABLE document_line_rows;
+ALTER TABLE line_rows_30 RENAME TO document_line_rows;
+CREATE VIEW document_lines AS
+    SELECT l.document_id, l.line_no, p.product_id, p.name, p.category, l.quantity, l.unit_price,
+           l.discount, COALESCE(l.net, CAST(l.quantity AS INTEGER) * l.unit_price - l.discount) AS net,
+           l.unit_cost, l.service, l.points, l.redeemed
+    FROM document_line_rows l JOIN line_products p ON p.id = l.product;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka
