@@ -55,17 +55,23 @@ fn postings(conn: &rusqlite::Connection) -> Vec<Posting> {
         .unwrap()
 }
 
+/// The first column of every row a query gives.
+fn column<T: rusqlite::types::FromSql>(conn: &rusqlite::Connection, sql: &str) -> Vec<T> {
+    conn.prepare(sql)
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 /// Every line as `document_lines` shows it, each column as text.
 fn lines(conn: &rusqlite::Connection) -> Vec<String> {
-    conn.prepare(
+    column(
+        conn,
         "SELECT concat_ws('|', document_id, line_no, product_id, name, category, quantity, unit_price, \
          discount, net, unit_cost, service, points, redeemed) FROM document_lines ORDER BY document_id, line_no",
     )
-    .unwrap()
-    .query_map([], |r| r.get(0))
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
 }
 
 /// Every journal entry that names a rule, with the rule's name.
@@ -401,13 +407,10 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     )
     .unwrap();
     // schema 27's kept totals, made again from the rows by the migration
-    let triggers: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'totals_%'")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let triggers: Vec<String> = column(
+        &conn,
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'totals_%'",
+    );
     assert_eq!(
         triggers.len(),
         13,
@@ -468,13 +471,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         (2, 1),
         "S1's line left after the edit and S2's: both name P1, stored once"
     );
-    let logged: Vec<String> = conn
-        .prepare("SELECT doc_id FROM source_log")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let logged: Vec<String> = column(&conn, "SELECT doc_id FROM source_log");
     assert_eq!(logged, ["BAD"], "only what the ledger could not take");
     let postings_after = postings(&conn);
     assert_eq!(postings_after, postings_before, "every posting, in its order");
@@ -763,21 +760,9 @@ fn a_lines_net_is_stored_only_where_it_is_not_worked_out() {
     s.total = s.lines.iter().map(|l| l.net).sum();
     env.docs(vec![reversion(s.clone())]);
     let conn = rusqlite::Connection::open(&env.path).unwrap();
-    let stored: Vec<Option<i64>> = conn
-        .prepare("SELECT net FROM document_line_rows ORDER BY line_no")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let stored: Vec<Option<i64>> = column(&conn, "SELECT net FROM document_line_rows ORDER BY line_no");
     assert_eq!(stored, [None, Some(75_000), Some(99_899)]);
-    let read: Vec<i64> = conn
-        .prepare("SELECT net FROM document_lines ORDER BY line_no")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let read: Vec<i64> = column(&conn, "SELECT net FROM document_lines ORDER BY line_no");
     let said: Vec<i64> = s.lines.iter().map(|l| l.net.0).collect();
     assert_eq!(read, said);
     // and the accrual's items, which leave their base to these lines, read it back
