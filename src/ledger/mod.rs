@@ -146,11 +146,26 @@ pub(crate) fn explanation_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Resul
 }
 
 pub(crate) fn explanation_of(v: rusqlite::types::ValueRef<'_>) -> Explanation {
+    explanation_with(v, |_| None)
+}
+
+/// The column in any stored form, items left to their line filled by `fill`.
+fn explanation_with(
+    v: rusqlite::types::ValueRef<'_>,
+    fill: impl FnMut(u32) -> Option<LineFacts>,
+) -> Explanation {
     match v {
-        rusqlite::types::ValueRef::Blob(b) => Explanation::from_packed(b),
-        rusqlite::types::ValueRef::Text(t) => Explanation::from_stored(&String::from_utf8_lossy(t)),
+        rusqlite::types::ValueRef::Blob(b) => Explanation::from_packed_with(b, fill),
+        rusqlite::types::ValueRef::Text(t) => {
+            Explanation::from_stored_with(&String::from_utf8_lossy(t), fill)
+        }
         _ => Explanation::default(),
     }
+}
+
+/// Line `n` of a document's lines, numbered from 1 as explanations name them.
+fn nth_line<T>(lines: &[T], n: u32) -> Option<&T> {
+    lines.get(usize::try_from(n).ok()?.checked_sub(1)?)
 }
 
 /// How `posting_rows` stores an account (migration 29): a code fixed forever, which the view
@@ -176,19 +191,11 @@ pub(crate) fn explanation_read(
     document: Option<i64>,
 ) -> rusqlite::Result<Explanation> {
     let mut lines: Option<rusqlite::Result<Vec<LineFacts>>> = None;
-    let mut fill = |n: u32| -> Option<LineFacts> {
+    let e = explanation_with(v, |n| {
         let doc = document?;
         let read = lines.get_or_insert_with(|| line_facts(conn, doc));
-        let at = usize::try_from(n).ok()?.checked_sub(1)?;
-        read.as_ref().ok()?.get(at).cloned()
-    };
-    let e = match v {
-        rusqlite::types::ValueRef::Blob(b) => Explanation::from_packed_with(b, &mut fill),
-        rusqlite::types::ValueRef::Text(t) => {
-            Explanation::from_stored_with(&String::from_utf8_lossy(t), &mut fill)
-        }
-        _ => Explanation::default(),
-    };
+        nth_line(read.as_ref().ok()?, n).cloned()
+    });
     match lines {
         Some(Err(e)) => Err(e),
         _ => Ok(e),
@@ -217,10 +224,7 @@ pub(crate) fn explanation_column(e: &Explanation) -> rusqlite::types::Value {
 /// The column for an entry of the document whose `lines` are being written with it: items
 /// that repeat their line's product and net leave them to the line (`LineFacts`).
 pub(crate) fn explanation_column_against(e: &Explanation, lines: &[Line]) -> rusqlite::types::Value {
-    let line = |n: u32| {
-        let l = lines.get(usize::try_from(n).ok()?.checked_sub(1)?)?;
-        Some((l.product_id.as_str(), l.net.0))
-    };
+    let line = |n: u32| nth_line(lines, n).map(|l| (l.product_id.as_str(), l.net.0));
     match e.pack_against(line) {
         Some(packed) => rusqlite::types::Value::Blob(packed),
         None => rusqlite::types::Value::Text(e.to_stored_against(line)),
@@ -239,15 +243,10 @@ pub(crate) fn explanations_off_lines(conn: &Connection, document: i64) -> Result
     let facts = line_facts(conn, document)?;
     for (id, value) in rows {
         let mut left = false;
-        let fill = |n: u32| {
+        let e = explanation_with((&value).into(), |n| {
             left = true;
-            facts.get(usize::try_from(n).ok()?.checked_sub(1)?).cloned()
-        };
-        let e = match &value {
-            rusqlite::types::Value::Blob(b) => Explanation::from_packed_with(b, fill),
-            rusqlite::types::Value::Text(t) => Explanation::from_stored_with(t, fill),
-            _ => continue,
-        };
+            nth_line(&facts, n).cloned()
+        });
         if left {
             conn.prepare_cached("UPDATE journal SET explanation = ?2 WHERE id = ?1")?
                 .execute(params![id, explanation_column(&e)])?;
