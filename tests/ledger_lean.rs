@@ -132,7 +132,9 @@ fn a_bonus_document_row_stores_a_reference_and_reads_whole() {
     assert_eq!(due[0].payload, rows[0].payload);
     // the reference under the long names a version before wrote reads the same
     let short: serde_json::Value = serde_json::from_str(&stored).unwrap();
-    let long = serde_json::json!({"tx_id": short["t"], "point_value": short["v"], "register": short["r"]});
+    // a one-ruble point is not written (`v` 100 when it is)
+    assert!(short.get("v").is_none(), "{stored}");
+    let long = serde_json::json!({"tx_id": short["t"], "point_value": 100, "register": short["r"]});
     assert!(stored.len() < long.to_string().len(), "{stored}");
     conn.execute(
         "UPDATE outbox SET payload = ?1 WHERE destination = 'onec:bonus'",
@@ -173,9 +175,13 @@ fn only_the_versions_a_document_left_are_kept() {
     let edited = reversion(edited);
     assert_eq!(env.docs(vec![edited.clone()]).outcomes[0].1, Outcome::NewVersion);
     let kept: (String, String) = conn
-        .query_row("SELECT version, action FROM document_versions", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            // a content hash is kept as its bytes (migration 31)
+            "SELECT CASE typeof(version) WHEN 'blob' THEN 'sha256:' || lower(hex(version)) ELSE version END, \
+             action FROM document_versions",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
     assert_eq!(kept, (s1.source.version.clone(), "applied".into()));
     // both versions are recognised: the current one unchanged, the left one stale
@@ -191,6 +197,8 @@ fn only_the_versions_a_document_left_are_kept() {
 /// (the facts are the same; only their form differs), then opened by today's kopilka.
 #[test]
 fn a_ledger_in_the_previous_forms_migrates_in_place() {
+    use kopilka::core::document::{Incoming, VoidReason};
+    use kopilka::ledger::Item;
     // the shipped rules: a welcome bonus, so the journal names a rule
     let mut env = Env::with_rules(include_str!("../config/rules.toml"));
     env.dest.onec_bonus = Some("onec:bonus".into());
@@ -207,6 +215,18 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         env.docs(vec![reversion(bad)]).outcomes[0].1,
         Outcome::Quarantined(_)
     ));
+    // a sale unposted in 1C: void, its version the source's own word, not a content hash
+    let s3 = reversion(sale("S3", Some("C1"), &[("P1", 1, 300)]));
+    env.docs(vec![s3.clone()]);
+    let mut unposted = s3.source.clone();
+    unposted.version = "unposted-1".into();
+    env.ingest(vec![Item::Incoming(Incoming::Void {
+        source: unposted,
+        reason: VoidReason::Unposted,
+    })]);
+    // one bonus document delivered, the others pending
+    let due = env.ledger.outbox_due("onec:bonus", 1, env.now).unwrap();
+    env.ledger.outbox_mark_delivered(&[due[0].id], env.now).unwrap();
     env.assert_verified();
     let now = env.now;
     let before = visible(&env.ledger, now);
@@ -320,15 +340,98 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     .unwrap();
     let rules_before = bonus_rules(&conn);
     assert!(!rules_before.is_empty(), "a bonus was given");
-    let journal_28: String = conn
-        .query_row("SELECT sql FROM sqlite_master WHERE name = 'journal'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    let journal_27 = journal_28
-        .replacen("CREATE TABLE journal", "CREATE TABLE journal_27", 1)
-        .replacen("rule_id INTEGER REFERENCES rule_names(id)", "rule TEXT", 1);
-    assert_ne!(journal_27, journal_28.replacen("journal", "journal_27", 1));
+    // schemas before 32 stored an entry's kind and role, and a document's kind and state, as
+    // words (both tables rebuilt below, in those forms)
+    let journal_27 = "CREATE TABLE journal_27 (
+        id           INTEGER PRIMARY KEY,
+        kind         TEXT NOT NULL CHECK (kind IN
+                       ('accrual','redemption','reversal','expiry','adjustment','opening','bonus','writeoff')),
+        role         TEXT NOT NULL CHECK (role IN ('effect','cancel')),
+        customer_id  INTEGER NOT NULL REFERENCES customers(id),
+        document_id  INTEGER REFERENCES documents(id),
+        epoch        INTEGER,
+        reverses     INTEGER REFERENCES journal(id),
+        amount       INTEGER NOT NULL,
+        effective_at INTEGER NOT NULL,
+        recorded_at  INTEGER NOT NULL,
+        explanation  TEXT NOT NULL,
+        actor        TEXT,
+        idem_key     TEXT UNIQUE,
+        partner      TEXT,
+        rule         TEXT)";
+    let kinds_before: Vec<String> = column(&conn, "SELECT kind || ':' || role FROM journal ORDER BY id");
+    let states_before: Vec<String> = column(
+        &conn,
+        "SELECT COALESCE(kind, '-') || ':' || state FROM documents ORDER BY id",
+    );
+    assert!(
+        states_before.iter().any(|s| s.ends_with(":void")),
+        "{states_before:?}"
+    );
+    assert!(
+        kinds_before.iter().any(|s| s.ends_with(":cancel")),
+        "{kinds_before:?}"
+    );
+    let outbox_before: Vec<String> = column(&conn, "SELECT state FROM outbox ORDER BY id");
+    assert!(
+        outbox_before.iter().any(|s| s == "delivered"),
+        "{outbox_before:?}"
+    );
+    assert!(outbox_before.iter().any(|s| s == "pending"), "{outbox_before:?}");
+    conn.execute_batch(
+        "DROP TRIGGER totals_outbox_insert;
+         DROP TRIGGER totals_outbox_update;
+         DROP TRIGGER totals_outbox_delete;
+         DROP INDEX outbox_due;
+         DROP INDEX outbox_coalesce;
+         DROP INDEX outbox_dead_coalesce;
+         DROP INDEX outbox_dead;
+         DROP INDEX outbox_notify_open;
+         ALTER TABLE outbox ADD COLUMN state_31 TEXT NOT NULL DEFAULT 'pending';
+         UPDATE outbox SET state_31 = state;
+         ALTER TABLE outbox DROP COLUMN state;
+         ALTER TABLE outbox DROP COLUMN state_code;
+         ALTER TABLE outbox RENAME COLUMN state_31 TO state;
+         CREATE INDEX outbox_due ON outbox(destination, next_attempt_at) WHERE state = 'pending';
+         CREATE INDEX outbox_coalesce ON outbox(destination, coalesce_key)
+             WHERE state = 'pending' AND coalesce_key IS NOT NULL;
+         CREATE INDEX outbox_dead_coalesce ON outbox(destination, coalesce_key, updated_at)
+             WHERE state = 'dead' AND coalesce_key IS NOT NULL;
+         CREATE INDEX outbox_dead ON outbox(id) WHERE state = 'dead';
+         CREATE INDEX outbox_notify_open ON outbox(destination, state)
+             WHERE destination LIKE 'notify:%' AND state != 'delivered';",
+    )
+    .unwrap();
+    conn.execute_batch(
+        "PRAGMA foreign_keys = OFF;
+         CREATE TABLE documents_31 (
+             id INTEGER PRIMARY KEY, source TEXT NOT NULL, doc_id TEXT NOT NULL, version TEXT NOT NULL,
+             stamp INTEGER, kind TEXT CHECK (kind IN ('sale','return')),
+             state TEXT NOT NULL CHECK (state IN ('active','void')), void_reason TEXT,
+             epoch INTEGER NOT NULL DEFAULT 0, applied INTEGER NOT NULL DEFAULT 0, number TEXT,
+             occurred_at INTEGER, customer_id INTEGER REFERENCES customers(id), currency TEXT,
+             total INTEGER NOT NULL DEFAULT 0, points_redeemed INTEGER NOT NULL DEFAULT 0,
+             original_ref TEXT, original_id INTEGER REFERENCES documents(id), store TEXT, partner TEXT,
+             first_seen_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, margin INTEGER,
+             reward_value INTEGER, budget_period TEXT, loss INTEGER NOT NULL DEFAULT 0, flags TEXT,
+             UNIQUE (source, doc_id));
+         INSERT INTO documents_31 SELECT id, source, doc_id, version, stamp, kind, state, void_reason,
+             epoch, applied, number, occurred_at, customer_id, currency, total, points_redeemed,
+             original_ref, original_id, store, partner, first_seen_at, updated_at, margin,
+             reward_value, budget_period, loss, flags FROM documents;
+         DROP TABLE documents;
+         ALTER TABLE documents_31 RENAME TO documents;
+         CREATE INDEX documents_number ON documents(source, number) WHERE number IS NOT NULL;
+         CREATE INDEX documents_original ON documents(original_id) WHERE original_id IS NOT NULL;
+         CREATE INDEX documents_unlinked ON documents(source, original_ref)
+             WHERE kind = 'return' AND original_id IS NULL AND original_ref IS NOT NULL;
+         CREATE INDEX documents_occurred ON documents(occurred_at);
+         CREATE INDEX documents_loss ON documents(occurred_at) WHERE loss > 0;
+         CREATE INDEX documents_updated ON documents(updated_at);
+         CREATE INDEX documents_customer ON documents(customer_id, occurred_at);
+         PRAGMA foreign_keys = ON;",
+    )
+    .unwrap();
     conn.execute_batch(&format!(
         "PRAGMA foreign_keys = OFF;
          {journal_27};
@@ -413,19 +516,51 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     );
     assert_eq!(
         triggers.len(),
-        13,
-        "the journal's three went with its rebuild: {triggers:?}"
+        7,
+        "the journal's, the documents' and the outbox's three went with their rebuilds: {triggers:?}"
     );
     for t in triggers {
         conn.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
     }
     conn.execute_batch("DROP TABLE totals; DROP INDEX customers_debt; DROP INDEX outbox_notify_open;")
         .unwrap();
+    // schema 30 kept a content hash version as its text, in every table that keeps one
+    let hashed: Vec<(String, i64)> = conn
+        .prepare(
+            "SELECT 'documents', typeof(version) = 'blob' FROM documents UNION ALL \
+             SELECT 'document_versions', typeof(version) = 'blob' FROM document_versions UNION ALL \
+             SELECT 'source_log', typeof(version) = 'blob' FROM source_log",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let text: Vec<String> = column(
+        &conn,
+        "SELECT version FROM documents WHERE typeof(version) != 'blob' UNION ALL \
+         SELECT version FROM document_versions WHERE typeof(version) != 'blob' UNION ALL \
+         SELECT version FROM source_log WHERE typeof(version) != 'blob'",
+    );
+    assert_eq!(
+        text, ["unposted-1"; 3],
+        "every content hash written today is kept as its bytes (S3's void version: in all three)"
+    );
+    assert!(
+        hashed.iter().filter(|(_, blob)| *blob == 1).count() >= 5,
+        "{hashed:?}"
+    );
+    conn.execute_batch(
+        "UPDATE documents SET version = 'sha256:' || lower(hex(version)) WHERE typeof(version) = 'blob';
+         UPDATE document_versions SET version = 'sha256:' || lower(hex(version)) WHERE typeof(version) = 'blob';
+         UPDATE source_log SET version = 'sha256:' || lower(hex(version)) WHERE typeof(version) = 'blob';",
+    )
+    .unwrap();
     conn.execute_batch("PRAGMA user_version = 22").unwrap();
     let versions: i64 = conn
         .query_row("SELECT COUNT(*) FROM document_versions", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(versions, 3, "two current versions and the one S1 left");
+    assert_eq!(versions, 5, "three current versions and the ones S1 and S3 left");
     drop(conn);
 
     let ledger = Ledger::open(&path, &OpenOptions::default()).unwrap();
@@ -444,7 +579,18 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, left), (30, 1), "only the version S1 left stays");
+    assert_eq!((version, left), (32, 2), "only the versions S1 and S3 left stay");
+    let text: Vec<String> = column(
+        &conn,
+        "SELECT version FROM documents WHERE typeof(version) != 'blob' UNION ALL \
+         SELECT version FROM document_versions WHERE typeof(version) != 'blob' UNION ALL \
+         SELECT version FROM source_log WHERE typeof(version) != 'blob'",
+    );
+    assert_eq!(
+        text,
+        ["unposted-1"],
+        "content hashes are kept as bytes, other versions as text"
+    );
     let worked_out: i64 = conn
         .query_row(
             "SELECT COUNT(*) FROM document_line_rows WHERE net IS NULL",
@@ -458,6 +604,39 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     );
     let rules_after = bonus_rules(&conn);
     assert_eq!(rules_after, rules_before, "every bonus names its rule by key");
+    let kinds_after: Vec<String> = column(&conn, "SELECT kind || ':' || role FROM journal ORDER BY id");
+    assert_eq!(
+        kinds_after, kinds_before,
+        "every entry reads its kind and role as before"
+    );
+    let states_after: Vec<String> = column(
+        &conn,
+        "SELECT COALESCE(kind, '-') || ':' || state FROM documents ORDER BY id",
+    );
+    assert_eq!(
+        states_after, states_before,
+        "every document reads its kind and state as before"
+    );
+    let words: Vec<i64> = column(
+        &conn,
+        "SELECT COUNT(*) FROM pragma_table_xinfo('journal') WHERE name IN ('kind', 'role') AND hidden = 2 \
+         UNION ALL SELECT COUNT(*) FROM pragma_table_xinfo('documents') WHERE name IN ('kind', 'state') AND hidden = 2",
+    );
+    assert_eq!(
+        words,
+        vec![2, 2],
+        "the words are generated from the codes, stored nowhere"
+    );
+    let outbox_after: Vec<String> = column(&conn, "SELECT state FROM outbox ORDER BY id");
+    assert_eq!(
+        outbox_after, outbox_before,
+        "every outbox row reads its state as before"
+    );
+    let stored: Vec<i64> = column(
+        &conn,
+        "SELECT COUNT(*) FROM pragma_table_xinfo('outbox') WHERE name = 'state' AND hidden = 2",
+    );
+    assert_eq!(stored, [1], "an outbox row's state is generated from its code");
     assert_eq!(lines(&conn), lines_before, "every line reads as it did");
     let (lines, products): (i64, i64) = conn
         .query_row(
@@ -468,8 +647,8 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         .unwrap();
     assert_eq!(
         (lines, products),
-        (2, 1),
-        "S1's line left after the edit and S2's: both name P1, stored once"
+        (3, 1),
+        "S1's line left after the edit, S2's and the void S3's: all name P1, stored once"
     );
     let logged: Vec<String> = column(&conn, "SELECT doc_id FROM source_log");
     assert_eq!(logged, ["BAD"], "only what the ledger could not take");

@@ -698,8 +698,11 @@ pub(crate) fn enqueue_bonus_documents(
 /// ≈ 400 bytes per transaction, the outbox's largest part (issue 19). Its keys are one
 /// letter (one such row is queued per movement); rows written under the long names read too.
 /// Since migration 26 the transaction is in the row's key (`b:<id>`) and not repeated here,
-/// and the register is named by its 1C system (`s`), not spelled out (`r`).
+/// and the register is named by its 1C system (`s`), not spelled out (`r`); a point worth one
+/// ruble (`v` 100, nearly every program) is not written at all. Unknown fields are refused, so
+/// a payload stored whole (which has `kind`, `points`, …) is never taken for a reference.
 #[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BonusRef {
     #[serde(
         rename = "t",
@@ -708,7 +711,12 @@ struct BonusRef {
         skip_serializing_if = "Option::is_none"
     )]
     tx_id: Option<i64>,
-    #[serde(rename = "v", alias = "point_value")]
+    #[serde(
+        rename = "v",
+        alias = "point_value",
+        default = "ruble_point",
+        skip_serializing_if = "is_ruble_point"
+    )]
     point_value: i64,
     #[serde(
         rename = "r",
@@ -719,6 +727,15 @@ struct BonusRef {
     register: Option<String>,
     #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
     system: Option<String>,
+}
+
+/// The value of a point worth one ruble, in kopecks: what a reference without `v` means.
+fn ruble_point() -> i64 {
+    100
+}
+
+fn is_ruble_point(v: &i64) -> bool {
+    *v == ruble_point()
 }
 
 /// The bonus document's payload for a stored row: the compact reference rendered from the
@@ -795,4 +812,40 @@ pub(crate) fn journal_head(conn: &Connection) -> Result<i64> {
     Ok(conn
         .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM journal")?
         .query_row([], |r| r.get(0))?)
+}
+
+#[cfg(test)]
+mod bonus_ref_tests {
+    use super::BonusRef;
+
+    /// A reference leaves out a one-ruble point and keeps any other value; every form written
+    /// before reads, and a payload stored whole is never taken for a reference.
+    #[test]
+    fn a_reference_leaves_out_only_the_one_ruble_point() {
+        let write = |v: i64| {
+            serde_json::to_string(&BonusRef {
+                tx_id: None,
+                point_value: v,
+                register: None,
+                system: Some("onec".into()),
+            })
+            .unwrap()
+        };
+        assert_eq!(write(100), r#"{"s":"onec"}"#);
+        assert_eq!(write(150), r#"{"v":150,"s":"onec"}"#);
+        for (stored, v) in [
+            (r#"{"s":"onec"}"#, 100),
+            (r#"{"v":150,"s":"onec"}"#, 150),
+            (r#"{"v":100,"s":"onec"}"#, 100),
+            (
+                r#"{"tx_id":7,"point_value":50,"register":"onec:odata:bonus"}"#,
+                50,
+            ),
+        ] {
+            let r: BonusRef = serde_json::from_str(stored).unwrap();
+            assert_eq!(r.point_value, v, "{stored}");
+        }
+        let whole = r#"{"tx_id":7,"kind":"accrual","points":10,"amount_kopecks":1000}"#;
+        assert!(serde_json::from_str::<BonusRef>(whole).is_err());
+    }
 }

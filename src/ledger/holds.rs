@@ -588,7 +588,7 @@ impl Ledger {
         };
         let doc_id = write_document(&tx, None, &document, Some(hold.customer_id), now)?;
         // a redemption, not a sale: the sale and its accrual arrive with 1C's receipt
-        tx.prepare_cached("UPDATE documents SET kind = NULL, applied = 1, epoch = 1 WHERE id = ?1")?
+        tx.prepare_cached("UPDATE documents SET kind_code = NULL, applied = 1, epoch = 1 WHERE id = ?1")?
             .execute([doc_id])?;
         let mut h = holdings(&tx, hold.customer_id)?;
         let moves = lots::plan_debit(&h, points, &[], now);

@@ -170,7 +170,7 @@ fn doc_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DocRow> {
         id: r.get(0)?,
         source: r.get(1)?,
         doc_id: r.get(2)?,
-        version: r.get(3)?,
+        version: super::version_at(r, 3)?,
         stamp: r.get(4)?,
         kind: r.get(5)?,
         state: r.get(6)?,
@@ -231,13 +231,13 @@ pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateT
     let amount: i64 = t.moves.iter().map(|m| m.amount).sum();
     let explanation = super::explanation_column_against(t.explanation, t.lines);
     conn.prepare_cached(
-        "INSERT INTO journal (kind, role, customer_id, document_id, epoch, reverses, amount, \
+        "INSERT INTO journal (kind_code, role_code, customer_id, document_id, epoch, reverses, amount, \
          effective_at, recorded_at, explanation, actor, idem_key, partner, rule_id) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
-        t.kind.as_str(),
-        t.role,
+        super::kind_code(t.kind),
+        super::role_code(t.role),
         t.customer_id,
         t.document_id,
         t.epoch,
@@ -441,7 +441,7 @@ fn record_left_version(conn: &Connection, doc: i64) -> Result<()> {
 fn version_seen(conn: &Connection, doc: i64, version: &str) -> Result<bool> {
     Ok(conn
         .prepare_cached("SELECT 1 FROM document_versions WHERE document_id = ?1 AND version = ?2")?
-        .query_row(params![doc, version], |_| Ok(()))
+        .query_row(params![doc, super::version_column(version)], |_| Ok(()))
         .optional()?
         .is_some())
 }
@@ -473,15 +473,15 @@ fn write_document_row(
     let id = match existing {
         Some(id) => {
             conn.prepare_cached(
-                "UPDATE documents SET version = ?2, kind = ?3, state = 'active', void_reason = NULL, number = ?4, \
+                "UPDATE documents SET version = ?2, kind_code = ?3, state_code = 0, void_reason = NULL, number = ?4, \
                  occurred_at = ?5, customer_id = ?6, currency = ?7, total = ?8, points_redeemed = ?9, \
                  original_ref = ?10, original_id = NULL, store = ?11, partner = ?12, updated_at = ?13, \
                  stamp = ?14 WHERE id = ?1",
             )?
             .execute(params![
                 id,
-                d.source.version,
-                d.kind.as_str(),
+                super::version_column(&d.source.version),
+                super::doc_kind_code(d.kind),
                 d.number,
                 ts(d.occurred_at),
                 customer,
@@ -501,15 +501,15 @@ fn write_document_row(
         }
         None => {
             conn.prepare_cached(
-                "INSERT INTO documents (source, doc_id, version, kind, state, number, occurred_at, customer_id, \
+                "INSERT INTO documents (source, doc_id, version, kind_code, state_code, number, occurred_at, customer_id, \
                  currency, total, points_redeemed, original_ref, store, partner, first_seen_at, updated_at, stamp) \
-                 VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15)",
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15)",
             )?
             .execute(params![
                 d.source.system,
                 d.source.doc_id,
-                d.source.version,
-                d.kind.as_str(),
+                super::version_column(&d.source.version),
+                super::doc_kind_code(d.kind),
                 d.number,
                 ts(d.occurred_at),
                 customer,
@@ -1404,13 +1404,13 @@ impl Run<'_, '_> {
         match existing {
             None => {
                 conn.prepare_cached(
-                    "INSERT INTO documents (source, doc_id, version, state, void_reason, first_seen_at, updated_at, stamp) \
-                     VALUES (?1, ?2, ?3, 'void', ?4, ?5, ?5, ?6)",
+                    "INSERT INTO documents (source, doc_id, version, state_code, void_reason, first_seen_at, updated_at, stamp) \
+                     VALUES (?1, ?2, ?3, 1, ?4, ?5, ?5, ?6)",
                 )?
                 .execute(params![
                     source.system,
                     source.doc_id,
-                    source.version,
+                    super::version_column(&source.version),
                     reason.as_str(),
                     ts(now),
                     source.stamp
@@ -1424,10 +1424,16 @@ impl Run<'_, '_> {
                     self.cancel_effects(conn, &doc_by_id(conn, ex.id)?, reason.as_str())?;
                 }
                 conn.prepare_cached(
-                    "UPDATE documents SET version = ?2, state = 'void', void_reason = ?3, applied = 0, updated_at = ?4, \
+                    "UPDATE documents SET version = ?2, state_code = 1, void_reason = ?3, applied = 0, updated_at = ?4, \
                      stamp = ?5 WHERE id = ?1",
                 )?
-                .execute(params![ex.id, source.version, reason.as_str(), ts(now), source.stamp])?;
+                .execute(params![
+                    ex.id,
+                    super::version_column(&source.version),
+                    reason.as_str(),
+                    ts(now),
+                    source.stamp
+                ])?;
                 for dep in dependents {
                     self.apply_return(conn, dep)?;
                 }
@@ -1836,7 +1842,7 @@ fn log_source(conn: &Connection, inc: &Incoming, now: DateTime<Utc>) -> Result<(
             .execute(params![
                 src.system,
                 src.doc_id,
-                src.version,
+                super::version_column(&src.version),
                 d.kind.as_str(),
                 ts(d.occurred_at),
                 d.total.0,
@@ -1849,7 +1855,7 @@ fn log_source(conn: &Connection, inc: &Incoming, now: DateTime<Utc>) -> Result<(
                  ON CONFLICT (source, doc_id) DO UPDATE SET version = excluded.version, in_force = 0, \
                  seen_at = excluded.seen_at",
             )?
-            .execute(params![src.system, src.doc_id, src.version, ts(now)])?;
+            .execute(params![src.system, src.doc_id, super::version_column(&src.version), ts(now)])?;
         }
     }
     Ok(())

@@ -36,8 +36,9 @@ use chrono::{DateTime, TimeZone, Utc};
 
 use rusqlite::{Connection, OpenFlags, params};
 
+use crate::core::document::DocKind;
 use crate::core::document::Line;
-use crate::core::journal::{Account, Explanation, LineFacts};
+use crate::core::journal::{Account, Explanation, LineFacts, TxKind};
 
 pub use accounting::{Books, HistoryPosting, Posting, PostingKind, PostingRecord, movement_of};
 pub use amocrm_state::{
@@ -178,6 +179,87 @@ pub(crate) fn account_code(a: Account) -> i64 {
         Account::Breakage => 3,
         Account::Adjustment => 4,
         Account::Opening => 5,
+    }
+}
+
+/// The prefix of a content hash, the version of every document whose source has none of its
+/// own (`core::document::content_version`: CommerceML files, till receipts, AmoCRM deals).
+const HASH_VERSION: &str = "sha256:";
+
+/// How a document's version is stored (migration 31, issue 19): a content hash — `sha256:`
+/// and 32 lowercase hex digits, 39 bytes of text — as its 16 bytes; any other version (1C's
+/// `DataVersion`, a deletion mark) as given. Every table that keeps a document's version
+/// (`documents`, `document_versions`, `source_log`) stores it this way, so a version written
+/// now equals the same version written before, whichever table it is compared in.
+pub(crate) fn version_column(v: &str) -> rusqlite::types::Value {
+    let bytes = v
+        .strip_prefix(HASH_VERSION)
+        .filter(|h| h.len() == 32)
+        .and_then(|h| {
+            (0..16)
+                .map(|i| {
+                    let pair = h.get(2 * i..2 * i + 2)?;
+                    let lower = pair
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                    lower.then(|| u8::from_str_radix(pair, 16).ok()).flatten()
+                })
+                .collect::<Option<Vec<u8>>>()
+        });
+    match bytes {
+        Some(b) => rusqlite::types::Value::Blob(b),
+        None => rusqlite::types::Value::Text(v.to_string()),
+    }
+}
+
+/// A stored version as every reader and message spells it ([`version_column`] undone).
+pub(crate) fn version_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<String> {
+    use std::fmt::Write;
+    match r.get_ref(i)? {
+        rusqlite::types::ValueRef::Blob(b) => {
+            let mut out = String::with_capacity(HASH_VERSION.len() + 2 * b.len());
+            out.push_str(HASH_VERSION);
+            for byte in b {
+                let _ = write!(out, "{byte:02x}");
+            }
+            Ok(out)
+        }
+        _ => r.get(i),
+    }
+}
+
+/// How the journal stores an entry's kind (migration 32): a code fixed forever, which the
+/// generated column `kind` — what every query reads — spells out as `TxKind::as_str`. The two
+/// commonest (an accrual, a bonus) take no byte in a record.
+pub(crate) fn kind_code(k: TxKind) -> i64 {
+    match k {
+        TxKind::Accrual => 0,
+        TxKind::Bonus => 1,
+        TxKind::Redemption => 2,
+        TxKind::Reversal => 3,
+        TxKind::Expiry => 4,
+        TxKind::Adjustment => 5,
+        TxKind::Opening => 6,
+        TxKind::WriteOff => 7,
+    }
+}
+
+/// How the journal stores an entry's role (migration 32; the column `role` spells it out):
+/// `None` for a word that is no role, which the column refuses.
+pub(crate) fn role_code(role: &str) -> Option<i64> {
+    match role {
+        "effect" => Some(0),
+        "cancel" => Some(1),
+        _ => None,
+    }
+}
+
+/// How `documents` stores a document's kind (migration 32; the column `kind` spells it out).
+/// Its state is stored the same way, written where it is set: 0 `active`, 1 `void`.
+pub(crate) fn doc_kind_code(k: DocKind) -> i64 {
+    match k {
+        DocKind::Sale => 0,
+        DocKind::Return => 1,
     }
 }
 
@@ -461,5 +543,107 @@ mod account_code_tests {
             .unwrap();
         let words: Vec<&str> = Account::ALL.iter().map(|a| a.as_str()).collect();
         assert_eq!(read, words);
+    }
+
+    /// The codes the journal, `documents` and the outbox store and the words their generated
+    /// columns give back are one mapping (migration 32): every kind, role and state reads back
+    /// as itself.
+    #[test]
+    fn every_kind_role_and_state_code_reads_back_as_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("l.db"), &OpenOptions::default()).unwrap();
+        let conn = &ledger.conn;
+        conn.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
+        for k in TxKind::ALL {
+            for role in ["effect", "cancel"] {
+                let (kind, read): (String, String) = conn
+                    .query_row(
+                        "INSERT INTO journal (kind_code, role_code, customer_id, amount, effective_at, recorded_at, \
+                         explanation) VALUES (?1, ?2, 1, 0, 0, 0, '') RETURNING kind, role",
+                        params![kind_code(k), role_code(role)],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .unwrap();
+                assert_eq!((kind.as_str(), read.as_str()), (k.as_str(), role));
+            }
+        }
+        assert!(
+            conn.execute(
+                "INSERT INTO journal (kind_code, role_code, customer_id, amount, effective_at, recorded_at, \
+                 explanation) VALUES (0, ?1, 1, 0, 0, 0, '')",
+                [role_code("reversal")],
+            )
+            .is_err(),
+            "a word that is no role is refused"
+        );
+        for state in [
+            outbox::OutboxState::Pending,
+            outbox::OutboxState::Delivered,
+            outbox::OutboxState::Dead,
+            outbox::OutboxState::Superseded,
+            outbox::OutboxState::Dropped,
+        ] {
+            let read: String = conn
+                .query_row(
+                    "INSERT INTO outbox (destination, idem_key, payload, state_code, next_attempt_at, created_at, \
+                     updated_at) VALUES ('d', ?1, '', ?2, 0, 0, 0) RETURNING state",
+                    params![state.as_str(), state.code()],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(read, state.as_str());
+        }
+        for (n, k) in [DocKind::Sale, DocKind::Return].into_iter().enumerate() {
+            for (state, code) in [("active", 0), ("void", 1)] {
+                let (kind, read): (String, String) = conn
+                    .query_row(
+                        "INSERT INTO documents (source, doc_id, version, kind_code, state_code, first_seen_at, \
+                         updated_at) VALUES ('t', ?1, 'v', ?2, ?3, 0, 0) RETURNING kind, state",
+                        params![format!("{n}{state}"), doc_kind_code(k), code],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .unwrap();
+                assert_eq!((kind.as_str(), read.as_str()), (k.as_str(), state));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    /// A version reads back exactly as it was given, whatever form it is stored in: a content
+    /// hash as its bytes, anything that only looks like one (upper case, short, not hex) and
+    /// every other source's version as text.
+    #[test]
+    fn every_version_reads_back_as_given_and_only_a_content_hash_is_kept_as_bytes() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE v (version TEXT NOT NULL)")
+            .unwrap();
+        let cases = [
+            // a content hash as `core::document::content_version` writes one
+            ("sha256:023aee9d69f05fb58e4d44927bc97f97", "blob"),
+            ("sha256:00000000000000000000000000000000", "blob"),
+            ("sha256:0123456789abcdef0123456789ABCDEF", "text"),
+            ("sha256:0123456789abcdef0123456789abcde", "text"),
+            ("sha256:0123456789abcdef0123456789abcdeg", "text"),
+            ("sha256:0123456789abcdef0123456789abcdef00", "text"),
+            ("AAAAAgAAAAA=", "text"),
+            ("AAAAAgAAAAA=:deleted", "text"),
+            ("", "text"),
+            ("sha256:ёё23456789abcdef0123456789abcd", "text"),
+        ];
+        for (v, stored) in cases {
+            conn.execute("DELETE FROM v", []).unwrap();
+            conn.execute("INSERT INTO v VALUES (?1)", [version_column(v)])
+                .unwrap();
+            let (read, kind): (String, String) = conn
+                .query_row("SELECT version, typeof(version) FROM v", [], |r| {
+                    Ok((version_at(r, 0)?, r.get(1)?))
+                })
+                .unwrap();
+            assert_eq!((read.as_str(), kind.as_str()), (v, stored));
+        }
     }
 }

@@ -340,7 +340,7 @@ pub(super) fn unsubscribe(
         params![customer, channel.as_str(), ts(now), via],
     )?;
     Ok(conn.execute(
-        "UPDATE outbox SET state = 'dropped', note = ?3, updated_at = ?4 \
+        "UPDATE outbox SET state_code = 4 /* dropped */, note = ?3, updated_at = ?4 \
          WHERE destination = ?1 AND state = 'pending' AND json_extract(payload, '$.customer_id') = ?2",
         params![
             channel.destination(),
@@ -488,7 +488,7 @@ impl Ledger {
     /// A message that must never go out (no consent, unsubscribed, unreachable), with why.
     pub fn notify_refuse(&mut self, outbox_id: i64, reason: &str, now: DateTime<Utc>) -> Result<()> {
         self.conn.execute(
-            "UPDATE outbox SET state = 'dropped', note = ?2, updated_at = ?3 WHERE id = ?1 AND state = 'pending'",
+            "UPDATE outbox SET state_code = 4 /* dropped */, note = ?2, updated_at = ?3 WHERE id = ?1 AND state = 'pending'",
             params![outbox_id, format!("{REFUSED}{reason}"), ts(now)],
         )?;
         Ok(())

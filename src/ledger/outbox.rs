@@ -37,6 +37,20 @@ impl OutboxState {
         }
     }
 
+    /// How the outbox stores the state (migration 32): the code each writer's `state_code`
+    /// literal names in a comment, spelled out by the generated column `state` (a test holds
+    /// the two to one mapping; the writers' SQL is fixed text).
+    #[cfg(test)]
+    pub(crate) fn code(self) -> i64 {
+        match self {
+            OutboxState::Pending => 0,
+            OutboxState::Delivered => 1,
+            OutboxState::Dead => 2,
+            OutboxState::Superseded => 3,
+            OutboxState::Dropped => 4,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<OutboxState> {
         [
             OutboxState::Pending,
@@ -140,8 +154,8 @@ pub(crate) fn enqueue(
 ) -> Result<Option<i64>> {
     let inserted = conn
         .prepare_cached(
-            "INSERT OR IGNORE INTO outbox (destination, idem_key, coalesce_key, payload, state, next_attempt_at, \
-             created_at, updated_at) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?5)",
+            "INSERT OR IGNORE INTO outbox (destination, idem_key, coalesce_key, payload, state_code, next_attempt_at, \
+             created_at, updated_at) VALUES (?1, ?2, ?3, ?4, 0 /* pending */, ?5, ?5, ?5)",
         )?
         .execute(params![destination, idem_key, coalesce_key, payload, ts(now)])?;
     if inserted == 0 {
@@ -166,7 +180,7 @@ pub(crate) fn enqueue(
                 .execute([old])?;
         }
         conn.prepare_cached(
-            "UPDATE outbox INDEXED BY outbox_coalesce SET state = 'superseded', superseded_by = ?1, updated_at = ?2 \
+            "UPDATE outbox INDEXED BY outbox_coalesce SET state_code = 3 /* superseded */, superseded_by = ?1, updated_at = ?2 \
              WHERE destination = ?3 AND coalesce_key = ?4 AND state = 'pending' AND id != ?1",
         )?
         .execute(params![id, ts(now), destination, key])?;
@@ -221,7 +235,7 @@ impl Ledger {
         let tx = self.conn.transaction()?;
         {
             let mut st = tx.prepare_cached(
-                "UPDATE outbox SET state = 'delivered', delivered_at = ?2, updated_at = ?2, attempts = attempts + 1 \
+                "UPDATE outbox SET state_code = 1 /* delivered */, delivered_at = ?2, updated_at = ?2, attempts = attempts + 1 \
                  WHERE id = ?1 AND state = 'pending'",
             )?;
             for id in ids {
@@ -249,7 +263,7 @@ impl Ledger {
                 params![id, error, ts(at), ts(now)],
             )?,
             None => self.conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, state = 'dead', updated_at = ?3 \
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, state_code = 2 /* dead */, updated_at = ?3 \
                  WHERE id = ?1 AND state = 'pending'",
                 params![id, error, ts(now)],
             )?,
@@ -361,7 +375,7 @@ impl Ledger {
             });
         }
         self.conn.execute(
-            "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, updated_at = ?2, \
+            "UPDATE outbox SET state_code = 0 /* pending */, next_attempt_at = ?2, updated_at = ?2, \
              note = COALESCE(note || '; ', '') || 'retried by hand after ' || attempts || ' attempts' WHERE id = ?1",
             params![id, ts(now)],
         )?;
@@ -370,7 +384,7 @@ impl Ledger {
 
     pub fn outbox_retry_all_dead(&mut self, now: DateTime<Utc>) -> Result<usize> {
         Ok(self.conn.execute(
-            "UPDATE outbox SET state = 'pending', next_attempt_at = ?1, updated_at = ?1, \
+            "UPDATE outbox SET state_code = 0 /* pending */, next_attempt_at = ?1, updated_at = ?1, \
              note = COALESCE(note || '; ', '') || 'retried by hand after ' || attempts || ' attempts' WHERE state = 'dead'",
             params![ts(now)],
         )?)
@@ -388,7 +402,7 @@ impl Ledger {
             });
         }
         self.conn.execute(
-            "UPDATE outbox SET state = 'dropped', updated_at = ?2, note = COALESCE(note || '; ', '') || 'dropped: ' || ?3 \
+            "UPDATE outbox SET state_code = 4 /* dropped */, updated_at = ?2, note = COALESCE(note || '; ', '') || 'dropped: ' || ?3 \
              WHERE id = ?1",
             params![id, ts(now), reason],
         )?;

@@ -769,7 +769,7 @@ impl Ledger {
                     source: SourceRef {
                         system: r.get(1)?,
                         doc_id: r.get(2)?,
-                        version: r.get(3)?,
+                        version: super::version_at(r, 3)?,
                         stamp: None,
                     },
                     kind: DocKind::Sale,

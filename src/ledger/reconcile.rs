@@ -216,7 +216,7 @@ impl Ledger {
                         Ok(SourceDoc {
                             source: r.get(0)?,
                             doc_id: r.get(1)?,
-                            version: r.get(2)?,
+                            version: super::version_at(r, 2)?,
                             kind: r.get(3)?,
                             occurred_at: r.get::<_, Option<i64>>(4)?.map(from_ts),
                             total: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
@@ -252,7 +252,7 @@ impl Ledger {
                 Ok((
                     (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
                     LedgerDoc {
-                        version: r.get(2)?,
+                        version: super::version_at(r, 2)?,
                         kind: r.get(3)?,
                         active: r.get::<_, String>(4)? == "active",
                         occurred_at: r.get::<_, Option<i64>>(5)?.map(from_ts),

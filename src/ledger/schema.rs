@@ -932,6 +932,137 @@ CREATE VIEW document_lines AS
            l.unit_cost, l.service, l.points, l.redeemed
     FROM document_line_rows l JOIN line_products p ON p.id = l.product;
 "#,
+    // 31 (issue 19): a content hash version (`sha256:` and 32 lowercase hex digits) is stored
+    // as its 16 bytes, in every table that keeps a document's version (`ledger::version_column`
+    // writes them so, `ledger::version_at` spells them out again); other versions stay text.
+    r#"
+UPDATE documents SET version = unhex(substr(version, 8))
+    WHERE typeof(version) = 'text' AND length(version) = 39 AND substr(version, 1, 7) = 'sha256:'
+      AND substr(version, 8) NOT GLOB '*[^0-9a-f]*';
+UPDATE document_versions SET version = unhex(substr(version, 8))
+    WHERE typeof(version) = 'text' AND length(version) = 39 AND substr(version, 1, 7) = 'sha256:'
+      AND substr(version, 8) NOT GLOB '*[^0-9a-f]*';
+UPDATE source_log SET version = unhex(substr(version, 8))
+    WHERE typeof(version) = 'text' AND length(version) = 39 AND substr(version, 1, 7) = 'sha256:'
+      AND substr(version, 8) NOT GLOB '*[^0-9a-f]*';
+"#,
+    // 32 (issue 19): an entry's kind and role, a document's kind and state and an outbox
+    // row's state are stored as codes fixed forever (`ledger::kind_code` and its neighbours;
+    // the commonest is 0, which takes no byte in a record) instead of a word on every row. The
+    // words stay columns of the same name, generated from the codes and stored nowhere, so
+    // every query, index and kept total reads them as before; only the writers set the codes.
+    r#"
+DROP TRIGGER totals_outbox_insert;
+DROP TRIGGER totals_outbox_update;
+DROP TRIGGER totals_outbox_delete;
+DROP INDEX outbox_due;
+DROP INDEX outbox_coalesce;
+DROP INDEX outbox_dead_coalesce;
+DROP INDEX outbox_dead;
+DROP INDEX outbox_notify_open;
+ALTER TABLE outbox ADD COLUMN state_code INTEGER NOT NULL DEFAULT 0 CHECK (state_code BETWEEN 0 AND 4);
+UPDATE outbox SET state_code = CASE state WHEN 'pending' THEN 0 WHEN 'delivered' THEN 1 WHEN 'dead' THEN 2
+    WHEN 'superseded' THEN 3 WHEN 'dropped' THEN 4 END
+    WHERE state != 'pending';
+ALTER TABLE outbox DROP COLUMN state;
+ALTER TABLE outbox ADD COLUMN state TEXT GENERATED ALWAYS AS (CASE state_code WHEN 0 THEN 'pending'
+    WHEN 1 THEN 'delivered' WHEN 2 THEN 'dead' WHEN 3 THEN 'superseded' WHEN 4 THEN 'dropped' END) VIRTUAL;
+CREATE INDEX outbox_due ON outbox(destination, next_attempt_at) WHERE state = 'pending';
+CREATE INDEX outbox_coalesce ON outbox(destination, coalesce_key)
+    WHERE state = 'pending' AND coalesce_key IS NOT NULL;
+CREATE INDEX outbox_dead_coalesce ON outbox(destination, coalesce_key, updated_at)
+    WHERE state = 'dead' AND coalesce_key IS NOT NULL;
+CREATE INDEX outbox_dead ON outbox(id) WHERE state = 'dead';
+CREATE INDEX outbox_notify_open ON outbox(destination, state)
+    WHERE destination LIKE 'notify:%' AND state != 'delivered';
+CREATE TRIGGER totals_outbox_insert AFTER INSERT ON outbox WHEN NEW.state != 'pending' BEGIN
+    INSERT INTO totals VALUES ('outbox:' || NEW.state || ':' || NEW.destination, 1, 0)
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n;
+END;
+CREATE TRIGGER totals_outbox_update AFTER UPDATE OF state_code, destination ON outbox
+WHEN OLD.state IS NOT NEW.state OR OLD.destination IS NOT NEW.destination BEGIN
+    INSERT INTO totals SELECT 'outbox:' || OLD.state || ':' || OLD.destination, -1, 0 WHERE OLD.state != 'pending'
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n;
+    INSERT INTO totals SELECT 'outbox:' || NEW.state || ':' || NEW.destination, 1, 0 WHERE NEW.state != 'pending'
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n;
+END;
+CREATE TRIGGER totals_outbox_delete AFTER DELETE ON outbox WHEN OLD.state != 'pending' BEGIN
+    INSERT INTO totals VALUES ('outbox:' || OLD.state || ':' || OLD.destination, -1, 0)
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n;
+END;
+
+DROP TRIGGER totals_journal_insert;
+DROP TRIGGER totals_journal_update;
+DROP TRIGGER totals_journal_delete;
+DROP TRIGGER totals_documents_insert;
+DROP TRIGGER totals_documents_update;
+DROP TRIGGER totals_documents_delete;
+DROP INDEX documents_unlinked;
+
+ALTER TABLE journal ADD COLUMN kind_code INTEGER NOT NULL DEFAULT 0 CHECK (kind_code BETWEEN 0 AND 7);
+ALTER TABLE journal ADD COLUMN role_code INTEGER NOT NULL DEFAULT 0 CHECK (role_code IN (0, 1));
+UPDATE journal SET
+    kind_code = CASE kind WHEN 'accrual' THEN 0 WHEN 'bonus' THEN 1 WHEN 'redemption' THEN 2
+        WHEN 'reversal' THEN 3 WHEN 'expiry' THEN 4 WHEN 'adjustment' THEN 5 WHEN 'opening' THEN 6
+        WHEN 'writeoff' THEN 7 END,
+    role_code = CASE role WHEN 'effect' THEN 0 WHEN 'cancel' THEN 1 END
+    WHERE kind != 'accrual' OR role != 'effect';
+ALTER TABLE journal DROP COLUMN kind;
+ALTER TABLE journal DROP COLUMN role;
+ALTER TABLE journal ADD COLUMN kind TEXT GENERATED ALWAYS AS (CASE kind_code WHEN 0 THEN 'accrual'
+    WHEN 1 THEN 'bonus' WHEN 2 THEN 'redemption' WHEN 3 THEN 'reversal' WHEN 4 THEN 'expiry'
+    WHEN 5 THEN 'adjustment' WHEN 6 THEN 'opening' WHEN 7 THEN 'writeoff' END) VIRTUAL;
+-- 'effect': what a document (or person) caused; 'cancel': undoing an effect because its
+-- document changed, was unposted or deleted
+ALTER TABLE journal ADD COLUMN role TEXT GENERATED ALWAYS AS
+    (CASE role_code WHEN 0 THEN 'effect' WHEN 1 THEN 'cancel' END) VIRTUAL;
+
+-- a document's kind is NULL for a void document never seen whole, and for a till's hold
+ALTER TABLE documents ADD COLUMN kind_code INTEGER CHECK (kind_code IN (0, 1));
+ALTER TABLE documents ADD COLUMN state_code INTEGER NOT NULL DEFAULT 0 CHECK (state_code IN (0, 1));
+UPDATE documents SET
+    kind_code = CASE kind WHEN 'sale' THEN 0 WHEN 'return' THEN 1 END,
+    state_code = CASE state WHEN 'active' THEN 0 WHEN 'void' THEN 1 END;
+ALTER TABLE documents DROP COLUMN kind;
+ALTER TABLE documents DROP COLUMN state;
+ALTER TABLE documents ADD COLUMN kind TEXT GENERATED ALWAYS AS
+    (CASE kind_code WHEN 0 THEN 'sale' WHEN 1 THEN 'return' END) VIRTUAL;
+ALTER TABLE documents ADD COLUMN state TEXT GENERATED ALWAYS AS
+    (CASE state_code WHEN 0 THEN 'active' WHEN 1 THEN 'void' END) VIRTUAL;
+
+CREATE INDEX documents_unlinked ON documents(source, original_ref)
+    WHERE kind = 'return' AND original_id IS NULL AND original_ref IS NOT NULL;
+CREATE TRIGGER totals_journal_insert AFTER INSERT ON journal BEGIN
+    INSERT INTO totals VALUES ('journal:' || NEW.kind, 1, NEW.amount)
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n, amount = amount + excluded.amount;
+END;
+CREATE TRIGGER totals_journal_update AFTER UPDATE OF kind_code, amount ON journal
+WHEN OLD.kind IS NOT NEW.kind OR OLD.amount IS NOT NEW.amount BEGIN
+    INSERT INTO totals VALUES ('journal:' || OLD.kind, -1, -OLD.amount)
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n, amount = amount + excluded.amount;
+    INSERT INTO totals VALUES ('journal:' || NEW.kind, 1, NEW.amount)
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n, amount = amount + excluded.amount;
+END;
+CREATE TRIGGER totals_journal_delete AFTER DELETE ON journal BEGIN
+    INSERT INTO totals VALUES ('journal:' || OLD.kind, -1, -OLD.amount)
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n, amount = amount + excluded.amount;
+END;
+CREATE TRIGGER totals_documents_insert AFTER INSERT ON documents BEGIN
+    INSERT INTO totals VALUES ('documents:' || NEW.state || ':' || COALESCE(NEW.kind, ''), 1, NEW.total)
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n, amount = amount + excluded.amount;
+END;
+CREATE TRIGGER totals_documents_update AFTER UPDATE OF kind_code, state_code, total ON documents
+WHEN OLD.kind IS NOT NEW.kind OR OLD.state IS NOT NEW.state OR OLD.total IS NOT NEW.total BEGIN
+    INSERT INTO totals VALUES ('documents:' || OLD.state || ':' || COALESCE(OLD.kind, ''), -1, -OLD.total)
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n, amount = amount + excluded.amount;
+    INSERT INTO totals VALUES ('documents:' || NEW.state || ':' || COALESCE(NEW.kind, ''), 1, NEW.total)
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n, amount = amount + excluded.amount;
+END;
+CREATE TRIGGER totals_documents_delete AFTER DELETE ON documents BEGIN
+    INSERT INTO totals VALUES ('documents:' || OLD.state || ':' || COALESCE(OLD.kind, ''), -1, -OLD.total)
+        ON CONFLICT (name) DO UPDATE SET n = n + excluded.n, amount = amount + excluded.amount;
+END;
+"#,
 ];
 
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka

@@ -364,7 +364,7 @@ pub(super) fn forget(conn: &Connection, customer: i64, now: DateTime<Utc>) -> Re
     for chat in &chats {
         let (from, to) = (format!("{REPLIES}:{chat}:"), format!("{REPLIES}:{chat};"));
         conn.execute(
-            "UPDATE outbox SET state = 'dropped', note = 'the member was forgotten', updated_at = ?3 \
+            "UPDATE outbox SET state_code = 4 /* dropped */, note = 'the member was forgotten', updated_at = ?3 \
              WHERE idem_key >= ?1 AND idem_key < ?2 AND state = 'pending'",
             params![from, to, ts(now)],
         )?;

@@ -118,14 +118,14 @@ impl Builder {
             None => 0,
         };
         conn.prepare_cached(
-            "INSERT INTO documents (source, doc_id, version, kind, state, epoch, applied, number, occurred_at, \
+            "INSERT INTO documents (source, doc_id, version, kind_code, state_code, epoch, applied, number, occurred_at, \
              customer_id, currency, total, points_redeemed, store, first_seen_at, updated_at, margin, reward_value, loss) \
-             VALUES (?1, ?2, ?3, 'sale', 'active', 1, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12, ?13, 0)",
+             VALUES (?1, ?2, ?3, 0, 0, 1, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12, ?13, 0)",
         )?
         .execute(params![
             d.source.system,
             d.source.doc_id,
-            d.source.version,
+            crate::ledger::version_column(&d.source.version),
             d.number,
             at,
             customer,
@@ -216,11 +216,11 @@ impl Builder {
         why: &Explanation,
     ) -> anyhow::Result<i64> {
         conn.prepare_cached(
-            "INSERT INTO journal (kind, role, customer_id, document_id, epoch, amount, effective_at, recorded_at, \
-             explanation) VALUES (?1, 'effect', ?2, ?3, 1, ?4, ?5, ?6, ?7)",
+            "INSERT INTO journal (kind_code, role_code, customer_id, document_id, epoch, amount, effective_at, recorded_at, \
+             explanation) VALUES (?1, 0, ?2, ?3, 1, ?4, ?5, ?6, ?7)",
         )?
         .execute(params![
-            kind.as_str(),
+            crate::ledger::kind_code(kind),
             customer,
             doc,
             amount,
