@@ -637,6 +637,25 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         "SELECT COUNT(*) FROM pragma_table_xinfo('outbox') WHERE name = 'state' AND hidden = 2",
     );
     assert_eq!(stored, [1], "an outbox row's state is generated from its code");
+    // the journal's key is unique where given, by a partial index: no entry for the others
+    let indexes: Vec<String> = column(
+        &conn,
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'journal' ORDER BY name",
+    );
+    assert_eq!(
+        indexes,
+        [
+            "journal_customer",
+            "journal_document",
+            "journal_effective",
+            "journal_idem",
+            "journal_reverses"
+        ]
+    );
+    let twice = "INSERT INTO journal (customer_id, amount, effective_at, recorded_at, explanation, idem_key) \
+                 VALUES (1, 0, 0, 0, '', 'k')";
+    conn.execute(twice, []).unwrap();
+    assert!(conn.execute(twice, []).is_err(), "a key is used once");
     assert_eq!(lines(&conn), lines_before, "every line reads as it did");
     let (lines, products): (i64, i64) = conn
         .query_row(

@@ -2,7 +2,7 @@
 //!
 //! Append a new entry to [`MIGRATIONS`] for every change; never edit a released one.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::LedgerError;
 
@@ -999,23 +999,49 @@ DROP TRIGGER totals_documents_update;
 DROP TRIGGER totals_documents_delete;
 DROP INDEX documents_unlinked;
 
-ALTER TABLE journal ADD COLUMN kind_code INTEGER NOT NULL DEFAULT 0 CHECK (kind_code BETWEEN 0 AND 7);
-ALTER TABLE journal ADD COLUMN role_code INTEGER NOT NULL DEFAULT 0 CHECK (role_code IN (0, 1));
-UPDATE journal SET
-    kind_code = CASE kind WHEN 'accrual' THEN 0 WHEN 'bonus' THEN 1 WHEN 'redemption' THEN 2
-        WHEN 'reversal' THEN 3 WHEN 'expiry' THEN 4 WHEN 'adjustment' THEN 5 WHEN 'opening' THEN 6
-        WHEN 'writeoff' THEN 7 END,
-    role_code = CASE role WHEN 'effect' THEN 0 WHEN 'cancel' THEN 1 END
-    WHERE kind != 'accrual' OR role != 'effect';
-ALTER TABLE journal DROP COLUMN kind;
-ALTER TABLE journal DROP COLUMN role;
-ALTER TABLE journal ADD COLUMN kind TEXT GENERATED ALWAYS AS (CASE kind_code WHEN 0 THEN 'accrual'
-    WHEN 1 THEN 'bonus' WHEN 2 THEN 'redemption' WHEN 3 THEN 'reversal' WHEN 4 THEN 'expiry'
-    WHEN 5 THEN 'adjustment' WHEN 6 THEN 'opening' WHEN 7 THEN 'writeoff' END) VIRTUAL;
--- 'effect': what a document (or person) caused; 'cancel': undoing an effect because its
--- document changed, was unposted or deleted
-ALTER TABLE journal ADD COLUMN role TEXT GENERATED ALWAYS AS
-    (CASE role_code WHEN 0 THEN 'effect' WHEN 1 THEN 'cancel' END) VIRTUAL;
+-- the journal is rebuilt (SQLite's procedure for what ALTER TABLE cannot do, foreign keys off
+-- while it runs: see `REBUILDS`): its codes, and `idem_key` unique where given — a partial
+-- index instead of the column's own, which held an entry for every entry without a key
+CREATE TABLE journal_32 (
+    id           INTEGER PRIMARY KEY,
+    kind_code    INTEGER NOT NULL DEFAULT 0 CHECK (kind_code BETWEEN 0 AND 7),
+    role_code    INTEGER NOT NULL DEFAULT 0 CHECK (role_code IN (0, 1)),
+    customer_id  INTEGER NOT NULL REFERENCES customers(id),
+    document_id  INTEGER REFERENCES documents(id),
+    epoch        INTEGER,
+    reverses     INTEGER REFERENCES journal(id),
+    amount       INTEGER NOT NULL,
+    effective_at INTEGER NOT NULL,
+    recorded_at  INTEGER NOT NULL,
+    explanation  TEXT NOT NULL,
+    actor        TEXT,
+    idem_key     TEXT,
+    partner      TEXT,
+    rule_id      INTEGER REFERENCES rule_names(id),
+    kind         TEXT GENERATED ALWAYS AS (CASE kind_code WHEN 0 THEN 'accrual' WHEN 1 THEN 'bonus'
+                     WHEN 2 THEN 'redemption' WHEN 3 THEN 'reversal' WHEN 4 THEN 'expiry'
+                     WHEN 5 THEN 'adjustment' WHEN 6 THEN 'opening' WHEN 7 THEN 'writeoff' END) VIRTUAL,
+    -- 'effect': what a document (or person) caused; 'cancel': undoing an effect because its
+    -- document changed, was unposted or deleted
+    role         TEXT GENERATED ALWAYS AS (CASE role_code WHEN 0 THEN 'effect' WHEN 1 THEN 'cancel' END) VIRTUAL
+);
+INSERT INTO journal_32 (id, kind_code, role_code, customer_id, document_id, epoch, reverses, amount,
+                        effective_at, recorded_at, explanation, actor, idem_key, partner, rule_id)
+    SELECT id,
+           CASE kind WHEN 'accrual' THEN 0 WHEN 'bonus' THEN 1 WHEN 'redemption' THEN 2
+               WHEN 'reversal' THEN 3 WHEN 'expiry' THEN 4 WHEN 'adjustment' THEN 5 WHEN 'opening' THEN 6
+               WHEN 'writeoff' THEN 7 END,
+           CASE role WHEN 'effect' THEN 0 WHEN 'cancel' THEN 1 END,
+           customer_id, document_id, epoch, reverses, amount, effective_at, recorded_at, explanation,
+           actor, idem_key, partner, rule_id
+    FROM journal ORDER BY id;
+DROP TABLE journal;
+ALTER TABLE journal_32 RENAME TO journal;
+CREATE INDEX journal_document ON journal(document_id, epoch) WHERE document_id IS NOT NULL;
+CREATE INDEX journal_reverses ON journal(reverses) WHERE reverses IS NOT NULL;
+CREATE INDEX journal_effective ON journal(effective_at);
+CREATE INDEX journal_customer ON journal(customer_id, rule_id);
+CREATE UNIQUE INDEX journal_idem ON journal(idem_key) WHERE idem_key IS NOT NULL;
 
 -- a document's kind is NULL for a void document never seen whole, and for a till's hold
 ALTER TABLE documents ADD COLUMN kind_code INTEGER CHECK (kind_code IN (0, 1));
@@ -1065,6 +1091,14 @@ END;
 "#,
 ];
 
+/// The migrations that rebuild a table other tables point at — a new table, the rows copied,
+/// the old one dropped, the new one renamed: SQLite's procedure for a change ALTER TABLE
+/// cannot make — and the tables whose rows point at it. The procedure needs foreign keys off
+/// while it runs (dropping the old table would otherwise fail them), so a run that includes
+/// one turns them off and, before it commits, checks every row of those tables
+/// (`PRAGMA foreign_key_check`) instead.
+const REBUILDS: &[(i64, &[&str])] = &[(32, &["journal", "lots", "posting_rows"])];
+
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka
 /// rather than guessing what its tables mean.
 pub fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
@@ -1079,10 +1113,49 @@ pub fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
     if current == target {
         return Ok(());
     }
+    let rebuilds: Vec<(i64, &str)> = REBUILDS
+        .iter()
+        .filter(|(n, _)| *n > current)
+        .flat_map(|(n, tables)| tables.iter().map(move |t| (*n, *t)))
+        .collect();
+    if rebuilds.is_empty() {
+        return apply(conn, current, target, &rebuilds);
+    }
+    // not inside a transaction: SQLite ignores the pragma there
+    conn.execute_batch("PRAGMA foreign_keys = OFF")?;
+    let applied = apply(conn, current, target, &rebuilds);
+    conn.execute_batch("PRAGMA foreign_keys = ON")?;
+    applied
+}
+
+/// Runs the migrations after `current` in one transaction, checking the rows that point at
+/// a rebuilt table before it commits.
+fn apply(
+    conn: &mut Connection,
+    current: i64,
+    target: i64,
+    rebuilds: &[(i64, &str)],
+) -> Result<(), LedgerError> {
     let tx = conn.transaction()?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         tx.execute_batch(sql)
             .map_err(|e| LedgerError::Migration(i as i64 + 1, e))?;
+    }
+    for (n, table) in rebuilds {
+        // a table without rowid reports none
+        let broken: Option<(Option<i64>, String)> = tx
+            .query_row(
+                "SELECT rowid, parent FROM pragma_foreign_key_check(?1) LIMIT 1",
+                [table],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((row, parent)) = broken {
+            let row = row.map_or_else(|| "a row".to_string(), |r| format!("row {r}"));
+            return Err(LedgerError::Corrupt(format!(
+                "after migration {n}, {row} of {table} points at no row of {parent}; nothing was migrated"
+            )));
+        }
     }
     tx.execute_batch(&format!("PRAGMA user_version = {target}"))?;
     tx.commit()?;
@@ -1092,6 +1165,51 @@ pub fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A migration that rebuilds the journal runs with foreign keys off, so it checks the rows
+    /// that point at the journal itself: a posting naming no entry stops it with the row
+    /// named, nothing migrated, and foreign keys are on again.
+    #[test]
+    fn a_rebuild_that_would_leave_a_row_pointing_nowhere_migrates_nothing() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        for sql in &MIGRATIONS[..31] {
+            conn.execute_batch(sql).expect("an old migration");
+        }
+        conn.execute_batch(
+            "PRAGMA user_version = 31;
+             INSERT INTO customers (id, created_at) VALUES (1, 0);
+             INSERT INTO journal (id, kind, role, customer_id, amount, effective_at, recorded_at, explanation)
+               VALUES (1, 'adjustment', 'effect', 1, 5, 0, 0, '');
+             INSERT INTO posting_rows (tx_id, leg, account, customer_id, amount) VALUES (1, 1, 0, 1, 5);
+             PRAGMA foreign_keys = OFF;
+             INSERT INTO posting_rows (tx_id, leg, account, amount) VALUES (7, 1, 4, -5);
+             PRAGMA foreign_keys = ON;",
+        )
+        .expect("rows");
+        let err = migrate(&mut conn).expect_err("a broken row");
+        assert!(
+            matches!(&err, LedgerError::Corrupt(m) if m.contains("posting_rows") && m.contains("journal")),
+            "{err}"
+        );
+        let (version, kind, fk): (i64, String, i64) = conn
+            .query_row(
+                "SELECT (SELECT user_version FROM pragma_user_version), (SELECT kind FROM journal), \
+                 (SELECT foreign_keys FROM pragma_foreign_keys)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("state");
+        assert_eq!((version, kind.as_str(), fk), (31, "adjustment", 1));
+        conn.execute("DELETE FROM posting_rows WHERE tx_id = 7", [])
+            .expect("mend");
+        migrate(&mut conn).expect("migrates once mended");
+        let (kind, code): (String, i64) = conn
+            .query_row("SELECT kind, kind_code FROM journal", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("the entry");
+        assert_eq!((kind.as_str(), code), ("adjustment", 5));
+    }
 
     /// A ledger written by the schema before this round's migrations (12: issue 17) is
     /// migrated in place, its rows keep their meaning, and the new columns start empty:
