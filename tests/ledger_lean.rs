@@ -65,6 +65,17 @@ fn column<T: rusqlite::types::FromSql>(conn: &rusqlite::Connection, sql: &str) -
         .unwrap()
 }
 
+/// 1C unposts `d`: a void under a version of the source's own (text, not a content hash).
+fn unpost(env: &mut Env, d: &kopilka::core::document::Document) {
+    use kopilka::core::document::{Incoming, VoidReason};
+    let mut unposted = d.source.clone();
+    unposted.version = "unposted-1".into();
+    env.ingest(vec![kopilka::ledger::Item::Incoming(Incoming::Void {
+        source: unposted,
+        reason: VoidReason::Unposted,
+    })]);
+}
+
 /// Every line as `document_lines` shows it, each column as text.
 fn lines(conn: &rusqlite::Connection) -> Vec<String> {
     column(
@@ -197,8 +208,6 @@ fn only_the_versions_a_document_left_are_kept() {
 /// (the facts are the same; only their form differs), then opened by today's kopilka.
 #[test]
 fn a_ledger_in_the_previous_forms_migrates_in_place() {
-    use kopilka::core::document::{Incoming, VoidReason};
-    use kopilka::ledger::Item;
     // the shipped rules: a welcome bonus, so the journal names a rule
     let mut env = Env::with_rules(include_str!("../config/rules.toml"));
     env.dest.onec_bonus = Some("onec:bonus".into());
@@ -218,12 +227,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     // a sale unposted in 1C: void, its version the source's own word, not a content hash
     let s3 = reversion(sale("S3", Some("C1"), &[("P1", 1, 300)]));
     env.docs(vec![s3.clone()]);
-    let mut unposted = s3.source.clone();
-    unposted.version = "unposted-1".into();
-    env.ingest(vec![Item::Incoming(Incoming::Void {
-        source: unposted,
-        reason: VoidReason::Unposted,
-    })]);
+    unpost(&mut env, &s3);
     // one bonus document delivered, the others pending
     let due = env.ledger.outbox_due("onec:bonus", 1, env.now).unwrap();
     env.ledger.outbox_mark_delivered(&[due[0].id], env.now).unwrap();
@@ -762,9 +766,8 @@ fn outbox_counted(conn: &rusqlite::Connection) -> Vec<(String, String, i64)> {
 /// test knows the summary reads the kept totals at all.
 #[test]
 fn the_kept_totals_read_as_the_rows_count_them() {
-    use kopilka::core::document::{Incoming, VoidReason};
     use kopilka::core::money::Points;
-    use kopilka::ledger::{DateRange, Item};
+    use kopilka::ledger::DateRange;
     let mut env = with_bonus_documents();
     let s1 = sale("S1", Some("C1"), &[("P1", 2, 1000), ("P2", 1, 500)]);
     let s2 = sale("S2", Some("C2"), &[("P1", 4, 1000)]);
@@ -797,12 +800,7 @@ fn the_kept_totals_read_as_the_rows_count_them() {
     let mut ahead = sale("S3", Some("C1"), &[("P1", 1, 1000)]);
     ahead.occurred_at = env.now + chrono::Duration::days(2);
     env.docs(vec![reversion(ahead)]);
-    let mut unposted = s4.source.clone();
-    unposted.version = "unposted-1".into();
-    env.ingest(vec![Item::Incoming(Incoming::Void {
-        source: unposted,
-        reason: VoidReason::Unposted,
-    })]);
+    unpost(&mut env, &s4);
     let due = env.ledger.outbox_due("onec:bonus", 100, env.now).unwrap();
     assert!(due.len() >= 3, "{due:?}");
     let ids: Vec<i64> = due[1..].iter().map(|r| r.id).collect();

@@ -473,7 +473,7 @@ fn write_document_row(
     let id = match existing {
         Some(id) => {
             conn.prepare_cached(
-                "UPDATE documents SET version = ?2, kind_code = ?3, state_code = 0, void_reason = NULL, number = ?4, \
+                "UPDATE documents SET version = ?2, kind_code = ?3, state_code = 0 /* active */, void_reason = NULL, number = ?4, \
                  occurred_at = ?5, customer_id = ?6, currency = ?7, total = ?8, points_redeemed = ?9, \
                  original_ref = ?10, original_id = NULL, store = ?11, partner = ?12, updated_at = ?13, \
                  stamp = ?14 WHERE id = ?1",
@@ -503,7 +503,7 @@ fn write_document_row(
             conn.prepare_cached(
                 "INSERT INTO documents (source, doc_id, version, kind_code, state_code, number, occurred_at, customer_id, \
                  currency, total, points_redeemed, original_ref, store, partner, first_seen_at, updated_at, stamp) \
-                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15)",
+                 VALUES (?1, ?2, ?3, ?4, 0 /* active */, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15)",
             )?
             .execute(params![
                 d.source.system,
@@ -1405,7 +1405,7 @@ impl Run<'_, '_> {
             None => {
                 conn.prepare_cached(
                     "INSERT INTO documents (source, doc_id, version, state_code, void_reason, first_seen_at, updated_at, stamp) \
-                     VALUES (?1, ?2, ?3, 1, ?4, ?5, ?5, ?6)",
+                     VALUES (?1, ?2, ?3, 1 /* void */, ?4, ?5, ?5, ?6)",
                 )?
                 .execute(params![
                     source.system,
@@ -1424,7 +1424,7 @@ impl Run<'_, '_> {
                     self.cancel_effects(conn, &doc_by_id(conn, ex.id)?, reason.as_str())?;
                 }
                 conn.prepare_cached(
-                    "UPDATE documents SET version = ?2, state_code = 1, void_reason = ?3, applied = 0, updated_at = ?4, \
+                    "UPDATE documents SET version = ?2, state_code = 1 /* void */, void_reason = ?3, applied = 0, updated_at = ?4, \
                      stamp = ?5 WHERE id = ?1",
                 )?
                 .execute(params![

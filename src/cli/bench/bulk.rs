@@ -120,7 +120,7 @@ impl Builder {
         conn.prepare_cached(
             "INSERT INTO documents (source, doc_id, version, kind_code, state_code, epoch, applied, number, occurred_at, \
              customer_id, currency, total, points_redeemed, store, first_seen_at, updated_at, margin, reward_value, loss) \
-             VALUES (?1, ?2, ?3, 0, 0, 1, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12, ?13, 0)",
+             VALUES (?1, ?2, ?3, 0 /* sale */, 0 /* active */, 1, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12, ?13, 0)",
         )?
         .execute(params![
             d.source.system,
@@ -217,7 +217,7 @@ impl Builder {
     ) -> anyhow::Result<i64> {
         conn.prepare_cached(
             "INSERT INTO journal (kind_code, role_code, customer_id, document_id, epoch, amount, effective_at, recorded_at, \
-             explanation) VALUES (?1, 0, ?2, ?3, 1, ?4, ?5, ?6, ?7)",
+             explanation) VALUES (?1, 0 /* effect */, ?2, ?3, 1, ?4, ?5, ?6, ?7)",
         )?
         .execute(params![
             crate::ledger::kind_code(kind),
