@@ -65,6 +65,12 @@ fn column<T: rusqlite::types::FromSql>(conn: &rusqlite::Connection, sql: &str) -
         .unwrap()
 }
 
+/// Every version kept as text, in every table that keeps one (a content hash is kept as its
+/// bytes since migration 31).
+const TEXT_VERSIONS: &str = "SELECT version FROM documents WHERE typeof(version) != 'blob' UNION ALL \
+     SELECT version FROM document_versions WHERE typeof(version) != 'blob' UNION ALL \
+     SELECT version FROM source_log WHERE typeof(version) != 'blob'";
+
 /// 1C unposts `d`: a void under a version of the source's own (text, not a content hash).
 fn unpost(env: &mut Env, d: &kopilka::core::document::Document) {
     use kopilka::core::document::{Incoming, VoidReason};
@@ -540,12 +546,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    let text: Vec<String> = column(
-        &conn,
-        "SELECT version FROM documents WHERE typeof(version) != 'blob' UNION ALL \
-         SELECT version FROM document_versions WHERE typeof(version) != 'blob' UNION ALL \
-         SELECT version FROM source_log WHERE typeof(version) != 'blob'",
-    );
+    let text: Vec<String> = column(&conn, TEXT_VERSIONS);
     assert_eq!(
         text, ["unposted-1"; 3],
         "every content hash written today is kept as its bytes (S3's void version: in all three)"
@@ -584,12 +585,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         )
         .unwrap();
     assert_eq!((version, left), (32, 2), "only the versions S1 and S3 left stay");
-    let text: Vec<String> = column(
-        &conn,
-        "SELECT version FROM documents WHERE typeof(version) != 'blob' UNION ALL \
-         SELECT version FROM document_versions WHERE typeof(version) != 'blob' UNION ALL \
-         SELECT version FROM source_log WHERE typeof(version) != 'blob'",
-    );
+    let text: Vec<String> = column(&conn, TEXT_VERSIONS);
     assert_eq!(
         text,
         ["unposted-1"],

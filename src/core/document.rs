@@ -429,10 +429,21 @@ pub fn content_version(doc: &Document) -> String {
         field(&l.unit_cost.map(|m| m.0.to_string()).unwrap_or_default());
         field(if l.service { "s" } else { "g" });
     }
-    let digest = h.finalize();
-    let mut out = String::from("sha256:");
-    for b in &digest[..16] {
-        out.push_str(&format!("{b:02x}"));
+    hash_version(&h.finalize()[..16])
+}
+
+/// How a content-hash version starts: `sha256:` and the first 16 bytes of the digest in
+/// lower-case hex ([`hash_version`]).
+pub const HASH_VERSION: &str = "sha256:";
+
+/// The version text of a content hash's `bytes` — the one spelling every source's hash and
+/// the ledger's stored form (bytes, read back through this) share.
+pub fn hash_version(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(HASH_VERSION.len() + 2 * bytes.len());
+    out.push_str(HASH_VERSION);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
     }
     out
 }

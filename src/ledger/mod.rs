@@ -36,8 +36,7 @@ use chrono::{DateTime, TimeZone, Utc};
 
 use rusqlite::{Connection, OpenFlags, params};
 
-use crate::core::document::DocKind;
-use crate::core::document::Line;
+use crate::core::document::{DocKind, HASH_VERSION, Line, hash_version};
 use crate::core::journal::{Account, Explanation, LineFacts, TxKind};
 
 pub use accounting::{Books, HistoryPosting, Posting, PostingKind, PostingRecord, movement_of};
@@ -182,30 +181,21 @@ pub(crate) fn account_code(a: Account) -> i64 {
     }
 }
 
-/// The prefix of a content hash, the version of every document whose source has none of its
-/// own (`core::document::content_version`: CommerceML files, till receipts, AmoCRM deals).
-const HASH_VERSION: &str = "sha256:";
-
 /// How a document's version is stored (migration 31, issue 19): a content hash — `sha256:`
-/// and 32 lowercase hex digits, 39 bytes of text — as its 16 bytes; any other version (1C's
-/// `DataVersion`, a deletion mark) as given. Every table that keeps a document's version
-/// (`documents`, `document_versions`, `source_log`) stores it this way, so a version written
-/// now equals the same version written before, whichever table it is compared in.
+/// and 32 lowercase hex digits, 39 bytes of text (`core::document::hash_version`) — as its 16
+/// bytes; any other version (1C's `DataVersion`, a deletion mark) as given. Every table that
+/// keeps a document's version (`documents`, `document_versions`, `source_log`) stores it this
+/// way, so a version written now equals the same version written before, whichever table it
+/// is compared in.
 pub(crate) fn version_column(v: &str) -> rusqlite::types::Value {
-    let bytes = v
+    let hex = v
         .strip_prefix(HASH_VERSION)
-        .filter(|h| h.len() == 32)
-        .and_then(|h| {
-            (0..16)
-                .map(|i| {
-                    let pair = h.get(2 * i..2 * i + 2)?;
-                    let lower = pair
-                        .bytes()
-                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-                    lower.then(|| u8::from_str_radix(pair, 16).ok()).flatten()
-                })
-                .collect::<Option<Vec<u8>>>()
-        });
+        .filter(|h| h.len() == 32 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+    let bytes = hex.and_then(|h| {
+        (0..16)
+            .map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()
+    });
     match bytes {
         Some(b) => rusqlite::types::Value::Blob(b),
         None => rusqlite::types::Value::Text(v.to_string()),
@@ -214,16 +204,8 @@ pub(crate) fn version_column(v: &str) -> rusqlite::types::Value {
 
 /// A stored version as every reader and message spells it ([`version_column`] undone).
 pub(crate) fn version_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<String> {
-    use std::fmt::Write;
     match r.get_ref(i)? {
-        rusqlite::types::ValueRef::Blob(b) => {
-            let mut out = String::with_capacity(HASH_VERSION.len() + 2 * b.len());
-            out.push_str(HASH_VERSION);
-            for byte in b {
-                let _ = write!(out, "{byte:02x}");
-            }
-            Ok(out)
-        }
+        rusqlite::types::ValueRef::Blob(b) => Ok(hash_version(b)),
         _ => r.get(i),
     }
 }

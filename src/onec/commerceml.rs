@@ -1852,12 +1852,7 @@ impl DocDraft {
             h.update((s.len() as u64).to_le_bytes());
             h.update(s.as_bytes());
         }
-        let digest = h.finalize();
-        let mut out = String::from("sha256:");
-        for b in digest.iter().take(16) {
-            out.push_str(&format!("{b:02x}"));
-        }
-        out
+        crate::core::document::hash_version(&h.finalize()[..16])
     }
 
     fn convert(&mut self, kind: DocKind, doc_id: String, ctx: &DocContext<'_>) -> Result<Document, Problem> {
