@@ -279,12 +279,13 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         // the old form spelled out what the explanation now leaves to the document's lines
         let line = |n: u32| {
             conn.query_row(
-                "SELECT product_id, net FROM document_lines WHERE document_id = ?1 AND line_no = ?2",
+                "SELECT product_id, net, points FROM document_lines WHERE document_id = ?1 AND line_no = ?2",
                 rusqlite::params![document, n],
                 |r| {
                     Ok(LineFacts {
                         product: r.get(0)?,
                         net: r.get(1)?,
+                        points: r.get(2)?,
                     })
                 },
             )
@@ -872,10 +873,27 @@ fn accrual_lines(env: &Env, customer: &str) -> Vec<Vec<LineItem>> {
         .collect()
 }
 
+/// The points of every accrual's items for lines, in the journal's order.
+fn accrual_points(env: &Env, customer: &str) -> Vec<Vec<i64>> {
+    let (_, entries) = env.ledger.history(customer).unwrap();
+    entries
+        .iter()
+        .filter(|e| e.kind == "accrual")
+        .map(|e| {
+            e.explanation
+                .items
+                .iter()
+                .filter(|i| i.line.is_some())
+                .map(|i| i.points)
+                .collect()
+        })
+        .collect()
+}
+
 /// Issue 19, "no fact copied into three tables": an accrual's items leave their line's
-/// product and net to the document's stored line, and `history` shows them as before; a new
-/// version of the document (new lines) leaves the earlier accrual saying what it was made
-/// against.
+/// product, net and points (and their line numbers) to the document's stored line, and
+/// `history` shows them as before; a new version of the document (new lines) leaves the
+/// earlier accrual saying what it was made against.
 #[test]
 fn an_accrual_leaves_its_lines_facts_to_the_lines_and_keeps_them_when_they_change() {
     let mut env = Env::new();
@@ -886,8 +904,16 @@ fn an_accrual_leaves_its_lines_facts_to_the_lines_and_keeps_them_when_they_chang
         (Some(2), Some("P2".to_string()), Some(50_000)),
     ];
     assert_eq!(accrual_lines(&env, "C1"), vec![first.clone()]);
-    // the stored row does not repeat them: read without the lines, the values are missing
+    // each item earned what its stored line holds
     let conn = rusqlite::Connection::open(&env.path).unwrap();
+    let line_points: Vec<i64> = column(
+        &conn,
+        "SELECT points FROM document_lines WHERE document_id = (SELECT id FROM documents WHERE doc_id = 'S1') \
+         ORDER BY line_no",
+    );
+    assert!(line_points.iter().all(|p| *p > 0), "{line_points:?}");
+    assert_eq!(accrual_points(&env, "C1"), vec![line_points.clone()]);
+    // the stored row does not repeat them: read without the lines, the values are missing
     let packed = |conn: &rusqlite::Connection, id: i64| -> Vec<u8> {
         conn.query_row("SELECT explanation FROM journal WHERE id = ?1", [id], |r| {
             r.get(0)
@@ -903,7 +929,12 @@ fn an_accrual_leaves_its_lines_facts_to_the_lines_and_keeps_them_when_they_chang
     assert!(
         line_items
             .iter()
-            .all(|i| i.product.is_none() && i.base_kopecks.is_none())
+            .all(|i| i.product.is_none() && i.base_kopecks.is_none() && i.points == 0)
+    );
+    // the line numbers are implied, not stored, and still read
+    assert_eq!(
+        line_items.iter().map(|i| i.line).collect::<Vec<_>>(),
+        [Some(1), Some(2)]
     );
 
     // a new version with other lines: the first accrual is cancelled and still names the
@@ -920,6 +951,11 @@ fn an_accrual_leaves_its_lines_facts_to_the_lines_and_keeps_them_when_they_chang
         (Some(2), Some("P3".to_string()), Some(90_000)),
     ];
     assert_eq!(accrual_lines(&env, "C1"), vec![first, second]);
+    assert_eq!(
+        accrual_points(&env, "C1")[0],
+        line_points,
+        "what the first accrual earned"
+    );
     // the first one now holds its facts itself (the lines it was made against are gone)
     let whole = Explanation::from_packed(&packed(&conn, accrual));
     assert!(
@@ -928,6 +964,15 @@ fn an_accrual_leaves_its_lines_facts_to_the_lines_and_keeps_them_when_they_chang
             .iter()
             .filter(|i| i.line.is_some())
             .all(|i| i.product.is_some() && i.base_kopecks.is_some())
+    );
+    assert_eq!(
+        whole
+            .items
+            .iter()
+            .filter(|i| i.line.is_some())
+            .map(|i| i.points)
+            .collect::<Vec<_>>(),
+        line_points
     );
     env.assert_verified();
 }

@@ -557,7 +557,10 @@ pub(super) fn onec(raw: &RawOnec, c: &mut Check<'_>) -> OnecConfig {
         max_age: chrono::Duration::days(keep_days),
         max_bytes: raw.keep_max_bytes.unwrap_or(1 << 30),
     };
-    let system = raw.system.clone().unwrap_or_else(|| "onec".into());
+    let system = raw
+        .system
+        .clone()
+        .unwrap_or_else(|| super::DEFAULT_ONEC_SYSTEM.into());
     if system.is_empty() || system.contains(char::is_whitespace) {
         c.bad(
             "onec.system",

@@ -438,6 +438,9 @@ impl Origins {
     }
 }
 
+/// The ledger's name of the 1C base when `[onec] system` does not say (the only one in most
+/// shops): what a bonus document's stored reference leaves out (issue 19).
+pub const DEFAULT_ONEC_SYSTEM: &str = "onec";
 /// Outbox destination of bonus documents for 1C.
 pub const ONEC_BONUS: &str = "onec:bonus";
 /// Outbox destination of daily accounting postings for 1C.

@@ -269,26 +269,42 @@ pub(crate) fn explanation_read(
 /// A document's lines as explanations name them, by line number from 1 (numbers are written
 /// 1, 2, … without gaps).
 fn line_facts(conn: &Connection, document: i64) -> rusqlite::Result<Vec<LineFacts>> {
-    conn.prepare_cached("SELECT product_id, net FROM document_lines WHERE document_id = ?1 ORDER BY line_no")?
-        .query_map([document], |r| {
-            Ok(LineFacts {
-                product: r.get(0)?,
-                net: r.get(1)?,
-            })
-        })?
-        .collect()
+    conn.prepare_cached(
+        "SELECT product_id, net, points FROM document_lines WHERE document_id = ?1 ORDER BY line_no",
+    )?
+    .query_map([document], |r| {
+        Ok(LineFacts {
+            product: r.get(0)?,
+            net: r.get(1)?,
+            points: r.get(2)?,
+        })
+    })?
+    .collect()
 }
 
 /// What the journal's `explanation` column is given: the packed form, or the compact text if
 /// packing failed (both read through [`explanation_at`]).
 pub(crate) fn explanation_column(e: &Explanation) -> rusqlite::types::Value {
-    explanation_column_against(e, &[])
+    explanation_column_against(e, &[], &[])
 }
 
-/// The column for an entry of the document whose `lines` are being written with it: items
-/// that repeat their line's product and net leave them to the line (`LineFacts`).
-pub(crate) fn explanation_column_against(e: &Explanation, lines: &[Line]) -> rusqlite::types::Value {
-    let line = |n: u32| nth_line(lines, n).map(|l| (l.product_id.as_str(), l.net.0));
+/// The column for an entry of the document whose `lines` are being written with it, each
+/// holding the `points` given with it: items that repeat their line's product, net and points
+/// leave them to the line (`LineFacts`).
+pub(crate) fn explanation_column_against(
+    e: &Explanation,
+    lines: &[Line],
+    points: &[i64],
+) -> rusqlite::types::Value {
+    let line = |n: u32| {
+        let l = nth_line(lines, n)?;
+        // a line beyond `points` is written with none (`insert_lines`)
+        Some((
+            l.product_id.as_str(),
+            l.net.0,
+            nth_line(points, n).copied().unwrap_or(0),
+        ))
+    };
     match e.pack_against(line) {
         Some(packed) => rusqlite::types::Value::Blob(packed),
         None => rusqlite::types::Value::Text(e.to_stored_against(line)),
