@@ -394,6 +394,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
          DROP TRIGGER totals_outbox_update;
          DROP TRIGGER totals_outbox_delete;
          DROP INDEX outbox_due;
+         DROP INDEX outbox_due_bonus;
          DROP INDEX outbox_coalesce;
          DROP INDEX outbox_dead_coalesce;
          DROP INDEX outbox_dead;
@@ -585,7 +586,22 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, left), (32, 2), "only the versions S1 and S3 left stay");
+    assert_eq!((version, left), (33, 2), "only the versions S1 and S3 left stay");
+    // schemas before 33 kept every pending row in one index by destination, and a document's
+    // number with its source
+    let keyed: Vec<String> = column(
+        &conn,
+        "SELECT m.name || '(' || (SELECT group_concat(i.name) FROM pragma_index_info(m.name) i) || ')' \
+         FROM sqlite_master m WHERE m.name IN ('outbox_due', 'outbox_due_bonus', 'documents_number') ORDER BY 1",
+    );
+    assert_eq!(
+        keyed,
+        [
+            "documents_number(number)",
+            "outbox_due(destination,next_attempt_at)",
+            "outbox_due_bonus(next_attempt_at)"
+        ]
+    );
     let text: Vec<String> = column(&conn, TEXT_VERSIONS);
     assert_eq!(
         text,

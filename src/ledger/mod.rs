@@ -23,7 +23,7 @@ mod people;
 mod query;
 mod reconcile;
 mod report;
-mod schema;
+pub(crate) mod schema;
 mod state;
 mod telegram;
 mod totals;

@@ -339,9 +339,12 @@ pub(super) fn unsubscribe(
          ON CONFLICT (customer_id, channel) DO NOTHING",
         params![customer, channel.as_str(), ts(now), via],
     )?;
+    let (index, of) = super::outbox::pending_of(channel.destination());
     Ok(conn.execute(
-        "UPDATE outbox SET state_code = 4 /* dropped */, note = ?3, updated_at = ?4 \
-         WHERE destination = ?1 AND state = 'pending' AND json_extract(payload, '$.customer_id') = ?2",
+        &format!(
+            "UPDATE outbox INDEXED BY {index} SET state_code = 4 /* dropped */, note = ?3, updated_at = ?4 \
+             WHERE destination = ?1 AND {of} AND state = 'pending' AND json_extract(payload, '$.customer_id') = ?2"
+        ),
         params![
             channel.destination(),
             customer,

@@ -254,10 +254,14 @@ impl Ledger {
                 )?;
                 resubscribe(&tx, customer)?;
                 // messages that waited for the link go now rather than at the next look
+                let destination = Channel::Telegram.destination();
+                let (index, of) = super::outbox::pending_of(destination);
                 tx.execute(
-                    "UPDATE outbox SET next_attempt_at = ?3 WHERE destination = ?1 AND state = 'pending' \
-                     AND json_extract(payload, '$.customer_id') = ?2 AND next_attempt_at > ?3",
-                    params![Channel::Telegram.destination(), customer, ts(now)],
+                    &format!(
+                        "UPDATE outbox INDEXED BY {index} SET next_attempt_at = ?3 WHERE destination = ?1 AND {of} \
+                         AND state = 'pending' AND json_extract(payload, '$.customer_id') = ?2 AND next_attempt_at > ?3"
+                    ),
+                    params![destination, customer, ts(now)],
                 )?;
             }
             Effect::Stop(customer) => {
