@@ -592,11 +592,13 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     let keyed: Vec<String> = column(
         &conn,
         "SELECT m.name || '(' || (SELECT group_concat(i.name) FROM pragma_index_info(m.name) i) || ')' \
-         FROM sqlite_master m WHERE m.name IN ('outbox_due', 'outbox_due_bonus', 'documents_number') ORDER BY 1",
+         FROM sqlite_master m WHERE m.name IN ('outbox_due', 'outbox_due_bonus', 'documents_number', \
+         'documents_changed', 'documents_updated') ORDER BY 1",
     );
     assert_eq!(
         keyed,
         [
+            "documents_changed(updated_at)",
             "documents_number(number)",
             "outbox_due(destination,next_attempt_at)",
             "outbox_due_bonus(next_attempt_at)"

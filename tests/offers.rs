@@ -86,5 +86,28 @@ fn the_planted_pair_is_found_and_offered_and_a_loss_maker_is_not() {
     assert_eq!(again.baskets, 132);
     let o = env.ledger.offers_for("ONLY-COFFEE", env.now).unwrap();
     assert_eq!(o.offers[0].together, 41, "counts unchanged by a second refresh");
+
+    // a refresh reads only the documents written or changed since the last one: new ones by
+    // their id, changed ones by their time (migration 33); the documents above were written
+    // at `Env`'s start, a month after t0
+    env.now = common::t0() + Duration::days(31);
+    env.run(|l, _, c| l.refresh_offers(c)).unwrap();
+    env.now += Duration::days(1);
+    let idle = env.run(|l, _, c| l.refresh_offers(c)).unwrap();
+    assert_eq!((idle.documents, idle.baskets), (0, 132));
+    env.now += Duration::days(1);
+    let mut changed = sale("S1", Some("A0"), &[("coffee", 1, 800), ("honey", 1, 600)]);
+    changed.lines[0].unit_cost = Some(Money(50_000));
+    changed.lines[1].unit_cost = Some(Money(30_000));
+    changed.occurred_at = common::t0() - Duration::days(100);
+    let mut new = sale("S-NEW", Some("NEW"), &[("tea", 1, 300)]);
+    new.lines[0].unit_cost = Some(Money(10_000));
+    new.occurred_at = env.now - Duration::days(1);
+    env.docs(vec![reversion(changed), reversion(new)]);
+    env.now += Duration::days(1);
+    let r = env.run(|l, _, c| l.refresh_offers(c)).unwrap();
+    assert_eq!((r.documents, r.baskets), (2, 133), "S1 changed, S-NEW new");
+    let o = env.ledger.offers_for("ONLY-COFFEE", env.now).unwrap();
+    assert_eq!(o.offers[0].together, 41, "S1 still has coffee and honey");
     env.assert_verified();
 }

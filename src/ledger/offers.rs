@@ -83,15 +83,34 @@ impl Ledger {
             .optional()?
             .and_then(|v| v.parse().ok())
             .unwrap_or(i64::MIN);
-        // (document, customer, occurred_at, a sale in force, updated_at)
-        type Changed = (i64, Option<i64>, Option<i64>, bool, i64);
+        let head: Option<i64> = tx
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'offers_documents_head'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+            .and_then(|v| v.parse().ok());
+        // (document, customer, occurred_at, a sale in force, updated_at, first_seen_at)
+        type Changed = (i64, Option<i64>, Option<i64>, bool, i64, i64);
+        const COLS: &str = "id, customer_id, occurred_at, COALESCE(kind = 'sale' AND state = 'active', 0), \
+                            updated_at, first_seen_at";
+        // Since migration 33 only a document changed after it was first seen is indexed by
+        // its time (`documents_changed`): documents written since are found by their id, past
+        // the newest one the last refresh took (`offers_documents_head`). A ledger from before
+        // has no head yet and reads every document once.
+        let sql = match head {
+            Some(_) => format!(
+                "SELECT {COLS} FROM documents WHERE id > ?2 \
+                 UNION SELECT {COLS} FROM documents INDEXED BY documents_changed \
+                 WHERE updated_at > first_seen_at AND updated_at >= ?1"
+            ),
+            None => format!("SELECT {COLS} FROM documents WHERE updated_at >= ?1 AND ?2 IS NULL"),
+        };
         let docs: Vec<Changed> = tx
-            .prepare(
-                "SELECT id, customer_id, occurred_at, COALESCE(kind = 'sale' AND state = 'active', 0), updated_at \
-                 FROM documents WHERE updated_at >= ?1 ORDER BY updated_at",
-            )?
-            .query_map([watermark], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            .prepare(&sql)?
+            .query_map(params![watermark, head], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
             })?
             .collect::<rusqlite::Result<_>>()?;
         let mut report = OffersRefresh {
@@ -99,8 +118,15 @@ impl Ledger {
             ..Default::default()
         };
         let mut newest = watermark;
-        for (id, customer, occurred, in_force, updated) in docs {
+        // a document first seen in this very second may still be written after this refresh
+        // within the same second, unseen by `documents_changed` (its time is its first time):
+        // it stays past the head, to be read again next time
+        let mut new_head = head.unwrap_or(0);
+        for (id, customer, occurred, in_force, updated, first_seen) in docs {
             newest = newest.max(updated);
+            if first_seen < ts(now) {
+                new_head = new_head.max(id);
+            }
             let old: Option<String> = tx
                 .prepare_cached("SELECT items FROM offer_baskets WHERE document_id = ?1")?
                 .query_row([id], |r| r.get(0))
@@ -150,9 +176,9 @@ impl Ledger {
             .execute(params![id, customer, occurred.unwrap_or(0), serde_json::to_string(&basket).unwrap_or_default()])?;
         }
         tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('offers_watermark', ?1) \
+            "INSERT INTO meta (key, value) VALUES ('offers_watermark', ?1), ('offers_documents_head', ?2) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [newest.to_string()],
+            [newest.to_string(), new_head.to_string()],
         )?;
         tx.execute("DELETE FROM offer_pairs WHERE together <= 0", [])?;
         tx.execute("DELETE FROM offer_items WHERE baskets <= 0", [])?;

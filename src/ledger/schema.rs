@@ -1094,7 +1094,9 @@ END;
     // destination's name is not repeated in each entry (`outbox::pending_of` names the index
     // a query may use). A return finds its sale's number among the source's documents by the
     // number alone: the source was repeated in every entry, and a number is nearly always
-    // one source's.
+    // one source's. The offers' refresh finds the documents written since it last ran by id
+    // and only those changed after they were first seen by time (`refresh_offers`), so only
+    // those are indexed by time.
     r#"
 DROP INDEX outbox_due;
 CREATE INDEX outbox_due ON outbox(destination, next_attempt_at)
@@ -1103,6 +1105,8 @@ CREATE INDEX outbox_due_bonus ON outbox(next_attempt_at)
     WHERE state = 'pending' AND destination = 'onec:bonus';
 DROP INDEX documents_number;
 CREATE INDEX documents_number ON documents(number) WHERE number IS NOT NULL;
+DROP INDEX documents_updated;
+CREATE INDEX documents_changed ON documents(updated_at) WHERE updated_at > first_seen_at;
 "#,
 ];
 
