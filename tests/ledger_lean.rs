@@ -7,6 +7,8 @@ mod common;
 
 use common::*;
 use kopilka::core::journal::{Explanation, LineFacts};
+use kopilka::core::money::Money;
+use kopilka::core::rules::margin_of;
 use kopilka::ledger::{Ledger, OpenOptions, OutboxFilter, Outcome};
 
 /// What a person can see of the ledger: every customer's history and balance, and every
@@ -279,13 +281,20 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         // the old form spelled out what the explanation now leaves to the document's lines
         let line = |n: u32| {
             conn.query_row(
-                "SELECT product_id, net, points FROM document_lines WHERE document_id = ?1 AND line_no = ?2",
+                "SELECT product_id, net, points, quantity, unit_cost, redeemed FROM document_lines \
+                 WHERE document_id = ?1 AND line_no = ?2",
                 rusqlite::params![document, n],
                 |r| {
+                    let net: i64 = r.get(1)?;
+                    let quantity: String = r.get(3)?;
+                    let unit_cost: Option<i64> = r.get(4)?;
+                    let paid: Option<i64> = r.get(5)?;
                     Ok(LineFacts {
                         product: r.get(0)?,
-                        net: r.get(1)?,
+                        net,
                         points: r.get(2)?,
+                        margin: margin_of(Money(net), quantity.parse().unwrap(), unit_cost.map(Money))
+                            .map(|m| m - paid.unwrap_or(0)),
                     })
                 },
             )
@@ -808,7 +817,7 @@ fn the_kept_totals_read_as_the_rows_count_them() {
     // then although it was available when earned
     env.rules = kopilka::core::rules::RuleSet::flat(
         rust_decimal::Decimal::from(5),
-        kopilka::core::money::Money(100),
+        Money(100),
         chrono::Duration::zero(),
         None,
     );
@@ -1006,12 +1015,12 @@ fn a_lines_net_is_stored_only_where_it_is_not_worked_out() {
         Some("C1"),
         &[("P1", 2, 1000), ("P2", 1, 500), ("P3", 3, 333)],
     );
-    s.lines[0].discount = kopilka::core::money::Money(5_000);
-    s.lines[0].net = kopilka::core::money::Money(195_000);
+    s.lines[0].discount = Money(5_000);
+    s.lines[0].net = Money(195_000);
     s.lines[1].quantity = "1.5".parse().unwrap();
-    s.lines[1].net = kopilka::core::money::Money(75_000);
+    s.lines[1].net = Money(75_000);
     // 3 × 333.00 = 999.00, the source says 998.99
-    s.lines[2].net = kopilka::core::money::Money(99_899);
+    s.lines[2].net = Money(99_899);
     s.total = s.lines.iter().map(|l| l.net).sum();
     env.docs(vec![reversion(s.clone())]);
     let conn = rusqlite::Connection::open(&env.path).unwrap();
@@ -1024,5 +1033,91 @@ fn a_lines_net_is_stored_only_where_it_is_not_worked_out() {
     let items = accrual_lines(&env, "C1");
     let bases: Vec<Option<i64>> = items[0].iter().map(|i| i.2).collect();
     assert_eq!(bases, said.iter().map(|n| Some(*n)).collect::<Vec<_>>());
+    env.assert_verified();
+}
+
+/// Issue 19: an item capped by its line's margin leaves that margin to the line — whole or
+/// fractional quantity — and `history` shows the margin the line works out to: its net less
+/// its cost less the points paid on it. An item whose base is not its line's net (points paid
+/// on the line) keeps its own values, the margin with them.
+#[test]
+fn a_capped_item_leaves_its_margin_to_its_line_and_reads_it_back() {
+    let mut env = Env::new();
+    env.docs(vec![sale("S0", Some("C1"), &[("P0", 10, 1000)])]);
+    env.now += chrono::Duration::days(20);
+    for (id, paid) in [("S1", 0), ("S2", 10)] {
+        let mut s = sale(id, Some("C1"), &[("P1", 2, 1000), ("P2", 1, 700), ("P3", 1, 100)]);
+        // P1 and P2 sold near cost: their reward is capped by their margin
+        s.lines[0].unit_cost = Some(Money(98_000));
+        s.lines[1].quantity = dec("1.5");
+        s.lines[1].net = Money(105_000);
+        s.lines[1].unit_cost = Some(Money(69_000));
+        s.total = s.lines.iter().map(|l| l.net).sum();
+        s.occurred_at = env.now;
+        s.points_redeemed = kopilka::core::money::Points(paid);
+        let report = env.docs(vec![reversion(s)]);
+        assert_eq!(report.outcomes[0].1, Outcome::Applied, "{report:?}");
+
+        let conn = rusqlite::Connection::open(&env.path).unwrap();
+        // what each line works out to, from the line as stored
+        type Stored = (i64, i64, String, Option<i64>, Option<i64>);
+        let stored: Vec<Stored> = conn
+            .prepare(
+                "SELECT line_no, net, quantity, unit_cost, redeemed FROM document_lines \
+                 WHERE document_id = (SELECT id FROM documents WHERE doc_id = ?1) ORDER BY line_no",
+            )
+            .unwrap()
+            .query_map([id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            stored.iter().any(|l| l.4.is_some()),
+            paid > 0,
+            "{id}: points paid on its lines: {stored:?}"
+        );
+        let (_, entries) = env.ledger.history("C1").unwrap();
+        let accrual = entries
+            .iter()
+            .find(|e| e.kind == "accrual" && e.doc_id.as_deref() == Some(id))
+            .expect("the sale's accrual");
+        let capped: Vec<(u32, i64)> = accrual
+            .explanation
+            .items
+            .iter()
+            .filter_map(|i| Some((i.line?, i.margin_kopecks?)))
+            .collect();
+        assert_eq!(
+            capped.len(),
+            2,
+            "{id}: P1 and P2 were capped: {:#?}",
+            accrual.explanation
+        );
+        for (line, margin) in &capped {
+            let (_, net, quantity, cost, paid) = &stored[*line as usize - 1];
+            let cost = rust_decimal::Decimal::from(cost.unwrap()) * dec(quantity);
+            assert_eq!(
+                rust_decimal::Decimal::from(*margin),
+                rust_decimal::Decimal::from(*net) - cost - rust_decimal::Decimal::from(paid.unwrap_or(0)),
+                "{id}, line {line}"
+            );
+        }
+        // the stored row leaves a margin to its line only where the item is the line's own
+        let packed: Vec<u8> = conn
+            .query_row(
+                "SELECT explanation FROM journal WHERE kind = 'accrual' \
+                 AND document_id = (SELECT id FROM documents WHERE doc_id = ?1)",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let bare = Explanation::from_packed(&packed);
+        for item in bare.items.iter().filter(|i| i.cap.is_some()) {
+            let paid_on_line = stored[item.line.unwrap() as usize - 1].4.is_some();
+            assert_eq!(item.margin_kopecks.is_some(), paid_on_line, "{id}: {item:#?}");
+        }
+    }
     env.assert_verified();
 }

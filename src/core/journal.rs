@@ -231,8 +231,9 @@ struct StoredItem {
     n: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     o: Option<String>,
-    /// `1`: the product and base are the named line's own product and net, which the
-    /// document's stored line holds; they are not repeated here (see [`LineFacts`]).
+    /// `1`: the product and base (and, unless written here, the points and number) are the
+    /// named line's own, which the document's stored line holds; they are not repeated here
+    /// (see [`LineFacts`]). `3`: the margin too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     e: Option<u8>,
 }
@@ -247,20 +248,35 @@ struct StoredItem {
 ///
 /// Since the seventh part of issue 19 the points a sale's item earned are left to the line
 /// too (the line's `points` holds exactly what its item earned), and so is the item's line
-/// number when it is the one after the previous item's: together ≈ 29 packed bytes of an
-/// accrual. An item left to its line is marked `e`; its number is written only when it is not
-/// the next one, its points only when they differ from the line's.
+/// number when it is the one after the previous item's, and the margin a capped item was
+/// measured against when it is the line's own (its margin less the points paid on it): together
+/// ≈ 40 packed bytes of an accrual. An item left to its line is marked `e` (1; 3 when its
+/// margin is left too); its number is written only when it is not the next one, its points
+/// only when they differ from the line's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LineFacts {
     pub product: String,
     pub net: i64,
     /// The points the line holds (`document_line_rows.points`).
     pub points: i64,
+    /// The line's margin less the points paid on it (`rules::margin_of`), `None` when its
+    /// cost is unknown: what the margin cap measures a line by.
+    pub margin: Option<i64>,
 }
 
-/// What the writer knows of a line an item may name: its product, net and points, as
-/// [`LineFacts`] holds them when read back.
-pub type LineOwn<'a> = (&'a str, i64, i64);
+/// What the writer knows of a line an item may name, as [`LineFacts`] holds it when read back.
+#[derive(Clone, Copy, Debug)]
+pub struct LineOwn<'a> {
+    pub product: &'a str,
+    pub net: i64,
+    pub points: i64,
+    pub margin: Option<i64>,
+}
+
+/// The mark of an item left to its line (`StoredItem::e`): its product, base, points and
+/// number are the line's; with [`MARGIN_LEFT`] its margin too.
+const LEFT: u8 = 1;
+const MARGIN_LEFT: u8 = 2;
 
 impl Explanation {
     /// What the journal's `explanation` column holds.
@@ -278,10 +294,13 @@ impl Explanation {
                 .items
                 .iter()
                 .map(|x| {
-                    let facts = x.line.and_then(&line).filter(|(product, net, _)| {
-                        x.product.as_deref() == Some(*product) && x.base_kopecks == Some(*net)
-                    });
+                    let facts = x
+                        .line
+                        .and_then(&line)
+                        .filter(|f| x.product.as_deref() == Some(f.product) && x.base_kopecks == Some(f.net));
                     let own = facts.is_some();
+                    let margin_own =
+                        facts.is_some_and(|f| x.margin_kopecks.is_some() && x.margin_kopecks == f.margin);
                     // the number is implied only for an item left to its line (`e`)
                     let next = own && x.line == previous.checked_add(1);
                     previous = x.line.unwrap_or(previous);
@@ -293,13 +312,13 @@ impl Explanation {
                         t: x.rate.clone(),
                         c: x.cap.clone(),
                         cb: x.capped_by,
-                        m: x.margin_kopecks,
+                        m: if margin_own { None } else { x.margin_kopecks },
                         n: match facts {
-                            Some((_, _, points)) if points == x.points => None,
+                            Some(f) if f.points == x.points => None,
                             _ => Some(x.points),
                         },
                         o: x.note.clone(),
-                        e: own.then_some(1),
+                        e: own.then_some(if margin_own { LEFT | MARGIN_LEFT } else { LEFT }),
                     }
                 })
                 .collect(),
@@ -337,6 +356,10 @@ impl Explanation {
                         previous = number.unwrap_or(previous);
                         let facts = x.e.zip(number).and_then(|(_, l)| line(l));
                         let points = x.n.or(facts.as_ref().map(|f| f.points)).unwrap_or(0);
+                        let margin_kopecks = match x.e {
+                            Some(e) if e & MARGIN_LEFT != 0 => facts.as_ref().and_then(|f| f.margin),
+                            _ => x.m,
+                        };
                         let (product, base_kopecks) = match facts {
                             Some(f) => (Some(f.product), Some(f.net)),
                             None => (x.p, x.b),
@@ -349,7 +372,7 @@ impl Explanation {
                             rate: x.t,
                             cap: x.c,
                             capped_by: x.cb,
-                            margin_kopecks: x.m,
+                            margin_kopecks,
                             points,
                             note: x.o,
                         }
@@ -623,24 +646,42 @@ mod stored_tests {
     }
 
     /// An item that repeats its line's product and net leaves them to the line — and its
-    /// points when the line holds the same, its number when it is the next line — and reads
+    /// points and margin when the line holds the same, its number when it is the next line — and reads
     /// back whole when the line is given; one whose base differs (points paid on the line)
     /// keeps its own; an item without a line, or a line the reader does not give, is as stored.
     #[test]
     fn an_item_leaves_to_its_line_only_what_the_line_holds() {
-        let e = accrual_of_three_lines();
+        let mut e = accrual_of_three_lines();
+        // capped against their line's margin: line 1's own, line 3's another
+        for (i, margin) in [(0, 91_726), (2, 15_388)] {
+            e.items[i].cap = Some("max_reward_share_of_margin".into());
+            e.items[i].capped_by = Some(11);
+            e.items[i].margin_kopecks = Some(margin);
+        }
         let lines = [
-            ("P00962", 366_700, 183),
-            ("P01583", 439_550, 200),
-            ("P00888", 550_350, 270),
+            ("P00962", 366_700, 183, Some(91_726)),
+            ("P01583", 439_550, 200, Some(5)),
+            ("P00888", 550_350, 270, Some(20_000)),
         ];
-        let line = |n: u32| lines.get(n as usize - 1).copied();
+        let line = |n: u32| {
+            lines
+                .get(n as usize - 1)
+                .map(|&(product, net, points, margin)| LineOwn {
+                    product,
+                    net,
+                    points,
+                    margin,
+                })
+        };
         let facts = |n: u32| {
-            lines.get(n as usize - 1).map(|(p, net, points)| LineFacts {
-                product: p.to_string(),
-                net: *net,
-                points: *points,
-            })
+            lines
+                .get(n as usize - 1)
+                .map(|(p, net, points, margin)| LineFacts {
+                    product: p.to_string(),
+                    net: *net,
+                    points: *points,
+                    margin: *margin,
+                })
         };
         let stored = e.to_stored_against(line);
         assert!(
@@ -659,6 +700,10 @@ mod stored_tests {
             stored.contains("275"),
             "line 3 earned other than its line holds: {stored}"
         );
+        assert!(
+            !stored.contains("91726") && stored.contains("15388"),
+            "only line 1 was capped against its line's own margin: {stored}"
+        );
         assert_eq!(
             stored.matches("\"l\":").count(),
             1,
@@ -673,8 +718,22 @@ mod stored_tests {
         let bare = Explanation::from_packed(&packed);
         assert_eq!(bare.items[0].product, None);
         assert_eq!(bare.items[0].base_kopecks, None);
-        assert_eq!((bare.items[0].line, bare.items[0].points), (Some(1), 0));
-        assert_eq!((bare.items[2].line, bare.items[2].points), (Some(3), 275));
+        assert_eq!(
+            (
+                bare.items[0].line,
+                bare.items[0].points,
+                bare.items[0].margin_kopecks
+            ),
+            (Some(1), 0, None)
+        );
+        assert_eq!(
+            (
+                bare.items[2].line,
+                bare.items[2].points,
+                bare.items[2].margin_kopecks
+            ),
+            (Some(3), 275, Some(15_388))
+        );
         assert_eq!(bare.items[1], e.items[1]);
         assert_eq!(bare.items[3], e.items[3]);
         assert_eq!(bare.summary, e.summary);

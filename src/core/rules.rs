@@ -419,14 +419,21 @@ impl RuleSet {
 
 /// Margin of a line in kopecks when its cost is known.
 pub fn line_margin(line: &Line) -> Option<i64> {
-    let unit = line.unit_cost?;
+    margin_of(line.net, line.quantity, line.unit_cost)
+}
+
+/// The margin of `quantity` units costing `unit_cost` each, sold for `net`: [`line_margin`]
+/// from the values a stored line keeps, which is how the ledger works out the margin an
+/// explanation leaves to its line (`LineFacts`).
+pub fn margin_of(net: Money, quantity: Decimal, unit_cost: Option<Money>) -> Option<i64> {
+    let unit = unit_cost?;
     // whole quantities (most lines) need no decimal rounding
-    let cost = if line.quantity.fract().is_zero() {
-        unit.0.checked_mul(line.quantity.to_i64()?)?
+    let cost = if quantity.fract().is_zero() {
+        unit.0.checked_mul(quantity.to_i64()?)?
     } else {
-        unit.mul_decimal(line.quantity).ok()?.0
+        unit.mul_decimal(quantity).ok()?.0
     };
-    Some(line.net.0 - cost)
+    Some(net.0 - cost)
 }
 
 fn dec(v: i64) -> Decimal {

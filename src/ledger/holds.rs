@@ -605,7 +605,7 @@ impl Ledger {
                 reverses: None,
                 effective_at: now,
                 explanation: &explanation,
-                lines: (&[], &[]),
+                lines: (&[], &[], &[]),
                 actor: None,
                 idem_key: Some(&key),
                 partner: None,

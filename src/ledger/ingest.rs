@@ -208,10 +208,10 @@ pub(super) struct NewTx<'a> {
     pub(super) reverses: Option<i64>,
     pub(super) effective_at: DateTime<Utc>,
     pub(super) explanation: &'a Explanation,
-    /// The lines of the document being written with the entry and the points each is written
-    /// with, which its explanation's items may leave their product, base and points to
-    /// (`LineFacts`); empty for any other entry.
-    pub(super) lines: (&'a [Line], &'a [i64]),
+    /// The lines of the document being written with the entry and the points each earned and
+    /// paid, which its explanation's items may leave their product, base, points and margin
+    /// to (`LineFacts`); empty for any other entry.
+    pub(super) lines: (&'a [Line], &'a [i64], &'a [i64]),
     pub(super) actor: Option<&'a str>,
     pub(super) idem_key: Option<&'a str>,
     pub(super) partner: Option<&'a str>,
@@ -230,7 +230,7 @@ pub(super) use crate::core::effects::LotDates;
 /// the transaction sums to zero by construction.
 pub(super) fn post(conn: &Connection, t: NewTx<'_>, h: &mut Holdings, now: DateTime<Utc>) -> Result<i64> {
     let amount: i64 = t.moves.iter().map(|m| m.amount).sum();
-    let explanation = super::explanation_column_against(t.explanation, t.lines.0, t.lines.1);
+    let explanation = super::explanation_column_against(t.explanation, t.lines);
     conn.prepare_cached(
         "INSERT INTO journal (kind_code, role_code, customer_id, document_id, epoch, reverses, amount, \
          effective_at, recorded_at, explanation, actor, idem_key, partner, rule_id) \
@@ -698,7 +698,7 @@ impl Run<'_, '_> {
                     reverses: Some(tx_id),
                     effective_at: from_ts(effective),
                     explanation: &explanation,
-                    lines: (&[], &[]),
+                    lines: (&[], &[], &[]),
                     actor: None,
                     idem_key: None,
                     partner: partner.as_deref(),
@@ -789,7 +789,7 @@ impl Run<'_, '_> {
                         reverses: None,
                         effective_at: d.occurred_at,
                         explanation: &tx.explanation,
-                        lines: (&d.lines, &decision.line_points),
+                        lines: (&d.lines, &decision.line_points, &decision.line_redeemed),
                         actor: tx.actor,
                         idem_key: None,
                         partner: if tx.partner { fx.partner.as_deref() } else { None },
@@ -833,7 +833,7 @@ impl Run<'_, '_> {
                 reverses: None,
                 effective_at: at,
                 explanation: &w.explanation,
-                lines: (&[], &[]),
+                lines: (&[], &[], &[]),
                 actor: w.actor,
                 idem_key: None,
                 partner: None,
@@ -953,7 +953,7 @@ impl Run<'_, '_> {
                     reverses: Some(accrual),
                     effective_at: at,
                     explanation: &explanation,
-                    lines: (&[], &[]),
+                    lines: (&[], &[], &[]),
                     actor: None,
                     idem_key: None,
                     partner: None,
@@ -1015,7 +1015,7 @@ impl Run<'_, '_> {
                         reverses: Some(redemption),
                         effective_at: at,
                         explanation: &explanation,
-                        lines: (&[], &[]),
+                        lines: (&[], &[], &[]),
                         actor: None,
                         idem_key: None,
                         partner: None,
@@ -1191,7 +1191,7 @@ impl Run<'_, '_> {
                     reverses: Some(tb.tx),
                     effective_at: at,
                     explanation: &explanation,
-                    lines: (&[], &[]),
+                    lines: (&[], &[], &[]),
                     actor: None,
                     idem_key: None,
                     partner: None,
@@ -1302,7 +1302,7 @@ impl Run<'_, '_> {
                     reverses: None,
                     effective_at: d.occurred_at,
                     explanation: &explanation,
-                    lines: (&[], &[]),
+                    lines: (&[], &[], &[]),
                     actor: None,
                     idem_key: Some(&key),
                     partner: None,
@@ -1747,7 +1747,7 @@ impl Ledger {
                 reverses: None,
                 effective_at: now,
                 explanation: &explanation,
-                lines: (&[], &[]),
+                lines: (&[], &[], &[]),
                 actor: Some(&req.by),
                 idem_key: idem.as_deref(),
                 partner: None,
@@ -1806,7 +1806,7 @@ impl Ledger {
                     reverses: None,
                     effective_at: now,
                     explanation: &explanation,
-                    lines: (&[], &[]),
+                    lines: (&[], &[], &[]),
                     actor: None,
                     idem_key: None,
                     partner: None,

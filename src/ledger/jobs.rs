@@ -77,7 +77,7 @@ fn grant(conn: &rusqlite::Connection, rules: &RuleSet, g: Grant<'_>, now: DateTi
             reverses: None,
             effective_at: now,
             explanation: &explanation,
-            lines: (&[], &[]),
+            lines: (&[], &[], &[]),
             actor: None,
             idem_key: Some(key),
             partner: None,

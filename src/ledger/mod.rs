@@ -37,7 +37,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OpenFlags, params};
 
 use crate::core::document::{DocKind, HASH_VERSION, Line, hash_version};
-use crate::core::journal::{Account, Explanation, LineFacts, TxKind};
+use crate::core::journal::{Account, Explanation, LineFacts, LineOwn, TxKind};
+use crate::core::money::Money;
 
 pub use accounting::{Books, HistoryPosting, Posting, PostingKind, PostingRecord, movement_of};
 pub use amocrm_state::{
@@ -270,13 +271,21 @@ pub(crate) fn explanation_read(
 /// 1, 2, … without gaps).
 fn line_facts(conn: &Connection, document: i64) -> rusqlite::Result<Vec<LineFacts>> {
     conn.prepare_cached(
-        "SELECT product_id, net, points FROM document_lines WHERE document_id = ?1 ORDER BY line_no",
+        "SELECT product_id, net, points, quantity, unit_cost, redeemed FROM document_lines \
+         WHERE document_id = ?1 ORDER BY line_no",
     )?
     .query_map([document], |r| {
+        let net: i64 = r.get(1)?;
+        let quantity = r.get::<_, String>(3)?.parse().ok();
+        let unit_cost: Option<i64> = r.get(4)?;
+        let paid: Option<i64> = r.get(5)?;
         Ok(LineFacts {
             product: r.get(0)?,
-            net: r.get(1)?,
+            net,
             points: r.get(2)?,
+            margin: quantity
+                .and_then(|q| crate::core::rules::margin_of(Money(net), q, unit_cost.map(Money)))
+                .map(|m| m - paid.unwrap_or(0)),
         })
     })?
     .collect()
@@ -285,25 +294,26 @@ fn line_facts(conn: &Connection, document: i64) -> rusqlite::Result<Vec<LineFact
 /// What the journal's `explanation` column is given: the packed form, or the compact text if
 /// packing failed (both read through [`explanation_at`]).
 pub(crate) fn explanation_column(e: &Explanation) -> rusqlite::types::Value {
-    explanation_column_against(e, &[], &[])
+    explanation_column_against(e, (&[], &[], &[]))
 }
 
-/// The column for an entry of the document whose `lines` are being written with it, each
-/// holding the `points` given with it: items that repeat their line's product, net and points
-/// leave them to the line (`LineFacts`).
+/// The column for an entry of the document whose lines are being written with it, each with
+/// the points it earned and paid (`insert_lines` writes the same): items that repeat their
+/// line's product, net, points and margin leave them to the line (`LineFacts`).
 pub(crate) fn explanation_column_against(
     e: &Explanation,
-    lines: &[Line],
-    points: &[i64],
+    (lines, points, paid): (&[Line], &[i64], &[i64]),
 ) -> rusqlite::types::Value {
     let line = |n: u32| {
         let l = nth_line(lines, n)?;
-        // a line beyond `points` is written with none (`insert_lines`)
-        Some((
-            l.product_id.as_str(),
-            l.net.0,
-            nth_line(points, n).copied().unwrap_or(0),
-        ))
+        // a line beyond `points` or `paid` is written with none
+        let paid = nth_line(paid, n).copied().unwrap_or(0);
+        Some(LineOwn {
+            product: l.product_id.as_str(),
+            net: l.net.0,
+            points: nth_line(points, n).copied().unwrap_or(0),
+            margin: crate::core::rules::line_margin(l).map(|m| m - paid),
+        })
     };
     match e.pack_against(line) {
         Some(packed) => rusqlite::types::Value::Blob(packed),

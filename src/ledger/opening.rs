@@ -193,7 +193,7 @@ impl Ledger {
                         reverses: None,
                         effective_at: now,
                         explanation: &explanation,
-                        lines: (&[], &[]),
+                        lines: (&[], &[], &[]),
                         actor: Some(file),
                         idem_key: Some(&idem),
                         partner: None,
