@@ -249,8 +249,8 @@ struct StoredItem {
 /// Since the seventh part of issue 19 the points a sale's item earned are left to the line
 /// too (the line's `points` holds exactly what its item earned), and so is the item's line
 /// number when it is the one after the previous item's, and the margin a capped item was
-/// measured against when it is the line's own (its margin less the points paid on it): together
-/// ≈ 40 packed bytes of an accrual. An item left to its line is marked `e` (1; 3 when its
+/// measured against when it is the line's own (its margin less the points paid on it):
+/// together ≈ 40 packed bytes of an accrual. An item left to its line is marked `e` (1; 3 when its
 /// margin is left too); its number is written only when it is not the next one, its points
 /// only when they differ from the line's.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -646,8 +646,8 @@ mod stored_tests {
     }
 
     /// An item that repeats its line's product and net leaves them to the line — and its
-    /// points and margin when the line holds the same, its number when it is the next line — and reads
-    /// back whole when the line is given; one whose base differs (points paid on the line)
+    /// points and margin when the line holds the same, its number when it is the next line —
+    /// and reads back whole when the line is given; one whose base differs (points paid on the line)
     /// keeps its own; an item without a line, or a line the reader does not give, is as stored.
     #[test]
     fn an_item_leaves_to_its_line_only_what_the_line_holds() {

@@ -700,7 +700,8 @@ pub(crate) fn enqueue_bonus_documents(
 /// Since migration 26 the transaction is in the row's key (`b:<id>`) and not repeated here,
 /// and the register is named by its 1C system (`s`), not spelled out (`r`); a point worth one
 /// ruble (`v` 100, nearly every program) is not written at all, and the commonest reference
-/// not at all ([`BonusRef::stored`]). Unknown fields are refused, so a payload stored whole (which has `kind`, `points`, …) is never taken for a reference.
+/// not at all ([`BonusRef::stored`]). Unknown fields are refused, so a payload stored whole
+/// (which has `kind`, `points`, …) is never taken for a reference.
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BonusRef {

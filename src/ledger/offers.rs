@@ -98,7 +98,8 @@ impl Ledger {
         // Since migration 33 only a document changed after it was first seen is indexed by
         // its time (`documents_changed`): documents written since are found by their id, past
         // the newest one the last refresh took (`offers_documents_head`). A ledger from before
-        // has no head yet and reads every document once.
+        // has no head yet: its first refresh finds what changed by time in one pass over the
+        // table, as every refresh did before.
         let sql = match head {
             Some(_) => format!(
                 "SELECT {COLS} FROM documents WHERE id > ?2 \
@@ -121,7 +122,15 @@ impl Ledger {
         // a document first seen in this very second may still be written after this refresh
         // within the same second, unseen by `documents_changed` (its time is its first time):
         // it stays past the head, to be read again next time
-        let mut new_head = head.unwrap_or(0);
+        let mut new_head = match head {
+            Some(h) => h,
+            // what a refresh before the head took: every document first seen before now
+            None => tx.query_row(
+                "SELECT COALESCE(MAX(id), 0) FROM documents WHERE first_seen_at < ?1",
+                [ts(now)],
+                |r| r.get(0),
+            )?,
+        };
         for (id, customer, occurred, in_force, updated, first_seen) in docs {
             newest = newest.max(updated);
             if first_seen < ts(now) {
