@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use kopilka::core::journal::{Explanation, LineFacts};
+use kopilka::core::journal::{Explanation, ExplanationItem, LineFacts};
 use kopilka::core::money::Money;
 use kopilka::core::rules::margin_of;
 use kopilka::ledger::{Ledger, OpenOptions, OutboxFilter, Outcome};
@@ -883,8 +883,8 @@ fn the_kept_totals_read_as_the_rows_count_them() {
 /// An accrual's item for a line as `history` shows it: (line, product, base).
 type LineItem = (Option<u32>, Option<String>, Option<i64>);
 
-/// Every accrual's items for lines, in the journal's order.
-fn accrual_lines(env: &Env, customer: &str) -> Vec<Vec<LineItem>> {
+/// What `item` says of every accrual's items for lines, in the journal's order.
+fn accrual_items<T>(env: &Env, customer: &str, item: impl Fn(&ExplanationItem) -> T) -> Vec<Vec<T>> {
     let (_, entries) = env.ledger.history(customer).unwrap();
     entries
         .iter()
@@ -894,27 +894,20 @@ fn accrual_lines(env: &Env, customer: &str) -> Vec<Vec<LineItem>> {
                 .items
                 .iter()
                 .filter(|i| i.line.is_some())
-                .map(|i| (i.line, i.product.clone(), i.base_kopecks))
+                .map(&item)
                 .collect()
         })
         .collect()
 }
 
-/// The points of every accrual's items for lines, in the journal's order.
+/// Every accrual's items for lines as (line, product, base).
+fn accrual_lines(env: &Env, customer: &str) -> Vec<Vec<LineItem>> {
+    accrual_items(env, customer, |i| (i.line, i.product.clone(), i.base_kopecks))
+}
+
+/// The points of every accrual's items for lines.
 fn accrual_points(env: &Env, customer: &str) -> Vec<Vec<i64>> {
-    let (_, entries) = env.ledger.history(customer).unwrap();
-    entries
-        .iter()
-        .filter(|e| e.kind == "accrual")
-        .map(|e| {
-            e.explanation
-                .items
-                .iter()
-                .filter(|i| i.line.is_some())
-                .map(|i| i.points)
-                .collect()
-        })
-        .collect()
+    accrual_items(env, customer, |i| i.points)
 }
 
 /// Issue 19, "no fact copied into three tables": an accrual's items leave their line's
