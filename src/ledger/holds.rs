@@ -11,6 +11,7 @@ use chrono::{DateTime, Duration, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
+use super::WrittenLines;
 use super::ingest::{IngestContext, NewTx, Run, finish_write, post, write_document};
 use super::query::{find_customer, holdings};
 use super::{CostPolicy, Ledger, LedgerError, from_ts, ts};
@@ -605,7 +606,7 @@ impl Ledger {
                 reverses: None,
                 effective_at: now,
                 explanation: &explanation,
-                lines: (&[], &[], &[]),
+                lines: WrittenLines::NONE,
                 actor: None,
                 idem_key: Some(&key),
                 partner: None,

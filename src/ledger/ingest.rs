@@ -10,6 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::WrittenLines;
 use super::query::holdings;
 use super::state;
 use super::{Ledger, LedgerError, Result, from_ts, ts};
@@ -208,10 +209,9 @@ pub(super) struct NewTx<'a> {
     pub(super) reverses: Option<i64>,
     pub(super) effective_at: DateTime<Utc>,
     pub(super) explanation: &'a Explanation,
-    /// The lines of the document being written with the entry and the points each earned and
-    /// paid, which its explanation's items may leave their product, base, points and margin
-    /// to (`LineFacts`); empty for any other entry.
-    pub(super) lines: (&'a [Line], &'a [i64], &'a [i64]),
+    /// The lines of the document being written with the entry, which its explanation's items
+    /// may leave their product, base, points and margin to (`LineFacts`); none for any other.
+    pub(super) lines: WrittenLines<'a>,
     pub(super) actor: Option<&'a str>,
     pub(super) idem_key: Option<&'a str>,
     pub(super) partner: Option<&'a str>,
@@ -698,7 +698,7 @@ impl Run<'_, '_> {
                     reverses: Some(tx_id),
                     effective_at: from_ts(effective),
                     explanation: &explanation,
-                    lines: (&[], &[], &[]),
+                    lines: WrittenLines::NONE,
                     actor: None,
                     idem_key: None,
                     partner: partner.as_deref(),
@@ -789,7 +789,11 @@ impl Run<'_, '_> {
                         reverses: None,
                         effective_at: d.occurred_at,
                         explanation: &tx.explanation,
-                        lines: (&d.lines, &decision.line_points, &decision.line_redeemed),
+                        lines: WrittenLines {
+                            lines: &d.lines,
+                            points: &decision.line_points,
+                            paid: &decision.line_redeemed,
+                        },
                         actor: tx.actor,
                         idem_key: None,
                         partner: if tx.partner { fx.partner.as_deref() } else { None },
@@ -833,7 +837,7 @@ impl Run<'_, '_> {
                 reverses: None,
                 effective_at: at,
                 explanation: &w.explanation,
-                lines: (&[], &[], &[]),
+                lines: WrittenLines::NONE,
                 actor: w.actor,
                 idem_key: None,
                 partner: None,
@@ -953,7 +957,7 @@ impl Run<'_, '_> {
                     reverses: Some(accrual),
                     effective_at: at,
                     explanation: &explanation,
-                    lines: (&[], &[], &[]),
+                    lines: WrittenLines::NONE,
                     actor: None,
                     idem_key: None,
                     partner: None,
@@ -1015,7 +1019,7 @@ impl Run<'_, '_> {
                         reverses: Some(redemption),
                         effective_at: at,
                         explanation: &explanation,
-                        lines: (&[], &[], &[]),
+                        lines: WrittenLines::NONE,
                         actor: None,
                         idem_key: None,
                         partner: None,
@@ -1191,7 +1195,7 @@ impl Run<'_, '_> {
                     reverses: Some(tb.tx),
                     effective_at: at,
                     explanation: &explanation,
-                    lines: (&[], &[], &[]),
+                    lines: WrittenLines::NONE,
                     actor: None,
                     idem_key: None,
                     partner: None,
@@ -1302,7 +1306,7 @@ impl Run<'_, '_> {
                     reverses: None,
                     effective_at: d.occurred_at,
                     explanation: &explanation,
-                    lines: (&[], &[], &[]),
+                    lines: WrittenLines::NONE,
                     actor: None,
                     idem_key: Some(&key),
                     partner: None,
@@ -1747,7 +1751,7 @@ impl Ledger {
                 reverses: None,
                 effective_at: now,
                 explanation: &explanation,
-                lines: (&[], &[], &[]),
+                lines: WrittenLines::NONE,
                 actor: Some(&req.by),
                 idem_key: idem.as_deref(),
                 partner: None,
@@ -1806,7 +1810,7 @@ impl Ledger {
                     reverses: None,
                     effective_at: now,
                     explanation: &explanation,
-                    lines: (&[], &[], &[]),
+                    lines: WrittenLines::NONE,
                     actor: None,
                     idem_key: None,
                     partner: None,

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use rusqlite::{OptionalExtension, params};
 
+use super::WrittenLines;
 use super::ingest::{IngestContext, LotDates, NewTx, finish_write, post};
 use super::query::holdings;
 use super::{Ledger, Result, from_ts, ts};
@@ -77,7 +78,7 @@ fn grant(conn: &rusqlite::Connection, rules: &RuleSet, g: Grant<'_>, now: DateTi
             reverses: None,
             effective_at: now,
             explanation: &explanation,
-            lines: (&[], &[], &[]),
+            lines: WrittenLines::NONE,
             actor: None,
             idem_key: Some(key),
             partner: None,

@@ -294,24 +294,40 @@ fn line_facts(conn: &Connection, document: i64) -> rusqlite::Result<Vec<LineFact
 /// What the journal's `explanation` column is given: the packed form, or the compact text if
 /// packing failed (both read through [`explanation_at`]).
 pub(crate) fn explanation_column(e: &Explanation) -> rusqlite::types::Value {
-    explanation_column_against(e, (&[], &[], &[]))
+    explanation_column_against(e, WrittenLines::NONE)
 }
 
-/// The column for an entry of the document whose lines are being written with it, each with
-/// the points it earned and paid (`insert_lines` writes the same): items that repeat their
-/// line's product, net, points and margin leave them to the line (`LineFacts`).
+/// The lines of a document being written with an entry, as `insert_lines` writes them: each
+/// with the points it earned and the points paid on it (a line beyond either has none).
+#[derive(Clone, Copy)]
+pub(crate) struct WrittenLines<'a> {
+    pub(crate) lines: &'a [Line],
+    pub(crate) points: &'a [i64],
+    pub(crate) paid: &'a [i64],
+}
+
+impl WrittenLines<'_> {
+    /// No lines: an entry of any other kind, whose explanation leaves nothing to them.
+    pub(crate) const NONE: WrittenLines<'static> = WrittenLines {
+        lines: &[],
+        points: &[],
+        paid: &[],
+    };
+}
+
+/// The column for an entry of the document whose lines are being written with it: items that
+/// repeat their line's product, net, points and margin leave them to the line (`LineFacts`).
 pub(crate) fn explanation_column_against(
     e: &Explanation,
-    (lines, points, paid): (&[Line], &[i64], &[i64]),
+    written: WrittenLines<'_>,
 ) -> rusqlite::types::Value {
     let line = |n: u32| {
-        let l = nth_line(lines, n)?;
-        // a line beyond `points` or `paid` is written with none
-        let paid = nth_line(paid, n).copied().unwrap_or(0);
+        let l = nth_line(written.lines, n)?;
+        let paid = nth_line(written.paid, n).copied().unwrap_or(0);
         Some(LineOwn {
             product: l.product_id.as_str(),
             net: l.net.0,
-            points: nth_line(points, n).copied().unwrap_or(0),
+            points: nth_line(written.points, n).copied().unwrap_or(0),
             margin: crate::core::rules::line_margin(l).map(|m| m - paid),
         })
     };

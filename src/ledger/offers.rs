@@ -100,20 +100,23 @@ impl Ledger {
         // the newest one the last refresh took (`offers_documents_head`). A ledger from before
         // has no head yet: its first refresh finds what changed by time in one pass over the
         // table, as every refresh did before.
-        let sql = match head {
-            Some(_) => format!(
-                "SELECT {COLS} FROM documents WHERE id > ?2 \
-                 UNION SELECT {COLS} FROM documents INDEXED BY documents_changed \
-                 WHERE updated_at > first_seen_at AND updated_at >= ?1"
-            ),
-            None => format!("SELECT {COLS} FROM documents WHERE updated_at >= ?1 AND ?2 IS NULL"),
+        let changed = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Changed> {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
         };
-        let docs: Vec<Changed> = tx
-            .prepare(&sql)?
-            .query_map(params![watermark, head], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
+        let docs: Vec<Changed> = match head {
+            Some(head) => tx
+                .prepare(&format!(
+                    "SELECT {COLS} FROM documents WHERE id > ?2 \
+                     UNION SELECT {COLS} FROM documents INDEXED BY documents_changed \
+                     WHERE updated_at > first_seen_at AND updated_at >= ?1"
+                ))?
+                .query_map(params![watermark, head], changed)?
+                .collect::<rusqlite::Result<_>>()?,
+            None => tx
+                .prepare(&format!("SELECT {COLS} FROM documents WHERE updated_at >= ?1"))?
+                .query_map([watermark], changed)?
+                .collect::<rusqlite::Result<_>>()?,
+        };
         let mut report = OffersRefresh {
             documents: docs.len(),
             ..Default::default()

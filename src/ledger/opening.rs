@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
+use super::WrittenLines;
 use super::ingest::{IngestContext, LotDates, NewTx, finish_write, post, resolve_customer};
 use super::query::holdings;
 use super::{Ledger, Result};
@@ -193,7 +194,7 @@ impl Ledger {
                         reverses: None,
                         effective_at: now,
                         explanation: &explanation,
-                        lines: (&[], &[], &[]),
+                        lines: WrittenLines::NONE,
                         actor: Some(file),
                         idem_key: Some(&idem),
                         partner: None,

@@ -237,20 +237,6 @@ impl Ledger {
         self.rendered(rows)
     }
 
-    /// The earliest time a pending row of the destination becomes due.
-    pub fn outbox_next_due(&self, destination: &str) -> Result<Option<DateTime<Utc>>> {
-        let (index, of) = pending_of(destination);
-        let t: Option<i64> = self.conn.query_row(
-            &format!(
-                "SELECT MIN(next_attempt_at) FROM outbox INDEXED BY {index} WHERE destination = ?1 AND {of} \
-                 AND state = 'pending'"
-            ),
-            [destination],
-            |r| r.get(0),
-        )?;
-        Ok(t.map(from_ts))
-    }
-
     pub fn outbox_mark_delivered(&mut self, ids: &[i64], now: DateTime<Utc>) -> Result<()> {
         let tx = self.conn.transaction()?;
         {
