@@ -595,19 +595,20 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, left), (33, 2), "only the versions S1 and S3 left stay");
+    assert_eq!((version, left), (34, 2), "only the versions S1 and S3 left stay");
     // schemas before 33 kept every pending row in one index by destination, and a document's
-    // number with its source
+    // number with its source; before 34 a customer's documents by time alone
     let keyed: Vec<String> = column(
         &conn,
         "SELECT m.name || '(' || (SELECT group_concat(i.name) FROM pragma_index_info(m.name) i) || ')' \
          FROM sqlite_master m WHERE m.name IN ('outbox_due', 'outbox_due_bonus', 'documents_number', \
-         'documents_changed', 'documents_updated') ORDER BY 1",
+         'documents_changed', 'documents_updated', 'documents_customer') ORDER BY 1",
     );
     assert_eq!(
         keyed,
         [
             "documents_changed(updated_at)",
+            "documents_customer(customer_id,occurred_at,kind_code,applied,total)",
             "documents_number(number)",
             "outbox_due(destination,next_attempt_at)",
             "outbox_due_bonus(next_attempt_at)"

@@ -114,7 +114,7 @@ impl Ledger {
         let rows: Vec<(i64, Option<String>, Option<i64>, i64)> = tx
             .prepare(
                 "SELECT c.id, c.tier, c.tier_below_since, COALESCE((SELECT SUM(d.total) FROM documents d \
-                 WHERE d.customer_id = c.id AND d.kind = 'sale' AND d.applied = 1 AND d.occurred_at >= ?1 \
+                 WHERE d.customer_id = c.id AND d.kind_code = 0 /* sale */ AND d.applied = 1 AND d.occurred_at >= ?1 \
                  AND d.occurred_at <= ?2), 0) FROM customers c",
             )?
             .query_map(params![from, ts(now)], |r| {

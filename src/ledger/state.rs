@@ -29,6 +29,20 @@ fn local_day(rules: &dyn Rules, at: DateTime<Utc>) -> (DateTime<Utc>, DateTime<U
     (start(date), start(date.succ_opt().unwrap_or(date)))
 }
 
+/// The three reads of a customer's history a sale makes. Each is answered from
+/// `documents_customer` alone (migration 34): a read that fetched each earlier document's
+/// row cost a page read per document in a ledger larger than the page cache.
+const SPEND_SQL: &str = "SELECT COALESCE(SUM(total), 0) FROM documents INDEXED BY documents_customer \
+     WHERE customer_id = ?1 AND kind_code = 0 /* sale */ AND applied = 1 AND occurred_at >= ?2 \
+     AND occurred_at <= ?3 AND id != ?4";
+const PRIOR_SQL: &str = "SELECT COUNT(*), COALESCE(SUM(occurred_at >= ?2 AND occurred_at < ?3), 0) \
+     FROM documents INDEXED BY documents_customer \
+     WHERE customer_id = ?1 AND kind_code = 0 /* sale */ AND applied = 1 AND id != ?4";
+const COUNTER_SQL: &str = "SELECT COALESCE(SUM(c.amount), 0) FROM documents d INDEXED BY documents_customer \
+     JOIN document_counter_rows c ON c.document_id = d.id \
+     WHERE d.customer_id = ?1 AND d.applied = 1 AND c.counter = (SELECT id FROM counter_names WHERE name = ?2) \
+     AND d.id != ?3 AND d.occurred_at >= ?4 AND d.occurred_at <= ?5";
+
 /// Sum of sale totals in force for a customer in `[from, to]`, not counting `except`.
 pub(crate) fn spend_between(
     conn: &Connection,
@@ -38,10 +52,7 @@ pub(crate) fn spend_between(
     except: i64,
 ) -> Result<Money> {
     let v: i64 = conn
-        .prepare_cached(
-            "SELECT COALESCE(SUM(total), 0) FROM documents WHERE customer_id = ?1 AND kind = 'sale' \
-             AND applied = 1 AND occurred_at >= ?2 AND occurred_at <= ?3 AND id != ?4",
-        )?
+        .prepare_cached(SPEND_SQL)?
         .query_row(params![customer, ts(from), ts(to), except], |r| r.get(0))?;
     Ok(Money(v))
 }
@@ -82,10 +93,7 @@ pub(crate) fn customer_state(
     }
     let (day_start, day_end) = local_day(rules, at);
     let (prior, today): (i64, i64) = conn
-        .prepare_cached(
-            "SELECT COUNT(*), COALESCE(SUM(occurred_at >= ?2 AND occurred_at < ?3), 0) FROM documents \
-             WHERE customer_id = ?1 AND kind = 'sale' AND applied = 1 AND id != ?4",
-        )?
+        .prepare_cached(PRIOR_SQL)?
         .query_row(params![c, ts(day_start), ts(day_end), doc_row], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?;
@@ -94,12 +102,7 @@ pub(crate) fn customer_state(
     for (key, window) in rules.counter_needs() {
         let from = window.map_or(i64::MIN, |w| ts(at - w));
         let v: i64 = conn
-            .prepare_cached(
-                "SELECT COALESCE(SUM(c.amount), 0) FROM document_counter_rows c JOIN documents d ON d.id = c.document_id \
-                 WHERE d.customer_id = ?1 AND d.applied = 1 AND c.counter = (SELECT id FROM counter_names WHERE name = ?2) \
-                 AND d.id != ?3 \
-                 AND d.occurred_at >= ?4 AND d.occurred_at <= ?5",
-            )?
+            .prepare_cached(COUNTER_SQL)?
             .query_row(params![c, key, doc_row, from, ts(at)], |r| r.get(0))?;
         state.counters.insert(key.clone(), Decimal::from(v));
         if let Some(w) = window {
@@ -442,4 +445,35 @@ pub(crate) fn record_tier(
     )?
     .execute(params![c, change.from, change.to, ts(at), change.reason, document])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    /// A sale's reads of its customer's history never fetch a document's row (migration 34):
+    /// at a million sales each such fetch was a page read. The counters' read still looks up
+    /// each document's counter row, keyed by the document.
+    #[test]
+    fn a_sales_history_reads_stay_in_the_customer_index() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        crate::ledger::schema::migrate(&mut conn).expect("migrate");
+        for (sql, n) in [(SPEND_SQL, 4), (PRIOR_SQL, 4), (COUNTER_SQL, 5)] {
+            let mut st = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("a query");
+            let args: Vec<i64> = (0..n).collect();
+            let steps: Vec<String> = st
+                .query_map(rusqlite::params_from_iter(args), |r| r.get(3))
+                .expect("a plan")
+                .collect::<rusqlite::Result<_>>()
+                .expect("a plan");
+            let documents: Vec<&String> = steps.iter().filter(|s| s.contains("documents")).collect();
+            assert_eq!(documents.len(), 1, "{sql}: {steps:?}");
+            assert!(
+                documents[0].contains("USING COVERING INDEX documents_customer"),
+                "{sql}: {steps:?}"
+            );
+        }
+    }
 }
