@@ -340,3 +340,43 @@ fn a_document_that_fails_inside_the_database_is_quarantined_and_the_batch_commit
     assert_eq!(env.available("C1"), 100);
     env.assert_verified();
 }
+
+/// A batch looks up each product as lines name it once (`LineProducts`); a document that
+/// fails after adding a product's key takes the key with it, so the next document naming
+/// the product adds it again instead of pointing at a row that was rolled back.
+#[test]
+fn a_product_key_added_by_a_document_that_failed_is_not_used_by_the_next() {
+    let mut env = Env::new();
+    let raw = rusqlite::Connection::open(&env.path).unwrap();
+    raw.execute_batch(
+        "CREATE TRIGGER boom BEFORE INSERT ON document_line_rows WHEN NEW.quantity = '13' \
+         BEGIN SELECT RAISE(ABORT, 'simulated constraint failure'); END;",
+    )
+    .unwrap();
+    let r = env.docs(vec![
+        sale("A", Some("C1"), &[("P1", 1, 1000)]),
+        sale("BOOM", Some("C1"), &[("NEW", 13, 1000)]),
+        sale("B", Some("C1"), &[("NEW", 1, 1000), ("P1", 1, 1000)]),
+    ]);
+    assert_eq!((r.applied, r.quarantined), (2, 1));
+    let named: Vec<String> = raw
+        .prepare(
+            "SELECT p.product_id FROM document_line_rows r JOIN documents d ON d.id = r.document_id \
+             JOIN line_products p ON p.id = r.product WHERE d.doc_id = 'B' ORDER BY r.line_no",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(named, ["NEW", "P1"]);
+    let keys: i64 = raw
+        .query_row(
+            "SELECT COUNT(*) FROM line_products WHERE product_id = 'NEW'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(keys, 1);
+    env.assert_verified();
+}

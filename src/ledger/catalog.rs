@@ -130,7 +130,14 @@ impl Ledger {
         let Some(pt) = price_type_id(&self.conn, &policy.price_type)? else {
             return Ok(None);
         };
-        cost_of(&self.conn, product, &pt, policy.backfill, at)
+        cost_of(
+            &self.conn,
+            product,
+            &pt,
+            policy.backfill,
+            at,
+            &mut Seen::default(),
+        )
     }
 
     /// Fills what a document's lines do not say from the catalog: the category (the
@@ -142,7 +149,7 @@ impl Ledger {
             Some(p) => price_type_id(&self.conn, &p.price_type)?,
             None => None,
         };
-        complete(&self.conn, doc, policy, pt.as_deref(), &mut HashMap::new())
+        complete(&self.conn, doc, policy, pt.as_deref(), &mut Seen::default())
     }
 
     /// [`Ledger::complete_from_catalog`] for a batch of documents, as connectors apply them:
@@ -158,9 +165,9 @@ impl Ledger {
             Some(p) => price_type_id(&tx, &p.price_type)?,
             None => None,
         };
-        let mut products = HashMap::new();
+        let mut seen = Seen::default();
         for doc in docs {
-            complete(&tx, doc, policy, pt.as_deref(), &mut products)?;
+            complete(&tx, doc, policy, pt.as_deref(), &mut seen)?;
         }
         tx.commit()?;
         Ok(())
@@ -230,6 +237,16 @@ fn price_type_id(conn: &Connection, name_or_id: &str) -> Result<Option<String>> 
         .optional()?)
 }
 
+/// What a batch has read from the catalog, each product's row and price history once: a
+/// backfill's sales name the same products again and again, and reading them per line was
+/// ten queries a sale.
+#[derive(Default)]
+struct Seen {
+    products: HashMap<String, ProductRow>,
+    /// a product's prices of the batch's one price type, `(valid_from, unit_price)`, oldest first
+    prices: HashMap<String, Vec<(i64, i64)>>,
+}
+
 /// The unit price of `product` (or its base product, before `#`) of price type `pt` on a
 /// date; with `backfill`, the earliest known one for a date before every price.
 fn cost_of(
@@ -238,51 +255,50 @@ fn cost_of(
     pt: &str,
     backfill: bool,
     at: DateTime<Utc>,
+    seen: &mut Seen,
 ) -> Result<Option<Money>> {
     let base = product.split('#').next().unwrap_or(product);
+    let at = ts(at);
     for id in [product, base] {
-        let valid: Option<i64> = conn
-            .prepare_cached(
-                "SELECT unit_price FROM catalog_prices WHERE product_id = ?1 AND price_type = ?2 \
-                 AND valid_from <= ?3 ORDER BY valid_from DESC LIMIT 1",
-            )?
-            .query_row(params![id, pt, ts(at)], |r| r.get(0))
-            .optional()?;
-        if let Some(v) = valid {
-            return Ok(Some(Money(v)));
-        }
-        if backfill {
-            let earliest: Option<i64> = conn
+        if !seen.prices.contains_key(id) {
+            let history = conn
                 .prepare_cached(
-                    "SELECT unit_price FROM catalog_prices WHERE product_id = ?1 AND price_type = ?2 \
-                     ORDER BY valid_from ASC LIMIT 1",
+                    "SELECT valid_from, unit_price FROM catalog_prices WHERE product_id = ?1 AND price_type = ?2 \
+                     ORDER BY valid_from",
                 )?
-                .query_row(params![id, pt], |r| r.get(0))
-                .optional()?;
-            if let Some(v) = earliest {
-                return Ok(Some(Money(v)));
-            }
+                .query_map(params![id, pt], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<(i64, i64)>>>()?;
+            seen.prices.insert(id.to_string(), history);
+        }
+        let history = seen.prices.get(id).map_or(&[][..], Vec::as_slice);
+        // the newest price in force on the date (`valid_from` is the key: no two alike)
+        let in_force = history.partition_point(|(from, _)| *from <= at);
+        if let Some((_, v)) = in_force.checked_sub(1).and_then(|i| history.get(i)) {
+            return Ok(Some(Money(*v)));
+        }
+        if backfill && let Some((_, v)) = history.first() {
+            return Ok(Some(Money(*v)));
         }
     }
     Ok(None)
 }
 
 /// Completes one document; `pt` is the policy's price type id (`None`: the catalog has no
-/// such price type, so no cost), `products` remembers product rows already read.
+/// such price type, so no cost), `seen` remembers what the batch read already.
 fn complete(
     conn: &Connection,
     doc: &mut Document,
     policy: Option<&CostPolicy>,
     pt: Option<&str>,
-    products: &mut HashMap<String, ProductRow>,
+    seen: &mut Seen,
 ) -> Result<()> {
     for line in &mut doc.lines {
         let base = line.product_id.split('#').next().unwrap_or(&line.product_id);
-        if !products.contains_key(base) {
+        if !seen.products.contains_key(base) {
             let row = product_row(conn, base)?;
-            products.insert(base.to_string(), row);
+            seen.products.insert(base.to_string(), row);
         }
-        if let Some(Some((path, service))) = products.get(base) {
+        if let Some(Some((path, service))) = seen.products.get(base) {
             if line.category.is_none() {
                 line.category = path.first().cloned();
             }
@@ -294,8 +310,54 @@ fn complete(
         if line.unit_cost.is_none()
             && let (Some(p), Some(pt)) = (policy, pt)
         {
-            line.unit_cost = cost_of(conn, &line.product_id, pt, p.backfill, doc.occurred_at)?;
+            line.unit_cost = cost_of(conn, &line.product_id, pt, p.backfill, doc.occurred_at, seen)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    /// A batch reads each product's price history once and answers every date from it as
+    /// the query per line did: the newest price in force, a variant's own prices before its
+    /// base product's, the earliest for a date before every price only with `backfill`.
+    #[test]
+    fn a_cost_is_the_price_in_force_read_once_per_batch() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        crate::ledger::schema::migrate(&mut conn).expect("migrate");
+        conn.execute_batch(
+            "INSERT INTO catalog_prices VALUES ('P', 'cost', 100, 1000), ('P', 'cost', 200, 2000), \
+             ('P#2', 'cost', 120, 1500), ('P', 'retail', 50, 9999);",
+        )
+        .expect("prices");
+        let at = |t: i64| Utc.timestamp_opt(t, 0).single().expect("a time");
+        let cases: [(&str, bool, i64, Option<i64>); 12] = [
+            ("P", false, 50, None),
+            ("P", true, 50, Some(1000)),
+            ("P", false, 100, Some(1000)),
+            ("P", false, 199, Some(1000)),
+            ("P", false, 200, Some(2000)),
+            ("P", true, 300, Some(2000)),
+            ("P#1", false, 150, Some(1000)),
+            ("P#1", true, 50, Some(1000)),
+            ("P#2", false, 150, Some(1500)),
+            ("P#2", false, 110, Some(1000)),
+            ("P#2", true, 110, Some(1500)),
+            ("Q", true, 150, None),
+        ];
+        let mut seen = Seen::default();
+        for _ in 0..2 {
+            for (product, backfill, t, want) in cases {
+                let fresh =
+                    cost_of(&conn, product, "cost", backfill, at(t), &mut Seen::default()).expect("a cost");
+                let batch = cost_of(&conn, product, "cost", backfill, at(t), &mut seen).expect("a cost");
+                assert_eq!(fresh, want.map(Money), "{product} at {t}, backfill {backfill}");
+                assert_eq!(batch, fresh, "{product} at {t}, backfill {backfill}");
+            }
+        }
+        assert_eq!(seen.prices.len(), 4, "P, P#1, P#2 and Q, each read once");
+    }
 }

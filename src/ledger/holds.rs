@@ -623,6 +623,7 @@ impl Ledger {
             touched: BTreeSet::from([hold.customer_id]),
             flags: Vec::new(),
             held: Default::default(),
+            line_products: Default::default(),
         };
         run.settle_debt(&tx, hold.customer_id, &mut h, Some((doc_id, 1)), now)?;
         finish_write(&tx, since, &run.touched, s.ingest)?;

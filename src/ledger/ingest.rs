@@ -457,7 +457,7 @@ pub(super) fn write_document(
     now: DateTime<Utc>,
 ) -> Result<i64> {
     let id = write_document_row(conn, existing, d, customer, now)?;
-    insert_lines(conn, id, d, &[], &[])?;
+    insert_lines(conn, id, d, &[], &[], &mut LineProducts::default())?;
     Ok(id)
 }
 
@@ -531,13 +531,20 @@ fn write_document_row(
 
 /// A document's lines with the points each earned (or, on a return, took back) and paid;
 /// a line beyond `points` has none, one beyond `redeemed` paid none.
-fn insert_lines(conn: &Connection, id: i64, d: &Document, points: &[i64], redeemed: &[i64]) -> Result<()> {
+fn insert_lines(
+    conn: &Connection,
+    id: i64,
+    d: &Document,
+    points: &[i64],
+    redeemed: &[i64],
+    known: &mut LineProducts,
+) -> Result<()> {
     let mut ins = conn.prepare_cached(
         "INSERT INTO document_line_rows (document_id, line_no, product, quantity, unit_price, \
          discount, net, unit_cost, service, points, redeemed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?;
     for (i, l) in d.lines.iter().enumerate() {
-        let product = line_product(conn, &l.product_id, &l.name, l.category.as_deref())?;
+        let product = known.key(conn, &l.product_id, &l.name, l.category.as_deref())?;
         let quantity = l.quantity.normalize().to_string();
         ins.execute(params![
             id,
@@ -571,8 +578,8 @@ fn stored_net(quantity: &str, unit_price: i64, discount: i64, net: i64) -> Optio
 }
 
 /// The key of a product as a line named it (id, name, group), stored once in
-/// `line_products` however many lines name it. Read from the ledger each time, not cached:
-/// a document that fails rolls back the row it added, and a cache would outlive it.
+/// `line_products` however many lines name it. Read from the ledger unless a
+/// [`LineProducts`] of the same transaction holds it.
 pub(crate) fn line_product(
     conn: &Connection,
     product_id: &str,
@@ -592,6 +599,47 @@ pub(crate) fn line_product(
     conn.prepare_cached("INSERT INTO line_products (product_id, name, category) VALUES (?1, ?2, ?3)")?
         .execute(params![product_id, name, category])?;
     Ok(conn.last_insert_rowid())
+}
+
+/// The `line_products` keys a batch has read or added, so each product as lines name it
+/// is looked up once a batch rather than once a line (five queries a sale). Only ever
+/// used inside one transaction and dropped with a document that fails: a key added by a
+/// document whose writes are rolled back must not be used by the next.
+#[derive(Default)]
+pub(super) struct LineProducts {
+    keys: HashMap<String, i64>,
+    probe: String,
+}
+
+impl LineProducts {
+    fn key(
+        &mut self,
+        conn: &Connection,
+        product_id: &str,
+        name: &str,
+        category: Option<&str>,
+    ) -> Result<i64> {
+        // the three parts as one string, so a lookup allocates nothing; the lengths keep
+        // any two different triples apart whatever characters they hold
+        use std::fmt::Write as _;
+        self.probe.clear();
+        let _ = write!(self.probe, "{}:{}:", product_id.len(), name.len());
+        self.probe.push_str(product_id);
+        self.probe.push_str(name);
+        match category {
+            Some(c) => {
+                self.probe.push('+');
+                self.probe.push_str(c);
+            }
+            None => self.probe.push('-'),
+        }
+        if let Some(id) = self.keys.get(&self.probe) {
+            return Ok(*id);
+        }
+        let id = line_product(conn, product_id, name, category)?;
+        self.keys.insert(self.probe.clone(), id);
+        Ok(id)
+    }
 }
 
 fn set_line_points(conn: &Connection, doc: i64, points: &[i64]) -> Result<()> {
@@ -626,6 +674,9 @@ pub(super) struct Run<'a, 'b> {
     /// read them again. Only a sale puts a customer here; every other path that moves points
     /// takes the customer out first, and a document that fails empties it.
     pub(super) held: HashMap<i64, Holdings>,
+    /// The `line_products` keys this batch has read or added ([`LineProducts`]); goes on to
+    /// the next document only from one that was applied, like `held`.
+    pub(super) line_products: LineProducts,
 }
 
 impl Run<'_, '_> {
@@ -774,7 +825,14 @@ impl Run<'_, '_> {
         h: &mut Holdings,
     ) -> Result<()> {
         let decision = &fx.decision;
-        insert_lines(conn, doc_id, d, &decision.line_points, &decision.line_redeemed)?;
+        insert_lines(
+            conn,
+            doc_id,
+            d,
+            &decision.line_points,
+            &decision.line_redeemed,
+            &mut self.line_products,
+        )?;
         self.flags.extend(decision.flags.iter().cloned());
         if let Some(c) = customer {
             for tx in &fx.txs {
@@ -1565,6 +1623,7 @@ impl Ledger {
         let mut report = IngestReport::default();
         let mut touched = BTreeSet::new();
         let mut held = HashMap::new();
+        let mut line_products = LineProducts::default();
         for item in &batch.items {
             match item {
                 Item::Rejected(r) => {
@@ -1629,6 +1688,7 @@ impl Ledger {
                         touched: BTreeSet::new(),
                         flags: Vec::new(),
                         held: std::mem::take(&mut held),
+                        line_products: std::mem::take(&mut line_products),
                     };
                     let applied = if careful {
                         let sp = tx.savepoint()?;
@@ -1648,6 +1708,7 @@ impl Ledger {
                             // one that was applied; after a failure (its savepoint rolled
                             // back) `held` stays empty
                             held = std::mem::take(&mut run.held);
+                            line_products = std::mem::take(&mut run.line_products);
                             if outcome != Outcome::Stale {
                                 quarantine_resolve(&tx, &src.system, &doc_ref, now)?;
                                 log_source_applied(&tx, inc)?;
@@ -1739,6 +1800,7 @@ impl Ledger {
             touched: BTreeSet::new(),
             flags: Vec::new(),
             held: HashMap::new(),
+            line_products: LineProducts::default(),
         };
         let tx_id = post(
             &tx,
