@@ -315,16 +315,23 @@ fn the_checkpoint_commits_with_its_documents() {
     );
 }
 
+/// A trigger standing in for a bug: inserting a row of `table` for which `when` holds breaks
+/// a constraint. Returns a connection of its own to the ledger.
+fn fail_inserts(env: &Env, table: &str, when: &str) -> rusqlite::Connection {
+    let raw = rusqlite::Connection::open(&env.path).unwrap();
+    raw.execute_batch(&format!(
+        "CREATE TRIGGER boom BEFORE INSERT ON {table} WHEN {when} \
+         BEGIN SELECT RAISE(ABORT, 'simulated constraint failure'); END;"
+    ))
+    .unwrap();
+    raw
+}
+
 #[test]
 fn a_document_that_fails_inside_the_database_is_quarantined_and_the_batch_commits() {
     let mut env = Env::new();
     // A trigger stands in for a bug: inserting this one document breaks a constraint.
-    let raw = rusqlite::Connection::open(&env.path).unwrap();
-    raw.execute_batch(
-        "CREATE TRIGGER boom BEFORE INSERT ON documents WHEN NEW.doc_id = 'BOOM' \
-         BEGIN SELECT RAISE(ABORT, 'simulated constraint failure'); END;",
-    )
-    .unwrap();
+    fail_inserts(&env, "documents", "NEW.doc_id = 'BOOM'");
     let r = env.docs(vec![
         sale("A", Some("C1"), &[("P1", 1, 1000)]),
         sale("BOOM", Some("C1"), &[("P1", 1, 1000)]),
@@ -347,12 +354,7 @@ fn a_document_that_fails_inside_the_database_is_quarantined_and_the_batch_commit
 #[test]
 fn a_product_key_added_by_a_document_that_failed_is_not_used_by_the_next() {
     let mut env = Env::new();
-    let raw = rusqlite::Connection::open(&env.path).unwrap();
-    raw.execute_batch(
-        "CREATE TRIGGER boom BEFORE INSERT ON document_line_rows WHEN NEW.quantity = '13' \
-         BEGIN SELECT RAISE(ABORT, 'simulated constraint failure'); END;",
-    )
-    .unwrap();
+    let raw = fail_inserts(&env, "document_line_rows", "NEW.quantity = '13'");
     let r = env.docs(vec![
         sale("A", Some("C1"), &[("P1", 1, 1000)]),
         sale("BOOM", Some("C1"), &[("NEW", 13, 1000)]),

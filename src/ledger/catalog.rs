@@ -238,8 +238,8 @@ fn price_type_id(conn: &Connection, name_or_id: &str) -> Result<Option<String>> 
 }
 
 /// What a batch has read from the catalog, each product's row and price history once: a
-/// backfill's sales name the same products again and again, and reading them per line was
-/// ten queries a sale.
+/// batch's sales name the same products again and again, and a price read per line was a
+/// query a line.
 #[derive(Default)]
 struct Seen {
     products: HashMap<String, ProductRow>,

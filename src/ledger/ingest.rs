@@ -602,7 +602,7 @@ pub(crate) fn line_product(
 }
 
 /// The `line_products` keys a batch has read or added, so each product as lines name it
-/// is looked up once a batch rather than once a line (five queries a sale). Only ever
+/// is looked up once a batch rather than once a line. Only ever
 /// used inside one transaction and dropped with a document that fails: a key added by a
 /// document whose writes are rolled back must not be used by the next.
 #[derive(Default)]

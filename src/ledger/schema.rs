@@ -1112,9 +1112,10 @@ CREATE INDEX documents_changed ON documents(updated_at) WHERE updated_at > first
     // the spend in the tier window, the counters' windows (`state::customer_state`). Keyed
     // by customer and time only, each read fetched every earlier document's row; a
     // customer's documents lie all over a large ledger, so at a million sales that was a page
-    // read from the disk cache per document and query, a third of a sale's time. The index
-    // now holds what those reads filter and sum (kind, applied, total: ≈ 5 bytes a document),
-    // so they never leave it.
+    // read from the disk cache per document and query (on the 1M ledger, ≈ 290 µs for the
+    // three over a customer's 20 documents, against ≈ 460 µs for a whole sale). The index
+    // now holds what those reads filter and sum (kind, applied, total: 5–7 bytes a
+    // document), so they never leave it.
     r#"
 DROP INDEX documents_customer;
 CREATE INDEX documents_customer ON documents(customer_id, occurred_at, kind_code, applied, total);
