@@ -291,6 +291,19 @@ fn line_facts(conn: &Connection, document: i64) -> rusqlite::Result<Vec<LineFact
     .collect()
 }
 
+/// What SQLite plans for `sql` with `params` bound, one step a line: for tests that pin a
+/// query to the index it must read.
+#[cfg(test)]
+pub(crate) fn query_plan(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Vec<String> {
+    let mut st = conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+        .expect("a query");
+    st.query_map(params, |r| r.get(3))
+        .expect("a plan")
+        .collect::<rusqlite::Result<_>>()
+        .expect("a plan")
+}
+
 /// What the journal's `explanation` column is given: the packed form, or the compact text if
 /// packing failed (both read through [`explanation_at`]).
 pub(crate) fn explanation_column(e: &Explanation) -> rusqlite::types::Value {

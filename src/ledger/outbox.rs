@@ -422,19 +422,6 @@ impl Ledger {
 mod due_tests {
     use super::*;
 
-    /// What SQLite plans for a query, one line per step.
-    fn plan(conn: &Connection, sql: &str) -> String {
-        let mut st = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-            .expect("a query");
-        let steps: Vec<String> = st
-            .query_map(params!["x", 0, 0], |r| r.get(3))
-            .expect("a plan")
-            .collect::<rusqlite::Result<_>>()
-            .expect("a plan");
-        steps.join("\n")
-    }
-
     /// Each destination's pending rows are found through the partial index that holds them
     /// (migration 33): a query whose terms did not imply the index's condition would read the
     /// whole outbox — 1.5M rows after a 1M-sale backfill — instead.
@@ -452,13 +439,15 @@ mod due_tests {
             assert_eq!(named.trim(), index.trim());
             // the query as `outbox_due` writes it, but that SQLite chooses the index itself:
             // the condition must let it (an index named but not usable fails to prepare)
-            let due = plan(
+            let due = crate::ledger::query_plan(
                 &conn,
                 &format!(
                     "SELECT id FROM outbox WHERE destination = ?1 AND {of} AND state = 'pending' \
                      AND next_attempt_at <= ?2 ORDER BY next_attempt_at LIMIT ?3"
                 ),
-            );
+                params!["x", 0, 0],
+            )
+            .join("\n");
             assert!(
                 due.contains(&format!("USING INDEX {index}")),
                 "{destination}: {due}"

@@ -459,15 +459,7 @@ mod plan_tests {
         let mut conn = Connection::open_in_memory().expect("open");
         crate::ledger::schema::migrate(&mut conn).expect("migrate");
         for (sql, n) in [(SPEND_SQL, 4), (PRIOR_SQL, 4), (COUNTER_SQL, 5)] {
-            let mut st = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .expect("a query");
-            let args: Vec<i64> = (0..n).collect();
-            let steps: Vec<String> = st
-                .query_map(rusqlite::params_from_iter(args), |r| r.get(3))
-                .expect("a plan")
-                .collect::<rusqlite::Result<_>>()
-                .expect("a plan");
+            let steps = crate::ledger::query_plan(&conn, sql, rusqlite::params_from_iter(0..n));
             let documents: Vec<&String> = steps.iter().filter(|s| s.contains("documents")).collect();
             assert_eq!(documents.len(), 1, "{sql}: {steps:?}");
             assert!(
