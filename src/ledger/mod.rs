@@ -28,6 +28,7 @@ mod state;
 mod telegram;
 mod totals;
 mod verify;
+mod wal;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -74,6 +75,7 @@ pub use telegram::{
     UPDATES as TELEGRAM_UPDATES,
 };
 pub use verify::Violation;
+pub use wal::{WAL_LIMIT_PAGES, WalCheckpoints};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {

@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use super::commerceml::{self, FileInfo, Item, OrderPolicy};
 use crate::config::{Config, Orders};
 use crate::core::document::Incoming;
-use crate::ledger::{Batch, CatalogItem, CostPolicy, Ledger, LedgerError};
+use crate::ledger::{Batch, CatalogItem, CostPolicy, Ledger, LedgerError, WalCheckpoints};
 
 /// Entries of one archive, at most (a 1C exchange archive holds a handful).
 const MAX_ZIP_ENTRIES: usize = 1_000;
@@ -82,6 +82,9 @@ pub struct ImportSettings {
     pub checkpoint_source: String,
     /// Where to count progress, when someone watches.
     pub progress: Option<Arc<ImportProgress>>,
+    /// The log's pages past which the import waits for its checkpoint
+    /// ([`crate::ledger::WAL_LIMIT_PAGES`]; a test makes it small).
+    pub wal_limit_pages: i64,
 }
 
 impl ImportSettings {
@@ -114,6 +117,7 @@ impl ImportSettings {
             cost,
             batch_documents: cfg.max_documents_per_transaction,
             progress: None,
+            wal_limit_pages: crate::ledger::WAL_LIMIT_PAGES,
         }
     }
 }
@@ -305,7 +309,8 @@ fn import_zip(
     Ok(report)
 }
 
-/// Imports one CommerceML stream.
+/// Imports one CommerceML stream, the log's checkpoints on a thread of their own
+/// ([`Ledger::with_wal_checkpointer`]).
 pub fn import_reader<R: std::io::BufRead + Send>(
     ledger: &mut Ledger,
     reader: R,
@@ -313,6 +318,20 @@ pub fn import_reader<R: std::io::BufRead + Send>(
     settings: &ImportSettings,
     cfg: &Config,
     now: DateTime<Utc>,
+) -> Result<FileReport, ImportError> {
+    ledger.with_wal_checkpointer(settings.wal_limit_pages, |ledger, wal| {
+        import_stream(ledger, reader, label, settings, cfg, now, wal)
+    })
+}
+
+fn import_stream<R: std::io::BufRead + Send>(
+    ledger: &mut Ledger,
+    reader: R,
+    label: &str,
+    settings: &ImportSettings,
+    cfg: &Config,
+    now: DateTime<Utc>,
+    wal: &WalCheckpoints<'_>,
 ) -> Result<FileReport, ImportError> {
     let mut report = FileReport {
         file: label.to_string(),
@@ -349,6 +368,7 @@ pub fn import_reader<R: std::io::BufRead + Send>(
                 &ctx,
             )?;
             report.add(&r);
+            wal.after_commit(ledger)?;
             if let Some(p) = &settings.progress {
                 p.documents.fetch_add(documents, Ordering::Relaxed);
             }
@@ -390,6 +410,7 @@ pub fn import_reader<R: std::io::BufRead + Send>(
         if catalog.len() >= CATALOG_BATCH {
             report.catalog_items += catalog.len();
             ledger.upsert_catalog(&std::mem::take(&mut catalog), now)?;
+            wal.after_commit(ledger)?;
         }
         Ok(())
     };
