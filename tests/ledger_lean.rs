@@ -450,6 +450,9 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
          CREATE INDEX documents_loss ON documents(occurred_at) WHERE loss > 0;
          CREATE INDEX documents_updated ON documents(updated_at);
          CREATE INDEX documents_customer ON documents(customer_id, occurred_at);
+         DROP INDEX lots_open;
+         CREATE INDEX lots_open ON lots(customer_id) WHERE remaining > 0;
+         CREATE INDEX lots_expiring ON lots(expires_at) WHERE remaining > 0 AND expires_at IS NOT NULL;
          PRAGMA foreign_keys = ON;",
     )
     .unwrap();
@@ -595,14 +598,15 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, left), (34, 2), "only the versions S1 and S3 left stay");
+    assert_eq!((version, left), (35, 2), "only the versions S1 and S3 left stay");
     // schemas before 33 kept every pending row in one index by destination, and a document's
-    // number with its source; before 34 a customer's documents by time alone
+    // number with its source; before 34 a customer's documents by time alone; before 35 the
+    // open lots by customer alone and again by expiry
     let keyed: Vec<String> = column(
         &conn,
         "SELECT m.name || '(' || (SELECT group_concat(i.name) FROM pragma_index_info(m.name) i) || ')' \
          FROM sqlite_master m WHERE m.name IN ('outbox_due', 'outbox_due_bonus', 'documents_number', \
-         'documents_changed', 'documents_updated', 'documents_customer') ORDER BY 1",
+         'documents_changed', 'documents_updated', 'documents_customer', 'lots_open', 'lots_expiring') ORDER BY 1",
     );
     assert_eq!(
         keyed,
@@ -610,6 +614,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             "documents_changed(updated_at)",
             "documents_customer(customer_id,occurred_at,kind_code,applied,total)",
             "documents_number(number)",
+            "lots_open(customer_id,available_at,expires_at,remaining)",
             "outbox_due(destination,next_attempt_at)",
             "outbox_due_bonus(next_attempt_at)"
         ]
