@@ -45,6 +45,20 @@ impl Env {
         import_path(&mut self.ledger, path, &settings, &self.cfg, now).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// A file of 3,000 three-line sales of 300 customers, for imports in several batches.
+    fn three_thousand_sales(&self, seed: u64) -> (kopilka::sim::sales::Truth, PathBuf) {
+        let shop = Shop::generate(3, 300, 500);
+        let spec = GenerateSpec {
+            seed,
+            sales: 3_000,
+            returns: 0,
+            malformed: 0,
+            lines: 3,
+        };
+        let (truth, bytes) = generate(&shop, spec, WriterOptions::default(), Vec::new()).unwrap();
+        (truth, self.write("documents.xml", &bytes))
+    }
+
     fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let p = self.dir.path().join(name);
         std::fs::write(&p, bytes).unwrap();
@@ -528,16 +542,7 @@ fn an_unknown_tier_in_opening_balances_is_refused_with_its_line() {
 #[test]
 fn a_ledger_failure_part_way_stops_the_parse_and_keeps_the_batches_before() {
     let mut env = env("");
-    let shop = Shop::generate(3, 300, 500);
-    let spec = GenerateSpec {
-        seed: 11,
-        sales: 3_000,
-        returns: 0,
-        malformed: 0,
-        lines: 3,
-    };
-    let (truth, bytes) = generate(&shop, spec, WriterOptions::default(), Vec::new()).unwrap();
-    let path = env.write("documents.xml", &bytes);
+    let (truth, path) = env.three_thousand_sales(11);
     let outside = rusqlite::Connection::open(&env.cfg.ledger_path).unwrap();
     for event in ["INSERT", "UPDATE"] {
         outside
@@ -581,16 +586,7 @@ fn a_ledger_failure_part_way_stops_the_parse_and_keeps_the_batches_before() {
 #[test]
 fn an_import_copies_its_log_back_on_another_thread_and_keeps_the_log_small() {
     let mut env = env("");
-    let shop = Shop::generate(3, 300, 500);
-    let spec = GenerateSpec {
-        seed: 12,
-        sales: 3_000,
-        returns: 0,
-        malformed: 0,
-        lines: 3,
-    };
-    let (truth, bytes) = generate(&shop, spec, WriterOptions::default(), Vec::new()).unwrap();
-    let path = env.write("documents.xml", &bytes);
+    let (truth, path) = env.three_thousand_sales(12);
     let mut settings = ImportSettings::from_config(&env.cfg);
     settings.batch_documents = 100;
     settings.wal_limit_pages = 32;

@@ -38,7 +38,8 @@ struct State {
     stop: bool,
     /// The log's size in pages, as the last checkpoint found it.
     log_pages: i64,
-    failed: bool,
+    /// The thread no longer checkpoints: stopped, failed or panicked.
+    gone: bool,
 }
 
 #[derive(Default)]
@@ -90,7 +91,7 @@ impl WalCheckpoints<'_> {
             return Ok(());
         };
         let mut st = shared.lock();
-        if st.failed {
+        if st.gone {
             drop(st);
             if !self.restored.replace(true) {
                 ledger.set_autocheckpoint(AUTOCHECKPOINT_PAGES)?;
@@ -100,7 +101,7 @@ impl WalCheckpoints<'_> {
         st.pending = true;
         shared.changed.notify_all();
         if st.log_pages > self.limit_pages {
-            while (st.pending || st.running) && !st.failed {
+            while (st.pending || st.running) && !st.gone {
                 st = shared.wait(st);
             }
         }
@@ -117,7 +118,21 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// Marks the thread gone however it ends, a panic included, so the importer never waits
+/// for a checkpoint that will not come.
+struct GoneOnExit<'a>(&'a Shared);
+
+impl Drop for GoneOnExit<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.gone = true;
+        st.running = false;
+        self.0.changed.notify_all();
+    }
+}
+
 fn checkpoint_loop(conn: &Connection, shared: &Shared) {
+    let _gone = GoneOnExit(shared);
     loop {
         {
             let mut st = shared.lock();
@@ -138,13 +153,13 @@ fn checkpoint_loop(conn: &Connection, shared: &Shared) {
         match r {
             Ok(log) => st.log_pages = log,
             Err(e) => {
+                drop(st);
                 tracing::warn!(error = %e, "background checkpoint failed; the import checkpoints itself");
-                st.failed = true;
-                st.pending = false;
+                return;
             }
         }
         shared.changed.notify_all();
-        if st.failed || (st.stop && !st.pending) {
+        if st.stop && !st.pending {
             return;
         }
     }
@@ -182,6 +197,19 @@ impl Ledger {
                 return work(self, &WalCheckpoints::none());
             }
         };
+        self.checkpointing_with(conn, limit_pages, work)
+    }
+
+    /// [`Ledger::with_wal_checkpointer`] once it has the thread's connection.
+    fn checkpointing_with<T, E>(
+        &mut self,
+        conn: Connection,
+        limit_pages: i64,
+        work: impl FnOnce(&mut Ledger, &WalCheckpoints<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<LedgerError>,
+    {
         self.set_autocheckpoint(0)?;
         let shared = Shared::default();
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -254,5 +282,30 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 3);
+    }
+
+    /// A thread whose checkpoint fails (here its connection is read-only, which SQLite
+    /// refuses a checkpoint) never leaves the importer waiting, and the importer's own
+    /// automatic checkpoint comes back on at its next commit.
+    #[test]
+    fn a_failing_checkpoint_hands_the_log_back_to_the_importer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let mut ledger = Ledger::open(&path, &OpenOptions::default()).unwrap();
+        let read_only = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let done: Result<(), LedgerError> = ledger.checkpointing_with(read_only, -1, |l, wal| {
+            l.conn
+                .execute("INSERT INTO meta (key, value) VALUES ('k1', 'x')", [])?;
+            // the log is past the limit (-1): this waits for the checkpoint, which fails
+            wal.after_commit(l)?;
+            assert_eq!(autocheckpoint(l), 0);
+            l.conn
+                .execute("INSERT INTO meta (key, value) VALUES ('k2', 'x')", [])?;
+            wal.after_commit(l)?;
+            assert_eq!(autocheckpoint(l), AUTOCHECKPOINT_PAGES);
+            Ok(())
+        });
+        done.unwrap();
+        assert_eq!(autocheckpoint(&ledger), AUTOCHECKPOINT_PAGES);
     }
 }
