@@ -1840,9 +1840,7 @@ impl Ledger {
         let tx = self.conn.transaction()?;
         let since = super::accounting::journal_head(&tx)?;
         let customers: Vec<i64> = tx
-            .prepare(
-                "SELECT DISTINCT customer_id FROM lots WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at <= ?1",
-            )?
+            .prepare(EXPIRING_CUSTOMERS_SQL)?
             .query_map([ts(now)], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         let mut total = 0;
@@ -1961,6 +1959,10 @@ fn finish_write_held(
     enqueue_onec_tiers(conn, ctx)?;
     enqueue_contact_states(conn, touched, ctx, held)
 }
+
+/// The customers with a lot that burns by ?1; named so a test can check it reads
+/// `lots_open` alone (migration 35).
+pub(super) const EXPIRING_CUSTOMERS_SQL: &str = "SELECT DISTINCT customer_id FROM lots WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at <= ?1";
 
 /// The checkpoint of the tier changes already queued for 1C (a `tier_events` id).
 const ONEC_TIER_CURSOR: &str = "onec:tier";

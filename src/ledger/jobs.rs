@@ -18,6 +18,13 @@ use crate::core::money::Money;
 use crate::core::program::Rules;
 use crate::core::rules::{RuleSet, birthday_due, tier_at_reevaluation};
 
+/// A warning for each open lot that burns in (?1, ?2] and has none yet; named so a test can
+/// check it reads `lots_open` alone (migration 35).
+pub(super) const WARN_SQL: &str = "INSERT INTO expiry_warnings (lot_id, customer_id, points, expires_at, warned_at) \
+     SELECT id, customer_id, remaining, expires_at, ?1 FROM lots \
+     WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at > ?1 AND expires_at <= ?2 \
+       AND id NOT IN (SELECT lot_id FROM expiry_warnings)";
+
 /// What the nightly jobs did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NightlyReport {
@@ -280,13 +287,7 @@ impl Ledger {
         let now = ctx.now;
         let tx = self.conn.transaction()?;
         let since = super::accounting::journal_head(&tx)?;
-        let inserted = tx.execute(
-            "INSERT INTO expiry_warnings (lot_id, customer_id, points, expires_at, warned_at) \
-             SELECT id, customer_id, remaining, expires_at, ?1 FROM lots \
-             WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at > ?1 AND expires_at <= ?2 \
-               AND id NOT IN (SELECT lot_id FROM expiry_warnings)",
-            params![ts(now), ts(now + ctx.warn_before)],
-        )?;
+        let inserted = tx.execute(WARN_SQL, params![ts(now), ts(now + ctx.warn_before)])?;
         let customers: BTreeSet<i64> = if inserted > 0 {
             tx.prepare("SELECT DISTINCT customer_id FROM expiry_warnings WHERE warned_at = ?1")?
                 .query_map([ts(now)], |r| r.get(0))?

@@ -1001,12 +1001,11 @@ mod plan_tests {
         let steps = crate::ledger::query_plan(&conn, HOLDINGS_SQL, [1]);
         assert_eq!(steps.len(), 1, "{steps:?}");
         assert!(steps[0].contains("USING COVERING INDEX lots_open"), "{steps:?}");
-        for sql in [
-            "SELECT DISTINCT customer_id FROM lots WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at <= ?1",
-            "SELECT id, customer_id, remaining, expires_at FROM lots \
-             WHERE remaining > 0 AND expires_at IS NOT NULL AND expires_at > ?1 AND expires_at <= ?1",
+        for (sql, n) in [
+            (crate::ledger::ingest::EXPIRING_CUSTOMERS_SQL, 1),
+            (crate::ledger::jobs::WARN_SQL, 2),
         ] {
-            let steps = crate::ledger::query_plan(&conn, sql, [1]);
+            let steps = crate::ledger::query_plan(&conn, sql, rusqlite::params_from_iter(0..n));
             assert!(
                 steps.iter().any(|s| s.contains("USING COVERING INDEX lots_open")),
                 "{sql}: {steps:?}"

@@ -71,7 +71,6 @@ impl Shared {
 pub struct WalCheckpoints<'a> {
     shared: Option<&'a Shared>,
     limit_pages: i64,
-    restored: std::cell::Cell<bool>,
 }
 
 impl WalCheckpoints<'_> {
@@ -79,7 +78,6 @@ impl WalCheckpoints<'_> {
         WalCheckpoints {
             shared: None,
             limit_pages: 0,
-            restored: std::cell::Cell::new(false),
         }
     }
 
@@ -93,10 +91,8 @@ impl WalCheckpoints<'_> {
         let mut st = shared.lock();
         if st.gone {
             drop(st);
-            if !self.restored.replace(true) {
-                ledger.set_autocheckpoint(AUTOCHECKPOINT_PAGES)?;
-            }
-            return Ok(());
+            // set again at each later commit: the same PRAGMA twice changes nothing
+            return ledger.set_autocheckpoint(AUTOCHECKPOINT_PAGES);
         }
         st.pending = true;
         shared.changed.notify_all();
@@ -220,7 +216,6 @@ impl Ledger {
                 let ck = WalCheckpoints {
                     shared: Some(&shared),
                     limit_pages,
-                    restored: std::cell::Cell::new(false),
                 };
                 let out = work(self, &ck);
                 drop(stop);
