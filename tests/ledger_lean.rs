@@ -263,6 +263,26 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     drop(ledger);
 
     let conn = rusqlite::Connection::open(&path).unwrap();
+    // schema 35 kept a document's counter shares in a table of their own, keyed by document
+    kopilka::ledger::counters::register(&conn).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE counter_rows_35 (
+             document_id INTEGER NOT NULL REFERENCES documents(id),
+             counter INTEGER NOT NULL REFERENCES counter_names(id), amount INTEGER NOT NULL, prior INTEGER,
+             PRIMARY KEY (document_id, counter)) WITHOUT ROWID;
+         INSERT INTO counter_rows_35 SELECT c.document_id, n.id, c.amount, c.prior
+             FROM document_counters c JOIN counter_names n ON n.name = c.counter;
+         DROP VIEW document_counters;
+         DROP INDEX documents_customer;
+         ALTER TABLE documents DROP COLUMN counters;
+         ALTER TABLE documents DROP COLUMN counter_priors;
+         CREATE INDEX documents_customer ON documents(customer_id, occurred_at, kind_code, applied, total);
+         ALTER TABLE counter_rows_35 RENAME TO document_counter_rows;
+         CREATE VIEW document_counters AS
+             SELECT c.document_id, n.name AS counter, c.amount, c.prior
+             FROM document_counter_rows c JOIN counter_names n ON n.id = c.counter;",
+    )
+    .unwrap();
     let lines_before = lines(&conn);
     conn.execute(
         "INSERT OR IGNORE INTO document_versions (document_id, version, seen_at, action) \
@@ -591,6 +611,8 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
     assert_eq!(visible(&ledger, now), before, "what a person sees is unchanged");
     drop(ledger);
     let conn = rusqlite::Connection::open(&path).unwrap();
+    // the view of counters reads the packed shares through the ledger's functions (migration 36)
+    kopilka::ledger::counters::register(&conn).unwrap();
     let (version, left): (i64, i64) = conn
         .query_row(
             "SELECT (SELECT user_version FROM pragma_user_version), COUNT(*) FROM document_versions",
@@ -598,10 +620,11 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, left), (35, 2), "only the versions S1 and S3 left stay");
+    assert_eq!((version, left), (36, 2), "only the versions S1 and S3 left stay");
     // schemas before 33 kept every pending row in one index by destination, and a document's
     // number with its source; before 34 a customer's documents by time alone; before 35 the
-    // open lots by customer alone and again by expiry
+    // open lots by customer alone and again by expiry; before 36 a document's counter shares
+    // in a table of their own
     let keyed: Vec<String> = column(
         &conn,
         "SELECT m.name || '(' || (SELECT group_concat(i.name) FROM pragma_index_info(m.name) i) || ')' \
@@ -612,7 +635,7 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         keyed,
         [
             "documents_changed(updated_at)",
-            "documents_customer(customer_id,occurred_at,kind_code,applied,total)",
+            "documents_customer(customer_id,occurred_at,kind_code,applied,total,counters)",
             "documents_number(number)",
             "lots_open(customer_id,available_at,expires_at,remaining)",
             "outbox_due(destination,next_attempt_at)",
@@ -715,6 +738,19 @@ fn a_ledger_in_the_previous_forms_migrates_in_place() {
         )
         .unwrap();
     assert_eq!(counter, (1, "stamp:coffee".into(), 3, Some(2)));
+    let (table, packed): (i64, Option<Vec<u8>>) = conn
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM sqlite_master WHERE name = 'document_counter_rows'), \
+             (SELECT counters FROM documents WHERE id = 1)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        table, 0,
+        "the shares live in the document row, not a table of their own"
+    );
+    assert!(packed.is_some(), "S1's share is packed in its row");
 }
 
 #[test]

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::WrittenLines;
+use super::counters::{self, Share};
 use super::query::holdings;
 use super::state;
 use super::{Ledger, LedgerError, Result, from_ts, ts};
@@ -866,8 +867,8 @@ impl Run<'_, '_> {
             }
             self.touched.insert(c);
         }
+        // marks the sale applied too
         state::record_sale(conn, doc_id, epoch, customer, d, fx)?;
-        set_applied(conn, doc_id, true)?;
         Ok(())
     }
 
@@ -1132,20 +1133,24 @@ impl Run<'_, '_> {
             .prepare_cached("SELECT counter, amount FROM document_counters WHERE document_id = ?1")?
             .query_map([orig.id], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        conn.prepare_cached("DELETE FROM document_counter_rows WHERE document_id = ?1")?
-            .execute([ret.id])?;
+        let mut shares = Vec::new();
+        if let Some(rules) = self.ctx.rules.rule_set() {
+            for (key, amount) in
+                clawback::return_counters(rules, &sale_lines, &sale_counters, &returned_before, &returning)
+            {
+                shares.push(Share {
+                    counter: state::counter_id(conn, &key)?,
+                    amount,
+                    prior: None,
+                });
+            }
+        }
+        let (counters, priors) = counters::pack(&shares);
+        conn.prepare_cached("UPDATE documents SET counters = ?2, counter_priors = ?3 WHERE id = ?1")?
+            .execute(params![ret.id, counters, priors])?;
         let Some(rules) = self.ctx.rules.rule_set() else {
             return Ok(());
         };
-        let mut ins = conn.prepare_cached(
-            "INSERT INTO document_counter_rows (document_id, counter, amount) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (document_id, counter) DO UPDATE SET amount = amount + excluded.amount",
-        )?;
-        for (key, amount) in
-            clawback::return_counters(rules, &sale_lines, &sale_counters, &returned_before, &returning)
-        {
-            ins.execute(params![ret.id, state::counter_id(conn, &key)?, amount])?;
-        }
         if rules.returns == ReturnClawback::GoodsOnly {
             return Ok(());
         }

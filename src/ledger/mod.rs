@@ -11,6 +11,7 @@ mod accounting;
 mod amocrm_state;
 pub mod backup;
 mod catalog;
+pub mod counters;
 mod delivery;
 mod holds;
 mod ingest;
@@ -407,6 +408,7 @@ impl Ledger {
         };
         let mut conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
         conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
+        counters::register(&conn).map_err(open_err)?;
         // one sale touches ~80 distinct statements (ingest, lots, outbox, catalog, state);
         // a cache smaller than that re-prepares them on every sale (12% of import time)
         conn.set_prepared_statement_cache_capacity(256);

@@ -1133,6 +1133,30 @@ DROP INDEX lots_expiring;
 DROP INDEX lots_open;
 CREATE INDEX lots_open ON lots(customer_id, available_at, expires_at, remaining) WHERE remaining > 0;
 "#,
+    // 36 (issue 19): a sale sums its customer's earlier shares of each counter; kept in
+    // `document_counter_rows`, keyed by document, that read fetched a row per earlier
+    // document, each on a page of its own at a million sales (15 % of a sale's time). The
+    // shares move into the document row, packed (`ledger::counters`: the amounts in
+    // `counters`, which the customer's index now carries, what each counter held before in
+    // `counter_priors`), so the sum never leaves the index; `document_counters` stays as a
+    // view for the reads by document.
+    r#"
+ALTER TABLE documents ADD COLUMN counters BLOB;
+ALTER TABLE documents ADD COLUMN counter_priors BLOB;
+UPDATE documents SET counters = counter_pack(g.list, 0), counter_priors = counter_pack(g.list, 1)
+    FROM (SELECT document_id, group_concat(counter || ':' || amount || ':' || COALESCE(prior, ''), ',') AS list
+          FROM document_counter_rows GROUP BY document_id) AS g
+    WHERE documents.id = g.document_id;
+DROP VIEW document_counters;
+DROP TABLE document_counter_rows;
+CREATE VIEW document_counters AS
+    SELECT d.id AS document_id, n.name AS counter, counter_amount(d.counters, n.id) AS amount,
+           counter_prior(d.counters, d.counter_priors, n.id) AS prior
+    FROM documents d JOIN counter_names n ON counter_has(d.counters, n.id)
+    WHERE d.counters IS NOT NULL;
+DROP INDEX documents_customer;
+CREATE INDEX documents_customer ON documents(customer_id, occurred_at, kind_code, applied, total, counters);
+"#,
 ];
 
 /// The migrations that rebuild a table other tables point at — a new table, the rows copied,
@@ -1146,6 +1170,8 @@ const REBUILDS: &[(i64, &[&str])] = &[(32, &["journal", "lots", "posting_rows"])
 /// Brings the database to the newest schema. Refuses a database written by a newer kopilka
 /// rather than guessing what its tables mean.
 pub fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
+    // migration 36 packs counters with a function of the ledger's own
+    super::counters::register(conn)?;
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let target = MIGRATIONS.len() as i64;
     if current > target {

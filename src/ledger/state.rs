@@ -9,6 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 
+use super::counters::Share;
 use super::{Result, ts};
 use crate::core::document::Document;
 use crate::core::effects::SaleEffects;
@@ -30,18 +31,19 @@ fn local_day(rules: &dyn Rules, at: DateTime<Utc>) -> (DateTime<Utc>, DateTime<U
 }
 
 /// The three reads of a customer's history a sale makes. Each is answered from
-/// `documents_customer` alone (migration 34): a read that fetched each earlier document's
-/// row cost a page read per document in a ledger larger than the page cache.
+/// `documents_customer` alone (migrations 34 and 36: the counters' shares are packed in the
+/// index, `ledger::counters`): a read that fetched each earlier document's row cost a page
+/// read per document in a ledger larger than the page cache.
 const SPEND_SQL: &str = "SELECT COALESCE(SUM(total), 0) FROM documents INDEXED BY documents_customer \
      WHERE customer_id = ?1 AND kind_code = 0 /* sale */ AND applied = 1 AND occurred_at >= ?2 \
      AND occurred_at <= ?3 AND id != ?4";
 const PRIOR_SQL: &str = "SELECT COUNT(*), COALESCE(SUM(occurred_at >= ?2 AND occurred_at < ?3), 0) \
      FROM documents INDEXED BY documents_customer \
      WHERE customer_id = ?1 AND kind_code = 0 /* sale */ AND applied = 1 AND id != ?4";
-const COUNTER_SQL: &str = "SELECT COALESCE(SUM(c.amount), 0) FROM documents d INDEXED BY documents_customer \
-     JOIN document_counter_rows c ON c.document_id = d.id \
-     WHERE d.customer_id = ?1 AND d.applied = 1 AND c.counter = (SELECT id FROM counter_names WHERE name = ?2) \
-     AND d.id != ?3 AND d.occurred_at >= ?4 AND d.occurred_at <= ?5";
+const COUNTER_SQL: &str = "SELECT COALESCE(SUM(counter_amount(counters, (SELECT id FROM counter_names WHERE name = ?2))), 0) \
+     FROM documents INDEXED BY documents_customer \
+     WHERE customer_id = ?1 AND applied = 1 AND counters IS NOT NULL \
+     AND id != ?3 AND occurred_at >= ?4 AND occurred_at <= ?5";
 
 /// Sum of sale totals in force for a customer in `[from, to]`, not counting `except`.
 pub(crate) fn spend_between(
@@ -155,7 +157,8 @@ fn name_key(conn: &Connection, table: &'static str, name: &str) -> Result<i64> {
 
 /// Writes the bookkeeping a sale's effects leave for later sales: its counter shares, its
 /// place in the budget, the document row's figures, vouchers used and earned, memberships
-/// bought, the tier reached.
+/// bought, the tier reached — and marks the sale applied, in the same update of its row
+/// (each update of a column the customer's index holds rewrites the index entry).
 pub(crate) fn record_sale(
     conn: &Connection,
     doc_row: i64,
@@ -165,15 +168,15 @@ pub(crate) fn record_sale(
     fx: &SaleEffects,
 ) -> Result<()> {
     let decision = &fx.decision;
-    conn.prepare_cached("DELETE FROM document_counter_rows WHERE document_id = ?1")?
-        .execute([doc_row])?;
-    let mut ins = conn.prepare_cached(
-        "INSERT INTO document_counter_rows (document_id, counter, amount, prior) VALUES (?1, ?2, ?3, ?4) \
-         ON CONFLICT (document_id, counter) DO UPDATE SET amount = amount + excluded.amount",
-    )?;
+    let mut shares = Vec::with_capacity(fx.counters.len());
     for c in &fx.counters {
-        ins.execute(params![doc_row, counter_id(conn, &c.key)?, c.amount, c.prior])?;
+        shares.push(Share {
+            counter: counter_id(conn, &c.key)?,
+            amount: c.amount,
+            prior: c.prior,
+        });
     }
+    let (counters, priors) = super::counters::pack(&shares);
     let reward_value = fx.reward_value.0;
     let period = &fx.budget_period;
     if let Some(p) = period {
@@ -193,9 +196,19 @@ pub(crate) fn record_sale(
         serde_json::to_string(&decision.flags).ok()
     };
     conn.prepare_cached(
-        "UPDATE documents SET margin = ?2, reward_value = ?3, budget_period = ?4, loss = ?5, flags = ?6 WHERE id = ?1",
+        "UPDATE documents SET margin = ?2, reward_value = ?3, budget_period = ?4, loss = ?5, flags = ?6, \
+         counters = ?7, counter_priors = ?8, applied = 1 WHERE id = ?1",
     )?
-    .execute(params![doc_row, decision.margin.0, reward_value, period, decision.loss.0, flags])?;
+    .execute(params![
+        doc_row,
+        decision.margin.0,
+        reward_value,
+        period,
+        decision.loss.0,
+        flags,
+        counters,
+        priors
+    ])?;
     let Some(c) = customer else { return Ok(()) };
     use_vouchers(conn, c, doc_row, doc)?;
     for v in &fx.vouchers {
@@ -452,8 +465,9 @@ mod plan_tests {
     use super::*;
 
     /// A sale's reads of its customer's history never fetch a document's row (migration 34):
-    /// at a million sales each such fetch was a page read. The counters' read still looks up
-    /// each document's counter row, keyed by the document.
+    /// at a million sales each such fetch was a page read. The counters' read never looks up
+    /// a row of shares either (migration 36): it reads nothing but the customer's index and
+    /// the counter's key.
     #[test]
     fn a_sales_history_reads_stay_in_the_customer_index() {
         let mut conn = Connection::open_in_memory().expect("open");
@@ -466,6 +480,12 @@ mod plan_tests {
                 documents[0].contains("USING COVERING INDEX documents_customer"),
                 "{sql}: {steps:?}"
             );
+            let others: Vec<&String> = steps
+                .iter()
+                .filter(|s| s.contains("SCAN") || s.contains("SEARCH"))
+                .filter(|s| !s.contains("documents") && !s.contains("counter_names"))
+                .collect();
+            assert!(others.is_empty(), "{sql}: {steps:?}");
         }
     }
 }
