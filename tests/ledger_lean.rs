@@ -1156,3 +1156,63 @@ fn a_capped_item_leaves_its_margin_to_its_line_and_reads_it_back() {
     }
     env.assert_verified();
 }
+
+/// A document's counter shares live in its own row (migration 36), read as rows through the
+/// view `document_counters`; `ledger verify` reads every document's back and names one whose
+/// shares are damaged — a sale's counters would otherwise fail on it.
+#[test]
+fn a_documents_counter_shares_are_in_its_row_and_verify_reads_them_back() {
+    let mut env = Env::with_rules(include_str!("../config/rules.toml"));
+    // 6,000 ₽ twice: the second sale takes the spend past 10,000 ₽ in 30 days
+    env.docs(vec![sale("S1", Some("C1"), &[("P1", 2, 3000)])]);
+    env.docs(vec![sale("S2", Some("C1"), &[("P1", 2, 3000)])]);
+    env.assert_verified();
+    let conn = rusqlite::Connection::open(&env.path).unwrap();
+    kopilka::ledger::counters::register(&conn).unwrap();
+    let shares: Vec<(i64, String, i64, Option<i64>)> = conn
+        .prepare(
+            "SELECT document_id, counter, amount, prior FROM document_counters ORDER BY document_id, counter",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        shares,
+        [
+            (1, "threshold:spend-10k-month".to_string(), 600_000, Some(0)),
+            (2, "threshold:spend-10k-month".to_string(), 600_000, Some(600_000))
+        ],
+        "each sale's share, and what the counter held before it"
+    );
+    let bonus: Vec<i64> = column(
+        &conn,
+        "SELECT j.document_id FROM journal j JOIN rule_names n ON n.id = j.rule_id \
+         WHERE j.kind = 'bonus' AND n.name = 'threshold:spend-10k-month'",
+    );
+    assert_eq!(
+        bonus,
+        [2],
+        "the second sale's share took the spend past the threshold"
+    );
+    let Env {
+        dir: _dir,
+        ledger,
+        path,
+        ..
+    } = env;
+    drop(ledger);
+    let damaged = conn
+        .execute("UPDATE documents SET counters = x'80' WHERE id = 2", [])
+        .unwrap();
+    assert_eq!(damaged, 1);
+    drop(conn);
+    let v = Ledger::open(&path, &OpenOptions::default())
+        .unwrap()
+        .verify()
+        .unwrap();
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0].check, "a document's counter shares read back");
+    assert!(v[0].detail.contains("S2"), "{v:?}");
+}

@@ -105,7 +105,8 @@ pub(crate) fn unpack(counters: &[u8], priors: Option<&[u8]>) -> Option<Vec<Share
             prior,
         });
     }
-    Some(out)
+    // a prior for a share that is not there: the two columns disagree
+    p.is_empty().then_some(out)
 }
 
 fn damaged() -> rusqlite::Error {
@@ -162,7 +163,8 @@ fn pack_list(ctx: &Context<'_>) -> rusqlite::Result<Option<Vec<u8>>> {
 
 /// Adds the functions that read packed counters to a connection: `counter_amount(counters,
 /// key)` (0 when the document has no share of it), `counter_has(counters, key)`,
-/// `counter_prior(counters, priors, key)`, and the migration's `counter_pack`. Every
+/// `counter_prior(counters, priors, key)`, the migration's `counter_pack` and `ledger
+/// verify`'s `counter_shares_ok(counters, priors)`. Every
 /// connection of the ledger has them; a plain `sqlite3` shell does not, so it cannot read
 /// the view `document_counters` (the rest of the ledger reads as before).
 pub fn register(conn: &Connection) -> rusqlite::Result<()> {
@@ -176,6 +178,15 @@ pub fn register(conn: &Connection) -> rusqlite::Result<()> {
         Ok(share_of(ctx)?.and_then(|s| s.prior))
     })?;
     conn.create_scalar_function("counter_pack", 2, flags, pack_list)?;
+    // for `ledger verify`: whether a document's two columns read back (never an error)
+    conn.create_scalar_function("counter_shares_ok", 2, flags, |ctx| {
+        Ok(match (ctx.get_raw(0), ctx.get_raw(1)) {
+            (ValueRef::Null, ValueRef::Null) => true,
+            (ValueRef::Blob(c), ValueRef::Null) => unpack(c, None).is_some(),
+            (ValueRef::Blob(c), ValueRef::Blob(p)) => unpack(c, Some(p)).is_some(),
+            _ => false,
+        })
+    })?;
     Ok(())
 }
 
@@ -247,8 +258,23 @@ mod tests {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
-        assert_eq!((Some(from_list.0), Some(from_list.1)), (c, p));
+        assert_eq!((Some(from_list.0), Some(from_list.1)), (c.clone(), p.clone()));
         let err = conn.query_row("SELECT counter_amount(x'ff', 1)", [], |r| r.get::<_, i64>(0));
         assert!(err.is_err(), "a truncated varint is an error: {err:?}");
+        let mut one_too_many = p.clone().unwrap();
+        one_too_many.push(2);
+        let ok: (bool, bool, bool, bool, bool) = conn
+            .query_row(
+                "SELECT counter_shares_ok(?1, ?2), counter_shares_ok(NULL, NULL), counter_shares_ok(x'ff', NULL), \
+                 counter_shares_ok(?1, ?3), counter_shares_ok(NULL, ?2)",
+                rusqlite::params![c, p, one_too_many],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            ok,
+            (true, true, false, false, false),
+            "what was packed reads back; a truncated share, a prior too many and priors without shares do not"
+        );
     }
 }

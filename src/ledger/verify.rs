@@ -141,6 +141,11 @@ const CHECKS: &[(&str, &str)] = &[
          WHERE t.name = 'lots:undelayed_earned' AND l.m > t.amount",
     ),
     (
+        "a document's counter shares read back",
+        "SELECT 'document ' || source || ':' || doc_id || ' has counter shares that do not read back' FROM documents \
+         WHERE (counters IS NOT NULL OR counter_priors IS NOT NULL) AND NOT counter_shares_ok(counters, counter_priors)",
+    ),
+    (
         "outbox rows are in a known state",
         "SELECT 'outbox row ' || id || ' superseded without a successor' FROM outbox \
          WHERE state = 'superseded' AND superseded_by IS NULL",
