@@ -26,7 +26,7 @@ pub(crate) struct Share {
     pub prior: Option<i64>,
 }
 
-fn put(out: &mut Vec<u8>, mut v: u64) {
+fn put(out: &mut Vec<u8>, mut v: u128) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -43,12 +43,13 @@ fn unzigzag(v: u64) -> i64 {
 }
 
 /// Reads one varint; `None` on a truncated or overlong one (a damaged row, never a panic).
-fn take(bytes: &mut &[u8]) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
+/// Wider than an `i64`'s code, so a prior's code plus one (below) never wraps.
+fn take(bytes: &mut &[u8]) -> Option<u128> {
+    let mut v = 0u128;
+    for shift in (0..128).step_by(7) {
         let (&b, rest) = bytes.split_first()?;
         *bytes = rest;
-        v |= u64::from(b & 0x7f) << shift;
+        v |= u128::from(b & 0x7f) << shift;
         if b & 0x80 == 0 {
             return Some(v);
         }
@@ -74,10 +75,10 @@ pub(crate) fn pack(shares: &[Share]) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
     let mut counters = Vec::with_capacity(merged.len() * 4);
     let mut priors = Vec::with_capacity(merged.len() * 4);
     for s in &merged {
-        put(&mut counters, zigzag(s.counter));
-        put(&mut counters, zigzag(s.amount));
+        put(&mut counters, zigzag(s.counter).into());
+        put(&mut counters, zigzag(s.amount).into());
         // 0: none; otherwise the zig-zag code plus one
-        put(&mut priors, s.prior.map_or(0, |p| zigzag(p).saturating_add(1)));
+        put(&mut priors, s.prior.map_or(0, |p| u128::from(zigzag(p)) + 1));
     }
     let any_prior = merged.iter().any(|s| s.prior.is_some());
     (Some(counters), any_prior.then_some(priors))
@@ -89,12 +90,12 @@ pub(crate) fn unpack(counters: &[u8], priors: Option<&[u8]>) -> Option<Vec<Share
     let mut p = priors.unwrap_or(&[]);
     let mut out = Vec::new();
     while !c.is_empty() {
-        let counter = unzigzag(take(&mut c)?);
-        let amount = unzigzag(take(&mut c)?);
+        let counter = unzigzag(u64::try_from(take(&mut c)?).ok()?);
+        let amount = unzigzag(u64::try_from(take(&mut c)?).ok()?);
         let prior = if priors.is_some() {
             match take(&mut p)? {
                 0 => None,
-                v => Some(unzigzag(v - 1)),
+                v => Some(unzigzag(u64::try_from(v - 1).ok()?)),
             }
         } else {
             None
@@ -224,6 +225,35 @@ mod tests {
                 Some(c) => prop_assert_eq!(unpack(&c, priors.as_deref()), Some(expected)),
             }
         }
+    }
+
+    /// The extremes read back exactly: `i64::MIN`'s code plus one does not fit 64 bits.
+    #[test]
+    fn the_extremes_read_back() {
+        let shares = [
+            Share {
+                counter: 0,
+                amount: i64::MIN,
+                prior: Some(i64::MIN),
+            },
+            Share {
+                counter: 1,
+                amount: i64::MAX,
+                prior: Some(i64::MAX),
+            },
+            Share {
+                counter: 2,
+                amount: -1,
+                prior: Some(-1),
+            },
+            Share {
+                counter: 3,
+                amount: 0,
+                prior: None,
+            },
+        ];
+        let (c, p) = pack(&shares);
+        assert_eq!(unpack(&c.unwrap(), p.as_deref()), Some(shares.to_vec()));
     }
 
     #[test]
