@@ -1133,8 +1133,9 @@ impl Run<'_, '_> {
             .prepare_cached("SELECT counter, amount FROM document_counters WHERE document_id = ?1")?
             .query_map([orig.id], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
+        let rules = self.ctx.rules.rule_set();
         let mut shares = Vec::new();
-        if let Some(rules) = self.ctx.rules.rule_set() {
+        if let Some(rules) = rules {
             for (key, amount) in
                 clawback::return_counters(rules, &sale_lines, &sale_counters, &returned_before, &returning)
             {
@@ -1148,7 +1149,7 @@ impl Run<'_, '_> {
         let (counters, priors) = counters::pack(&shares);
         conn.prepare_cached("UPDATE documents SET counters = ?2, counter_priors = ?3 WHERE id = ?1")?
             .execute(params![ret.id, counters, priors])?;
-        let Some(rules) = self.ctx.rules.rule_set() else {
+        let Some(rules) = rules else {
             return Ok(());
         };
         if rules.returns == ReturnClawback::GoodsOnly {
